@@ -1,0 +1,24 @@
+"""gpu_orthol1: the L1 orthogonality regularizer and its gradient, batched over many matrices.
+
+    loss = beta * sum_i sum_jk |Phi_i^T Phi_i - I_n|_jk,   dL/dPhi_i = 2 beta Phi_i sign(Phi_i^T Phi_i - I_n)
+
+CuPy and Numba are imported on first use, so importing this package is cheap
+on a CPU-only machine.
+"""
+
+from ._api import grad, loss, loss_and_grad
+from ._backends import BackendUnavailableError, GpuFallbackWarning, available_backends
+from ._driver import CopyWarning
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "loss",
+    "grad",
+    "loss_and_grad",
+    "available_backends",
+    "BackendUnavailableError",
+    "GpuFallbackWarning",
+    "CopyWarning",
+    "__version__",
+]

@@ -1,0 +1,122 @@
+"""Which backends can run here, and which one a call uses."""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+
+BACKENDS = ("auto", "numpy", "cupy")
+ENV_BACKEND = "GPU_ORTHOL1_BACKEND"
+
+# "auto" sends a NumPy input to the GPU from this many GEMM flops (4*l*m*n^2) on.
+# Below it the host<->device copies and launch latency cost more than the CPU
+# needs; the figure comes from bench/gpu_check.sh (see bench/results/).
+GPU_CROSSOVER_FLOPS = 2e9
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend that was asked for by name cannot run on this machine."""
+
+
+class GpuFallbackWarning(UserWarning):
+    """backend="auto" wanted the GPU, but CuPy is installed and the GPU is not usable."""
+
+
+class BackendList(list):
+    """The usable backends, best first; `.reasons` says why each missing one is missing."""
+
+    def __init__(self, names, reasons):
+        super().__init__(names)
+        self.reasons = dict(reasons)
+
+    def __repr__(self):
+        return f"BackendList({list(self)!r}, reasons={self.reasons!r})"
+
+
+_lock = threading.Lock()
+_gpu_probe: tuple[bool, str] | None = None
+_warned = False
+
+
+def _probe_gpu() -> tuple[bool, str]:
+    if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
+        return False, "NUMBA_ENABLE_CUDASIM is set: numba.cuda is the CPU simulator, not a GPU"
+    try:
+        import cupy
+    except ImportError as e:
+        return False, f"cupy is not installed ({e}); pip install 'gpu_orthol1[gpu]'"
+    except Exception as e:  # a broken CUDA install can raise anything at import
+        return False, f"cupy failed to import: {type(e).__name__}: {e}"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        return False, f"cupy is installed but finds no usable CUDA driver or device: {e}"
+    if count < 1:
+        return False, "cupy is installed but there is no CUDA device"
+    try:
+        from cupy_backends.cuda.libs import cublas  # noqa: F401
+    except Exception as e:
+        return False, f"the cuBLAS libraries are missing ({e}); pip install 'cupy-cuda12x[ctk]' or a CUDA toolkit"
+    try:
+        from numba import cuda
+
+        if not cuda.is_available():
+            return False, "numba.cuda cannot use the device (install numba-cuda[cu12] or numba-cuda[cu13])"
+    except Exception as e:
+        return False, f"numba.cuda failed: {type(e).__name__}: {e}"
+    return True, ""
+
+
+def gpu_status(refresh: bool = False) -> tuple[bool, str]:
+    """(usable, reason-if-not), probed once per process."""
+    global _gpu_probe
+    with _lock:
+        if _gpu_probe is None or refresh:
+            _gpu_probe = _probe_gpu()
+        return _gpu_probe
+
+
+def available_backends() -> BackendList:
+    ok, why = gpu_status()
+    return BackendList(["cupy", "numpy"] if ok else ["numpy"], {} if ok else {"cupy": why})
+
+
+def check_name(backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get(ENV_BACKEND, "").strip()
+        if env:
+            if env not in BACKENDS:
+                raise ValueError(f"environment variable {ENV_BACKEND}={env!r} is not one of {BACKENDS}")
+            return env
+    return backend
+
+
+def resolve(name: str, is_cupy_input: bool, flops: float) -> str:
+    """'numpy' or 'cupy' for a call whose backend argument resolved to `name` (after the env override)."""
+    if is_cupy_input:
+        if name == "numpy":
+            raise ValueError(
+                "phi is a CuPy array but the NumPy backend was asked for (backend= or "
+                f"{ENV_BACKEND}); pass cupy.asnumpy(phi) to compute on the CPU"
+            )
+        return "cupy"
+    if name == "numpy":
+        return "numpy"
+    if name == "cupy":
+        ok, why = gpu_status()
+        if not ok:
+            raise BackendUnavailableError(f"backend='cupy' is unavailable: {why}")
+        return "cupy"
+    if flops < GPU_CROSSOVER_FLOPS:
+        return "numpy"
+    ok, why = gpu_status()
+    if ok:
+        return "cupy"
+    global _warned
+    if not _warned and not why.startswith("cupy is not installed"):
+        _warned = True
+        warnings.warn(f"gpu_orthol1: running on the CPU: {why}", GpuFallbackWarning, stacklevel=4)
+    return "numpy"

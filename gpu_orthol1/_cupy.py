@@ -54,6 +54,7 @@ class CupyDevice:
 
     def gemm(self, call: Gemm, bufs: dict) -> None:
         A, B, C = bufs[call.a.buf], bufs[call.b.buf], bufs[call.c.buf]
+        scal: type[np.floating]
         if C.dtype == _F64:
             compute, scal = _COMPUTE_64F, np.float64
         else:

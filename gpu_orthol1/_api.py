@@ -6,7 +6,7 @@ import math
 import numbers
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -18,6 +18,11 @@ DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 ENV_WORKSPACE = "GPU_ORTHOL1_WORKSPACE_BYTES"
 CPU_DEFAULT_WORKSPACE = 4 << 20  # chunks that stay in cache between the Gram GEMM and the sign pass
 GPU_MAX_DEFAULT_WORKSPACE = 1 << 30
+
+# Public signature types. Arrays are NumPy or CuPy (CuPy is optional, hence Any).
+Reduction = Literal["sum", "mean", "none"]
+Backend = Literal["auto", "numpy", "cupy"]
+Precision = Literal["highest", "tf32"]
 
 
 def _is_cupy(x) -> bool:
@@ -252,8 +257,9 @@ def _run(phi, beta, axis, reduction, out, accumulate, backend, precision, worksp
     return loss, grad
 
 
-def loss(phi, beta=1.0, *, axis=1, reduction="sum", backend="auto", precision="highest",
-         workspace_bytes=None):
+def loss(phi: Any, beta: float = 1.0, *, axis: int = 1, reduction: Reduction = "sum",
+         backend: Backend = "auto", precision: Precision = "highest",
+         workspace_bytes: int | None = None) -> Any:
     """L1 orthogonality loss beta * sum_i sum_jk |Phi_i^T Phi_i - I|_jk of the slices of phi along `axis`.
 
     Returns a 0-d array ("sum", "mean") or the per-slice losses of shape (m,) ("none"), of phi's
@@ -263,16 +269,18 @@ def loss(phi, beta=1.0, *, axis=1, reduction="sum", backend="auto", precision="h
                 want_grad=False)[0]
 
 
-def grad(phi, beta=1.0, *, axis=1, reduction="sum", out=None, accumulate=False, backend="auto",
-         precision="highest", workspace_bytes=None):
+def grad(phi: Any, beta: float = 1.0, *, axis: int = 1, reduction: Reduction = "sum", out: Any = None,
+         accumulate: bool = False, backend: Backend = "auto", precision: Precision = "highest",
+         workspace_bytes: int | None = None) -> Any:
     """Gradient of `loss` with respect to phi (phi's shape, dtype and array kind); into `out` if given,
     added to it when accumulate=True."""
     return _run(phi, beta, axis, reduction, out, accumulate, backend, precision, workspace_bytes,
                 want_grad=True)[1]
 
 
-def loss_and_grad(phi, beta=1.0, *, axis=1, reduction="sum", out=None, accumulate=False, backend="auto",
-                  precision="highest", workspace_bytes=None):
+def loss_and_grad(phi: Any, beta: float = 1.0, *, axis: int = 1, reduction: Reduction = "sum",
+                  out: Any = None, accumulate: bool = False, backend: Backend = "auto",
+                  precision: Precision = "highest", workspace_bytes: int | None = None) -> tuple[Any, Any]:
     """(loss, grad) from one pass: the Gram matrices are formed once for both."""
     return _run(phi, beta, axis, reduction, out, accumulate, backend, precision, workspace_bytes,
                 want_grad=True)

@@ -62,7 +62,10 @@ def _check_beta(beta) -> float:
         if beta.ndim != 0 or beta.dtype.kind not in "fiu":
             raise ValueError(f"beta must be a finite real number, got an array of shape {beta.shape}")
         beta = beta.item()
-    b = float(beta)
+    try:
+        b = float(beta)
+    except OverflowError:  # an int or Fraction beyond float range: not finite as a float
+        b = math.inf
     if not math.isfinite(b):
         raise ValueError(f"beta must be a finite real number, got {beta!r}")
     return b

@@ -8,8 +8,6 @@ result on the CPU too, so CI checks the GPU path's arithmetic on every run.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
@@ -17,9 +15,6 @@ from ._gemm import OP_N, Gemm, Operand
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
-
-_kernel_lock = threading.Lock()
-_kernel_layer: list = [None]  # "safe" / "unsafe" (workqueue) once the first parallel call has run
 
 
 def _colmajor(arr, op: Operand, rows: int, cols: int, batch: int, writeable=False):
@@ -94,18 +89,6 @@ class NumpyDevice:
     gemm = staticmethod(numpy_gemm)
 
     def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s):
-        # The kernel is parallel=True. Numba's "workqueue" threading layer (its fallback where
-        # neither OpenMP nor TBB loads, e.g. macOS without libomp) aborts the whole process when
-        # two Python threads enter a parallel region at once; calls from several threads are
-        # serialized there. The layer is only known after the first parallel call.
-        if _kernel_layer[0] == "unsafe" or _kernel_layer[0] is None:
-            with _kernel_lock:
-                self._kernel(ws, sgn, n, losses, offset, scale, write_s)
-                if _kernel_layer[0] is None:
-                    import numba
-
-                    _kernel_layer[0] = "unsafe" if numba.threading_layer() == "workqueue" else "safe"
-            return
         self._kernel(ws, sgn, n, losses, offset, scale, write_s)
 
 

@@ -1,0 +1,160 @@
+"""Core benchmark: gpu_orthol1.loss_and_grad against the BLAS limit and a naive expression.
+
+    python bench/bench_core.py [--device cpu|gpu] [--repeat 7] [--json FILE]
+
+BLAS limit: the two batched matmuls the computation cannot avoid, on contiguous
+copies made outside the timing: G = A^T A and A @ G (NumPy on the CPU, CuPy/cuBLAS
+on the GPU). Naive: the expression a user would write (loss and closed-form
+gradient with matmul/abs/sign). float32, median of --repeat runs after a warm-up,
+inputs rotated between two tensors, each method checked once against the float64
+reference before it is timed. Peak extra memory (CPU) by tracemalloc, beyond the input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from tests.reference import check, random_phi  # noqa: E402
+
+import gpu_orthol1 as ol1  # noqa: E402
+
+SHAPES = [(4096, 32, 128), (64, 4096, 64), (512, 64, 512)]
+BETA = 1e-3
+
+
+def _median_ms(fn, inputs, repeat, sync=lambda: None):
+    fn(inputs[0])
+    sync()
+    ts = []
+    for r in range(repeat):
+        x = inputs[r % len(inputs)]
+        sync()
+        t0 = time.perf_counter()
+        fn(x)
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts) * 1e3), float(np.percentile(ts, 20) * 1e3), float(np.percentile(ts, 80) * 1e3)
+
+
+def cpu_methods():
+    def ours(phi):
+        return ol1.loss_and_grad(phi, BETA, backend="numpy")
+
+    def naive(phi):
+        A = phi.transpose(1, 0, 2)
+        X = A.transpose(0, 2, 1) @ A - np.eye(phi.shape[2], dtype=phi.dtype)
+        return BETA * np.abs(X).sum(), (2 * BETA * (A @ np.sign(X))).transpose(1, 0, 2)
+
+    return {"gpu_orthol1": ours, "naive_numpy": naive}
+
+
+def cpu_limit(A):  # A: contiguous (m, l, n)
+    G = np.matmul(A.transpose(0, 2, 1), A)
+    return np.matmul(A, G)
+
+
+def bench_cpu(repeat):
+    rows = []
+    for shape in SHAPES:
+        rng = np.random.default_rng(0)
+        inputs = [random_phi(rng, shape, np.float32) for _ in range(2)]
+        contig = [np.ascontiguousarray(x.transpose(1, 0, 2)) for x in inputs]
+        limit = _median_ms(cpu_limit, contig, repeat)
+        for name, fn in cpu_methods().items():
+            loss, grad = fn(inputs[0])
+            check(inputs[0], loss, grad, BETA, 1, "sum", np.float32)
+            med, p20, p80 = _median_ms(fn, inputs, repeat)
+            tracemalloc.start()
+            fn(inputs[0])
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            rows.append(dict(method=name, shape=list(shape), dtype="float32", device="cpu",
+                             p20_ms=p20, p50_ms=med, p80_ms=p80, limit_ms=limit[0],
+                             ratio_to_limit=med / limit[0], peak_extra_mb=peak / 2**20,
+                             grad_mb=inputs[0].nbytes / 2**20))
+    return rows
+
+
+def bench_gpu(repeat):
+    import cupy
+
+    from gpu_orthol1.cli import gpu_name
+
+    sync = cupy.cuda.get_current_stream().synchronize
+    rows = []
+    for shape in SHAPES:
+        rng = np.random.default_rng(0)
+        host = [random_phi(rng, shape, np.float32) for _ in range(2)]
+        inputs = [cupy.asarray(x) for x in host]
+        contig = [cupy.ascontiguousarray(x.transpose(1, 0, 2)) for x in inputs]
+        limit = _median_ms(lambda A: cupy.matmul(A, cupy.matmul(A.transpose(0, 2, 1), A)), contig, repeat, sync)
+        limit_tf32 = None
+        methods = {
+            "gpu_orthol1": lambda p: ol1.loss_and_grad(p, BETA, backend="cupy"),
+            "gpu_orthol1_tf32": lambda p: ol1.loss_and_grad(p, BETA, backend="cupy", precision="tf32"),
+            "naive_cupy": lambda p: _naive_cupy(cupy, p),
+        }
+        for name, fn in methods.items():
+            loss, grad = fn(inputs[0])
+            if name.endswith("tf32"):
+                dev = float(abs(loss.get() - check_loss(host[0])) / check_loss(host[0]))
+                assert dev < 1e-2, dev
+            else:
+                check(host[0], loss.get(), grad.get(), BETA, 1, "sum", np.float32)
+            med, p20, p80 = _median_ms(fn, inputs, repeat, sync)
+            pool = cupy.get_default_memory_pool()
+            sync()
+            pool.free_all_blocks()
+            before = pool.used_bytes()
+            fn(inputs[0])
+            sync()
+            rows.append(dict(method=name, shape=list(shape), dtype="float32", device=gpu_name(),
+                             p20_ms=p20, p50_ms=med, p80_ms=p80, limit_ms=limit[0],
+                             ratio_to_limit=med / limit[0], pool_total_mb=pool.total_bytes() / 2**20,
+                             pool_before_mb=before / 2**20))
+        del limit_tf32
+    return rows
+
+
+def check_loss(phi):
+    from tests.reference import reference
+
+    return BETA * reference(phi, 1.0)[0].sum()
+
+
+def _naive_cupy(cupy, phi):
+    A = phi.transpose(1, 0, 2)
+    X = cupy.matmul(A.transpose(0, 2, 1), A) - cupy.eye(phi.shape[2], dtype=phi.dtype)
+    return BETA * cupy.abs(X).sum(), (2 * BETA * cupy.matmul(A, cupy.sign(X))).transpose(1, 0, 2)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    rows = bench_cpu(args.repeat) if args.device == "cpu" else bench_gpu(args.repeat)
+    print(f"{'method':18s} {'shape':>16s} {'p50 ms':>9s} {'limit ms':>9s} {'ratio':>6s}  extra")
+    for r in rows:
+        extra = (f"peak +{r['peak_extra_mb']:.1f} MB (grad {r['grad_mb']:.1f} MB)" if "peak_extra_mb" in r
+                 else f"pool {r['pool_total_mb']:.0f} MB")
+        print(f"{r['method']:18s} {str(tuple(r['shape'])):>16s} {r['p50_ms']:9.2f} {r['limit_ms']:9.2f} "
+              f"{r['ratio_to_limit']:6.2f}  {extra}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(rows=rows, numpy=np.__version__, gpu_orthol1=ol1.__version__,
+                           date=time.strftime("%Y-%m-%d %H:%M:%S %Z")), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

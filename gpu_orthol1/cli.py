@@ -1,0 +1,142 @@
+"""The `gpu-orthol1` command: `run` (loss and gradient of a tensor), `info` (backends), `bench`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+DEFAULT_SHAPE = (4096, 32, 128)
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shape wants comma-separated integers like 4096,32,128, got {text!r}")
+    if len(dims) not in (2, 3) or min(dims) < 0:
+        raise argparse.ArgumentTypeError(f"--shape wants 2 or 3 non-negative sizes, got {text!r}")
+    return dims
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def gpu_name() -> str:
+    import cupy
+
+    dev = cupy.cuda.Device()
+    props = cupy.cuda.runtime.getDeviceProperties(dev.id)
+    name = props["name"]
+    return (name.decode() if isinstance(name, bytes) else name) + f" (device {dev.id})"
+
+
+def _cmd_run(args) -> int:
+    import gpu_orthol1 as ol1
+    from gpu_orthol1 import _backends
+
+    if args.phi:
+        phi = np.load(args.phi, mmap_mode=None, allow_pickle=False)
+        source = args.phi
+        if args.dtype:
+            phi = phi.astype(args.dtype, copy=False)
+    else:
+        shape = args.shape or DEFAULT_SHAPE
+        rng = np.random.default_rng(args.seed)
+        l = shape[0] if len(shape) == 2 else [s for i, s in enumerate(shape) if i != args.axis % 3][0]
+        phi = (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(max(l, 1))).astype(args.dtype or "float32")
+        source = f"random {phi.shape} (seed {args.seed})"
+
+    if phi.ndim == 3:
+        m = phi.shape[args.axis]
+        l, n = (s for i, s in enumerate(phi.shape) if i != args.axis % 3)
+    else:
+        m, (l, n) = 1, phi.shape
+    resolved = _backends.resolve(_backends.check_name(args.backend), False, 4.0 * l * m * n * n)
+
+    t0 = time.perf_counter()
+    loss, grad = ol1.loss_and_grad(phi, args.beta, axis=args.axis, backend=args.backend,
+                                   precision=args.precision)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        loss, grad = ol1.loss_and_grad(phi, args.beta, axis=args.axis, backend=args.backend,
+                                       precision=args.precision)
+        times.append(time.perf_counter() - t0)
+    device = gpu_name() if resolved == "cupy" else cpu_name()
+    gnorm = float(np.linalg.norm(grad.astype(np.float64).ravel()))
+    print(f"input     {source}, dtype {phi.dtype}, axis {args.axis}: m={m} slices of {l} x {n}")
+    print(f"loss      {float(loss):.9g}   (beta {args.beta:g}, reduction sum)")
+    print(f"grad norm {gnorm:.9g}")
+    print(f"backend   {resolved} on {device}")
+    line = f"time      first call {first * 1e3:.2f} ms (includes JIT compilation and set-up)"
+    if times:
+        line += f"; median of {len(times)} warm calls {np.median(times) * 1e3:.2f} ms (host wall clock, with copies)"
+    print(line)
+    if args.grad_out:
+        np.save(args.grad_out, grad)
+        print(f"gradient  written to {args.grad_out}")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    import gpu_orthol1 as ol1
+
+    av = ol1.available_backends()
+    print(f"gpu_orthol1 {ol1.__version__}, numpy {np.__version__}, python {platform.python_version()}")
+    for name in ("cupy", "numpy"):
+        if name in av:
+            where = gpu_name() if name == "cupy" else cpu_name()
+            print(f"  {name:6s} available   {where}")
+        else:
+            print(f"  {name:6s} missing     {av.reasons.get(name, '')}")
+    env = os.environ.get("GPU_ORTHOL1_BACKEND")
+    print(f"  backend='auto' picks: {'GPU_ORTHOL1_BACKEND=' + env if env else 'cupy for CuPy input; for NumPy input cupy above the crossover when available, else numpy'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        from gpu_orthol1 import bench
+
+        return bench.main(argv[1:])
+    p = argparse.ArgumentParser(prog="gpu-orthol1", description="L1 orthogonality loss and gradient.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="loss and gradient of a tensor (.npy) or of a random one")
+    r.add_argument("phi", nargs="?", help="a .npy file; without it a random tensor of --shape")
+    r.add_argument("--shape", type=_shape, help="l,m,n (or l,n) of the random tensor; default 4096,32,128")
+    r.add_argument("--axis", type=int, default=1)
+    r.add_argument("--beta", type=float, default=1e-3)
+    r.add_argument("--dtype", choices=["float16", "float32", "float64"], default=None,
+                   help="default: float32 for random input, the file's dtype otherwise")
+    r.add_argument("--backend", choices=["auto", "numpy", "cupy"], default="auto")
+    r.add_argument("--precision", choices=["highest", "tf32"], default="highest")
+    r.add_argument("--repeat", type=int, default=3, help="warm calls to time after the first")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--grad-out", help="save the gradient to this .npy file")
+    sub.add_parser("info", help="which backends are available here, and why not")
+    sub.add_parser("bench", help="benchmarks against peers and limits (gpu-orthol1 bench --help)")
+    args = p.parse_args(argv)
+    try:
+        return _cmd_run(args) if args.cmd == "run" else _cmd_info(args)
+    except (TypeError, ValueError, MemoryError, RuntimeError, OSError) as e:
+        print(f"gpu-orthol1: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The one GPU check of gpu_orthol1, run on the lent GPU machine in a single call:
+#   bash bench/gpu_check.sh            (there: python3 has cupy-cuda13x, numba-cuda, torch, pytest; no network)
+#   GPU_CHECK_DRY=1 bash bench/gpu_check.sh   (here, on a CPU: same steps, GPU parts skipped/CPU-only)
+# It installs the package without dependencies, runs the `gpu` tests, the GPU benchmarks and the
+# sanitizers, and writes everything under $OUT (default: a temp dir). Keep it under ~6 minutes.
+set -u
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+DRY=${GPU_CHECK_DRY:-0}
+status=0
+step() {  # step NAME TIMEOUT CMD...: run, log to $OUT/NAME.log, record the exit code
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  echo "=== $name: $*"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT/$name.log"
+  echo "=== $name: exit $rc in $(( $(date +%s) - t0 )) s"
+  echo "$name $rc $(( $(date +%s) - t0 ))" >> "$OUT/steps.txt"
+  [ $rc -eq 0 ] || status=1
+}
+
+{
+  date -u +"date %Y-%m-%dT%H:%M:%SZ"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 || echo "no nvidia-smi"
+  $PY - <<'PYEOF'
+import importlib, platform
+print("python", platform.python_version())
+for m in ("numpy", "cupy", "numba", "numba_cuda", "torch", "jax", "pytest"):
+    try:
+        mod = importlib.import_module(m)
+        print(m, getattr(mod, "__version__", "?"))
+    except Exception as e:
+        print(m, "missing:", type(e).__name__, e)
+PYEOF
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+if [ "$DRY" != 1 ]; then
+  $PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; status=1; }
+  export GPU_ORTHOL1_TEST_GPU=1
+  DEV=gpu
+else
+  DEV=cpu
+fi
+
+step info 60 $PY -m gpu_orthol1.cli info
+step run 60 $PY -m gpu_orthol1.cli run --shape 4096,32,128
+# -rs lists skips: on the card a skipped gpu test is a failure of this check
+step gpu_tests 200 $PY -m pytest -q -m gpu -rs -p no:cacheprovider ${GPU_TESTS:-tests/}
+if [ "$DRY" != 1 ] && grep -q "skipped" "$OUT/gpu_tests.log"; then
+  echo "!!! gpu tests were skipped on the GPU machine"; status=1
+fi
+step bench_core 120 $PY bench/bench_core.py --device $DEV --repeat 7 --json "$OUT/bench_core_$DEV.json"
+echo "=== steps (name exit seconds):"; cat "$OUT/steps.txt"
+ls -la "$OUT"
+exit $status

@@ -1,0 +1,561 @@
+"""PyTorch integration: an autograd loss, a model-wide regularizer with gradient injection and an update rule.
+
+    from gpu_orthol1.torch import ortho_l1, OrthoL1
+
+    loss = task_loss + ortho_l1(layer.weight, beta=1e-3, mode="rows")     # one tensor
+    reg = OrthoL1(model, beta=1e-3)                                       # every matrix of a model
+    (task_loss + reg.loss()).backward()        # or: task_loss.backward(); reg.add_grad_()
+    reg.step_(lr)                              # or decoupled: W <- W - lr * dL/dW
+
+Everything runs on the tensors' own memory: CPU tensors through zero-copy `.numpy()` views and the
+core's NumPy backend, CUDA tensors through the core's cuBLAS + Numba CUDA device on torch's current
+stream (no extra sync; workspaces come from torch's caching allocator or CuPy's stream-ordered pool).
+
+Precision: float16, float32 and float64 are computed in place (Gram and loss in float32 for float16).
+bfloat16 has no NumPy/CuPy dtype: such a parameter is computed from a float32 copy (Gram, loss and
+gradient in float32, the gradient rounded to bfloat16 when written back), one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import numbers
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+
+try:
+    import torch
+except ImportError as _e:  # torch is an optional extra
+    raise ImportError(
+        "gpu_orthol1.torch needs PyTorch, which is not installed: install it first "
+        "(pip install 'torch==2.*' for your platform, see https://pytorch.org/get-started/), "
+        f"then import gpu_orthol1.torch again ({_e})"
+    ) from _e
+
+from . import _api, _grouped
+
+__all__ = ["OrthoL1", "ortho_l1"]
+
+MODES = ("rows", "columns", "auto")
+_NP_DTYPE = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+_OK_DTYPES = (torch.float16, torch.float32, torch.float64, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# checks and zero-copy conversion
+
+
+def _check_tensor(t, what: str):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{what} is a {t.layout} tensor; gpu_orthol1 needs a dense (strided) tensor "
+                        "(call .to_dense() first if that is what you mean)")
+    if t.is_complex():
+        raise TypeError(f"{what} is complex ({t.dtype}); the L1 orthogonality loss here is for real matrices")
+    if t.dtype not in _OK_DTYPES:
+        raise TypeError(f"{what} has dtype {t.dtype}; expected float16, bfloat16, float32 or float64")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{what} is on device {t.device}; gpu_orthol1 runs on CPU and CUDA tensors only")
+
+
+@contextmanager
+def _on_torch_stream(device):
+    """CuPy (and the core's cuBLAS handle and Numba launches) on torch's current stream of `device`."""
+    import cupy
+
+    with cupy.cuda.Device(device.index if device.index is not None else torch.cuda.current_device()):
+        ts = torch.cuda.current_stream(device)
+        with cupy.cuda.ExternalStream(ts.cuda_stream):
+            yield
+
+
+def _core_device(device):
+    """The core device for tensors on `device` (call inside `_on_torch_stream` for CUDA)."""
+    if device.type == "cpu":
+        return _api._device("numpy", "highest")
+    from ._cupy import CupyDevice
+
+    return CupyDevice("highest")
+
+
+def _to_array(t):
+    """The NumPy (CPU) or CuPy (CUDA) array on t's memory: no copy. t must be detached."""
+    if t.device.type == "cpu":
+        return t.numpy()
+    import cupy
+
+    return cupy.from_dlpack(t)
+
+
+def _from_array(a, device):
+    if device.type == "cpu":
+        return torch.from_numpy(np.asarray(a))
+    return torch.from_dlpack(a)
+
+
+# ---------------------------------------------------------------------------------------------
+# the (m, l, n) slice view of a parameter (core convention: the Gram is Phi_i^T Phi_i, n x n)
+
+
+def _slices(x, how: str, axis: int, transpose: bool):
+    """(m, l, n) view of x without copying: how is "matrix" (2-D), "flatten" (Conv: (out, -1)) or
+    "stack" (3-D, slices along axis); transpose puts the rows' Gram (l x l) in the core's place."""
+    if how == "matrix":
+        v = x.unsqueeze(0)
+    elif how == "flatten":
+        # flatten dims 1.. in memory order: the loss and the row Gram do not depend on the order of the
+        # flattened columns, and this keeps channels_last weights a view
+        order = sorted(range(1, x.dim()), key=lambda d: -x.stride(d))
+        xp = x.permute(0, *order)
+        try:
+            v = xp.view(x.shape[0], -1).unsqueeze(0)
+        except RuntimeError:
+            raise ValueError(f"a {tuple(x.shape)} parameter with strides {x.stride()} cannot be flattened "
+                             "to (out, -1) without a copy") from None
+    else:
+        v = x.movedim(axis, 0)
+    return v.transpose(1, 2) if transpose else v
+
+
+def _pick_transpose(mode, l, n):
+    if mode in (None, "columns"):
+        return False
+    if mode == "rows":
+        return True
+    return l < n  # "auto": the smaller Gram
+
+
+# ---------------------------------------------------------------------------------------------
+# ortho_l1: one tensor, autograd
+
+
+class _OrthoL1Fn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, beta, axis, reduction, how, transpose, m_axis, grad_mode):
+        w = weight.detach()
+        # forward runs with grad mode off; needs_input_grad ignores an outer torch.no_grad()
+        want_grad = bool(ctx.needs_input_grad[0]) and grad_mode
+        bf16 = w.dtype == torch.bfloat16
+        wc = w.float() if bf16 else w  # bfloat16: float32 copy (documented)
+        grad = torch.empty_like(wc) if want_grad else None
+        V = _slices(wc, how, axis, transpose)
+        Vo = _slices(grad, how, axis, transpose) if want_grad else None
+        ctx_mgr = _on_torch_stream(w.device) if w.device.type == "cuda" else nullcontext()
+        with ctx_mgr:
+            dev = _core_device(w.device)
+            loss, _ = _api._run(_to_array(V), beta, 0, reduction, _to_array(Vo) if want_grad else None, False,
+                                "cupy" if w.device.type == "cuda" else "numpy", "highest", None, want_grad,
+                                device=dev)
+            loss_t = _from_array(loss, w.device)
+        if want_grad:
+            ctx.save_for_backward(grad.to(torch.bfloat16) if bf16 else grad)
+        ctx.m_axis = m_axis
+        ctx.ndim = w.dim()
+        ctx.reduction = reduction
+        return loss_t
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, go):
+        (g,) = ctx.saved_tensors
+        if ctx.reduction == "none" and ctx.ndim == 3:
+            shape = [1, 1, 1]
+            shape[ctx.m_axis] = -1
+            go = go.reshape(shape)
+        # the gradient of the same forward pass, scaled by grad_output (out of place: backward may run twice)
+        return (g * go.to(g.dtype), None, None, None, None, None, None, None)
+
+
+def ortho_l1(weight, beta=1.0, *, axis=1, reduction="sum", mode=None):
+    """L1 orthogonality loss of a 2-D weight or of the slices of a 3-D one, as a torch scalar with autograd.
+
+    2-D weight W (l, n): mode None or "columns" penalizes sum |W^T W - I| (n x n), "rows" sum |W W^T - I|
+    (l x l), "auto" the smaller of the two. 3-D weight: slices along `axis` (the core's convention,
+    each slice (l, n)), with the same modes per slice. reduction "sum" | "mean" (over slices) | "none"
+    (per-slice losses, shape (m,); (1,) for 2-D). The loss is float64 for float64 weights, float32
+    otherwise. The backward returns the gradient formed in the forward pass (one pass, no recomputation)
+    times grad_output. CPU tensors use the NumPy backend on zero-copy views; CUDA tensors the cuBLAS
+    backend on torch's current stream.
+    """
+    _check_tensor(weight, "weight")
+    if mode not in (None,) + MODES:
+        raise ValueError(f"mode must be None, 'rows', 'columns' or 'auto', got {mode!r}")
+    if weight.dim() == 2:
+        how, m_axis = "matrix", 0
+        l, n = weight.shape
+    elif weight.dim() == 3:
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or not -3 <= axis < 3:
+            raise ValueError(f"axis must be an integer in [-3, 3) for a 3-D weight, got {axis!r}")
+        how, m_axis = "stack", int(axis) % 3
+        l, n = (s for i, s in enumerate(weight.shape) if i != m_axis)
+    else:
+        raise ValueError(f"weight must be 2-D (l, n) or 3-D (slices along axis), got shape {tuple(weight.shape)}; "
+                         "use OrthoL1 for Conv weights (flattened to (out, -1))")
+    transpose = _pick_transpose(mode, l, n)
+    return _OrthoL1Fn.apply(weight, _api._check_beta(beta), m_axis, reduction, how, transpose, m_axis,
+                              torch.is_grad_enabled())
+
+
+# ---------------------------------------------------------------------------------------------
+# OrthoL1: every matrix of a model, grouped by slice shape
+
+
+@dataclass
+class _Target:
+    name: str
+    param: torch.Tensor
+    how: str  # "matrix" | "flatten" | "stack"
+    axis: int
+    transpose: bool
+
+    def view(self, x):
+        return _slices(x, self.how, self.axis, self.transpose)
+
+
+def _matches(rule, name, p) -> bool:
+    if callable(rule):
+        return bool(rule(name, p))
+    if isinstance(rule, str):
+        rule = (rule,)
+    return any(fnmatch.fnmatchcase(name, pat) for pat in rule)
+
+
+class OrthoL1:
+    """The L1 orthogonality regularizer over every matrix-shaped parameter of a model.
+
+    params_or_module: an nn.Module, or an iterable of parameters or of (name, parameter) pairs.
+    Taken: 2-D parameters (Linear (out, in) and the like), Conv weights of any dimension, flattened to
+    (out, in*k...) (any >=4-D parameter, and 3-D ones that belong to a Conv module), and other 3-D
+    parameters as stacks of matrices along `axis`. Left out: 0-D/1-D parameters (biases, norms),
+    parameters with requires_grad=False, and what include/exclude rule out: each is a glob pattern
+    on the parameter's name (or a list of them) or a callable (name, param) -> bool; a parameter is
+    taken when it matches include (if given) and not exclude. Shared parameters count once.
+
+    mode: "rows" penalizes sum |W W^T - I|, "columns" sum |W^T W - I|, "auto" (default) the smaller
+    Gram (the one that can reach zero). The loss is beta times the sum over all matrices.
+
+    Parameters with one (slice shape, dtype, memory layout) are evaluated together: one batched Gram
+    GEMM, one fused sign pass and one batched gradient GEMM per group and workspace chunk (on CUDA
+    a cuBLAS pointer-array call over the separate tensors, no stacking copy). float16 on CUDA,
+    bfloat16 and layouts BLAS cannot read go through the core one tensor at a time.
+    """
+
+    def __init__(self, params_or_module, beta=1.0, mode="auto", *, axis=1, include=None, exclude=None,
+                 workspace_bytes=None):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.beta = _api._check_beta(beta)
+        if workspace_bytes is not None and (isinstance(workspace_bytes, bool)
+                                            or not isinstance(workspace_bytes, numbers.Integral)
+                                            or workspace_bytes <= 0):
+            raise ValueError(f"workspace_bytes must be a positive integer, got {workspace_bytes!r}")
+        self.workspace_bytes = workspace_bytes
+        self.mode = mode
+        self._ptr_cache: dict = {}
+        self._device_factory: Callable | None = None  # tests: run the CPU tensors on another NumPy device
+        conv = set()
+        if isinstance(params_or_module, torch.nn.Module):
+            named = list(params_or_module.named_parameters())
+            for mod in params_or_module.modules():
+                if isinstance(mod, torch.nn.modules.conv._ConvNd):
+                    conv.add(id(mod.weight))
+        else:
+            named = []
+            for i, x in enumerate(params_or_module):
+                named.append(tuple(x) if isinstance(x, (tuple, list)) else (str(i), x))
+        self.targets: list[_Target] = []
+        seen = set()
+        for name, p in named:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"parameter {name!r} is a {type(p).__name__}, not a tensor")
+            if id(p) in seen or p.dim() < 2 or not p.requires_grad:
+                continue
+            if include is not None and not _matches(include, name, p):
+                continue
+            if exclude is not None and _matches(exclude, name, p):
+                continue
+            _check_tensor(p, f"parameter {name!r}")
+            seen.add(id(p))
+            if p.dim() == 2:
+                how, l, n = "matrix", p.shape[0], p.shape[1]
+            elif p.dim() >= 4 or id(p) in conv:
+                how, l, n = "flatten", p.shape[0], math.prod(p.shape[1:])
+            else:
+                ax = axis % 3
+                how = "stack"
+                l, n = (s for i, s in enumerate(p.shape) if i != ax)
+            self.targets.append(_Target(name, p, how, axis % 3, _pick_transpose(mode, l, n)))
+        self.backend_calls = 0  # batched GEMM calls + per-tensor core calls of the last method call
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.targets]
+
+    def __repr__(self):
+        return f"OrthoL1({len(self.targets)} matrices, beta={self.beta}, mode={self.mode!r})"
+
+    # -- planning --------------------------------------------------------------------------------
+
+    def _groups(self, outs):
+        """{key: [(target index, V, Vo)]} for the batched path, and the list of per-tensor fallbacks."""
+        groups: dict = {}
+        single = []
+        for j, t in enumerate(self.targets):
+            p = t.param.detach()
+            V = t.view(p)
+            lay = _grouped.slice_layout(V.shape[1], V.shape[2], V.stride(1), V.stride(2))
+            if outs is None:
+                Vo, lay_o = None, None
+            elif isinstance(outs, _LazyOuts):  # empty_like(param) later: the param's own layout
+                Vo, lay_o = None, lay
+            else:
+                Vo = t.view(outs[j])
+                lay_o = _grouped.slice_layout(Vo.shape[1], Vo.shape[2], Vo.stride(1), Vo.stride(2))
+            ok = (lay is not None and (outs is None or lay_o is not None) and p.dtype != torch.bfloat16
+                  and (p.device.type == "cpu" or self._device_factory is not None
+                       or _grouped.CupyGroupedDevice.supports(_NP_DTYPE[p.dtype])))
+            if not ok:
+                single.append((j, V, Vo))
+                continue
+            key = (p.device, p.dtype, V.shape[1], V.shape[2], lay, lay_o)
+            groups.setdefault(key, []).append((j, V, Vo))
+        return groups, single
+
+    def _budget(self, device_type):
+        if self.workspace_bytes is not None:
+            return self.workspace_bytes
+
+        class _C:  # the core's budget rule (env override, CPU cache size, GPU free memory)
+            workspace_bytes = None
+
+        if device_type == "cpu":
+            return _api._workspace_budget(_C, "numpy", np)
+        import cupy
+
+        return _api._workspace_budget(_C, "cupy", cupy)
+
+    def _execute(self, outs, *, alpha_scale: float, beta_gemm: float, want_grad: bool, after_group=None):
+        """Run every target; gradients (alpha_scale * dL/dW, plus beta_gemm * out) into outs.
+        Returns {device: loss tensor (float64, beta included)}."""
+        self.backend_calls = 0
+        groups, single = self._groups(outs if want_grad else None)
+        by_dev: dict = {}
+        for key, members in groups.items():
+            by_dev.setdefault(key[0], []).append((key, members))
+        for j, V, Vo in single:
+            by_dev.setdefault(V.device, [])
+        single_by_dev: dict = {}
+        for s in single:
+            single_by_dev.setdefault(s[1].device, []).append(s)
+        totals = {}
+        alpha = 2.0 * self.beta * alpha_scale
+        for device, glist in by_dev.items():
+            cuda = device.type == "cuda"
+            with _on_torch_stream(device) if cuda else nullcontext():
+                core = _core_device(device) if self._device_factory is None or cuda else None
+                if cuda:
+                    dev = _grouped.CupyGroupedDevice(core, device, self._ptr_cache)
+
+                    def alloc(shape, dt, _d=device):
+                        return torch.empty(shape, dtype=getattr(torch, np.dtype(dt).name), device=_d)
+
+                    def buf(x):
+                        return x
+                else:
+                    dev = self._device_factory() if self._device_factory else _grouped.make_numpy_device()
+                    alloc = np.empty
+
+                    def buf(x):
+                        return x.numpy()
+
+                nslices = sum(V.shape[0] for _, members in glist for _, V, _ in members)
+                losses = torch.zeros(nslices, dtype=torch.float64, device=device)
+                losses_a = buf(losses)
+                budget = self._budget(device.type)
+                off = 0
+                for key, members in glist:
+                    _, dtype, l, n, lay, lay_o = key
+                    bufs: dict = {}
+                    items = []
+                    for j, V, Vo in members:
+                        if want_grad and Vo is None:
+                            Vo = self.targets[j].view(outs[j])
+                        bufs[("p", j)] = buf(V)
+                        if want_grad:
+                            bufs[("o", j)] = buf(Vo)
+                        for i in range(V.shape[0]):
+                            items.append(_grouped.Item(_grouped.Ref(("p", j), i * V.stride(0)),
+                                                       _grouped.Ref(("o", j), i * Vo.stride(0)) if want_grad
+                                                       else None))
+                    counter = _CallCounter(dev)
+                    _grouped.run_group(counter, items, bufs, l=l, n=n, dtype=_NP_DTYPE[dtype], lay=lay,
+                                       lay_out=lay_o, alpha=alpha, beta_gemm=beta_gemm, want_grad=want_grad,
+                                       losses=losses_a, loss_offset=off, budget=budget, alloc=alloc)
+                    self.backend_calls += counter.calls
+                    off += len(items)
+                    if after_group is not None:
+                        after_group([j for j, _, _ in members])
+                total = losses.sum() * self.beta
+                for j, V, Vo in single_by_dev.get(device, []):
+                    if want_grad and Vo is None:
+                        Vo = self.targets[j].view(outs[j])
+                    total = total + self._single(j, V, Vo, core, device, alpha_scale, beta_gemm, want_grad)
+                    if after_group is not None:
+                        after_group([j])
+                totals[device] = total
+        return totals
+
+    def _single(self, j, V, Vo, core, device, alpha_scale, beta_gemm, want_grad):
+        """One tensor through the core (float16 on CUDA, bfloat16, layouts BLAS cannot read)."""
+        self.backend_calls += 1
+        bf16 = V.dtype == torch.bfloat16
+        Vc = V.float() if bf16 else V
+        tmp = None
+        if want_grad and (bf16 or alpha_scale != 1.0):
+            tmp = torch.empty_like(Vc)  # the core writes 2 beta Phi S; scale / round it afterwards
+        o = tmp if tmp is not None else Vo
+        dev = core if core is not None else _core_device(device)
+        backend = "cupy" if device.type == "cuda" else "numpy"
+        loss, _ = _api._run(_to_array(Vc), self.beta, 0, "sum", _to_array(o) if want_grad else None,
+                            bool(beta_gemm) and tmp is None, backend, "highest", self.workspace_bytes,
+                            want_grad, device=dev)
+        if tmp is not None:
+            if beta_gemm:
+                Vo.add_(tmp, alpha=alpha_scale)
+            else:
+                Vo.copy_(tmp.mul_(alpha_scale))
+        return _from_array(loss, device).to(torch.float64)
+
+    def _check_devices(self):
+        devs = {t.param.device for t in self.targets}
+        if len(devs) > 1:
+            raise ValueError(f"OrthoL1.loss(): the parameters are on several devices {sorted(map(str, devs))}; "
+                             "one loss tensor cannot live on all of them (use add_grad_() or step_(), which "
+                             "work per device, or one OrthoL1 per device)")
+        for t in self.targets:
+            _check_tensor(t.param, f"parameter {t.name!r}")
+
+    # -- public methods --------------------------------------------------------------------------
+
+    def loss(self):
+        """beta * sum over all matrices of sum |Gram - I|, a torch scalar with autograd (float64 when every
+        parameter is float64, float32 otherwise). Add it to the task loss; its backward hands each
+        parameter the gradient formed in this same forward pass."""
+        self._check_devices()
+        if not self.targets:
+            return torch.zeros((), dtype=torch.float32)
+        return _OrthoL1ModelFn.apply(self, torch.is_grad_enabled(), *[t.param for t in self.targets])
+
+    @torch.no_grad()
+    def add_grad_(self):
+        """Add beta * dL/dW into each parameter's .grad (created as zeros when None), without an autograd
+        graph: call after the task loss's backward, before optimizer.step(). The gradient GEMM
+        accumulates straight into .grad; the only extra memory is the Gram workspace chunk.
+        Returns the loss value (detached): {device: loss} when the parameters span several devices."""
+        outs = []
+        for t in self.targets:
+            p = t.param
+            _check_tensor(p, f"parameter {t.name!r}")
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            g = p.grad
+            if g.layout != torch.strided:
+                raise TypeError(f"parameter {t.name!r} has a {g.layout} .grad (e.g. a sparse Embedding); "
+                                "add_grad_ needs a dense gradient")
+            if g.device != p.device or g.dtype != p.dtype or g.shape != p.shape:
+                raise ValueError(f"parameter {t.name!r}: .grad is {g.dtype} {tuple(g.shape)} on {g.device}, "
+                                 f"the parameter {p.dtype} {tuple(p.shape)} on {p.device}")
+            outs.append(g)
+        totals = self._execute(outs, alpha_scale=1.0, beta_gemm=1.0, want_grad=True)
+        return _one_or_dict(totals)
+
+    @torch.no_grad()
+    def step_(self, lr):
+        """The update rule W <- W - lr * beta * dL/dW in place, decoupled from the optimizer (like AdamW's
+        weight decay), from the weights before the update. A gradient buffer lives per group only.
+        Returns the loss value before the step (detached)."""
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(float(lr)):
+            raise ValueError(f"lr must be a finite real number, got {lr!r}")
+        for t in self.targets:
+            _check_tensor(t.param, f"parameter {t.name!r}")
+        tmps = _LazyOuts(self.targets)
+
+        def apply(js):
+            for j in js:
+                self.targets[j].param.sub_(tmps[j], alpha=float(lr))
+                tmps[j] = None
+
+        totals = self._execute(tmps, alpha_scale=1.0, beta_gemm=0.0,
+                               want_grad=True, after_group=apply)
+        return _one_or_dict(totals)
+
+
+class _LazyOuts:
+    """step_'s gradient buffers: made (empty_like the parameter) when their group runs, freed after."""
+
+    def __init__(self, targets):
+        self._targets = targets
+        self._bufs: dict = {}
+
+    def __getitem__(self, j):
+        b = self._bufs.get(j)
+        if b is None:
+            b = self._bufs[j] = torch.empty_like(self._targets[j].param)
+        return b
+
+    def __setitem__(self, j, value):
+        if value is None:
+            self._bufs.pop(j, None)
+        else:
+            self._bufs[j] = value
+
+
+def _one_or_dict(totals):
+    if len(totals) == 1:
+        return next(iter(totals.values()))
+    if not totals:
+        return torch.zeros((), dtype=torch.float64)
+    return totals
+
+
+class _CallCounter:
+    """Counts the device's batched GEMM calls (what `OrthoL1.backend_calls` reports)."""
+
+    def __init__(self, dev):
+        self._dev = dev
+        self.calls = 0
+
+    def gemm_batched(self, call, bufs):
+        self.calls += 1
+        self._dev.gemm_batched(call, bufs)
+
+    def __getattr__(self, name):
+        return getattr(self._dev, name)
+
+
+class _OrthoL1ModelFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, reg, grad_mode, *params):
+        want = grad_mode and any(ctx.needs_input_grad[2:])
+        outs = [torch.empty_like(p) for p in params] if want else None
+        totals = reg._execute(outs, alpha_scale=1.0, beta_gemm=0.0, want_grad=want)
+        total = next(iter(totals.values())) if totals else torch.zeros((), dtype=torch.float64)
+        if want:
+            ctx.save_for_backward(*outs)
+        ctx.want = want
+        ctx.nparams = len(params)
+        all64 = all(p.dtype == torch.float64 for p in params)
+        return total if all64 else total.to(torch.float32)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, go):
+        if not ctx.want:
+            return (None,) * (2 + ctx.nparams)
+        grads = ctx.saved_tensors
+        return (None, None) + tuple(g * go.to(g.dtype) for g in grads)

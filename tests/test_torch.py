@@ -1,0 +1,564 @@
+"""gpu_orthol1.torch: ortho_l1 (autograd) and OrthoL1 (model-wide loss, add_grad_, step_) against
+torch autograd of the naive expression, on real torch modules; the GPU's grouped pointer-array path
+emulated on the CPU (`cudasim`) and run for real by bench/gpu_check.sh (`gpu`)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+import gpu_orthol1 as ol1
+from gpu_orthol1 import _api, _grouped
+from gpu_orthol1.torch import OrthoL1, ortho_l1
+
+from .reference import check, random_phi
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture
+def tseed(rng):
+    torch.manual_seed(int(rng.integers(2**31)))
+    return rng
+
+
+def _t(rng, shape, dtype=torch.float64, device="cpu"):
+    l = shape[0]
+    return torch.from_numpy(random_phi(rng, shape, np.float64, l)).to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# naive reference: what users write today, in torch autograd
+
+
+def naive_slices(w, axis, mode):
+    """(m, l, n) slices and whether the Gram is the rows' one, as ortho_l1 defines them."""
+    v = w.unsqueeze(0) if w.dim() == 2 else w.movedim(axis, 0)
+    l, n = v.shape[1], v.shape[2]
+    rows = mode == "rows" or (mode == "auto" and l < n)
+    return v, rows
+
+
+def naive_loss(w, beta, axis=1, reduction="sum", mode=None):
+    v, rows = naive_slices(w, axis, mode)
+    G = v @ v.transpose(1, 2) if rows else v.transpose(1, 2) @ v
+    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+    per = beta * (G - eye).abs().sum(dim=(1, 2))
+    if reduction == "none":
+        return per
+    return per.sum() / (len(per) if reduction == "mean" else 1)
+
+
+def naive_matrix(p, conv=False):
+    """The matrix OrthoL1 sees for a parameter (before choosing rows/columns)."""
+    if p.dim() >= 4 or conv:
+        return p.reshape(p.shape[0], -1)
+    return p
+
+
+def naive_model_loss(targets, beta, mode="auto"):
+    total = 0
+    for p, conv in targets:
+        W = naive_matrix(p, conv)
+        l, n = W.shape
+        rows = mode == "rows" or (mode == "auto" and l < n)
+        G = W @ W.T if rows else W.T @ W
+        total = total + beta * (G - torch.eye(G.shape[0], dtype=G.dtype, device=G.device)).abs().sum()
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# ortho_l1
+
+
+CASES = [((7, 5), 1), ((3, 9), 1), ((1, 1), 1), ((6, 6), 1), ((5, 4, 3), 1), ((4, 6, 7), 0), ((6, 3, 5), 2),
+         ((3, 5, 4), -1)]
+
+
+@pytest.mark.filterwarnings("ignore::gpu_orthol1.CopyWarning")  # axis=2 slices: the core stages them
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", [None, "columns", "rows", "auto"])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[0])) + f"-ax{c[1]}")
+def test_ortho_l1_matches_naive_autograd_float64(device, mode, reduction, case, tseed):
+    shape, axis = case
+    beta = float(tseed.uniform(0.2, 2.0))
+    for layout in ("C", "T"):
+        base = _t(tseed, shape[::-1] if layout == "T" else shape, device=device)
+        w = (base.permute(*reversed(range(base.dim()))) if layout == "T" else base).requires_grad_(True)
+        assert w.shape == shape
+        got = ortho_l1(w, beta, axis=axis, reduction=reduction, mode=mode)
+        w2 = w.detach().clone().requires_grad_(True)
+        want = naive_loss(w2, beta, axis, reduction, mode)
+        assert got.shape == want.shape and got.dtype == torch.float64 and got.device == w.device
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        go = torch.rand(want.shape, dtype=torch.float64, device=device) + 0.5  # scaled by grad_output
+        (g,) = torch.autograd.grad(got, w, go)
+        (g2,) = torch.autograd.grad(want, w2, go)
+        assert g.shape == w.shape and g.dtype == w.dtype
+        torch.testing.assert_close(g, g2, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore::gpu_orthol1.CopyWarning")
+def test_ortho_l1_gradcheck(tseed):
+    for shape, axis, mode in (((5, 4), 1, "columns"), ((3, 6), 1, "rows"), ((4, 3, 5), 1, "auto"),
+                              ((3, 2, 4), 2, None)):
+        for _ in range(20):  # away from the kink: every |G - I| entry clear of 0 by much more than eps
+            w = _t(tseed, shape).requires_grad_(True)
+            v, rows = naive_slices(w.detach(), axis if w.dim() == 3 else 1, mode)
+            G = v @ v.transpose(1, 2) if rows else v.transpose(1, 2) @ v
+            if (G - torch.eye(G.shape[-1], dtype=G.dtype)).abs().min() > 1e-3:
+                break
+        else:
+            pytest.fail("no input away from the kink")
+        for reduction in ("sum", "none"):
+            assert torch.autograd.gradcheck(
+                lambda x, a=axis, r=reduction, md=mode: ortho_l1(x, 0.9, axis=a, reduction=r, mode=md), (w,),
+                eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_ortho_l1_low_precision_against_reference(device, dtype, tseed):
+    np_dt = {torch.float16: np.float16, torch.float32: np.float32}[dtype]
+    for shape, axis in (((9, 6, 5), 1), ((11, 7), 1), ((4, 8, 6), 0)):
+        w = _t(tseed, shape, dtype, device).requires_grad_(True)
+        loss = ortho_l1(w, 1.3, axis=axis)
+        assert loss.dtype == torch.float32
+        loss.backward()
+        assert w.grad.dtype == dtype
+        phi = w.detach().cpu().numpy()
+        check(phi, loss.detach().cpu().numpy(), w.grad.cpu().numpy(), 1.3, axis, "sum", np_dt)
+
+
+def test_ortho_l1_bfloat16_through_float32(tseed):
+    w = _t(tseed, (12, 7), torch.bfloat16).requires_grad_(True)
+    loss = ortho_l1(w, 0.8)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert w.grad.dtype == torch.bfloat16
+    w64 = w.detach().double().requires_grad_(True)
+    ref = naive_loss(w64, 0.8)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-5, atol=0)
+    bound = 2 * 0.8 * w64.detach().abs().sum(dim=1, keepdim=True)
+    assert ((w.grad.double() - w64.grad).abs() <= 1e-2 * bound).all()  # bfloat16 rounding of the result
+
+
+def test_ortho_l1_cpu_is_zero_copy_and_one_pass(monkeypatch, tseed):
+    seen = []
+    real = _api._run
+
+    def spy(phi, *a, **k):
+        seen.append(phi)
+        return real(phi, *a, **k)
+
+    monkeypatch.setattr(_api, "_run", spy)
+    w = _t(tseed, (10, 6), torch.float32).requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ol1.CopyWarning)  # rows mode reads the transposed view in place
+        for mode in ("rows", "columns"):
+            loss = ortho_l1(w, 1.0, mode=mode)
+            loss.backward()
+    assert len(seen) == 2  # one core call per forward; backward recomputes nothing
+    for phi in seen:
+        assert np.shares_memory(phi, w.detach().numpy())
+
+
+def test_ortho_l1_no_grad_skips_gradient(monkeypatch, tseed):
+    flags = []
+    real = _api._run
+    monkeypatch.setattr(_api, "_run", lambda *a, **k: (flags.append(a[9]), real(*a, **k))[1])
+    w = _t(tseed, (6, 4), torch.float32).requires_grad_(True)
+    with torch.no_grad():
+        loss = ortho_l1(w)
+    assert flags == [False] and not loss.requires_grad
+    torch.testing.assert_close(loss.double(), naive_loss(w.detach().double(), 1.0), rtol=2e-5, atol=0)
+
+
+def test_ortho_l1_errors():
+    with pytest.raises(TypeError, match="complex"):
+        ortho_l1(torch.randn(3, 3, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="dense"):
+        ortho_l1(torch.eye(3).to_sparse())
+    with pytest.raises(TypeError, match="dtype"):
+        ortho_l1(torch.ones(3, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="device meta"):
+        ortho_l1(torch.empty(3, 3, device="meta"))
+    with pytest.raises(ValueError, match="2-D"):
+        ortho_l1(torch.randn(2, 3, 4, 5))
+    with pytest.raises(ValueError, match="mode"):
+        ortho_l1(torch.randn(3, 3), mode="diag")
+    with pytest.raises(ValueError, match="reduction"):
+        ortho_l1(torch.randn(3, 3), reduction="max")
+    with pytest.raises(ValueError, match="beta"):
+        ortho_l1(torch.randn(3, 3), beta=float("nan"))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        ortho_l1(np.eye(3))
+
+
+def test_import_without_torch_says_so(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # what `import torch` sees when it is not installed
+    monkeypatch.delitem(sys.modules, "gpu_orthol1.torch", raising=False)
+    with pytest.raises(ImportError, match="needs PyTorch"):
+        importlib.import_module("gpu_orthol1.torch")
+
+
+# ---------------------------------------------------------------------------------------------
+# OrthoL1 on real modules
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, bias=False)
+        self.c3 = nn.Conv2d(8, 16, 1)
+        self.c1d = nn.Conv1d(4, 6, 3)
+        self.fc = nn.Linear(16, 10)
+
+
+def _models():
+    return {
+        "linear": lambda: nn.Sequential(nn.Linear(9, 13), nn.ReLU(), nn.Linear(13, 13), nn.Linear(13, 13),
+                                        nn.Linear(13, 5)),
+        "conv2d": lambda: nn.Conv2d(3, 5, (3, 2)),
+        "cnn": SmallCNN,
+        "mha": lambda: nn.MultiheadAttention(12, 3, kdim=7, vdim=5),
+        "transformer": lambda: nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(16, 2, dim_feedforward=24, batch_first=True), 2, enable_nested_tensor=False),
+    }
+
+
+def _targets(model):
+    """(param, is_conv) for every parameter OrthoL1 should take, by the documented rules."""
+    conv = {id(m.weight) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)}
+    out, seen = [], set()
+    for _, p in model.named_parameters():
+        if p.dim() >= 2 and p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append((p, id(p) in conv))
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["auto", "rows", "columns"])
+@pytest.mark.parametrize("name", list(_models()))
+def test_orthol1_module_loss_add_grad_step(device, mode, name, tseed):
+    model = _models()[name]().double().to(device)
+    if name == "cnn":
+        model.c2.to(memory_format=torch.channels_last)  # flattened in memory order, still a view
+    beta = float(tseed.uniform(0.1, 1.0))
+    reg = OrthoL1(model, beta, mode)
+    targets = _targets(model)
+    assert [id(t.param) for t in reg.targets] == [id(p) for p, _ in targets]
+    params = [p for p, _ in targets]
+
+    # loss() + backward against autograd of the per-parameter expression
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ol1.CopyWarning)
+        loss = reg.loss()
+    assert loss.dtype == torch.float64 and loss.requires_grad and loss.device.type == device
+    loss.backward(torch.tensor(1.7, dtype=torch.float64, device=device))
+    got = [p.grad.clone() for p in params]
+    model.zero_grad(set_to_none=True)
+    ref = naive_model_loss(targets, beta, mode)
+    torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-12, atol=1e-12)
+    (1.7 * ref).backward()
+    want = [p.grad.clone() for p in params]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+    for p in model.parameters():
+        if p.dim() < 2:
+            assert p.grad is None  # biases and norms untouched
+
+    # add_grad_: accumulates into existing .grad, creates missing ones
+    base = [torch.randn_like(p) for p in params]
+    for i, (p, b) in enumerate(zip(params, base)):
+        p.grad = b.clone() if i % 2 == 0 else None
+    val = reg.add_grad_()
+    assert not val.requires_grad
+    torch.testing.assert_close(val, ref.detach(), rtol=1e-12, atol=1e-12)
+    for i, (p, b, w) in enumerate(zip(params, base, want)):
+        torch.testing.assert_close(p.grad, w / 1.7 + (b if i % 2 == 0 else 0), rtol=1e-10, atol=1e-10)
+
+    # step_: W <- W - lr * dL/dW from the weights before the step; .grad untouched
+    before = [p.detach().clone() for p in params]
+    grads_before = [p.grad.clone() for p in params]
+    val = reg.step_(0.05)
+    torch.testing.assert_close(val, ref.detach(), rtol=1e-12, atol=1e-12)
+    for p, w0, w, g0 in zip(params, before, want, grads_before):
+        torch.testing.assert_close(p.detach(), w0 - 0.05 * w / 1.7, rtol=1e-10, atol=1e-12)
+        assert torch.equal(p.grad, g0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_orthol1_float32_against_reference(device, tseed):
+    model = nn.Sequential(nn.Linear(20, 30), nn.Linear(30, 30), nn.Linear(30, 30), nn.Conv2d(3, 4, 3)).to(device)
+    reg = OrthoL1(model, 0.6, "auto")
+    loss = reg.loss()
+    assert loss.dtype == torch.float32
+    loss.backward()
+    total = 0.0
+    for t in reg.targets:
+        p = t.param.detach()
+        V = t.view(p).cpu().numpy()  # (m, l, n): slices along axis 0
+        per = np.abs(np.einsum("mli,mlj->mij", V.astype(np.float64), V.astype(np.float64))
+                     - np.eye(V.shape[2])).sum() * 0.6
+        total += per
+        check(V, np.float64(per), t.view(t.param.grad).cpu().numpy(), 0.6, 0, "sum", np.float32)
+    np.testing.assert_allclose(loss.item(), total, rtol=2e-5)
+
+
+def _spy_batched(monkeypatch):
+    sizes = []
+    real = _grouped.numpy_batched_gemm
+
+    def spy(call, bufs):
+        sizes.append(call.batch)
+        real(call, bufs)
+
+    monkeypatch.setattr(_grouped.NumpyGroupedDevice, "gemm_batched", staticmethod(spy))
+    single = []
+    real_run = _api._run
+    monkeypatch.setattr(_api, "_run", lambda *a, **k: (single.append(1), real_run(*a, **k))[1])
+    return sizes, single
+
+
+def test_grouping_really_batches(monkeypatch, tseed):
+    sizes, single = _spy_batched(monkeypatch)
+    layers = [nn.Linear(16, 16) for _ in range(6)] + [nn.Linear(16, 32) for _ in range(3)]
+    model = nn.Sequential(*layers).double()
+    reg = OrthoL1(model, 0.5)  # 16x16 Grams for all 9 (auto: (32, 16) -> columns), two layouts/shapes
+    loss = reg.loss()
+    # group (l=16, n=16) of 6 and group (l=32, n=16) of 3: a Gram and a gradient call each
+    assert sorted(sizes) == [3, 3, 6, 6] and reg.backend_calls == 4 and not single
+    loss.backward()
+    sizes.clear()
+    with torch.no_grad():
+        reg.loss()
+    assert sorted(sizes) == [3, 6]  # no gradient wanted: Gram calls only
+    sizes.clear()
+    reg.add_grad_()
+    assert sorted(sizes) == [3, 3, 6, 6] and not single
+    # the same call count for a deeper model: the batch grows, not the number of calls
+    reg2 = OrthoL1(nn.Sequential(*[nn.Linear(16, 16) for _ in range(40)]), 0.5)
+    sizes.clear()
+    reg2.loss()
+    assert sizes == [40, 40]
+
+
+def test_chunked_group_equals_unchunked(tseed):
+    model = nn.Sequential(*[nn.Linear(12, 12) for _ in range(7)]).double()
+    ref = OrthoL1(model, 0.4).loss()
+    ref.backward()
+    want = [p.grad.clone() for p in model.parameters() if p.dim() == 2]
+    model.zero_grad()
+    per_slice = 12 * 12 * 8
+    reg = OrthoL1(model, 0.4, workspace_bytes=2 * per_slice)  # chunks of 2 matrices
+    loss = reg.loss()
+    assert reg.backend_calls == 8  # 4 chunks x (Gram, gradient)
+    loss.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-14, atol=0)
+    for p, w in zip([p for p in model.parameters() if p.dim() == 2], want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-12, atol=1e-14)
+    with pytest.raises(MemoryError, match="workspace"):
+        OrthoL1(model, 0.4, workspace_bytes=100).loss()
+
+
+def test_include_exclude_rules():
+    m = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, batch_first=True)
+    m.linear2.weight.requires_grad_(False)
+    all_names = OrthoL1(m).names
+    assert all_names == ["self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight"]
+    assert OrthoL1(m, include="*linear*").names == ["linear1.weight"]
+    assert OrthoL1(m, exclude=["self_attn.*"]).names == ["linear1.weight"]
+    assert OrthoL1(m, include=lambda n, p: p.shape[0] == 8).names == ["self_attn.out_proj.weight"]
+    shared = nn.Linear(5, 5)
+    tied = nn.Sequential(shared, nn.ReLU(), shared)
+    assert OrthoL1(tied).names == ["0.weight"]
+    # an iterable of parameters or of (name, parameter) pairs; 3-D parameters are stacks along axis
+    stack = nn.Parameter(torch.randn(4, 3, 6))
+    reg = OrthoL1([("a", stack), ("b", nn.Parameter(torch.randn(5)))], axis=0, mode="columns")
+    assert reg.names == ["a"] and reg.targets[0].view(stack).shape == (4, 3, 6)
+    reg = OrthoL1([stack], axis=1, mode="columns")
+    assert reg.names == ["0"] and reg.targets[0].view(stack).shape == (3, 4, 6)
+    loss = reg.loss()
+    torch.testing.assert_close(loss.double(), naive_loss(stack.detach().double(), 1.0, 1), rtol=2e-5, atol=0)
+
+
+def test_orthol1_errors_and_bfloat16():
+    with pytest.raises(TypeError, match="complex"):
+        OrthoL1([nn.Parameter(torch.randn(3, 3, dtype=torch.complex64))])
+    with pytest.raises(ValueError, match="device meta"):
+        OrthoL1(nn.Linear(3, 3, device="meta"))
+    with pytest.raises(ValueError, match="mode"):
+        OrthoL1(nn.Linear(3, 3), mode="diag")
+    emb = nn.Embedding(10, 4, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(TypeError, match="sparse"):
+        OrthoL1(emb).add_grad_()
+    lin = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="lr"):
+        OrthoL1(lin).step_(float("inf"))
+    # bfloat16: through a float32 copy, gradient rounded to bfloat16 (documented)
+    m = nn.Sequential(nn.Linear(6, 9), nn.Linear(9, 9)).to(torch.bfloat16)
+    reg = OrthoL1(m, 0.5)
+    loss = reg.loss()
+    loss.backward()
+    ref = naive_model_loss([(p.detach().double().requires_grad_(True), False) for p in
+                            (m[0].weight, m[1].weight)], 0.5)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=0)
+    assert m[0].weight.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_gpu_pointer_array_path_emulated(dtype, tseed):
+    """The GPU's grouped path on the CPU: its pointer arrays (raw addresses) resolved back to the
+    buffers, its dtypes (S in phi's dtype, alpha in the GEMM) and the CUDA kernel under the simulator."""
+    np_dt = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}[dtype]
+    model = nn.Sequential(nn.Linear(6, 9), nn.Linear(9, 9), nn.Linear(9, 9), nn.Linear(9, 4),
+                          nn.Conv2d(2, 3, 2)).to(dtype)
+    calls = []
+
+    def factory():
+        dev = _grouped.make_numpy_device(emulated=True)
+        calls.append(dev)
+        return dev
+
+    for mode in ("rows", "columns"):
+        reg = OrthoL1(model, 0.7, mode, workspace_bytes=2 * 9 * 9 * 8 + 9 * 9 * 8)  # forces 2 chunks
+        reg._device_factory = factory
+        model.zero_grad(set_to_none=True)
+        loss = reg.loss()
+        loss.backward()
+        total = 0.0
+        for t in reg.targets:
+            V = t.view(t.param.detach()).numpy().astype(np.float64)
+            per = np.abs(np.einsum("mli,mlj->mij", V, V) - np.eye(V.shape[2])).sum() * 0.7
+            total += per
+            check(t.view(t.param.detach()).numpy(), np.float64(per), t.view(t.param.grad).numpy(), 0.7, 0,
+                  "sum", np_dt)
+        np.testing.assert_allclose(loss.item(), total, rtol=2e-5)
+        before = [t.param.grad.clone() for t in reg.targets]
+        reg.add_grad_()
+        for t, b in zip(reg.targets, before):
+            np.testing.assert_allclose(t.param.grad.double().numpy(), 2 * b.double().numpy(),
+                                       rtol=2e-3 if dtype == torch.float16 else 1e-5, atol=1e-3)
+    assert calls
+
+
+def test_pointer_arrays_are_base_plus_offset():
+    bufs = {"x": np.zeros(10, np.float32), "ws": np.zeros(50, np.float32), "out": np.zeros((3, 4), np.float64)}
+    call = _grouped.BatchedGemm(
+        __import__("gpu_orthol1._gemm", fromlist=["Gemm"]).gram_call(
+            __import__("gpu_orthol1._gemm", fromlist=["Layout"]).Layout("T", 2, 0), 0, 1, 2, 2),
+        (_grouped.Ref("x", 3), _grouped.Ref("x", 5)), (_grouped.Ref("x", 3), _grouped.Ref("x", 5)),
+        (_grouped.Ref("ws", 0), _grouped.Ref("out", 4)))
+    p = _grouped.pointer_arrays(call, lambda k: bufs[k].ctypes.data, lambda k: bufs[k].itemsize)
+    x, ws, out = (bufs[k].ctypes.data for k in ("x", "ws", "out"))
+    assert p.dtype == np.uint64 and p.shape == (3, 2)
+    assert p.tolist() == [[x + 12, x + 20], [x + 12, x + 20], [ws, out + 32]]
+
+
+# ---------------------------------------------------------------------------------------------
+# training: the regularizer makes the matrices more orthogonal while the task loss still drops
+
+
+def _ortho_error(model):
+    errs = []
+    for p in model.parameters():
+        if p.dim() == 2:
+            W = p.detach().double()
+            G = W @ W.T if W.shape[0] <= W.shape[1] else W.T @ W
+            errs.append((G - torch.eye(G.shape[0], dtype=G.dtype)).abs().mean().item())
+    return float(np.mean(errs))
+
+
+def train(beta, steps=300, how="loss", seed=0):
+    """A 4-layer MLP regressing a random teacher on synthetic data (CPU, one thread: the figures do not
+    depend on the machine's load). Returns the task loss and the mean |Gram - I| entry (over the four
+    matrices, the smaller Gram each) before and after training."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(seed)
+        X = torch.randn(512, 32, generator=g)
+        teacher = torch.randn(32, 8, generator=g) / 32**0.5
+        Y = torch.tanh(X @ teacher * 2)
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64),
+                              nn.Tanh(), nn.Linear(64, 8))
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        reg = OrthoL1(model, beta) if beta else None
+        task0 = nn.functional.mse_loss(model(X), Y).item()
+        ortho0 = _ortho_error(model)
+        for _ in range(steps):
+            idx = torch.randint(0, 512, (64,), generator=g)
+            task = nn.functional.mse_loss(model(X[idx]), Y[idx])
+            opt.zero_grad(set_to_none=True)
+            if reg is not None and how == "loss":
+                (task + reg.loss()).backward()
+            else:
+                task.backward()
+                if reg is not None:
+                    reg.add_grad_()
+            opt.step()
+        with torch.no_grad():
+            task1 = nn.functional.mse_loss(model(X), Y).item()
+        return {"task0": task0, "task1": task1, "ortho0": ortho0, "ortho1": _ortho_error(model)}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_training_run_moves_toward_orthogonality(rng):
+    seed = int(rng.integers(2**31))
+    plain = train(0.0, seed=seed)
+    reg = train(5e-3, seed=seed)
+    injected = train(5e-3, how="add_grad_", seed=seed)
+    print(f"\nplain {plain}\nregularized {reg}\nadd_grad_ {injected}")
+    for r in (plain, reg, injected):
+        assert r["task1"] < 0.25 * r["task0"]  # the task is still learned
+    assert reg["ortho1"] < 0.6 * reg["ortho0"]  # the matrices moved toward orthogonality
+    assert reg["ortho1"] < 0.4 * plain["ortho1"]  # ... and it is the regularizer's doing
+    # loss().backward() and add_grad_() give the same update
+    assert abs(injected["ortho1"] - reg["ortho1"]) < 0.02 * reg["ortho1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only (bench/gpu_check.sh)
+
+
+@pytest.mark.gpu
+def test_gpu_side_stream_and_float16(tseed):
+    model = nn.Sequential(*[nn.Linear(24, 24) for _ in range(5)], nn.Linear(24, 40)).cuda()
+    ref_model = nn.Sequential(*[nn.Linear(24, 24) for _ in range(5)], nn.Linear(24, 40)).double()
+    ref_model.load_state_dict({k: v.double().cpu() for k, v in model.state_dict().items()})
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):  # everything on a side stream, no sync in between
+        reg = OrthoL1(model, 0.3)
+        loss = reg.loss()
+        loss.backward()
+        assert reg.backend_calls == 4  # two groups, pointer-array GEMMs, no per-tensor fallback
+        grads = [p.grad.clone() for p in model.parameters() if p.dim() == 2]
+    torch.cuda.synchronize()
+    ref = naive_model_loss(_targets(ref_model), 0.3)
+    ref.backward()
+    np.testing.assert_allclose(loss.item(), ref.item(), rtol=2e-5)
+    for t, g in zip(OrthoL1(ref_model).targets, grads):
+        torch.testing.assert_close(g.double().cpu(), t.param.grad, rtol=1e-4, atol=1e-4)
+    half = model.half()
+    reg = OrthoL1(half, 0.3)
+    model.zero_grad(set_to_none=True)
+    loss = reg.loss()  # float16 on CUDA: through the core per tensor (no gemmBatchedEx in cupy_backends)
+    loss.backward()
+    np.testing.assert_allclose(loss.item(), ref.item(), rtol=1e-2)

@@ -16,7 +16,16 @@ from __future__ import annotations
 
 import math
 
-from numba import cuda, float64
+import numpy as np
+
+# numba-cuda 0.30 registers an overload for np.row_stack while building its typing
+# context; NumPy 2.5 removed that alias, so the first kernel compile fails with
+# AttributeError (seen on the GPU machine: numba-cuda 0.30.4 + numpy 2.5.2). Give it
+# the alias back (it was np.vstack) before numba.cuda is imported.
+if not hasattr(np, "row_stack"):
+    np.row_stack = np.vstack
+
+from numba import cuda, float64  # noqa: E402
 
 # Threads per block the host may ask for (powers of two, for the tree reduction). A
 # compile-time constant per kernel, because the reduction buffer is a shared array

@@ -1,0 +1,490 @@
+"""The methods `gpu-orthol1 bench` times: gpu_orthol1 itself, what a user would write instead, the limits.
+
+Each method is a `Method` whose `prepare(case)` returns a `Prepared`: a
+`call(k)` that computes loss and gradient of input copy k (held on the method's
+device), `result(r)` turning its output into (loss, gradient) on the host for the
+correctness check, `sync()` for the timer, and `peak()` that measures the extra
+memory of one call. Peers are imported lazily; one that is missing makes
+`available()` return a one-line reason and the bench skips it.
+
+Every peer computes the same loss, beta * sum |P_i^T P_i - I|, on the same
+(l, m, n) C-contiguous input, the way a user would write it in that library.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+BETA = 0.5
+
+
+@dataclass
+class Case:
+    l: int
+    m: int
+    n: int
+    dtype: np.dtype
+    sweep: str  # "ref", "m", "n"
+    host: list[np.ndarray]  # input copies (l, m, n), C-contiguous, rotated between runs
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.l, self.m, self.n)
+
+    @property
+    def label(self) -> str:
+        return f"{self.l}x{self.m}x{self.n}"
+
+    @property
+    def nbytes(self) -> int:
+        return self.host[0].nbytes
+
+
+@dataclass
+class Prepared:
+    call: Callable[[int], Any]
+    result: Callable[[Any], tuple[Any, Any]]
+    sync: Callable[[], None]
+    peak: Callable[[], tuple[float, str]]  # (bytes, how measured)
+    keep: list = field(default_factory=list)  # device copies of the inputs, freed with this object
+
+
+@dataclass
+class Method:
+    name: str
+    family: str  # "ours", "peer", "limit"
+    device: str  # "cpu" or "gpu"
+    backend: str
+    precision: str  # "highest" or "tf32"
+    prepare: Callable[[Case], Prepared]
+    available: Callable[[], tuple[bool, str]]
+    dtypes: tuple = ("float16", "float32", "float64")
+
+    def tol_class(self, dtype) -> str:
+        name = np.dtype(dtype).name
+        if self.precision == "tf32" and name == "float32":
+            return "lowp"
+        if name == "float16" and self.family != "ours":
+            return "lowp"  # the naive float16 expression rounds G itself to float16
+        return name
+
+
+# ---------------------------------------------------------------- memory probes (CPU)
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def rss_probe_works() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _status_kb("VmHWM")
+        return True
+    except OSError:
+        return False
+
+
+def fix_malloc_for_rss() -> bool:
+    """Make glibc give every block over 128 KiB back to the OS when freed, so the resident-set
+    high-water mark measures a call's own peak instead of reusing freed heap. Changes allocation
+    speed, hence only called after all timings are taken."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024))
+    except OSError:
+        return False
+
+
+def cpu_peak(fn: Callable[[], Any]) -> tuple[float, str]:
+    """Peak extra memory of fn(): resident-set high-water mark (reset through /proc/self/clear_refs)
+    above the resident set before the call; tracemalloc where /proc can't be used."""
+    gc.collect()
+    if rss_probe_works():
+        base = _status_kb("VmRSS")
+        r = fn()
+        peak = _status_kb("VmHWM")
+        del r
+        return max(0, peak - base) * 1024.0, "rss-hwm"
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        r = fn()
+        _cur, peak = tracemalloc.get_traced_memory()
+        del r
+    finally:
+        tracemalloc.stop()
+    return float(peak), "tracemalloc"
+
+
+# ---------------------------------------------------------------- GPU helpers
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+def gpu_sync():
+    _cupy().cuda.runtime.deviceSynchronize()
+
+
+def cupy_pool_peak(fn: Callable[[], Any]) -> tuple[float, str]:
+    """Bytes a fresh CuPy pool holds after fn(): freed blocks are reused, not returned, so this is
+    the high-water mark of the call's live allocations (rounded to the pool's 512 B blocks)."""
+    cp = _cupy()
+    pool = cp.cuda.MemoryPool()
+    gpu_sync()
+    with cp.cuda.using_allocator(pool.malloc):
+        r = fn()
+        gpu_sync()
+        peak = pool.total_bytes()
+        del r
+    pool.free_all_blocks()
+    return float(peak), "cupy-pool"
+
+
+def _gpu_ok() -> tuple[bool, str]:
+    from . import _backends
+
+    ok, why = _backends.gpu_status()
+    return ok, ("" if ok else f"no usable GPU: {why}")
+
+
+def _device_copies(case: Case):
+    cp = _cupy()
+    return [cp.asarray(h) for h in case.host]
+
+
+# ---------------------------------------------------------------- gpu_orthol1
+
+def _ours(device: str, precision: str) -> Method:
+    backend = "numpy" if device == "cpu" else "cupy"
+
+    def prepare(case: Case) -> Prepared:
+        import gpu_orthol1 as ol1
+
+        if device == "cpu":
+            xs = case.host
+            sync = _noop
+        else:
+            xs = _device_copies(case)
+            sync = gpu_sync
+
+        def call(k):
+            return ol1.loss_and_grad(xs[k], BETA, backend=backend, precision=precision)
+
+        def result(r):
+            return _host(r[0]), _host(r[1])
+
+        peak = (lambda: cpu_peak(lambda: call(0))) if device == "cpu" else (lambda: cupy_pool_peak(lambda: call(0)))
+        return Prepared(call, result, sync, peak, [xs])
+
+    name = f"gpu_orthol1[{backend}{',tf32' if precision == 'tf32' else ''}]"
+    avail = (lambda: (True, "")) if device == "cpu" else _gpu_ok
+    return Method(name, "ours", device, backend, precision, prepare, avail,
+                  ("float32",) if precision == "tf32" else ("float16", "float32", "float64"))
+
+
+def _noop():
+    pass
+
+
+def _host(x):
+    if type(x).__module__.split(".")[0] == "cupy":
+        return x.get()
+    return np.asarray(x)
+
+
+# ---------------------------------------------------------------- naive NumPy / CuPy
+
+def _naive(xp, x, beta):
+    """What a user writes: slices first, Gram, |G - I| summed, closed-form gradient 2 beta P sign(G - I)."""
+    P = x.transpose(1, 0, 2)  # (m, l, n) view
+    X = P.transpose(0, 2, 1) @ P - xp.eye(x.shape[2], dtype=x.dtype)
+    loss = beta * xp.abs(X).sum()
+    grad = (2 * beta) * (P @ xp.sign(X))
+    return loss, grad.transpose(1, 0, 2)
+
+
+def _numpy_naive() -> Method:
+    def prepare(case):
+        xs = case.host
+
+        def call(k):
+            return _naive(np, xs[k], BETA)
+
+        return Prepared(call, lambda r: (r[0], r[1]), _noop, lambda: cpu_peak(lambda: call(0)), [xs])
+
+    return Method("numpy-naive", "peer", "cpu", "numpy", "highest", prepare, lambda: (True, ""))
+
+
+def _cupy_naive() -> Method:
+    def prepare(case):
+        xs = _device_copies(case)
+        cp = _cupy()
+
+        def call(k):
+            return _naive(cp, xs[k], BETA)
+
+        return Prepared(call, lambda r: (_host(r[0]), _host(r[1])), gpu_sync,
+                        lambda: cupy_pool_peak(lambda: call(0)), [xs])
+
+    return Method("cupy-naive", "peer", "gpu", "cupy", "highest", prepare, _gpu_ok)
+
+
+# ---------------------------------------------------------------- PyTorch
+
+def _torch_avail(device: str, compiled: bool):
+    def avail():
+        try:
+            import torch
+        except Exception as e:  # noqa: BLE001 - ImportError, or a broken install: both mean "skip"
+            return False, f"torch is not installed ({type(e).__name__}: {e})"
+        if device == "gpu":
+            ok, why = _gpu_ok()
+            if not ok:
+                return False, why
+            if not torch.cuda.is_available():
+                return False, f"torch {torch.__version__} has no usable CUDA"
+        if compiled and not hasattr(torch, "compile"):
+            return False, f"torch {torch.__version__} has no torch.compile"
+        return True, ""
+
+    return avail
+
+
+def _torch_loss(x, beta):
+    import torch
+
+    P = x.permute(1, 0, 2)
+    G = P.transpose(1, 2) @ P
+    return beta * (G - torch.eye(x.shape[2], dtype=x.dtype, device=x.device)).abs().sum()
+
+
+_compiled: dict = {}
+
+
+def _torch_compiled():
+    import torch
+
+    if "f" not in _compiled:
+        try:  # every reference shape and dtype is a new graph: keep them all instead of falling back to eager
+            torch._dynamo.config.cache_size_limit = 64
+            if hasattr(torch._dynamo.config, "recompile_limit"):
+                torch._dynamo.config.recompile_limit = 64
+        except AttributeError:  # older or newer dynamo without these knobs: its defaults
+            pass
+        _compiled["f"] = torch.compile(_torch_loss)
+    return _compiled["f"]
+
+
+def _torch(device: str, compiled: bool) -> Method:
+    def prepare(case):
+        import torch
+
+        if device == "cpu":
+            base = [torch.from_numpy(h) for h in case.host]
+            sync = _noop
+            keep: list = [base]
+        else:
+            cps = _device_copies(case)
+            base = [torch.from_dlpack(c) for c in cps]  # same device memory, no copy
+            sync = gpu_sync
+            keep = [cps, base]
+        f = _torch_compiled() if compiled else _torch_loss
+
+        def call(k):
+            x = base[k].detach().requires_grad_(True)
+            loss = f(x, BETA)
+            loss.backward()
+            return loss.detach(), x.grad
+
+        def result(r):
+            return r[0].cpu().double().numpy(), r[1].cpu().double().numpy()
+
+        if device == "cpu":
+            peak = lambda: cpu_peak(lambda: call(0))
+        else:
+            def peak():
+                gpu_sync()
+                torch.cuda.reset_peak_memory_stats()
+                b0 = torch.cuda.memory_allocated()
+                r = call(0)
+                gpu_sync()
+                p = torch.cuda.max_memory_allocated() - b0
+                del r
+                return float(p), "torch-max-allocated"
+        return Prepared(call, result, sync, peak, keep)
+
+    name = "torch-compile" if compiled else "torch-eager"
+    return Method(name, "peer", device, "torch", "highest", prepare, _torch_avail(device, compiled))
+
+
+# ---------------------------------------------------------------- JAX
+
+def _jax_import():
+    # JAX takes 75% of the GPU at import unless told not to; the other peers share the card.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import jax
+
+    jax.config.update("jax_enable_x64", True)  # or float64 inputs are silently computed in float32
+    return jax
+
+
+def _jax_avail(device: str):
+    def avail():
+        try:
+            jax = _jax_import()
+        except Exception as e:  # noqa: BLE001 - ImportError, or a broken install: both mean "skip"
+            return False, f"jax is not installed ({type(e).__name__}: {e})"
+        if device == "gpu":
+            ok, why = _gpu_ok()
+            if not ok:
+                return False, why
+            try:
+                if not jax.devices("gpu"):
+                    return False, "jax has no GPU device"
+            except Exception as e:  # noqa: BLE001 - jax raises RuntimeError or its own errors
+                return False, f"jax has no GPU backend ({type(e).__name__}: {e}); pip install 'jax[cuda12]'"
+        return True, ""
+
+    return avail
+
+
+_jax_fn: dict = {}
+
+
+def _jax_value_and_grad():
+    if "f" not in _jax_fn:
+        jax = _jax_import()
+        import jax.numpy as jnp
+
+        def loss(x):
+            P = jnp.transpose(x, (1, 0, 2))
+            # HIGHEST: on GPUs, XLA's default float32 matmul precision is TF32
+            G = jnp.matmul(jnp.swapaxes(P, 1, 2), P, precision=jax.lax.Precision.HIGHEST)
+            return BETA * jnp.abs(G - jnp.eye(x.shape[2], dtype=x.dtype)).sum()
+
+        _jax_fn["f"] = jax.jit(jax.value_and_grad(loss))
+    return _jax_fn["f"]
+
+
+def _jax(device: str) -> Method:
+    def prepare(case):
+        jax = _jax_import()
+        dev = jax.devices("cpu" if device == "cpu" else "gpu")[0]
+        xs = [jax.device_put(h, dev) for h in case.host]
+        f = _jax_value_and_grad()
+
+        def call(k):
+            return f(xs[k])
+
+        def sync():
+            pass  # call() results are waited for in result/timer via block_until_ready
+
+        def result(r):
+            return np.asarray(r[0]), np.asarray(r[1])
+
+        def peak():
+            if device == "cpu":
+                return cpu_peak(lambda: jax.block_until_ready(call(0)))
+            ma = f.lower(xs[0]).compile().memory_analysis()
+            return float(ma.temp_size_in_bytes + ma.output_size_in_bytes), "xla-plan"
+
+        p = Prepared(lambda k: jax.block_until_ready(call(k)), result, sync, peak, [xs])
+        return p
+
+    return Method("jax-jit", "peer", device, "jax", "highest", prepare, _jax_avail(device))
+
+
+# ---------------------------------------------------------------- the limit: the two GEMMs alone
+
+def _limit(device: str, precision: str) -> Method:
+    """The core's own Gram and gradient GEMMs (same BLAS / cuBLAS calls, same compute types) over
+    contiguous (m, l, n) operands, in one batch each, with no sign pass: the time gpu_orthol1
+    cannot beat with BLAS doing the arithmetic."""
+
+    def prepare(case):
+        from . import _driver, _gemm
+
+        if device == "cpu":
+            from ._numpy_dev import NumpyDevice
+
+            dev: Any = NumpyDevice()
+            xp: Any = np
+            sync = _noop
+        else:
+            from ._cupy import CupyDevice
+
+            dev = CupyDevice(precision)
+            xp = _cupy()
+            sync = gpu_sync
+        m, l, n = case.m, case.l, case.n
+        dt = case.dtype
+        A = [xp.ascontiguousarray(xp.asarray(h).transpose(1, 0, 2)) for h in case.host]
+        acc = dev.acc_dtype(dt)
+        G = xp.empty((m, n * n), dtype=acc)
+        rs = np.random.default_rng(0)
+        S = xp.asarray(np.sign(rs.standard_normal((m, n * n))).astype(dev.sign_dtype(dt)))
+        lay = _driver._layout_of(A[0])
+        gram = _gemm.gram_call(lay, 0, m, l, n)
+        grad = _gemm.grad_call(lay, 0, lay, 0, m, l, n, 1.0, 0.0)
+
+        def call(k):
+            out = xp.empty_like(A[k])
+            dev.gemm(gram, {"phi": A[k], "ws": G})
+            dev.gemm(grad, {"phi": A[k], "sgn": S, "out": out})
+            return out
+
+        if device == "cpu":
+            peak = lambda: cpu_peak(lambda: call(0))
+        else:
+            peak = lambda: cupy_pool_peak(lambda: call(0))
+        return Prepared(call, lambda r: (None, None), sync, peak, [A, G, S])
+
+    lib = "blas" if device == "cpu" else "cublas"
+    name = f"limit-{lib}{'-tf32' if precision == 'tf32' else ''}"
+    avail = (lambda: (True, "")) if device == "cpu" else _gpu_ok
+    return Method(name, "limit", device, lib, precision, prepare, avail,
+                  ("float32",) if precision == "tf32" else ("float16", "float32", "float64"))
+
+
+def all_methods() -> list[Method]:
+    return [
+        _ours("cpu", "highest"), _numpy_naive(), _torch("cpu", False), _torch("cpu", True), _jax("cpu"),
+        _limit("cpu", "highest"),
+        _ours("gpu", "highest"), _ours("gpu", "tf32"), _cupy_naive(), _torch("gpu", False),
+        _torch("gpu", True), _jax("gpu"), _limit("gpu", "highest"), _limit("gpu", "tf32"),
+    ]
+
+
+def d2d_bandwidth(nbytes: int = 256 << 20, runs: int = 7) -> float:
+    """Device-to-device copy bandwidth in bytes/s counting read + write (2 * nbytes per copy)."""
+    cp = _cupy()
+    a = cp.random.random_sample(nbytes // 8)  # float64, never zeros
+    b = cp.empty_like(a)
+    ts = []
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    for i in range(runs + 2):
+        start.record()
+        b.data.copy_from_device_async(a.data, a.nbytes)
+        stop.record()
+        stop.synchronize()
+        if i >= 2:
+            ts.append(cp.cuda.get_elapsed_time(start, stop) / 1e3)
+    return 2.0 * a.nbytes / float(np.median(ts))

@@ -236,7 +236,7 @@ class CupyGroupedDevice:
     def _upload(self, ptrs: np.ndarray):
         import torch
 
-        key = (ptrs.shape, ptrs.tobytes())
+        key = (str(self._tdev), ptrs.shape, ptrs.tobytes())
         hit = self._cache.get(key)
         if hit is not None:
             return hit

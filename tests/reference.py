@@ -32,11 +32,11 @@ def reference(phi, beta=1.0, axis=1):
     """(per-slice losses (m,), gradient of their sum with phi's shape, X (m, n, n)), all float64."""
     P, squeeze = to_lmn(phi, axis)
     l, m, n = P.shape
-    X = np.einsum("kij,kib->ijb", P, P) - np.eye(n)
+    X = np.einsum("kij,kib->ijb", P, P, optimize=True) - np.eye(n)
     with np.errstate(invalid="ignore"):
         per = beta * np.abs(X).sum(axis=(1, 2))
         S = np.sign(X)
-        Gamma = 2.0 * beta * np.einsum("aij,ijb->aib", P, S)
+        Gamma = 2.0 * beta * np.einsum("aij,ijb->aib", P, S, optimize=True)
     bad = ~np.isfinite(per)
     per[bad] = np.nan
     Gamma[:, bad, :] = np.nan
@@ -66,7 +66,7 @@ def check(phi, loss, grad, beta=1.0, axis=1, reduction="sum", dtype=None, grad_b
     np.testing.assert_allclose(np.asarray(loss, np.float64), lref, rtol=LOSS_RTOL[dtype],
                                atol=1e-30, equal_nan=True)
     # gradient: mask columns (slice i, column b) whose X column holds a sign-ambiguous entry
-    mag = np.einsum("kij,kib->ijb", absP, absP) + np.eye(X.shape[-1])
+    mag = np.einsum("kij,kib->ijb", absP, absP, optimize=True) + np.eye(X.shape[-1])
     with np.errstate(invalid="ignore"):
         ambiguous = (np.abs(X) <= SIGN_RTOL[dtype] * mag).any(axis=1)  # (m, n)
     bound = 2 * abs(beta) * scale * absP.sum(axis=2, keepdims=True)  # (l, m, 1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import typing
 import warnings
 
 import numpy as np
@@ -576,3 +577,95 @@ def test_gpu_side_stream_and_float16(tseed):
         total += per
         check(V, np.float64(per), t.view(t.param.grad).cpu().numpy(), 0.3, 0, "sum", np.float16)
     np.testing.assert_allclose(loss.item(), total, rtol=2e-5)
+
+
+def test_cupy_grouped_device_call_arguments(monkeypatch, tseed):
+    """CupyGroupedDevice's ?gemmBatched call, argument by argument, without a GPU: a fake cuBLAS reads
+    alpha/beta and the three address arrays from the raw pointers it is given, exactly as cuBLAS would
+    (host scalars, device arrays of addresses laid out A, B, C), and executes them over the buffers."""
+    import ctypes
+
+    from gpu_orthol1 import _gemm
+    from gpu_orthol1._numpy_dev import NumpyDevice
+
+    views: dict = {}  # address -> NumPy view, for the fake to resolve addresses
+
+    class FakeCublas:
+        calls: typing.ClassVar[list] = []
+
+        @staticmethod
+        def getPointerMode(h):
+            return 0
+
+        @staticmethod
+        def setPointerMode(h, m):
+            raise AssertionError("pointer mode should already be host")
+
+        def _run(self, scal, handle, ta, tb, m, n, k, alpha_p, A, lda, B, ldb, beta_p, C, ldc, batch):
+            alpha = scal.from_address(alpha_p).value
+            beta = scal.from_address(beta_p).value
+            ptrs = np.array([(ctypes.c_uint64 * batch).from_address(a)[:] for a in (A, B, C)], dtype=np.uint64)
+            op = _gemm.Operand("?", 0, 0, 0)
+            t = _gemm.Gemm(ta, tb, m, n, k, alpha, replace_ld(op, lda), replace_ld(op, ldb), beta,
+                           replace_ld(op, ldc), 1)
+            call = _grouped.BatchedGemm(t, (None,) * batch, (None,) * batch, (None,) * batch)
+            self.calls.append(batch)
+            _grouped.emulate_pointer_gemm(call, ptrs, dict(views))
+
+        def sgemmBatched(self, *a):
+            self._run(ctypes.c_float, *a)
+
+        def dgemmBatched(self, *a):
+            self._run(ctypes.c_double, *a)
+
+    def replace_ld(op, ld):
+        return _gemm.Operand(op.buf, op.offset, ld, 0)
+
+    cpu = NumpyDevice()
+
+    class FakeCore:
+        folds_alpha = False  # as on the GPU: alpha in the GEMM
+        acc_dtype = staticmethod(NumpyDevice.acc_dtype)
+        sign_dtype = staticmethod(lambda d: d)
+        extra_bytes_per_slice = staticmethod(lambda *a: 0)
+        _cublas = FakeCublas()
+        _handle = 0
+
+        def sign_abs(self, ws, sgn, n, losses, off, scale, write_s):
+            cpu.sign_abs(ws.numpy(), sgn.numpy(), n, losses.numpy(), off, scale, write_s)
+
+    dev = _grouped.CupyGroupedDevice(FakeCore(), torch.device("cpu"), {})
+    monkeypatch.setattr(dev, "_upload", lambda ptrs: torch.from_numpy(ptrs.view(np.int64).copy()))
+
+    def alloc(shape, dt):
+        t = torch.empty(shape, dtype=getattr(torch, np.dtype(dt).name))
+        views[("alloc", len(views))] = t.numpy()
+        return t
+
+    for dtype in (torch.float32, torch.float64):
+        for rows in (False, True):  # kind "T" and kind "N" operands
+            views.clear()
+            Ws = [_t(tseed, (7, 5), dtype) for _ in range(3)]
+            outs = [torch.randn(7, 5, dtype=dtype) for _ in range(3)]
+            base = [o.clone() for o in outs]
+            bufs, items = {}, []
+            for j, (W, O) in enumerate(zip(Ws, outs)):
+                V, Vo = (W.T, O.T) if rows else (W, O)
+                bufs[("p", j)], bufs[("o", j)] = V, Vo
+                views[("p", j)], views[("o", j)] = V.numpy(), Vo.numpy()
+                items.append(_grouped.Item(_grouped.Ref(("p", j), 0), _grouped.Ref(("o", j), 0)))
+            lay = _grouped.slice_layout(*bufs[("p", 0)].shape, *bufs[("p", 0)].stride())
+            losses = torch.zeros(3, dtype=torch.float64)
+            FakeCublas.calls.clear()
+            _grouped.run_group(dev, items, bufs, l=bufs[("p", 0)].shape[0], n=bufs[("p", 0)].shape[1],
+                               dtype=_NPD[dtype], lay=lay, lay_out=lay, alpha=2 * 0.7, beta_gemm=1.0,
+                               want_grad=True, losses=losses, loss_offset=0, budget=1 << 20, alloc=alloc)
+            assert FakeCublas.calls == [3, 3]
+            for j, W in enumerate(Ws):
+                V = (W.T if rows else W).numpy()
+                np_dt = _NPD[dtype]
+                check(V, losses[j].item() * 0.7, ((outs[j] - base[j]).T if rows else outs[j] - base[j]).numpy(),
+                      0.7, 1, "sum", np_dt)
+
+
+_NPD = {torch.float32: np.float32, torch.float64: np.float64}

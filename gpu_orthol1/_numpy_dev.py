@@ -41,7 +41,7 @@ def numpy_gemm(call: Gemm, bufs: dict) -> None:
     cdt = _F64 if C.dtype == _F64 else _F32
     if a.dtype != cdt:
         a32 = a.astype(cdt)
-        b = a32 if b is a else b.astype(cdt)
+        b = a32 if b is a else b.astype(cdt, copy=False)  # no copy when S is already float32
         a = a32
     elif b.dtype != cdt:
         b = b.astype(cdt)

@@ -1,0 +1,127 @@
+"""Memory bounds on the CPU: the peak of a call, chunking under a tiny budget, MemoryError for sizes
+that cannot fit.
+
+tracemalloc sees NumPy's array allocations (NumPy reports them to it), so the peak measured around
+one call is what that call allocated on top of its input. The contract (docs/reliability.md): at
+most the gradient (unless out= is given) + the workspace budget + a fixed overhead. The overhead is
+NumPy's ufunc buffers (np.getbufsize() elements per operand, used by matmul on strided batches)
+plus the (m,) float64 loss vector; it does not grow with the input.
+"""
+
+from __future__ import annotations
+
+import re
+import tracemalloc
+import warnings
+
+import numpy as np
+import pytest
+
+import gpu_orthol1 as ol1
+from gpu_orthol1 import _numpy_dev
+
+from .helpers import make
+from .reference import check
+
+SHAPE = (64, 512, 32)  # l, m, n: 4 MiB of float32; all m Gram matrices would take 2 MiB
+BUDGET = 64 << 10  # a tiny workspace: 16 float32 slices of 32x32 per chunk
+
+
+def _overhead(m):
+    return 3 * np.getbufsize() * 8 + 4 * 8 * m + (16 << 10)
+
+
+def _peak(fn):
+    """Bytes allocated at the peak of fn(), over what was allocated when it started."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        result = fn()
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    return peak, result
+
+
+@pytest.mark.parametrize("budget", [BUDGET, None], ids=["64KiB", "default"])
+@pytest.mark.parametrize("mode", ["loss", "new", "out", "accumulate"])
+@pytest.mark.parametrize("layout", ["C", "F", "every2"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_peak_within_gradient_plus_one_chunk(dtype, layout, mode, budget, rng):
+    phi = make(np, rng, SHAPE, dtype, layout, 1)
+    out = None if mode in ("loss", "new") else make(np, rng, SHAPE, dtype, "C", 1)
+    kw = dict(workspace_bytes=budget)
+    if out is not None:
+        kw.update(out=out, accumulate=mode == "accumulate")
+
+    def call():
+        if mode == "loss":
+            return ol1.loss(phi, **kw), None
+        return ol1.loss_and_grad(phi, **kw)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ol1.CopyWarning)
+        call()  # compile and warm up first: numba's compiler allocates through Python
+        peak, (_, g) = _peak(call)
+    grad_bytes = g.nbytes if mode == "new" else 0
+    limit = grad_bytes + (budget or ol1._api.CPU_DEFAULT_WORKSPACE) + _overhead(SHAPE[1])
+    assert peak <= limit, (
+        f"peak {peak} bytes > gradient {grad_bytes} + workspace {budget} + overhead "
+        f"{_overhead(SHAPE[1])} (input {phi.nbytes} bytes)")
+    if budget is not None:
+        # what a call without chunking would hold: every Gram matrix at once (float32 or float64)
+        all_grams = SHAPE[1] * SHAPE[2] ** 2 * (8 if dtype == np.float64 else 4)
+        assert peak < grad_bytes + all_grams, "the tiny budget did not bound the workspace"
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("layout", ["C", "F", "every2"])
+def test_tiny_budget_runs_in_chunks(dtype, layout, rng, monkeypatch):
+    shape = (9, 11, 5)
+    phi = make(np, rng, shape, dtype, layout, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ol1.CopyWarning)
+        with pytest.raises(MemoryError, match=r"one slice needs (\d+) bytes") as e:
+            ol1.loss_and_grad(phi, workspace_bytes=1)
+        per_slice = int(re.search(r"needs (\d+) bytes", str(e.value)).group(1))
+        grams = []
+        real = _numpy_dev.NumpyDevice.gemm
+
+        def spy(call, bufs):
+            if call.c.buf == "ws":
+                grams.append(call.batch)
+            return real(call, bufs)
+
+        monkeypatch.setattr(_numpy_dev.NumpyDevice, "gemm", staticmethod(spy))
+        for per_chunk in (1, 2, 4):
+            grams.clear()
+            loss, grad = ol1.loss_and_grad(phi, 0.7, workspace_bytes=per_chunk * per_slice + per_slice - 1)
+            want = [per_chunk] * (shape[1] // per_chunk) + ([shape[1] % per_chunk] if shape[1] % per_chunk else [])
+            assert grams == want, f"Gram GEMM batches {grams}, expected chunks of {per_chunk}"
+            check(phi, loss, grad, 0.7, 1, "sum", dtype)
+
+
+def test_workspace_smaller_than_a_slice_names_the_sizes(rng, monkeypatch):
+    phi = rng.standard_normal((7, 3, 10)).astype(np.float32)
+    need = 10 * 10 * 4  # one float32 Gram, the CPU backend's whole per-slice need
+    for kw in ({"workspace_bytes": need - 1}, {}):
+        if not kw:
+            monkeypatch.setenv("GPU_ORTHOL1_WORKSPACE_BYTES", str(need - 1))
+        for fn in (ol1.loss, ol1.grad, ol1.loss_and_grad):
+            with pytest.raises(MemoryError) as e:
+                fn(phi, **kw)
+            msg = str(e.value)
+            assert f"one slice needs {need} bytes" in msg and "Gram 10x10, l=7" in msg
+            assert f"workspace budget of {need - 1} bytes" in msg
+    monkeypatch.setenv("GPU_ORTHOL1_WORKSPACE_BYTES", str(need))
+    check(phi, *ol1.loss_and_grad(phi), 1.0, 1, "sum", np.float32)  # exactly one slice fits
+
+
+def test_input_that_cannot_fit_fails_cleanly():
+    # a 256 TiB broadcast view: the loss needs 1 GiB per Gram, the gradient 256 TiB
+    phi = np.lib.stride_tricks.as_strided(np.ones(1, np.float32), (1 << 16, 1 << 16, 1 << 14), (0, 0, 0))
+    with pytest.raises(MemoryError, match=r"one slice needs \d+ bytes of workspace \(Gram 16384x16384, l=65536\)"):
+        ol1.loss(phi, backend="numpy")
+    with pytest.raises(MemoryError, match=r"Unable to allocate 256\. TiB"):
+        ol1.grad(phi, backend="numpy")

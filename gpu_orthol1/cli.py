@@ -55,7 +55,7 @@ def _cmd_run(args) -> int:
     else:
         shape = args.shape or DEFAULT_SHAPE
         rng = np.random.default_rng(args.seed)
-        l = shape[0] if len(shape) == 2 else [s for i, s in enumerate(shape) if i != args.axis % 3][0]
+        l = shape[0] if len(shape) == 2 else next(s for i, s in enumerate(shape) if i != args.axis % 3)
         phi = (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(max(l, 1))).astype(args.dtype or "float32")
         source = f"random {phi.shape} (seed {args.seed})"
 
@@ -111,9 +111,9 @@ def _cmd_info(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
-        from gpu_orthol1 import bench
+        from gpu_orthol1.bench import main as bench_main
 
-        return bench.main(argv[1:])
+        return bench_main(argv[1:])
     p = argparse.ArgumentParser(prog="gpu-orthol1", description="L1 orthogonality loss and gradient.")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="loss and gradient of a tensor (.npy) or of a random one")

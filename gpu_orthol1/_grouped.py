@@ -38,7 +38,7 @@ class Ref:
 
 @dataclass(frozen=True)
 class BatchedGemm:
-    """C_e = alpha * op(A_e) @ op(B_e) + beta * C_e for every entry e, all column-major, one ld per operand."""
+    """C_e = alpha * op(A_e) @ op(B_e) + beta * C_e for every entry e; column-major, one ld per operand."""
 
     template: _gemm.Gemm  # the single-matrix call (batch=1): ops, sizes, alpha, beta, leading dims
     a: tuple[Ref, ...]
@@ -84,7 +84,8 @@ def grad_batched(lay: _gemm.Layout, phi: Sequence[Ref], lay_out: _gemm.Layout, o
     return BatchedGemm(t, tuple(phi), sgn, tuple(out))
 
 
-def pointer_arrays(call: BatchedGemm, addr: Callable[[Any], int], itemsize: Callable[[Any], int]) -> np.ndarray:
+def pointer_arrays(call: BatchedGemm, addr: Callable[[Any], int],
+                   itemsize: Callable[[Any], int]) -> np.ndarray:
     """(3, batch) uint64: the A, B and C address arrays cuBLAS's pointer-array GEMM reads.
 
     addr(key) is the address of buffer key's first element, itemsize(key) its element size."""

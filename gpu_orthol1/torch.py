@@ -194,7 +194,8 @@ def ortho_l1(weight, beta=1.0, *, axis=1, reduction="sum", mode=None):
         how, m_axis = "stack", int(axis) % 3
         l, n = (s for i, s in enumerate(weight.shape) if i != m_axis)
     else:
-        raise ValueError(f"weight must be 2-D (l, n) or 3-D (slices along axis), got shape {tuple(weight.shape)}; "
+        raise ValueError("weight must be 2-D (l, n) or 3-D (slices along axis), got shape "
+                         f"{tuple(weight.shape)}; "
                          "use OrthoL1 for Conv weights (flattened to (out, -1))")
     transpose = _pick_transpose(mode, l, n)
     return _OrthoL1Fn.apply(weight, _api._check_beta(beta), m_axis, reduction, how, transpose, m_axis,
@@ -347,7 +348,7 @@ class OrthoL1:
         by_dev: dict = {}
         for key, members in groups.items():
             by_dev.setdefault(key[0], []).append((key, members))
-        for j, V, Vo in single:
+        for _, V, _ in single:
             by_dev.setdefault(V.device, [])
         single_by_dev: dict = {}
         for s in single:
@@ -434,7 +435,8 @@ class OrthoL1:
     def _check_devices(self):
         devs = {t.param.device for t in self.targets}
         if len(devs) > 1:
-            raise ValueError(f"OrthoL1.loss(): the parameters are on several devices {sorted(map(str, devs))}; "
+            raise ValueError("OrthoL1.loss(): the parameters are on several devices "
+                             f"{sorted(map(str, devs))}; "
                              "one loss tensor cannot live on all of them (use add_grad_() or step_(), which "
                              "work per device, or one OrthoL1 per device)")
         for t in self.targets:

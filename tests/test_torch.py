@@ -15,11 +15,11 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-import gpu_orthol1 as ol1
-from gpu_orthol1 import _api, _grouped
-from gpu_orthol1.torch import OrthoL1, ortho_l1
+import gpu_orthol1 as ol1  # noqa: E402
+from gpu_orthol1 import _api, _grouped  # noqa: E402
+from gpu_orthol1.torch import OrthoL1, ortho_l1  # noqa: E402
 
-from .reference import check, random_phi
+from .reference import check, random_phi  # noqa: E402
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -235,7 +235,8 @@ def _models():
         "cnn": SmallCNN,
         "mha": lambda: nn.MultiheadAttention(12, 3, kdim=7, vdim=5),
         "transformer": lambda: nn.TransformerEncoder(
-            nn.TransformerEncoderLayer(16, 2, dim_feedforward=24, batch_first=True), 2, enable_nested_tensor=False),
+            nn.TransformerEncoderLayer(16, 2, dim_feedforward=24, batch_first=True), 2,
+            enable_nested_tensor=False),
     }
 
 
@@ -462,7 +463,8 @@ def test_gpu_pointer_array_path_emulated(dtype, tseed):
 
 
 def test_pointer_arrays_are_base_plus_offset():
-    bufs = {"x": np.zeros(10, np.float32), "ws": np.zeros(50, np.float32), "out": np.zeros((3, 4), np.float64)}
+    bufs = {"x": np.zeros(10, np.float32), "ws": np.zeros(50, np.float32),
+            "out": np.zeros((3, 4), np.float64)}
     call = _grouped.BatchedGemm(
         __import__("gpu_orthol1._gemm", fromlist=["Gemm"]).gram_call(
             __import__("gpu_orthol1._gemm", fromlist=["Layout"]).Layout("T", 2, 0), 0, 1, 2, 2),
@@ -604,7 +606,8 @@ def test_cupy_grouped_device_call_arguments(monkeypatch, tseed):
         def _run(self, scal, handle, ta, tb, m, n, k, alpha_p, A, lda, B, ldb, beta_p, C, ldc, batch):
             alpha = scal.from_address(alpha_p).value
             beta = scal.from_address(beta_p).value
-            ptrs = np.array([(ctypes.c_uint64 * batch).from_address(a)[:] for a in (A, B, C)], dtype=np.uint64)
+            ptrs = np.array([(ctypes.c_uint64 * batch).from_address(a)[:] for a in (A, B, C)],
+                            dtype=np.uint64)
             op = _gemm.Operand("?", 0, 0, 0)
             t = _gemm.Gemm(ta, tb, m, n, k, alpha, replace_ld(op, lda), replace_ld(op, ldb), beta,
                            replace_ld(op, ldc), 1)
@@ -664,8 +667,8 @@ def test_cupy_grouped_device_call_arguments(monkeypatch, tseed):
             for j, W in enumerate(Ws):
                 V = (W.T if rows else W).numpy()
                 np_dt = _NPD[dtype]
-                check(V, losses[j].item() * 0.7, ((outs[j] - base[j]).T if rows else outs[j] - base[j]).numpy(),
-                      0.7, 1, "sum", np_dt)
+                added = outs[j] - base[j]
+                check(V, losses[j].item() * 0.7, (added.T if rows else added).numpy(), 0.7, 1, "sum", np_dt)
 
 
 _NPD = {torch.float32: np.float32, torch.float64: np.float64}

@@ -237,7 +237,8 @@ class CupyGroupedDevice:
     def _upload(self, ptrs: np.ndarray):
         import torch
 
-        key = (str(self._tdev), ptrs.shape, ptrs.tobytes())
+        # keyed by stream too: an upload queued on another stream may not have run yet
+        key = (str(self._tdev), torch.cuda.current_stream(self._tdev).cuda_stream, ptrs.shape, ptrs.tobytes())
         hit = self._cache.get(key)
         if hit is not None:
             return hit

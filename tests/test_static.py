@@ -53,7 +53,7 @@ def _run(cmd):
 def test_ruff_clean():
     args = [] if _pyproject_selects_ruff_rules() else FALLBACK_RUFF_RULES
     rc, out = _run([_tool("ruff"), "check", "--output-format", "concise", *args, "."])
-    assert rc == 0, f"ruff check {' '.join(args)} . found problems:\n{out}"
+    assert rc == 0, f"{' '.join(['ruff check', *args, '.'])} found problems:\n{out}"
 
 
 def test_mypy_clean():

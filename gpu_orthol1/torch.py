@@ -5,7 +5,7 @@
     loss = task_loss + ortho_l1(layer.weight, beta=1e-3, mode="rows")     # one tensor
     reg = OrthoL1(model, beta=1e-3)                                       # every matrix of a model
     (task_loss + reg.loss()).backward()        # or: task_loss.backward(); reg.add_grad_()
-    reg.step_(lr)                              # or decoupled: W <- W - lr * dL/dW
+    reg.step_(lr)                              # or decoupled: W <- W - lr * d(reg.loss())/dW
 
 Everything runs on the tensors' own memory: CPU tensors through zero-copy `.numpy()` views and the
 core's NumPy backend, CUDA tensors through the core's cuBLAS + Numba CUDA device on torch's current
@@ -455,9 +455,10 @@ class OrthoL1:
 
     @torch.no_grad()
     def add_grad_(self):
-        """Add beta * dL/dW into each parameter's .grad (created as zeros when None), without an autograd
-        graph: call after the task loss's backward, before optimizer.step(). The gradient GEMM
-        accumulates straight into .grad; the only extra memory is the Gram workspace chunk.
+        """Add d(loss())/dW = beta * dL/dW (L the unscaled sum) into each parameter's .grad (created as
+        zeros when None), without an autograd graph: call after the task loss's backward, before
+        optimizer.step(). The gradient GEMM accumulates straight into .grad; the only extra memory is
+        the Gram workspace chunk (on CPU also one matrix-sized temporary: NumPy's matmul cannot add).
         Returns the loss value (detached): {device: loss} when the parameters span several devices."""
         outs = []
         for t in self.targets:
@@ -478,7 +479,7 @@ class OrthoL1:
 
     @torch.no_grad()
     def step_(self, lr):
-        """The update rule W <- W - lr * beta * dL/dW in place, decoupled from the optimizer (like AdamW's
+        """The update rule W <- W - lr * d(loss())/dW in place, decoupled from the optimizer (like AdamW's
         weight decay), from the weights before the update. A gradient buffer lives per group only.
         Returns the loss value before the step (detached)."""
         if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(float(lr)):

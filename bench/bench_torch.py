@@ -69,9 +69,17 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16"])
     ap.add_argument("--repeat", type=int, default=None, help="timed runs (>= 5; default 7, 5 with --quick)")
     ap.add_argument("--beta", type=float, default=1e-4)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch AND NumPy's BLAS (OpenBLAS), which the CPU path uses "
+                         "(default: each library's own choice)")
     ap.add_argument("--json", default=None, help="write the results to this path")
     args = ap.parse_args(argv)
+    if args.threads:
+        # NumPy's OpenBLAS reads this when it loads: before numpy is first imported
+        if "numpy" in sys.modules:
+            print("# warning: numpy already imported, --threads does not reach its BLAS", file=sys.stderr)
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(args.threads)
 
     import torch
 

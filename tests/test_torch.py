@@ -672,3 +672,28 @@ def test_cupy_grouped_device_call_arguments(monkeypatch, tseed):
 
 
 _NPD = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+@pytest.mark.gpu
+def test_gpu_ortho_l1_zero_copy_on_current_stream(monkeypatch, tseed):
+    import cupy
+
+    seen = []
+    real = _api._run
+
+    def spy(phi, *a, **k):
+        seen.append((phi, cupy.cuda.get_current_stream().ptr))
+        return real(phi, *a, **k)
+
+    monkeypatch.setattr(_api, "_run", spy)
+    w = _t(tseed, (12, 7), torch.float32, "cuda").requires_grad_(True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        loss = ortho_l1(w, 0.5, mode="rows")
+        loss.backward()
+    torch.cuda.synchronize()
+    (phi, stream_ptr), = seen
+    assert isinstance(phi, cupy.ndarray) and phi.data.ptr == w.data_ptr()  # DLPack view, no copy
+    assert stream_ptr == s.cuda_stream  # CuPy ran on torch's current stream
+    check(w.detach().cpu().numpy().T, loss.item(), w.grad.cpu().numpy().T, 0.5, 1, "sum", np.float32)

@@ -95,29 +95,44 @@ def rss_probe_works() -> bool:
         return False
 
 
-def fix_malloc_for_rss() -> bool:
-    """Make glibc give every block over 128 KiB back to the OS when freed, so the resident-set
-    high-water mark measures a call's own peak instead of reusing freed heap. Changes allocation
-    speed, hence only called after all timings are taken."""
+_MMAP_STEADY = 32 << 20  # glibc's dynamic mmap threshold ends here once a program frees large blocks
+_MMAP_PROBE = 128 << 10
+
+
+def _mallopt(mmap_threshold: int) -> bool:
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024))
     except OSError:
         return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and \
+        bool(libc.mallopt(M_TRIM_THRESHOLD, 2 * mmap_threshold))
+
+
+def malloc_steady() -> bool:
+    """Fix glibc's thresholds where a long-running program's dynamic ones settle (mmap 32 MiB, trim
+    64 MiB), for every CPU timing: all methods then see the same allocator, and the switch to the
+    probe setting and back (cpu_peak) changes nothing for the timings that follow."""
+    return _mallopt(_MMAP_STEADY)
 
 
 def cpu_peak(fn: Callable[[], Any]) -> tuple[float, str]:
     """Peak extra memory of fn(): resident-set high-water mark (reset through /proc/self/clear_refs)
-    above the resident set before the call; tracemalloc where /proc can't be used."""
+    above the resident set before the call; tracemalloc where /proc can't be used. During the probe
+    glibc returns every block over 128 KiB to the OS when freed, so a block reused from the heap
+    can't hide in memory that was already resident."""
     gc.collect()
-    if rss_probe_works():
-        base = _status_kb("VmRSS")
-        r = fn()
-        peak = _status_kb("VmHWM")
-        del r
+    if rss_probe_works() and _mallopt(_MMAP_PROBE):
+        try:
+            gc.collect()
+            base = _status_kb("VmRSS")
+            r = fn()
+            peak = _status_kb("VmHWM")
+            del r
+        finally:
+            malloc_steady()
         return max(0, peak - base) * 1024.0, "rss-hwm"
     import tracemalloc
 
@@ -158,6 +173,14 @@ def cupy_pool_peak(fn: Callable[[], Any]) -> tuple[float, str]:
     return float(peak), "cupy-pool"
 
 
+def _cpu_peak_of(call):
+    return lambda: cpu_peak(lambda: call(0))
+
+
+def _gpu_peak_of(call):
+    return lambda: cupy_pool_peak(lambda: call(0))
+
+
 def _gpu_ok() -> tuple[bool, str]:
     from . import _backends
 
@@ -191,7 +214,7 @@ def _ours(device: str, precision: str) -> Method:
         def result(r):
             return _host(r[0]), _host(r[1])
 
-        peak = (lambda: cpu_peak(lambda: call(0))) if device == "cpu" else (lambda: cupy_pool_peak(lambda: call(0)))
+        peak = _cpu_peak_of(call) if device == "cpu" else _gpu_peak_of(call)
         return Prepared(call, result, sync, peak, [xs])
 
     name = f"gpu_orthol1[{backend}{',tf32' if precision == 'tf32' else ''}]"
@@ -228,7 +251,7 @@ def _numpy_naive() -> Method:
         def call(k):
             return _naive(np, xs[k], BETA)
 
-        return Prepared(call, lambda r: (r[0], r[1]), _noop, lambda: cpu_peak(lambda: call(0)), [xs])
+        return Prepared(call, lambda r: (r[0], r[1]), _noop, _cpu_peak_of(call), [xs])
 
     return Method("numpy-naive", "peer", "cpu", "numpy", "highest", prepare, lambda: (True, ""))
 
@@ -241,8 +264,7 @@ def _cupy_naive() -> Method:
         def call(k):
             return _naive(cp, xs[k], BETA)
 
-        return Prepared(call, lambda r: (_host(r[0]), _host(r[1])), gpu_sync,
-                        lambda: cupy_pool_peak(lambda: call(0)), [xs])
+        return Prepared(call, lambda r: (_host(r[0]), _host(r[1])), gpu_sync, _gpu_peak_of(call), [xs])
 
     return Method("cupy-naive", "peer", "gpu", "cupy", "highest", prepare, _gpu_ok)
 
@@ -318,7 +340,7 @@ def _torch(device: str, compiled: bool) -> Method:
             return r[0].cpu().double().numpy(), r[1].cpu().double().numpy()
 
         if device == "cpu":
-            peak = lambda: cpu_peak(lambda: call(0))
+            peak = _cpu_peak_of(call)
         else:
             def peak():
                 gpu_sync()
@@ -451,10 +473,7 @@ def _limit(device: str, precision: str) -> Method:
             dev.gemm(grad, {"phi": A[k], "sgn": S, "out": out})
             return out
 
-        if device == "cpu":
-            peak = lambda: cpu_peak(lambda: call(0))
-        else:
-            peak = lambda: cupy_pool_peak(lambda: call(0))
+        peak = _cpu_peak_of(call) if device == "cpu" else _gpu_peak_of(call)
         return Prepared(call, lambda r: (None, None), sync, peak, [A, G, S])
 
     lib = "blas" if device == "cpu" else "cublas"

@@ -129,6 +129,8 @@ class Plan:
     method_budget_s: float  # a method slower than this for `runs` runs gets fewer (noted)
     methods: list[Any] = field(default_factory=list)
     sweep_skip: tuple = ()  # methods left out of the sweeps (--quick: torch.compile recompiles per shape)
+    f32_only: tuple = ()  # methods run on float32 only (--quick: torch.compile, again for its compile time)
+    time_limit_s: float = math.inf  # cases not started by then are skipped (with a note)
     notes: list[str] = field(default_factory=list)
 
 
@@ -148,10 +150,13 @@ def make_case(rng, shape, dtype, sweep, cache, max_copies=8):
     return Case(shape[0], shape[1], shape[2], np.dtype(dtype), sweep, host)
 
 
-def time_runs(prep, runs, copies, budget_s, warmup):
+def time_runs(prep, runs, copies, budget_s, warmup, t_first=None):
     """(runs taken, p20, p50, p80) in ms. The median is over `runs` calls, fewer only when `runs`
-    calls would take over budget_s (full mode's float16 NumPy peers); many more for sub-ms calls."""
+    calls would take over budget_s (full mode's float16 NumPy peers: no warm-up beyond the first,
+    checked call `t_first` then); many more for sub-ms calls."""
     t_warm = None
+    if t_first is not None and t_first * runs > budget_s:
+        warmup, t_warm = 0, t_first
     for i in range(warmup):
         prep.sync()
         t0 = time.perf_counter()
@@ -192,6 +197,7 @@ class Bench:
         self.progress = progress
         self.device_names: dict[str, str] = {}
         self.crossover_rows: list[dict] = []
+        self.t_start = time.time()
 
     def _bar(self, total, desc):
         if not self.progress:
@@ -236,25 +242,42 @@ class Bench:
 
                 self.d2d_bw = d2d_bandwidth(64 << 20 if self.plan.runs <= 5 else 256 << 20)
                 self.note(f"GPU device-to-device copy bandwidth: {self.d2d_bw / 1e9:.0f} GB/s (read + write)")
+                if self.plan.crossover:  # first: cheap, and what sets backend="auto"'s threshold
+                    self._crossover(rng, stamp)
+            if device == "cpu":
+                from ._bench_methods import malloc_steady
+
+                malloc_steady()  # the allocator regime of every CPU timing (see there)
             cache = cache_bytes(device)
             cases = self.cases_for(device)
             bar = self._bar(len(cases) * len(usable), f"bench {device}")
-            for shape, dt, sweep in cases:
+            for ci, (shape, dt, sweep) in enumerate(cases):
+                if time.time() - self.t_start > self.plan.time_limit_s:
+                    self.note(f"--time-limit {self.plan.time_limit_s:g} s reached: {len(cases) - ci} {device} "
+                              "case(s) not run")
+                    break
                 case = make_case(rng, shape, dt, sweep, cache)
                 ref = None
                 case_rows = []
                 for mt in usable:
                     if bar is not None:
                         bar.set_postfix_str(f"{mt.name} {case.label} {dt}", refresh=False)
-                    if dt not in mt.dtypes or (sweep != "ref" and mt.name in self.plan.sweep_skip):
+                    if dt not in mt.dtypes or (sweep != "ref" and mt.name in self.plan.sweep_skip) \
+                            or (dt != "float32" and mt.name in self.plan.f32_only):
                         if bar is not None:
                             bar.update(1)
                         continue
                     row = self._row(mt, case, device, stamp)
                     try:
                         prep = mt.prepare(case)
+                        t_first = None
                         if mt.family != "limit":
-                            r = prep.call(0)  # also the first warm-up: compiles, handles
+                            prep.sync()
+                            t_first = time.perf_counter()
+                            with np.errstate(all="ignore"):  # an overflow shows as a wrong result below
+                                r = prep.call(0)  # also the first warm-up: compiles, handles
+                            prep.sync()
+                            t_first = time.perf_counter() - t_first
                             loss, grad = prep.result(r)
                             del r
                             if ref is None:
@@ -270,7 +293,7 @@ class Bench:
                         # the correctness call above was the first warm-up; limits get one here
                         warm = max(self.plan.warmup, 1 if mt.family == "limit" else 0)
                         n, p20, p50, p80 = time_runs(prep, self.plan.runs, len(case.host),
-                                                     self.plan.method_budget_s, warm)
+                                                     self.plan.method_budget_s, warm, t_first)
                         row.update(runs=n, p20_ms=p20, p50_ms=p50, p80_ms=p80, status="ok")
                         if n < 5:
                             row["note"] = f"only {n} run(s): one call takes {p50 / 1e3:.1f} s"
@@ -282,15 +305,14 @@ class Bench:
                             bar.update(1)
                     case_rows.append(row)
                 self._ratios(case_rows, case, device)
+                self._measure_memory()  # after this case's timings; frees its inputs and state
                 self.rows += case_rows
+                if bar is None:  # no progress bar: one line per case, so logs show where time goes
+                    print(f"[{ci + 1}/{len(cases)}] {device} {case.label} {dt} ({sweep}): "
+                          f"{time.time() - self.t_start:.0f} s", file=sys.stderr, flush=True)
                 del case, ref
             if bar is not None:
                 bar.close()
-            if device == "gpu" and self.plan.crossover:
-                self._crossover(rng, stamp)
-            if device == "gpu":
-                self._measure_memory()  # GPU probes don't disturb CPU timings; free device memory now
-        self._measure_memory()
         return self.rows
 
     def note(self, s):
@@ -331,23 +353,15 @@ class Bench:
     def _measure_memory(self):
         if not self.pending_mem:
             return
-        from ._bench_methods import fix_malloc_for_rss
-
-        if any(r["device"] == "cpu" for r, _ in self.pending_mem):
-            fix_malloc_for_rss()  # all CPU timings are done by now
-        bar = self._bar(len(self.pending_mem), "peak memory")
         for row, prep in self.pending_mem:
             try:
                 b, how = prep.peak()
                 row["peak_mb"], row["peak_how"] = b / 2 ** 20, how
             except Exception as e:  # noqa: BLE001 - reported in the row
                 row["peak_how"] = f"failed: {_first_line(e)}"
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+        gpu = any(r["device"] == "gpu" for r, _ in self.pending_mem)
         self.pending_mem = []
-        if any(r["device"] == "gpu" for r in self.rows):
+        if gpu:
             import cupy
 
             cupy.get_default_memory_pool().free_all_blocks()
@@ -625,6 +639,9 @@ def parser():
                         "(limits always run)")
     p.add_argument("--runs", type=int, default=None, help="timed runs per method (at least 5; default 5 "
                    "with --quick, else 10)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="start no new case after S seconds (the rest is skipped with a note; outputs "
+                        "are still written)")
     p.add_argument("--csv", metavar="FILE")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--plot", metavar="FILE.png")
@@ -673,8 +690,11 @@ def make_plan(a) -> Plan:
                 math.inf if a.quick else 20.0, methods)
     plan.notes = notes
     if a.quick and any(mt.name == "torch-compile" for mt in methods):
-        plan.sweep_skip = ("torch-compile",)
-        notes.append("--quick leaves torch-compile out of the sweeps (it recompiles for every shape)")
+        plan.sweep_skip = plan.f32_only = ("torch-compile",)
+        notes.append("--quick runs torch-compile on the float32 reference shapes only (it recompiles for "
+                     "every shape and dtype)")
+    if a.time_limit is not None:
+        plan.time_limit_s = a.time_limit
     return plan
 
 

@@ -325,3 +325,42 @@ def test_numpy_near_orthogonal(c):
 @examples(15)
 def test_emulated_near_orthogonal(c):
     _check_near_orthogonal("emulated", c)
+
+
+# --- the out= overlap check ---------------------------------------------------------------------
+
+
+@st.composite
+def strided_views(draw):
+    nd = draw(st.integers(1, 3))
+    shape = tuple(draw(st.integers(0, 4)) for _ in range(nd))
+    strides = tuple(draw(st.integers(-6, 6)) for _ in range(nd))
+    return shape, strides
+
+
+@given(v=strided_views())
+@examples(300)
+def test_self_overlap_check_never_misses(v):
+    """_api._self_overlapping may refuse an exotic layout that does not overlap (it is conservative),
+    but must flag every view in which two elements share memory: gpu_orthol1 writes through it."""
+    from gpu_orthol1._api import _self_overlapping
+
+    shape, strides = v
+    isz = 4
+    lo = sum((s - 1) * st for s, st in zip(shape, strides) if st < 0 and s > 0)
+    hi = sum((s - 1) * st for s, st in zip(shape, strides) if st > 0 and s > 0)
+    base = np.zeros(hi - lo + 1, np.float32)
+    view = np.lib.stride_tricks.as_strided(base[-lo:], shape, tuple(st * isz for st in strides))
+    addrs = {sum(i * st for i, st in zip(idx, strides)) for idx in np.ndindex(*shape)}
+    overlapping = len(addrs) < view.size
+    event("overlapping" if overlapping else "distinct")
+    if overlapping:
+        assert _self_overlapping(view), f"shape {shape}, element strides {strides} overlap but passed"
+    if min(shape, default=1) > 0 and overlapping:
+        out = view
+        phi = np.ones(shape if len(shape) in (2, 3) else (2, 2), np.float32)
+        if out.shape == phi.shape and out.ndim in (2, 3):
+            before = base.copy()
+            with pytest.raises(ValueError, match="overlapping elements"):
+                ol1.grad(phi, out=out)
+            assert base.tobytes() == before.tobytes()

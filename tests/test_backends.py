@@ -1,0 +1,75 @@
+"""Backend choice: available_backends, the env override, auto's size rule, and the real no-GPU fallback."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import gpu_orthol1 as ol1
+from gpu_orthol1 import _backends
+
+from .reference import check, random_phi
+
+
+@pytest.fixture
+def fresh_probe(monkeypatch):
+    """Forget the cached GPU probe and the once-per-process warning; restore both afterwards."""
+    monkeypatch.setattr(_backends, "_gpu_probe", None)
+    monkeypatch.setattr(_backends, "_warned", False)
+    yield
+    _backends._gpu_probe = None
+
+
+def test_available_backends_lists_numpy_and_explains_missing():
+    av = ol1.available_backends()
+    assert "numpy" in av and av[-1] == "numpy"
+    for name in ("cupy", "numpy"):
+        assert (name in av) != (name in av.reasons)
+    assert all(isinstance(r, str) and r for r in av.reasons.values())
+
+
+def test_env_overrides_auto_not_explicit(monkeypatch, rng):
+    phi = random_phi(rng, (6, 3, 4), np.float64)
+    monkeypatch.setenv(_backends.ENV_BACKEND, "numpy")
+    loss, g = ol1.loss_and_grad(phi, 0.5)
+    check(phi, loss, g, 0.5)
+    monkeypatch.setenv(_backends.ENV_BACKEND, "cupy")
+    if "cupy" not in ol1.available_backends():
+        with pytest.raises(ol1.BackendUnavailableError, match="unavailable"):
+            ol1.loss(phi, 0.5)
+    # an explicit backend wins over the variable
+    check(phi, ol1.loss(phi, 0.5, backend="numpy"), g, 0.5)
+
+
+def test_auto_below_crossover_never_probes(monkeypatch, fresh_probe, rng):
+    def boom():
+        raise AssertionError("auto probed the GPU for a problem below the crossover")
+
+    monkeypatch.setattr(_backends, "_probe_gpu", boom)
+    phi = random_phi(rng, (8, 4, 5), np.float32)
+    loss, g = ol1.loss_and_grad(phi)
+    check(phi, loss, g)
+
+
+def test_real_no_gpu_fallback_warns_once(monkeypatch, fresh_probe, rng):
+    """On this CPU-only machine CuPy is installed (the test extra pulls cupy-cuda12x) but cannot
+    reach a GPU: auto must fall back to the CPU with one warning, never crash."""
+    pytest.importorskip("cupy")
+    monkeypatch.delenv("NUMBA_ENABLE_CUDASIM", raising=False)  # probe CuPy for real, not the simulator
+    ok, why = _backends.gpu_status(refresh=True)
+    if ok:
+        pytest.skip("a usable GPU is present: no fallback to exercise")
+    assert why
+    shape = (64, 8, 64)  # 4*l*m*n^2 = 8.4e6 flops: lower the crossover so auto wants the GPU
+    monkeypatch.setattr(_backends, "GPU_CROSSOVER_FLOPS", 1e6)
+    phi = random_phi(rng, shape, np.float32)
+    with pytest.warns(ol1.GpuFallbackWarning, match="running on the CPU"):
+        loss, g = ol1.loss_and_grad(phi, 0.1)
+    check(phi, loss, g, 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ol1.GpuFallbackWarning)
+        ol1.loss(phi, 0.1)  # second time: silent
+    with pytest.raises(ol1.BackendUnavailableError, match=why[:30].replace("(", r"\(").replace(")", r"\)")):
+        ol1.loss(phi, 0.1, backend="cupy")

@@ -1,0 +1,34 @@
+"""The built wheel installs kernels/ as gpu_orthol1.kernels and never as a top-level `kernels`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_wheel_has_no_top_level_kernels(tmp_path):
+    pytest.importorskip("build")
+    r = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), ROOT],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    (wheel,) = [p for p in os.listdir(tmp_path) if p.endswith(".whl")]
+    names = zipfile.ZipFile(tmp_path / wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert "kernels" not in tops
+    assert "gpu_orthol1/kernels/sign_abs.py" in names and "gpu_orthol1/kernels/sign_abs_cpu.py" in names
+    assert not any(n.startswith(("tests/", "bench/")) for n in names)
+    entry = [n for n in names if n.endswith("entry_points.txt")]
+    assert entry and "gpu-orthol1 = gpu_orthol1.cli:main" in zipfile.ZipFile(tmp_path / wheel).read(entry[0]).decode()
+
+
+def test_import_is_light():
+    code = "import sys, gpu_orthol1; print(sorted(m for m in ('numba', 'cupy', 'torch', 'numba.cuda') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

@@ -10,10 +10,20 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 DRY=${GPU_CHECK_DRY:-0}
+# The device call has a hard limit and only 8 files come back from $OUT: every step gets at most
+# what is left before DEADLINE (seconds from start), and everything is packed into one archive at
+# the end, so the check always finishes and returns its logs.
+DEADLINE=${GPU_CHECK_DEADLINE:-470}
+START=$(date +%s)
 status=0
 step() {  # step NAME TIMEOUT CMD...: run, log to $OUT/NAME.log, record the exit code
   local name=$1 limit=$2; shift 2
   local t0=$(date +%s)
+  local left=$(( DEADLINE - (t0 - START) ))
+  if [ "$left" -lt 15 ]; then
+    echo "=== $name: SKIPPED, deadline reached"; echo "$name skipped 0" >> "$OUT/steps.txt"; status=1; return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "=== $name: $*"
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
@@ -54,7 +64,12 @@ step gpu_tests 200 $PY -m pytest -q -m gpu -rs -p no:cacheprovider ${GPU_TESTS:-
 if [ "$DRY" != 1 ] && grep -q "skipped" "$OUT/gpu_tests.log"; then
   echo "!!! gpu tests were skipped on the GPU machine"; status=1
 fi
-step bench_core 120 $PY bench/bench_core.py --device $DEV --repeat 7 --json "$OUT/bench_core_$DEV.json"
+step bench_core 60 $PY bench/bench_core.py --device $DEV --repeat 7 --json "$OUT/bench_core_$DEV.json"
+TDEV=cpu; [ "$DEV" = gpu ] && TDEV=cuda
+step bench_torch 70 $PY bench/bench_torch.py --device $TDEV --quick --threads 1 --json "$OUT/bench_torch_$TDEV.json"
+step sanitize 110 env OUT="$OUT" PY="$PY" GPU_CHECK_DRY="$DRY" SANITIZE_TIMEOUT=50 bash bench/gpu_sanitize.sh
 echo "=== steps (name exit seconds):"; cat "$OUT/steps.txt"
+( cd "$OUT" && tar czf gpu_check_logs.tgz --exclude gpu_check_logs.tgz . && \
+  find . -mindepth 1 -maxdepth 1 ! -name gpu_check_logs.tgz ! -name steps.txt ! -name env.txt -exec rm -rf {} + )
 ls -la "$OUT"
 exit $status

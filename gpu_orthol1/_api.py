@@ -177,18 +177,18 @@ def _workspace_budget(call, resolved, xp) -> int:
         if v <= 0:
             raise ValueError(f"environment variable {ENV_WORKSPACE}={env!r} must be a positive integer")
         return v
-    if resolved == "numpy":
-        phi = getattr(call, "phi", None)  # torch.py's grouped calls pass no array
-        if phi is None:
-            return CPU_DEFAULT_WORKSPACE
-        # A default must never refuse a call: float16 stages float32 copies of a slice (2*l*n*4 bytes)
-        # beside its Gram, over 4 MiB from l*n = 2^19 on (e.g. l=4096, n=128). Leave room for one
-        # slice at worst (float64 Gram, four l x n buffers of 8 bytes).
+    # A default must never refuse a call: leave room for one slice at worst (float64 Gram, four
+    # l x n staging buffers of 8 bytes; float16 on the CPU stages float32 copies of a slice).
+    phi = getattr(call, "phi", None)  # torch.py's grouped calls pass no array
+    one_slice = 0
+    if phi is not None:
         l, n = (s for i, s in enumerate(phi.shape) if i != call.axis)
-        return max(CPU_DEFAULT_WORKSPACE, 8 * n * n + 32 * l * n)
+        one_slice = 8 * n * n + 32 * l * n
+    if resolved == "numpy":
+        return max(CPU_DEFAULT_WORKSPACE, one_slice)
     free, _total = xp.cuda.runtime.memGetInfo()
     free += xp.get_default_memory_pool().free_bytes()
-    return int(max(1 << 20, min(GPU_MAX_DEFAULT_WORKSPACE, free // 4)))
+    return int(max(1 << 20, min(GPU_MAX_DEFAULT_WORKSPACE, free // 4), one_slice))
 
 
 def _device(resolved, precision):

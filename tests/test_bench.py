@@ -27,10 +27,13 @@ def test_bench_reference_is_the_tests_reference(shape, rng):
     phi = tref.random_phi(rng, shape, np.float64)
     beta = float(rng.uniform(0.1, 3.0))
     per, grad, X = tref.reference(phi, beta)
-    r = _bench_ref.reference(phi, beta)
-    np.testing.assert_allclose(r.per, per, rtol=1e-13, atol=1e-13)
-    np.testing.assert_allclose(r.grad, grad, rtol=1e-13, atol=1e-13)
-    np.testing.assert_allclose(r.X, X, rtol=1e-13, atol=1e-13)
+    for chunk in (1 << 20, 1):  # one chunk, and one slice per chunk
+        r = _bench_ref.reference(phi, beta, chunk_bytes=chunk)
+        np.testing.assert_allclose(r.per, per, rtol=1e-13, atol=1e-13)
+        np.testing.assert_allclose(r.grad, grad, rtol=1e-13, atol=1e-13)
+        P = np.abs(phi.transpose(1, 0, 2))
+        mag = P.transpose(0, 2, 1) @ P + np.eye(shape[2])
+        np.testing.assert_allclose(r.closeness, np.abs(X) / mag, rtol=1e-6, atol=1e-30)
 
 
 def test_bench_tolerances_are_the_tests_tolerances():
@@ -56,6 +59,18 @@ def test_check_accepts_right_and_rejects_wrong(dtype, rng):
     bad_grad = _bench_ref.check(ref, loss, wrong, np.dtype(dtype).name)
     assert not bad_grad.ok and "gradient" in bad_grad.why
     assert not _bench_ref.check(ref, np.nan, grad, np.dtype(dtype).name).ok
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_reference_shape_slices_run_with_default_arguments(dtype, rng):
+    """Regression: the 4 MiB default CPU workspace refused float16 slices of l=4096, n=128 (the first
+    reference shape), which the bench found. Two slices of that shape, default workspace."""
+    import gpu_orthol1 as ol1
+
+    phi = tref.random_phi(rng, (4096, 2, 128), dtype)
+    loss, grad = ol1.loss_and_grad(phi, 0.5, backend="numpy")
+    res = _bench_ref.check(_bench_ref.reference(phi, 0.5), loss, grad, np.dtype(dtype).name)
+    assert res.ok, res.why
 
 
 def _run(tmp_path, *args):

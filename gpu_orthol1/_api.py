@@ -177,18 +177,11 @@ def _workspace_budget(call, resolved, xp) -> int:
         if v <= 0:
             raise ValueError(f"environment variable {ENV_WORKSPACE}={env!r} must be a positive integer")
         return v
-    # A default must never refuse a call: leave room for one slice at worst (float64 Gram, four
-    # l x n staging buffers of 8 bytes; float16 on the CPU stages float32 copies of a slice).
-    phi = getattr(call, "phi", None)  # torch.py's grouped calls pass no array
-    one_slice = 0
-    if phi is not None:
-        l, n = (s for i, s in enumerate(phi.shape) if i != call.axis)
-        one_slice = 8 * n * n + 32 * l * n
     if resolved == "numpy":
-        return max(CPU_DEFAULT_WORKSPACE, one_slice)
+        return _driver.DefaultBudget(CPU_DEFAULT_WORKSPACE)
     free, _total = xp.cuda.runtime.memGetInfo()
     free += xp.get_default_memory_pool().free_bytes()
-    return int(max(1 << 20, min(GPU_MAX_DEFAULT_WORKSPACE, free // 4), one_slice))
+    return _driver.DefaultBudget(max(1 << 20, min(GPU_MAX_DEFAULT_WORKSPACE, free // 4)))
 
 
 def _device(resolved, precision):

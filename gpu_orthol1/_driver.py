@@ -29,8 +29,15 @@ def _layout_of(arr):
     return None if es is None else _gemm.layout(arr.shape, es)
 
 
+class DefaultBudget(int):
+    """A workspace budget nobody asked for: it may grow to one slice instead of refusing the call."""
+
+
 def plan_chunks(m, l, n, itemsize, acc_itemsize, sgn_itemsize, stage_phi, stage_out, extra, budget):
-    """Slices per chunk and the bytes one slice needs, or MemoryError naming the sizes."""
+    """Slices per chunk and the bytes one slice needs, or MemoryError naming the sizes.
+
+    A budget the caller set (workspace_bytes=, the environment) is a hard limit; the default
+    (`DefaultBudget`) always admits one slice, so default arguments never refuse a call."""
     per_slice = n * n * acc_itemsize + extra
     if sgn_itemsize:
         per_slice += n * n * sgn_itemsize
@@ -38,6 +45,8 @@ def plan_chunks(m, l, n, itemsize, acc_itemsize, sgn_itemsize, stage_phi, stage_
         per_slice += l * n * itemsize
     if stage_out:
         per_slice += l * n * itemsize
+    if isinstance(budget, DefaultBudget):
+        budget = max(int(budget), per_slice)
     if m and n and per_slice > budget:
         raise MemoryError(
             f"one slice needs {per_slice} bytes of workspace (Gram {n}x{n}, l={l}), more than the "
@@ -76,18 +85,24 @@ def run(dev, V, Vout, *, alpha, beta_gemm, want_grad, budget):
     sgn_dtype = dev.sign_dtype(dtype)
     separate_sgn = want_grad and sgn_dtype != acc_dtype
     extra = dev.extra_bytes_per_slice(l, n, dtype, want_grad, beta_gemm != 0)
-    chunk, _ = plan_chunks(m, l, n, dtype.itemsize, np.dtype(acc_dtype).itemsize,
+    chunk, per_slice = plan_chunks(m, l, n, dtype.itemsize, np.dtype(acc_dtype).itemsize,
                            np.dtype(sgn_dtype).itemsize if separate_sgn else 0,
                            stage_phi, stage_out, extra, budget)
 
-    ws = xp.empty((chunk, n * n), dtype=acc_dtype)
-    sgn = xp.empty((chunk, n * n), dtype=sgn_dtype) if separate_sgn else ws
-    if stage_phi:
-        phi_stage = xp.empty((chunk, l, n), dtype=dtype)
-        lay_phi = _layout_of(phi_stage)
-    if stage_out:
-        out_stage = xp.empty((chunk, l, n), dtype=dtype)
-        lay_out = _layout_of(out_stage)
+    try:
+        ws = xp.empty((chunk, n * n), dtype=acc_dtype)
+        sgn = xp.empty((chunk, n * n), dtype=sgn_dtype) if separate_sgn else ws
+        if stage_phi:
+            phi_stage = xp.empty((chunk, l, n), dtype=dtype)
+            lay_phi = _layout_of(phi_stage)
+        if stage_out:
+            out_stage = xp.empty((chunk, l, n), dtype=dtype)
+            lay_out = _layout_of(out_stage)
+    except MemoryError as e:  # numpy's and cupy's out-of-memory errors are both MemoryErrors
+        raise MemoryError(
+            f"could not allocate the workspace: {chunk} slice(s) of {per_slice} bytes (Gram {n}x{n}, "
+            f"l={l}, {dtype}); lower workspace_bytes= or free memory ({e})"
+        ) from e
 
     if dev.folds_alpha:  # scale S in the sign pass (CPU: saves a pass over the gradient)
         scale, gemm_alpha = alpha, 1.0

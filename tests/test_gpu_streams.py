@@ -108,8 +108,12 @@ def test_tiny_budget_chunks_equal_unchunked(cp, rng, dtype):
 
 
 def test_input_that_cannot_fit_raises_memoryerror(cp):
-    phi = cp.broadcast_to(cp.ones(1, np.float32), (1 << 16, 1 << 16, 1 << 14))  # 256 TiB as a view
-    with pytest.raises(MemoryError, match=r"one slice needs \d+ bytes of workspace \(Gram 16384x16384"):
+    # 4 PiB as a view; one slice's Gram alone is 256 GiB, more than any card has
+    phi = cp.broadcast_to(cp.ones(1, np.float32), (1 << 16, 1 << 16, 1 << 18))
+    with pytest.raises(MemoryError, match=r"one slice needs \d+ bytes of workspace \(Gram 262144x262144"):
+        ol1.loss(phi, workspace_bytes=1 << 30)
+    # the default budget admits one slice, whose allocation then fails with the sizes named
+    with pytest.raises(MemoryError, match=r"could not allocate the workspace: 1 slice\(s\) of \d+ bytes"):
         ol1.loss(phi)
     with pytest.raises(MemoryError) as e:  # cupy's OutOfMemoryError is a MemoryError
         ol1.grad(phi)

@@ -120,9 +120,14 @@ def test_workspace_smaller_than_a_slice_names_the_sizes(rng, monkeypatch):
 
 @pytest.mark.filterwarnings("ignore::gpu_orthol1.CopyWarning")  # a zero-stride view is staged
 def test_input_that_cannot_fit_fails_cleanly():
-    # a 256 TiB broadcast view: the loss needs 1 GiB per Gram, the gradient 256 TiB
-    phi = np.lib.stride_tricks.as_strided(np.ones(1, np.float32), (1 << 16, 1 << 16, 1 << 14), (0, 0, 0))
-    with pytest.raises(MemoryError, match=r"one slice needs \d+ bytes of workspace \(Gram 16384x16384, l=65536\)"):
+    # a 2 PiB broadcast view: one slice's Gram alone needs 64 GiB (more than this machine has),
+    # the gradient 2 PiB
+    phi = np.lib.stride_tricks.as_strided(np.ones(1, np.float32), (1 << 16, 1 << 16, 1 << 17), (0, 0, 0))
+    with pytest.raises(MemoryError, match=r"one slice needs \d+ bytes of workspace \(Gram 131072x131072, l=65536\)"):
+        ol1.loss(phi, backend="numpy", workspace_bytes=1 << 30)
+    # the default budget admits one slice; allocating it then fails with the sizes named
+    with pytest.raises(MemoryError, match=r"could not allocate the workspace: 1 slice\(s\) of \d+ bytes "
+                                          r"\(Gram 131072x131072, l=65536"):
         ol1.loss(phi, backend="numpy")
-    with pytest.raises(MemoryError, match=r"Unable to allocate 256\. TiB"):
+    with pytest.raises(MemoryError, match=r"Unable to allocate 2\.00 PiB"):
         ol1.grad(phi, backend="numpy")

@@ -496,7 +496,7 @@ def headline(rows) -> list[dict]:
 def headline_markdown(rows) -> str:
     hl = headline(rows)
     if not hl:
-        return "(no gpu_orthol1 results)\n"
+        return "(no reference-shape results for gpu_orthol1 in this run)\n"
     peers = [p for p in PEERS if any(h[p] != "" for h in hl)]
     head = ["device", "shape l x m x n", "dtype", "gpu_orthol1 ms", "x limit", "peak MB"]
     if any(h["tf32_ms"] != "" for h in hl):

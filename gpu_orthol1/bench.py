@@ -201,6 +201,7 @@ class Bench:
         self.device_names: dict[str, str] = {}
         self.crossover_rows: list[dict] = []
         self.t_start = time.time()
+        self.checkpoint: Any = None  # called after every case: main() rewrites the CSV/JSON, so a killed run keeps them
 
     def _bar(self, total, desc):
         if not self.progress:
@@ -314,6 +315,8 @@ class Bench:
                 self._ratios(case_rows, case, device)
                 self._measure_memory()  # after this case's timings; frees its inputs and state
                 self.rows += case_rows
+                if self.checkpoint is not None:
+                    self.checkpoint()
                 if bar is None:  # no progress bar: one line per case, so logs show where time goes
                     print(f"[{ci + 1}/{len(cases)}] {device} {case.label} {dt} ({sweep}): "
                           f"{time.time() - self.t_start:.0f} s", file=sys.stderr, flush=True)
@@ -726,6 +729,14 @@ def main(argv: list[str] | None = None) -> int:
         print("note: --quick times float32 only on the CPU (float16/float64: pass --dtypes)", file=sys.stderr)
     t0 = time.time()
     bench = Bench(plan, progress=not a.no_progress)
+
+    def save():
+        if a.csv:
+            write_csv(bench.rows, a.csv)
+        if a.json:
+            write_json(bench, argv, a.json)
+
+    bench.checkpoint = save
     rows = bench.run()
     print(table(rows))
     sw = table(rows, sweeps=("m", "n"))
@@ -740,10 +751,7 @@ def main(argv: list[str] | None = None) -> int:
     print(headline_markdown(rows))
     for s in plan.notes:
         print(f"note: {s}")
-    if a.csv:
-        write_csv(rows, a.csv)
-    if a.json:
-        write_json(bench, argv, a.json)
+    save()
     if a.plot and not plot(rows, a.plot, title=f"gpu_orthol1 bench {'--quick ' if a.quick else ''}({bench.host})"):
         print("note: no sweep results to plot", file=sys.stderr)
     print(f"bench finished in {time.time() - t0:.0f} s (load average now {loadavg()})")

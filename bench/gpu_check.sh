@@ -71,7 +71,8 @@ TDEV=cpu; [ "$DEV" = gpu ] && TDEV=cuda
 step bench_torch 70 $PY bench/bench_torch.py --device $TDEV --quick --threads 1 --json "$OUT/bench_torch_$TDEV.json"
 step sanitize 110 env OUT="$OUT" PY="$PY" GPU_CHECK_DRY="$DRY" SANITIZE_TIMEOUT=50 bash bench/gpu_sanitize.sh
 echo "=== steps (name exit seconds):"; cat "$OUT/steps.txt"
-( cd "$OUT" && tar czf gpu_check_logs.tgz --exclude gpu_check_logs.tgz . && \
+# pack into a file outside $OUT first: tar of a folder that holds its own archive fails
+( cd "$OUT" && tar czf /tmp/gpu_check_logs.tgz . && mv /tmp/gpu_check_logs.tgz . && \
   find . -mindepth 1 -maxdepth 1 ! -name gpu_check_logs.tgz ! -name steps.txt ! -name env.txt -exec rm -rf {} + )
 ls -la "$OUT"
 exit $status

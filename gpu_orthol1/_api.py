@@ -127,8 +127,9 @@ def _check_out(out, phi, call, accumulate):
     if out.dtype != phi.dtype:
         raise ValueError(f"out has dtype {out.dtype}, phi has dtype {phi.dtype}")
     if call.is_cupy:
-        if out.device != phi.device:
-            raise ValueError(f"out is on {out.device}, phi on {phi.device}")
+        # compare ids: formatting a Device queries the driver, which fails for an absent ordinal
+        if out.device.id != phi.device.id:
+            raise ValueError(f"out is on GPU {out.device.id}, phi on GPU {phi.device.id}")
         lo_o, hi_o = _extent(out)
         lo_p, hi_p = _extent(phi)
         if out.size and phi.size and lo_o < hi_p and lo_p < hi_o:

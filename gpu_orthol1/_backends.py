@@ -11,8 +11,10 @@ ENV_BACKEND = "GPU_ORTHOL1_BACKEND"
 
 # "auto" sends a NumPy input to the GPU from this many GEMM flops (4*l*m*n^2) on.
 # Below it the host<->device copies and launch latency cost more than the CPU
-# needs; the figure comes from bench/gpu_check.sh (see bench/results/).
-GPU_CROSSOVER_FLOPS = 2e9
+# needs. Measured by `gpu-orthol1 bench --device gpu` on an H200 machine (16-core
+# host, 2026-11-26): the GPU, copies included, won from 2.68e8 flops on (256x16x64:
+# CPU 0.95 ms, GPU 1.28 ms; 256x64x64: CPU 3.39 ms, GPU 1.72 ms). bench/results/.
+GPU_CROSSOVER_FLOPS = 2.7e8
 
 
 class BackendUnavailableError(RuntimeError):

@@ -123,8 +123,12 @@ def main(argv=None):
     # other side of 0 flips a sign: a small relative difference in the gradient is expected
     agree = {"loss_rel": rel_loss, "add_grad_loss_rel": abs(float(val) - float(ref)) / abs(float(ref)),
              "grad_rel_loss": rel(g_loss, g_ref), "grad_rel_add_grad": rel(g_add, g_ref)}
-    tol = 1e-2 if args.dtype == "float16" else 1e-4
-    ok = all(v < tol for v in agree.values())
+    # Losses must agree to rounding. Gradients differ by the flipped signs: on an H200 at d_model=768
+    # float32 gave a relative gradient difference of 2.0e-3 while float64 agreed to 9e-16, so the
+    # float32 gradient tolerance is 1e-2 (an error in the method itself shows at O(1)).
+    loss_tol = 1e-2 if args.dtype == "float16" else 1e-4
+    grad_tol = {"float64": 1e-10, "float32": 1e-2, "float16": 5e-2}[args.dtype]
+    ok = all(v < (grad_tol if k.startswith("grad") else loss_tol) for k, v in agree.items())
 
     def run_naive():
         model.zero_grad(set_to_none=True)

@@ -221,17 +221,10 @@ def _run(phi, beta, axis, reduction, out, accumulate, backend, precision, worksp
     Vout = xp.moveaxis(grad3, call.axis, 0) if want_grad else None
     budget = _workspace_budget(call, "numpy" if xp is np else "cupy", xp)
 
-    try:
-        losses = _driver.run(dev, V, Vout, alpha=alpha, beta_gemm=1.0 if accumulate else 0.0,
-                             want_grad=want_grad, budget=budget)
-    except MemoryError:
-        raise
-    except Exception as e:
-        if type(e).__name__ == "OutOfMemoryError":  # cupy.cuda.memory.OutOfMemoryError
-            raise MemoryError(
-                f"out of GPU memory for phi of shape {phi.shape} ({phi.nbytes} bytes, gradient the same): {e}"
-            ) from e
-        raise
+    # Out of memory surfaces as MemoryError: CuPy's OutOfMemoryError is one and names the bytes,
+    # and the driver names the sizes when its workspace cannot be allocated.
+    losses = _driver.run(dev, V, Vout, alpha=alpha, beta_gemm=1.0 if accumulate else 0.0,
+                         want_grad=want_grad, budget=budget)
 
     ldt = np.float64 if phi.dtype == np.float64 else np.float32
     if call.reduction == "none":

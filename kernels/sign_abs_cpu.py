@@ -1,8 +1,9 @@
 """CPU twin of ``sign_abs.py``: the same fused pass over the Gram workspace, for the NumPy backend.
 
 NumPy needs three passes and a temporary for it (subtract identity, |.|-sum,
-sign), about a third of the GEMM time at n=64; this loop reads G once and
-writes S once while the chunk is still in cache. Semantics are those of the
+sign), about a third of the GEMM time at n=64; this pass reads each slice of
+G twice (the |.|-sum, then the signs) while it is still in cache, and writes S
+once, in place. Semantics are those of the
 CUDA kernel (tests hold both to the same reference): S = scale * sign(G - I),
 sign(0) = 0, and a slice whose sum is not finite gets an all-NaN S and a NaN loss.
 

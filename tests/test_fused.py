@@ -1,0 +1,270 @@
+"""The fused small-slice kernel (kernels/fused_small.py) under numba's CUDA simulator.
+
+Every launch goes through device arrays laid out as the case asks (the simulator,
+like numba, only moves contiguous host buffers), viewed slices-first (m, l, n) as
+the kernel takes them. Blocks are small (the simulator runs each thread as an OS
+thread) and tiles are cut small on purpose, so that l spans several tiles with a
+partial last one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+try:
+    from .reference import check, random_phi, reference
+except ImportError:  # the reference may have moved into the package
+    from gpu_orthol1.reference import check, random_phi, reference
+
+from gpu_orthol1.kernels import fused_small as fs
+from numba import cuda  # after fused_small: it patches NumPy for numba-cuda first
+
+# (make(phi_lmn, fill) -> contiguous host buffer, view(buffer) -> its (l, m, n) view).
+# `fill` goes where the buffer has gaps: NaN in phi proves gaps are never read, a
+# sentinel in out that they are never written.
+LAYOUTS = {
+    "lmn": (lambda p, fill: p.copy(), lambda x: x),  # the package's own layout
+    "mln": (lambda p, fill: p.transpose(1, 0, 2).copy(), lambda x: x.transpose((1, 0, 2))),
+    "fortran": (lambda p, fill: np.asfortranarray(p), lambda x: x),
+    "nlm": (lambda p, fill: p.transpose(2, 0, 1).copy(), lambda x: x.transpose((1, 2, 0))),
+    "neg": (lambda p, fill: p[::-1, :, ::-1].copy(), lambda x: x[::-1, :, ::-1]),
+    "gaps": (lambda p, fill: _embed(p, fill), lambda x: x[::2, 1:, 1::3]),
+}
+SENTINEL = 7.0
+
+
+def _embed(p, fill):
+    l, m, n = p.shape
+    buf = np.full((2 * l, m + 1, 3 * n), fill, p.dtype)
+    buf[::2, 1:, 1::3] = p
+    return buf
+
+
+def _cfg(l, n, dtype, threads=16, tile_rows=None):
+    cfg = fs.fused_config(l, n, dtype, threads=threads)
+    assert cfg is not None
+    return cfg if tile_rows is None else cfg._replace(tile_rows=tile_rows)
+
+
+def _run(phi, cfg, *, phi_layout="lmn", out_layout="lmn", out_dtype=None, out_init=None, alpha=2.0,
+         accumulate=False, write_grad=True, losses=None, loss_offset=0):
+    """Launch once; returns (losses, out as an (l, m, n) host array, out's whole host buffer)."""
+    l, m, n = phi.shape
+    make, view = LAYOUTS[phi_layout]
+    dphi = cuda.to_device(make(phi, np.nan))
+    omake, oview = LAYOUTS[out_layout]
+    init = np.full(phi.shape, SENTINEL, out_dtype or phi.dtype) if out_init is None else out_init
+    dout = cuda.to_device(omake(init, SENTINEL))
+    losses = np.full(m, -1.0) if losses is None else losses
+    kern = fs.get_fused_kernel(cfg)
+    kern[m, cfg.threads](view(dphi).transpose((1, 0, 2)), oview(dout).transpose((1, 0, 2)), losses,
+                         loss_offset, alpha, accumulate, write_grad)
+    buf = dout.copy_to_host()
+    return losses, np.asarray(oview(buf)), buf
+
+
+def _gap_mask(shape):
+    l, m, n = shape
+    mask = np.ones((2 * l, m + 1, 3 * n), bool)
+    mask[::2, 1:, 1::3] = False
+    return mask
+
+
+# (l, m, n, tile_rows, threads, phi layout, out layout): l below one tile, several tiles with a
+# partial last one, n from 1 to past a warp of entries per row, more threads than work and fewer
+CASES = [
+    (1, 2, 3, None, 16, "lmn", "lmn"),
+    (7, 3, 5, 2, 16, "mln", "neg"),
+    (40, 2, 17, 2, 16, "lmn", "gaps"),
+    (7, 2, 1, 1, 8, "neg", "fortran"),
+    (40, 3, 8, 3, 8, "gaps", "nlm"),
+    (5, 4, 9, 1, 16, "nlm", "mln"),
+    (3, 2, 17, 4, 32, "fortran", "lmn"),
+]
+
+
+def _case_id(c):
+    l, m, n, tr, tpb, pl, ol = c
+    return f"l{l}m{m}n{n}-tile{tr}-t{tpb}-{pl}-{ol}"
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_reference(rng, dtype, case):
+    l, m, n, tile_rows, threads, phi_layout, out_layout = case
+    phi = random_phi(rng, (l, m, n), dtype)
+    cfg = _cfg(l, n, dtype, threads, tile_rows)
+    losses, grad, buf = _run(phi, cfg, phi_layout=phi_layout, out_layout=out_layout)
+    check(phi, losses, grad, reduction="none")
+    if out_layout == "gaps":
+        assert np.all(buf[_gap_mask(phi.shape)] == SENTINEL), "wrote outside the view"
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_accumulate_mean_scale(rng, dtype):
+    """alpha = 2 beta / m (reduction="mean"), added to what out held."""
+    l, m, n, beta = 9, 3, 6, 0.37
+    phi = random_phi(rng, (l, m, n), dtype)
+    old = rng.standard_normal(phi.shape).astype(dtype)
+    cfg = _cfg(l, n, dtype, 16, 2)
+    losses, grad, _ = _run(phi, cfg, phi_layout="mln", out_layout="neg", out_init=old,
+                           alpha=2 * beta / m, accumulate=True)
+    check(phi, beta * losses.sum() / m, grad, beta=beta, reduction="mean", grad_base=old)
+
+
+@pytest.mark.cudasim
+def test_out_dtype_differs(rng):
+    """float16 phi, float32 out: the gradient is rounded once, to out's dtype."""
+    phi = random_phi(rng, (6, 2, 5), np.float16)
+    losses, grad, _ = _run(phi, _cfg(6, 5, np.float16, 8, 2), out_dtype=np.float32)
+    assert grad.dtype == np.float32
+    check(phi, losses, grad, reduction="none", dtype=np.float32)
+
+
+@pytest.mark.cudasim
+def test_loss_only_leaves_out_alone(rng):
+    l, m, n = 11, 3, 7
+    phi = random_phi(rng, (l, m, n), np.float32)
+    old = rng.standard_normal(phi.shape).astype(np.float32)
+    losses = np.full(m + 3, -1.0)
+    losses, out, _ = _run(phi, _cfg(l, n, np.float32, 16, 2), out_init=old, write_grad=False,
+                          losses=losses, loss_offset=2)
+    assert np.array_equal(out, old)
+    assert np.all(losses[[0, 1, m + 2]] == -1.0), "wrote outside losses[offset:offset + m]"
+    full, grad, _ = _run(phi, _cfg(l, n, np.float32, 16, 2))
+    assert np.array_equal(losses[2:2 + m], full), "loss-only and full calls disagree"
+    check(phi, full, grad, reduction="none")
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_nan_inf_slices(rng, accumulate):
+    """A non-finite slice gets a NaN loss and an all-NaN gradient; the others are untouched by it."""
+    l, m, n = 8, 4, 5
+    phi = random_phi(rng, (l, m, n), np.float32)
+    phi[3, 1, 2] = np.nan
+    phi[0, 2, 4] = np.inf
+    old = rng.standard_normal(phi.shape).astype(np.float32)
+    cfg = _cfg(l, n, np.float32, 8, 3)
+    losses, grad, _ = _run(phi, cfg, out_init=old, accumulate=accumulate)
+    assert np.isnan(losses[[1, 2]]).all()
+    assert np.isnan(grad[:, [1, 2], :]).all()
+    good = [0, 3]
+    clean_l, clean_g, _ = _run(np.ascontiguousarray(phi[:, good, :]), cfg, out_init=old[:, good, :].copy(),
+                               accumulate=accumulate)
+    assert np.array_equal(losses[good], clean_l)
+    assert np.array_equal(grad[:, good, :], clean_g)
+    check(phi, losses, grad, reduction="none", grad_base=old if accumulate else None)
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_sign_of_exact_zero(rng, dtype):
+    """sign(0) = 0 at the kink: columns on distinct rows make G exactly diagonal (all off-diagonal
+    X exactly 0), and a column of norm 1 makes a diagonal X entry exactly 0; every value is exact."""
+    l, m, n = 6, 2, 4
+    phi = np.zeros((l, m, n))
+    for i in range(m):
+        rows = rng.permutation(l)[:n]
+        norms = rng.permutation([2.0, 0.5, 1.0, 1.0])  # X diagonal 3, -0.75, 0, 0
+        phi[rows, i, np.arange(n)] = norms * rng.choice([-1.0, 1.0], n)
+    phi = phi.astype(dtype)
+    losses, grad, _ = _run(phi, _cfg(l, n, dtype, 8, 2))
+    per, gref, _ = reference(phi)
+    assert np.array_equal(losses, per)
+    assert np.array_equal(grad.astype(np.float64), gref)
+
+
+@pytest.mark.cudasim
+def test_bit_identical_repeat_and_layouts(rng):
+    """Fixed-order reduction: the same values give the same bits, whatever the strides."""
+    l, m, n = 13, 2, 11
+    phi = random_phi(rng, (l, m, n), np.float32)
+    cfg = _cfg(l, n, np.float32, 16, 2)
+    first = _run(phi, cfg)
+    again = _run(phi, cfg, phi_layout="gaps", out_layout="neg")
+    assert np.array_equal(first[0], again[0])
+    assert np.array_equal(first[1], again[1])
+
+
+@pytest.mark.cudasim
+def test_out_may_alias_phi(rng):
+    l, m, n = 10, 2, 4
+    phi = random_phi(rng, (l, m, n), np.float64)
+    cfg = _cfg(l, n, np.float64, 8, 1)
+    d = cuda.to_device(phi.copy())
+    view = d.transpose((1, 0, 2))
+    losses = np.zeros(m)
+    fs.get_fused_kernel(cfg)[m, cfg.threads](view, view, losses, 0, 2.0, False, True)
+    check(phi, losses, d.copy_to_host(), reduction="none")
+
+
+@pytest.mark.cudasim
+def test_host_bugs_give_nan_not_corruption(rng):
+    phi = random_phi(rng, (4, 2, 9), np.float32)
+    cfg = fs.FusedConfig(nmax=8, tile_rows=2, threads=8, acc="float32")
+    old = rng.standard_normal(phi.shape).astype(np.float32)
+    losses, out, _ = _run(phi, cfg, out_init=old)
+    assert np.isnan(losses).all()
+    assert np.array_equal(out, old)
+    # a block of another size than the config's (its strides assume config.threads)
+    d = cuda.to_device(old.copy())
+    cfg = fs.FusedConfig(nmax=16, tile_rows=2, threads=8, acc="float32")
+    fs.get_fused_kernel(cfg)[2, 16](cuda.to_device(phi).transpose((1, 0, 2)), d.transpose((1, 0, 2)),
+                                    losses, 0, 2.0, False, True)
+    assert np.isnan(losses).all()
+    assert np.array_equal(d.copy_to_host(), old)
+
+
+# ---------------------------------------------------------------- the config, no launch
+
+
+def test_bounds_and_configs():
+    assert fs.N_MAX[np.dtype(np.float32)] == fs.N_MAX[np.dtype(np.float16)] == 145
+    assert fs.N_MAX[np.dtype(np.float64)] == 100
+    for dtype in (np.float16, np.float32, np.float64):
+        top = fs.N_MAX[np.dtype(dtype)]
+        assert fs.fits(1, dtype) and fs.fits(64, dtype) and fs.fits(top, dtype)
+        assert not fs.fits(top + 1, dtype) and not fs.fits(0, dtype)
+        assert fs.fused_config(100, top + 1, dtype) is None
+        for n in (1, 2, 7, 8, 9, 33, 64, 65, 99, top):
+            for l in (1, 50, 4096):
+                cfg = fs.fused_config(l, n, dtype)
+                assert cfg is not None and cfg.nmax >= n and cfg.tile_rows >= fs.MIN_TILE_ROWS
+                assert cfg.threads in fs.THREADS and 32 <= cfg.threads <= 256
+                assert cfg.acc == ("float64" if dtype is np.float64 else "float32")
+                assert fs.shared_bytes(cfg) <= fs.SHARED_LIMIT
+    assert not fs.fits(8, np.int32) and not fs.fits(8, np.complex64)
+    # a forced big block costs tile rows, or does not fit at all
+    big = fs.fused_config(64, 145, np.float32, threads=512)
+    assert big is not None and big.tile_rows == 4 and fs.shared_bytes(big) <= fs.SHARED_LIMIT
+    assert fs.fused_config(64, 145, np.float32, threads=1024) is None
+    with pytest.raises(ValueError):
+        fs.fused_config(8, 8, np.float32, threads=48)
+    with pytest.raises(ValueError):
+        fs.get_fused_kernel(fs.FusedConfig(160, 8, 256, "float32"))
+
+
+def test_shared_bytes_formula():
+    # packed Gram + tile in the accumulator dtype, 8-byte aligned, then the float64 reduction buffer;
+    # the numbers ptxas reports for sm_90 (checked offline: 2192, 14464, 49032, 48848 bytes)
+    assert fs.shared_bytes(fs.FusedConfig(8, 32, 128, "float32")) == 2192
+    assert fs.shared_bytes(fs.FusedConfig(64, 16, 256, "float32")) == 14464
+    assert fs.shared_bytes(fs.FusedConfig(145, 8, 256, "float32")) == 49032
+    assert fs.shared_bytes(fs.FusedConfig(100, 8, 256, "float64")) == 48848
+
+
+def test_kernels_cached_per_config():
+    cfg = fs.FusedConfig(16, 4, 16, "float32")
+    assert fs.get_fused_kernel(cfg) is fs.get_fused_kernel(cfg)
+    assert fs.get_fused_kernel(cfg) is not fs.get_fused_kernel(cfg._replace(acc="float64"))
+
+
+@pytest.mark.cudasim
+def test_resource_usage_is_none_on_the_simulator():
+    cfg = fs.FusedConfig(16, 4, 16, "float32")
+    sig = "void(float32[:, :, :], float32[:, :, :], float64[:], int64, float64, boolean, boolean)"
+    assert fs.resource_usage(fs.get_fused_kernel(cfg), sig) is None

@@ -266,14 +266,14 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name):
                 b = q - r * n
                 row = r * n
                 s = ACC(0.0)
-                # column b of S: S[j, b] = g[b(b+1)/2 + j] for j <= b (contiguous),
-                # g[j(j+1)/2 + b] for j > b (stride grows by one per row)
+                # column b of S: S[j, b] = g[b(b+1)/2 + j] for j <= b, g[j(j+1)/2 + b] for j > b.
+                # One loop with a select rather than two loops split at b: every thread of a
+                # warp then runs n iterations, not max(b+1) + max(n-b-1). Triangular numbers
+                # mod 32 are all distinct, so 32 consecutive b of 4-byte entries hit 32 banks.
                 pb = b * (b + 1) // 2
-                for j in range(b + 1):
-                    s += tile[row + j] * g[pb + j]
-                pj = pb + 2 * b + 1
-                for j in range(b + 1, n):
-                    s += tile[row + j] * g[pj]
+                pj = 0
+                for j in range(n):
+                    s += tile[row + j] * g[pb + j if j <= b else pj + b]
                     pj += j + 1
                 v = scale * s
                 if accumulate:

@@ -23,6 +23,16 @@ def _shape(text: str) -> tuple[int, ...]:
     return dims
 
 
+def _count(text: str) -> int:
+    try:
+        k = int(text)
+    except ValueError:
+        k = -1
+    if k < 0:
+        raise argparse.ArgumentTypeError(f"wants a count (0 or more), got {text!r}")
+    return k
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -43,33 +53,103 @@ def gpu_name() -> str:
     return (name.decode() if isinstance(name, bytes) else name) + f" (device {dev.id})"
 
 
+class CliError(Exception):
+    """A user mistake found by the command itself: printed as one line, exit status 2."""
+
+
+def _describe(shape, dtype) -> str:
+    return f"a {len(shape)}-D {dtype} array of shape {tuple(shape)}"
+
+
+def _load_phi(path: str, convert: bool) -> np.ndarray:
+    """The array of a .npy file, or a CliError that says what the file holds and what is expected."""
+    if not os.path.exists(path):
+        raise CliError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise CliError(f"{path} is a directory; expected a .npy file")
+    want = "a .npy file (numpy.save) holding a 2-D (l, n) or 3-D (l, m, n) float array"
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+            if magic[:4] == b"PK\x03\x04":  # the zip container of numpy.savez
+                try:
+                    with np.load(path, allow_pickle=False) as z:
+                        names = ", ".join(z.files) or "none"
+                except Exception:  # noqa: BLE001 - a damaged zip raises zipfile's own errors; the names are a courtesy
+                    names = "unreadable"
+                raise CliError(f"{path} is a .npz archive (arrays: {names}); expected {want}: "
+                               "save the one array with numpy.save")
+            if magic != b"\x93NUMPY":
+                raise CliError(f"{path} is not a .npy file (no NumPy header); expected {want}")
+            f.seek(0)
+            version = np.lib.format.read_magic(f)
+            shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0(f))
+    except CliError:
+        raise
+    except (OSError, ValueError, EOFError) as e:  # unreadable, truncated, a damaged header
+        raise CliError(f"{path}: cannot read it as a .npy file ({type(e).__name__}: {e})") from None
+    holds = f"{path} holds {_describe(shape, dtype)}"
+    if dtype.hasobject:
+        raise CliError(f"{holds} (Python objects, which are never unpickled here); expected {want}")
+    if len(shape) not in (2, 3):
+        raise CliError(f"{holds}; expected a 2-D (l, n) or 3-D (l, m, n) array")
+    if convert:
+        if dtype.kind not in "biuf":
+            raise CliError(f"{holds}; --dtype converts real numbers only")
+    elif dtype not in (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)):
+        raise CliError(f"{holds}; expected float16, float32 or float64 (or pass --dtype to convert)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:  # e.g. a header that promises more data than the file has
+        raise CliError(f"{path}: cannot read its data ({type(e).__name__}: {e})") from None
+
+
+def _grad_out_path(path: str) -> str:
+    """The file numpy.save will write (it appends .npy), checked for writability before any computing."""
+    real = path if path.endswith(".npy") else path + ".npy"
+    parent = os.path.dirname(os.path.abspath(real))
+    if os.path.isdir(real):
+        raise CliError(f"--grad-out {real} is a directory; give a file name")
+    if not os.path.isdir(parent):
+        raise CliError(f"--grad-out {real}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(real) and not os.access(real, os.W_OK)):
+        raise CliError(f"--grad-out {real} is not writable")
+    return real
+
+
 def _cmd_run(args) -> int:
     import gpu_orthol1 as ol1
     from gpu_orthol1 import _backends
 
+    grad_out = _grad_out_path(args.grad_out) if args.grad_out else None
     if args.phi:
-        phi = np.load(args.phi, mmap_mode=None, allow_pickle=False)
+        if args.shape:
+            raise CliError("--shape sets the size of the random tensor; a file brings its own shape")
+        phi = _load_phi(args.phi, convert=bool(args.dtype))
         source = args.phi
         if args.dtype:
             phi = phi.astype(args.dtype, copy=False)
     else:
         shape = args.shape or DEFAULT_SHAPE
         rng = np.random.default_rng(args.seed)
+        # the scale only; an out-of-range axis is reported by the first call below, as the API words it
         l = shape[0] if len(shape) == 2 else next(s for i, s in enumerate(shape) if i != args.axis % 3)
         phi = (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(max(l, 1))).astype(args.dtype or "float32")
         source = f"random {phi.shape} (seed {args.seed})"
 
+    # the first call validates phi and axis (the API's own checks and messages), so it comes before
+    # anything below indexes the shape with axis
+    t0 = time.perf_counter()
+    loss, grad = ol1.loss_and_grad(phi, args.beta, axis=args.axis, backend=args.backend,
+                                   precision=args.precision)
+    first = time.perf_counter() - t0
     if phi.ndim == 3:
         m = phi.shape[args.axis]
         l, n = (s for i, s in enumerate(phi.shape) if i != args.axis % 3)
     else:
         m, (l, n) = 1, phi.shape
     resolved = _backends.resolve(_backends.check_name(args.backend), False, 4.0 * l * m * n * n)
-
-    t0 = time.perf_counter()
-    loss, grad = ol1.loss_and_grad(phi, args.beta, axis=args.axis, backend=args.backend,
-                                   precision=args.precision)
-    first = time.perf_counter() - t0
     times = []
     for _ in range(args.repeat):
         t0 = time.perf_counter()
@@ -86,9 +166,9 @@ def _cmd_run(args) -> int:
     if times:
         line += f"; median of {len(times)} warm calls {np.median(times) * 1e3:.2f} ms (host wall clock, with copies)"
     print(line)
-    if args.grad_out:
-        np.save(args.grad_out, grad)
-        print(f"gradient  written to {args.grad_out}")
+    if grad_out:
+        np.save(grad_out, grad)
+        print(f"gradient  written to {grad_out}")
     return 0
 
 
@@ -125,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="default: float32 for random input, the file's dtype otherwise")
     r.add_argument("--backend", choices=["auto", "numpy", "cupy"], default="auto")
     r.add_argument("--precision", choices=["highest", "tf32"], default="highest")
-    r.add_argument("--repeat", type=int, default=3, help="warm calls to time after the first")
+    r.add_argument("--repeat", type=_count, default=3, help="warm calls to time after the first")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--grad-out", help="save the gradient to this .npy file")
     sub.add_parser("info", help="which backends are available here, and why not")
@@ -133,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return _cmd_run(args) if args.cmd == "run" else _cmd_info(args)
-    except (TypeError, ValueError, MemoryError, RuntimeError, OSError) as e:
-        print(f"gpu-orthol1: error: {e}", file=sys.stderr)
+    except (CliError, TypeError, ValueError, MemoryError, RuntimeError, OSError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the exception held
+        print(f"gpu-orthol1: error: {msg}", file=sys.stderr)
         return 2
 
 

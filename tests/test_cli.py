@@ -55,3 +55,100 @@ def test_console_script_is_installed():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "loss" in r.stdout
+
+
+# ---------------------------------------------------------------- user mistakes: one line, exit status 2
+
+def _cli(*args, cwd=None):
+    """`gpu-orthol1 ARGS` as a user runs it: (exit status, stderr, stdout)."""
+    r = subprocess.run([sys.executable, "-m", "gpu_orthol1.cli", *map(str, args)], capture_output=True,
+                       text=True, timeout=120, cwd=cwd)
+    return r.returncode, r.stderr, r.stdout
+
+
+def _one_line_error(*args, cwd=None) -> str:
+    rc, err, out = _cli(*args, cwd=cwd)
+    assert rc == 2, (rc, err)
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu-orthol1: error: "), err
+    assert out == ""  # nothing was computed or reported as done
+    return lines[0][len("gpu-orthol1: error: "):]
+
+
+def _api_message(phi, **kw) -> str:
+    try:
+        ol1.loss_and_grad(phi, **kw)
+    except ValueError as e:
+        return str(e)
+    raise AssertionError("the API accepted it")
+
+
+def test_axis_out_of_range_is_the_api_message(tmp_path):
+    want = _api_message(np.zeros((2, 3, 4), np.float32), axis=5)
+    assert want == "axis 5 is out of range for a 3-D phi"
+    assert _one_line_error("run", "--axis", "5") == want
+    assert _one_line_error("run", "--shape", "3,4,5", "--axis", "-4") == _api_message(
+        np.zeros((2, 3, 4), np.float32), axis=-4)
+    np.save(tmp_path / "phi.npy", np.zeros((4, 3, 2)))
+    assert _one_line_error("run", tmp_path / "phi.npy", "--axis", "3") == "axis 3 is out of range for a 3-D phi"
+
+
+def test_files_that_hold_the_wrong_thing_say_what_they_hold(tmp_path):
+    np.save(tmp_path / "one.npy", np.zeros(5))
+    np.save(tmp_path / "four.npy", np.zeros((2, 2, 2, 2), np.float32))
+    np.savez(tmp_path / "two.npz", a=np.zeros((3, 2)), b=np.ones(2))
+    (tmp_path / "phi.txt").write_text("1 2 3\n4 5 6\n")
+    np.save(tmp_path / "obj.npy", np.array([1.0, "a"], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "ints.npy", np.arange(24).reshape(2, 3, 4))
+    good = tmp_path / "good.npy"
+    np.save(good, np.zeros((6, 3, 4)))
+    (tmp_path / "cut.npy").write_bytes(good.read_bytes()[:200])
+
+    msg = _one_line_error("run", tmp_path / "one.npy")
+    assert "holds a 1-D float64 array of shape (5,)" in msg and "expected a 2-D (l, n) or 3-D (l, m, n)" in msg
+    msg = _one_line_error("run", tmp_path / "four.npy")
+    assert "holds a 4-D float32 array of shape (2, 2, 2, 2)" in msg and "expected a 2-D" in msg
+    msg = _one_line_error("run", tmp_path / "two.npz")
+    assert ".npz archive (arrays: a, b)" in msg and "expected a .npy file" in msg
+    msg = _one_line_error("run", tmp_path / "phi.txt")
+    assert "is not a .npy file" in msg and "expected a .npy file" in msg and "pickle" not in msg
+    msg = _one_line_error("run", tmp_path / "obj.npy")
+    assert "holds a 1-D object array" in msg and "allow_pickle" not in msg
+    msg = _one_line_error("run", tmp_path / "ints.npy")
+    assert "holds a 3-D int64 array of shape (2, 3, 4)" in msg and "float16, float32 or float64" in msg
+    assert "cannot read its data" in _one_line_error("run", tmp_path / "cut.npy")
+    assert _one_line_error("run", tmp_path / "missing.npy").endswith("missing.npy: no such file")
+    assert "is a directory" in _one_line_error("run", tmp_path)
+    assert "--shape" in _one_line_error("run", good, "--shape", "1,2,3")
+
+
+def test_dtype_converts_a_file_it_can(tmp_path):
+    np.save(tmp_path / "ints.npy", np.arange(24).reshape(2, 3, 4))
+    rc, err, out = _cli("run", tmp_path / "ints.npy", "--dtype", "float64", "--repeat", "0", "--backend", "numpy")
+    assert rc == 0, err
+    assert "dtype float64" in out
+
+
+def test_grad_out_names_the_file_it_wrote(tmp_path):
+    rc, err, out = _cli("run", "--shape", "5,2,3", "--repeat", "0", "--backend", "numpy", "--grad-out", "gout",
+                        cwd=tmp_path)
+    assert rc == 0, err
+    assert "gradient  written to gout.npy" in out
+    assert (tmp_path / "gout.npy").exists() and not (tmp_path / "gout").exists()
+    assert np.load(tmp_path / "gout.npy").shape == (5, 2, 3)
+
+
+def test_unwritable_grad_out_is_found_before_computing(tmp_path, monkeypatch, capsys):
+    msg = _one_line_error("run", "--shape", "5,2,3", "--grad-out", tmp_path / "no" / "dir" / "g")
+    assert "g.npy" in msg and "does not exist" in msg
+    (tmp_path / "d.npy").mkdir()
+    assert "is a directory" in _one_line_error("run", "--shape", "5,2,3", "--grad-out", tmp_path / "d.npy")
+    assert "is a directory" in _one_line_error("run", "--shape", "5,2,3", "--grad-out", tmp_path / "d")
+
+    def must_not_run(*a, **k):
+        raise AssertionError("computed before checking --grad-out")
+
+    monkeypatch.setattr(ol1, "loss_and_grad", must_not_run)
+    assert cli.main(["run", "--shape", "5,2,3", "--grad-out", str(tmp_path / "no" / "g.npy")]) == 2
+    assert "does not exist" in capsys.readouterr().err

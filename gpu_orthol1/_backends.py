@@ -47,7 +47,8 @@ def _probe_gpu() -> tuple[bool, str]:
     try:
         import cupy
     except ImportError as e:
-        return False, f"cupy is not installed ({e}); pip install 'gpu_orthol1[gpu]'"
+        return False, (f"cupy is not installed ({e}); from the repository root: pip install -e '.[gpu]' "
+                       "(or pip install 'cupy-cuda12x[ctk]' 'numba-cuda[cu12]')")
     except Exception as e:  # a broken CUDA install can raise anything at import
         return False, f"cupy failed to import: {type(e).__name__}: {e}"
     try:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,3 +76,19 @@ def test_real_no_gpu_fallback_warns_once(monkeypatch, fresh_probe, rng):
         ol1.loss(phi, 0.1)  # second time: silent
     with pytest.raises(ol1.BackendUnavailableError, match=why[:30].replace("(", r"\(").replace(")", r"\)")):
         ol1.loss(phi, 0.1, backend="cupy")
+
+
+def test_missing_cupy_reason_gives_an_install_command_that_works(monkeypatch, fresh_probe):
+    """gpu_orthol1 is not on a package index: `pip install 'gpu_orthol1[gpu]'` fails. The hint names the
+    checkout's extra and the two wheels it stands for (pyproject's [gpu])."""
+    monkeypatch.delenv("NUMBA_ENABLE_CUDASIM", raising=False)
+    monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` now raises ImportError
+    ok, why = _backends.gpu_status(refresh=True)
+    assert not ok and why.startswith("cupy is not installed")
+    assert "pip install -e '.[gpu]'" in why and "gpu_orthol1[" not in why
+    # the wheels named are the ones pyproject's [gpu] extra installs
+    extra = re.search(r"^gpu = \[(.*)\]$", (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text(),
+                      re.M).group(1)
+    for req in re.findall(r'"([^">=]+)[^"]*"', extra):
+        assert req in why
+    assert ol1.available_backends().reasons["cupy"] == why

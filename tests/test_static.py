@@ -28,7 +28,7 @@ FALLBACK_RUFF_RULES = ["--select", "E4,E7,E9,F", "--ignore", "E741"]
 def _tool(name):
     exe = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
     if exe is None:
-        pytest.skip(f"{name} is not installed here (pip install 'gpu_orthol1[test]')")
+        pytest.skip(f"{name} is not installed here (from the repository root: pip install -e '.[test]')")
     return exe
 
 

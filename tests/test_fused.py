@@ -34,6 +34,12 @@ LAYOUTS = {
 SENTINEL = 7.0
 
 
+# The same tests run under the simulator here and on a real card from bench/gpu_check.sh.
+@pytest.fixture(params=[pytest.param("sim", marks=pytest.mark.cudasim), pytest.param("gpu", marks=pytest.mark.gpu)])
+def target(request):
+    return request.param
+
+
 def _embed(p, fill):
     l, m, n = p.shape
     buf = np.full((2 * l, m + 1, 3 * n), fill, p.dtype)
@@ -41,8 +47,9 @@ def _embed(p, fill):
     return buf
 
 
-def _cfg(l, n, dtype, threads=16, tile_rows=None):
-    cfg = fs.fused_config(l, n, dtype, threads=threads)
+def _cfg(target, l, n, dtype, threads=16, tile_rows=None):
+    """Small blocks under the simulator, the default block on a GPU; tiles cut as asked."""
+    cfg = fs.fused_config(l, n, dtype, threads=threads if target == "sim" else None)
     assert cfg is not None
     return cfg if tile_rows is None else cfg._replace(tile_rows=tile_rows)
 
@@ -89,66 +96,61 @@ def _case_id(c):
     return f"l{l}m{m}n{n}-tile{tr}-t{tpb}-{pl}-{ol}"
 
 
-@pytest.mark.cudasim
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_matches_reference(rng, dtype, case):
+def test_matches_reference(target, rng, dtype, case):
     l, m, n, tile_rows, threads, phi_layout, out_layout = case
     phi = random_phi(rng, (l, m, n), dtype)
-    cfg = _cfg(l, n, dtype, threads, tile_rows)
+    cfg = _cfg(target, l, n, dtype, threads, tile_rows)
     losses, grad, buf = _run(phi, cfg, phi_layout=phi_layout, out_layout=out_layout)
     check(phi, losses, grad, reduction="none")
     if out_layout == "gaps":
         assert np.all(buf[_gap_mask(phi.shape)] == SENTINEL), "wrote outside the view"
 
 
-@pytest.mark.cudasim
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-def test_accumulate_mean_scale(rng, dtype):
+def test_accumulate_mean_scale(target, rng, dtype):
     """alpha = 2 beta / m (reduction="mean"), added to what out held."""
     l, m, n, beta = 9, 3, 6, 0.37
     phi = random_phi(rng, (l, m, n), dtype)
     old = rng.standard_normal(phi.shape).astype(dtype)
-    cfg = _cfg(l, n, dtype, 16, 2)
+    cfg = _cfg(target, l, n, dtype, 16, 2)
     losses, grad, _ = _run(phi, cfg, phi_layout="mln", out_layout="neg", out_init=old,
                            alpha=2 * beta / m, accumulate=True)
     check(phi, beta * losses.sum() / m, grad, beta=beta, reduction="mean", grad_base=old)
 
 
-@pytest.mark.cudasim
-def test_out_dtype_differs(rng):
+def test_out_dtype_differs(target, rng):
     """float16 phi, float32 out: the gradient is rounded once, to out's dtype."""
     phi = random_phi(rng, (6, 2, 5), np.float16)
-    losses, grad, _ = _run(phi, _cfg(6, 5, np.float16, 8, 2), out_dtype=np.float32)
+    losses, grad, _ = _run(phi, _cfg(target, 6, 5, np.float16, 8, 2), out_dtype=np.float32)
     assert grad.dtype == np.float32
     check(phi, losses, grad, reduction="none", dtype=np.float32)
 
 
-@pytest.mark.cudasim
-def test_loss_only_leaves_out_alone(rng):
+def test_loss_only_leaves_out_alone(target, rng):
     l, m, n = 11, 3, 7
     phi = random_phi(rng, (l, m, n), np.float32)
     old = rng.standard_normal(phi.shape).astype(np.float32)
     losses = np.full(m + 3, -1.0)
-    losses, out, _ = _run(phi, _cfg(l, n, np.float32, 16, 2), out_init=old, write_grad=False,
+    losses, out, _ = _run(phi, _cfg(target, l, n, np.float32, 16, 2), out_init=old, write_grad=False,
                           losses=losses, loss_offset=2)
     assert np.array_equal(out, old)
     assert np.all(losses[[0, 1, m + 2]] == -1.0), "wrote outside losses[offset:offset + m]"
-    full, grad, _ = _run(phi, _cfg(l, n, np.float32, 16, 2))
+    full, grad, _ = _run(phi, _cfg(target, l, n, np.float32, 16, 2))
     assert np.array_equal(losses[2:2 + m], full), "loss-only and full calls disagree"
     check(phi, full, grad, reduction="none")
 
 
-@pytest.mark.cudasim
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_nan_inf_slices(rng, accumulate):
+def test_nan_inf_slices(target, rng, accumulate):
     """A non-finite slice gets a NaN loss and an all-NaN gradient; the others are untouched by it."""
     l, m, n = 8, 4, 5
     phi = random_phi(rng, (l, m, n), np.float32)
     phi[3, 1, 2] = np.nan
     phi[0, 2, 4] = np.inf
     old = rng.standard_normal(phi.shape).astype(np.float32)
-    cfg = _cfg(l, n, np.float32, 8, 3)
+    cfg = _cfg(target, l, n, np.float32, 8, 3)
     losses, grad, _ = _run(phi, cfg, out_init=old, accumulate=accumulate)
     assert np.isnan(losses[[1, 2]]).all()
     assert np.isnan(grad[:, [1, 2], :]).all()
@@ -160,9 +162,8 @@ def test_nan_inf_slices(rng, accumulate):
     check(phi, losses, grad, reduction="none", grad_base=old if accumulate else None)
 
 
-@pytest.mark.cudasim
 @pytest.mark.parametrize("dtype", [np.float16, np.float64])
-def test_sign_of_exact_zero(rng, dtype):
+def test_sign_of_exact_zero(target, rng, dtype):
     """sign(0) = 0 at the kink: columns on distinct rows make G exactly diagonal (all off-diagonal
     X exactly 0), and a column of norm 1 makes a diagonal X entry exactly 0; every value is exact."""
     l, m, n = 6, 2, 4
@@ -172,29 +173,27 @@ def test_sign_of_exact_zero(rng, dtype):
         norms = rng.permutation([2.0, 0.5, 1.0, 1.0])  # X diagonal 3, -0.75, 0, 0
         phi[rows, i, np.arange(n)] = norms * rng.choice([-1.0, 1.0], n)
     phi = phi.astype(dtype)
-    losses, grad, _ = _run(phi, _cfg(l, n, dtype, 8, 2))
+    losses, grad, _ = _run(phi, _cfg(target, l, n, dtype, 8, 2))
     per, gref, _ = reference(phi)
     assert np.array_equal(losses, per)
     assert np.array_equal(grad.astype(np.float64), gref)
 
 
-@pytest.mark.cudasim
-def test_bit_identical_repeat_and_layouts(rng):
+def test_bit_identical_repeat_and_layouts(target, rng):
     """Fixed-order reduction: the same values give the same bits, whatever the strides."""
     l, m, n = 13, 2, 11
     phi = random_phi(rng, (l, m, n), np.float32)
-    cfg = _cfg(l, n, np.float32, 16, 2)
+    cfg = _cfg(target, l, n, np.float32, 16, 2)
     first = _run(phi, cfg)
     again = _run(phi, cfg, phi_layout="gaps", out_layout="neg")
     assert np.array_equal(first[0], again[0])
     assert np.array_equal(first[1], again[1])
 
 
-@pytest.mark.cudasim
-def test_out_may_alias_phi(rng):
+def test_out_may_alias_phi(target, rng):
     l, m, n = 10, 2, 4
     phi = random_phi(rng, (l, m, n), np.float64)
-    cfg = _cfg(l, n, np.float64, 8, 1)
+    cfg = _cfg(target, l, n, np.float64, 8, 1)
     d = cuda.to_device(phi.copy())
     view = d.transpose((1, 0, 2))
     losses = np.zeros(m)
@@ -202,8 +201,7 @@ def test_out_may_alias_phi(rng):
     check(phi, losses, d.copy_to_host(), reduction="none")
 
 
-@pytest.mark.cudasim
-def test_host_bugs_give_nan_not_corruption(rng):
+def test_host_bugs_give_nan_not_corruption(target, rng):
     phi = random_phi(rng, (4, 2, 9), np.float32)
     cfg = fs.FusedConfig(nmax=8, tile_rows=2, threads=8, acc="float32")
     old = rng.standard_normal(phi.shape).astype(np.float32)
@@ -268,3 +266,41 @@ def test_resource_usage_is_none_on_the_simulator():
     cfg = fs.FusedConfig(16, 4, 16, "float32")
     sig = "void(float32[:, :, :], float32[:, :, :], float64[:], int64, float64, boolean, boolean)"
     assert fs.resource_usage(fs.get_fused_kernel(cfg), sig) is None
+
+
+# ---------------------------------------------------------------- real card only (bench/gpu_check.sh)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_gpu_widest_slices_and_resources(rng, dtype):
+    """The largest n per dtype at the default config, several tiles; shared memory as documented."""
+    n = fs.N_MAX[np.dtype(dtype)]
+    l, m = 300, 3
+    phi = random_phi(rng, (l, m, n), dtype)
+    cfg = fs.fused_config(l, n, dtype)
+    losses, grad, _ = _run(phi, cfg, phi_layout="nlm", out_layout="neg")
+    check(phi, losses, grad, reduction="none")
+    name = np.dtype(dtype).name
+    use = fs.resource_usage(fs.get_fused_kernel(cfg),
+                            f"void({name}[:, :, :], {name}[:, :, :], float64[:], int64, float64, boolean, boolean)")
+    print(cfg, use)
+    assert use is not None
+    assert use["shared_mem_per_block"] == fs.shared_bytes(cfg)
+    assert use["local_mem_per_thread"] == 0
+
+
+@pytest.mark.gpu
+def test_gpu_cupy_views(rng):
+    """CuPy arrays through __cuda_array_interface__, as the host code passes them: the package's
+    (l, m, n) layout transposed, and an output with negative strides, accumulated into."""
+    cp = pytest.importorskip("cupy")
+    l, m, n = 33, 4, 20
+    phi = random_phi(rng, (l, m, n), np.float32)
+    old = rng.standard_normal(phi.shape).astype(np.float32)
+    dout = cp.asarray(old[::-1].copy())[::-1]
+    losses = cp.full(m, -1.0)
+    cfg = fs.fused_config(l, n, np.float32)
+    fs.get_fused_kernel(cfg)[m, cfg.threads](cp.asarray(phi).transpose(1, 0, 2), dout.transpose(1, 0, 2),
+                                             losses, 0, 2.0, True, True)
+    check(phi, cp.asnumpy(losses), cp.asnumpy(dout), reduction="none", grad_base=old)

@@ -6,9 +6,10 @@ CuPy and Numba are imported on first use, so importing this package is cheap
 on a CPU-only machine.
 """
 
-from ._api import grad, loss, loss_and_grad
+from ._api import grad, loss, loss_and_grad, plan
 from ._backends import BackendUnavailableError, GpuFallbackWarning, available_backends
 from ._driver import CopyWarning
+from ._plan import Plan
 
 __version__ = "0.1.0"
 
@@ -16,6 +17,8 @@ __all__ = [
     "loss",
     "grad",
     "loss_and_grad",
+    "plan",
+    "Plan",
     "available_backends",
     "BackendUnavailableError",
     "GpuFallbackWarning",

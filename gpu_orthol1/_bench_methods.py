@@ -442,7 +442,7 @@ def _limit(device: str, precision: str) -> Method:
     cannot beat with BLAS doing the arithmetic."""
 
     def prepare(case):
-        from . import _driver, _gemm
+        from . import _driver
 
         if device == "cpu":
             from ._numpy_dev import NumpyDevice
@@ -456,21 +456,22 @@ def _limit(device: str, precision: str) -> Method:
             dev = CupyDevice(precision)
             xp = _cupy()
             sync = gpu_sync
-        m, l, n = case.m, case.l, case.n
+        m, n = case.m, case.n
         dt = case.dtype
         A = [xp.ascontiguousarray(xp.asarray(h).transpose(1, 0, 2)) for h in case.host]
         acc = dev.acc_dtype(dt)
         G = xp.empty((m, n * n), dtype=acc)
         rs = np.random.default_rng(0)
         S = xp.asarray(np.sign(rs.standard_normal((m, n * n))).astype(dev.sign_dtype(dt)))
-        lay = _driver._layout_of(A[0])
-        gram = _gemm.gram_call(lay, 0, m, l, n)
-        grad = _gemm.grad_call(lay, 0, lay, 0, m, l, n, 1.0, 0.0)
+        lay = _driver.layout_of(A[0])
+        if device != "cpu":
+            dev.bind()
 
         def call(k):
             out = xp.empty_like(A[k])
-            dev.gemm(gram, {"phi": A[k], "ws": G})
-            dev.gemm(grad, {"phi": A[k], "sgn": S, "out": out})
+            src = dev.prepare(_driver.StridedChunk(A[k], lay, 0), m)
+            dev.gram(src, m, G)
+            dev.grad(src, _driver.StridedChunk(out, lay, 0), m, S, 1.0, 0.0)
             return out
 
         peak = _cpu_peak_of(call) if device == "cpu" else _gpu_peak_of(call)

@@ -1,10 +1,12 @@
-"""The GPU device for `_driver.run`: cuBLAS strided-batched GEMMs through CuPy, the Numba CUDA kernel.
+"""The GPU device for `_driver.run`: cuBLAS GEMMs through CuPy, the Numba CUDA kernel.
 
-Everything runs on CuPy's current stream: cuBLAS is bound to it before each
-call, and the kernel is launched on it through `numba.cuda.external_stream`.
-Arrays reach Numba through `from_cuda_array_interface(..., sync=False)`: the
-default conversion synchronizes the stream named in the interface, a host
-stall per launch that the stream ordering already makes unnecessary.
+A plan makes one device and keeps it: the cuBLAS handle, the kernel objects and their
+launch configurations are looked up once. `bind()` at the start of each call binds the
+handle to CuPy's current stream (once per call, not per GEMM) and selects host pointer
+mode for the scalars; the kernel launches on the same stream through
+`numba.cuda.external_stream`. Arrays reach Numba through `from_cuda_array_interface(...,
+sync=False)`: the default conversion synchronizes the stream named in the interface, a
+host stall per launch that the stream ordering already makes unnecessary.
 """
 
 from __future__ import annotations
@@ -13,18 +15,21 @@ import warnings
 
 import numpy as np
 
-from ._gemm import Gemm
+from . import _gemm
+from ._driver import StridedChunk
 
-# One block per slice is the design (a fixed-order, atomic-free loss), so a launch for a
-# few slices has a small grid by intent; Numba's low-occupancy warning would fire on it
-# at every call.
-warnings.filterwarnings("ignore", message="Grid size .* will likely result in GPU under-utilization")
-
-_CUDA_TYPE = {np.dtype(np.float32): 0, np.dtype(np.float64): 1, np.dtype(np.float16): 2}
-_COMPUTE_32F, _COMPUTE_32F_FAST_TF32, _COMPUTE_64F = 68, 77, 70
-_POINTER_MODE_HOST = 0
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
+_F16 = np.dtype(np.float16)
+_PTR_CACHE_MAX = 64
+
+
+def _cuda_enums():
+    from cupy_backends.cuda.api import runtime
+    from cupy_backends.cuda.libs import cublas
+
+    dtype_enum = {_F32: runtime.CUDA_R_32F, _F64: runtime.CUDA_R_64F, _F16: runtime.CUDA_R_16F}
+    return cublas, dtype_enum
 
 
 class CupyDevice:
@@ -32,20 +37,25 @@ class CupyDevice:
 
     def __init__(self, precision: str = "highest"):
         import cupy
-        from cupy_backends.cuda.libs import cublas
         from numba import cuda
 
         from .kernels import sign_abs
 
         self.xp = cupy
-        self._cublas = cublas
+        self._cublas, self._dtype_enum = _cuda_enums()
+        cb = self._cublas
+        self._compute = {"f64": cb.CUBLAS_COMPUTE_64F,
+                         "f32": cb.CUBLAS_COMPUTE_32F_FAST_TF32 if precision == "tf32" else cb.CUBLAS_COMPUTE_32F,
+                         "f16": cb.CUBLAS_COMPUTE_32F}
         self._cuda = cuda
         self._mod = sign_abs
-        self._tf32 = precision == "tf32"
-        stream = cupy.cuda.get_current_stream()
-        self._handle = cupy.cuda.device.get_cublas_handle()
-        cublas.setStream(self._handle, stream.ptr)
-        self._nb_stream = cuda.external_stream(stream.ptr) if stream.ptr else cuda.default_stream()
+        self._handle = 0
+        self._stream_ptr = None
+        self._nb_stream = None
+        self._launch: dict = {}  # (n, grid) -> configured Numba kernel
+        self._ptr_cache: dict = {}
+        self._alpha = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
+        self._beta = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
 
     @staticmethod
     def acc_dtype(dtype):
@@ -59,40 +69,136 @@ class CupyDevice:
     def extra_bytes_per_slice(l, n, dtype, want_grad, accumulate):
         return 0
 
-    def gemm(self, call: Gemm, bufs: dict) -> None:
-        A, B, C = bufs[call.a.buf], bufs[call.b.buf], bufs[call.c.buf]
-        scal: type[np.floating]
-        if C.dtype == _F64:
-            compute, scal = _COMPUTE_64F, np.float64
-        else:
-            compute = _COMPUTE_32F_FAST_TF32 if (self._tf32 and A.dtype == _F32) else _COMPUTE_32F
-            scal = np.float32
-        alpha = np.array(call.alpha, dtype=scal)
-        beta = np.array(call.beta, dtype=scal)
+    def bind(self):
+        """Bind cuBLAS and the kernel launches to CuPy's current stream; call once per plan call."""
+        cupy = self.xp
+        stream = cupy.cuda.get_current_stream()
+        self._handle = cupy.cuda.device.get_cublas_handle()
         cb = self._cublas
-        mode = cb.getPointerMode(self._handle)
-        if mode != _POINTER_MODE_HOST:
-            cb.setPointerMode(self._handle, _POINTER_MODE_HOST)
-        try:
-            cb.gemmStridedBatchedEx(
-                self._handle, call.transa, call.transb, call.m, call.n, call.k,
-                alpha.ctypes.data,
-                A.data.ptr + call.a.offset * A.itemsize, _CUDA_TYPE[A.dtype], call.a.ld, call.a.stride,
-                B.data.ptr + call.b.offset * B.itemsize, _CUDA_TYPE[B.dtype], call.b.ld, call.b.stride,
-                beta.ctypes.data,
-                C.data.ptr + call.c.offset * C.itemsize, _CUDA_TYPE[C.dtype], call.c.ld, call.c.stride,
-                call.batch, compute, -1,
-            )
-        finally:
-            if mode != _POINTER_MODE_HOST:
-                cb.setPointerMode(self._handle, mode)
+        cb.setStream(self._handle, stream.ptr)
+        if cb.getPointerMode(self._handle) != cb.CUBLAS_POINTER_MODE_HOST:
+            cb.setPointerMode(self._handle, cb.CUBLAS_POINTER_MODE_HOST)
+        if stream.ptr != self._stream_ptr:
+            self._stream_ptr = stream.ptr
+            self._nb_stream = self._cuda.external_stream(stream.ptr) if stream.ptr else self._cuda.default_stream()
+            self._launch.clear()
+
+    @staticmethod
+    def prepare(src, cc):
+        return src
+
+    def _scalars(self, C_dtype, alpha, beta):
+        scal = np.float64 if C_dtype == _F64 else np.float32
+        a, b = self._alpha[scal], self._beta[scal]
+        a[()] = alpha
+        b[()] = beta
+        return a.ctypes.data, b.ctypes.data
+
+    def _compute_type(self, A_dtype, C_dtype):
+        if C_dtype == _F64:
+            return self._compute["f64"]
+        return self._compute["f32"] if A_dtype == _F32 else self._compute["f16"]
+
+    def _strided(self, call: _gemm.Gemm, bufs: dict) -> None:
+        A, B, C = bufs[call.a.buf], bufs[call.b.buf], bufs[call.c.buf]
+        alpha, beta = self._scalars(C.dtype, call.alpha, call.beta)
+        en = self._dtype_enum
+        self._cublas.gemmStridedBatchedEx(
+            self._handle, call.transa, call.transb, call.m, call.n, call.k, alpha,
+            A.data.ptr + call.a.offset * A.itemsize, en[A.dtype], call.a.ld, call.a.stride,
+            B.data.ptr + call.b.offset * B.itemsize, en[B.dtype], call.b.ld, call.b.stride,
+            beta,
+            C.data.ptr + call.c.offset * C.itemsize, en[C.dtype], call.c.ld, call.c.stride,
+            call.batch, self._compute_type(A.dtype, C.dtype), -1,
+        )
+
+    def _pointers(self, call: _gemm.BatchedGemm, bufs: dict) -> None:
+        """One cuBLAS ?gemmBatched over separate matrices. cupy_backends exposes the pointer-array
+        GEMM only as sgemmBatched/dgemmBatched (no gemmBatchedEx): float32 or float64 operands."""
+        cb = self._cublas
+        dt = _dtype(bufs[call.c[0].buf])
+        if dt == _F32:
+            fn = cb.sgemmBatched
+        elif dt == _F64:
+            fn = cb.dgemmBatched
+        else:
+            raise TypeError(f"the pointer-array GEMM takes float32 or float64 operands, not {dt}")
+        ptrs = _gemm.pointer_arrays(call, lambda k: _addr(bufs[k]), lambda k: _dtype(bufs[k]).itemsize)
+        base = self._upload(ptrs)
+        bs = 8 * call.batch
+        t = call.template
+        alpha, beta = self._scalars(dt, t.alpha, t.beta)
+        fn(self._handle, t.transa, t.transb, t.m, t.n, t.k, alpha, base, t.a.ld,
+           base + bs, t.b.ld, beta, base + 2 * bs, t.c.ld, call.batch)
+
+    def _upload(self, ptrs: np.ndarray) -> int:
+        """Device address of a copy of `ptrs`, cached by content and stream: parameters keep their
+        addresses from step to step, so a training loop uploads each address array once."""
+        cupy = self.xp
+        key = (self._stream_ptr, ptrs.shape, ptrs.tobytes())
+        hit = self._ptr_cache.get(key)
+        if hit is None:
+            if len(self._ptr_cache) >= _PTR_CACHE_MAX:
+                self._ptr_cache.clear()
+            hit = self._ptr_cache[key] = cupy.asarray(ptrs.view(np.int64))
+        return hit.data.ptr
+
+    def gram(self, src, cc, ws):
+        if isinstance(src, StridedChunk):
+            m_, l, n = src.arr.shape
+            self._strided(_gemm.gram_call(src.lay, src.first, cc, l, n), {"phi": src.arr, "ws": ws})
+        else:
+            l, n = src.mats[0].shape
+            bufs = {("p", k): a for k, a in enumerate(src.mats)}
+            bufs["ws"] = ws
+            refs = [_gemm.Ref(("p", k), 0) for k in range(cc)]
+            self._pointers(_gemm.gram_batched(src.lay, refs, 0, l, n), bufs)
+
+    def grad(self, src, dst, cc, sgn, alpha, beta):
+        if isinstance(src, StridedChunk):
+            m_, l, n = src.arr.shape
+            call = _gemm.grad_call(src.lay, src.first, dst.lay, dst.first, cc, l, n, alpha, beta)
+            self._strided(call, {"phi": src.arr, "sgn": sgn, "out": dst.arr})
+        else:
+            l, n = src.mats[0].shape
+            bufs = {("p", k): a for k, a in enumerate(src.mats)}
+            bufs.update({("o", k): a for k, a in enumerate(dst.mats)})
+            bufs["sgn"] = sgn
+            call = _gemm.grad_batched(src.lay, [_gemm.Ref(("p", k), 0) for k in range(cc)], dst.lay,
+                                      [_gemm.Ref(("o", k), 0) for k in range(cc)], 0, l, n, alpha, beta)
+            self._pointers(call, bufs)
 
     def _nb(self, arr):
         return self._cuda.from_cuda_array_interface(arr.__cuda_array_interface__, owner=arr, sync=False)
 
     def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s):
-        tpb = self._mod.pick_block_size(n)
-        kern = self._mod.get_kernel(tpb)
+        grid = ws.shape[0]
+        kern = self._launch.get((n, grid))
+        if kern is None:
+            tpb = self._mod.pick_block_size(n)
+            kern = self._launch[(n, grid)] = self._mod.get_kernel(tpb)[grid, tpb, self._nb_stream]
         g = self._nb(ws)
         s = g if sgn is ws else self._nb(sgn)
-        kern[ws.shape[0], tpb, self._nb_stream](g, s, n, self._nb(losses), offset, scale, bool(write_s))
+        # One block per slice is the design (a fixed-order, atomic-free loss), so a launch for a
+        # few slices has a small grid by intent: silence Numba's low-occupancy warning for it.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Grid size .* will likely result in GPU under-utilization")
+            kern(g, s, n, self._nb(losses), offset, scale, bool(write_s))
+
+
+def _addr(x) -> int:
+    if hasattr(x, "data_ptr"):  # torch tensor
+        return int(x.data_ptr())
+    if isinstance(x, np.ndarray):  # host memory (pinned, or a test's stand-in for the GPU)
+        return int(x.ctypes.data)
+    return int(x.data.ptr)  # CuPy
+
+
+_TORCH_NP: dict[str, np.dtype] = {"torch.float16": _F16, "torch.float32": _F32, "torch.float64": _F64}
+
+
+def _dtype(x) -> np.dtype:
+    d = x.dtype
+    if isinstance(d, np.dtype):
+        return d
+    return _TORCH_NP[str(d)]

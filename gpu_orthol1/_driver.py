@@ -1,19 +1,29 @@
-"""The chunked loop shared by every backend: Gram GEMM, fused sign pass, gradient GEMM.
+"""The one chunk loop behind every entry point: Gram GEMM, fused sign pass, gradient GEMM.
 
-A *device* supplies the array module and the two primitives:
+A batch of slices comes in one of two forms, and the loop serves both:
 
-- ``gemm(call, buffers)`` runs one `_gemm.Gemm` over named buffers;
-- ``sign_abs(ws, sgn, n, losses, offset, scale, write_s)`` runs the fused pass.
+- `Strided`: the slices of one (m, l, n) view, slice i at a fixed stride from slice 0 (the core
+  API's arrays). Layouts BLAS cannot read are staged chunk by chunk through a C-contiguous buffer.
+- `Pointers`: separate (l, n) matrices of one dtype and layout, one address each (a model's
+  parameters, `OrthoL1`).
 
-Devices: `_cupy.CupyDevice` (cuBLAS + the Numba CUDA kernel), `_numpy_dev.NumpyDevice`
-(NumPy matmul + the Numba CPU kernel) and `_numpy_dev.EmulatedGpuDevice` (the
-cuBLAS argument sets executed by NumPy + the CUDA kernel under numba's
-simulator: the GPU path's logic, testable on a CPU).
+A *device* supplies the array module and the primitives over a chunk of either form:
+
+- ``prepare(src, cc)``: what the GEMMs read for this chunk (the CPU casts float16 to float32 here);
+- ``gram(src, cc, ws)`` and ``grad(src, dst, cc, sgn, alpha, beta)``;
+- ``sign_abs(ws, sgn, n, losses, offset, scale, write_s)``: the fused elementwise pass.
+
+Devices: `_numpy_dev.NumpyDevice` (NumPy matmul on the views + the Numba CPU pass) and
+`_cupy.CupyDevice` (cuBLAS + the Numba CUDA kernel); `gpu_orthol1.testing.EmulatedGpuDevice`
+runs the GPU device's cuBLAS argument sets over NumPy buffers and its kernel under numba's
+simulator, so CI checks the GPU path's logic.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +34,7 @@ class CopyWarning(UserWarning):
     """An operand's memory layout forces gpu_orthol1 to copy data (chunk by chunk)."""
 
 
-def _layout_of(arr):
+def layout_of(arr):
     es = _gemm.element_strides(arr.dtype.itemsize, arr.strides)
     return None if es is None else _gemm.layout(arr.shape, es)
 
@@ -55,82 +65,167 @@ def plan_chunks(m, l, n, itemsize, acc_itemsize, sgn_itemsize, stage_phi, stage_
     return max(1, min(m, budget // max(per_slice, 1))), per_slice
 
 
-def run(dev, V, Vout, *, alpha, beta_gemm, want_grad, budget):
-    """Losses of every slice of V (m, l, n) as float64 (m,); the gradient into Vout when want_grad.
+# -- the two forms of a batch ------------------------------------------------------------------
 
-    V and Vout are (m, l, n) views (slices first) of the caller's arrays; Vout
-    may be any writable layout, `beta_gemm` 1 accumulates into it."""
-    xp = dev.xp
+
+@dataclass(frozen=True)
+class StridedChunk:
+    """Slices first .. first+count-1 of `arr`, an (m', l, n) view BLAS reads with layout `lay`."""
+
+    arr: Any
+    lay: _gemm.Layout
+    first: int
+
+
+@dataclass(frozen=True)
+class PointerChunk:
+    """Separate (l, n) matrices, all with layout `lay`; `mats[e]` is an array (CPU) or a tensor."""
+
+    mats: tuple
+    lay: _gemm.Layout
+
+
+@dataclass
+class Strided:
+    V: Any  # (m, l, n) view of phi, slices first
+    Vout: Any  # (m, l, n) view of the gradient's memory, or None
+    lay_phi: _gemm.Layout | None  # None: staged through a C-contiguous chunk buffer
+    lay_out: _gemm.Layout | None
+
+    @property
+    def shape(self):
+        return self.V.shape
+
+
+@dataclass
+class Pointers:
+    phis: list  # (l, n) matrices
+    outs: list | None
+    lay: _gemm.Layout
+    lay_out: _gemm.Layout | None
+    l: int
+    n: int
+
+    @property
+    def shape(self):
+        return (len(self.phis), self.l, self.n)
+
+
+def staging(V, Vout, want_grad, stacklevel):
+    """(lay_phi, lay_out) of a strided batch, None for an operand BLAS cannot read in place (it is
+    then copied chunk by chunk, with one CopyWarning)."""
     m, l, n = V.shape
-    dtype = V.dtype
-    losses = xp.zeros(m, dtype=np.float64)
-    if m == 0 or n == 0:
-        return losses
-
     if l == 0:  # G = 0, nothing to read or write: any layout will do
-        lay_phi = lay_out = _gemm.Layout("T", n, 0)
-    else:
-        lay_phi = _layout_of(V)
-        lay_out = _layout_of(Vout) if want_grad else None
-    stage_phi = lay_phi is None
-    stage_out = want_grad and lay_out is None
-    if stage_phi or stage_out:
-        which = " and ".join(w for w, f in (("phi", stage_phi), ("out", stage_out)) if f)
+        return _gemm.Layout("T", n, 0), _gemm.Layout("T", n, 0)
+    lay_phi = layout_of(V)
+    lay_out = layout_of(Vout) if want_grad else _gemm.Layout("T", n, 0)
+    if lay_phi is None or lay_out is None:
+        which = " and ".join(w for w, lay in (("phi", lay_phi), ("out", lay_out)) if lay is None)
         warnings.warn(
-            f"gpu_orthol1: the layout of {which} (strides {V.strides if stage_phi else Vout.strides} "
+            f"gpu_orthol1: the layout of {which} (strides {V.strides if lay_phi is None else Vout.strides} "
             f"bytes for slices, rows, columns) cannot be read by BLAS in place; copying it chunk by chunk",
-            CopyWarning, stacklevel=4,
+            CopyWarning, stacklevel=stacklevel + 1,
         )
-    acc_dtype = dev.acc_dtype(dtype)
-    sgn_dtype = dev.sign_dtype(dtype)
-    separate_sgn = want_grad and sgn_dtype != acc_dtype
-    extra = dev.extra_bytes_per_slice(l, n, dtype, want_grad, beta_gemm != 0)
-    chunk, per_slice = plan_chunks(m, l, n, dtype.itemsize, np.dtype(acc_dtype).itemsize,
-                           np.dtype(sgn_dtype).itemsize if separate_sgn else 0,
-                           stage_phi, stage_out, extra, budget)
+    return lay_phi, lay_out
 
+
+@dataclass(frozen=True)
+class Sizes:
+    """What a chunk of a batch needs, decided once by a plan."""
+
+    chunk: int
+    per_slice: int
+    acc_dtype: np.dtype
+    sgn_dtype: np.dtype | None  # None: S is written over the Gram in place
+    stage_phi: bool
+    stage_out: bool
+
+
+def sizes(dev, m, l, n, dtype, *, want_grad, accumulate, stage_phi, stage_out, budget) -> Sizes:
+    acc = np.dtype(dev.acc_dtype(dtype))
+    sgd = np.dtype(dev.sign_dtype(dtype))
+    separate = want_grad and sgd != acc
+    extra = dev.extra_bytes_per_slice(l, n, dtype, want_grad, accumulate)
+    chunk, per_slice = plan_chunks(m, l, n, dtype.itemsize, acc.itemsize, sgd.itemsize if separate else 0,
+                                   stage_phi, stage_out, extra, budget)
+    return Sizes(chunk, per_slice, acc, sgd if separate else None, stage_phi, stage_out)
+
+
+def workspace(alloc, sz: Sizes, l, n, dtype) -> dict:
+    """The chunk buffers: "ws" (Grams), "sgn" (signs, or ws itself), staging buffers when needed."""
     try:
-        ws = xp.empty((chunk, n * n), dtype=acc_dtype)
-        sgn = xp.empty((chunk, n * n), dtype=sgn_dtype) if separate_sgn else ws
-        if stage_phi:
-            phi_stage = xp.empty((chunk, l, n), dtype=dtype)
-            lay_phi = _layout_of(phi_stage)
-        if stage_out:
-            out_stage = xp.empty((chunk, l, n), dtype=dtype)
-            lay_out = _layout_of(out_stage)
+        ws = alloc((sz.chunk, n * n), sz.acc_dtype)
+        bufs = {"ws": ws, "sgn": alloc((sz.chunk, n * n), sz.sgn_dtype) if sz.sgn_dtype is not None else ws}
+        if sz.stage_phi:
+            bufs["phi_stage"] = alloc((sz.chunk, l, n), dtype)
+        if sz.stage_out:
+            bufs["out_stage"] = alloc((sz.chunk, l, n), dtype)
     except MemoryError as e:  # numpy's and cupy's out-of-memory errors are both MemoryErrors
         raise MemoryError(
-            f"could not allocate the workspace: {chunk} slice(s) of {per_slice} bytes (Gram {n}x{n}, "
+            f"could not allocate the workspace: {sz.chunk} slice(s) of {sz.per_slice} bytes (Gram {n}x{n}, "
             f"l={l}, {dtype}); lower workspace_bytes= or free memory ({e})"
         ) from e
+    return bufs
 
+
+def run(dev, batch, wsb: dict, chunk: int, losses, *, loss_offset=0, alpha, beta_gemm, want_grad,
+        gram_hook=None, first=0, count=None):
+    """Unscaled losses of slices first .. first+count-1 into losses[loss_offset + i] (float64), and
+    alpha * Phi S (+ beta_gemm * out) into the gradient when want_grad.
+
+    gram_hook(ws), when given, sees each chunk's Grams before the sign pass and may change them in
+    place (the distributed entry points sum partial Grams over ranks there)."""
+    m, l, n = batch.shape
+    if count is None:
+        count = m - first
+    if count <= 0 or n == 0:
+        return
+    ws, sgn = wsb["ws"], wsb["sgn"]
     if dev.folds_alpha:  # scale S in the sign pass (CPU: saves a pass over the gradient)
         scale, gemm_alpha = alpha, 1.0
     else:  # scale in the GEMM (GPU: free, and exact for float16 S)
         scale, gemm_alpha = 1.0, alpha
-
-    for s0 in range(0, m, chunk):
-        cc = min(chunk, m - s0)
-        if stage_phi:
-            phi_stage[:cc] = V[s0:s0 + cc]
-            phi_buf, phi_first = phi_stage, 0
+    strided = isinstance(batch, Strided)
+    stage_phi = strided and batch.lay_phi is None
+    stage_out = strided and want_grad and batch.lay_out is None
+    if stage_phi:
+        st_phi = wsb["phi_stage"]
+        lay_st_phi = layout_of(st_phi)
+    if stage_out:
+        st_out = wsb["out_stage"]
+        lay_st_out = layout_of(st_out)
+    src: StridedChunk | PointerChunk
+    dst: StridedChunk | PointerChunk
+    for s0 in range(first, first + count, chunk):
+        cc = min(chunk, first + count - s0)
+        if strided:
+            if stage_phi:
+                st_phi[:cc] = batch.V[s0:s0 + cc]
+                src = StridedChunk(st_phi, lay_st_phi, 0)
+            else:
+                src = StridedChunk(batch.V, batch.lay_phi, s0)
+            if want_grad:
+                dst = StridedChunk(st_out, lay_st_out, 0) if stage_out else StridedChunk(
+                    batch.Vout, batch.lay_out, s0)
         else:
-            phi_buf, phi_first = V, s0
+            src = PointerChunk(tuple(batch.phis[s0:s0 + cc]), batch.lay)
+            if want_grad:
+                dst = PointerChunk(tuple(batch.outs[s0:s0 + cc]), batch.lay_out)
         if l == 0:
             ws[:cc] = 0
         else:
-            dev.gemm(_gemm.gram_call(lay_phi, phi_first, cc, l, n), {"phi": phi_buf, "ws": ws})
-        dev.sign_abs(ws[:cc], sgn[:cc], n, losses, s0, scale, want_grad)
+            src = dev.prepare(src, cc)
+            dev.gram(src, cc, ws)
+        if gram_hook is not None:
+            gram_hook(ws[:cc])
+        dev.sign_abs(ws[:cc], sgn[:cc], n, losses, loss_offset + s0 - first, scale, want_grad)
         if not want_grad or l == 0:
             continue
         if stage_out:
-            call = _gemm.grad_call(lay_phi, phi_first, lay_out, 0, cc, l, n, gemm_alpha, 0.0)
-            dev.gemm(call, {"phi": phi_buf, "sgn": sgn, "out": out_stage})
+            dev.grad(src, dst, cc, sgn, gemm_alpha, 0.0)
             if beta_gemm:
-                Vout[s0:s0 + cc] += out_stage[:cc]
+                batch.Vout[s0:s0 + cc] += st_out[:cc]
             else:
-                Vout[s0:s0 + cc] = out_stage[:cc]
+                batch.Vout[s0:s0 + cc] = st_out[:cc]
         else:
-            call = _gemm.grad_call(lay_phi, phi_first, lay_out, s0, cc, l, n, gemm_alpha, beta_gemm)
-            dev.gemm(call, {"phi": phi_buf, "sgn": sgn, "out": Vout})
-    return losses
+            dev.grad(src, dst, cc, sgn, gemm_alpha, beta_gemm)

@@ -14,14 +14,23 @@ not readable by cuBLAS; the driver then stages each chunk through a
 C-contiguous buffer, whose layout is kind "T".
 
 `gram_call` and `grad_call` return the full argument set of one
-`gemmStridedBatchedEx` call. The real backend hands them to cuBLAS; the
-emulator (`_emulate.py`) executes them over NumPy buffers, which is how CI
-checks them without a GPU.
+`gemmStridedBatchedEx` call. The GPU device hands them to cuBLAS; the
+emulator (`gpu_orthol1.testing`) executes them over NumPy buffers, which is how
+CI checks them without a GPU.
+
+Separate matrices of one shape (a model's parameters) are not at a fixed stride
+from each other: `BatchedGemm` is the pointer-array form (``?gemmBatched``),
+one address per matrix and one leading dimension for all, built from the
+single-matrix `gram_call` / `grad_call` (the same layout algebra).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
 
 OP_N, OP_T = 0, 1
 
@@ -105,3 +114,71 @@ def grad_call(phi: Layout, phi_first: int, out: Layout, out_first: int, count: i
     # memory of out holds Out (l x n) = Phi S
     ta = OP_N if phi.kind == "N" else OP_T
     return Gemm(ta, OP_N, l, n, n, alpha, src, sgn, beta, dst, count)
+
+
+# -- pointer-array batches: separate matrices of one (l, n), dtype and layout in one call ----------
+
+
+@dataclass(frozen=True)
+class Ref:
+    buf: Any  # key of the buffer in the `bufs` dict (hashable)
+    offset: int  # elements from the buffer's first element
+
+
+@dataclass(frozen=True)
+class BatchedGemm:
+    """C_e = alpha * op(A_e) @ op(B_e) + beta * C_e for every entry e; column-major, one ld per operand."""
+
+    template: Gemm  # the single-matrix call (batch=1): ops, sizes, alpha, beta, leading dims
+    a: tuple[Ref, ...]
+    b: tuple[Ref, ...]
+    c: tuple[Ref, ...]
+
+    @property
+    def batch(self) -> int:
+        return len(self.c)
+
+    def entry(self, e: int) -> Gemm:
+        """Entry e as a one-matrix strided call (what the emulators execute)."""
+        t = self.template
+        return replace(
+            t,
+            a=Operand(self.a[e].buf, self.a[e].offset, t.a.ld, 0),
+            b=Operand(self.b[e].buf, self.b[e].offset, t.b.ld, 0),
+            c=Operand(self.c[e].buf, self.c[e].offset, t.c.ld, 0),
+            batch=1,
+        )
+
+
+def slice_layout(l: int, n: int, sl: int, sn: int) -> Layout | None:
+    """(kind, ld) of one (l, n) matrix with element strides (sl, sn), or None when BLAS can't read it."""
+    return layout((1, l, n), (0, sl, sn))
+
+
+def gram_batched(lay: Layout, phi: Sequence[Ref], ws_first: int, l: int, n: int) -> BatchedGemm:
+    """G_e = Phi_e^T Phi_e into ws rows ws_first + e (n x n each)."""
+    t = gram_call(Layout(lay.kind, lay.ld, 0), 0, 1, l, n)
+    ws = tuple(Ref("ws", (ws_first + e) * n * n) for e in range(len(phi)))
+    return BatchedGemm(t, tuple(phi), tuple(phi), ws)
+
+
+def grad_batched(lay: Layout, phi: Sequence[Ref], lay_out: Layout, out: Sequence[Ref],
+                 sgn_first: int, l: int, n: int, alpha: float, beta: float) -> BatchedGemm:
+    """Out_e = alpha * Phi_e @ S_e + beta * Out_e, S_e in sgn row sgn_first + e."""
+    t = grad_call(Layout(lay.kind, lay.ld, 0), 0, Layout(lay_out.kind, lay_out.ld, 0), 0,
+                  1, l, n, alpha, beta)
+    sgn = tuple(Ref("sgn", (sgn_first + e) * n * n) for e in range(len(phi)))
+    if t.a.buf == "sgn":  # out kind "T": Out^T = S Phi^T, S is operand A
+        return BatchedGemm(t, sgn, tuple(phi), tuple(out))
+    return BatchedGemm(t, tuple(phi), sgn, tuple(out))
+
+
+def pointer_arrays(call: BatchedGemm, addr: Callable[[Any], int],
+                   itemsize: Callable[[Any], int]) -> np.ndarray:
+    """(3, batch) uint64: the A, B and C address arrays cuBLAS's pointer-array GEMM reads.
+
+    addr(key) is the address of buffer key's first element, itemsize(key) its element size."""
+    out = np.empty((3, call.batch), dtype=np.uint64)
+    for row, refs in enumerate((call.a, call.b, call.c)):
+        out[row] = [addr(r.buf) + r.offset * itemsize(r.buf) for r in refs]
+    return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import numbers
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ except ImportError as _e:  # torch is an optional extra
         f"then import gpu_orthol1.torch again ({_e})"
     ) from _e
 
-from . import _api, _grouped
+from . import _driver, _gemm, _plan
 
 __all__ = ["OrthoL1", "ortho_l1"]
 
@@ -69,18 +70,21 @@ def _on_torch_stream(device):
     import cupy
 
     with cupy.cuda.Device(device.index if device.index is not None else torch.cuda.current_device()):
-        ts = torch.cuda.current_stream(device)
-        with cupy.cuda.ExternalStream(ts.cuda_stream):
+        # Stream.from_external reads torch's __cuda_stream__ (CuPy 14 deprecates ExternalStream)
+        with cupy.cuda.Stream.from_external(torch.cuda.current_stream(device)):
             yield
 
 
-def _core_device(device):
-    """The core device for tensors on `device` (call inside `_on_torch_stream` for CUDA)."""
-    if device.type == "cpu":
-        return _api._device("numpy", "highest")
-    from ._cupy import CupyDevice
+_devices: dict = {}
 
-    return CupyDevice("highest")
+
+def _core_device(device):
+    """The core device for tensors on `device`, made once per device (call inside `_on_torch_stream`
+    for CUDA: `bind()` picks up the current stream at each call)."""
+    dev = _devices.get(device)
+    if dev is None:
+        dev = _devices[device] = _plan.make_device("numpy" if device.type == "cpu" else "cupy", "highest")
+    return dev
 
 
 def _to_array(t):
@@ -134,41 +138,64 @@ def _pick_transpose(mode, l, n):
 # ortho_l1: one tensor, autograd
 
 
-class _OrthoL1Fn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight, beta, axis, reduction, how, transpose, m_axis, grad_mode):
-        w = weight.detach()
-        # forward runs with grad mode off; needs_input_grad ignores an outer torch.no_grad()
-        want_grad = bool(ctx.needs_input_grad[0]) and grad_mode
-        bf16 = w.dtype == torch.bfloat16
-        wc = w.float() if bf16 else w  # bfloat16: float32 copy (documented)
-        grad = torch.empty_like(wc) if want_grad else None
-        V = _slices(wc, how, axis, transpose)
-        Vo = _slices(grad, how, axis, transpose) if want_grad else None
-        ctx_mgr = _on_torch_stream(w.device) if w.device.type == "cuda" else nullcontext()
-        with ctx_mgr:
-            dev = _core_device(w.device)
-            loss, _ = _api._run(_to_array(V), beta, 0, reduction, _to_array(Vo) if want_grad else None, False,
-                                "cupy" if w.device.type == "cuda" else "numpy", "highest", None, want_grad,
-                                device=dev)
-            loss_t = _from_array(loss, w.device)
-        if want_grad:
-            ctx.save_for_backward(grad.to(torch.bfloat16) if bf16 else grad)
-        ctx.m_axis = m_axis
-        ctx.ndim = w.dim()
-        ctx.reduction = reduction
-        return loss_t
+def _run_core(V, Vo, beta, reduction, want_grad, device, accumulate=False):
+    """The core on (m, l, n) slice views of tensors (no copy): the cached plan for their layout."""
+    with _on_torch_stream(device) if device.type == "cuda" else nullcontext():
+        a = _to_array(V)
+        o = _to_array(Vo) if want_grad else None
+        p = _plan.cached(a, 0, reduction, "highest", "cupy" if device.type == "cuda" else "numpy", None)
+        loss, _ = p.execute(a, o, accumulate, beta, want_grad)
+        return _from_array(loss, device)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, go):
-        (g,) = ctx.saved_tensors
-        if ctx.reduction == "none" and ctx.ndim == 3:
-            shape = [1, 1, 1]
-            shape[ctx.m_axis] = -1
-            go = go.reshape(shape)
-        # the gradient of the same forward pass, scaled by grad_output (out of place: backward may run twice)
-        return (g * go.to(g.dtype), None, None, None, None, None, None, None)
+
+def _loss_shape(weight, how, m_axis, reduction):
+    if reduction != "none":
+        return ()
+    return (weight.shape[m_axis],) if how == "stack" else (1,)
+
+
+@torch.library.custom_op("gpu_orthol1::ortho_l1", mutates_args=())
+def _ortho_l1_op(weight: torch.Tensor, beta: float, reduction: str, how: str, m_axis: int, transpose: bool,
+                 want_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, gradient) of one tensor; the gradient is an empty (0,) tensor when not wanted. One op to
+    torch.compile and autograd: the forward pass forms the gradient (one pass, no recomputation)."""
+    w = weight.detach()
+    bf16 = w.dtype == torch.bfloat16
+    wc = w.float() if bf16 else w  # bfloat16: float32 copy (documented)
+    grad = torch.empty_like(wc) if want_grad else None
+    V = _slices(wc, how, m_axis, transpose)
+    Vo = _slices(grad, how, m_axis, transpose) if want_grad else None
+    loss = _run_core(V, Vo, beta, reduction, want_grad, w.device)
+    if grad is None:
+        return loss, w.new_empty((0,))
+    return loss, grad.to(torch.bfloat16) if bf16 else grad
+
+
+@_ortho_l1_op.register_fake
+def _(weight, beta, reduction, how, m_axis, transpose, want_grad):
+    ldt = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    loss = weight.new_empty(_loss_shape(weight, how, m_axis, reduction), dtype=ldt)
+    return loss, (torch.empty_like(weight) if want_grad else weight.new_empty((0,)))
+
+
+def _ortho_l1_setup(ctx, inputs, output):
+    weight, beta, reduction, how, m_axis, transpose, want_grad = inputs
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.m_axis, ctx.ndim, ctx.reduction = m_axis, weight.dim(), reduction
+
+
+def _ortho_l1_backward(ctx, go, _go_grad):
+    (g,) = ctx.saved_tensors
+    if ctx.reduction == "none" and ctx.ndim == 3:
+        shape = [1, 1, 1]
+        shape[ctx.m_axis] = -1
+        go = go.reshape(shape)
+    # the gradient of the same forward pass, scaled by grad_output (out of place: backward may run twice)
+    return g * go.to(g.dtype), None, None, None, None, None, None
+
+
+_ortho_l1_op.register_autograd(_ortho_l1_backward, setup_context=_ortho_l1_setup)
 
 
 def ortho_l1(weight, beta=1.0, *, axis=1, reduction="sum", mode=None):
@@ -197,9 +224,11 @@ def ortho_l1(weight, beta=1.0, *, axis=1, reduction="sum", mode=None):
         raise ValueError("weight must be 2-D (l, n) or 3-D (slices along axis), got shape "
                          f"{tuple(weight.shape)}; "
                          "use OrthoL1 for Conv weights (flattened to (out, -1))")
+    if not isinstance(reduction, str) or reduction not in _plan.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_plan.REDUCTIONS}, got {reduction!r}")
     transpose = _pick_transpose(mode, l, n)
-    return _OrthoL1Fn.apply(weight, _api._check_beta(beta), m_axis, reduction, how, transpose, m_axis,
-                              torch.is_grad_enabled())
+    want_grad = torch.is_grad_enabled() and weight.requires_grad
+    return _ortho_l1_op(weight, _plan.check_beta(beta), reduction, how, m_axis, transpose, want_grad)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,51 +255,61 @@ def _matches(rule, name, p) -> bool:
     return any(fnmatch.fnmatchcase(name, pat) for pat in rule)
 
 
+THREE_D = ("auto", "flatten", "stack")
+
+
 class OrthoL1:
     """The L1 orthogonality regularizer over every matrix-shaped parameter of a model.
 
-    params_or_module: an nn.Module, or an iterable of parameters or of (name, parameter) pairs.
-    Taken: 2-D parameters (Linear (out, in) and the like), Conv weights of any dimension, flattened to
-    (out, in*k...) (any >=4-D parameter, and 3-D ones that belong to a Conv module), and other 3-D
-    parameters as stacks of matrices along `axis`. Left out: 0-D/1-D parameters (biases, norms),
-    parameters with requires_grad=False, and what include/exclude rule out: each is a glob pattern
-    on the parameter's name (or a list of them) or a callable (name, param) -> bool; a parameter is
-    taken when it matches include (if given) and not exclude. Shared parameters count once.
+    params_or_module: an nn.Module, one tensor, or an iterable of parameters or of (name, parameter)
+    pairs. Taken: 2-D parameters (Linear (out, in) and the like), Conv weights of any dimension,
+    flattened to (out, in*k...), and 3-D parameters by `three_d`: "flatten" (as Conv1d weights),
+    "stack" (stacks of matrices along `axis`), or "auto" (default): flattened when they belong to a
+    Conv module of the module passed, stacks otherwise; when parameters are passed without their
+    module, "auto" cannot tell a Conv1d weight from a stack, so it warns once, naming them. Left out:
+    0-D/1-D parameters (biases, norms), parameters with requires_grad=False (also those switched off
+    after the regularizer was built: every call skips them), and what include/exclude rule out: each
+    is a glob pattern on the parameter's name (or a list of them) or a callable (name, param) -> bool;
+    a parameter is taken when it matches include (if given) and not exclude. Shared parameters count
+    once. A selection of no matrices raises ValueError unless allow_empty=True.
 
     mode: "rows" penalizes sum |W W^T - I|, "columns" sum |W^T W - I|, "auto" (default) the smaller
-    Gram (the one that can reach zero). The loss is beta times the sum over all matrices.
+    Gram (the one that can reach zero). The loss is beta times the sum over all matrices; `loss()`,
+    `add_grad_()` and `step_()` return it as float64 when every parameter is float64, else float32.
 
     Parameters with one (slice shape, dtype, memory layout) are evaluated together: one batched Gram
     GEMM, one fused sign pass and one batched gradient GEMM per group and workspace chunk (on CUDA
-    a cuBLAS pointer-array call over the separate tensors, no stacking copy). float16 on CUDA,
-    bfloat16 and layouts BLAS cannot read go through the core one tensor at a time.
+    a cuBLAS pointer-array call over the separate tensors, no stacking copy), through the same chunk
+    loop as the core API. float16 on CUDA, bfloat16 and layouts BLAS cannot read go through the core
+    one tensor at a time.
     """
 
     def __init__(self, params_or_module, beta=1.0, mode="auto", *, axis=1, include=None, exclude=None,
-                 workspace_bytes=None):
+                 workspace_bytes=None, three_d="auto", allow_empty=False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.beta = _api._check_beta(beta)
-        if workspace_bytes is not None and (isinstance(workspace_bytes, bool)
-                                            or not isinstance(workspace_bytes, numbers.Integral)
-                                            or workspace_bytes <= 0):
-            raise ValueError(f"workspace_bytes must be a positive integer, got {workspace_bytes!r}")
-        self.workspace_bytes = workspace_bytes
+        if three_d not in THREE_D:
+            raise ValueError(f"three_d must be one of {THREE_D}, got {three_d!r}")
+        self.beta = _plan.check_beta(beta)
+        self.workspace_bytes = _plan.check_workspace_bytes(workspace_bytes)
         self.mode = mode
-        self._ptr_cache: dict = {}
-        self._device_factory: Callable | None = None  # tests: run the CPU tensors on another NumPy device
+        self._device_factory: Callable | None = None  # tests: a core device for CPU tensors
         conv = set()
-        if isinstance(params_or_module, torch.nn.Module):
+        module_given = isinstance(params_or_module, torch.nn.Module)
+        if module_given:
             named = list(params_or_module.named_parameters())
             for mod in params_or_module.modules():
                 if isinstance(mod, torch.nn.modules.conv._ConvNd):
                     conv.add(id(mod.weight))
+        elif isinstance(params_or_module, torch.Tensor):
+            named = [("param", params_or_module)]
         else:
             named = []
             for i, x in enumerate(params_or_module):
                 named.append(tuple(x) if isinstance(x, (tuple, list)) else (str(i), x))
         self.targets: list[_Target] = []
         seen = set()
+        ambiguous = []
         for name, p in named:
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"parameter {name!r} is a {type(p).__name__}, not a tensor")
@@ -282,16 +321,29 @@ class OrthoL1:
                 continue
             _check_tensor(p, f"parameter {name!r}")
             seen.add(id(p))
+            if p.dim() == 3 and three_d == "auto" and not module_given:
+                ambiguous.append(name)
+            flatten_3d = three_d == "flatten" or (three_d == "auto" and id(p) in conv)
             if p.dim() == 2:
                 how, l, n = "matrix", p.shape[0], p.shape[1]
-            elif p.dim() >= 4 or id(p) in conv:
+            elif p.dim() >= 4 or flatten_3d:
                 how, l, n = "flatten", p.shape[0], math.prod(p.shape[1:])
             else:
                 ax = axis % 3
                 how = "stack"
                 l, n = (s for i, s in enumerate(p.shape) if i != ax)
             self.targets.append(_Target(name, p, how, axis % 3, _pick_transpose(mode, l, n)))
+        if not self.targets and not allow_empty:
+            raise ValueError("OrthoL1: no matrices were selected (no parameter of 2 or more dims with "
+                             "requires_grad=True passed include/exclude); pass allow_empty=True if that is fine")
+        if ambiguous:
+            warnings.warn(
+                f"OrthoL1: 3-D parameters {ambiguous} were passed without their module, so three_d='auto' "
+                f"treats them as stacks of matrices along axis={axis % 3}; if they are Conv1d weights pass "
+                "the module or three_d='flatten' (three_d='stack' silences this warning)",
+                UserWarning, stacklevel=2)
         self.backend_calls = 0  # batched GEMM calls + per-tensor core calls of the last method call
+        self._groups_cache: tuple | None = None
 
     @property
     def names(self) -> list[str]:
@@ -302,24 +354,28 @@ class OrthoL1:
 
     # -- planning --------------------------------------------------------------------------------
 
-    def _groups(self, outs):
+    def _active(self):
+        """Indices of the targets that take part in this call: requires_grad may have been switched off."""
+        return [j for j, t in enumerate(self.targets) if t.param.requires_grad]
+
+    def _groups(self, active, outs):
         """{key: [(target index, V, Vo)]} for the batched path, and the list of per-tensor fallbacks."""
         groups: dict = {}
         single = []
-        for j, t in enumerate(self.targets):
+        for j in active:
+            t = self.targets[j]
             p = t.param.detach()
             V = t.view(p)
-            lay = _grouped.slice_layout(V.shape[1], V.shape[2], V.stride(1), V.stride(2))
+            lay = _gemm.slice_layout(V.shape[1], V.shape[2], V.stride(1), V.stride(2))
             if outs is None:
                 Vo, lay_o = None, None
             elif isinstance(outs, _LazyOuts):  # empty_like(param) later: the param's own layout
                 Vo, lay_o = None, lay
             else:
                 Vo = t.view(outs[j])
-                lay_o = _grouped.slice_layout(Vo.shape[1], Vo.shape[2], Vo.stride(1), Vo.stride(2))
+                lay_o = _gemm.slice_layout(Vo.shape[1], Vo.shape[2], Vo.stride(1), Vo.stride(2))
             ok = (lay is not None and (outs is None or lay_o is not None) and p.dtype != torch.bfloat16
-                  and (p.device.type == "cpu" or self._device_factory is not None
-                       or _grouped.CupyGroupedDevice.supports(_NP_DTYPE[p.dtype])))
+                  and (p.device.type == "cpu" or p.dtype in (torch.float32, torch.float64)))
             if not ok:
                 single.append((j, V, Vo))
                 continue
@@ -328,39 +384,33 @@ class OrthoL1:
         return groups, single
 
     def _budget(self, device_type):
-        if self.workspace_bytes is not None:
-            return self.workspace_bytes
-
-        class _C:  # the core's budget rule (env override, CPU cache size, GPU free memory)
-            workspace_bytes = None
-
         if device_type == "cpu":
-            return _api._workspace_budget(_C, "numpy", np)
+            return _plan.workspace_budget(self.workspace_bytes, "numpy", np)
         import cupy
 
-        return _api._workspace_budget(_C, "cupy", cupy)
+        return _plan.workspace_budget(self.workspace_bytes, "cupy", cupy)
 
-    def _execute(self, outs, *, alpha_scale: float, beta_gemm: float, want_grad: bool, after_group=None):
-        """Run every target; gradients (alpha_scale * dL/dW, plus beta_gemm * out) into outs.
+    def _execute(self, outs, *, beta_gemm: float, want_grad: bool, after_group=None):
+        """Run every active target; gradients (dL/dW, plus beta_gemm * out) into outs.
         Returns {device: loss tensor (float64, beta included)}."""
         self.backend_calls = 0
-        groups, single = self._groups(outs if want_grad else None)
+        active = self._active()
+        groups, single = self._groups(active, outs if want_grad else None)
         by_dev: dict = {}
         for key, members in groups.items():
             by_dev.setdefault(key[0], []).append((key, members))
-        for _, V, _ in single:
-            by_dev.setdefault(V.device, [])
         single_by_dev: dict = {}
         for s in single:
+            by_dev.setdefault(s[1].device, [])
             single_by_dev.setdefault(s[1].device, []).append(s)
         totals = {}
-        alpha = 2.0 * self.beta * alpha_scale
+        alpha = 2.0 * self.beta
         for device, glist in by_dev.items():
             cuda = device.type == "cuda"
             with _on_torch_stream(device) if cuda else nullcontext():
-                core = _core_device(device) if self._device_factory is None or cuda else None
+                dev = self._device_factory() if self._device_factory and not cuda else _core_device(device)
                 if cuda:
-                    dev = _grouped.CupyGroupedDevice(core, device, self._ptr_cache)
+                    dev.bind()
 
                     def alloc(shape, dt, _d=device):
                         return torch.empty(shape, dtype=getattr(torch, np.dtype(dt).name), device=_d)
@@ -368,7 +418,6 @@ class OrthoL1:
                     def buf(x):
                         return x
                 else:
-                    dev = self._device_factory() if self._device_factory else _grouped.make_numpy_device()
                     alloc = np.empty
 
                     def buf(x):
@@ -377,60 +426,58 @@ class OrthoL1:
                 nslices = sum(V.shape[0] for _, members in glist for _, V, _ in members)
                 losses = torch.zeros(nslices, dtype=torch.float64, device=device)
                 losses_a = buf(losses)
-                budget = self._budget(device.type)
+                budget = None
                 off = 0
                 for key, members in glist:
                     _, dtype, l, n, lay, lay_o = key
-                    bufs: dict = {}
-                    items = []
+                    phis: list = []
+                    gouts: list = []
                     for j, V, Vo in members:
                         if want_grad and Vo is None:
                             Vo = self.targets[j].view(outs[j])
-                        bufs[("p", j)] = buf(V)
+                        Va = buf(V)
+                        phis.extend(Va[i] for i in range(V.shape[0]))
                         if want_grad:
-                            bufs[("o", j)] = buf(Vo)
-                        for i in range(V.shape[0]):
-                            items.append(_grouped.Item(_grouped.Ref(("p", j), i * V.stride(0)),
-                                                       _grouped.Ref(("o", j), i * Vo.stride(0)) if want_grad
-                                                       else None))
+                            Voa = buf(Vo)
+                            gouts.extend(Voa[i] for i in range(V.shape[0]))
+                    if budget is None:
+                        budget = self._budget(device.type)
+                    batch = _driver.Pointers(phis, gouts if want_grad else None, lay, lay_o, l, n)
+                    npdt = np.dtype(_NP_DTYPE[dtype])
+                    sz = _driver.sizes(dev, len(phis), l, n, npdt, want_grad=want_grad, accumulate=bool(beta_gemm),
+                                       stage_phi=False, stage_out=False, budget=budget)
+                    wsb = _driver.workspace(alloc, sz, l, n, npdt)
                     counter = _CallCounter(dev)
-                    _grouped.run_group(counter, items, bufs, l=l, n=n, dtype=_NP_DTYPE[dtype], lay=lay,
-                                       lay_out=lay_o, alpha=alpha, beta_gemm=beta_gemm, want_grad=want_grad,
-                                       losses=losses_a, loss_offset=off, budget=budget, alloc=alloc)
+                    _driver.run(counter, batch, wsb, sz.chunk, losses_a, loss_offset=off, alpha=alpha,
+                                beta_gemm=beta_gemm, want_grad=want_grad)
                     self.backend_calls += counter.calls
-                    off += len(items)
+                    off += len(phis)
                     if after_group is not None:
                         after_group([j for j, _, _ in members])
                 total = losses.sum() * self.beta
                 for j, V, Vo in single_by_dev.get(device, []):
                     if want_grad and Vo is None:
                         Vo = self.targets[j].view(outs[j])
-                    total = total + self._single(j, V, Vo, core, device, alpha_scale, beta_gemm, want_grad)
+                    total = total + self._single(V, Vo, device, beta_gemm, want_grad)
                     if after_group is not None:
                         after_group([j])
                 totals[device] = total
         return totals
 
-    def _single(self, j, V, Vo, core, device, alpha_scale, beta_gemm, want_grad):
+    def _single(self, V, Vo, device, beta_gemm, want_grad):
         """One tensor through the core (float16 on CUDA, bfloat16, layouts BLAS cannot read)."""
         self.backend_calls += 1
         bf16 = V.dtype == torch.bfloat16
         Vc = V.float() if bf16 else V
-        tmp = None
-        if want_grad and (bf16 or alpha_scale != 1.0):
-            tmp = torch.empty_like(Vc)  # the core writes 2 beta Phi S; scale / round it afterwards
+        tmp = torch.empty_like(Vc) if want_grad and bf16 else None  # written in float32, rounded below
         o = tmp if tmp is not None else Vo
-        dev = core if core is not None else _core_device(device)
-        backend = "cupy" if device.type == "cuda" else "numpy"
-        loss, _ = _api._run(_to_array(Vc), self.beta, 0, "sum", _to_array(o) if want_grad else None,
-                            bool(beta_gemm) and tmp is None, backend, "highest", self.workspace_bytes,
-                            want_grad, device=dev)
+        loss = _run_core(Vc, o, self.beta, "sum", want_grad, device, accumulate=bool(beta_gemm) and tmp is None)
         if tmp is not None:
             if beta_gemm:
-                Vo.add_(tmp, alpha=alpha_scale)
+                Vo.add_(tmp)
             else:
-                Vo.copy_(tmp.mul_(alpha_scale))
-        return _from_array(loss, device).to(torch.float64)
+                Vo.copy_(tmp)
+        return loss.to(torch.float64)
 
     def _check_devices(self):
         devs = {t.param.device for t in self.targets}
@@ -442,6 +489,17 @@ class OrthoL1:
         for t in self.targets:
             _check_tensor(t.param, f"parameter {t.name!r}")
 
+    def _loss_dtype(self):
+        return torch.float64 if all(t.param.dtype == torch.float64 for t in self.targets) else torch.float32
+
+    def _result(self, totals):
+        dt = self._loss_dtype()
+        if not totals:
+            return torch.zeros((), dtype=dt)
+        if len(totals) == 1:
+            return next(iter(totals.values())).to(dt)
+        return {d: v.to(dt) for d, v in totals.items()}
+
     # -- public methods --------------------------------------------------------------------------
 
     def loss(self):
@@ -449,19 +507,22 @@ class OrthoL1:
         parameter is float64, float32 otherwise). Add it to the task loss; its backward hands each
         parameter the gradient formed in this same forward pass."""
         self._check_devices()
-        if not self.targets:
-            return torch.zeros((), dtype=torch.float32)
-        return _OrthoL1ModelFn.apply(self, torch.is_grad_enabled(), *[t.param for t in self.targets])
+        active = self._active()
+        if not active:
+            return torch.zeros((), dtype=self._loss_dtype())
+        return _OrthoL1ModelFn.apply(self, torch.is_grad_enabled(), *[self.targets[j].param for j in active])
 
     @torch.no_grad()
     def add_grad_(self):
-        """Add d(loss())/dW = beta * dL/dW (L the unscaled sum) into each parameter's .grad (created as
-        zeros when None), without an autograd graph: call after the task loss's backward, before
-        optimizer.step(). The gradient GEMM accumulates straight into .grad; the only extra memory is
-        the Gram workspace chunk (on CPU also one matrix-sized temporary: NumPy's matmul cannot add).
-        Returns the loss value (detached): {device: loss} when the parameters span several devices."""
-        outs = []
-        for t in self.targets:
+        """Add d(loss())/dW into each parameter's .grad (created as zeros when None), without an autograd
+        graph: call after the task loss's backward, before optimizer.step(). Parameters whose
+        requires_grad is False are skipped. The gradient GEMM accumulates straight into .grad; the only
+        extra memory is the Gram workspace chunk (on CPU also one matrix-sized temporary: NumPy's matmul
+        cannot add). Returns the loss value (detached, the dtype rule of `loss()`): {device: loss} when
+        the parameters span several devices."""
+        outs: list = [None] * len(self.targets)
+        for j in self._active():
+            t = self.targets[j]
             p = t.param
             _check_tensor(p, f"parameter {t.name!r}")
             if p.grad is None:
@@ -473,15 +534,15 @@ class OrthoL1:
             if g.device != p.device or g.dtype != p.dtype or g.shape != p.shape:
                 raise ValueError(f"parameter {t.name!r}: .grad is {g.dtype} {tuple(g.shape)} on {g.device}, "
                                  f"the parameter {p.dtype} {tuple(p.shape)} on {p.device}")
-            outs.append(g)
-        totals = self._execute(outs, alpha_scale=1.0, beta_gemm=1.0, want_grad=True)
-        return _one_or_dict(totals)
+            outs[j] = g
+        return self._result(self._execute(outs, beta_gemm=1.0, want_grad=True))
 
     @torch.no_grad()
     def step_(self, lr):
         """The update rule W <- W - lr * d(loss())/dW in place, decoupled from the optimizer (like AdamW's
-        weight decay), from the weights before the update. A gradient buffer lives per group only.
-        Returns the loss value before the step (detached)."""
+        weight decay), from the weights before the update; parameters whose requires_grad is False are
+        left alone. A gradient buffer lives per group only. Returns the loss value before the step
+        (detached, the dtype rule of `loss()`)."""
         if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(float(lr)):
             raise ValueError(f"lr must be a finite real number, got {lr!r}")
         for t in self.targets:
@@ -493,9 +554,7 @@ class OrthoL1:
                 self.targets[j].param.sub_(tmps[j], alpha=float(lr))
                 tmps[j] = None
 
-        totals = self._execute(tmps, alpha_scale=1.0, beta_gemm=0.0,
-                               want_grad=True, after_group=apply)
-        return _one_or_dict(totals)
+        return self._result(self._execute(tmps, beta_gemm=0.0, want_grad=True, after_group=apply))
 
 
 class _LazyOuts:
@@ -518,24 +577,20 @@ class _LazyOuts:
             self._bufs[j] = value
 
 
-def _one_or_dict(totals):
-    if len(totals) == 1:
-        return next(iter(totals.values()))
-    if not totals:
-        return torch.zeros((), dtype=torch.float64)
-    return totals
-
-
 class _CallCounter:
-    """Counts the device's batched GEMM calls (what `OrthoL1.backend_calls` reports)."""
+    """Counts the device's GEMM calls (what `OrthoL1.backend_calls` reports)."""
 
     def __init__(self, dev):
         self._dev = dev
         self.calls = 0
 
-    def gemm_batched(self, call, bufs):
+    def gram(self, *a):
         self.calls += 1
-        self._dev.gemm_batched(call, bufs)
+        self._dev.gram(*a)
+
+    def grad(self, *a):
+        self.calls += 1
+        self._dev.grad(*a)
 
     def __getattr__(self, name):
         return getattr(self._dev, name)
@@ -545,15 +600,18 @@ class _OrthoL1ModelFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, reg, grad_mode, *params):
         want = grad_mode and any(ctx.needs_input_grad[2:])
-        outs = [torch.empty_like(p) for p in params] if want else None
-        totals = reg._execute(outs, alpha_scale=1.0, beta_gemm=0.0, want_grad=want)
-        total = next(iter(totals.values())) if totals else torch.zeros((), dtype=torch.float64)
+        active = reg._active()
+        outs: list | None = None
         if want:
-            ctx.save_for_backward(*outs)
+            outs = [None] * len(reg.targets)
+            for j, p in zip(active, params):
+                outs[j] = torch.empty_like(p)
+        totals = reg._execute(outs, beta_gemm=0.0, want_grad=want)
+        if want:
+            ctx.save_for_backward(*[outs[j] for j in active])  # type: ignore[index]
         ctx.want = want
         ctx.nparams = len(params)
-        all64 = all(p.dtype == torch.float64 for p in params)
-        return total if all64 else total.to(torch.float32)
+        return reg._result(totals)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -60,10 +60,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-# the numba-cuda 0.30 + NumPy 2.5 row_stack workaround, as in sign_abs.py: this module
-# may be the first to import numba.cuda
-if not hasattr(np, "row_stack"):
-    np.row_stack = np.vstack
+from ._compat import check_numba_cuda_numpy
+
+check_numba_cuda_numpy()  # this module may be the first to import numba.cuda
 
 from numba import config as numba_config  # noqa: E402
 from numba import cuda, float32, float64  # noqa: E402

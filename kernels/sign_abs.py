@@ -16,14 +16,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
+from ._compat import check_numba_cuda_numpy
 
-# numba-cuda 0.30 registers an overload for np.row_stack while building its typing
-# context; NumPy 2.5 removed that alias, so the first kernel compile fails with
-# AttributeError (seen on the GPU machine: numba-cuda 0.30.4 + numpy 2.5.2). Give it
-# the alias back (it was np.vstack) before numba.cuda is imported.
-if not hasattr(np, "row_stack"):
-    np.row_stack = np.vstack
+check_numba_cuda_numpy()  # a clear error for numba-cuda 0.30 + NumPy 2.5 (seen on the GPU machine)
 
 from numba import cuda, float64  # noqa: E402
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 import gpu_orthol1 as ol1
-from gpu_orthol1 import _api
 
 from .reference import random_phi, slice_rows
 
@@ -42,14 +41,18 @@ def make(xp, rng, shape, dtype, layout="C", axis=1):
 def run(kind, phi, beta=1.0, *, want_grad=True, **kw):
     """(loss, grad) from backend `kind`: "numpy", "cupy", or "emulated" (the GPU path's logic on the CPU)."""
     if kind == "emulated":
-        from gpu_orthol1._numpy_dev import EmulatedGpuDevice
+        from gpu_orthol1._plan import Plan, check_beta
+        from gpu_orthol1.testing import EmulatedGpuDevice
 
         args = dict(axis=1, reduction="sum", out=None, accumulate=False, precision="highest",
                     workspace_bytes=None)
         args.update(kw)
-        return _api._run(phi, beta, args["axis"], args["reduction"], args["out"], args["accumulate"],
-                         "numpy", args["precision"], args["workspace_bytes"], want_grad,
-                         device=EmulatedGpuDevice())
+        plan = Plan(phi, beta, axis=args["axis"], reduction=args["reduction"], backend="numpy",
+                    precision=args["precision"], workspace_bytes=args["workspace_bytes"],
+                    want="loss_and_grad" if want_grad else "loss", _device=EmulatedGpuDevice())
+        if want_grad:
+            plan.check_out(args["out"], phi, args["accumulate"])
+        return plan.execute(phi, args["out"], args["accumulate"], check_beta(beta), want_grad)
     if want_grad:
         return ol1.loss_and_grad(phi, beta, backend=kind, **kw)
     return ol1.loss(phi, beta, backend=kind, **kw), None

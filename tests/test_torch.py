@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 import gpu_orthol1 as ol1  # noqa: E402
-from gpu_orthol1 import _api, _grouped  # noqa: E402
+from gpu_orthol1 import _driver, _gemm, _numpy_dev, _plan  # noqa: E402
 from gpu_orthol1.torch import OrthoL1, ortho_l1  # noqa: E402
 
 from .reference import check, random_phi  # noqa: E402
@@ -155,13 +155,13 @@ def test_ortho_l1_bfloat16_through_float32(tseed):
 
 def test_ortho_l1_cpu_is_zero_copy_and_one_pass(monkeypatch, tseed):
     seen = []
-    real = _api._run
+    real = _plan.Plan.execute
 
-    def spy(phi, *a, **k):
+    def spy(self, phi, *a, **k):
         seen.append(phi)
-        return real(phi, *a, **k)
+        return real(self, phi, *a, **k)
 
-    monkeypatch.setattr(_api, "_run", spy)
+    monkeypatch.setattr(_plan.Plan, "execute", spy)
     w = _t(tseed, (10, 6), torch.float32).requires_grad_(True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ol1.CopyWarning)  # rows mode reads the transposed view in place
@@ -175,8 +175,8 @@ def test_ortho_l1_cpu_is_zero_copy_and_one_pass(monkeypatch, tseed):
 
 def test_ortho_l1_no_grad_skips_gradient(monkeypatch, tseed):
     flags = []
-    real = _api._run
-    monkeypatch.setattr(_api, "_run", lambda *a, **k: (flags.append(a[9]), real(*a, **k))[1])
+    real = _plan.Plan.execute
+    monkeypatch.setattr(_plan.Plan, "execute", lambda *a, **k: (flags.append(a[5]), real(*a, **k))[1])
     w = _t(tseed, (6, 4), torch.float32).requires_grad_(True)
     with torch.no_grad():
         loss = ortho_l1(w)
@@ -325,16 +325,21 @@ def test_orthol1_low_precision_against_reference(device, dtype, tseed):
 
 def _spy_batched(monkeypatch):
     sizes = []
-    real = _grouped.numpy_batched_gemm
+    real_gram, real_grad = _numpy_dev.NumpyDevice.gram, _numpy_dev.NumpyDevice.grad
 
-    def spy(call, bufs):
-        sizes.append(call.batch)
-        real(call, bufs)
+    def gram(src, cc, ws):
+        sizes.append(cc) if isinstance(src, _driver.PointerChunk) else None
+        real_gram(src, cc, ws)
 
-    monkeypatch.setattr(_grouped.NumpyGroupedDevice, "gemm_batched", staticmethod(spy))
+    def grad(src, dst, cc, *a):
+        sizes.append(cc) if isinstance(src, _driver.PointerChunk) else None
+        real_grad(src, dst, cc, *a)
+
+    monkeypatch.setattr(_numpy_dev.NumpyDevice, "gram", staticmethod(gram))
+    monkeypatch.setattr(_numpy_dev.NumpyDevice, "grad", staticmethod(grad))
     single = []
-    real_run = _api._run
-    monkeypatch.setattr(_api, "_run", lambda *a, **k: (single.append(1), real_run(*a, **k))[1])
+    real_run = _plan.Plan.execute
+    monkeypatch.setattr(_plan.Plan, "execute", lambda *a, **k: (single.append(1), real_run(*a, **k))[1])
     return sizes, single
 
 
@@ -392,9 +397,9 @@ def test_include_exclude_rules():
     assert OrthoL1(tied).names == ["0.weight"]
     # an iterable of parameters or of (name, parameter) pairs; 3-D parameters are stacks along axis
     stack = nn.Parameter(torch.randn(4, 3, 6))
-    reg = OrthoL1([("a", stack), ("b", nn.Parameter(torch.randn(5)))], axis=0, mode="columns")
+    reg = OrthoL1([("a", stack), ("b", nn.Parameter(torch.randn(5)))], axis=0, mode="columns", three_d="stack")
     assert reg.names == ["a"] and reg.targets[0].view(stack).shape == (4, 3, 6)
-    reg = OrthoL1([stack], axis=1, mode="columns")
+    reg = OrthoL1([stack], axis=1, mode="columns", three_d="stack")
     assert reg.names == ["0"] and reg.targets[0].view(stack).shape == (3, 4, 6)
     loss = reg.loss()
     torch.testing.assert_close(loss.double(), naive_loss(stack.detach().double(), 1.0, 1), rtol=2e-5, atol=0)
@@ -436,7 +441,9 @@ def test_gpu_pointer_array_path_emulated(dtype, tseed):
     calls = []
 
     def factory():
-        dev = _grouped.make_numpy_device(emulated=True)
+        from gpu_orthol1.testing import EmulatedGpuDevice
+
+        dev = EmulatedGpuDevice()
         calls.append(dev)
         return dev
 
@@ -459,18 +466,18 @@ def test_gpu_pointer_array_path_emulated(dtype, tseed):
         for t, b in zip(reg.targets, before):
             np.testing.assert_allclose(t.param.grad.double().numpy(), 2 * b.double().numpy(),
                                        rtol=2e-3 if dtype == torch.float16 else 1e-5, atol=1e-3)
-    assert calls
+    assert calls and all(kind == "pointers" for d in calls for kind, _ in d.gemm_calls)
+    assert any(len(d.gemm_calls) == 2 * 2 + 2 * 2 for d in calls)  # 2 groups (9x9 and the rest) x 2 chunks
 
 
 def test_pointer_arrays_are_base_plus_offset():
     bufs = {"x": np.zeros(10, np.float32), "ws": np.zeros(50, np.float32),
             "out": np.zeros((3, 4), np.float64)}
-    call = _grouped.BatchedGemm(
-        __import__("gpu_orthol1._gemm", fromlist=["Gemm"]).gram_call(
-            __import__("gpu_orthol1._gemm", fromlist=["Layout"]).Layout("T", 2, 0), 0, 1, 2, 2),
-        (_grouped.Ref("x", 3), _grouped.Ref("x", 5)), (_grouped.Ref("x", 3), _grouped.Ref("x", 5)),
-        (_grouped.Ref("ws", 0), _grouped.Ref("out", 4)))
-    p = _grouped.pointer_arrays(call, lambda k: bufs[k].ctypes.data, lambda k: bufs[k].itemsize)
+    call = _gemm.BatchedGemm(
+        _gemm.gram_call(_gemm.Layout("T", 2, 0), 0, 1, 2, 2),
+        (_gemm.Ref("x", 3), _gemm.Ref("x", 5)), (_gemm.Ref("x", 3), _gemm.Ref("x", 5)),
+        (_gemm.Ref("ws", 0), _gemm.Ref("out", 4)))
+    p = _gemm.pointer_arrays(call, lambda k: bufs[k].ctypes.data, lambda k: bufs[k].itemsize)
     x, ws, out = (bufs[k].ctypes.data for k in ("x", "ws", "out"))
     assert p.dtype == np.uint64 and p.shape == (3, 2)
     assert p.tolist() == [[x + 12, x + 20], [x + 12, x + 20], [ws, out + 32]]
@@ -581,27 +588,21 @@ def test_gpu_side_stream_and_float16(tseed):
     np.testing.assert_allclose(loss.item(), total, rtol=2e-5)
 
 
-def test_cupy_grouped_device_call_arguments(monkeypatch, tseed):
-    """CupyGroupedDevice's ?gemmBatched call, argument by argument, without a GPU: a fake cuBLAS reads
+def test_cupy_device_pointer_call_arguments(tseed):
+    """CupyDevice's ?gemmBatched calls, argument by argument, without a GPU: a fake cuBLAS reads
     alpha/beta and the three address arrays from the raw pointers it is given, exactly as cuBLAS would
-    (host scalars, device arrays of addresses laid out A, B, C), and executes them over the buffers."""
+    (host scalars, device arrays of addresses laid out A, B, C), and executes them over the buffers.
+    The device's own gram/grad/_pointers/_scalars code runs; only cuBLAS and the upload are faked."""
     import ctypes
 
-    from gpu_orthol1 import _gemm
-    from gpu_orthol1._numpy_dev import NumpyDevice
+    from gpu_orthol1._cupy import CupyDevice
+    from gpu_orthol1.testing import emulate_pointer_gemm
 
-    views: dict = {}  # address -> NumPy view, for the fake to resolve addresses
+    views: dict = {}  # key -> NumPy view, for the fake to resolve addresses
+    uploads: list = []  # keep the uploaded address arrays alive
 
     class FakeCublas:
         calls: typing.ClassVar[list] = []
-
-        @staticmethod
-        def getPointerMode(h):
-            return 0
-
-        @staticmethod
-        def setPointerMode(h, m):
-            raise AssertionError("pointer mode should already be host")
 
         def _run(self, scal, handle, ta, tb, m, n, k, alpha_p, A, lda, B, ldb, beta_p, C, ldc, batch):
             alpha = scal.from_address(alpha_p).value
@@ -611,9 +612,9 @@ def test_cupy_grouped_device_call_arguments(monkeypatch, tseed):
             op = _gemm.Operand("?", 0, 0, 0)
             t = _gemm.Gemm(ta, tb, m, n, k, alpha, replace_ld(op, lda), replace_ld(op, ldb), beta,
                            replace_ld(op, ldc), 1)
-            call = _grouped.BatchedGemm(t, (None,) * batch, (None,) * batch, (None,) * batch)
+            call = _gemm.BatchedGemm(t, (None,) * batch, (None,) * batch, (None,) * batch)
             self.calls.append(batch)
-            _grouped.emulate_pointer_gemm(call, ptrs, dict(views))
+            emulate_pointer_gemm(call, ptrs, dict(views))
 
         def sgemmBatched(self, *a):
             self._run(ctypes.c_float, *a)
@@ -624,51 +625,43 @@ def test_cupy_grouped_device_call_arguments(monkeypatch, tseed):
     def replace_ld(op, ld):
         return _gemm.Operand(op.buf, op.offset, ld, 0)
 
-    cpu = NumpyDevice()
+    def upload(ptrs):
+        a = ptrs.view(np.int64).copy()
+        uploads.append(a)
+        return a.ctypes.data
 
-    class FakeCore:
-        folds_alpha = False  # as on the GPU: alpha in the GEMM
-        acc_dtype = staticmethod(NumpyDevice.acc_dtype)
-        sign_dtype = staticmethod(lambda d: d)
-        extra_bytes_per_slice = staticmethod(lambda *a: 0)
-        _cublas = FakeCublas()
-        _handle = 0
-
-        def sign_abs(self, ws, sgn, n, losses, off, scale, write_s):
-            cpu.sign_abs(ws.numpy(), sgn.numpy(), n, losses.numpy(), off, scale, write_s)
-
-    dev = _grouped.CupyGroupedDevice(FakeCore(), torch.device("cpu"), {})
-    monkeypatch.setattr(dev, "_upload", lambda ptrs: torch.from_numpy(ptrs.view(np.int64).copy()))
-
-    def alloc(shape, dt):
-        t = torch.empty(shape, dtype=getattr(torch, np.dtype(dt).name))
-        views[("alloc", len(views))] = t.numpy()
-        return t
+    cpu = _numpy_dev.NumpyDevice()
+    dev = object.__new__(CupyDevice)  # no CuPy here: set what __init__ and bind() would
+    dev._cublas, dev._handle, dev._stream_ptr = FakeCublas(), 0, 0
+    dev._alpha = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
+    dev._beta = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
+    dev._upload = upload
+    dev.sign_abs = cpu.sign_abs
 
     for dtype in (torch.float32, torch.float64):
+        np_dt = _NPD[dtype]
         for rows in (False, True):  # kind "T" and kind "N" operands
             views.clear()
             Ws = [_t(tseed, (7, 5), dtype) for _ in range(3)]
             outs = [torch.randn(7, 5, dtype=dtype) for _ in range(3)]
             base = [o.clone() for o in outs]
-            bufs, items = {}, []
-            for j, (W, O) in enumerate(zip(Ws, outs)):
-                V, Vo = (W.T, O.T) if rows else (W, O)
-                bufs[("p", j)], bufs[("o", j)] = V, Vo
-                views[("p", j)], views[("o", j)] = V.numpy(), Vo.numpy()
-                items.append(_grouped.Item(_grouped.Ref(("p", j), 0), _grouped.Ref(("o", j), 0)))
-            lay = _grouped.slice_layout(*bufs[("p", 0)].shape, *bufs[("p", 0)].stride())
-            losses = torch.zeros(3, dtype=torch.float64)
+            phis = [(W.T if rows else W).numpy() for W in Ws]
+            gouts = [(O.T if rows else O).numpy() for O in outs]
+            for j, (V, Vo) in enumerate(zip(phis, gouts)):
+                views[("p", j)], views[("o", j)] = V, Vo
+            lay = _gemm.slice_layout(*phis[0].shape, *(s // phis[0].itemsize for s in phis[0].strides))
+            batch = _driver.Pointers(phis, gouts, lay, lay, phis[0].shape[0], phis[0].shape[1])
+            sz = _driver.sizes(dev, 3, *phis[0].shape, np.dtype(np_dt), want_grad=True, accumulate=True,
+                               stage_phi=False, stage_out=False, budget=1 << 20)
+            wsb = _driver.workspace(np.empty, sz, *phis[0].shape, np.dtype(np_dt))
+            views["ws"], views["sgn"] = wsb["ws"], wsb["sgn"]
+            losses = np.zeros(3)
             FakeCublas.calls.clear()
-            _grouped.run_group(dev, items, bufs, l=bufs[("p", 0)].shape[0], n=bufs[("p", 0)].shape[1],
-                               dtype=_NPD[dtype], lay=lay, lay_out=lay, alpha=2 * 0.7, beta_gemm=1.0,
-                               want_grad=True, losses=losses, loss_offset=0, budget=1 << 20, alloc=alloc)
+            _driver.run(dev, batch, wsb, sz.chunk, losses, alpha=2 * 0.7, beta_gemm=1.0, want_grad=True)
             assert FakeCublas.calls == [3, 3]
             for j, W in enumerate(Ws):
-                V = (W.T if rows else W).numpy()
-                np_dt = _NPD[dtype]
                 added = outs[j] - base[j]
-                check(V, losses[j].item() * 0.7, (added.T if rows else added).numpy(), 0.7, 1, "sum", np_dt)
+                check(phis[j], losses[j] * 0.7, (added.T if rows else added).numpy(), 0.7, 1, "sum", np_dt)
 
 
 _NPD = {torch.float32: np.float32, torch.float64: np.float64}
@@ -679,13 +672,13 @@ def test_gpu_ortho_l1_zero_copy_on_current_stream(monkeypatch, tseed):
     import cupy
 
     seen = []
-    real = _api._run
+    real = _plan.Plan.execute
 
-    def spy(phi, *a, **k):
+    def spy(self, phi, *a, **k):
         seen.append((phi, cupy.cuda.get_current_stream().ptr))
-        return real(phi, *a, **k)
+        return real(self, phi, *a, **k)
 
-    monkeypatch.setattr(_api, "_run", spy)
+    monkeypatch.setattr(_plan.Plan, "execute", spy)
     w = _t(tseed, (12, 7), torch.float32, "cuda").requires_grad_(True)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -697,3 +690,81 @@ def test_gpu_ortho_l1_zero_copy_on_current_stream(monkeypatch, tseed):
     assert isinstance(phi, cupy.ndarray) and phi.data.ptr == w.data_ptr()  # DLPack view, no copy
     assert stream_ptr == s.cuda_stream  # CuPy ran on torch's current stream
     check(w.detach().cpu().numpy().T, loss.item(), w.grad.cpu().numpy().T, 0.5, 1, "sum", np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# what a new user hit (issue 11) and torch.compile
+
+
+def test_orthol1_single_tensor_and_empty_selection(tseed):
+    lin = nn.Linear(6, 4).double()
+    reg = OrthoL1(lin.weight, 0.5, mode="rows")
+    assert len(reg.targets) == 1
+    W = lin.weight.detach()
+    want = 0.5 * (W @ W.T - torch.eye(4, dtype=W.dtype)).abs().sum()
+    torch.testing.assert_close(reg.loss(), want, rtol=1e-13, atol=0)
+    with pytest.raises(ValueError, match="no matrices were selected"):
+        OrthoL1([nn.Parameter(torch.randn(5))])
+    with pytest.raises(ValueError, match="no matrices were selected"):
+        OrthoL1(lin, exclude="*")
+    empty = OrthoL1(lin, exclude="*", allow_empty=True)
+    assert empty.loss().item() == 0.0 and empty.add_grad_().item() == 0.0
+
+
+def test_orthol1_skips_weights_switched_off_after_building(tseed):
+    model = nn.Sequential(nn.Linear(5, 5), nn.Linear(5, 5)).double()
+    reg = OrthoL1(model, 0.3)
+    model[0].weight.requires_grad_(False)
+    assert model[0].weight.grad is None
+    reg.add_grad_()
+    assert model[0].weight.grad is None and model[1].weight.grad is not None
+    before = model[0].weight.detach().clone()
+    reg.step_(0.1)
+    torch.testing.assert_close(model[0].weight.detach(), before, rtol=0, atol=0)
+    model.zero_grad(set_to_none=True)
+    loss = reg.loss()
+    loss.backward()
+    assert model[0].weight.grad is None
+    W = model[1].weight.detach()
+    torch.testing.assert_close(loss, 0.3 * (W.T @ W - torch.eye(5, dtype=W.dtype)).abs().sum(), rtol=1e-13, atol=0)
+
+
+def test_orthol1_3d_rule_does_not_depend_on_how_params_are_passed(tseed):
+    model = nn.Sequential(nn.Conv1d(3, 4, 5), nn.ReLU(), nn.Conv1d(4, 2, 3))
+    by_module = OrthoL1(model, 1.0).loss().item()
+    with pytest.warns(UserWarning, match=r"3-D parameters \['0\.weight', '2\.weight'\].*three_d='flatten'"):
+        reg = OrthoL1(model.named_parameters(), 1.0)
+    assert reg.loss().item() != pytest.approx(by_module)  # "auto" without the module: stacks, as warned
+    assert OrthoL1(model.named_parameters(), 1.0, three_d="flatten").loss().item() == pytest.approx(by_module)
+    assert OrthoL1(model.parameters(), 1.0, three_d="flatten").loss().item() == pytest.approx(by_module)
+    with pytest.raises(ValueError, match="three_d must be one of"):
+        OrthoL1(model, three_d="yes")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_orthol1_one_dtype_rule(dtype, tseed):
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 3)).to(dtype)
+    reg = OrthoL1(model, 0.2)
+    assert reg.loss().dtype == reg.add_grad_().dtype == reg.step_(0.01).dtype == dtype
+
+
+def test_ortho_l1_compiles_without_graph_break(tseed):
+    w = _t(tseed, (9, 6), torch.float64).requires_grad_(True)
+
+    def f(x):
+        return ortho_l1(x, 0.4, mode="rows") * 2.0
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out = compiled(w)
+    out.backward()
+    g = w.grad.clone()
+    w.grad = None
+    ref = f(w)
+    ref.backward()
+    torch.testing.assert_close(out, ref, rtol=1e-14, atol=0)
+    torch.testing.assert_close(g, w.grad, rtol=1e-14, atol=0)
+    ref_naive = 2.0 * naive_loss(w.detach(), 0.4, mode="rows")
+    torch.testing.assert_close(out.detach(), ref_naive, rtol=1e-12, atol=0)
+    with torch.no_grad():  # the no-grad variant traces too (no gradient formed)
+        torch.testing.assert_close(compiled(w), ref.detach(), rtol=1e-14, atol=0)
+    torch.library.opcheck(torch.ops.gpu_orthol1.ortho_l1.default, (w, 0.4, "sum", "matrix", 0, True, True))

@@ -1,0 +1,471 @@
+"""Plans: everything decided once for arrays of one shape, dtype, strides, kind and device.
+
+A `Plan` holds the backend and its device object (cuBLAS handle, kernel launch
+configurations), the slice view (which axis indexes the slices), the layouts BLAS reads,
+the chunk size and workspace sizes for each kind of call, and the CPU's small workspace.
+A call checks that its array matches, binds the addresses and runs the one chunk loop
+(`_driver.run`). The functional API (`loss`, `grad`, `loss_and_grad`) keeps a small LRU
+cache of plans keyed by what changes them, so a repeated call pays a lookup, not a re-plan.
+
+Threads: a plan may be shared. On the CPU the device is stateless and a call that finds
+the plan's workspace in use by another thread allocates its own; on the GPU a call holds
+the plan's lock while it enqueues its work (binding the cuBLAS handle to the calling
+thread's current stream), so calls from several threads and streams serialize their
+enqueueing, not the GPU work, and workspaces come from CuPy's stream-ordered pool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import os
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from . import _backends, _driver, _gemm
+
+REDUCTIONS = ("sum", "mean", "none")
+PRECISIONS = ("highest", "tf32")
+WANTS = ("loss", "grad", "loss_and_grad")
+DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+ENV_WORKSPACE = "GPU_ORTHOL1_WORKSPACE_BYTES"
+CPU_DEFAULT_WORKSPACE = 4 << 20  # chunks that stay in cache between the Gram GEMM and the sign pass
+GPU_MAX_DEFAULT_WORKSPACE = 1 << 30
+CPU_KEEP_WORKSPACE = 1 << 20  # a plan keeps a workspace this small between calls (small shapes' hot path)
+# Small slices on the CPU: NumPy's batched matmul runs them one after another on one core, so
+# the slice range is split over a thread pool (BLAS per slice stays single-threaded below this
+# many flops per slice GEMM; NOTES.md). Above it BLAS threads the GEMM itself.
+CPU_PARALLEL_MAX_SLICE_FLOPS = 1 << 22
+CPU_PARALLEL_MIN_FLOPS = 1 << 24  # below this a call is too short to pay for handing work to threads
+
+
+def is_cupy(x) -> bool:
+    return type(x).__module__.split(".")[0] == "cupy"
+
+
+def check_array(phi, what="phi") -> bool:
+    """True for a CuPy array, False for a NumPy one; TypeError for anything else."""
+    if is_cupy(phi):
+        import cupy
+
+        if not isinstance(phi, cupy.ndarray):
+            raise TypeError(f"{what} must be a NumPy or CuPy array, got {type(phi).__name__}")
+        return True
+    if not isinstance(phi, np.ndarray) or isinstance(phi, (np.ma.MaskedArray, np.matrix)):
+        raise TypeError(
+            f"{what} must be a NumPy or CuPy array (not a masked array or matrix), got {type(phi).__name__}"
+        )
+    return False
+
+
+def check_beta(beta) -> float:
+    if type(beta) is float and math.isfinite(beta):  # the common case, without the checks below
+        return beta
+    if isinstance(beta, (bool, np.bool_)) or not isinstance(beta, (numbers.Real, np.ndarray)):
+        raise ValueError(f"beta must be a finite real number, got {beta!r}")
+    if isinstance(beta, np.ndarray):
+        if beta.ndim != 0 or beta.dtype.kind not in "fiu":
+            raise ValueError(f"beta must be a finite real number, got an array of shape {beta.shape}")
+        beta = beta.item()
+    try:
+        b = float(beta)
+    except OverflowError:  # an int or Fraction beyond float range: not finite as a float
+        b = math.inf
+    if not math.isfinite(b):
+        raise ValueError(f"beta must be a finite real number, got {beta!r}")
+    return b
+
+
+def check_workspace_bytes(workspace_bytes):
+    if workspace_bytes is None:
+        return None
+    if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, numbers.Integral) \
+            or workspace_bytes <= 0:
+        raise ValueError(f"workspace_bytes must be a positive integer, got {workspace_bytes!r}")
+    return int(workspace_bytes)
+
+
+def workspace_budget(workspace_bytes, resolved, xp) -> int:
+    """The caller's budget, else the environment's, else the default (fixed when a plan is made)."""
+    if workspace_bytes is not None:
+        return workspace_bytes
+    env = os.environ.get(ENV_WORKSPACE, "").strip()
+    if env:
+        try:
+            v = int(env)
+        except ValueError:
+            v = 0
+        if v <= 0:
+            raise ValueError(f"environment variable {ENV_WORKSPACE}={env!r} must be a positive integer")
+        return v
+    if resolved == "numpy":
+        return _driver.DefaultBudget(CPU_DEFAULT_WORKSPACE)
+    free, _total = xp.cuda.runtime.memGetInfo()
+    free += xp.get_default_memory_pool().free_bytes()
+    return _driver.DefaultBudget(max(1 << 20, min(GPU_MAX_DEFAULT_WORKSPACE, free // 4)))
+
+
+_cpu_device = None
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _numpy_device():
+    global _cpu_device
+    if _cpu_device is None:
+        from ._numpy_dev import NumpyDevice
+
+        _cpu_device = NumpyDevice()
+    return _cpu_device
+
+
+def _thread_pool():
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="gpu_orthol1")
+        return _pool
+
+
+def make_device(resolved, precision):
+    if resolved == "numpy":
+        return _numpy_device()
+    from ._cupy import CupyDevice
+
+    return CupyDevice(precision)
+
+
+def _extent(a):
+    lo = hi = a.data.ptr
+    for s, st in zip(a.shape, a.strides):
+        if s > 1:
+            if st < 0:
+                lo += (s - 1) * st
+            else:
+                hi += (s - 1) * st
+    return lo, hi + a.itemsize
+
+
+def self_overlapping(a) -> bool:
+    dims = sorted((abs(st), s) for s, st in zip(a.shape, a.strides) if s > 1)
+    if a.size == 0:
+        return False
+    need = a.itemsize
+    for st, s in dims:
+        if st < need:
+            return True
+        need = st * s
+    return False
+
+
+class Plan:
+    """The loss and gradient for arrays like the one the plan was made for (see `plan`).
+
+    ``plan(phi, out=None, accumulate=False)`` returns what `want` names, as the functional
+    API returns it. A plan may be shared between threads (see the module docstring)."""
+
+    def __init__(self, phi, beta=1.0, *, axis=1, reduction="sum", want="loss_and_grad", precision="highest",
+                 backend="auto", workspace_bytes=None, _device=None):
+        self.is_cupy = check_array(phi)
+        if phi.dtype not in DTYPES:
+            raise TypeError(
+                f"phi must be float16, float32 or float64, got {phi.dtype}; convert it first "
+                "(integer, bool and complex inputs have no orthogonality loss here)"
+            )
+        if phi.ndim not in (2, 3):
+            raise ValueError(f"phi must have 2 dims (l, n) or 3 dims, got shape {phi.shape}")
+        if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+            raise ValueError(f"axis must be an integer, got {axis!r}")
+        axis = int(axis)
+        if phi.ndim == 3:
+            if not -3 <= axis < 3:
+                raise ValueError(f"axis {axis} is out of range for a 3-D phi")
+            axis %= 3
+            self.squeeze = False
+        else:  # one slice; axis has nothing to index
+            axis, self.squeeze = 1, True
+        self.beta = check_beta(beta)
+        if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if not isinstance(precision, str) or precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if not isinstance(want, str) or want not in WANTS:
+            raise ValueError(f"want must be one of {WANTS}, got {want!r}")
+        workspace_bytes = check_workspace_bytes(workspace_bytes)
+        name = _backends.check_name(backend)
+        shape3 = phi.shape if not self.squeeze else (phi.shape[0], 1, phi.shape[1])
+        self.perm = {0: (0, 1, 2), 1: (1, 0, 2), 2: (2, 0, 1)}[axis]
+        self.m, self.l, self.n = (shape3[i] for i in self.perm)
+        self.axis, self.reduction, self.want, self.precision = axis, reduction, want, precision
+        self.shape, self.dtype, self.strides = phi.shape, phi.dtype, phi.strides
+        self.device_id = phi.device.id if self.is_cupy else None
+        self.array_type = type(phi)
+        self.resolved = _backends.resolve(name, self.is_cupy, 4.0 * self.l * self.m * self.n * self.n)
+        self.dev = _device if _device is not None else make_device(self.resolved, precision)
+        self.xp = self.dev.xp
+        self.host_in = not self.is_cupy and self.xp is not np  # a NumPy input computed on the GPU
+        self.budget = workspace_budget(workspace_bytes, "numpy" if self.xp is np else "cupy", self.xp)
+        self.ldt = np.float64 if phi.dtype == np.float64 else np.float32
+        # the layout of phi's slice view is fixed by its strides; when the GPU computes a NumPy input
+        # it reads a C-contiguous device copy
+        self._lay_phi = None if self.host_in else _driver.layout_of(self._view(phi))
+        self._sizes: dict = {}
+        self._lock = threading.Lock()
+        self._kept: dict | None = None  # the CPU's small workspace, kept between calls
+        self._threads = 1
+        if self.xp is np and os.cpu_count() and os.cpu_count() > 1:  # type: ignore[operator]
+            slice_flops = 2.0 * self.l * self.n * self.n
+            if slice_flops <= CPU_PARALLEL_MAX_SLICE_FLOPS and 2 * slice_flops * self.m >= CPU_PARALLEL_MIN_FLOPS:
+                self._threads = min(os.cpu_count() or 1, self.m)
+        self._graph_cache: dict = {}
+
+    # -- checks ----------------------------------------------------------------------------------
+
+    def _view(self, a):
+        """The (m, l, n) slices-first view of an array shaped like phi."""
+        if self.squeeze:
+            a = a[:, None, :]
+        return a.transpose(self.perm)
+
+    def _mismatch(self, phi) -> str | None:
+        if type(phi) is not self.array_type:
+            return f"phi is a {type(phi).__module__}.{type(phi).__name__}, the plan's a " \
+                   f"{self.array_type.__module__}.{self.array_type.__name__}"
+        if phi.shape != self.shape:
+            return f"phi has shape {phi.shape}, the plan's {self.shape}"
+        if phi.dtype != self.dtype:
+            return f"phi has dtype {phi.dtype}, the plan's {self.dtype}"
+        if phi.strides != self.strides:
+            return f"phi has strides {phi.strides}, the plan's {self.strides} (make a plan for this layout)"
+        if self.is_cupy and phi.device.id != self.device_id:
+            return f"phi is on GPU {phi.device.id}, the plan's on GPU {self.device_id}"
+        return None
+
+    def check_out(self, out, phi, accumulate):
+        if not isinstance(accumulate, (bool, np.bool_)):
+            raise ValueError(f"accumulate must be True or False, got {accumulate!r}")
+        if out is None:
+            if accumulate:
+                raise ValueError("accumulate=True needs out= (the array to add the gradient into)")
+            return
+        try:
+            out_cupy = check_array(out, "out")
+        except TypeError as e:
+            raise ValueError(str(e)) from None
+        if out_cupy != self.is_cupy:
+            kind = "CuPy" if self.is_cupy else "NumPy"
+            raise ValueError(f"out must be a {kind} array like phi, got {type(out).__module__}.{type(out).__name__}")
+        if out.shape != phi.shape:
+            raise ValueError(f"out has shape {out.shape}, phi has shape {phi.shape}")
+        if out.dtype != phi.dtype:
+            raise ValueError(f"out has dtype {out.dtype}, phi has dtype {phi.dtype}")
+        if self.is_cupy:
+            # compare ids: formatting a Device queries the driver, which fails for an absent ordinal
+            if out.device.id != phi.device.id:
+                raise ValueError(f"out is on GPU {out.device.id}, phi on GPU {phi.device.id}")
+            lo_o, hi_o = _extent(out)
+            lo_p, hi_p = _extent(phi)
+            if out.size and phi.size and lo_o < hi_p and lo_p < hi_o:
+                raise ValueError("out overlaps phi's memory; pass a separate array")
+        else:
+            if not out.flags.writeable:
+                raise ValueError("out is read-only")
+            if out.size and phi.size and np.shares_memory(out, phi):
+                raise ValueError("out overlaps phi's memory; pass a separate array")
+        if self_overlapping(out):
+            raise ValueError(f"out has overlapping elements (strides {out.strides}); "
+                             "pass a writable array of its own")
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def __call__(self, phi, out=None, accumulate=False):
+        why = self._mismatch(phi)
+        if why is not None:
+            raise ValueError(f"this plan does not fit phi: {why}")
+        want_grad = self.want != "loss"
+        if not want_grad and (out is not None or accumulate):
+            raise ValueError("a plan made with want='loss' takes no out= or accumulate=")
+        if want_grad:
+            self.check_out(out, phi, accumulate)
+        loss, grad = self.execute(phi, out, accumulate, self.beta, want_grad)
+        if self.want == "loss":
+            return loss
+        if self.want == "grad":
+            return grad
+        return loss, grad
+
+    def _sizes_for(self, want_grad, accumulate, stage_phi, stage_out, threads):
+        """(sizes, threads): the chunking of a call, and how many threads share the slices."""
+        key = (want_grad, accumulate, stage_phi, stage_out, threads)
+        hit = self._sizes.get(key)
+        if hit is None:
+            def sizes(budget):
+                return _driver.sizes(self.dev, self.m, self.l, self.n, self.dtype, want_grad=want_grad,
+                                     accumulate=accumulate, stage_phi=stage_phi, stage_out=stage_out,
+                                     budget=budget)
+
+            hit = None
+            if threads > 1:  # the budget bounds the call: each thread's chunk gets its share
+                try:
+                    hit = (sizes(type(self.budget)(max(1, self.budget // threads))), threads)
+                except MemoryError:  # a share holds no slice: the whole budget, one thread
+                    pass
+            if hit is None:
+                hit = (sizes(self.budget), 1)
+            self._sizes[key] = hit
+        return hit
+
+    def chunk_for(self, want_grad, accumulate=False):
+        """Slices per chunk of a call (readable layouts, no thread split): what `execute(chunk=)` may cap."""
+        return self._sizes_for(want_grad, bool(accumulate), False, False, 1)[0].chunk
+
+    def execute(self, phi, out, accumulate, beta, want_grad, gram_hook=None, chunk=None):
+        """(loss, grad) for an array that matches the plan, arguments already checked.
+
+        gram_hook(ws) sees each chunk's Grams (a (count, n*n) array of the plan's array module)
+        before the sign pass and may change them in place; chunk caps the slices per chunk (ranks
+        that sum partial Grams must cut the same chunks)."""
+        xp = self.xp
+        p = xp.asarray(phi) if self.host_in else phi
+        V = self._view(p)
+        grad = None
+        if want_grad:
+            if out is not None and not self.host_in:
+                grad = out
+            elif out is not None and accumulate:
+                grad = xp.asarray(out)
+            else:
+                grad = xp.empty_like(p)
+        m, l, n = self.m, self.l, self.n
+        if m == 0 or n == 0 or l == 0:  # nothing for BLAS to read: any layout will do
+            Vout = self._view(grad) if want_grad else None
+            lay_phi = lay_out = _gemm.Layout("T", n, 0)
+        elif want_grad:
+            Vout = self._view(grad)
+            if out is None and self._lay_phi is not None:
+                lay_out = self._lay_phi if grad.strides == p.strides else _driver.layout_of(Vout)
+                lay_phi = self._lay_phi
+            else:
+                lay_phi, lay_out = _driver.staging(V, Vout, True, 4)
+        else:
+            Vout = None
+            lay_phi = self._lay_phi
+            if lay_phi is None:
+                lay_phi, _ = _driver.staging(V, None, False, 4)
+            lay_out = None
+        batch = _driver.Strided(V, Vout, lay_phi, lay_out)
+        threads = self._threads if gram_hook is None else 1  # a hook sees the chunks in order
+        sz, threads = self._sizes_for(want_grad, bool(accumulate), lay_phi is None, want_grad and lay_out is None,
+                                      threads)
+        if chunk is not None and chunk < sz.chunk:
+            sz = dataclasses.replace(sz, chunk=max(1, int(chunk)))
+        alpha = 2.0 * beta / (m if self.reduction == "mean" and m else 1)
+        losses = xp.zeros(m, dtype=np.float64) if n == 0 else xp.empty(m, dtype=np.float64)
+        kw = dict(alpha=alpha, beta_gemm=1.0 if accumulate else 0.0, want_grad=want_grad, gram_hook=gram_hook)
+        if m and n:
+            if xp is np:
+                self._run_cpu(batch, sz, losses, kw, threads)
+            else:
+                with self._lock:
+                    self.dev.bind()
+                    wsb = _driver.workspace(self._alloc, sz, l, n, self.dtype)
+                    _driver.run(self.dev, batch, wsb, sz.chunk, losses, **kw)
+        loss = self._reduce(losses, beta)
+        if not want_grad:
+            return loss, None
+        if self.host_in:
+            if out is not None:
+                out[...] = xp.asnumpy(grad)
+                return loss, out
+            return loss, xp.asnumpy(grad)
+        return loss, grad
+
+    def _alloc(self, shape, dtype):
+        return self.xp.empty(shape, dtype=dtype)
+
+    def _run_cpu(self, batch, sz, losses, kw, threads):
+        if threads > 1:
+            parts = np.linspace(0, self.m, threads + 1).astype(int)
+            pool = _thread_pool()
+            futs = [pool.submit(self._run_part, batch, sz, losses, kw, int(a), int(b))
+                    for a, b in zip(parts[:-1], parts[1:]) if b > a]
+            for f in futs:
+                f.result()
+            return
+        self._run_part(batch, sz, losses, kw, 0, self.m)
+
+    def _run_part(self, batch, sz, losses, kw, first, last):
+        nbytes = sz.chunk * sz.per_slice
+        if nbytes <= CPU_KEEP_WORKSPACE and self._lock.acquire(blocking=False):
+            try:
+                if self._kept is None or self._kept.get("_sizes") != sz:
+                    self._kept = _driver.workspace(np.empty, sz, self.l, self.n, self.dtype)
+                    self._kept["_sizes"] = sz
+                _driver.run(self.dev, batch, self._kept, sz.chunk, losses, first=first, count=last - first,
+                            loss_offset=first, **kw)
+            finally:
+                self._lock.release()
+            return
+        wsb = _driver.workspace(np.empty, sz, self.l, self.n, self.dtype)
+        _driver.run(self.dev, batch, wsb, sz.chunk, losses, first=first, count=last - first,
+                    loss_offset=first, **kw)
+
+    def _reduce(self, losses, beta):
+        xp = self.xp
+        if self.reduction == "none":
+            loss = (losses * beta).astype(self.ldt)
+        else:
+            total = losses.sum() * beta
+            if self.reduction == "mean" and self.m:
+                total = total / self.m
+            loss = total.astype(self.ldt)
+        if self.host_in:
+            return xp.asnumpy(loss)
+        if xp is np:
+            return np.asarray(loss)
+        return loss
+
+    def __repr__(self):
+        kind = "cupy" if self.is_cupy else "numpy"
+        return (f"Plan({kind} {self.shape} {self.dtype}, axis={self.axis}, m={self.m} slices of "
+                f"{self.l}x{self.n}, reduction={self.reduction!r}, want={self.want!r}, backend={self.resolved!r})")
+
+
+# -- the functional API's cache ------------------------------------------------------------------
+
+CACHE_SIZE = 32
+_cache: OrderedDict = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def cached(phi, axis, reduction, precision, backend, workspace_bytes) -> Plan:
+    """The plan for this call from the LRU cache, made on a miss (argument errors are raised then)."""
+    try:
+        tp = type(phi)
+        key = (tp, phi.shape, phi.strides, phi.dtype, phi.device.id if tp is not np.ndarray else None,
+               axis, reduction, precision, backend, workspace_bytes,
+               os.environ.get(_backends.ENV_BACKEND), os.environ.get(ENV_WORKSPACE))
+        with _cache_lock:
+            p = _cache.get(key)
+            if p is not None:
+                _cache.move_to_end(key)
+                return p
+    except (AttributeError, TypeError):  # not an array, or an unhashable argument: Plan() says which
+        key = None
+    p = Plan(phi, 1.0, axis=axis, reduction=reduction, precision=precision, backend=backend,
+             workspace_bytes=workspace_bytes)
+    if key is not None:
+        with _cache_lock:
+            _cache[key] = p
+            if len(_cache) > CACHE_SIZE:
+                _cache.popitem(last=False)
+    return p
+
+
+def clear_cache():
+    with _cache_lock:
+        _cache.clear()

@@ -1,0 +1,122 @@
+"""Test scaffolding: the GPU path's logic on a CPU. Nothing at runtime imports this module.
+
+`EmulatedGpuDevice` is `_cupy.CupyDevice` with its two executors swapped: the very cuBLAS
+argument sets (strided-batched `Gemm`s and pointer-array `BatchedGemm`s) are executed over
+NumPy buffers the way cuBLAS reads memory (column-major through `as_strided`, raw addresses
+resolved back to buffers), and the CUDA kernel runs under numba's simulator. A wrong leading
+dimension, stride, offset or address gives a wrong result here too, so CI checks the GPU
+path's arithmetic on every run. Slow: for tests on small shapes.
+
+    from gpu_orthol1 import testing
+    plan = gpu_orthol1.plan(phi, backend="numpy", _device=testing.EmulatedGpuDevice())
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from . import _gemm
+from ._cupy import CupyDevice
+from ._gemm import OP_N, Gemm, Operand
+
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+
+
+def _colmajor(arr, op: Operand, rows: int, cols: int, batch: int, writeable=False):
+    """The batch of rows x cols column-major matrices cuBLAS would see at (op.offset, op.ld, op.stride)."""
+    isz = arr.dtype.itemsize
+    # as_strided keeps arr's data pointer (its first element); move it by offset elements.
+    start = as_strided(arr, shape=(op.offset + 1,), strides=(isz,), writeable=writeable)[op.offset:]
+    return as_strided(start, shape=(batch, rows, cols), strides=(op.stride * isz, isz, op.ld * isz),
+                      writeable=writeable)
+
+
+def _t(x):
+    return x.swapaxes(1, 2)
+
+
+def emulate_gemm(call: Gemm, bufs: dict) -> None:
+    """Execute one strided-batched GEMM like cuBLAS: float32 compute for float16/32, float64 for float64."""
+    A, B, C = bufs[call.a.buf], bufs[call.b.buf], bufs[call.c.buf]
+    ar, ac = (call.m, call.k) if call.transa == OP_N else (call.k, call.m)
+    br, bc = (call.k, call.n) if call.transb == OP_N else (call.n, call.k)
+    a = _colmajor(A, call.a, ar, ac, call.batch)
+    b = _colmajor(B, call.b, br, bc, call.batch)
+    c = _colmajor(C, call.c, call.m, call.n, call.batch, writeable=True)
+    cdt = _F64 if C.dtype == _F64 else _F32
+    opa = (a if call.transa == OP_N else _t(a)).astype(cdt)
+    opb = (b if call.transb == OP_N else _t(b)).astype(cdt)
+    prod = np.matmul(opa, opb)
+    if call.alpha != 1.0:
+        prod *= call.alpha
+    if call.beta != 0.0:
+        prod += call.beta * c
+    c[...] = prod
+
+
+def emulate_pointer_gemm(call: _gemm.BatchedGemm, ptrs: np.ndarray, bufs: dict) -> None:
+    """Execute a pointer-array GEMM as cuBLAS would: resolve each raw address in `ptrs` back to a
+    (NumPy) buffer and element offset, then run that entry. A wrong address fails or misreads here."""
+    spans, seen = [], set()
+    for key, arr in bufs.items():
+        lo = arr.ctypes.data
+        hi = lo + max(0, sum((s - 1) * st for s, st in zip(arr.shape, arr.strides) if s)) + arr.itemsize
+        if (lo, hi, arr.itemsize) not in seen:  # "sgn" may be "ws" itself (S written in place)
+            seen.add((lo, hi, arr.itemsize))
+            spans.append((lo, hi, key, arr.itemsize))
+
+    def resolve(p: int) -> _gemm.Ref:
+        hits = [(lo, key, isz) for lo, hi, key, isz in spans if lo <= p < hi]
+        if len(hits) > 1:  # the slices of one stack overlap in extent: the matrix that starts here
+            hits = [h for h in hits if h[0] == p]
+        if len(hits) != 1:
+            raise AssertionError(f"address {p:#x} lies in {len(hits)} buffers")
+        lo, key, isz = hits[0]
+        if (p - lo) % isz:
+            raise AssertionError(f"address {p:#x} is not element-aligned in buffer {key!r}")
+        return _gemm.Ref(key, (p - lo) // isz)
+
+    t = call.template
+    for e in range(call.batch):
+        a, b, c = (resolve(int(ptrs[r, e])) for r in range(3))
+        emulate_gemm(replace(t, a=Operand(a.buf, a.offset, t.a.ld, 0), b=Operand(b.buf, b.offset, t.b.ld, 0),
+                             c=Operand(c.buf, c.offset, t.c.ld, 0), batch=1), bufs)
+
+
+class EmulatedGpuDevice(CupyDevice):
+    """The GPU device's logic on the CPU: its GEMM argument sets, its dtypes, its pointer arrays,
+    and the CUDA kernel itself run by numba's simulator (NUMBA_ENABLE_CUDASIM=1 must be set
+    before numba.cuda is first imported)."""
+
+    xp = np
+
+    def __init__(self, max_block=8):
+        from numba import config
+
+        if not config.ENABLE_CUDASIM:
+            raise RuntimeError("EmulatedGpuDevice needs NUMBA_ENABLE_CUDASIM=1 set before numba.cuda is imported")
+        from .kernels import sign_abs
+
+        self._mod = sign_abs
+        self._max_block = max_block
+        self.gemm_calls: list[tuple[str, int]] = []  # ("strided" | "pointers", batch) per GEMM
+
+    def bind(self):
+        pass
+
+    def _strided(self, call: Gemm, bufs: dict) -> None:
+        self.gemm_calls.append(("strided", call.batch))
+        emulate_gemm(call, bufs)
+
+    def _pointers(self, call: _gemm.BatchedGemm, bufs: dict) -> None:
+        self.gemm_calls.append(("pointers", call.batch))
+        ptrs = _gemm.pointer_arrays(call, lambda k: bufs[k].ctypes.data, lambda k: bufs[k].itemsize)
+        emulate_pointer_gemm(call, ptrs, bufs)
+
+    def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s):
+        tpb = min(self._mod.pick_block_size(n), self._max_block)
+        self._mod.get_kernel(tpb)[ws.shape[0], tpb](ws, sgn, n, losses, offset, scale, write_s)

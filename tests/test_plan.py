@@ -1,0 +1,170 @@
+"""Plans: reuse, the mismatch contract, the functional API's cache, threads, the Gram hook."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import gpu_orthol1 as ol1
+from gpu_orthol1 import _plan
+
+from .helpers import make
+from .reference import check, random_phi
+
+
+@pytest.mark.filterwarnings("ignore::gpu_orthol1.CopyWarning")  # every2 and negative strides are staged
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("layout", ["C", "F", "perm", "every2", "negative"])
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_plan_matches_reference_and_functional_api(dtype, layout, axis, rng):
+    shape = (9, 7, 5)
+    phi = make(np, rng, shape, dtype, layout, axis)
+    p = ol1.plan(phi, 0.3, axis=axis)
+    for _ in range(2):  # a plan is reusable
+        phi2 = make(np, rng, shape, dtype, layout, axis)
+        assert phi2.strides == phi.strides
+        loss, grad = p(phi2)
+        check(phi2, loss, grad, 0.3, axis, "sum", dtype)
+        want = ol1.loss_and_grad(phi2, 0.3, axis=axis)
+        np.testing.assert_array_equal(loss, want[0])
+        np.testing.assert_array_equal(grad, want[1])
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_plan_wants_and_out(reduction, rng):
+    phi = random_phi(rng, (8, 6, 4), np.float64)
+    L = ol1.plan(phi, 0.5, reduction=reduction, want="loss")(phi)
+    G = ol1.plan(phi, 0.5, reduction=reduction, want="grad")(phi)
+    L2, G2 = ol1.plan(phi, 0.5, reduction=reduction)(phi)
+    check(phi, L, G, 0.5, 1, reduction, np.float64)
+    np.testing.assert_array_equal(L, L2)
+    np.testing.assert_array_equal(G, G2)
+    out = rng.standard_normal(phi.shape)
+    base = out.copy()
+    p = ol1.plan(phi, 0.5, reduction=reduction, want="grad")
+    assert p(phi, out=out, accumulate=True) is out
+    np.testing.assert_allclose(out - base, G, rtol=1e-12, atol=1e-13)
+
+
+def test_plan_mismatch_names_what_differs_and_writes_nothing(rng):
+    phi = random_phi(rng, (8, 6, 4), np.float32)
+    p = ol1.plan(phi)
+    out = np.full(phi.shape, 7.0, np.float32)
+    cases = {
+        "shape": random_phi(rng, (8, 5, 4), np.float32),
+        "dtype": phi.astype(np.float64),
+        "strides": np.asfortranarray(phi),
+        "a list": phi.tolist(),
+    }
+    for what, other in cases.items():
+        with pytest.raises(ValueError, match="this plan does not fit phi") as e:
+            p(other, out=out if what != "shape" else None)
+        if what not in ("a list",):
+            assert what in str(e.value)
+        assert (out == 7.0).all()
+    with pytest.raises(ValueError, match="want='loss' takes no out="):
+        ol1.plan(phi, want="loss")(phi, out=out)
+    with pytest.raises(ValueError, match="out has dtype"):
+        p(phi, out=out.astype(np.float64))
+    for bad in (dict(want="both"), dict(reduction="max"), dict(precision="low"), dict(axis=3),
+                dict(backend="tpu"), dict(workspace_bytes=0)):
+        with pytest.raises(ValueError):
+            ol1.plan(phi, **bad)
+    with pytest.raises(TypeError):
+        ol1.plan(phi.astype(np.int32))
+
+
+def test_functional_api_reuses_plans(rng, monkeypatch):
+    _plan.clear_cache()
+    made = []
+    real = _plan.Plan.__init__
+
+    def spy(self, *a, **k):
+        made.append(1)
+        real(self, *a, **k)
+
+    monkeypatch.setattr(_plan.Plan, "__init__", spy)
+    phi = random_phi(rng, (8, 6, 4), np.float32)
+    for beta in (0.1, 0.2, 0.3):  # beta is a call argument, not part of the plan
+        L, G = ol1.loss_and_grad(phi, beta)
+        check(phi, L, G, beta, 1, "sum", np.float32)
+        np.testing.assert_array_equal(ol1.loss(phi, beta), L)
+    assert len(made) == 1
+    ol1.loss_and_grad(phi, axis=0)
+    ol1.loss_and_grad(np.asfortranarray(phi))
+    assert len(made) == 3
+    monkeypatch.setenv("GPU_ORTHOL1_WORKSPACE_BYTES", str(1 << 16))  # the environment is part of the key
+    ol1.loss_and_grad(phi)
+    assert len(made) == 4
+    for i in range(_plan.CACHE_SIZE + 4):  # bounded
+        ol1.loss(random_phi(rng, (3, 2, i + 1), np.float32))
+    assert len(_plan._cache) <= _plan.CACHE_SIZE
+
+
+def test_unhashable_arguments_give_the_usual_errors(rng):
+    phi = random_phi(rng, (5, 3, 2), np.float32)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        ol1.loss(phi, reduction=["sum"])
+    with pytest.raises(TypeError, match="must be a NumPy or CuPy array"):
+        ol1.loss([[1.0, 2.0]])
+
+
+def test_one_plan_shared_by_threads(rng):
+    phi = random_phi(rng, (16, 64, 8), np.float64)  # small slices: the plan's kept workspace is contended
+    p = ol1.plan(phi, 0.7)
+    inputs = [random_phi(rng, phi.shape, np.float64) for _ in range(8)]
+    want = [ol1.loss_and_grad(x, 0.7) for x in inputs]
+    got: list = [None] * 8
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(20):
+                got[i] = p(inputs[i])
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+    for (L, G), (wl, wg) in zip(got, want):
+        np.testing.assert_array_equal(L, wl)  # bit-identical: the slices' order is fixed
+        np.testing.assert_array_equal(G, wg)
+
+
+def test_cpu_thread_split_equals_one_thread(rng, monkeypatch):
+    phi = random_phi(rng, (64, 600, 16), np.float32)  # many small slices: the thread split applies
+    p = ol1.plan(phi, 0.2)
+    if (__import__("os").cpu_count() or 1) > 1:
+        assert p._threads > 1
+    L, G = p(phi)
+    monkeypatch.setattr(p, "_threads", 1)
+    p._sizes.clear()
+    L1, G1 = p(phi)
+    np.testing.assert_array_equal(G, G1)
+    np.testing.assert_allclose(L, L1, rtol=1e-6)  # per-chunk float64 sums: the same slices, other chunks
+    check(phi, L, G, 0.2, 1, "sum", np.float32)
+
+
+def test_gram_hook_and_chunk(rng):
+    phi = random_phi(rng, (10, 9, 4), np.float64)
+    p = ol1.plan(phi, 0.4)
+    seen = []
+
+    def hook(ws):
+        seen.append(ws.shape[0])
+        ws *= 2.0  # the pass then works on 2 G: what a sum of two equal partial Grams gives
+
+    loss, grad = p.execute(phi, None, False, 0.4, True, gram_hook=hook, chunk=4)
+    assert seen == [4, 4, 1]
+    phi2 = phi * np.sqrt(2.0)  # G(phi2) = 2 G(phi)
+    ref_loss = ol1.loss(phi2, 0.4)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-13)
+    # the gradient is 2 beta Phi sign(2G - I): phi's rows with phi2's signs
+    np.testing.assert_allclose(grad * np.sqrt(2.0), ol1.grad(phi2, 0.4), rtol=1e-12, atol=1e-14)
+    assert p.chunk_for(True) >= 9

@@ -48,7 +48,7 @@ def _probe_gpu() -> tuple[bool, str]:
         import cupy
     except ImportError as e:
         return False, (f"cupy is not installed ({e}); from the repository root: pip install -e '.[gpu]' "
-                       "(or pip install 'cupy-cuda12x[ctk]' 'numba-cuda[cu12]')")
+                       "(or pip install 'cupy-cuda12x[ctk]' 'numba-cuda[cu12]' 'numpy<2.5')")
     except Exception as e:  # a broken CUDA install can raise anything at import
         return False, f"cupy failed to import: {type(e).__name__}: {e}"
     try:

@@ -89,6 +89,6 @@ def test_missing_cupy_reason_gives_an_install_command_that_works(monkeypatch, fr
     # the wheels named are the ones pyproject's [gpu] extra installs
     extra = re.search(r"^gpu = \[(.*)\]$", (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text(),
                       re.M).group(1)
-    for req in re.findall(r'"([^">=]+)[^"]*"', extra):
-        assert req in why
+    for req in re.findall(r'"([^"]+)"', extra):
+        assert re.sub(r">=.*", "", req) in why
     assert ol1.available_backends().reasons["cupy"] == why

@@ -5,7 +5,10 @@
 For every device (CPU model or GPU card), each run that measured it gives
 the headline table: gpu_orthol1's median on the reference shapes, its ratio to
 the BLAS/cuBLAS (and, on GPUs, memory) limit, and how many times faster it is
-than each peer. Figures are copied from the JSON files, never typed in.
+than each peer. Figures are copied from the JSON files, never typed in, and
+every row is judged by gpu_orthol1.bench.flag_rows: a value from a disturbed
+measurement is marked, not published. Runs moved to RESULTS_DIR/disturbed/ are
+listed with what disturbed them, without a table.
 """
 
 from __future__ import annotations
@@ -14,16 +17,18 @@ import json
 import sys
 from pathlib import Path
 
-from gpu_orthol1.bench import headline_markdown
+from gpu_orthol1.bench import FLOOR_RATIO, SPREAD_MAX, cpu_count_of, flag_rows, headline_markdown, run_flags
 
 RERUN = """\
 ## Re-running
 
-CPU (this repository's committed figures; takes about 10 minutes on 2 cores, run it on a quiet machine):
+Each run above names the command that produced it; run it again, on a machine whose load average stays
+below its CPU count (check `uptime` first), copy the `.csv`, `.json` and `.png` here under the run's
+name, and regenerate this page with `python bench/summarize.py`. A full CPU run (all three dtypes,
+long sweeps; about 10 minutes on 2 cores):
 
     gpu-orthol1 bench --device cpu --csv bench/results/cpu.csv --json bench/results/cpu.json \\
         --plot bench/results/cpu.png
-    python bench/summarize.py
 
 Quick CPU check (float32 reference shapes, short sweeps, 5 runs; under 2 minutes on an idle 2-core machine):
 
@@ -46,11 +51,26 @@ many times faster gpu_orthol1 is than peer X (below 1: the peer is faster); `wro
 failed the float64 check (for the naive float16 expressions: the float16 loss sum overflows to inf) and was
 not timed. Peak MB: extra memory of one call beyond its input (CPU: resident-set high-water mark; GPU: CuPy
 pool / torch max allocated / XLA's buffer plan).
+
+Flagged values (a `?` after the number; the `flagged` column says why) come from a measurement that
+something else on the machine disturbed, and are not figures to quote. A row is flagged when (1) a method
+ran below {floor}x the BLAS limit: every method forms the Gram and the gradient GEMM, and a Gram through
+syrk saves at most a quarter of the two GEMMs, so a lower ratio means the limit itself was slowed; (2) its
+p80/p20 spread is above {spread}: runs that far apart make the median luck; (3) the 1-minute load average
+was above the machine's CPU count when the run started or when the row was measured. A ratio to the limit
+is also flagged when the limit's own timing is (`limit ...`). A peer's `vs X` is flagged when either side is.
+""".format(floor=FLOOR_RATIO, spread=SPREAD_MAX)
+
+DISTURBED = """## Disturbed runs (kept, not published)
+
+The runs in [disturbed/](disturbed/) were measured while other jobs shared the machine: their files are
+kept as a record, and no figure in this folder or in the top-level README comes from them. A run is moved
+there by hand (with a `NAME.why` file saying why) when its flags show the disturbance reached its limits,
+so that even its unflagged rows cannot be trusted.
 """
 
 
-def main(argv: list[str]) -> int:
-    d = Path(argv[0]) if argv else Path(__file__).resolve().parent / "results"
+def load_docs(d: Path) -> list[tuple[Path, dict]]:
     docs = []
     for p in sorted(d.glob("*.json")):
         try:
@@ -59,7 +79,39 @@ def main(argv: list[str]) -> int:
             print(f"skipping {p}: {e}", file=sys.stderr)
             continue
         if "rows" in doc and "devices" in doc:
+            flag_rows(doc["rows"], cpu_count_of(doc), doc.get("loadavg_start"))
             docs.append((p, doc))
+    return docs
+
+
+def load_line(doc: dict) -> str:
+    rows = doc["rows"]
+    start = doc.get("loadavg_start") or (rows[0]["loadavg"] if rows else "")
+    n = cpu_count_of(doc)
+    cpus = f"on {n} CPUs" if n else "CPU count not recorded: load checked only at the start"
+    return f"load average at start {start}, at end {doc.get('loadavg_end', '')} ({cpus})"
+
+
+def flag_counts(rows: list[dict]) -> str:
+    """'3 of 40 timed rows flagged (below the floor: 2, spread: 1)'"""
+    timed = [r for r in rows if r["status"] == "ok"]
+    kinds: dict[str, int] = {}
+    for r in timed:
+        seen = set()
+        for f in filter(None, r.get("flags", "").split("; ")):
+            k = ("limit " if f.startswith("limit ") else "") + (
+                "below the floor" if "BLAS limit <" in f else "spread" if "spread" in f else "load")
+            seen.add(k)
+        for k in seen:
+            kinds[k] = kinds.get(k, 0) + 1
+    n = sum(1 for r in timed if r.get("flags"))
+    detail = ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items()))
+    return f"{n} of {len(timed)} timed rows flagged" + (f" ({detail})" if detail else "")
+
+
+def main(argv: list[str]) -> int:
+    d = Path(argv[0]) if argv else Path(__file__).resolve().parent / "results"
+    docs = load_docs(d)
     by_device: dict[str, list[tuple[str, Path, dict]]] = {}
     for p, doc in docs:
         stamp = doc["rows"][0]["timestamp"] if doc["rows"] else ""
@@ -68,16 +120,20 @@ def main(argv: list[str]) -> int:
     out = ["# gpu_orthol1 benchmark results", "",
            "Generated by `python bench/summarize.py` from the JSON files in this folder: every run per "
            "device, newest first. The command, versions and machine load of each run are in its JSON; "
-           "the CSV has p20/p50/p80 of every method, shape and dtype.", ""]
+           "the CSV has p20/p50/p80 of every method, shape and dtype. Values marked `?` are flagged as "
+           "disturbed (see the legend below) and are not figures to quote.", ""]
     for name, runs in sorted(by_device.items()):
         out += [f"## {name}", ""]
         for _stamp, p, doc in sorted(runs, key=lambda t: t[0], reverse=True):
             rows = [r for r in doc["rows"] if r["device_name"] == name]
             r0 = rows[0]
+            whole = run_flags(doc["rows"], cpu_count_of(doc), doc.get("loadavg_start"))
             out += [f"### `{p.stem}`", "",
-                    f"Run `{doc['command']}` at {r0['timestamp']} on host `{doc['host']}`; load average at "
-                    f"start {r0['loadavg']}, at end {doc.get('loadavg_end', '')}. Versions: "
-                    + ", ".join(f"{k} {v}" for k, v in doc["versions"].items() if v) + ".", ""]
+                    f"Run `{doc['command']}` at {r0['timestamp']} on host `{doc['host']}`; {load_line(doc)}. "
+                    "Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items() if v) + ".", ""]
+            if whole:
+                out += [f"**Whole run flagged: {'; '.join(whole)}.**", ""]
+            out += [flag_counts(rows) + ".", ""]
             out.append(headline_markdown(rows))
             png = p.with_suffix(".png")
             if png.exists():
@@ -90,9 +146,20 @@ def main(argv: list[str]) -> int:
             notes = [n for n in doc.get("notes", []) if "GPU part skipped" not in n]
             if notes:
                 out += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
-    out += [LEGEND, RERUN]
+    out += [LEGEND]
+    disturbed = load_docs(d / "disturbed") if (d / "disturbed").is_dir() else []
+    if disturbed:
+        out.append(DISTURBED)
+        for p, doc in disturbed:
+            rows = doc["rows"]
+            why = p.with_suffix(".why")
+            out += [f"- `disturbed/{p.stem}`: `{doc['command']}` at {rows[0]['timestamp'] if rows else '?'} on "
+                    f"{', '.join(doc['devices'].values())}; {load_line(doc)}; {flag_counts(rows)}."
+                    + (f" {why.read_text().strip()}" if why.exists() else "")]
+        out.append("")
+    out += [RERUN]
     (d / "README.md").write_text("\n".join(out))
-    print(f"wrote {d / 'README.md'} ({len(by_device)} device(s))")
+    print(f"wrote {d / 'README.md'} ({len(by_device)} device(s), {len(disturbed)} disturbed run(s))")
     return 0
 
 

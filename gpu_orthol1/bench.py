@@ -44,6 +44,7 @@ RESULT_FIELDS = [
     "dtype", "status", "note", "runs", "p20_ms", "p50_ms", "p80_ms", "limit_blas_ms", "limit_mem_ms",
     "ratio_blas", "ratio_mem", "ratio_limit", "ours_speedup", "peak_mb", "peak_how", "loss_err", "grad_err",
     "gflops", "v_gpu_orthol1", "v_numpy", "v_cupy", "v_torch", "v_jax", "host", "loadavg", "timestamp",
+    "flags",
 ]
 
 
@@ -135,7 +136,8 @@ class Plan:
 
 
 def random_phi(rng, shape, dtype):
-    """Entries of X = G - I of order 1: no zeros, no sign ties (as tests/reference.random_phi)."""
+    """Entries of X = G - I of order 1: no zeros, no sign ties (as gpu_orthol1.reference.random_phi, drawn
+    in float32 below float64 to halve the set-up time of large cases)."""
     l = shape[0]
     gen = np.float64 if np.dtype(dtype) == np.float64 else np.float32  # float32 draws: half the time
     x = rng.standard_normal(shape, dtype=gen)
@@ -201,6 +203,7 @@ class Bench:
         self.device_names: dict[str, str] = {}
         self.crossover_rows: list[dict] = []
         self.t_start = time.time()
+        self.load_start = loadavg()
         self.checkpoint: Any = None  # called after every case: main() rewrites the CSV/JSON, so a killed run keeps them
 
     def _bar(self, total, desc):
@@ -229,7 +232,7 @@ class Bench:
         return out + later
 
     def run(self) -> list[dict]:
-        from ._bench_ref import reference
+        from .reference import Reference
 
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         rng = np.random.default_rng()
@@ -289,10 +292,8 @@ class Bench:
                             loss, grad = prep.result(r)
                             del r
                             if ref is None:
-                                ref = reference(case.host[0], _beta())
-                            from ._bench_ref import check
-
-                            chk = check(ref, loss, grad, mt.tol_class(dt))
+                                ref = Reference.build(case.host[0], _beta())
+                            chk = ref.check(loss, grad, mt.tol_class(dt))
                             row["loss_err"], row["grad_err"] = chk.loss_err, chk.grad_err
                             if not chk.ok:
                                 row["status"], row["note"] = "wrong", chk.why
@@ -437,6 +438,105 @@ def crossover_flops(rows) -> float | None:
     return None if found is None else found * 1e9
 
 
+# ---------------------------------------------------------------- disturbed measurements
+#
+# A timing that another job on the machine disturbed is not a figure to publish. Three checks, all
+# on what the CSV/JSON already hold, so a committed run can be judged after the fact:
+#
+# - FLOOR_RATIO: every method computes the Gram and the gradient GEMM, and the limit is those two
+#   GEMMs alone. Forming the symmetric Gram through syrk saves at most half of the first GEMM, a
+#   quarter of the pair, so a method measured below 0.75x the limit means the limit (or the
+#   method) was slowed by something else.
+# - SPREAD_MAX: p80/p20 of one method's runs above 1.25 means its runs differ by more than the
+#   effects this bench reports (a few percent to the limit); the median is then luck.
+# - load: a 1-minute load average above the CPU count, when the run started or when the row was
+#   measured, means other work held every core.
+FLOOR_RATIO = 0.75
+SPREAD_MAX = 1.25
+
+
+def _load1(s) -> float | None:
+    try:
+        return float(str(s).split()[0])
+    except (ValueError, IndexError):
+        return None
+
+
+def cpu_count_of(doc: dict) -> int | None:
+    """The CPU count of the machine a results JSON came from: recorded since the flags were added,
+    else read from the CPU's device name ("... (2 CPUs)"), else None (unknown)."""
+    if doc.get("cpu_count"):
+        return int(doc["cpu_count"])
+    name = (doc.get("devices") or {}).get("cpu", "")
+    if name.endswith(" CPUs)") and "(" in name:
+        try:
+            return int(name.rsplit("(", 1)[1].split()[0])
+        except ValueError:
+            return None
+    return None
+
+
+def run_flags(rows, cpu_count: int | None, start_load=None) -> list[str]:
+    """Why a whole run is disturbed: its load at the start (start_load, else the first row's) was
+    above the CPU count. With the count unknown, only a load of at most 1 passes (every machine has a
+    core)."""
+    if start_load is None and rows:
+        start_load = rows[0].get("loadavg", "")
+    load = _load1(start_load)
+    if load is None:
+        return []
+    if cpu_count is None:
+        return [] if load <= 1 else [f"run started at load {load:.2f} on an unrecorded CPU count"]
+    return [f"run started at load {load:.2f} > {cpu_count} CPUs"] if load > cpu_count else []
+
+
+def _own_flags(r, cpu_count: int | None) -> list[str]:
+    if r.get("status") != "ok":
+        return []
+    out = []
+    p20, p80 = r.get("p20_ms", ""), r.get("p80_ms", "")
+    if p20 not in ("", None) and p80 not in ("", None) and float(p20) > 0 and float(p80) / float(p20) > SPREAD_MAX:
+        out.append(f"spread p80/p20 {float(p80) / float(p20):.2f} > {SPREAD_MAX}")
+    rb = r.get("ratio_blas", "")
+    if r.get("family") in ("ours", "peer") and rb not in ("", None) and float(rb) < FLOOR_RATIO:
+        out.append(f"{float(rb):.2f}x the BLAS limit < {FLOOR_RATIO}")
+    load = _load1(r.get("loadavg", ""))
+    if cpu_count is not None and load is not None and load > cpu_count:
+        out.append(f"load {load:.2f} > {cpu_count} CPUs")
+    return out
+
+
+def flag_rows(rows, cpu_count: int | None, start_load=None) -> list[dict]:
+    """Set every row's "flags" (reasons joined by "; ", empty when clean) and return the rows.
+
+    A row carries its own reasons, the run's, and its limit's reasons prefixed "limit " (its ratio to
+    the limit is only as good as the limit's timing)."""
+    whole = run_flags(rows, cpu_count, start_load)
+    own = {id(r): _own_flags(r, cpu_count) + whole for r in rows}
+    limits: dict[tuple, dict] = {}
+    for r in rows:
+        if r.get("family") == "limit" and r.get("status") == "ok":
+            limits[(r["device"], r["shape"], r["dtype"], r["sweep"], r["precision"])] = r
+    for r in rows:
+        fl = list(own[id(r)])
+        if r.get("family") in ("ours", "peer"):
+            key = (r["device"], r["shape"], r["dtype"], r["sweep"])
+            lim = limits.get(key + (r["precision"],), limits.get(key + ("highest",)))
+            if lim is not None:
+                fl += [f"limit {f}" for f in own[id(lim)] if f not in whole]
+        r["flags"] = "; ".join(fl)
+    return rows
+
+
+def _reasons(flags: str) -> list[str]:
+    return [f for f in flags.split("; ") if f]
+
+
+def _own(flags: str) -> str:
+    """The reasons of a row's flags that concern its own timing (not its limit's)."""
+    return "; ".join(f for f in flags.split("; ") if f and not f.startswith("limit "))
+
+
 # ---------------------------------------------------------------- output
 
 def _fmt(x, spec):
@@ -447,9 +547,10 @@ def _fmt(x, spec):
 
 def table(rows, sweeps=("ref",)) -> str:
     """Plain-text table: per (device, shape, dtype), every method's median, ratio to the limit, how many
-    times faster gpu_orthol1 is (its time divided by this method's), peak memory."""
+    times faster gpu_orthol1 is (its time divided by this method's), peak memory, and why a row is
+    flagged as disturbed (see flag_rows)."""
     head = ["method", "device", "shape", "dtype", "median ms", "p20-p80 ms", "x limit", "ours faster by",
-            "peak MB", "status"]
+            "peak MB", "status", "flags"]
     lines = []
     for r in rows:
         if r["sweep"] not in sweeps:
@@ -460,16 +561,19 @@ def table(rows, sweeps=("ref",)) -> str:
             f"{_fmt(r['p20_ms'], '.3f')}-{_fmt(r['p80_ms'], '.3f')}" if r["p50_ms"] != "" else "-",
             _fmt(r["ratio_limit"], ".2f"), ("-" if r["family"] != "peer" or spd == "" else f"{spd:.2f}x"),
             _fmt(r["peak_mb"], ".1f"), r["status"] + (f" ({r['note']})" if r["note"] else ""),
+            r.get("flags", ""),
         ])
     w = [max(len(str(x)) for x in col) for col in zip(head, *lines)] if lines else [len(h) for h in head]
-    out = ["  ".join(h.ljust(k) for h, k in zip(head, w))]
+    out = ["  ".join(h.ljust(k) for h, k in zip(head, w)).rstrip()]
     out += ["  ".join(str(c).ljust(k) for c, k in zip(ln, w)).rstrip() for ln in lines]
     return "\n".join(out)
 
 
 def headline(rows) -> list[dict]:
     """One line per (device, shape, dtype) of the reference cases: gpu_orthol1's median, its ratio to the
-    limit, and how many times faster it is than each peer."""
+    limit, and how many times faster it is than each peer. h["flags"] maps each flagged value ("ms",
+    "x_limit", "tf32_ms", a peer's name) to the reasons it is not a figure to publish (rows need "flags": run
+    flag_rows first; rows without them count as clean)."""
     out = []
     groups: dict = {}
     for r in rows:
@@ -480,16 +584,27 @@ def headline(rows) -> list[dict]:
         if not ours:
             continue
         o = ours[0]
+        own = _reasons(_own(o.get("flags", "")))
+        flags: dict[str, list[str]] = {}
+        if own:
+            flags["ms"] = own
+        if o.get("flags"):
+            flags["x_limit"] = _reasons(o["flags"])
         h = {"device": device, "device_name": dname, "shape": shape, "dtype": dtype, "method": o["method"],
-             "ms": o["p50_ms"], "x_limit": o["ratio_limit"], "peak_mb": o["peak_mb"]}
+             "ms": o["p50_ms"], "x_limit": o["ratio_limit"], "peak_mb": o["peak_mb"], "flags": flags}
         tf = [r for r in rs if r["family"] == "ours" and r["precision"] == "tf32" and r["status"] == "ok"]
         h["tf32_ms"] = tf[0]["p50_ms"] if tf else ""
+        if tf and _own(tf[0].get("flags", "")):
+            flags["tf32_ms"] = _reasons(_own(tf[0]["flags"]))
         for p in PEERS:
             pr = [r for r in rs if r["method"] == p]
             if not pr:
                 h[p] = ""
             elif pr[0]["status"] == "ok":
                 h[p] = pr[0]["p50_ms"] / o["p50_ms"]
+                why = list(dict.fromkeys(own + _reasons(_own(pr[0].get("flags", "")))))
+                if why:
+                    flags[p] = why
             else:
                 h[p] = pr[0]["status"]
         out.append(h)
@@ -497,6 +612,8 @@ def headline(rows) -> list[dict]:
 
 
 def headline_markdown(rows) -> str:
+    """The headline as a Markdown table. A value followed by "?" comes from a flagged (disturbed)
+    measurement and is not a figure to publish; the last column says why."""
     hl = headline(rows)
     if not hl:
         return "(no reference-shape results for gpu_orthol1 in this run)\n"
@@ -504,16 +621,27 @@ def headline_markdown(rows) -> str:
     head = ["device", "shape l x m x n", "dtype", "gpu_orthol1 ms", "x limit", "peak MB"]
     if any(h["tf32_ms"] != "" for h in hl):
         head.append("tf32 ms")
-    head += [f"vs {p}" for p in peers]
+    head += [f"vs {p}" for p in peers] + ["flagged"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for h in hl:
-        cells = [h["device_name"] or h["device"], h["shape"], h["dtype"], _fmt(h["ms"], ".2f"),
-                 _fmt(h["x_limit"], ".2f"), _fmt(h["peak_mb"], ".0f")]
+        fl = h["flags"]
+
+        def mark(key, text):
+            return text + "?" if key in fl and text != "-" else text
+
+        cells = [h["device_name"] or h["device"], h["shape"], h["dtype"], mark("ms", _fmt(h["ms"], ".2f")),
+                 mark("x_limit", _fmt(h["x_limit"], ".2f")), _fmt(h["peak_mb"], ".0f")]
         if "tf32 ms" in head:
-            cells.append(_fmt(h["tf32_ms"], ".2f"))
+            cells.append(mark("tf32_ms", _fmt(h["tf32_ms"], ".2f")))
         for p in peers:
             v = h[p]
-            cells.append(f"{v:.1f}x" if isinstance(v, float) else (v or "-"))
+            cells.append(mark(p, f"{v:.1f}x") if isinstance(v, float) else (v or "-"))
+        why: dict[str, list[str]] = {}  # one entry per distinct reason, naming the values it concerns
+        for key, reasons in fl.items():
+            for reason in reasons:
+                why.setdefault(reason, []).append(key.replace("_", " ") if key in ("x_limit", "tf32_ms") else
+                                                  ("ms" if key == "ms" else f"vs {key}"))
+        cells.append("; ".join(f"{', '.join(keys)}: {reason}" for reason, keys in why.items()))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -535,6 +663,8 @@ def write_json(bench: Bench, argv, path):
         "versions": bench.vers,
         "host": bench.host,
         "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": bench.load_start,
         "loadavg_end": loadavg(),
         "d2d_bandwidth_gbs": None if bench.d2d_bw is None else bench.d2d_bw / 1e9,
         "crossover_flops": crossover_flops(bench.crossover_rows) if bench.crossover_rows else None,
@@ -659,6 +789,41 @@ def parser():
     return p
 
 
+class UsageError(ValueError):
+    """A bad option value found after parsing; main() reports it like argparse does (exit status 2)."""
+
+
+def check_outputs(a) -> None:
+    """Find unwritable output paths and a --plot that cannot be drawn before the bench runs, not after
+    minutes of measuring (the CSV/JSON are first written after the first case, the plot at the end)."""
+    given = [(opt, path) for opt, path in (("--csv", a.csv), ("--json", a.json), ("--plot", a.plot)) if path]
+    seen: dict[str, str] = {}
+    for opt, path in given:
+        full = os.path.abspath(path)
+        if full in seen:
+            raise UsageError(f"{seen[full]} and {opt} name the same file {path!r}")
+        seen[full] = opt
+        parent = os.path.dirname(full)
+        if os.path.isdir(full):
+            raise UsageError(f"{opt} {path!r} is a directory; give a file name")
+        if not os.path.isdir(parent):
+            raise UsageError(f"{opt} {path!r}: directory {parent!r} does not exist")
+        if not os.access(parent, os.W_OK) or (os.path.exists(full) and not os.access(full, os.W_OK)):
+            raise UsageError(f"{opt} {path!r} is not writable")
+    if a.plot:
+        try:
+            from matplotlib.backend_bases import FigureCanvasBase
+        except ImportError:
+            raise UsageError("--plot needs matplotlib, which is not installed (pip install matplotlib, "
+                             "or pip install -e '.[bench]' from the repository root); "
+                             "leave --plot out to run without a plot") from None
+        ext = os.path.splitext(a.plot)[1].lstrip(".").lower()
+        kinds = FigureCanvasBase.get_supported_filetypes()
+        if ext and ext not in kinds:
+            raise UsageError(f"--plot {a.plot!r}: matplotlib cannot write .{ext} files; use one of "
+                             + ", ".join(f".{k}" for k in sorted(kinds)))
+
+
 def make_plan(a) -> Plan:
     from . import _backends
     from ._bench_methods import all_methods
@@ -675,7 +840,7 @@ def make_plan(a) -> Plan:
         dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
         bad = [d for d in dtypes if d not in ("float16", "float32", "float64")]
         if bad:
-            raise SystemExit(f"gpu-orthol1 bench: unknown dtype(s) {bad}; use float16, float32, float64")
+            raise UsageError(f"unknown dtype(s) {bad}; use float16, float32, float64")
     else:
         dtypes = ["float32"] if a.quick and devices == ["cpu"] else ["float32", "float16", "float64"]
     sweeps: dict[str, dict] = {}
@@ -690,10 +855,14 @@ def make_plan(a) -> Plan:
         sweeps[dev] = sw
     runs = a.runs if a.runs is not None else (5 if a.quick else 10)
     if runs < 5:
-        raise SystemExit("gpu-orthol1 bench: --runs must be at least 5 (medians and p20/p80 need them)")
+        raise UsageError("--runs must be at least 5 (medians and p20/p80 need them)")
     methods = all_methods()
     if a.methods:
         want = [w.strip() for w in a.methods.split(",") if w.strip()]
+        names = sorted({mt.name for mt in methods if mt.family != "limit"})
+        if not any(w in name for w in want for name in names):
+            # only the limits would run: a bench with nothing to compare
+            raise UsageError(f"--methods {a.methods!r} matches no method; names: {', '.join(names)}")
         methods = [mt for mt in methods if mt.family == "limit" or any(w in mt.name for w in want)]
     crossover = None if a.no_crossover else CROSSOVER["quick" if a.quick else "full"]
     plan = Plan(devices, ref, dtypes, sweeps, crossover, runs, 2,  # 0 extra warm-ups: 2.5x too slow (measured)
@@ -710,7 +879,12 @@ def make_plan(a) -> Plan:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    a = parser().parse_args(argv)
+    p = parser()
+    a = p.parse_args(argv)
+    try:
+        check_outputs(a)
+    except UsageError as e:
+        p.error(str(e))
     if a.device == "cpu" and not a.no_crossover:
         a.no_crossover = True
     # quick mode on a CPU-only machine: dtypes default differs when the GPU would have been asked for
@@ -719,7 +893,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if not _backends.gpu_status()[0]:
             a.dtypes = "float32"
-    plan = make_plan(a)
+    try:
+        plan = make_plan(a)
+    except UsageError as e:
+        p.error(str(e))
     for s in plan.notes:
         print(f"note: {s}", file=sys.stderr)
     if not plan.devices:
@@ -731,13 +908,14 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(plan, progress=not a.no_progress)
 
     def save():
+        flag_rows(bench.rows, os.cpu_count(), bench.load_start)
         if a.csv:
             write_csv(bench.rows, a.csv)
         if a.json:
             write_json(bench, argv, a.json)
 
     bench.checkpoint = save
-    rows = bench.run()
+    rows = flag_rows(bench.run(), os.cpu_count(), bench.load_start)
     print(table(rows))
     sw = table(rows, sweeps=("m", "n"))
     if sw.count("\n"):
@@ -751,6 +929,10 @@ def main(argv: list[str] | None = None) -> int:
     print(headline_markdown(rows))
     for s in plan.notes:
         print(f"note: {s}")
+    flagged = [r for r in rows if r.get("flags")]
+    if flagged:
+        print(f"note: {len(flagged)} of {len(rows)} row(s) flagged as disturbed (flags column; a '?' in the "
+              "headline): re-run those on a quiet machine before quoting them")
     save()
     if a.plot and not plot(rows, a.plot, title=f"gpu_orthol1 bench {'--quick ' if a.quick else ''}({bench.host})"):
         print("note: no sweep results to plot", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""`gpu-orthol1 bench` (gpu_orthol1/bench.py): its reference, its correctness gate, and the command on tiny shapes.
+"""`gpu-orthol1 bench` (gpu_orthol1/bench.py): its correctness gate, its flags for disturbed timings,
+bench/summarize.py, and the command on tiny shapes.
 
 Timings are never asserted here (team rule): only that the command checks every
 method, produces well-formed rows, reports wrong methods as wrong, and skips
@@ -14,51 +15,27 @@ import sys
 import numpy as np
 import pytest
 
-from gpu_orthol1 import _bench_methods, _bench_ref, bench
-
-from . import reference as tref
-
-SHAPES = [(7, 5, 3), (3, 4, 13), (33, 2, 9), (1, 1, 1)]
-
-
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_bench_reference_is_the_tests_reference(shape, rng):
-    """One formula, verified twice: the bench's BLAS-based reference equals tests/reference.py's einsum one."""
-    phi = tref.random_phi(rng, shape, np.float64)
-    beta = float(rng.uniform(0.1, 3.0))
-    per, grad, X = tref.reference(phi, beta)
-    for chunk in (1 << 20, 1):  # one chunk, and one slice per chunk
-        r = _bench_ref.reference(phi, beta, chunk_bytes=chunk)
-        np.testing.assert_allclose(r.per, per, rtol=1e-13, atol=1e-13)
-        np.testing.assert_allclose(r.grad, grad, rtol=1e-13, atol=1e-13)
-        P = np.abs(phi.transpose(1, 0, 2))
-        mag = P.transpose(0, 2, 1) @ P + np.eye(shape[2])
-        np.testing.assert_allclose(r.closeness, np.abs(X) / mag, rtol=1e-6, atol=1e-30)
-
-
-def test_bench_tolerances_are_the_tests_tolerances():
-    for dt in (np.float16, np.float32, np.float64):
-        t = _bench_ref.TOL[np.dtype(dt).name]
-        assert (t["loss"], t["grad"], t["sign"]) == (tref.LOSS_RTOL[dt], tref.GRAD_RTOL[dt], tref.SIGN_RTOL[dt])
+from gpu_orthol1 import _bench_methods, bench
+from gpu_orthol1.reference import TOL, Reference, random_phi
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_check_accepts_right_and_rejects_wrong(dtype, rng):
     import gpu_orthol1 as ol1
 
-    phi = tref.random_phi(rng, (40, 6, 8), dtype)
-    ref = _bench_ref.reference(phi, 0.5)
+    phi = random_phi(rng, (40, 6, 8), dtype)
+    ref = Reference.build(phi, 0.5)
     loss, grad = ol1.loss_and_grad(phi, 0.5, backend="numpy")
-    ok = _bench_ref.check(ref, loss, grad, np.dtype(dtype).name)
+    ok = ref.check(loss, grad, np.dtype(dtype).name)
     assert ok.ok, ok.why
     assert ok.compared > 0.5
-    bad_loss = _bench_ref.check(ref, loss * (1 + 1e-3), grad, np.dtype(dtype).name)
+    bad_loss = ref.check(loss * (1 + 1e-3), grad, np.dtype(dtype).name)
     assert not bad_loss.ok and "loss" in bad_loss.why
     wrong = grad.copy()
     wrong[3, 2, :] = -wrong[3, 2, :]  # one row of one slice with the sign flipped
-    bad_grad = _bench_ref.check(ref, loss, wrong, np.dtype(dtype).name)
+    bad_grad = ref.check(loss, wrong, np.dtype(dtype).name)
     assert not bad_grad.ok and "gradient" in bad_grad.why
-    assert not _bench_ref.check(ref, np.nan, grad, np.dtype(dtype).name).ok
+    assert not ref.check(np.nan, grad, np.dtype(dtype).name).ok
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
@@ -67,9 +44,9 @@ def test_reference_shape_slices_run_with_default_arguments(dtype, rng):
     reference shape), which the bench found. Two slices of that shape, default workspace."""
     import gpu_orthol1 as ol1
 
-    phi = tref.random_phi(rng, (4096, 2, 128), dtype)
+    phi = random_phi(rng, (4096, 2, 128), dtype)
     loss, grad = ol1.loss_and_grad(phi, 0.5, backend="numpy")
-    res = _bench_ref.check(_bench_ref.reference(phi, 0.5), loss, grad, np.dtype(dtype).name)
+    res = Reference.build(phi, 0.5).check(loss, grad, np.dtype(dtype).name)
     assert res.ok, res.why
 
 
@@ -109,7 +86,7 @@ def test_bench_command_cpu_smoke(tmp_path, capsys):
         assert r["device"] == "cpu" and r["device_name"] and r["timestamp"] and r["v_numpy"] == np.__version__
         assert float(r["ratio_limit"]) > 0 and float(r["limit_blas_ms"]) > 0
         if r["family"] != "limit":  # checked against the float64 reference before it was timed
-            assert r["loss_err"] != "" and float(r["loss_err"]) <= _bench_ref.TOL[r["dtype"]]["loss"]
+            assert r["loss_err"] != "" and float(r["loss_err"]) <= TOL[r["dtype"]]["loss"]
     ours = [r for r in rows if r["family"] == "ours"]
     assert ours and all(float(r["ours_speedup"]) == 1.0 for r in ours)
     assert doc["rows"] and doc["versions"]["gpu_orthol1"] and "cpu" in doc["devices"]
@@ -169,12 +146,184 @@ def test_crossover_flops_picks_the_start_of_the_gpu_winning_tail():
     assert bench.crossover_flops(rows({1.0: (1, 2), 10.0: (2, 3)})) is None
 
 
-def test_bad_arguments_are_clear_errors(capsys):
-    with pytest.raises(SystemExit):
-        bench.main(["--shapes", "4x4"])
-    assert "LxMxN" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="at least 5"):
-        bench.main(["--device", "cpu", "--runs", "3"])
+def _usage_error(capsys, monkeypatch, *argv) -> str:
+    """Run `gpu-orthol1 bench ARGV`, which must stop with status 2 before measuring anything."""
+    def no_run(self):
+        raise AssertionError("the bench started measuring before reporting a usage error")
+
+    monkeypatch.setattr(bench.Bench, "run", no_run)
+    with pytest.raises(SystemExit) as e:
+        bench.main(list(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("gpu-orthol1 bench: error: ")
+    return err.strip().splitlines()[-1]
+
+
+def test_bad_arguments_are_clear_errors(capsys, monkeypatch):
+    assert "LxMxN" in _usage_error(capsys, monkeypatch, "--shapes", "4x4")
+    assert "at least 5" in _usage_error(capsys, monkeypatch, "--device", "cpu", "--runs", "3")
+    assert "unknown dtype" in _usage_error(capsys, monkeypatch, "--device", "cpu", "--dtypes", "float8")
+    assert "matches no method" in _usage_error(capsys, monkeypatch, "--device", "cpu", "--methods", "nosuch")
+
+
+def test_unusable_outputs_are_found_before_the_bench_runs(tmp_path, capsys, monkeypatch):
+    missing = tmp_path / "no" / "such" / "dir"
+    for opt in ("--csv", "--json", "--plot"):
+        msg = _usage_error(capsys, monkeypatch, "--device", "cpu", opt, str(missing / "r.out"))
+        assert opt in msg and "does not exist" in msg
+    assert "is a directory" in _usage_error(capsys, monkeypatch, "--device", "cpu", "--json", str(tmp_path))
+    assert "same file" in _usage_error(capsys, monkeypatch, "--device", "cpu", "--csv", str(tmp_path / "r"),
+                                       "--json", str(tmp_path / "r"))
+    assert ".xyz" in _usage_error(capsys, monkeypatch, "--device", "cpu", "--plot", str(tmp_path / "r.xyz"))
+
+
+def test_plot_without_matplotlib_is_refused_up_front(tmp_path, capsys, monkeypatch):
+    for mod in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    msg = _usage_error(capsys, monkeypatch, "--device", "cpu", "--plot", str(tmp_path / "r.png"))
+    assert "--plot needs matplotlib" in msg and "leave --plot out" in msg
+
+
+def test_usage_errors_leave_no_traceback(tmp_path):
+    """The same through the console entry point, as a user sees it."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "gpu_orthol1.cli", "bench", "--device", "cpu",
+                        "--csv", str(tmp_path / "missing" / "r.csv")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "does not exist" in r.stderr.strip().splitlines()[-1]
+    assert r.stdout == ""
+
+
+# ---------------------------------------------------------------- flags for disturbed measurements
+
+def _row(method, family, p20, p50, p80, *, limit_ms=None, shape="64x8x16", dtype="float32", sweep="ref",
+         precision="highest", load="0.50 0.40 0.30", device="cpu"):
+    r = {k: "" for k in bench.RESULT_FIELDS}
+    r.update(method=method, family=family, device=device, device_name="Test CPU (2 CPUs)", precision=precision,
+             sweep=sweep, shape=shape, dtype=dtype, status="ok", runs=5, p20_ms=p20, p50_ms=p50, p80_ms=p80,
+             loadavg=load, timestamp="2026-01-01T00:00:00+00:00")
+    if limit_ms:
+        r.update(limit_blas_ms=limit_ms, ratio_blas=p50 / limit_ms, ratio_limit=p50 / limit_ms)
+    return r
+
+
+def _case(ours_p50=10.0, limit=(9.8, 10.0, 10.2), peer=(19.0, 20.0, 21.0), **kw):
+    lim = _row("limit-blas", "limit", *limit, limit_ms=limit[1], **kw)
+    ours = _row("gpu_orthol1[numpy]", "ours", ours_p50 * 0.99, ours_p50, ours_p50 * 1.01, limit_ms=limit[1], **kw)
+    pr = _row("torch-eager", "peer", *peer, limit_ms=limit[1], **kw)
+    ours["ours_speedup"], pr["ours_speedup"] = 1.0, peer[1] / ours_p50
+    return [ours, pr, lim]
+
+
+def test_clean_rows_are_not_flagged():
+    rows = bench.flag_rows(_case(), cpu_count=2)
+    assert [r["flags"] for r in rows] == ["", "", ""]
+    h = bench.headline(rows)[0]
+    assert h["flags"] == {}
+    md = bench.headline_markdown(rows)
+    assert "?" not in md and "| 10.00 | 1.00 |" in md
+
+
+@pytest.mark.parametrize("ratio, flagged", [(0.74, True), (0.5, True), (0.39, True), (0.75, False), (1.03, False)])
+def test_a_method_below_the_floor_flags_the_row(ratio, flagged):
+    rows = bench.flag_rows(_case(ours_p50=10.0 * ratio), cpu_count=2)
+    ours = rows[0]
+    assert bool(ours["flags"]) == flagged
+    if flagged:
+        assert f"{ratio:.2f}x the BLAS limit < 0.75" in ours["flags"]
+        md = bench.headline_markdown(rows)
+        assert f"{10.0 * ratio:.2f}?" in md and f"{ratio:.2f}?" in md  # the time and the ratio are marked
+        assert "vs torch-eager" in md.splitlines()[-1]  # a speedup over a peer needs our time too
+    assert rows[2]["flags"] == ""  # the limit's ratio to itself is 1
+
+
+def test_the_floor_applies_to_peers_but_not_to_limits():
+    rows = bench.flag_rows(_case(peer=(5.0, 5.0, 5.0)), cpu_count=2)
+    assert rows[0]["flags"] == "" and "BLAS limit <" in rows[1]["flags"]
+    h = bench.headline(rows)[0]
+    assert set(h["flags"]) == {"torch-eager"}
+
+
+@pytest.mark.parametrize("p20, p80, flagged", [(10.0, 12.5, False), (10.0, 12.6, True), (8.0, 15.0, True)])
+def test_wide_spread_flags_the_row(p20, p80, flagged):
+    rows = _case()
+    rows[1].update(p20_ms=p20, p80_ms=p80)
+    bench.flag_rows(rows, cpu_count=2)
+    assert ("spread p80/p20" in rows[1]["flags"]) == flagged
+    assert rows[0]["flags"] == ""
+
+
+def test_a_disturbed_limit_flags_the_ratios_that_use_it():
+    rows = bench.flag_rows(_case(limit=(9.0, 10.0, 13.0)), cpu_count=2)
+    ours, peer, lim = rows
+    assert "spread" in lim["flags"]
+    assert ours["flags"].startswith("limit spread")
+    h = bench.headline(rows)[0]
+    assert set(h["flags"]) == {"x_limit"}  # our time and the peer ratio do not depend on the limit
+
+
+def test_load_above_the_cpu_count_flags_rows_and_runs():
+    rows = _case(load="2.50 1.00 1.00")
+    bench.flag_rows(rows, cpu_count=2)
+    assert all("load 2.50 > 2 CPUs" in r["flags"] for r in rows)
+    assert bench.flag_rows(_case(load="2.50 1.00 1.00"), cpu_count=4)[0]["flags"] == ""
+    # a run that started loaded: every row, however quiet later
+    rows = _case(load="1.00 1.00 1.00")
+    bench.flag_rows(rows, cpu_count=2, start_load="3.10 2.00 1.00")
+    assert all("run started at load 3.10 > 2 CPUs" in r["flags"] for r in rows)
+    assert bench.run_flags(rows, 2, "1.90 1.00 1.00") == []
+    # unknown CPU count: a start at load <= 1 passes whatever the count, above 1 is unknown, so flagged
+    assert bench.run_flags(rows, None, "0.91 0.32 0.12") == []
+    assert bench.run_flags(rows, None, "1.38 0.44 0.16") != []
+    assert bench.flag_rows(_case(load="4.85 1.00 1.00"), cpu_count=None, start_load="0.5")[0]["flags"] == ""
+
+
+def test_cpu_count_is_read_from_the_results():
+    assert bench.cpu_count_of({"cpu_count": 16, "devices": {"gpu": "NVIDIA H200"}}) == 16
+    assert bench.cpu_count_of({"devices": {"cpu": "AMD EPYC (2 CPUs)"}}) == 2
+    assert bench.cpu_count_of({"devices": {"gpu": "NVIDIA H200"}}) is None
+
+
+def test_failed_rows_are_not_flagged():
+    rows = _case()
+    rows[1].update(status="wrong", p20_ms="", p50_ms="", p80_ms="", ratio_blas="", note="gradient off")
+    bench.flag_rows(rows, cpu_count=2)
+    assert rows[1]["flags"] == ""
+    assert "| wrong |" in bench.headline_markdown(rows)
+
+
+def test_summarize_marks_flagged_values_and_lists_disturbed_runs(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "summarize", Path(__file__).resolve().parent.parent / "bench" / "summarize.py")
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+
+    def doc(rows, **kw):
+        return {"command": "gpu-orthol1 bench --quick", "devices": {"cpu": "Test CPU (2 CPUs)"},
+                "versions": {"gpu_orthol1": "0"}, "host": "h", "loadavg_end": "0.5 0.5 0.5", "notes": [],
+                "rows": rows, **kw}
+
+    clean = _case(shape="64x8x16")
+    below = _case(ours_p50=3.9, shape="128x8x16")
+    (tmp_path / "quiet.json").write_text(json.dumps(doc(clean + below)))
+    (tmp_path / "disturbed").mkdir()
+    (tmp_path / "disturbed" / "busy.json").write_text(json.dumps(doc(_case(), loadavg_start="3.5 3 3")))
+    (tmp_path / "disturbed" / "busy.why").write_text("Moved here: other jobs ran.\n")
+    assert summarize.main([str(tmp_path)]) == 0
+    md = (tmp_path / "README.md").read_text()
+    line = {ln.split(" | ")[1]: ln for ln in md.splitlines() if ln.startswith("| Test CPU")}
+    assert "?" not in line["64x8x16"]
+    assert "| 3.90? | 0.39? |" in line["128x8x16"] and "0.39x the BLAS limit < 0.75" in line["128x8x16"]
+    assert "1 of 6 timed rows flagged (below the floor: 1)" in md
+    assert "`disturbed/busy`" in md and "run started at load" not in md.split("## Disturbed")[0]
+    assert "Moved here: other jobs ran." in md and "3 of 3 timed rows flagged (load: 3)" in md
+    assert "## Re-running" in md and "cpu.png" not in md.split("## Re-running")[0]
 
 
 @pytest.mark.gpu
@@ -195,3 +344,103 @@ def test_bench_command_gpu_smoke(tmp_path):
         assert float(r["p50_ms"]) > 0
         if r["family"] in ("ours", "peer", "limit"):
             assert float(r["limit_mem_ms"]) > 0 and r["peak_how"] and not r["peak_how"].startswith("failed")
+
+
+# ---------------------------------------------------------------- the README's figures are the results files'
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def _readme_table(starts_with: str) -> list[list[str]]:
+    """The body rows of the first Markdown table after the README paragraph that starts with `starts_with`."""
+    text = (ROOT / "README.md").read_text()
+    after = text[text.index(starts_with):]
+    rows = []
+    for line in after.splitlines():
+        if line.startswith("|"):
+            rows.append([c.strip() for c in line.strip("|").split("|")])
+        elif rows:
+            break
+    return rows[2:]  # header and rule
+
+
+def _printed(cell: str, value: float):
+    """A README number equals the file's value to the digits printed."""
+    num = cell.rstrip("x")
+    decimals = len(num.split(".")[1]) if "." in num else 0
+    assert abs(float(num) - value) <= 0.5 * 10 ** -decimals + 1e-12, (cell, value)
+
+
+def _shape(cell: str) -> str:
+    return cell.split(",")[0].replace(" ", "")
+
+
+def _published(doc_path):
+    doc = json.loads((ROOT / doc_path).read_text())
+    rows = bench.flag_rows(doc["rows"], bench.cpu_count_of(doc), doc.get("loadavg_start"))
+    return rows, bench.headline(rows)
+
+
+def _check_cells(cells, cols, h, rows):
+    for cell, col in zip(cells, cols):
+        if col.startswith("limit:") or col.startswith("method:"):  # a single row's median
+            name = col.split(":", 1)[1]
+            r = next((r for r in rows if r["sweep"] == "ref" and r["shape"] == h["shape"]
+                      and r["dtype"] == h["dtype"] and r["method"] == name), None)
+            flagged, value = (False, "") if r is None else (bool(bench._own(r["flags"])), r["p50_ms"])
+        else:
+            flagged, value = col in h["flags"], h[col]
+        if cell == "flagged":
+            assert flagged, (h["shape"], col)
+        elif cell in ("", "(not run)"):
+            assert value == "", (h["shape"], col)
+        else:
+            assert not flagged, f"{h['shape']} {col}: the README quotes a flagged value"
+            _printed(cell, value)
+
+
+def test_readme_gpu_table_is_one_unflagged_run():
+    rows, hl = _published("bench/results/gpu-h200-quick.json")
+    cols = ["ms", "limit:limit-cublas", "x_limit", "tf32_ms", "limit:limit-cublas-tf32", "method:cupy-naive",
+            "torch-eager", "torch-compile", "jax-jit"]
+    table = _readme_table("**GPU: NVIDIA H200**")
+    assert len(table) == 4
+    for cells in table:
+        h = next(h for h in hl if h["shape"] == _shape(cells[0]) and h["dtype"] == cells[0].split(", ")[1])
+        _check_cells(cells[1:], cols, h, rows)
+
+
+def test_readme_cpu_peer_table_is_one_unflagged_run():
+    rows, hl = _published("bench/results/cpu-quick.json")
+    cols = ["ms", "x_limit", "numpy-naive", "torch-eager", "torch-compile", "jax-jit"]
+    table = _readme_table("**CPU peers: AMD EPYC, 2 CPUs")
+    assert len(table) == 3
+    for cells in table:
+        h = next(h for h in hl if h["shape"] == _shape(cells[0]) and h["dtype"] == "float32")
+        assert "AMD EPYC (2 CPUs)" == h["device_name"]
+        _check_cells(cells[1:], cols, h, rows)
+
+
+def test_readme_cpu_core_table_is_its_file():
+    doc = json.loads((ROOT / "bench/results/raw/core-cpu.json").read_text())
+    table = _readme_table("**CPU: AMD EPYC, 2 CPUs, float32**")
+    assert len(table) == 3
+    for cells in table:
+        shape = [int(x) for x in _shape(cells[0]).split("x")]
+        ours, naive = (next(r for r in doc["rows"] if r["shape"] == shape and r["method"] == m)
+                       for m in ("gpu_orthol1", "naive_numpy"))
+        for r in (ours, naive):  # what flag_rows would say of them: no spread, not below the floor
+            assert r["p80_ms"] / r["p20_ms"] <= bench.SPREAD_MAX and r["ratio_to_limit"] >= bench.FLOOR_RATIO
+        _printed(cells[1], ours["p50_ms"])
+        _printed(cells[2], ours["limit_ms"])
+        _printed(cells[3], ours["ratio_to_limit"])
+        _printed(cells[4], naive["ratio_to_limit"])
+        _printed(cells[5].split(" MB")[0], ours["peak_extra_mb"])
+
+
+def test_no_published_figure_comes_from_a_disturbed_run():
+    readme = (ROOT / "README.md").read_text() + (ROOT / "bench/results/README.md").read_text().split(
+        "## Disturbed runs")[0]
+    for p in (ROOT / "bench/results/disturbed").glob("*.json"):
+        assert not (ROOT / "bench/results" / p.name).exists()
+        assert f"results/{p.name}" not in readme and f"`{p.stem}`" not in readme.replace("`cpu-quick`", "")

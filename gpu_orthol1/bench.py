@@ -10,6 +10,8 @@ warm-up (compiles, handles) as the median and p20/p80 of at least 5 runs, inputs
 rotated between copies when one fits in the last-level cache. Peak memory is
 measured after all timings (see _bench_methods.cpu_peak for why). Peers that are
 not installed are skipped with a one-line note. Methods: see _bench_methods.py.
+Rows whose timing something else disturbed are flagged (flag_rows) and are not
+figures to publish. Output paths and --plot are checked before anything runs.
 """
 
 from __future__ import annotations

@@ -168,6 +168,22 @@ class CupyDevice:
                                       [_gemm.Ref(("o", k), 0) for k in range(cc)], 0, l, n, alpha, beta)
             self._pointers(call, bufs)
 
+    def fused(self, cfg, V, Vout, losses, alpha, accumulate, write_grad):
+        """The one-launch small-slice kernel over (m, l, n) views of any strides: no workspace."""
+        from .kernels import fused_small
+
+        m = V.shape[0]
+        key = ("fused", cfg, m)
+        kern = self._launch.get(key)
+        if kern is None:
+            kern = self._launch[key] = fused_small.get_fused_kernel(cfg)[m, cfg.threads, self._nb_stream]
+        v = self._nb(V)
+        o = self._nb(Vout) if write_grad else v  # loss only: out is not touched
+        scal = np.float64 if cfg.acc == "float64" else np.float32
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Grid size .* will likely result in GPU under-utilization")
+            kern(v, o, self._nb(losses), 0, scal(alpha), bool(accumulate), bool(write_grad))
+
     def _nb(self, arr):
         return self._cuda.from_cuda_array_interface(arr.__cuda_array_interface__, owner=arr, sync=False)
 

@@ -31,6 +31,8 @@ from . import _backends, _driver, _gemm
 REDUCTIONS = ("sum", "mean", "none")
 PRECISIONS = ("highest", "tf32")
 WANTS = ("loss", "grad", "loss_and_grad")
+KERNELS = ("auto", "gemm", "fused")
+ENV_KERNEL = "GPU_ORTHOL1_KERNEL"
 DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 ENV_WORKSPACE = "GPU_ORTHOL1_WORKSPACE_BYTES"
 CPU_DEFAULT_WORKSPACE = 4 << 20  # chunks that stay in cache between the Gram GEMM and the sign pass
@@ -169,7 +171,7 @@ class Plan:
     API returns it. A plan may be shared between threads (see the module docstring)."""
 
     def __init__(self, phi, beta=1.0, *, axis=1, reduction="sum", want="loss_and_grad", precision="highest",
-                 backend="auto", workspace_bytes=None, _device=None):
+                 backend="auto", workspace_bytes=None, kernel="auto", _device=None):
         self.is_cupy = check_array(phi)
         if phi.dtype not in DTYPES:
             raise TypeError(
@@ -209,6 +211,7 @@ class Plan:
         self.xp = self.dev.xp
         self.host_in = not self.is_cupy and self.xp is not np  # a NumPy input computed on the GPU
         self.budget = workspace_budget(workspace_bytes, "numpy" if self.xp is np else "cupy", self.xp)
+        self.kernel, self.fused_cfg = self._pick_kernel(kernel)
         self.ldt = np.float64 if phi.dtype == np.float64 else np.float32
         # the layout of phi's slice view is fixed by its strides; when the GPU computes a NumPy input
         # it reads a C-contiguous device copy
@@ -217,11 +220,40 @@ class Plan:
         self._lock = threading.Lock()
         self._kept: dict | None = None  # the CPU's small workspace, kept between calls
         self._threads = 1
-        if self.xp is np and os.cpu_count() and os.cpu_count() > 1:  # type: ignore[operator]
+        if self.xp is np and not getattr(self.dev, "emulates_gpu", False) and (os.cpu_count() or 1) > 1:
             slice_flops = 2.0 * self.l * self.n * self.n
             if slice_flops <= CPU_PARALLEL_MAX_SLICE_FLOPS and 2 * slice_flops * self.m >= CPU_PARALLEL_MIN_FLOPS:
                 self._threads = min(os.cpu_count() or 1, self.m)
         self._graph_cache: dict = {}
+
+    def _pick_kernel(self, kernel):
+        """("gemm", None) or ("fused", its config): the GPU path, decided once.
+
+        "auto" takes the two-GEMM path everywhere for now: the fused small-slice kernel
+        (kernels/fused_small.py) has run only under the simulator, and the rule that picks it by
+        (l, n, dtype) belongs next to a measurement on a card (docs/fused.md says what to measure).
+        GPU_ORTHOL1_KERNEL=fused|gemm or kernel= forces one path on the GPU backend."""
+        if not isinstance(kernel, str) or kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        gpu = self.xp is not np or getattr(self.dev, "emulates_gpu", False)
+        if kernel == "auto":
+            env = os.environ.get(ENV_KERNEL, "").strip()
+            if env and env not in KERNELS:
+                raise ValueError(f"environment variable {ENV_KERNEL}={env!r} is not one of {KERNELS}")
+            if not gpu or not env:
+                return "gemm", None
+            kernel = env
+        if kernel != "fused":
+            return "gemm", None
+        if not gpu:
+            raise ValueError("kernel='fused' runs on the GPU backend only; the CPU backend has one path")
+        from .kernels import fused_small
+
+        cfg = fused_small.fused_config(self.l, self.n, self.dtype, threads=getattr(self.dev, "fused_threads", None))
+        if cfg is None:
+            raise ValueError(f"kernel='fused' takes slices up to n={fused_small.N_MAX[self.dtype]} for "
+                             f"{self.dtype}, got n={self.n}; use kernel='gemm'")
+        return "fused", cfg
 
     # -- checks ----------------------------------------------------------------------------------
 
@@ -323,12 +355,15 @@ class Plan:
         """Slices per chunk of a call (readable layouts, no thread split): what `execute(chunk=)` may cap."""
         return self._sizes_for(want_grad, bool(accumulate), False, False, 1)[0].chunk
 
-    def execute(self, phi, out, accumulate, beta, want_grad, gram_hook=None, chunk=None):
+    def execute(self, phi, out, accumulate, beta, want_grad, gram_hook=None, chunk=None, alloc=None, losses=None):
         """(loss, grad) for an array that matches the plan, arguments already checked.
 
         gram_hook(ws) sees each chunk's Grams (a (count, n*n) array of the plan's array module)
         before the sign pass and may change them in place; chunk caps the slices per chunk (ranks
-        that sum partial Grams must cut the same chunks)."""
+        that sum partial Grams must cut the same chunks). alloc(shape, dtype) makes the gradient
+        (when out is None) and the workspaces, and `losses`, an (m,) float64 array, receives the
+        unscaled per-slice losses (the returned loss is then None): how the torch integration keeps
+        every allocation in torch's allocator, as a CUDA graph capture needs."""
         xp = self.xp
         p = xp.asarray(phi) if self.host_in else phi
         V = self._view(p)
@@ -339,8 +374,21 @@ class Plan:
             elif out is not None and accumulate:
                 grad = xp.asarray(out)
             else:
-                grad = xp.empty_like(p)
+                grad = xp.empty_like(p) if alloc is None else alloc(p.shape, p.dtype)
         m, l, n = self.m, self.l, self.n
+        raw = losses is not None
+        if not raw:
+            losses = xp.zeros(m, dtype=np.float64) if n == 0 else xp.empty(m, dtype=np.float64)
+        elif n == 0:
+            losses[...] = 0
+        if self.kernel == "fused" and gram_hook is None:
+            if m and n:
+                alpha = 2.0 * beta / (m if self.reduction == "mean" else 1)
+                with self._lock:
+                    self.dev.bind()
+                    Vo = self._view(grad) if want_grad else None
+                    self.dev.fused(self.fused_cfg, self._view(p), Vo, losses, alpha, bool(accumulate), want_grad)
+            return self._finish(losses, beta, raw, want_grad, grad, out)
         if m == 0 or n == 0 or l == 0:  # nothing for BLAS to read: any layout will do
             Vout = self._view(grad) if want_grad else None
             lay_phi = lay_out = _gemm.Layout("T", n, 0)
@@ -364,7 +412,6 @@ class Plan:
         if chunk is not None and chunk < sz.chunk:
             sz = dataclasses.replace(sz, chunk=max(1, int(chunk)))
         alpha = 2.0 * beta / (m if self.reduction == "mean" and m else 1)
-        losses = xp.zeros(m, dtype=np.float64) if n == 0 else xp.empty(m, dtype=np.float64)
         kw = dict(alpha=alpha, beta_gemm=1.0 if accumulate else 0.0, want_grad=want_grad, gram_hook=gram_hook)
         if m and n:
             if xp is np:
@@ -372,9 +419,13 @@ class Plan:
             else:
                 with self._lock:
                     self.dev.bind()
-                    wsb = _driver.workspace(self._alloc, sz, l, n, self.dtype)
+                    wsb = _driver.workspace(alloc or self._alloc, sz, l, n, self.dtype)
                     _driver.run(self.dev, batch, wsb, sz.chunk, losses, **kw)
-        loss = self._reduce(losses, beta)
+        return self._finish(losses, beta, raw, want_grad, grad, out)
+
+    def _finish(self, losses, beta, raw, want_grad, grad, out):
+        xp = self.xp
+        loss = None if raw else self._reduce(losses, beta)
         if not want_grad:
             return loss, None
         if self.host_in:
@@ -429,10 +480,95 @@ class Plan:
             return np.asarray(loss)
         return loss
 
+    def graph(self, phi, out=None, accumulate=False):
+        """Capture one call for these arrays into a CUDA graph: a `GraphedCall` whose `replay()`
+        re-runs both GEMMs (or the fused kernel), the elementwise pass and the loss reduction with
+        one launch, for the same `phi` and `out` addresses (their contents may change between
+        replays). GPU backend and CuPy arrays only; phi and out must be layouts BLAS reads in place
+        (no staging copies). Workspaces and results are allocated once, here; each replay
+        overwrites the returned loss and gradient arrays."""
+        why = self._mismatch(phi)
+        if why is not None:
+            raise ValueError(f"this plan does not fit phi: {why}")
+        if not self.is_cupy or self.xp is np:
+            raise ValueError("graph() needs the GPU backend and a CuPy phi")
+        want_grad = self.want != "loss"
+        if not want_grad and (out is not None or accumulate):
+            raise ValueError("a plan made with want='loss' takes no out= or accumulate=")
+        if want_grad:
+            self.check_out(out, phi, accumulate)
+        return GraphedCall(self, phi, out, bool(accumulate), want_grad)
+
     def __repr__(self):
         kind = "cupy" if self.is_cupy else "numpy"
         return (f"Plan({kind} {self.shape} {self.dtype}, axis={self.axis}, m={self.m} slices of "
                 f"{self.l}x{self.n}, reduction={self.reduction!r}, want={self.want!r}, backend={self.resolved!r})")
+
+
+class GraphedCall:
+    """A plan's call captured in a CUDA graph (see `Plan.graph`); `replay()` returns what the plan's
+    `want` names, as arrays that the next replay overwrites."""
+
+    def __init__(self, plan: Plan, phi, out, accumulate: bool, want_grad: bool):
+        import cupy
+
+        self.plan, self.phi, self.out = plan, phi, out
+        V = plan._view(phi)
+        if plan.kernel == "gemm" and plan.m and plan.n and plan.l and _driver.layout_of(V) is None:
+            raise ValueError("graph() needs a phi whose layout BLAS reads in place (this one is staged)")
+        if out is not None and plan.kernel == "gemm" and plan.l and _driver.layout_of(plan._view(out)) is None:
+            raise ValueError("graph() needs an out whose layout BLAS reads in place (this one is staged)")
+        target = out if out is not None else (cupy.empty_like(phi) if want_grad else None)
+        self.grad = target
+        self.losses = cupy.empty(plan.m, dtype=np.float64)
+        self.loss = cupy.empty(() if plan.reduction != "none" else (plan.m,), dtype=plan.ldt)
+        self._total = cupy.empty((), dtype=np.float64)
+        bufs: list = []
+
+        def record(shape, dtype):
+            bufs.append(cupy.empty(shape, dtype=dtype))
+            return bufs[-1]
+
+        # a first, uncaptured run compiles the kernels and makes the workspaces; it writes only
+        # buffers of its own (the user's out is not touched before the first replay)
+        scratch = cupy.empty_like(target) if (target is not None and target is out) else target
+        plan.execute(phi, scratch, False, plan.beta, want_grad, alloc=record, losses=self.losses)
+        it = iter(bufs)
+
+        def again(shape, dtype):
+            buf = next(it)
+            assert buf.shape == tuple(shape) and buf.dtype == dtype, "capture allocates like the first run"
+            return buf
+
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            stream.begin_capture()
+            try:
+                plan.execute(phi, target, accumulate, plan.beta, want_grad, alloc=again, losses=self.losses)
+                self._reduce_into(cupy)
+            finally:
+                self.graph = stream.end_capture()
+        self._stream = stream
+        self._keep = bufs  # the graph reads and writes these addresses
+
+    def _reduce_into(self, cupy):
+        p = self.plan
+        if p.reduction == "none":
+            cupy.multiply(self.losses, p.beta, out=self.loss, casting="same_kind")
+            return
+        cupy.sum(self.losses, out=self._total)  # into a buffer made before the capture
+        scale = p.beta / (p.m if p.reduction == "mean" and p.m else 1)
+        cupy.multiply(self._total, scale, out=self.loss, casting="same_kind")
+
+    def replay(self):
+        import cupy
+
+        self.graph.launch(stream=cupy.cuda.get_current_stream())
+        if self.plan.want == "loss":
+            return self.loss
+        if self.plan.want == "grad":
+            return self.grad
+        return self.loss, self.grad
 
 
 # -- the functional API's cache ------------------------------------------------------------------
@@ -448,7 +584,7 @@ def cached(phi, axis, reduction, precision, backend, workspace_bytes) -> Plan:
         tp = type(phi)
         key = (tp, phi.shape, phi.strides, phi.dtype, phi.device.id if tp is not np.ndarray else None,
                axis, reduction, precision, backend, workspace_bytes,
-               os.environ.get(_backends.ENV_BACKEND), os.environ.get(ENV_WORKSPACE))
+               os.environ.get(_backends.ENV_BACKEND), os.environ.get(ENV_WORKSPACE), os.environ.get(ENV_KERNEL))
         with _cache_lock:
             p = _cache.get(key)
             if p is not None:

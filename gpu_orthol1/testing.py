@@ -93,6 +93,8 @@ class EmulatedGpuDevice(CupyDevice):
     before numba.cuda is first imported)."""
 
     xp = np
+    emulates_gpu = True  # plans treat it as the GPU backend (kernel choice, no CPU thread split)
+    fused_threads = 16  # the simulator runs every thread as an OS thread: small blocks
 
     def __init__(self, max_block=8):
         from numba import config
@@ -120,3 +122,18 @@ class EmulatedGpuDevice(CupyDevice):
     def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s):
         tpb = min(self._mod.pick_block_size(n), self._max_block)
         self._mod.get_kernel(tpb)[ws.shape[0], tpb](ws, sgn, n, losses, offset, scale, write_s)
+
+    def fused(self, cfg, V, Vout, losses, alpha, accumulate, write_grad):
+        from .kernels import fused_small
+
+        self.gemm_calls.append(("fused", V.shape[0]))
+        cfg = cfg._replace(tile_rows=min(cfg.tile_rows, 4))  # several tiles even for small l
+        scal = np.float64 if cfg.acc == "float64" else np.float32
+        # the simulator moves only contiguous host arrays to its "device": hand it contiguous copies
+        # (tests/test_fused.py covers the kernel's own strided reads on device views)
+        v = np.ascontiguousarray(V)
+        o = np.ascontiguousarray(Vout) if write_grad else v
+        fused_small.get_fused_kernel(cfg)[V.shape[0], cfg.threads](
+            v, o, losses, 0, scal(alpha), bool(accumulate), bool(write_grad))
+        if write_grad and o is not Vout:
+            Vout[...] = o

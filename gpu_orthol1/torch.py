@@ -43,6 +43,7 @@ __all__ = ["OrthoL1", "ortho_l1"]
 
 MODES = ("rows", "columns", "auto")
 _NP_DTYPE = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+_TORCH_DTYPE = {np.dtype(v): k for k, v in _NP_DTYPE.items()}
 _OK_DTYPES = (torch.float16, torch.float32, torch.float64, torch.bfloat16)
 
 
@@ -139,13 +140,29 @@ def _pick_transpose(mode, l, n):
 
 
 def _run_core(V, Vo, beta, reduction, want_grad, device, accumulate=False):
-    """The core on (m, l, n) slice views of tensors (no copy): the cached plan for their layout."""
+    """The core on (m, l, n) slice views of tensors (no copy): the cached plan for their layout.
+    Every allocation (workspaces, the per-slice losses) comes from torch's allocator and the loss is
+    reduced by torch, so the call can be captured by torch.cuda.graph."""
+    losses = torch.empty(V.shape[0], dtype=torch.float64, device=device)
     with _on_torch_stream(device) if device.type == "cuda" else nullcontext():
         a = _to_array(V)
         o = _to_array(Vo) if want_grad else None
+        if device.type == "cuda":
+            import cupy
+
+            def alloc(shape, dt):
+                return cupy.from_dlpack(torch.empty(tuple(shape), dtype=_TORCH_DTYPE[np.dtype(dt)], device=device))
+        else:
+            alloc = None
         p = _plan.cached(a, 0, reduction, "highest", "cupy" if device.type == "cuda" else "numpy", None)
-        loss, _ = p.execute(a, o, accumulate, beta, want_grad)
-        return _from_array(loss, device)
+        p.execute(a, o, accumulate, beta, want_grad, alloc=alloc, losses=_to_array(losses))
+    ldt = torch.float64 if V.dtype == torch.float64 else torch.float32
+    if reduction == "none":
+        return (losses * beta).to(ldt)
+    total = losses.sum() * beta
+    if reduction == "mean" and V.shape[0]:
+        total = total / V.shape[0]
+    return total.to(ldt)
 
 
 def _loss_shape(weight, how, m_axis, reduction):

@@ -12,7 +12,7 @@ def check_numba_cuda_numpy() -> None:
     the kernels as Python and is not affected); gpu_orthol1 does not patch NumPy."""
     from numba import config
 
-    if hasattr(np, "row_stack") or config.ENABLE_CUDASIM:
+    if hasattr(np, "row_stack") or getattr(config, "ENABLE_CUDASIM", False):
         return
     try:
         from importlib.metadata import version

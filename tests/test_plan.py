@@ -168,3 +168,63 @@ def test_gram_hook_and_chunk(rng):
     # the gradient is 2 beta Phi sign(2G - I): phi's rows with phi2's signs
     np.testing.assert_allclose(grad * np.sqrt(2.0), ol1.grad(phi2, 0.4), rtol=1e-12, atol=1e-14)
     assert p.chunk_for(True) >= 9
+
+
+@pytest.mark.cudasim
+@pytest.mark.filterwarnings("ignore::gpu_orthol1.CopyWarning")  # the CPU reference stages negative strides
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("layout", ["C", "F", "negative"])
+@pytest.mark.parametrize("mode", ["new", "accumulate", "loss"])
+def test_fused_path_through_the_plan_emulated(dtype, layout, mode, rng):
+    """kernel="fused" on the GPU path's logic: the plan hands the slice views to the fused kernel
+    (under the simulator), no workspace; same results as the two-GEMM path and the reference."""
+    from gpu_orthol1.testing import EmulatedGpuDevice
+
+    shape = (11, 3, 5)  # l spans several of the emulator's 4-row tiles
+    phi = make(np, rng, shape, dtype, layout, 1)
+    dev = EmulatedGpuDevice()
+    p = _plan.Plan(phi, 0.6, backend="numpy", kernel="fused", reduction="mean", _device=dev,
+                   want="loss" if mode == "loss" else "loss_and_grad")
+    assert p.kernel == "fused"
+    if mode == "loss":
+        loss = p(phi)
+        ref = ol1.loss(phi, 0.6, reduction="mean")
+        np.testing.assert_allclose(loss, ref, rtol=1e-3 if dtype == np.float16 else 1e-5)
+        assert dev.gemm_calls == [("fused", 3)]
+        return
+    out = None
+    if mode == "accumulate":
+        out = make(np, rng, shape, dtype, "C", 1)
+        base = out.astype(np.float64)
+    res = p(phi, out=out, accumulate=mode == "accumulate")
+    loss, grad = res
+    assert dev.gemm_calls == [("fused", 3)]  # one launch, no GEMM
+    if mode == "accumulate":
+        check(phi, loss, grad, 0.6, 1, "mean", dtype, grad_base=base)
+    else:
+        check(phi, loss, grad, 0.6, 1, "mean", dtype)
+
+
+def test_kernel_choice_errors(rng, monkeypatch):
+    phi = random_phi(rng, (5, 3, 4), np.float32)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        ol1.plan(phi, kernel="fast")
+    with pytest.raises(ValueError, match="GPU backend only"):
+        ol1.plan(phi, backend="numpy", kernel="fused")
+    assert ol1.plan(phi).kernel == "gemm"
+    monkeypatch.setenv("GPU_ORTHOL1_KERNEL", "fused")  # the GPU path's switch; the CPU has one path
+    assert ol1.plan(phi, backend="numpy").kernel == "gemm"
+    monkeypatch.setenv("GPU_ORTHOL1_KERNEL", "bogus")
+    with pytest.raises(ValueError, match="GPU_ORTHOL1_KERNEL"):
+        ol1.plan(phi, backend="numpy")
+
+
+@pytest.mark.cudasim
+def test_fused_refuses_slices_too_wide(rng):
+    from gpu_orthol1.kernels import fused_small
+    from gpu_orthol1.testing import EmulatedGpuDevice
+
+    n = fused_small.N_MAX[np.dtype(np.float64)] + 1
+    phi = random_phi(rng, (2, 1, n), np.float64)
+    with pytest.raises(ValueError, match=f"up to n={n - 1}"):
+        _plan.Plan(phi, backend="numpy", kernel="fused", _device=EmulatedGpuDevice())

@@ -1,0 +1,178 @@
+"""gpu_orthol1.distributed on real process groups: gloo on the CPU, 2 and 3 ranks (3 makes uneven and
+empty shards), float64 against the single-process core on the full tensor.
+
+Spawning a group costs seconds, so one group per world size runs every case (tests/_dist_workers.py)
+and the tests below read its per-rank results: one spawn per world size for the whole file. Inputs
+are fresh random numbers each run; the seed is printed (and named in every failure) to replay it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from gpu_orthol1 import distributed as odist
+
+from . import _dist_workers
+
+GROUP_TIMEOUT_S = 240  # a hang fails the tests after this long (each rank's gloo timeout is 90 s)
+
+
+def _kill(ctx):
+    for p in ctx.processes:
+        if p.is_alive():
+            p.kill()
+    for p in ctx.processes:
+        p.join(5)
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
+def group_run(request, tmp_path_factory):
+    world = request.param
+    seed = int(np.random.SeedSequence().entropy) % (1 << 63)
+    print(f"distributed test seed = {seed} (world {world})")
+    out = tmp_path_factory.mktemp(f"dist{world}")
+    t0 = time.monotonic()
+    ctx = mp.start_processes(_dist_workers.main, args=(world, str(out / "store"), seed, str(out)),
+                             nprocs=world, join=False, start_method="spawn")
+    try:
+        while not ctx.join(timeout=2):
+            if time.monotonic() - t0 > GROUP_TIMEOUT_S:
+                progress = {r: (out / f"rank{r}.progress").read_text().splitlines()[-1:]
+                            for r in range(world) if (out / f"rank{r}.progress").exists()}
+                pytest.fail(f"the {world}-rank group did not finish in {GROUP_TIMEOUT_S} s (seed {seed}); "
+                            f"last case per rank: {progress}")
+    finally:
+        _kill(ctx)
+    res = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    print(f"{world} ranks: {time.monotonic() - t0:.1f} s")
+    return {"world": world, "seed": seed, "ranks": res}
+
+
+def _failures(run, cat):
+    ranks = run["ranks"]
+    names = set(ranks[0]["ran"].get(cat, []))
+    assert names, f"no {cat} case ran"
+    bad = {}
+    for r, res in enumerate(ranks):
+        assert set(res["ran"].get(cat, [])) == names, f"rank {r} ran other {cat} cases"
+        for name, tb in res["failures"].items():
+            if name in names:
+                bad.setdefault(name, {})[r] = tb.strip().splitlines()[-1]
+    return bad
+
+
+def _assert_clean(run, cat):
+    bad = _failures(run, cat)
+    assert not bad, (f"{len(bad)} {cat} case(s) failed with {run['world']} ranks (seed {run['seed']}):\n"
+                     + "\n".join(f"  {k}: {v}" for k, v in sorted(bad.items())))
+
+
+def test_functional_matches_single_process(group_run):
+    """every shard_dim x axis x reduction (3-D and 2-D), loss-only, empty shards, chunked calls whose ranks
+    would pick different chunk sizes, float32/float16/bfloat16: loss and gradient shards vs the core."""
+    _assert_clean(group_run, "functional")
+
+
+def test_nan_in_one_shard_reaches_every_rank(group_run):
+    _assert_clean(group_run, "nan")
+
+
+def test_dtensor_rows_columns_auto(group_run):
+    """2-D DTensors with Shard(0), Shard(1), Replicate() in rows/columns/auto/None modes, 3-D with Shard on
+    each dim, and FSDP2 (fully_shard) parameters through orthol1_dtensor_execute."""
+    _assert_clean(group_run, "dtensor")
+
+
+def test_row_split_sends_grams_not_phi(group_run):
+    _assert_clean(group_run, "counts")
+    counts = group_run["ranks"][0]["counts"]
+    l, m, n = 64, 6, 16
+    for name in ("l", "l-chunked"):
+        gathered = [c for c in counts[name] if c[0] == "all_gather"]
+        assert [c[1] for c in gathered] == [15], f"{name}: only the 15-number metadata is gathered: {gathered}"
+        reduced = sum(c[1] for c in counts[name] if c[0] == "all_reduce")
+        assert reduced == m * (n // 2 + 1) * n < m * n * n < l * m * n
+    # the same counts on every rank
+    assert all(r["counts"] == counts for r in group_run["ranks"])
+
+
+def test_bad_input_raises_the_same_error_on_every_rank(group_run):
+    _assert_clean(group_run, "errors")
+    per_rank = [r["errors"] for r in group_run["ranks"]]
+    expect = {
+        "shape": "do not form one tensor", "shard_dim_all": "shard_dim 3 is out of range",
+        "shard_dim_one": "shard_dim 5 is out of range", "axis_one": "axis 7 is out of range",
+        "dtype": "disagree on the shards' dtype", "device": "device other than cpu or cuda",
+        "ndim": "disagree on the number of dims", "not_tensor": "not a torch.Tensor",
+        "reduction": "disagree on reduction", "reduction_bad": "reduction must be one of",
+        "beta": "disagree on beta", "beta_nan": "beta must be a finite", "int_dtype": "dtype is not float16",
+        "workspace": "could not plan", "dtensor": "is a DTensor",
+    }
+    assert set(per_rank[0]) == set(expect)
+    for name, words in expect.items():
+        got = [pr[name] for pr in per_rank]
+        assert all(t == "ValueError" for t, _ in got), f"{name}: {got}"
+        msgs = sorted((m for _, m in got), key=len)
+        assert words in msgs[0], f"{name}: {msgs[0]!r} does not say {words!r}"
+        # the failing rank may add its own detail in parentheses; the rest is the same everywhere
+        assert all(m.startswith(msgs[0]) for m in msgs), f"{name}: messages differ: {msgs}"
+
+
+# -- pieces that need no process group --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 9, 16])
+def test_gram_packing_round_trip(n, rng):
+    X = torch.from_numpy(rng.standard_normal((3, n, n)))
+    G = X + X.transpose(1, 2)
+    P = odist.pack_grams(G)
+    assert P.shape == (3, n // 2 + 1, n) and P.numel() <= 3 * (n * (n + 2) // 2 + 1)
+    out = torch.full_like(G, 7.0)
+    odist.unpack_grams(P, out)
+    assert torch.equal(out, G)
+    if n > 1:  # NaN stays in its row and column
+        G[1, 0, n - 1] = G[1, n - 1, 0] = float("nan")
+        odist.unpack_grams(odist.pack_grams(G), out)
+        assert torch.equal(torch.isnan(out), torch.isnan(G))
+
+
+def _row(**kw):
+    row = [0] * 15
+    row[odist._F_NDIM], row[odist._F_S0:odist._F_S0 + 3] = 3, [4, 3, 5]
+    row[odist._F_DTYPE], row[odist._F_DEVICE] = 2, 0
+    for k, v in kw.items():
+        row[getattr(odist, "_F_" + k)] = v
+    return row
+
+
+def test_validation_table():
+    """What every rank checks on the gathered metadata, including a mix of device types (not possible
+    to build on this CPU-only machine)."""
+    mine = odist._Local(_row())
+    assert odist._validate([_row(), _row(S0=2)], 0, mine) == [4, 2]
+    with pytest.raises(ValueError, match="disagree on the shards' device type: rank 0 cpu, rank 1 cuda"):
+        odist._validate([_row(), _row(DEVICE=1)], 0, mine)
+    with pytest.raises(ValueError, match="do not form one tensor split along dim 0"):
+        odist._validate([_row(), _row(S2=6)], 1, mine)
+    with pytest.raises(ValueError, match="rank 1: its local shard has 4 dims"):
+        odist._validate([_row(), _row(STATUS=odist._E_NDIM, NDIM=4)], 0, mine)
+
+
+def test_needs_an_initialized_process_group():
+    with pytest.raises(ValueError, match="not initialized"):
+        odist.loss_and_grad(torch.ones(3, 2, 2), shard_dim=0)
+    with pytest.raises(ValueError, match="takes a DTensor"):
+        odist.dtensor_ortho_l1(torch.ones(3, 2))
+
+
+def test_worker_module_is_importable_by_name():
+    # torch.multiprocessing.spawn pickles the worker by module path
+    assert Path(_dist_workers.__file__).name == "_dist_workers.py"
+    assert _dist_workers.main.__module__ == "tests._dist_workers"

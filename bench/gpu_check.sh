@@ -13,7 +13,7 @@ DRY=${GPU_CHECK_DRY:-0}
 # The device call has a hard limit and only 8 files come back from $OUT: every step gets at most
 # what is left before DEADLINE (seconds from start), and everything is packed into one archive at
 # the end, so the check always finishes and returns its logs.
-DEADLINE=${GPU_CHECK_DEADLINE:-470}
+DEADLINE=${GPU_CHECK_DEADLINE:-350}  # the check stays under 6 minutes; steps run in priority order
 START=$(date +%s)
 status=0
 step() {  # step NAME TIMEOUT CMD...: run, log to $OUT/NAME.log, record the exit code
@@ -50,6 +50,14 @@ PYEOF
 cat "$OUT/env.txt"
 
 if [ "$DRY" != 1 ]; then
+  # numba-cuda 0.30.4 cannot compile with NumPy 2.5 (kernels/_compat.py says so); the GPU machine has
+  # numpy 2.5.2 and no network, so carry a numpy<2.5 wheel for its Python 3.12 here first:
+  #   pip download 'numpy<2.5' --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+  #       --no-deps -d bench/wheels          (then run with carry=["bench/wheels"])
+  if $PY -c "import numpy, sys; sys.exit(hasattr(numpy, 'row_stack'))"; then
+    ls bench/wheels/numpy-*.whl >/dev/null 2>&1 && $PY -m pip install -q --no-deps bench/wheels/numpy-*.whl \
+      > "$OUT/numpy.log" 2>&1 || echo "!!! numpy>=2.5 and no bench/wheels/numpy-*.whl carried: the GPU kernels will refuse to compile"
+  fi
   $PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; status=1; }
   export GPU_ORTHOL1_TEST_GPU=1
   DEV=gpu
@@ -60,9 +68,16 @@ fi
 step info 60 $PY -m gpu_orthol1.cli info
 step run 60 $PY -m gpu_orthol1.cli run --shape 4096,32,128
 # -rs lists skips: on the card a skipped gpu test is a failure of this check
-step gpu_tests 200 $PY -m pytest -q -m gpu -rs -p no:cacheprovider ${GPU_TESTS:-tests/}
+step gpu_tests 150 $PY -m pytest -q -m gpu -rs -p no:cacheprovider ${GPU_TESTS:-tests/}
 if [ "$DRY" != 1 ] && grep -q "skipped" "$OUT/gpu_tests.log"; then
   echo "!!! gpu tests were skipped on the GPU machine"; status=1
+fi
+# issue 8/9 figures: host vs device time per call (cupyx.profiler.benchmark), plan and graph replay,
+# fused vs two-GEMM vs limit and roofline, and a torch.profiler kernel table
+if [ "$DRY" != 1 ]; then
+  step plans 90 $PY bench/bench_gpu_plans.py --quick --json "$OUT/gpu_plans.json" --profile-txt "$OUT/gpu_profile.txt"
+else
+  step plans 30 $PY bench/bench_gpu_plans.py --dry
 fi
 step bench_core 60 $PY bench/bench_core.py --device $DEV --repeat 7 --json "$OUT/bench_core_$DEV.json"
 step bench 130 $PY -m gpu_orthol1.cli bench --quick --device $DEV --time-limit 110 --no-progress \

@@ -1,0 +1,174 @@
+"""The per-call cost on the GPU and the fused kernel's sweep: the figures issues 8 and 9 ask for.
+
+    python3 bench/bench_gpu_plans.py --json $OUT/gpu_plans.json [--quick]     (on the GPU machine)
+    python bench/bench_gpu_plans.py --dry                                      (CPU: parses, builds, exits)
+
+All in one run on one card, each ratio against a baseline timed in the same run:
+
+1. host: host (CPU) and device time per call, `cupyx.profiler.benchmark`, CuPy (64, 8, 32) float32:
+   `ol1.loss_and_grad` (warm plan cache), a reused plan, a replayed CUDA graph (`plan.graph`).
+2. shapes: the reference shapes in float32 / tf32 / float16 through the two-GEMM path and (where
+   n fits) the fused kernel, against `limit-cublas` (the raw two-GEMM bound: the bench's own method).
+3. sweep: l*m*n fixed (2^24 elements) over n in {8, 16, 32, 64, 128} and l in {64, 512}: fused vs
+   two-GEMM vs the memory roofline (read phi + write the gradient at the measured copy bandwidth).
+4. profile: a torch.profiler kernel table (every kernel, cuBLAS's and Numba's) for one call of each
+   path, written as text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _bench(fn, n_repeat):
+    from cupyx.profiler import benchmark
+
+    r = benchmark(fn, n_repeat=n_repeat, n_warmup=5)
+    cpu = float(sorted(r.cpu_times)[len(r.cpu_times) // 2] * 1e3)
+    gpu = float(sorted(r.gpu_times[0])[len(r.gpu_times[0]) // 2] * 1e3)
+    return {"host_ms": cpu, "device_ms": gpu}
+
+
+def host_costs(quick):
+    import cupy
+
+    import gpu_orthol1 as ol1
+
+    phi = cupy.random.standard_normal((64, 8, 32), dtype=cupy.float32) / 8
+    p = ol1.plan(phi, 1e-3)
+    g = p.graph(phi)
+    pf = ol1.plan(phi, 1e-3, kernel="fused")
+    gf = pf.graph(phi)
+    n = 50 if quick else 200
+    return {
+        "loss_and_grad": _bench(lambda: ol1.loss_and_grad(phi, 1e-3), n),
+        "plan": _bench(lambda: p(phi), n),
+        "graph_replay": _bench(g.replay, n),
+        "plan_fused": _bench(lambda: pf(phi), n),
+        "graph_replay_fused": _bench(gf.replay, n),
+    }
+
+
+def shapes(quick):
+    import cupy
+    import numpy as np
+
+    import gpu_orthol1 as ol1
+    from gpu_orthol1 import _bench_methods as bm
+    from gpu_orthol1.kernels import fused_small
+
+    rows = []
+    cases = [((4096, 32, 128), "float32", "highest"), ((64, 4096, 64), "float32", "highest"),
+             ((512, 64, 512), "float32", "highest"), ((4096, 32, 128), "float32", "tf32"),
+             ((4096, 32, 128), "float16", "highest"), ((64, 4096, 64), "float16", "highest")]
+    for shape, dt, prec in cases:
+        host = (np.random.default_rng(0).standard_normal(shape) / np.sqrt(shape[0])).astype(dt)
+        phi = cupy.asarray(host)
+        case = bm.Case(shape[0], shape[1], shape[2], np.dtype(dt), "ref", [host, host.copy()])
+        lim = bm._limit("gpu", prec).prepare(case)
+        row = {"shape": shape, "dtype": dt, "precision": prec,
+               "limit_cublas_ms": _bench(lambda: lim.call(0), 20 if quick else 50)["device_ms"]}
+        for kernel in ("gemm", "fused"):
+            if kernel == "fused" and (prec != "highest" or not fused_small.fits(shape[2], dt)):
+                continue
+            pl = ol1.plan(phi, 1e-3, precision=prec, kernel=kernel)
+            t = _bench(lambda: pl(phi), 20 if quick else 50)
+            row[f"{kernel}_ms"] = max(t["device_ms"], t["host_ms"])
+            row[f"{kernel}_x_limit"] = row[f"{kernel}_ms"] / row["limit_cublas_ms"]
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    return rows
+
+
+def sweep(quick):
+    import cupy
+
+    import gpu_orthol1 as ol1
+    from gpu_orthol1 import _bench_methods as bm
+    from gpu_orthol1.kernels import fused_small
+
+    bw = bm.d2d_bandwidth()
+    total = 1 << (22 if quick else 24)
+    rows = []
+    for l in (64, 512):
+        for n in (8, 16, 32, 64, 128):
+            m = max(1, total // (l * n))
+            phi = cupy.random.standard_normal((l, m, n), dtype=cupy.float32) / l ** 0.5
+            row = {"l": l, "m": m, "n": n, "roofline_ms": 2 * phi.nbytes / bw * 1e3}
+            for kernel in ("gemm", "fused"):
+                if kernel == "fused" and not fused_small.fits(n, "float32"):
+                    continue
+                pl = ol1.plan(phi, 1e-3, kernel=kernel)
+                t = _bench(lambda: pl(phi), 10 if quick else 30)
+                row[f"{kernel}_ms"] = max(t["device_ms"], t["host_ms"])
+                row[f"{kernel}_x_roofline"] = row[f"{kernel}_ms"] / row["roofline_ms"]
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+    return {"copy_bandwidth_GBps": bw / 1e9, "rows": rows}
+
+
+def profile_table():
+    import cupy
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import gpu_orthol1 as ol1
+
+    phi = cupy.random.standard_normal((64, 4096, 64), dtype=cupy.float32) / 8
+    out = []
+    for kernel in ("gemm", "fused"):
+        pl = ol1.plan(phi, 1e-3, kernel=kernel)
+        pl(phi)
+        cupy.cuda.Device().synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                pl(phi)
+            torch.cuda.synchronize()
+            cupy.cuda.Device().synchronize()
+        out.append(f"== kernel={kernel}, (64, 4096, 64) float32, 5 calls\n"
+                   + prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json")
+    ap.add_argument("--profile-txt")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dry", action="store_true", help="CPU machine: check the script imports, then exit")
+    a = ap.parse_args(argv)
+    if a.dry:
+        import gpu_orthol1  # noqa: F401
+
+        print("bench_gpu_plans: dry run, nothing measured")
+        return 0
+    import cupy
+
+    from gpu_orthol1.bench import gpu_name, versions
+
+    doc = {"command": "python3 bench/bench_gpu_plans.py " + " ".join(argv or sys.argv[1:]), "gpu": gpu_name(),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(), "cupy": cupy.__version__}
+    for name, fn in (("host", host_costs), ("shapes", shapes), ("sweep", sweep)):
+        try:
+            doc[name] = fn(a.quick)
+        except Exception as e:  # keep what the other parts measured
+            doc[name] = {"error": f"{type(e).__name__}: {e}"}
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(doc, f, indent=1)
+    if a.profile_txt:
+        try:
+            text = profile_table()
+        except Exception as e:
+            text = f"profile failed: {type(e).__name__}: {e}"
+        with open(a.profile_txt, "w") as f:
+            f.write(text + "\n")
+    print(json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Plans on a real card (run by bench/gpu_check.sh): the fused kernel against the two-GEMM path, CUDA
+graph capture and replay (CuPy and torch), streams. Skipped without GPU_ORTHOL1_TEST_GPU=1."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpu_orthol1 as ol1
+
+from .helpers import make
+from .reference import check
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture
+def cp():
+    return pytest.importorskip("cupy")
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", [(64, 200, 64), (7, 33, 5), (300, 20, 32), (16, 9, 100)])
+@pytest.mark.parametrize("layout", ["C", "F", "perm"])
+def test_fused_equals_gemm_on_card(cp, rng, dtype, shape, layout):
+    from gpu_orthol1.kernels import fused_small
+
+    if not fused_small.fits(shape[2], dtype):
+        pytest.skip("n beyond the fused kernel's bound for this dtype")
+    phi = make(cp, rng, shape, dtype, layout, 1)
+    fused = ol1.plan(phi, 0.3, kernel="fused")
+    gemm = ol1.plan(phi, 0.3, kernel="gemm")
+    assert fused.kernel == "fused" and gemm.kernel == "gemm"
+    lf, gf = fused(phi)
+    lg, gg = gemm(phi)
+    check(phi.get(), lf.get(), gf.get(), 0.3, 1, "sum", dtype)
+    check(phi.get(), lg.get(), gg.get(), 0.3, 1, "sum", dtype)
+    out = cp.asarray(rng.standard_normal(shape).astype(dtype))
+    base = out.get().astype(np.float64)
+    fused(phi, out=out, accumulate=True)
+    check(phi.get(), lf.get(), out.get(), 0.3, 1, "sum", dtype, grad_base=base)
+
+
+@pytest.mark.parametrize("kernel", ["gemm", "fused"])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_graph_replay_follows_the_input(cp, rng, kernel, reduction):
+    shape = (64, 8, 32)
+    phi = make(cp, rng, shape, np.float32, "C", 1)
+    out = cp.asarray(rng.standard_normal(shape).astype(np.float32))
+    p = ol1.plan(phi, 0.5, reduction=reduction, kernel=kernel)
+    g = p.graph(phi)
+    for _ in range(3):
+        phi[...] = make(cp, rng, shape, np.float32, "C", 1)  # new values, same address
+        loss, grad = g.replay()
+        want_l, want_g = ol1.loss_and_grad(phi, 0.5, reduction=reduction)
+        cp.testing.assert_allclose(loss, want_l, rtol=1e-6)
+        cp.testing.assert_allclose(grad, want_g, rtol=1e-6, atol=1e-7)
+    base = out.copy()
+    ga = p.graph(phi, out=out, accumulate=True)
+    cp.testing.assert_array_equal(out, base)  # capturing runs nothing into the user's out
+    ga.replay()
+    ga.replay()
+    cp.testing.assert_allclose(out - base, 2 * ol1.grad(phi, 0.5, reduction=reduction), rtol=1e-5, atol=1e-6)
+
+
+def test_graph_refuses_host_input_and_staged_layouts(cp, rng):
+    phi = make(np, rng, (9, 4, 5), np.float32, "C", 1)
+    with pytest.raises(ValueError, match="GPU backend and a CuPy phi"):
+        ol1.plan(phi, backend="numpy").graph(phi)
+    bad = make(cp, rng, (9, 4, 5), np.float32, "every2", 1)
+    with pytest.warns(ol1.CopyWarning):
+        p = ol1.plan(bad)
+        with pytest.raises(ValueError, match="reads in place"):
+            p.graph(bad)
+
+
+def test_torch_ortho_l1_and_orthol1_in_torch_cuda_graph(rng):
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    from gpu_orthol1.torch import OrthoL1, ortho_l1
+
+    w = torch.randn(48, 32, device="cuda", requires_grad=True)
+    static_out = torch.empty((), device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the capture: compiles, uploads, makes the plan
+        for _ in range(2):
+            ortho_l1(w, 0.1, mode="rows").backward()
+    torch.cuda.current_stream().wait_stream(s)
+    w.grad = None
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        loss = ortho_l1(w, 0.1, mode="rows")
+        loss.backward()
+        static_out.copy_(loss)
+    for _ in range(2):
+        with torch.no_grad():
+            w.copy_(torch.randn_like(w))
+        w.grad.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        W = w.detach().double()
+        want = 0.1 * (W @ W.T - torch.eye(48, dtype=W.dtype, device="cuda")).abs().sum()
+        torch.testing.assert_close(static_out.double(), want, rtol=1e-5, atol=0)
+
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(6)]).cuda()
+    reg = OrthoL1(model, 0.2)
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            reg.add_grad_()
+    torch.cuda.current_stream().wait_stream(s)
+    model.zero_grad(set_to_none=False)
+    g2 = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g2):
+        reg.add_grad_()
+    model.zero_grad(set_to_none=False)
+    g2.replay()
+    torch.cuda.synchronize()
+    for lin in model:
+        W = lin.weight.detach().double()
+        want = 2 * 0.2 * W @ torch.sign(W.T @ W - torch.eye(64, dtype=W.dtype, device="cuda"))
+        torch.testing.assert_close(lin.weight.grad.double(), want, rtol=1e-4, atol=1e-4)

@@ -385,17 +385,20 @@ def pack_grams(G):
 
 
 def unpack_grams(P, G):
-    """The inverse of `pack_grams` into G (cc, n, n): exactly symmetric, NaN stays where it was."""
+    """The inverse of `pack_grams` into G (cc, n, n): exactly symmetric, NaN stays where it was. Each
+    block is one masked select of the packed entries and their mirror images, written in place."""
     n = G.shape[-1]
     a, c = _split(n)
     A = P[:, :, :a]
-    G[:, :a, :a] = torch.triu(A) + torch.triu(A, 1).transpose(1, 2)
+    upper = torch.ones(a, a, dtype=torch.bool, device=G.device).triu_()
+    torch.where(upper, A, A.mT, out=G[:, :a, :a])
     if c:
         B = P[:, :, a:]
         G[:, :a, a:] = B
-        G[:, a:, :a] = B.transpose(1, 2)
-        Cl = torch.tril(P[:, 1:c + 1, :c])
-        G[:, a:, a:] = Cl + torch.tril(Cl, -1).transpose(1, 2)
+        G[:, a:, :a] = B.mT
+        Cr = P[:, 1:c + 1, :c]
+        lower = torch.ones(c, c, dtype=torch.bool, device=G.device).tril_()
+        torch.where(lower, Cr, Cr.mT, out=G[:, a:, a:])
 
 
 def _gram_hook(group, device):
@@ -434,16 +437,23 @@ def _core(V, beta, reduction, want_grad, device, *, hook=None, chunk=None, plan=
 
 def _gather_along(x, dim, sizes, group, rank):
     """The concatenation along dim of every rank's x (uneven sizes along dim: known from the metadata).
-    Shards are padded to the largest size: gloo's all_gather wants equal sizes."""
+    gloo's all_gather wants equal sizes, so shards are padded to the largest; the ranks' pieces land in
+    one buffer, which is the result as it is when the sizes are even (no concatenating copy)."""
     x = x.movedim(dim, 0).contiguous()
     rest = tuple(x.shape[1:])
     per = math.prod(rest)
     big = max(sizes)
-    buf = x.new_zeros(big * per)
-    buf[:x.numel()] = x.reshape(-1)
-    parts = [torch.empty_like(buf) for _ in sizes]
-    dist.all_gather(parts, buf, group=group)
-    full = torch.cat([p[:s * per].view((s,) + rest) for p, s in zip(parts, sizes)], 0)
+    if x.shape[0] == big:
+        buf = x.reshape(-1)
+    else:
+        buf = x.new_zeros(big * per)
+        buf[:x.numel()] = x.reshape(-1)
+    out = x.new_empty((len(sizes), big * per))
+    dist.all_gather(list(out.unbind(0)), buf, group=group)
+    if all(s == big for s in sizes):
+        full = out.view((len(sizes) * big,) + rest)
+    else:
+        full = torch.cat([p[:s * per].view((s,) + rest) for p, s in zip(out.unbind(0), sizes)], 0)
     return full.movedim(0, dim)
 
 
@@ -654,28 +664,74 @@ def dtensor_ortho_l1(w: Any, beta: float = 1.0, axis: int = 1, reduction: str = 
 # many DTensor parameters (OrthoL1 on an FSDP2 model)
 
 
-def _target_local(w, how, axis):
-    """(local tensor the core sees, shard_dim in it or None, axis, process group, back): back maps the
-    local gradient to the local parameter's shape. Conv weights are flattened in logical order (the
-    same on every rank, so the ranks' partial Grams pair the same columns)."""
+STACK_BYTES = 64 << 20  # most local bytes stacked into one batched call (a copy of the shards)
+
+
+@dataclass
+class _Member:
+    j: int  # index in targets
+    V: Any  # (m, l, n) slice view of the local shard (transposed for "rows")
+    kind: int  # -1 replicated/plain, 0 m, 1 l, 2 n
+    group: Any
+    back: Any  # slice-view gradient -> the local parameter's shape
+    key: tuple  # rank-independent: which members can share one call
+
+
+def _member(j, w, how, axis, transpose):
+    """One target as a slice view: Conv weights flattened to (out, -1) in logical order (the same on
+    every rank, so the ranks' partial Grams pair the same columns)."""
     from torch.distributed.tensor import DTensor
 
+    if how not in ("matrix", "flatten", "stack"):
+        raise ValueError(f"target {j}: how must be 'matrix', 'flatten' or 'stack', got {how!r}")
     if isinstance(w, DTensor):
         shard_dim, grp = _dtensor_split(w)
-        local = w.to_local()
+        local, gshape = w.to_local(), tuple(w.shape)
     else:
-        shard_dim, grp, local = None, None, w
+        shard_dim, grp, local, gshape = None, None, w, tuple(w.shape)
     local = local.detach()
+    if local.dtype not in _DTYPES:
+        raise ValueError(f"target {j}: dtype {local.dtype} is not float16, bfloat16, float32 or float64")
+    shape = local.shape
     if how == "flatten":
         if shard_dim is not None and shard_dim > 1:
-            raise ValueError(f"gpu_orthol1: a {local.dim()}-D weight flattened to (out, -1) can be sharded on "
-                             f"dim 0 or 1 only (its rows or a contiguous block of the flattened columns), got "
-                             f"Shard({shard_dim})")
-        shape = local.shape
-        return local.reshape(shape[0], -1), shard_dim, 1, grp, lambda g: g.reshape(shape)
-    if how == "matrix":
-        return local, shard_dim, 1, grp, lambda g: g
-    return local, shard_dim, axis, grp, lambda g: g
+            raise ValueError(f"target {j}: a {local.dim()}-D weight flattened to (out, -1) can be sharded on dim 0 "
+                             f"or 1 only (its rows or a block of the flattened columns), got Shard({shard_dim})")
+        local = local.reshape(shape[0], -1)
+        gshape = (gshape[0], math.prod(gshape[1:]))
+    elif how == "matrix" and local.dim() != 2:
+        raise ValueError(f"target {j}: how='matrix' needs a 2-D parameter, got shape {tuple(shape)}")
+    nd = local.dim()
+    ax = int(axis) % 3 if nd == 3 else 0
+    V = _slice_view(local, nd, ax, bool(transpose))
+    gV = tuple(_slice_view(torch.empty(gshape, device="meta"), nd, ax, bool(transpose)).shape)
+
+    def back(G, nd=nd, ax=ax, tr=bool(transpose), shape=shape):
+        return _from_slice_view(G, nd, ax, tr).reshape(shape)
+
+    if shard_dim is None:
+        return _Member(j, V, -1, None, back, ("local", j))
+    kind = _kind_of(nd, ax, shard_dim, bool(transpose))
+    if kind == 0:  # slices split over ranks: its own call (another target's slices would interleave)
+        return _Member(j, V, 0, grp, back, ("slices", j))
+    ranks = tuple(dist.get_process_group_ranks(grp))
+    # same key -> same local (l, n) on this rank (DTensor splits a size the same way every time)
+    return _Member(j, V, kind, grp, back, ("split", ranks, kind, str(local.dtype), local.device.type, gV[1:]))
+
+
+def _fingerprint(members, group):
+    """One all-gather before any batched call: ranks whose target lists differ would batch differently
+    and mismatch their collectives, so they raise the same ValueError instead."""
+    import hashlib
+
+    text = repr([(m.j, m.key, m.kind) for m in members]).encode()
+    h = int.from_bytes(hashlib.sha256(text).digest()[:7], "little")
+    t = torch.tensor([len(members), h], dtype=torch.int64, device=_meta_device(group, members[0].V))
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t, group=group)
+    if any(not torch.equal(p, parts[0]) for p in parts):
+        raise ValueError("gpu_orthol1.distributed: the ranks passed different targets (number, shapes, "
+                         "placements, modes or order differ); every rank must pass the same list")
 
 
 def orthol1_dtensor_execute(targets: Sequence[tuple[Any, str, int, bool]], beta: float, *,
@@ -694,36 +750,81 @@ def orthol1_dtensor_execute(targets: Sequence[tuple[Any, str, int, bool]], beta:
     (outs[j] when given; None when want_grad is False). Wrap a fresh gradient as a DTensor with
     DTensor.from_local(g, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).
 
-    Collective: every rank passes the same targets in the same order. Each sharded target is one
-    `loss_and_grad` (a metadata all-gather, then a Gram all-reduce per chunk for a row split, an
-    all-gather of the shards for a column split); replicated and plain ones run locally."""
+    Batched: sharded targets with the same global slice shape, dtype, split and process group are
+    stacked (a copy of their local shards, up to STACK_BYTES per call) and go through ONE
+    `loss_and_grad`: one metadata all-gather and one all-reduce of packed Grams per workspace chunk
+    for row splits, one all-gather of the stacked shards for column splits. A 48-matrix group is then
+    a handful of collectives instead of a hundred. Collective: every rank passes the same targets in
+    the same order (checked: one small all-gather first); replicated and plain targets run locally."""
     b = _plan.check_beta(beta)
     if outs is not None and len(outs) != len(targets):
         raise ValueError(f"outs has {len(outs)} entries for {len(targets)} targets")
     if accumulate and outs is None:
         raise ValueError("accumulate=True needs outs= (the tensors to add the gradients into)")
-    total = None
-    grads: list = []
-    for j, (w, how, axis, transpose) in enumerate(targets):
-        if how not in ("matrix", "flatten", "stack"):
-            raise ValueError(f"target {j}: how must be 'matrix', 'flatten' or 'stack', got {how!r}")
-        local, shard_dim, ax, grp, back = _target_local(w, how, axis)
-        if shard_dim is None:
-            lt, g = _local_run(local, b, ax, "sum", want_grad, bool(transpose))
-        else:
-            lt, g, _ = _run(local, b, ax, shard_dim, "sum", grp, want_grad, bool(transpose),
-                            workspace_bytes)
-        lt = lt.to(torch.float64)
-        total = lt if total is None else total + lt.to(total.device)
-        if g is not None:
-            g = back(g)
-            if outs is not None:
-                if accumulate:
-                    outs[j].add_(g)
-                else:
-                    outs[j].copy_(g)
-                g = outs[j]
-        grads.append(g)
-    if total is None:
-        total = torch.zeros((), dtype=torch.float64)
-    return total, grads
+    members = [_member(j, w, how, axis, tr) for j, (w, how, axis, tr) in enumerate(targets)]
+    sharded = [m for m in members if m.kind >= 0]
+    if sharded:
+        _fingerprint(members, sharded[0].group)
+    batches: dict = {}
+    for m in members:
+        batches.setdefault(m.key, []).append(m)
+    grads: list = [None] * len(members)
+    total = torch.zeros((), dtype=torch.float64)
+    for key, ms in batches.items():
+        for part in _cut(key, ms):
+            lt, gs = _run_members(part, b, want_grad, workspace_bytes)
+            total = total + lt.to(torch.float64).cpu()
+            for m, g in zip(part, gs):
+                grads[m.j] = g
+    out_grads: list = []
+    for j, g in enumerate(grads):
+        if g is not None and outs is not None:
+            if accumulate:
+                outs[j].add_(g)
+            else:
+                outs[j].copy_(g)
+            g = outs[j]
+        out_grads.append(g)
+    dev = members[0].V.device if members else torch.device("cpu")
+    return total.to(dev), out_grads
+
+
+def _cut(key, ms):
+    """Batches of at most STACK_BYTES of GLOBAL slices (at least one member each): sizes every rank
+    computes alike, so all ranks make the same calls (a local row count differs between ranks)."""
+    if ms[0].kind < 1:
+        return [ms]
+    l, n = key[-1]
+    out, cur, size = [], [], 0
+    for m in ms:
+        nb = m.V.shape[0] * l * n * m.V.element_size()
+        if cur and size + nb > STACK_BYTES:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(m)
+        size += nb
+    out.append(cur)
+    return out
+
+
+def _run_members(ms, b, want_grad, workspace_bytes):
+    """One call for members that share a key: (loss, [local gradient per member])."""
+    m0 = ms[0]
+    if m0.kind == -1:
+        t = m0.V  # replicated / plain: the core on the whole tensor, no collective
+        lt, G = _core(_compute_view(t), b, "sum", want_grad, t.device)
+    elif m0.kind == 0:
+        lt, G, _ = _run(m0.V, b, 0, 0, "sum", m0.group, want_grad, False, workspace_bytes)
+    else:
+        V = m0.V if len(ms) == 1 else torch.cat([m.V for m in ms], 0)  # stacked slices (a copy)
+        lt, G, _ = _run(V, b, 0, m0.kind, "sum", m0.group, want_grad, False, workspace_bytes)
+    if not want_grad:
+        return lt, [None] * len(ms)
+    gs, off = [], 0
+    for m in ms:
+        g = G.narrow(0, off, m.V.shape[0])
+        off += m.V.shape[0]
+        if g.dtype != m.V.dtype:
+            g = g.to(m.V.dtype)
+        gs.append(m.back(g))
+    return lt, gs

@@ -332,30 +332,45 @@ def case_dtensor(ctx, shape, placement, mode, red, axis=1):
     _close(gfull.numpy(), rg * gon, TOL64, "grad")
 
 
-def case_fsdp(ctx):
-    """FSDP2: parameters become DTensor Shard(0); orthol1_dtensor_execute matches the unsharded model."""
+def case_fsdp(ctx, stack_bytes=None, counts=None):
+    """FSDP2: parameters become DTensor Shard(0); orthol1_dtensor_execute matches the unsharded model.
+    Several matrices share a shape (batched into one call), in both modes; a Conv weight is flattened;
+    stack_bytes cuts the batches smaller; counts records the collectives of one call."""
     import torch
+    from torch import nn
     from torch.distributed.fsdp import fully_shard
 
     import gpu_orthol1 as ol1
-    from gpu_orthol1.distributed import orthol1_dtensor_execute
+    from gpu_orthol1 import distributed as odist
 
     torch.manual_seed(ctx.seed % (1 << 31))
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.Flatten(), torch.nn.Linear(12, 7),
-                                torch.nn.Linear(7, 9, bias=False), torch.nn.Linear(9, 9)).double()
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.Flatten(), nn.Linear(12, 7), nn.Linear(7, 9, bias=False),
+                          *[nn.Linear(9, 9) for _ in range(3)], nn.Linear(9, 20), nn.Linear(20, 9),
+                          nn.Linear(9, 20), nn.Linear(20, 9)).double()
     ref = {name: p.detach().clone().numpy() for name, p in model.named_parameters() if p.dim() >= 2}
     for layer in model:
         if any(True for _ in layer.parameters()):
             fully_shard(layer, mesh=ctx.mesh)
     fully_shard(model, mesh=ctx.mesh)
     params = [(name, p) for name, p in model.named_parameters() if p.dim() >= 2]
-    # mode "auto": the smaller Gram (rows for the (6, 27) conv and the (7, 12) Linear)
-    targets = [(p, "flatten" if p.dim() == 4 else "matrix", 1, p.shape[0] < np.prod(p.shape[1:]))
-               for _, p in params]
-    loss, grads = orthol1_dtensor_execute(targets, 0.7)
-    # add_grad_'s form: accumulate into given local tensors
-    outs = [torch.ones_like(p.to_local()) for _, p in params]
-    loss2, _ = orthol1_dtensor_execute(targets, 0.7, outs=outs, accumulate=True)
+    # mode "auto" (the smaller Gram: rows for the (6, 27) conv, (7, 12) and (9, 20)), and one 9x9 in rows
+    targets = [(p, "flatten" if p.dim() == 4 else "matrix", 1,
+                p.shape[0] < np.prod(p.shape[1:]) or name == "5.weight") for name, p in params]
+    old = odist.STACK_BYTES
+    if stack_bytes is not None:
+        odist.STACK_BYTES = stack_bytes
+    try:
+        if counts is not None:
+            with CountCollectives() as cc:
+                loss, grads = odist.orthol1_dtensor_execute(targets, 0.7)
+            counts["fsdp"] = cc.calls
+        else:
+            loss, grads = odist.orthol1_dtensor_execute(targets, 0.7)
+        # add_grad_'s form: accumulate into given local tensors
+        outs = [torch.ones_like(p.to_local()) for _, p in params]
+        loss2, _ = odist.orthol1_dtensor_execute(targets, 0.7, outs=outs, accumulate=True)
+    finally:
+        odist.STACK_BYTES = old
     alls = _same_on_all_ranks(torch.stack([loss, loss2]))
     from torch.distributed.tensor import DTensor
 
@@ -364,6 +379,12 @@ def case_fsdp(ctx):
 
     gfull = [full(g, p) for (_, p), g in zip(params, grads)]
     ofull = [full(o, p) for (_, p), o in zip(params, outs)]
+    # a rank whose list differs (one target short): the same ValueError on every rank
+    try:
+        odist.orthol1_dtensor_execute(targets[:-1] if ctx.rank == 0 else targets, 0.7)
+        mismatch = "no error"
+    except ValueError as e:
+        mismatch = str(e)
     want = 0.0
     for (name, _), (p, _how, _ax, tr), gf, of in zip(params, targets, gfull, ofull):
         x = ref[name].reshape(ref[name].shape[0], -1)
@@ -377,6 +398,14 @@ def case_fsdp(ctx):
         raise Failure("the loss differs between ranks")
     _close(loss.numpy(), want, TOL64, "loss")
     _close(loss2.numpy(), want, TOL64, "loss (accumulating call)")
+    if "passed different targets" not in mismatch:
+        raise Failure(f"different target lists: {mismatch!r}")
+    if counts is not None:
+        # 1 fingerprint; per batch key one metadata exchange and one collective (all shapes fit one chunk):
+        # conv (rows: column split), 12x7 (rows), 7x9, 9x9 x2 (columns), 9x9 (rows), 9x20 x2 (rows),
+        # 20x9 x2 (columns): 7 batches for 10 matrices
+        if len(counts["fsdp"]) != 1 + 2 * 7:
+            raise Failure(f"expected 15 collectives (batched), got {len(counts['fsdp'])}: {counts['fsdp']}")
 
 
 # -- the list every rank runs -------------------------------------------------------------------
@@ -427,6 +456,9 @@ def cases(world):
             out.append(("dtensor", f"dtensor 3d (5, 4, 7) Shard({pl}) {mode} none",
                         lambda c, p=pl, mo=mode: case_dtensor(c, (5, 4, 7), p, mo, "none")))
     out.append(("dtensor", "fsdp2 orthol1_dtensor_execute", case_fsdp))
+    out.append(("dtensor", "fsdp2 orthol1_dtensor_execute, small batches",
+                lambda c: case_fsdp(c, stack_bytes=9 * 9 * 8)))
+    out.append(("counts", "fsdp2 batched collectives", lambda c: case_fsdp(c, counts={})))
     out.append(("counts", "collective counts", None))
     out.append(("errors", "bad input on every rank", None))
     return out
@@ -451,7 +483,7 @@ def main(rank, world, init_file, seed, out_dir):
             prog.flush()
             results["ran"].setdefault(cat, []).append(name)
             try:
-                if cat == "counts":
+                if cat == "counts" and fn is None:
                     case_counts(ctx, results)
                 elif cat == "errors":
                     case_errors(ctx, results)

@@ -1,0 +1,306 @@
+"""The regularizer on a sharded transformer: gpu_orthol1.distributed against gather-then-compute.
+
+    python bench/bench_distributed.py                                  # 2 and 4 ranks, d_model 512, 12 layers
+    python bench/bench_distributed.py --ranks 2 --layers 1 --d-model 64 --steps 1 --out /tmp/x   # smoke
+
+Weights: per layer the 4 attention projections (d x d) and the 2 MLP matrices (4d x d, d x 4d),
+float32, each split along dim 0 over the ranks (Shard(0), as FSDP2 does), mode "auto" (the smaller
+Gram: columns for d x d and 4d x d, rows for d x 4d). Per step, for every rank (gloo on this CPU,
+one process per rank, one BLAS thread each):
+
+- sharded: gpu_orthol1.distributed.orthol1_dtensor_execute over the DTensor weights (row splits sum
+  packed n x n Grams; the d x 4d weights in rows mode are a column split, which gathers the weight);
+- gather:  what a user writes without it: all_gather the shards of each weight, gpu_orthol1.loss_and_grad
+  on the full weight, keep this rank's rows of the gradient.
+
+The two run interleaved (A B A B ...) after one warm-up step each, each step behind a barrier; a step's
+time is the slowest rank's. Bytes sent per rank are measured (/proc/self/io wchar: gloo's socket writes,
+nothing else writes during a step) and also counted from the collectives' payloads. Before timing, the
+two methods' losses and gradient shards are compared. A breakdown per weight kind (one step each)
+shows where the bytes go. Writes JSON (command, CPU model, date, versions, load) and a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+KINDS = ("attn", "mlp_up", "mlp_down")
+
+
+def shapes(d, layers):
+    """[(name, kind, (out, in))] of the model's matrices."""
+    out = []
+    for i in range(layers):
+        for p in ("q", "k", "v", "o"):
+            out.append((f"l{i}.attn.{p}", "attn", (d, d)))
+        out.append((f"l{i}.mlp.up", "mlp_up", (4 * d, d)))
+        out.append((f"l{i}.mlp.down", "mlp_down", (d, 4 * d)))
+    return out
+
+
+def wchar():
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("wchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+class Payload:
+    """Counts what each collective call hands to torch.distributed (elements x itemsize) and the bytes
+    a rank sends for it in a ring: all_reduce 2 (W-1)/W x payload, all_gather (W-1) x payload."""
+
+    def __init__(self, world):
+        self.world = world
+        self.sent = 0.0
+        self.calls = 0
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        self._orig = dist.all_reduce, dist.all_gather
+        W = self.world
+
+        def all_reduce(t, *a, **k):
+            self.calls += 1
+            self.sent += 2 * (W - 1) / W * t.numel() * t.element_size()
+            return self._orig[0](t, *a, **k)
+
+        def all_gather(lst, t, *a, **k):
+            self.calls += 1
+            self.sent += (W - 1) * t.numel() * t.element_size()
+            return self._orig[1](lst, t, *a, **k)
+
+        dist.all_reduce, dist.all_gather = all_reduce, all_gather
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        dist.all_reduce, dist.all_gather = self._orig
+
+
+def rank_main(rank, world, store, args, out_path):
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    import gpu_orthol1 as ol1
+    from gpu_orthol1.distributed import orthol1_dtensor_execute
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=600))
+    mesh = init_device_mesh("cpu", (world,))
+    beta = 1e-3
+    mats = []  # (name, kind, DTensor weight, transpose)
+    gen = torch.Generator().manual_seed(args.seed)
+    for name, kind, (o, i) in shapes(args.d_model, args.layers):
+        full = torch.randn(o, i, generator=gen) / (o ** 0.5)  # the same full weight on every rank
+        local = torch.chunk(full, world, 0)[rank].clone()   # DTensor's Shard(0) split
+        w = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=full.shape, stride=full.stride())
+        mats.append((name, kind, w, o < i))  # mode "auto": rows when the row Gram is the smaller
+        del full
+
+    def sharded(sel):
+        targets = [(w, "matrix", 1, tr) for _, k, w, tr in mats if k in sel]
+        loss, grads = orthol1_dtensor_execute(targets, beta)
+        return float(loss), grads
+
+    def gather(sel):
+        total = 0.0
+        grads = []
+        for _, k, w, tr in mats:
+            if k not in sel:
+                continue
+            local = w.to_local()
+            parts = [torch.empty_like(local) for _ in range(world)]
+            dist.all_gather(parts, local.contiguous())
+            full = torch.cat(parts, 0).numpy()
+            x = full.T if tr else full  # rows mode: the core reads the transposed view in place
+            lo, g = ol1.loss_and_grad(x, beta, backend="numpy")
+            g = g.T if tr else g
+            r0 = sum(p.shape[0] for p in parts[:rank])
+            grads.append(torch.from_numpy(np.ascontiguousarray(g[r0:r0 + local.shape[0]])))
+            total += float(lo)
+        return total, grads
+
+    methods = {"sharded": sharded, "gather": gather}
+
+    # the two agree: loss and every gradient shard (float32: sign flips at |G - I| ~ 1e-7 are rare)
+    la, ga = sharded(KINDS)
+    lb, gb = gather(KINDS)
+    gerr = max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-30)) for x, y in zip(ga, gb))
+    check = {"loss_sharded": la, "loss_gather": lb, "loss_rel_diff": abs(la - lb) / abs(lb),
+             "grad_max_rel_diff": gerr}
+    del ga, gb
+
+    def step(fn, sel):
+        dist.barrier()
+        w0 = wchar()
+        with Payload(world) as pay:
+            t0 = time.perf_counter()
+            fn(sel)
+            t = time.perf_counter() - t0
+        return {"s": t, "wchar": wchar() - w0, "payload": pay.sent, "calls": pay.calls}
+
+    rows: dict = {m: [] for m in methods}
+    for m in methods:  # warm-up: plans, workspaces, gloo buffers
+        step(methods[m], KINDS)
+    for _ in range(args.steps):
+        for m in methods:
+            rows[m].append(step(methods[m], KINDS))
+    per_kind = {m: {k: step(methods[m], (k,)) for k in KINDS} for m in methods}
+    with open(out_path, "w") as f:
+        json.dump({"rank": rank, "check": check, "steps": rows, "per_kind": per_kind}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_world(world, args):
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [os.path.join(tmp, f"rank{r}.json") for r in range(world)]
+        mp.start_processes(_spawn_entry, args=(world, os.path.join(tmp, "store"), vars(args), outs),
+                           nprocs=world, join=True, start_method="spawn")
+        return [json.loads(Path(p).read_text()) for p in outs]
+
+
+def _spawn_entry(rank, world, store, args, outs):
+    rank_main(rank, world, store, argparse.Namespace(**args), outs[rank])
+
+
+def summarize(world, ranks):
+    out = {"ranks": world, "check": ranks[0]["check"], "methods": {}}
+    for m in ("sharded", "gather"):
+        steps = list(zip(*[r["steps"][m] for r in ranks]))  # per step: every rank's record
+        t = [max(x["s"] for x in st) for st in steps]
+        out["methods"][m] = {
+            "step_ms_median": 1e3 * statistics.median(t),
+            "step_ms_all": [round(1e3 * x, 2) for x in t],
+            "sent_MB_per_rank_measured": statistics.median(x["wchar"] for st in steps for x in st) / 1e6,
+            "sent_MB_per_rank_payload": statistics.median(x["payload"] for st in steps for x in st) / 1e6,
+            "collectives_per_step": ranks[0]["steps"][m][0]["calls"],
+            "per_kind": {k: {"ms": 1e3 * max(r["per_kind"][m][k]["s"] for r in ranks),
+                             "sent_MB_measured": statistics.median(r["per_kind"][m][k]["wchar"] for r in ranks) / 1e6,
+                             "collectives": ranks[0]["per_kind"][m][k]["calls"]}
+                         for k in KINDS},
+        }
+    s, g = out["methods"]["sharded"], out["methods"]["gather"]
+    out["speedup"] = g["step_ms_median"] / s["step_ms_median"]
+    out["bytes_ratio"] = s["sent_MB_per_rank_measured"] / g["sent_MB_per_rank_measured"]
+    return out
+
+
+def cpu_model():
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def loadavg():
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return ""
+
+
+def markdown(doc):
+    a = doc["args"]
+    lines = [
+        f"# gpu_orthol1.distributed on the CPU (gloo): {a['layers']} layers, d_model {a['d_model']}, float32",
+        "",
+        f"`{doc['command']}` at {doc['date']} on {doc['cpu_model']} ({doc['cpu_count']} CPUs); load average "
+        f"{doc['loadavg_start']} at start, {doc['loadavg_end']} at end. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()) + ".",
+        "",
+        "Per step, every weight of the model (mode auto), weights split along dim 0 (Shard(0)). Time: median "
+        f"of {a['steps']} steps, the slowest rank's; bytes: sent per rank per step, measured (socket writes).",
+        "",
+        "| ranks | method | step ms | MB sent / rank | collectives / step | attn ms / MB | mlp_up ms / MB "
+        "| mlp_down ms / MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["results"]:
+        for m in ("sharded", "gather"):
+            x = r["methods"][m]
+            pk = " | ".join(f"{x['per_kind'][k]['ms']:.0f} / {x['per_kind'][k]['sent_MB_measured']:.2f}"
+                            for k in KINDS)
+            lines.append(f"| {r['ranks']} | {m} | {x['step_ms_median']:.0f} | {x['sent_MB_per_rank_measured']:.2f} "
+                         f"| {x['collectives_per_step']} | {pk} |")
+    lines.append("")
+    for r in doc["results"]:
+        c = r["check"]
+        lines.append(f"- {r['ranks']} ranks: sharded is {r['speedup']:.2f}x the gather approach's speed and "
+                     f"sends {r['bytes_ratio']:.2f}x its bytes; losses agree to {c['loss_rel_diff']:.1e}, "
+                     f"gradient shards to {c['grad_max_rel_diff']:.1e} (relative, float32).")
+    if doc.get("note"):
+        lines += ["", doc["note"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--d-model", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per method (median)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="bench/results/cpu-distributed", help="writes OUT.json and OUT.md")
+    ap.add_argument("--note", default="", help="a line for the markdown (e.g. what else loaded the machine)")
+    args = ap.parse_args(argv)
+    # one BLAS thread per rank (set before the ranks import NumPy): ranks are the parallelism
+    os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    import numpy
+    import torch
+
+    import gpu_orthol1
+
+    doc = {
+        "command": " ".join(["python", "bench/bench_distributed.py"] + (argv if argv is not None else sys.argv[1:])),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+        "loadavg_start": loadavg(),
+        "versions": {"gpu_orthol1": getattr(gpu_orthol1, "__version__", "?"), "torch": torch.__version__,
+                     "numpy": numpy.__version__, "python": platform.python_version()},
+        "args": vars(args), "threads_per_rank": 1, "backend": "gloo (TCP, localhost)",
+        "note": args.note,
+        "results": [],
+    }
+    for w in args.ranks:
+        t0 = time.time()
+        res = summarize(w, run_world(w, args))
+        doc["results"].append(res)
+        print(f"{w} ranks ({time.time() - t0:.0f} s): " + ", ".join(
+            f"{m} {x['step_ms_median']:.0f} ms {x['sent_MB_per_rank_measured']:.2f} MB"
+            for m, x in res["methods"].items()), flush=True)
+    doc["loadavg_end"] = loadavg()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(doc))
+    print(markdown(doc))
+
+
+if __name__ == "__main__":
+    main()

@@ -54,7 +54,8 @@ except ImportError as _e:  # torch is an optional extra
 
 from . import _driver, _plan
 
-__all__ = ["loss_and_grad", "loss", "dtensor_ortho_l1", "orthol1_dtensor_execute"]
+__all__ = ["loss_and_grad", "loss", "dtensor_ortho_l1", "orthol1_dtensor_execute", "orthol1_dtensor_loss",
+           "orthol1_dtensor_add_grad_", "orthol1_dtensor_step_"]
 
 REDUCTIONS = _plan.REDUCTIONS
 MODES = ("rows", "columns", "auto")
@@ -697,7 +698,7 @@ def _member(j, w, how, axis, transpose):
         if shard_dim is not None and shard_dim > 1:
             raise ValueError(f"target {j}: a {local.dim()}-D weight flattened to (out, -1) can be sharded on dim 0 "
                              f"or 1 only (its rows or a block of the flattened columns), got Shard({shard_dim})")
-        local = local.reshape(shape[0], -1)
+        local = local.reshape(shape[0], math.prod(shape[1:]))  # (-1 is ambiguous for an empty shard)
         gshape = (gshape[0], math.prod(gshape[1:]))
     elif how == "matrix" and local.dim() != 2:
         raise ValueError(f"target {j}: how='matrix' needs a 2-D parameter, got shape {tuple(shape)}")
@@ -719,16 +720,34 @@ def _member(j, w, how, axis, transpose):
     return _Member(j, V, kind, grp, back, ("split", ranks, kind, str(local.dtype), local.device.type, gV[1:]))
 
 
-def _fingerprint(members, group):
+def _first_group(targets):
+    """The process group of the first sharded target (from placements alone: the same on every rank)."""
+    from torch.distributed.tensor import DTensor
+
+    for w, _, _, _ in targets:
+        if isinstance(w, DTensor):
+            shard_dim, grp = _dtensor_split(w)
+            if shard_dim is not None:
+                return grp
+    return None
+
+
+def _fingerprint(members, group, local_error, device):
     """One all-gather before any batched call: ranks whose target lists differ would batch differently
-    and mismatch their collectives, so they raise the same ValueError instead."""
+    and mismatch their collectives, and a rank that failed on its own shards (local_error) would skip
+    them; either way every rank raises the same ValueError instead."""
     import hashlib
 
     text = repr([(m.j, m.key, m.kind) for m in members]).encode()
     h = int.from_bytes(hashlib.sha256(text).digest()[:7], "little")
-    t = torch.tensor([len(members), h], dtype=torch.int64, device=_meta_device(group, members[0].V))
+    t = torch.tensor([int(local_error is not None), len(members), h], dtype=torch.int64, device=device)
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, t, group=group)
+    failed = [r for r, p in enumerate(parts) if int(p[0])]
+    if failed:
+        mine = f" (here: {local_error})" if local_error is not None else ""
+        raise ValueError(f"gpu_orthol1.distributed: rank(s) {failed} could not prepare their shards of the "
+                         f"targets{mine}")
     if any(not torch.equal(p, parts[0]) for p in parts):
         raise ValueError("gpu_orthol1.distributed: the ranks passed different targets (number, shapes, "
                          "placements, modes or order differ); every rank must pass the same list")
@@ -761,19 +780,30 @@ def orthol1_dtensor_execute(targets: Sequence[tuple[Any, str, int, bool]], beta:
         raise ValueError(f"outs has {len(outs)} entries for {len(targets)} targets")
     if accumulate and outs is None:
         raise ValueError("accumulate=True needs outs= (the tensors to add the gradients into)")
-    members = [_member(j, w, how, axis, tr) for j, (w, how, axis, tr) in enumerate(targets)]
-    sharded = [m for m in members if m.kind >= 0]
-    if sharded:
-        _fingerprint(members, sharded[0].group)
+    group = _first_group(targets)
+    members, local_error = [], None
+    for j, (w, how, axis, tr) in enumerate(targets):
+        try:
+            members.append(_member(j, w, how, axis, tr))
+        except ValueError:  # an argument error: decided by placements, modes and dtypes, alike on all ranks
+            raise
+        except Exception as e:  # noqa: BLE001 - this rank's own shards: told to every rank below
+            if group is None:
+                raise
+            local_error = f"target {j}: {type(e).__name__}: {e}"
+            break
+    if group is not None:
+        _fingerprint(members, group, local_error, _meta_device(group, None))
     batches: dict = {}
     for m in members:
         batches.setdefault(m.key, []).append(m)
     grads: list = [None] * len(members)
-    total = torch.zeros((), dtype=torch.float64)
+    dev = members[0].V.device if members else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float64, device=dev)  # summed where the losses are: no host sync
     for key, ms in batches.items():
         for part in _cut(key, ms):
             lt, gs = _run_members(part, b, want_grad, workspace_bytes)
-            total = total + lt.to(torch.float64).cpu()
+            total = total + lt.to(device=dev, dtype=torch.float64)
             for m, g in zip(part, gs):
                 grads[m.j] = g
     out_grads: list = []
@@ -785,8 +815,7 @@ def orthol1_dtensor_execute(targets: Sequence[tuple[Any, str, int, bool]], beta:
                 outs[j].copy_(g)
             g = outs[j]
         out_grads.append(g)
-    dev = members[0].V.device if members else torch.device("cpu")
-    return total.to(dev), out_grads
+    return total, out_grads
 
 
 def _cut(key, ms):
@@ -828,3 +857,87 @@ def _run_members(ms, b, want_grad, workspace_bytes):
             g = g.to(m.V.dtype)
         gs.append(m.back(g))
     return lt, gs
+
+
+# ---------------------------------------------------------------------------------------------
+# OrthoL1's three methods over (DTensor) targets, for gpu_orthol1.torch to call
+
+
+def _dtensor_meta(p):
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(p, DTensor):
+        return p.device_mesh, tuple(p.placements), p.shape, p.stride()
+    return None
+
+
+def _wrap_grad(g, meta):
+    from torch.distributed.tensor import DTensor
+
+    if meta is None:
+        return g
+    mesh, placements, shape, stride = meta
+    return DTensor.from_local(g, mesh, placements, run_check=False, shape=shape, stride=stride)
+
+
+class _TargetsLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, spec, beta, workspace_bytes, *params):
+        want = any(ctx.needs_input_grad[3:])
+        targets = [(p, how, axis, tr) for p, (how, axis, tr) in zip(params, spec)]
+        loss, grads = orthol1_dtensor_execute(targets, beta, want_grad=want, workspace_bytes=workspace_bytes)
+        ctx.want = want
+        if want:
+            ctx.grads = grads  # formed in this forward pass: the backward only scales them
+            ctx.metas = [_dtensor_meta(p) for p in params]
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, go):
+        if not ctx.want:
+            return (None,) * len(ctx.needs_input_grad)
+        out = tuple(_wrap_grad(g * go.to(g.dtype), m) for g, m in zip(ctx.grads, ctx.metas))
+        return (None, None, None) + out
+
+
+def orthol1_dtensor_loss(targets: Sequence[tuple[Any, str, int, bool]], beta: float, *,
+                         workspace_bytes: int | None = None) -> Any:
+    """OrthoL1.loss() for (DTensor) targets (see `orthol1_dtensor_execute`): the summed loss as a float64
+    0-d tensor with autograd; its backward hands each parameter the gradient formed in the forward pass
+    (a DTensor with the parameter's placements for a DTensor)."""
+    spec = [(how, axis, bool(tr)) for _, how, axis, tr in targets]
+    params = [p for p, _, _, _ in targets]
+    return _TargetsLoss.apply(spec, _plan.check_beta(beta), workspace_bytes, *params)
+
+
+@torch.no_grad()
+def orthol1_dtensor_add_grad_(targets: Sequence[tuple[Any, str, int, bool]], beta: float, *,
+                              workspace_bytes: int | None = None) -> Any:
+    """OrthoL1.add_grad_() for (DTensor) targets: adds the gradient into each parameter's .grad (made as
+    zeros with the parameter's placements when None) through its local tensor; returns the loss."""
+    outs = []
+    for j, (p, _, _, _) in enumerate(targets):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        meta, gmeta = _dtensor_meta(p), _dtensor_meta(p.grad)
+        if (meta is None) != (gmeta is None) or (meta is not None and gmeta is not None
+                                                 and (meta[1] != gmeta[1] or meta[2] != gmeta[2])):
+            raise ValueError(f"target {j}: .grad has placements {gmeta and gmeta[1]}, shape "
+                             f"{tuple(p.grad.shape)}; the parameter {meta and meta[1]}, {tuple(p.shape)}")
+        outs.append(p.grad.to_local() if gmeta is not None else p.grad)
+    loss, _ = orthol1_dtensor_execute(targets, beta, outs=outs, accumulate=True, workspace_bytes=workspace_bytes)
+    return loss
+
+
+@torch.no_grad()
+def orthol1_dtensor_step_(targets: Sequence[tuple[Any, str, int, bool]], beta: float, lr: float, *,
+                          workspace_bytes: int | None = None) -> Any:
+    """OrthoL1.step_(lr) for (DTensor) targets: W <- W - lr * dL/dW on each rank's shard, every gradient
+    from the weights before the update; returns the loss before the step."""
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(float(lr)):
+        raise ValueError(f"lr must be a finite real number, got {lr!r}")
+    loss, grads = orthol1_dtensor_execute(targets, beta, workspace_bytes=workspace_bytes)
+    for (p, _, _, _), g in zip(targets, grads):
+        (p.to_local() if _dtensor_meta(p) is not None else p).sub_(g, alpha=float(lr))
+    return loss

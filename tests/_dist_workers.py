@@ -385,6 +385,22 @@ def case_fsdp(ctx, stack_bytes=None, counts=None):
         mismatch = "no error"
     except ValueError as e:
         mismatch = str(e)
+    # a failure on one rank's own shards (here: rank 1 cannot prepare target 2): ValueError everywhere
+    orig = odist._member
+
+    def broken(j, *a):
+        if ctx.rank == 1 and j == 2:
+            raise RuntimeError("injected")
+        return orig(j, *a)
+
+    odist._member = broken
+    try:
+        odist.orthol1_dtensor_execute(targets, 0.7)
+        local_fail = "no error"
+    except ValueError as e:
+        local_fail = str(e)
+    finally:
+        odist._member = orig
     want = 0.0
     for (name, _), (p, _how, _ax, tr), gf, of in zip(params, targets, gfull, ofull):
         x = ref[name].reshape(ref[name].shape[0], -1)
@@ -400,12 +416,100 @@ def case_fsdp(ctx, stack_bytes=None, counts=None):
     _close(loss2.numpy(), want, TOL64, "loss (accumulating call)")
     if "passed different targets" not in mismatch:
         raise Failure(f"different target lists: {mismatch!r}")
+    if "rank(s) [1] could not prepare" not in local_fail:
+        raise Failure(f"a local failure on rank 1: {local_fail!r}")
     if counts is not None:
         # 1 fingerprint; per batch key one metadata exchange and one collective (all shapes fit one chunk):
         # conv (rows: column split), 12x7 (rows), 7x9, 9x9 x2 (columns), 9x9 (rows), 9x20 x2 (rows),
         # 20x9 x2 (columns): 7 batches for 10 matrices
         if len(counts["fsdp"]) != 1 + 2 * 7:
             raise Failure(f"expected 15 collectives (batched), got {len(counts['fsdp'])}: {counts['fsdp']}")
+
+
+def case_fsdp_train_step(ctx):
+    """The README's use: FSDP2 model, loss = task loss + sum of dtensor_ortho_l1 over the sharded weights,
+    one backward. p.grad (DTensor) must equal the unsharded model's gradient of the same total (the same
+    input on every rank, so FSDP's gradient average is the one task gradient)."""
+    import copy
+
+    import torch
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    from gpu_orthol1.distributed import dtensor_ortho_l1
+
+    torch.manual_seed(ctx.seed % (1 << 31))
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 3)).double()
+    ref = copy.deepcopy(model)
+    x = torch.from_numpy(ctx.rng().standard_normal((4, 6)))
+    for i in (0, 2, 4):
+        fully_shard(model[i], mesh=ctx.mesh)
+    fully_shard(model, mesh=ctx.mesh)
+    beta = 0.05
+
+    def total(m, reg):
+        task = m(x).square().mean()
+        return task + sum(reg(p) for p in m.parameters() if p.dim() == 2)
+
+    total(model, lambda w: dtensor_ortho_l1(w, beta, mode="auto")).backward()
+
+    def naive(w):  # autograd through the smaller Gram, as mode="auto"
+        G = w @ w.T if w.shape[0] < w.shape[1] else w.T @ w
+        return beta * (G - torch.eye(G.shape[0], dtype=G.dtype)).abs().sum()
+
+    total(ref, naive).backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        g = p.grad.full_tensor()
+        _close(g.numpy(), q.grad.numpy(), 1e-10, f"grad of {name}")
+
+
+def case_orthol1_helpers(ctx):
+    """orthol1_dtensor_loss / add_grad_ / step_ (what OrthoL1 calls for DTensor parameters) on an FSDP2
+    model, against the core on the unsharded weights."""
+    import torch
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    import gpu_orthol1 as ol1
+    from gpu_orthol1 import distributed as odist
+
+    torch.manual_seed(ctx.seed % (1 << 31) + 1)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 3), nn.Conv1d(2, 4, 3)).double()
+    ref = {name: p.detach().clone().numpy() for name, p in model.named_parameters() if p.dim() >= 2}
+    for layer in model:
+        fully_shard(layer, mesh=ctx.mesh)
+    params = [(name, p) for name, p in model.named_parameters() if p.dim() >= 2]
+    targets = [(p, "flatten" if p.dim() == 3 else "matrix", 1, p.shape[0] < np.prod(p.shape[1:]))
+               for _, p in params]
+    want, wgrads = 0.0, {}
+    for (name, _), (_, _, _, tr) in zip(params, targets):
+        x = ref[name].reshape(ref[name].shape[0], -1)
+        lo, g = ol1.loss_and_grad(np.ascontiguousarray(x.T if tr else x), 0.3, backend="numpy")
+        want += float(lo)
+        wgrads[name] = (g.T if tr else g).reshape(ref[name].shape)
+    # loss() with autograd: DTensor gradients with the parameters' placements
+    loss = odist.orthol1_dtensor_loss(targets, 0.3)
+    (2.0 * loss).backward()
+    g1 = {name: p.grad.full_tensor().numpy() for name, p in params}
+    placements_ok = all(isinstance(p.grad, DTensor) and p.grad.placements == p.placements for _, p in params)
+    # add_grad_: into the existing .grad (2 x the gradient now), then once more
+    l2 = odist.orthol1_dtensor_add_grad_(targets, 0.3)
+    g2 = {name: p.grad.full_tensor().numpy() for name, p in params}
+    # step_: W <- W - lr * grad, from the weights before the step
+    l3 = odist.orthol1_dtensor_step_(targets, 0.3, 0.1)
+    w3 = {name: p.full_tensor().detach().numpy() for name, p in params}
+    alls = _same_on_all_ranks(torch.stack([loss.detach(), l2, l3]))
+    if not placements_ok:
+        raise Failure("loss().backward() did not give DTensor grads with the parameters' placements")
+    for name in g1:
+        _close(g1[name], 2.0 * wgrads[name], TOL64, f"loss() grad of {name}")
+        _close(g2[name], 3.0 * wgrads[name], TOL64, f"add_grad_ of {name}")
+        _close(w3[name], ref[name] - 0.1 * wgrads[name], TOL64, f"step_ of {name}")
+    for x in (loss.detach(), l2, l3):
+        _close(x.numpy(), want, TOL64, "loss")
+    if any(not np.array_equal(a, alls[0]) for a in alls):
+        raise Failure("the losses differ between ranks")
 
 
 # -- the list every rank runs -------------------------------------------------------------------
@@ -456,6 +560,8 @@ def cases(world):
             out.append(("dtensor", f"dtensor 3d (5, 4, 7) Shard({pl}) {mode} none",
                         lambda c, p=pl, mo=mode: case_dtensor(c, (5, 4, 7), p, mo, "none")))
     out.append(("dtensor", "fsdp2 orthol1_dtensor_execute", case_fsdp))
+    out.append(("dtensor", "fsdp2 training step: task loss + dtensor_ortho_l1", case_fsdp_train_step))
+    out.append(("dtensor", "fsdp2 OrthoL1 helpers: loss, add_grad_, step_", case_orthol1_helpers))
     out.append(("dtensor", "fsdp2 orthol1_dtensor_execute, small batches",
                 lambda c: case_fsdp(c, stack_bytes=9 * 9 * 8)))
     out.append(("counts", "fsdp2 batched collectives", lambda c: case_fsdp(c, counts={})))

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 from gpu_orthol1 import distributed as odist
 
@@ -41,13 +42,18 @@ def group_run(request, tmp_path_factory):
     t0 = time.monotonic()
     ctx = mp.start_processes(_dist_workers.main, args=(world, str(out / "store"), seed, str(out)),
                              nprocs=world, join=False, start_method="spawn")
+    def progress():
+        return {r: (out / f"rank{r}.progress").read_text().splitlines()[-1:]
+                for r in range(world) if (out / f"rank{r}.progress").exists()}
+
     try:
         while not ctx.join(timeout=2):
             if time.monotonic() - t0 > GROUP_TIMEOUT_S:
-                progress = {r: (out / f"rank{r}.progress").read_text().splitlines()[-1:]
-                            for r in range(world) if (out / f"rank{r}.progress").exists()}
                 pytest.fail(f"the {world}-rank group did not finish in {GROUP_TIMEOUT_S} s (seed {seed}); "
-                            f"last case per rank: {progress}")
+                            f"last case per rank: {progress()}")
+    except ProcessException as e:  # a rank died (crash, signal): say where each rank was
+        pytest.fail(f"the {world}-rank group failed (seed {seed}): {e}; last case per rank: {progress()} "
+                    "(the ranks' stderr is in this test's captured output)")
     finally:
         _kill(ctx)
     res = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]

@@ -16,8 +16,8 @@ one process per rank, one BLAS thread each):
 The two run interleaved (A B A B ...) after one warm-up step each, each step behind a barrier; a step's
 time is the slowest rank's. Bytes sent per rank are measured (/proc/self/io wchar: gloo's socket writes,
 nothing else writes during a step) and also counted from the collectives' payloads. Before timing, the
-two methods' losses and gradient shards are compared. A breakdown per weight kind (one step each)
-shows where the bytes go. Writes JSON (command, CPU model, date, versions, load) and a markdown table.
+two methods' losses and gradient shards are compared. A breakdown per weight kind (as many steps,
+interleaved) shows where the time and bytes go. Writes JSON (command, CPU model, date, versions, load) and a markdown table.
 """
 
 from __future__ import annotations
@@ -165,7 +165,11 @@ def rank_main(rank, world, store, args, out_path):
     for _ in range(args.steps):
         for m in methods:
             rows[m].append(step(methods[m], KINDS))
-    per_kind = {m: {k: step(methods[m], (k,)) for k in KINDS} for m in methods}
+    per_kind: dict = {m: {k: [] for k in KINDS} for m in methods}
+    for _ in range(args.steps):
+        for k in KINDS:
+            for m in methods:
+                per_kind[m][k].append(step(methods[m], (k,)))
     with open(out_path, "w") as f:
         json.dump({"rank": rank, "check": check, "steps": rows, "per_kind": per_kind}, f)
     dist.barrier()
@@ -186,6 +190,15 @@ def _spawn_entry(rank, world, store, args, outs):
     rank_main(rank, world, store, argparse.Namespace(**args), outs[rank])
 
 
+def _kind_summary(per_rank):
+    """per_rank: each rank's list of step records for one weight kind -> medians (time: slowest rank)."""
+    steps = list(zip(*per_rank))
+    return {"ms": 1e3 * statistics.median(max(x["s"] for x in st) for st in steps),
+            "sent_MB_measured": statistics.median(x["wchar"] for st in steps for x in st) / 1e6,
+            "sent_MB_payload": statistics.median(x["payload"] for st in steps for x in st) / 1e6,
+            "collectives": per_rank[0][0]["calls"]}
+
+
 def summarize(world, ranks):
     out = {"ranks": world, "check": ranks[0]["check"], "methods": {}}
     for m in ("sharded", "gather"):
@@ -197,10 +210,7 @@ def summarize(world, ranks):
             "sent_MB_per_rank_measured": statistics.median(x["wchar"] for st in steps for x in st) / 1e6,
             "sent_MB_per_rank_payload": statistics.median(x["payload"] for st in steps for x in st) / 1e6,
             "collectives_per_step": ranks[0]["steps"][m][0]["calls"],
-            "per_kind": {k: {"ms": 1e3 * max(r["per_kind"][m][k]["s"] for r in ranks),
-                             "sent_MB_measured": statistics.median(r["per_kind"][m][k]["wchar"] for r in ranks) / 1e6,
-                             "collectives": ranks[0]["per_kind"][m][k]["calls"]}
-                         for k in KINDS},
+            "per_kind": {k: _kind_summary([r["per_kind"][m][k] for r in ranks]) for k in KINDS},
         }
     s, g = out["methods"]["sharded"], out["methods"]["gather"]
     out["speedup"] = g["step_ms_median"] / s["step_ms_median"]

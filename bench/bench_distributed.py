@@ -9,7 +9,8 @@ Gram: columns for d x d and 4d x d, rows for d x 4d). Per step, for every rank (
 one process per rank, one BLAS thread each):
 
 - sharded: gpu_orthol1.distributed.orthol1_dtensor_execute over the DTensor weights (row splits sum
-  packed n x n Grams; the d x 4d weights in rows mode are a column split, which gathers the weight);
+  packed n x n Grams; the d x 4d weights in rows mode are a column split: resharded to a row split
+  and back by two all-to-alls, or gathered with --column-split gather);
 - gather:  what a user writes without it: all_gather the shards of each weight, gpu_orthol1.loss_and_grad
   on the full weight, keep this rank's rows of the gradient.
 
@@ -61,7 +62,8 @@ def wchar():
 
 class Payload:
     """Counts what each collective call hands to torch.distributed (elements x itemsize) and the bytes
-    a rank sends for it in a ring: all_reduce 2 (W-1)/W x payload, all_gather (W-1) x payload."""
+    a rank sends for it in a ring: all_reduce 2 (W-1)/W x payload, all_gather (W-1) x payload,
+    all_to_all_single the blocks for the other ranks."""
 
     def __init__(self, world):
         self.world = world
@@ -71,7 +73,7 @@ class Payload:
     def __enter__(self):
         import torch.distributed as dist
 
-        self._orig = dist.all_reduce, dist.all_gather
+        self._orig = dist.all_reduce, dist.all_gather, dist.all_to_all_single
         W = self.world
 
         def all_reduce(t, *a, **k):
@@ -84,13 +86,19 @@ class Payload:
             self.sent += (W - 1) * t.numel() * t.element_size()
             return self._orig[1](lst, t, *a, **k)
 
-        dist.all_reduce, dist.all_gather = all_reduce, all_gather
+        def all_to_all_single(out, t, out_splits=None, in_splits=None, *a, **k):
+            self.calls += 1
+            own = in_splits[dist.get_rank()] if in_splits else t.numel() // W
+            self.sent += (t.numel() - own) * t.element_size()
+            return self._orig[2](out, t, out_splits, in_splits, *a, **k)
+
+        dist.all_reduce, dist.all_gather, dist.all_to_all_single = all_reduce, all_gather, all_to_all_single
         return self
 
     def __exit__(self, *exc):
         import torch.distributed as dist
 
-        dist.all_reduce, dist.all_gather = self._orig
+        dist.all_reduce, dist.all_gather, dist.all_to_all_single = self._orig
 
 
 def rank_main(rank, world, store, args, out_path):
@@ -103,6 +111,9 @@ def rank_main(rank, world, store, args, out_path):
     import gpu_orthol1 as ol1
     from gpu_orthol1.distributed import orthol1_dtensor_execute
 
+    import gpu_orthol1.distributed as odist
+
+    odist.COLUMN_SPLIT = args.column_split
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=600))
@@ -277,6 +288,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5, help="timed steps per method (median)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/results/cpu-distributed", help="writes OUT.json and OUT.md")
+    ap.add_argument("--column-split", choices=("reshard", "gather"), default="reshard",
+                    help="gpu_orthol1.distributed.COLUMN_SPLIT for the sharded method")
     ap.add_argument("--note", default="", help="a line for the markdown (e.g. what else loaded the machine)")
     args = ap.parse_args(argv)
     # one BLAS thread per rank (set before the ranks import NumPy): ranks are the parallelism

@@ -66,6 +66,12 @@ _DEVICE_TYPES = ("cpu", "cuda")
 # than the core's 4 MiB cache-sized one: fewer, larger collectives (the GEMMs, not the extra trip of
 # the Gram through memory, dominate the time for the matrix sizes where sharding pays).
 CPU_DEFAULT_WORKSPACE = 16 << 20
+# A column split (shards along n) either reshards to a row split (two all-to-alls of Phi's and the
+# gradient's blocks around the row split's Gram all-reduce: compute and memory 1/world, and fewer bytes
+# than gathering from 3 ranks on) or gathers Phi and computes the whole tensor on every rank. Every
+# rank must use the same (it travels with the metadata).
+COLUMN_SPLITS = ("reshard", "gather")
+COLUMN_SPLIT = "reshard"
 _NOT_INT = -(1 << 62)  # an argument that is not an integer, in the int64 metadata
 
 
@@ -74,7 +80,7 @@ _NOT_INT = -(1 << 62)  # an argument that is not an integer, in the int64 metada
 
 # fields of one rank's metadata row (int64)
 (_F_STATUS, _F_NDIM, _F_S0, _F_S1, _F_S2, _F_DTYPE, _F_DEVICE, _F_SHARD, _F_AXIS, _F_RED, _F_WANT, _F_BETA,
- _F_CHUNK, _F_TRANSPOSE, _F_WS, _NFIELDS) = range(16)
+ _F_CHUNK, _F_TRANSPOSE, _F_WS, _F_COLSPLIT, _NFIELDS) = range(17)
 
 # local statuses, in the order they are checked
 (_OK, _E_TYPE, _E_DTENSOR, _E_LAYOUT, _E_DTYPE, _E_DEVICE, _E_NDIM, _E_SHARD, _E_AXIS, _E_RED, _E_BETA,
@@ -192,6 +198,7 @@ def _inspect(local, beta, axis, shard_dim, reduction, want_grad, transpose, work
     row[_F_RED] = REDUCTIONS.index(reduction) if isinstance(reduction, str) and reduction in REDUCTIONS else -1
     row[_F_WANT], row[_F_TRANSPOSE] = int(bool(want_grad)), int(bool(transpose))
     row[_F_WS] = -1 if workspace_bytes is None else _int_field(workspace_bytes)
+    row[_F_COLSPLIT] = COLUMN_SPLITS.index(COLUMN_SPLIT) if COLUMN_SPLIT in COLUMN_SPLITS else -1
     row[_F_DTYPE] = row[_F_DEVICE] = row[_F_NDIM] = -1
     out = _Local(row)
 
@@ -351,6 +358,7 @@ def _validate(rows, rank, mine: _Local):
     differ(_F_WANT, "whether the gradient is wanted (loss vs loss_and_grad)")
     differ(_F_TRANSPOSE, "mode (which Gram of each slice is penalized)")
     differ(_F_WS, "workspace_bytes", lambda v: "None" if v < 0 else str(v))
+    differ(_F_COLSPLIT, "gpu_orthol1.distributed.COLUMN_SPLIT", lambda v: repr(COLUMN_SPLITS[v]) if v >= 0 else "?")
     nd, sd = rows[0][_F_NDIM], rows[0][_F_SHARD]
     shapes = [tuple(row[_F_S0:_F_S0 + nd]) for row in rows]
     others = [tuple(s for d, s in enumerate(sh) if d != sd) for sh in shapes]
@@ -458,6 +466,62 @@ def _gather_along(x, dim, sizes, group, rank):
     return full.movedim(0, dim)
 
 
+def _split_sizes(total, world):
+    """torch.tensor_split's sizes: the first total % world ranks get one more."""
+    return [total // world + (1 if r < total % world else 0) for r in range(world)]
+
+
+def _all_to_all(blocks, out_sizes, out_dtype, group):
+    """Send blocks[q] (tensors) to rank q and receive out_sizes[p] numbers from each rank p: one
+    all_to_all_single over one packed send buffer (uneven sizes allowed). Returns the pieces by rank."""
+    ref = blocks[0]
+    send = ref.new_empty(sum(b.numel() for b in blocks), dtype=out_dtype)
+    o = 0
+    for b in blocks:
+        send[o:o + b.numel()].view(b.shape).copy_(b)
+        o += b.numel()
+    recv = ref.new_empty(sum(out_sizes), dtype=out_dtype)
+    dist.all_to_all_single(recv, send, list(out_sizes), [b.numel() for b in blocks], group=group)
+    return recv.split(list(out_sizes))
+
+
+def _columns_via_rows(V, b, red, want_grad, device, sizes, g, rank, world, workspace_bytes):
+    """A column split computed as a row split. Every rank sends each other rank that rank's rows of its
+    columns (all-to-all), so it holds a slab of whole rows (m, l_r, n); the row split's partial Grams are
+    summed (packed all-reduce) and each rank forms its slab's gradient rows; a second all-to-all returns
+    every rank its columns. Sends 2 (world-1)/world of its shard plus the packed Grams, instead of
+    (world-1) times its shard; each rank computes 1/world of the GEMMs and never holds all of Phi."""
+    m, l, n_me = V.shape
+    rows = _split_sizes(l, world)
+    r0 = [sum(rows[:q]) for q in range(world)]
+    c0 = [sum(sizes[:p]) for p in range(world)]
+    L = rows[rank]
+    pieces = _all_to_all([V[:, r0[q]:r0[q] + rows[q], :] for q in range(world)],
+                         [m * L * s for s in sizes], V.dtype, g)
+    Vrow = _compute_view(torch.cat([p.view(m, L, s) for p, s in zip(pieces, sizes)], dim=2))
+    # the ranks' slabs may differ by a row: agree on the chunk (the least; 0 = a rank could not plan)
+    ws = workspace_bytes if workspace_bytes is not None else _default_workspace(device, L, Vrow.shape[2])
+    plan, chunk, err = None, 0, None
+    try:
+        with _stream_ctx(device):
+            plan = _plan.cached(_to_array(Vrow), 0, red, "highest", "numpy" if device.type == "cpu" else "cupy", ws)
+            chunk = int(plan.chunk_for(bool(want_grad)))
+    except Exception as e:  # noqa: BLE001 - told to every rank by the MIN below
+        err = e
+    agreed = torch.tensor([chunk], dtype=torch.int64, device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=g)
+    if int(agreed.item()) < 1:
+        mine = f" ({type(err).__name__}: {err})" if chunk < 1 else ""
+        raise ValueError(f"gpu_orthol1.distributed: a rank could not plan its row slab of the column split{mine}")
+    lt, Grow = _core(Vrow, b, red, want_grad, device, hook=_gram_hook(g, device), chunk=int(agreed.item()),
+                     plan=plan)
+    if not want_grad:
+        return lt, None
+    back = _all_to_all([Grow[:, :, c0[q]:c0[q] + sizes[q]] for q in range(world)],
+                       [m * rows[p] * n_me for p in range(world)], Grow.dtype, g)
+    return lt, torch.cat([p.view(m, rows[q], n_me) for q, p in enumerate(back)], dim=1)
+
+
 def _run(local, beta, axis, shard_dim, reduction, group, want_grad, transpose=False, workspace_bytes=None):
     """loss_and_grad / loss and the DTensor forms: (loss, grad_local or None, (first, count) of the
     global slices this rank holds when the shards split the slice axis, else None)."""
@@ -487,7 +551,10 @@ def _run(local, beta, axis, shard_dim, reduction, group, want_grad, transpose=Fa
             tot = lt.to(torch.float64).reshape(1)
             dist.all_reduce(tot, group=g)
             loss_t = tot.reshape(())
-    else:  # columns of every slice: no reduction smaller than Phi itself, so gather Phi
+    elif COLUMN_SPLIT == "reshard" and world > 1:  # columns: move to a row split and back
+        lt, G = _columns_via_rows(V, b, red, want_grad, device, sizes, g, rank, world, workspace_bytes)
+        loss_t = lt
+    else:  # columns of every slice, gathered: the whole tensor on every rank
         full = _gather_along(V, 2, sizes, g, rank)  # dim 2 of the slice view is n
         full = _compute_view(full)
         lt, Gf = _core(full, b, red, want_grad, device)

@@ -78,7 +78,7 @@ def _rows_of(ndim, axis):
 
 
 def case_functional(ctx, shape, axis, shard_dim, red, want_grad=True, dtype="float64", contiguous=False,
-                    workspace_bytes=None, uneven_chunks=False):
+                    workspace_bytes=None, uneven_chunks=False, column_split="reshard"):
     import torch
 
     import gpu_orthol1 as ol1
@@ -92,13 +92,17 @@ def case_functional(ctx, shape, axis, shard_dim, red, want_grad=True, dtype="flo
     local = torch.tensor_split(ft, ctx.world, dim=shard_dim)[ctx.rank]
     if contiguous:
         local = local.contiguous()
-    if want_grad:
-        loss, g = odist.loss_and_grad(local, beta, axis=axis, shard_dim=shard_dim, reduction=red,
-                                      workspace_bytes=workspace_bytes)
-    else:
-        loss = odist.loss(local, beta, axis=axis, shard_dim=shard_dim, reduction=red,
-                          workspace_bytes=workspace_bytes)
-        g = None
+    odist.COLUMN_SPLIT = column_split
+    try:
+        if want_grad:
+            loss, g = odist.loss_and_grad(local, beta, axis=axis, shard_dim=shard_dim, reduction=red,
+                                          workspace_bytes=workspace_bytes)
+        else:
+            loss = odist.loss(local, beta, axis=axis, shard_dim=shard_dim, reduction=red,
+                              workspace_bytes=workspace_bytes)
+            g = None
+    finally:
+        odist.COLUMN_SPLIT = "reshard"
     alls = _same_on_all_ranks(loss)
     if uneven_chunks:  # the case is meant to make the ranks' own chunk sizes differ: check it does
         from gpu_orthol1 import _plan
@@ -167,7 +171,7 @@ class CountCollectives:
         import torch.distributed as dist
 
         self.calls = []
-        self._orig = dist.all_reduce, dist.all_gather
+        self._orig = dist.all_reduce, dist.all_gather, dist.all_to_all_single
 
         def all_reduce(t, *a, **k):
             self.calls.append(("all_reduce", t.numel(), t.numel() * t.element_size(), tuple(t.shape)))
@@ -177,13 +181,20 @@ class CountCollectives:
             self.calls.append(("all_gather", t.numel(), t.numel() * t.element_size(), tuple(t.shape)))
             return self._orig[1](lst, t, *a, **k)
 
-        dist.all_reduce, dist.all_gather = all_reduce, all_gather
+        def all_to_all_single(out, t, out_splits=None, in_splits=None, *a, **k):
+            # what this rank sends to the others (its own block stays)
+            own = in_splits[dist.get_rank()] if in_splits else t.numel() // dist.get_world_size()
+            self.calls.append(("all_to_all", t.numel() - own, (t.numel() - own) * t.element_size(),
+                               tuple(t.shape)))
+            return self._orig[2](out, t, out_splits, in_splits, *a, **k)
+
+        dist.all_reduce, dist.all_gather, dist.all_to_all_single = all_reduce, all_gather, all_to_all_single
         return self
 
     def __exit__(self, *exc):
         import torch.distributed as dist
 
-        dist.all_reduce, dist.all_gather = self._orig
+        dist.all_reduce, dist.all_gather, dist.all_to_all_single = self._orig
 
 
 def case_counts(ctx, results):
@@ -197,12 +208,16 @@ def case_counts(ctx, results):
     out = {}
     a = n // 2 + 1
     for name, sd, kw in (("l", 0, {}), ("l-chunked", 0, {"workspace_bytes": 2 * n * n * 8}),
-                         ("m", 1, {}), ("n", 2, {})):
+                         ("m", 1, {}), ("n", 2, {}), ("n-gather", 2, {})):
         local = torch.tensor_split(full, ctx.world, dim=sd)[ctx.rank]
-        with CountCollectives() as cc:
-            odist.loss_and_grad(local, 1.0, axis=1, shard_dim=sd, **kw)
+        odist.COLUMN_SPLIT = "gather" if name == "n-gather" else "reshard"
+        try:
+            with CountCollectives() as cc:
+                odist.loss_and_grad(local, 1.0, axis=1, shard_dim=sd, **kw)
+        finally:
+            odist.COLUMN_SPLIT = "reshard"
         out[name] = cc.calls
-        meta = [c for c in cc.calls if c[0] == "all_gather" and c[1] == 15]
+        meta = [c for c in cc.calls if c[0] == "all_gather" and c[1] == odist._NFIELDS]
         rest = [c for c in cc.calls if c not in meta]
         if len(meta) != 1:
             raise Failure(f"{name}: expected one metadata all_gather of 15 int64, got {cc.calls}")
@@ -217,9 +232,21 @@ def case_counts(ctx, results):
         elif name == "m":
             if [(c[0], c[1]) for c in rest] != [("all_reduce", 1)]:
                 raise Failure(f"m split: expected one all_reduce of the loss, got {rest}")
+        elif name == "n":
+            # all-to-all of Phi's blocks, the chunk MIN, the packed Grams, all-to-all of the gradient
+            kinds = [c[0] for c in rest]
+            n_me = local.shape[2]
+            if kinds != ["all_to_all", "all_reduce", "all_reduce", "all_to_all"] or rest[1][1] != 1:
+                raise Failure(f"n split (reshard): got {rest}")
+            rows_me = odist._split_sizes(l, ctx.world)[ctx.rank]
+            if rest[0][1] != m * (l - rows_me) * n_me or rest[3][1] != m * rows_me * (n - n_me):
+                raise Failure(f"n split: sent {rest[0][1]} numbers of phi and {rest[3][1]} of the gradient, "
+                              f"expected {m * (l - rows_me) * n_me} and {m * rows_me * (n - n_me)}")
+            if rest[2][1] != m * a * n:
+                raise Failure(f"n split: Gram all_reduce of {rest[2][1]} numbers, expected {m * a * n}")
         else:
             if [c[0] for c in rest] != ["all_gather"] or rest[0][1] != l * m * -(-n // ctx.world):
-                raise Failure(f"n split: expected one all_gather of the (padded) shard, got {rest}")
+                raise Failure(f"n split (gather): expected one all_gather of the (padded) shard, got {rest}")
     results["counts"] = out
 
 
@@ -419,11 +446,12 @@ def case_fsdp(ctx, stack_bytes=None, counts=None):
     if "rank(s) [1] could not prepare" not in local_fail:
         raise Failure(f"a local failure on rank 1: {local_fail!r}")
     if counts is not None:
-        # 1 fingerprint; per batch key one metadata exchange and one collective (all shapes fit one chunk):
-        # conv (rows: column split), 12x7 (rows), 7x9, 9x9 x2 (columns), 9x9 (rows), 9x20 x2 (rows),
-        # 20x9 x2 (columns): 7 batches for 10 matrices
-        if len(counts["fsdp"]) != 1 + 2 * 7:
-            raise Failure(f"expected 15 collectives (batched), got {len(counts['fsdp'])}: {counts['fsdp']}")
+        # 1 fingerprint, then per batch (7 batches for 10 matrices, each shape fits one chunk) one metadata
+        # exchange and: a row split (7x9, 9x9 x2 in columns, 20x9 x2 in columns) one Gram all-reduce; a
+        # column split (the conv, 12x7, one 9x9, 9x20 x2, all in rows) all-to-all, chunk MIN, Grams, all-to-all
+        want = 1 + 3 * (1 + 1) + 4 * (1 + 4)
+        if len(counts["fsdp"]) != want:
+            raise Failure(f"expected {want} collectives (batched), got {len(counts['fsdp'])}: {counts['fsdp']}")
 
 
 def case_fsdp_train_step(ctx):
@@ -543,6 +571,12 @@ def cases(world):
     # (float16 n=4: 32 bytes per local row + 64 per slice; 1600 bytes hold 2 slices of <= 23 rows, 1 of 24)
     out.append(("functional", "chunked float16 uneven chunks", lambda c: case_functional(
         c, (24 * c.world - 1, 6, 4), 1, 0, "sum", dtype="float16", workspace_bytes=1600, uneven_chunks=True)))
+    # column splits the other way too: gathered (COLUMN_SPLIT = "gather")
+    for axis, sd, red in ((1, 2, "sum"), (0, 1, "none"), (2, 1, "mean")):
+        out.append(("functional", f"gather-mode axis={axis} shard_dim={sd} {red}",
+                    lambda c, a=axis, s=sd, r=red: case_functional(c, shape3, a, s, r, column_split="gather")))
+    out.append(("functional", "gather-mode 2d", lambda c: case_functional(c, (7, 5), 1, 1, "sum",
+                                                                          column_split="gather")))
     for dt in ("float32", "bfloat16"):
         for sd in (0, 1, 2):
             out.append(("functional", f"{dt} shard_dim={sd}",

@@ -13,10 +13,12 @@ Backend = Literal["auto", "numpy", "cupy"]
 Precision = Literal["highest", "tf32"]
 Want = Literal["loss", "grad", "loss_and_grad"]
 Kernel = Literal["auto", "gemm", "fused"]
+Penalty = Literal["l1", "l2"]
 
 
-def _run(phi, beta, axis, reduction, out, accumulate, backend, precision, workspace_bytes, want_grad):
-    p = _plan.cached(phi, axis, reduction, precision, backend, workspace_bytes)
+def _run(phi, beta, axis, reduction, out, accumulate, backend, precision, workspace_bytes, want_grad,
+         penalty="l1", diagonal=True, normalize=False):
+    p = _plan.cached(phi, axis, reduction, precision, backend, workspace_bytes, penalty, diagonal, normalize)
     b = _plan.check_beta(beta)
     if want_grad:
         p.check_out(out, phi, accumulate)
@@ -25,7 +27,8 @@ def _run(phi, beta, axis, reduction, out, accumulate, backend, precision, worksp
 
 def plan(phi: Any, beta: float = 1.0, *, axis: int = 1, reduction: Reduction = "sum",
          want: Want = "loss_and_grad", precision: Precision = "highest", backend: Backend = "auto",
-         workspace_bytes: int | None = None, kernel: Kernel = "auto") -> Plan:
+         workspace_bytes: int | None = None, kernel: Kernel = "auto", penalty: Penalty = "l1",
+         diagonal: bool = True, normalize: bool = False) -> Plan:
     """A reusable `Plan` for arrays like `phi` (same shape, dtype, strides, array kind and device).
 
     ``plan(phi2, out=None, accumulate=False)`` returns what `want` names ("loss", "grad" or
@@ -37,32 +40,46 @@ def plan(phi: Any, beta: float = 1.0, *, axis: int = 1, reduction: Reduction = "
     kernel: the GPU path. "gemm" (two cuBLAS GEMMs around the elementwise pass), "fused" (one
     launch per call for slices up to n=145 in float16/float32, 100 in float64: the Gram stays in
     shared memory), "auto" ("gemm" until a measurement on a card sets the rule; the environment
-    variable GPU_ORTHOL1_KERNEL=fused|gemm overrides it)."""
+    variable GPU_ORTHOL1_KERNEL=fused|gemm overrides it).
+
+    penalty, diagonal, normalize: which member of the penalty family (see `loss`)."""
     return Plan(phi, beta, axis=axis, reduction=reduction, want=want, precision=precision, backend=backend,
-                workspace_bytes=workspace_bytes, kernel=kernel)
+                workspace_bytes=workspace_bytes, kernel=kernel, penalty=penalty, diagonal=diagonal,
+                normalize=normalize)
 
 
 def loss(phi: Any, beta: float = 1.0, *, axis: int = 1, reduction: Reduction = "sum",
          backend: Backend = "auto", precision: Precision = "highest",
-         workspace_bytes: int | None = None) -> Any:
+         workspace_bytes: int | None = None, penalty: Penalty = "l1", diagonal: bool = True,
+         normalize: bool = False) -> Any:
     """L1 orthogonality loss beta * sum_i sum_jk |Phi_i^T Phi_i - I|_jk of the slices of phi along `axis`.
 
     Returns a 0-d array ("sum", "mean") or the per-slice losses of shape (m,) ("none"), of phi's
     array kind, float64 for float64 input and float32 otherwise. See README.md for the rules.
+
+    The rest of the family (docs/penalties.md): penalty="l2" sums squares, beta * sum (G - I)^2;
+    diagonal=False leaves the diagonal free (only off-diagonal entries count); normalize=True
+    uses the Gram of the unit-normalized columns of each slice, D^-1/2 G D^-1/2 with D = diag(G)
+    (a zero column stays zero and gets a zero gradient).
     """
-    return _run(phi, beta, axis, reduction, None, False, backend, precision, workspace_bytes, False)[0]
+    return _run(phi, beta, axis, reduction, None, False, backend, precision, workspace_bytes, False,
+                penalty, diagonal, normalize)[0]
 
 
 def grad(phi: Any, beta: float = 1.0, *, axis: int = 1, reduction: Reduction = "sum", out: Any = None,
          accumulate: bool = False, backend: Backend = "auto", precision: Precision = "highest",
-         workspace_bytes: int | None = None) -> Any:
+         workspace_bytes: int | None = None, penalty: Penalty = "l1", diagonal: bool = True,
+         normalize: bool = False) -> Any:
     """Gradient of `loss` with respect to phi (phi's shape, dtype and array kind); into `out` if given,
     added to it when accumulate=True."""
-    return _run(phi, beta, axis, reduction, out, accumulate, backend, precision, workspace_bytes, True)[1]
+    return _run(phi, beta, axis, reduction, out, accumulate, backend, precision, workspace_bytes, True,
+                penalty, diagonal, normalize)[1]
 
 
 def loss_and_grad(phi: Any, beta: float = 1.0, *, axis: int = 1, reduction: Reduction = "sum",
                   out: Any = None, accumulate: bool = False, backend: Backend = "auto",
-                  precision: Precision = "highest", workspace_bytes: int | None = None) -> tuple[Any, Any]:
+                  precision: Precision = "highest", workspace_bytes: int | None = None, penalty: Penalty = "l1",
+                  diagonal: bool = True, normalize: bool = False) -> tuple[Any, Any]:
     """(loss, grad) from one pass: the Gram matrices are formed once for both."""
-    return _run(phi, beta, axis, reduction, out, accumulate, backend, precision, workspace_bytes, True)
+    return _run(phi, beta, axis, reduction, out, accumulate, backend, precision, workspace_bytes, True,
+                penalty, diagonal, normalize)

@@ -17,6 +17,7 @@ import numpy as np
 
 from . import _gemm
 from ._driver import StridedChunk
+from ._penalty import DEFAULT
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
@@ -187,12 +188,14 @@ class CupyDevice:
     def _nb(self, arr):
         return self._cuda.from_cuda_array_interface(arr.__cuda_array_interface__, owner=arr, sync=False)
 
-    def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s):
+    def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant=DEFAULT):
         grid = ws.shape[0]
-        kern = self._launch.get((n, grid))
+        kern = self._launch.get((n, grid, variant))
         if kern is None:
-            tpb = self._mod.pick_block_size(n)
-            kern = self._launch[(n, grid)] = self._mod.get_kernel(tpb)[grid, tpb, self._nb_stream]
+            l2, offdiag, normalize = variant.flags()
+            tpb, ncol = self._mod.launch(n, normalize)
+            kern = self._launch[(n, grid, variant)] = self._mod.get_kernel(tpb, l2, offdiag, normalize, ncol)[
+                grid, tpb, self._nb_stream]
         g = self._nb(ws)
         s = g if sgn is ws else self._nb(sgn)
         # One block per slice is the design (a fixed-order, atomic-free loss), so a launch for a

@@ -11,7 +11,9 @@ A *device* supplies the array module and the primitives over a chunk of either f
 
 - ``prepare(src, cc)``: what the GEMMs read for this chunk (the CPU casts float16 to float32 here);
 - ``gram(src, cc, ws)`` and ``grad(src, dst, cc, sgn, alpha, beta)``;
-- ``sign_abs(ws, sgn, n, losses, offset, scale, write_s)``: the fused elementwise pass.
+- ``sign_abs(ws, sgn, n, losses, offset, scale, write_s, variant)``: the fused elementwise pass
+  (`variant`: which member of the penalty family, `_penalty.Variant`; it writes the matrix M the
+  gradient GEMM multiplies, S = sign(G - I) for the default L1 loss).
 
 Devices: `_numpy_dev.NumpyDevice` (NumPy matmul on the views + the Numba CPU pass) and
 `_cupy.CupyDevice` (cuBLAS + the Numba CUDA kernel); `gpu_orthol1.testing.EmulatedGpuDevice`
@@ -28,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from . import _gemm
+from ._penalty import DEFAULT
 
 
 class CopyWarning(UserWarning):
@@ -169,7 +172,7 @@ def workspace(alloc, sz: Sizes, l, n, dtype) -> dict:
 
 
 def run(dev, batch, wsb: dict, chunk: int, losses, *, loss_offset=0, alpha, beta_gemm, want_grad,
-        gram_hook=None, first=0, count=None):
+        gram_hook=None, first=0, count=None, variant=DEFAULT):
     """Unscaled losses of slices first .. first+count-1 into losses[loss_offset + i] (float64), and
     alpha * Phi S (+ beta_gemm * out) into the gradient when want_grad.
 
@@ -218,7 +221,7 @@ def run(dev, batch, wsb: dict, chunk: int, losses, *, loss_offset=0, alpha, beta
             dev.gram(src, cc, ws)
         if gram_hook is not None:
             gram_hook(ws[:cc])
-        dev.sign_abs(ws[:cc], sgn[:cc], n, losses, loss_offset + s0 - first, scale, want_grad)
+        dev.sign_abs(ws[:cc], sgn[:cc], n, losses, loss_offset + s0 - first, scale, want_grad, variant)
         if not want_grad or l == 0:
             continue
         if stage_out:

@@ -12,6 +12,7 @@ from dataclasses import replace
 import numpy as np
 
 from ._driver import PointerChunk, StridedChunk
+from ._penalty import DEFAULT
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
@@ -25,6 +26,7 @@ class NumpyDevice:
         from .kernels import sign_abs_cpu
 
         self._kernel = sign_abs_cpu.sign_abs_sum
+        self._variant_kernel = sign_abs_cpu.sign_abs_variant
 
     @staticmethod
     def acc_dtype(dtype):
@@ -75,8 +77,11 @@ class NumpyDevice:
             for k, (a, o) in enumerate(zip(src.mats, dst.mats)):
                 _matmul_into(a, S[k], o, beta)
 
-    def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s):
-        self._kernel(ws, sgn, n, losses, offset, scale, write_s)
+    def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant=DEFAULT):
+        if variant.is_default:
+            self._kernel(ws, sgn, n, losses, offset, scale, write_s)
+        else:
+            self._variant_kernel(ws, sgn, n, losses, offset, scale, write_s, *variant.flags())
 
 
 def _matmul_into(a, s, o, beta):

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import _backends, _driver, _gemm
+from . import _backends, _driver, _gemm, _penalty
 
 REDUCTIONS = ("sum", "mean", "none")
 PRECISIONS = ("highest", "tf32")
@@ -171,7 +171,8 @@ class Plan:
     API returns it. A plan may be shared between threads (see the module docstring)."""
 
     def __init__(self, phi, beta=1.0, *, axis=1, reduction="sum", want="loss_and_grad", precision="highest",
-                 backend="auto", workspace_bytes=None, kernel="auto", _device=None):
+                 backend="auto", workspace_bytes=None, kernel="auto", penalty="l1", diagonal=True,
+                 normalize=False, _device=None):
         self.is_cupy = check_array(phi)
         if phi.dtype not in DTYPES:
             raise TypeError(
@@ -198,6 +199,7 @@ class Plan:
         if not isinstance(want, str) or want not in WANTS:
             raise ValueError(f"want must be one of {WANTS}, got {want!r}")
         workspace_bytes = check_workspace_bytes(workspace_bytes)
+        self.variant = _penalty.check(penalty, diagonal, normalize)  # the family member, fixed here
         name = _backends.check_name(backend)
         shape3 = phi.shape if not self.squeeze else (phi.shape[0], 1, phi.shape[1])
         self.perm = {0: (0, 1, 2), 1: (1, 0, 2), 2: (2, 0, 1)}[axis]
@@ -412,7 +414,8 @@ class Plan:
         if chunk is not None and chunk < sz.chunk:
             sz = dataclasses.replace(sz, chunk=max(1, int(chunk)))
         alpha = 2.0 * beta / (m if self.reduction == "mean" and m else 1)
-        kw = dict(alpha=alpha, beta_gemm=1.0 if accumulate else 0.0, want_grad=want_grad, gram_hook=gram_hook)
+        kw = dict(alpha=alpha, beta_gemm=1.0 if accumulate else 0.0, want_grad=want_grad, gram_hook=gram_hook,
+                  variant=self.variant)
         if m and n:
             if xp is np:
                 self._run_cpu(batch, sz, losses, kw, threads)
@@ -578,12 +581,15 @@ _cache: OrderedDict = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def cached(phi, axis, reduction, precision, backend, workspace_bytes) -> Plan:
+def cached(phi, axis, reduction, precision, backend, workspace_bytes, penalty="l1", diagonal=True,
+           normalize=False) -> Plan:
     """The plan for this call from the LRU cache, made on a miss (argument errors are raised then)."""
+    # checked before the lookup: diagonal=1 would otherwise hash like True and find its plan
+    variant = _penalty.check(penalty, diagonal, normalize)
     try:
         tp = type(phi)
         key = (tp, phi.shape, phi.strides, phi.dtype, phi.device.id if tp is not np.ndarray else None,
-               axis, reduction, precision, backend, workspace_bytes,
+               axis, reduction, precision, backend, workspace_bytes, variant,
                os.environ.get(_backends.ENV_BACKEND), os.environ.get(ENV_WORKSPACE), os.environ.get(ENV_KERNEL))
         with _cache_lock:
             p = _cache.get(key)
@@ -593,7 +599,8 @@ def cached(phi, axis, reduction, precision, backend, workspace_bytes) -> Plan:
     except (AttributeError, TypeError):  # not an array, or an unhashable argument: Plan() says which
         key = None
     p = Plan(phi, 1.0, axis=axis, reduction=reduction, precision=precision, backend=backend,
-             workspace_bytes=workspace_bytes)
+             workspace_bytes=workspace_bytes, penalty=variant.penalty, diagonal=variant.diagonal,
+             normalize=variant.normalize)
     if key is not None:
         with _cache_lock:
             _cache[key] = p

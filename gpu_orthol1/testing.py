@@ -21,6 +21,7 @@ from numpy.lib.stride_tricks import as_strided
 from . import _gemm
 from ._cupy import CupyDevice
 from ._gemm import OP_N, Gemm, Operand
+from ._penalty import DEFAULT
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
@@ -119,9 +120,11 @@ class EmulatedGpuDevice(CupyDevice):
         ptrs = _gemm.pointer_arrays(call, lambda k: bufs[k].ctypes.data, lambda k: bufs[k].itemsize)
         emulate_pointer_gemm(call, ptrs, bufs)
 
-    def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s):
-        tpb = min(self._mod.pick_block_size(n), self._max_block)
-        self._mod.get_kernel(tpb)[ws.shape[0], tpb](ws, sgn, n, losses, offset, scale, write_s)
+    def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant=DEFAULT):
+        l2, offdiag, normalize = variant.flags()
+        tpb, ncol = self._mod.launch(n, normalize, self._max_block)
+        self._mod.get_kernel(tpb, l2, offdiag, normalize, ncol)[ws.shape[0], tpb](
+            ws, sgn, n, losses, offset, scale, write_s)
 
     def fused(self, cfg, V, Vout, losses, alpha, accumulate, write_grad):
         from .kernels import fused_small

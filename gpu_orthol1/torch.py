@@ -37,9 +37,9 @@ except ImportError as _e:  # torch is an optional extra
         f"then import gpu_orthol1.torch again ({_e})"
     ) from _e
 
-from . import _driver, _gemm, _plan
+from . import _driver, _gemm, _penalty, _plan
 
-__all__ = ["OrthoL1", "ortho_l1"]
+__all__ = ["OrthoL1", "ortho_l1", "keras_orthogonal", "biggan_ortho"]
 
 MODES = ("rows", "columns", "auto")
 _NP_DTYPE = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
@@ -139,7 +139,7 @@ def _pick_transpose(mode, l, n):
 # ortho_l1: one tensor, autograd
 
 
-def _run_core(V, Vo, beta, reduction, want_grad, device, accumulate=False):
+def _run_core(V, Vo, beta, reduction, want_grad, device, accumulate=False, variant=_penalty.DEFAULT):
     """The core on (m, l, n) slice views of tensors (no copy): the cached plan for their layout.
     Every allocation (workspaces, the per-slice losses) comes from torch's allocator and the loss is
     reduced by torch, so the call can be captured by torch.cuda.graph."""
@@ -154,7 +154,7 @@ def _run_core(V, Vo, beta, reduction, want_grad, device, accumulate=False):
                 return cupy.from_dlpack(torch.empty(tuple(shape), dtype=_TORCH_DTYPE[np.dtype(dt)], device=device))
         else:
             alloc = None
-        p = _plan.cached(a, 0, reduction, "highest", "cupy" if device.type == "cuda" else "numpy", None)
+        p = _plan.cached(a, 0, reduction, "highest", "cupy" if device.type == "cuda" else "numpy", None, *variant)
         p.execute(a, o, accumulate, beta, want_grad, alloc=alloc, losses=_to_array(losses))
     ldt = torch.float64 if V.dtype == torch.float64 else torch.float32
     if reduction == "none":
@@ -173,7 +173,8 @@ def _loss_shape(weight, how, m_axis, reduction):
 
 @torch.library.custom_op("gpu_orthol1::ortho_l1", mutates_args=())
 def _ortho_l1_op(weight: torch.Tensor, beta: float, reduction: str, how: str, m_axis: int, transpose: bool,
-                 want_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 want_grad: bool, penalty: str = "l1", diagonal: bool = True,
+                 normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, gradient) of one tensor; the gradient is an empty (0,) tensor when not wanted. One op to
     torch.compile and autograd: the forward pass forms the gradient (one pass, no recomputation)."""
     w = weight.detach()
@@ -182,24 +183,25 @@ def _ortho_l1_op(weight: torch.Tensor, beta: float, reduction: str, how: str, m_
     grad = torch.empty_like(wc) if want_grad else None
     V = _slices(wc, how, m_axis, transpose)
     Vo = _slices(grad, how, m_axis, transpose) if want_grad else None
-    loss = _run_core(V, Vo, beta, reduction, want_grad, w.device)
+    loss = _run_core(V, Vo, beta, reduction, want_grad, w.device,
+                     variant=_penalty.Variant(penalty, diagonal, normalize))
     if grad is None:
         return loss, w.new_empty((0,))
     return loss, grad.to(torch.bfloat16) if bf16 else grad
 
 
 @_ortho_l1_op.register_fake
-def _(weight, beta, reduction, how, m_axis, transpose, want_grad):
+def _(weight, beta, reduction, how, m_axis, transpose, want_grad, penalty="l1", diagonal=True, normalize=False):
     ldt = torch.float64 if weight.dtype == torch.float64 else torch.float32
     loss = weight.new_empty(_loss_shape(weight, how, m_axis, reduction), dtype=ldt)
     return loss, (torch.empty_like(weight) if want_grad else weight.new_empty((0,)))
 
 
 def _ortho_l1_setup(ctx, inputs, output):
-    weight, beta, reduction, how, m_axis, transpose, want_grad = inputs
+    weight, beta, reduction, how, m_axis, transpose, want_grad = inputs[:7]
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
-    ctx.m_axis, ctx.ndim, ctx.reduction = m_axis, weight.dim(), reduction
+    ctx.m_axis, ctx.ndim, ctx.reduction, ctx.ninputs = m_axis, weight.dim(), reduction, len(inputs)
 
 
 def _ortho_l1_backward(ctx, go, _go_grad):
@@ -209,13 +211,14 @@ def _ortho_l1_backward(ctx, go, _go_grad):
         shape[ctx.m_axis] = -1
         go = go.reshape(shape)
     # the gradient of the same forward pass, scaled by grad_output (out of place: backward may run twice)
-    return g * go.to(g.dtype), None, None, None, None, None, None
+    return (g * go.to(g.dtype),) + (None,) * (ctx.ninputs - 1)
 
 
 _ortho_l1_op.register_autograd(_ortho_l1_backward, setup_context=_ortho_l1_setup)
 
 
-def ortho_l1(weight, beta=1.0, *, axis=1, reduction="sum", mode=None):
+def ortho_l1(weight, beta=1.0, *, axis=1, reduction="sum", mode=None, penalty="l1", diagonal=True,
+             normalize=False):
     """L1 orthogonality loss of a 2-D weight or of the slices of a 3-D one, as a torch scalar with autograd.
 
     2-D weight W (l, n): mode None or "columns" penalizes sum |W^T W - I| (n x n), "rows" sum |W W^T - I|
@@ -225,8 +228,13 @@ def ortho_l1(weight, beta=1.0, *, axis=1, reduction="sum", mode=None):
     otherwise. The backward returns the gradient formed in the forward pass (one pass, no recomputation)
     times grad_output. CPU tensors use the NumPy backend on zero-copy views; CUDA tensors the cuBLAS
     backend on torch's current stream.
+
+    penalty ("l1" | "l2"), diagonal (False: the diagonal is free) and normalize (True: the Gram of
+    the unit-normalized rows or columns that `mode` picks) choose the member of the penalty family,
+    as in the core API (docs/penalties.md).
     """
     _check_tensor(weight, "weight")
+    variant = _penalty.check(penalty, diagonal, normalize)
     if mode not in (None,) + MODES:
         raise ValueError(f"mode must be None, 'rows', 'columns' or 'auto', got {mode!r}")
     if weight.dim() == 2:
@@ -245,7 +253,45 @@ def ortho_l1(weight, beta=1.0, *, axis=1, reduction="sum", mode=None):
         raise ValueError(f"reduction must be one of {_plan.REDUCTIONS}, got {reduction!r}")
     transpose = _pick_transpose(mode, l, n)
     want_grad = torch.is_grad_enabled() and weight.requires_grad
-    return _ortho_l1_op(weight, _plan.check_beta(beta), reduction, how, m_axis, transpose, want_grad)[0]
+    return _ortho_l1_op(weight, _plan.check_beta(beta), reduction, how, m_axis, transpose, want_grad, *variant)[0]
+
+
+def keras_orthogonal(w, factor=0.01, mode="rows"):
+    """Keras 3's `OrthogonalRegularizer(factor, mode)(w)` for a 2-D weight, with autograd.
+
+    Keras normalizes the rows (mode="rows") or columns ("columns") of w to unit L2 norm, forms their
+    Gram P (size x size) and returns factor * 0.5 * sum |P * (1 - I)| / (size * (size - 1) / 2), i.e.
+    factor * sum |P * (1 - I)| / (size * (size - 1)): factor times the mean |off-diagonal entry|.
+    Here that is `ortho_l1(w, factor / (size * (size - 1)), mode=mode, penalty="l1", diagonal=False,
+    normalize=True)`. Keras takes w as stored (a Keras Dense kernel is (in, out); a torch Linear weight
+    is (out, in), its transpose). Differences, both outside the usual range: Keras scales a row of norm
+    below its epsilon 1e-7 by 1e7 instead of normalizing it (here every non-zero row is normalized, a
+    zero row stays zero), and for size 1 Keras returns NaN (0 / 0) where this returns 0.
+    """
+    _check_tensor(w, "w")
+    if w.dim() != 2:
+        raise ValueError(f"keras_orthogonal takes a 2-D weight, as Keras does, got shape {tuple(w.shape)}")
+    if mode not in ("rows", "columns"):
+        raise ValueError(f"mode must be 'rows' or 'columns' (Keras's modes), got {mode!r}")
+    factor = _plan.check_beta(factor)
+    size = w.shape[0] if mode == "rows" else w.shape[1]
+    beta = factor / (size * (size - 1)) if size > 1 else 0.0
+    return ortho_l1(w, beta, mode=mode, penalty="l1", diagonal=False, normalize=True)
+
+
+def biggan_ortho(w, strength=1e-4):
+    """BigGAN's orthogonal regularization of one weight, with autograd: W = w viewed as (out, -1),
+    loss (strength / 2) * sum of squared off-diagonal entries of W W^T. Its gradient is the term
+    BigGAN-PyTorch's `utils.ortho(model, strength)` adds to w.grad, 2 * strength * ((W W^T) * (1 - I)) W.
+    (`OrthoL1.biggan(model, strength).add_grad_()` does that for every weight of a model at once.)"""
+    _check_tensor(w, "w")
+    if w.dim() < 2:
+        raise ValueError(f"biggan_ortho takes a weight of 2 or more dims (viewed as (out, -1)), got shape "
+                         f"{tuple(w.shape)}")
+    beta = _plan.check_beta(strength) / 2
+    how = "matrix" if w.dim() == 2 else "flatten"
+    want_grad = torch.is_grad_enabled() and w.requires_grad
+    return _ortho_l1_op(w, beta, "sum", how, 0, True, want_grad, "l2", False, False)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,6 +305,7 @@ class _Target:
     how: str  # "matrix" | "flatten" | "stack"
     axis: int
     transpose: bool
+    scale: float = 1.0  # multiplies beta for this matrix (the Keras preset's mean over entries)
 
     def view(self, x):
         return _slices(x, self.how, self.axis, self.transpose)
@@ -294,6 +341,10 @@ class OrthoL1:
     Gram (the one that can reach zero). The loss is beta times the sum over all matrices; `loss()`,
     `add_grad_()` and `step_()` return it as float64 when every parameter is float64, else float32.
 
+    penalty ("l1" | "l2"), diagonal and normalize choose the member of the penalty family as in the
+    core API (docs/penalties.md); `OrthoL1.keras(...)` and `OrthoL1.biggan(...)` are the Keras 3
+    OrthogonalRegularizer and BigGAN presets.
+
     Parameters with one (slice shape, dtype, memory layout) are evaluated together: one batched Gram
     GEMM, one fused sign pass and one batched gradient GEMM per group and workspace chunk (on CUDA
     a cuBLAS pointer-array call over the separate tensors, no stacking copy), through the same chunk
@@ -302,7 +353,9 @@ class OrthoL1:
     """
 
     def __init__(self, params_or_module, beta=1.0, mode="auto", *, axis=1, include=None, exclude=None,
-                 workspace_bytes=None, three_d="auto", allow_empty=False):
+                 workspace_bytes=None, three_d="auto", allow_empty=False, penalty="l1", diagonal=True,
+                 normalize=False):
+        self.variant = _penalty.check(penalty, diagonal, normalize)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if three_d not in THREE_D:
@@ -367,7 +420,38 @@ class OrthoL1:
         return [t.name for t in self.targets]
 
     def __repr__(self):
-        return f"OrthoL1({len(self.targets)} matrices, beta={self.beta}, mode={self.mode!r})"
+        fam = "" if self.variant.is_default else (f", penalty={self.variant.penalty!r}, diagonal="
+                                                  f"{self.variant.diagonal}, normalize={self.variant.normalize}")
+        return f"OrthoL1({len(self.targets)} matrices, beta={self.beta}, mode={self.mode!r}{fam})"
+
+    # -- presets ---------------------------------------------------------------------------------
+
+    @classmethod
+    def keras(cls, params_or_module, factor=0.01, mode="rows", **kw):
+        """Keras 3's `OrthogonalRegularizer(factor, mode)` on every selected matrix: per matrix,
+        factor * mean |off-diagonal entry| of the Gram of its L2-normalized rows (mode="rows") or
+        columns ("columns"), as `keras_orthogonal`; the loss is the sum over matrices (Keras adds
+        each layer's penalty to the model's loss). Other keywords as for OrthoL1 (not penalty,
+        diagonal, normalize). Keras takes 2-D kernels only; here Conv weights are flattened to
+        (out, -1) and 3-D parameters follow `three_d`, each matrix (slice) averaged over its own
+        size * (size - 1) off-diagonal entries; a 1-row Gram (size 1) adds 0."""
+        if mode not in ("rows", "columns"):
+            raise ValueError(f"mode must be 'rows' or 'columns' (Keras's modes), got {mode!r}")
+        reg = cls(params_or_module, factor, mode, penalty="l1", diagonal=False, normalize=True, **kw)
+        for t in reg.targets:
+            size = t.view(t.param.detach()).shape[2]
+            t.scale = 1.0 / (size * (size - 1)) if size > 1 else 0.0
+        return reg
+
+    @classmethod
+    def biggan(cls, params_or_module, strength=1e-4, **kw):
+        """BigGAN-PyTorch's `utils.ortho(model, strength)`: every parameter of 2 or more dims viewed as
+        W = (out, -1), loss (strength / 2) * sum of squared off-diagonal entries of W W^T, whose
+        gradient 2 * strength * ((W W^T) * (1 - I)) W is what BigGAN adds to .grad: call
+        `add_grad_()` where BigGAN calls `utils.ortho`. 3-D parameters are flattened like Conv1d
+        weights unless three_d= says otherwise; other keywords as for OrthoL1."""
+        kw.setdefault("three_d", "flatten")
+        return cls(params_or_module, _plan.check_beta(strength) / 2, "rows", penalty="l2", diagonal=False, **kw)
 
     # -- planning --------------------------------------------------------------------------------
 
@@ -396,7 +480,7 @@ class OrthoL1:
             if not ok:
                 single.append((j, V, Vo))
                 continue
-            key = (p.device, p.dtype, V.shape[1], V.shape[2], lay, lay_o)
+            key = (p.device, p.dtype, V.shape[1], V.shape[2], lay, lay_o, t.scale)
             groups.setdefault(key, []).append((j, V, Vo))
         return groups, single
 
@@ -421,7 +505,7 @@ class OrthoL1:
             by_dev.setdefault(s[1].device, [])
             single_by_dev.setdefault(s[1].device, []).append(s)
         totals = {}
-        alpha = 2.0 * self.beta
+        scaled = any(self.targets[j].scale != 1.0 for j in active)
         for device, glist in by_dev.items():
             cuda = device.type == "cuda"
             with _on_torch_stream(device) if cuda else nullcontext():
@@ -443,10 +527,12 @@ class OrthoL1:
                 nslices = sum(V.shape[0] for _, members in glist for _, V, _ in members)
                 losses = torch.zeros(nslices, dtype=torch.float64, device=device)
                 losses_a = buf(losses)
+                weights = torch.ones(nslices, dtype=torch.float64, device=device) if scaled else None
                 budget = None
                 off = 0
                 for key, members in glist:
-                    _, dtype, l, n, lay, lay_o = key
+                    _, dtype, l, n, lay, lay_o, scale = key
+                    alpha = 2.0 * self.beta * scale
                     phis: list = []
                     gouts: list = []
                     for j, V, Vo in members:
@@ -466,29 +552,32 @@ class OrthoL1:
                     wsb = _driver.workspace(alloc, sz, l, n, npdt)
                     counter = _CallCounter(dev)
                     _driver.run(counter, batch, wsb, sz.chunk, losses_a, loss_offset=off, alpha=alpha,
-                                beta_gemm=beta_gemm, want_grad=want_grad)
+                                beta_gemm=beta_gemm, want_grad=want_grad, variant=self.variant)
                     self.backend_calls += counter.calls
+                    if weights is not None:
+                        weights[off:off + len(phis)] = scale
                     off += len(phis)
                     if after_group is not None:
                         after_group([j for j, _, _ in members])
-                total = losses.sum() * self.beta
+                total = (losses if weights is None else losses * weights).sum() * self.beta
                 for j, V, Vo in single_by_dev.get(device, []):
                     if want_grad and Vo is None:
                         Vo = self.targets[j].view(outs[j])
-                    total = total + self._single(V, Vo, device, beta_gemm, want_grad)
+                    total = total + self._single(V, Vo, device, beta_gemm, want_grad, self.targets[j].scale)
                     if after_group is not None:
                         after_group([j])
                 totals[device] = total
         return totals
 
-    def _single(self, V, Vo, device, beta_gemm, want_grad):
+    def _single(self, V, Vo, device, beta_gemm, want_grad, scale=1.0):
         """One tensor through the core (float16 on CUDA, bfloat16, layouts BLAS cannot read)."""
         self.backend_calls += 1
         bf16 = V.dtype == torch.bfloat16
         Vc = V.float() if bf16 else V
         tmp = torch.empty_like(Vc) if want_grad and bf16 else None  # written in float32, rounded below
         o = tmp if tmp is not None else Vo
-        loss = _run_core(Vc, o, self.beta, "sum", want_grad, device, accumulate=bool(beta_gemm) and tmp is None)
+        loss = _run_core(Vc, o, self.beta * scale, "sum", want_grad, device,
+                         accumulate=bool(beta_gemm) and tmp is None, variant=self.variant)
         if tmp is not None:
             if beta_gemm:
                 Vo.add_(tmp)

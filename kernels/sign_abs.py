@@ -1,5 +1,9 @@
 """The fused pass over the Gram workspace: G -> S = sign(G - I), per-slice sum |G - I|.
 
+(Or another member of the penalty family, chosen at compile time: L2, a free diagonal, the Gram
+of unit-normalized columns; see docs/penalties.md. The pass then writes the matrix M that the
+gradient GEMM multiplies in place of S.)
+
 One CUDA block handles one slice (a row of the 2-D workspace), so the slice's
 loss is reduced inside the block in a fixed order: no float atomics, and the
 same input gives the bit-identical loss on every call. Because the block owns
@@ -30,32 +34,98 @@ BLOCK_SIZES = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _kernels: dict = {}
 
 
-def _make_kernel(tpb):
+def _make_kernel(tpb, l2=False, offdiag=False, normalize=False, ncol=1):
+    """The pass for `tpb` threads per block and one member of the penalty family.
+
+    l2, offdiag and normalize are compile-time constants (closure variables), so the default L1
+    kernel is the same code as before they existed. ncol: how many columns one thread owns in the
+    normalized pass (ceil(n / tpb)), the size of its local array."""
+
     @cuda.jit
     def sign_abs_sum(g, s, n, losses, loss_offset, scale, write_s):
         """g: (slices, n*n) Gram rows (any float dtype); s: same shape, may be g itself;
         losses: float64 (m,), slice b of this launch writes losses[loss_offset + b];
-        s gets scale * sign(g - I) when write_s is true (loss-only calls skip those writes)."""
+        s gets scale * M when write_s is true (loss-only calls skip those writes), where M is
+        sign(g - I) for the default L1 loss (docs/penalties.md for the others)."""
         b = cuda.blockIdx.x
         t = cuda.threadIdx.x
         nn = n * n
         acc = float64(0.0)
-        k = t
-        while k < nn:
-            x = float64(g[b, k])
-            if k % (n + 1) == 0:  # diagonal entry j*n + j
-                x -= 1.0
-            acc += abs(x)
+        if normalize:
+            # One thread per column j (G is symmetric: column j is row j, and reading it down the
+            # rows keeps a warp's loads contiguous). M_kj for k != j needs only G_kj and the two
+            # diagonal entries, so it is written in the same sweep; M_jj needs the column's sum
+            # c_j = sum_k Ghat_kj F_kj and is written after a barrier, because S may be G itself
+            # and every thread reads the diagonal until then.
+            mjj = cuda.local.array(ncol, float64)
+            ci = 0
+            j = t
+            while j < n:
+                d = float64(g[b, j * (n + 1)])
+                acc += d * 0.0  # NaN/Inf on the diagonal: the slice is not finite
+                rj = 1.0 / math.sqrt(d) if d > 0.0 else 0.0
+                c = float64(0.0)
+                for k in range(n):
+                    if k != j:
+                        dk = float64(g[b, k * (n + 1)])
+                        rk = 1.0 / math.sqrt(dk) if dk > 0.0 else 0.0
+                        gh = float64(g[b, k * n + j]) * rk * rj
+                        if l2:
+                            acc += gh * gh
+                            fk = 2.0 * gh
+                        else:
+                            acc += abs(gh)
+                            if gh > 0.0:
+                                fk = 1.0
+                            elif gh < 0.0:
+                                fk = -1.0
+                            elif gh == 0.0:
+                                fk = 0.0
+                            else:  # NaN stays NaN
+                                fk = gh
+                        c += gh * fk
+                        if write_s:
+                            s[b, k * n + j] = scale * rk * rj * fk
+                if rj == 0.0 and not offdiag:
+                    acc += 1.0  # a zero column: its diagonal Ghat_jj - 1 = -1 counts (|-1| = (-1)^2 = 1)
+                # F_jj = 0 (Ghat_jj = 1 exactly) or r_j = 0 (a zero column): M_jj = -r_j^2 c_j
+                mjj[ci] = -scale * rj * rj * c
+                ci += 1
+                j += tpb
+            cuda.syncthreads()
             if write_s:
-                if x > 0.0:
-                    s[b, k] = scale
-                elif x < 0.0:
-                    s[b, k] = -scale
-                elif x == 0.0:
-                    s[b, k] = 0.0
-                else:  # NaN must stay NaN, not become sign 0
-                    s[b, k] = x
-            k += tpb
+                ci = 0
+                j = t
+                while j < n:
+                    s[b, j * (n + 1)] = mjj[ci]
+                    ci += 1
+                    j += tpb
+        else:
+            k = t
+            while k < nn:
+                x = float64(g[b, k])
+                if k % (n + 1) == 0:  # diagonal entry j*n + j
+                    if offdiag:
+                        acc += x * 0.0  # a free diagonal still carries NaN/Inf into the loss
+                        x = 0.0
+                    else:
+                        x -= 1.0
+                if l2:
+                    acc += x * x
+                    if write_s:
+                        s[b, k] = 2.0 * scale * x  # NaN stays NaN
+                else:
+                    acc += abs(x)
+                    if write_s:
+                        if x > 0.0:
+                            s[b, k] = scale
+                        elif x < 0.0:
+                            s[b, k] = -scale
+                        elif x == 0.0:
+                            s[b, k] = 0.0
+                        else:  # NaN must stay NaN, not become sign 0
+                            s[b, k] = x
+                k += tpb
 
         buf = cuda.shared.array(tpb, float64)
         buf[t] = acc
@@ -67,7 +137,8 @@ def _make_kernel(tpb):
             cuda.syncthreads()
             width //= 2
         total = buf[0]
-        # Inf - Inf never happens in |.|-sums, so any non-finite slice shows as NaN or +Inf here.
+        # Inf - Inf never happens in these sums of non-negative terms, so any non-finite slice
+        # shows as NaN or +Inf here.
         if not math.isfinite(total):
             k = t if write_s else nn
             while k < nn:
@@ -80,13 +151,15 @@ def _make_kernel(tpb):
     return sign_abs_sum
 
 
-def get_kernel(tpb: int):
-    """The fused kernel for `tpb` threads per block (compiled lazily, once per size)."""
+def get_kernel(tpb: int, l2: bool = False, offdiag: bool = False, normalize: bool = False, ncol: int = 1):
+    """The pass for `tpb` threads per block and one variant (compiled lazily, once per key).
+    ncol matters only with normalize: use `columns_per_thread(n, tpb)`."""
     if tpb not in BLOCK_SIZES:
         raise ValueError(f"threads per block must be one of {BLOCK_SIZES}, got {tpb}")
-    kern = _kernels.get(tpb)
+    key = (tpb, bool(l2), bool(offdiag), bool(normalize), int(ncol) if normalize else 1)
+    kern = _kernels.get(key)
     if kern is None:
-        kern = _kernels[tpb] = _make_kernel(tpb)
+        kern = _kernels[key] = _make_kernel(*key)
     return kern
 
 
@@ -97,3 +170,22 @@ def pick_block_size(n: int) -> int:
         if tpb * 8 >= nn:
             return tpb
     return BLOCK_SIZES[-1]
+
+
+def pick_block_size_normalized(n: int) -> int:
+    """The normalized pass runs one thread per column: enough threads for n columns, at least a warp."""
+    for tpb in BLOCK_SIZES[3:]:
+        if tpb >= n:
+            return tpb
+    return BLOCK_SIZES[-1]
+
+
+def columns_per_thread(n: int, tpb: int) -> int:
+    return max(1, -(-n // tpb))
+
+
+def launch(n: int, normalize: bool, max_block: int = BLOCK_SIZES[-1]) -> tuple[int, int]:
+    """(threads per block, columns per thread) of the pass for n x n slices."""
+    pick = pick_block_size_normalized if normalize else pick_block_size
+    tpb = min(pick(n), max_block)
+    return tpb, columns_per_thread(n, tpb) if normalize else 1

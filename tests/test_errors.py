@@ -211,6 +211,10 @@ CASES = {
     "reduction-none": (ALL, _opt(reduction=None)),
     "backend-unknown": (ALL, _opt(backend="torch")),
     "precision-unknown": (ALL, _opt(precision="fast")),
+    "penalty-unknown": (ALL, _opt(penalty="l3")),
+    "penalty-none": (ALL, _opt(penalty=None)),
+    "diagonal-not-bool": (ALL, _opt(diagonal=1)),
+    "normalize-not-bool": (ALL, _opt(normalize="yes")),
     "option-unknown": (ALL, _opt(foo=1)),
     "option-loss-out": ((LOSS,), lambda w, mp: (w.phi, (), {"out": w.out})),
     "option-positional": (ALL, lambda w, mp: (w.phi, (1.0, 1), {})),
@@ -303,6 +307,8 @@ def test_accepted_not_rows(rng):
     out = np.zeros_like(phi)
     ol1.grad(phi, out=out, accumulate=np.bool_(True))
     np.testing.assert_array_equal(out, ol1.grad(phi))
+    assert float(ol1.loss(phi, diagonal=np.bool_(False), normalize=np.bool_(True))) == float(
+        ol1.loss(phi, diagonal=False, normalize=True))
     ro = phi.copy()
     ro.flags.writeable = False
     assert float(ol1.loss(ro, 0.5)) == float(ref)

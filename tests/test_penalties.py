@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -484,8 +485,9 @@ def test_keras_preset_matches_keras_formula(dtype, tseed):
     assert "normalize=True" in repr(reg)
 
 
-def test_keras_preset_against_keras_itself(tseed):
-    os.environ.setdefault("KERAS_BACKEND", "torch")
+def test_keras_preset_against_keras_itself(tseed, monkeypatch):
+    if "keras" not in sys.modules:  # Keras reads its backend once, at import
+        monkeypatch.setenv("KERAS_BACKEND", os.environ.get("KERAS_BACKEND", "torch"))
     keras = pytest.importorskip("keras")
     from gpu_orthol1.torch import keras_orthogonal
 

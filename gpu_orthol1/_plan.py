@@ -226,7 +226,6 @@ class Plan:
             slice_flops = 2.0 * self.l * self.n * self.n
             if slice_flops <= CPU_PARALLEL_MAX_SLICE_FLOPS and 2 * slice_flops * self.m >= CPU_PARALLEL_MIN_FLOPS:
                 self._threads = min(os.cpu_count() or 1, self.m)
-        self._graph_cache: dict = {}
 
     def _pick_kernel(self, kernel):
         """("gemm", None) or ("fused", its config): the GPU path, decided once.
@@ -249,6 +248,9 @@ class Plan:
             return "gemm", None
         if not gpu:
             raise ValueError("kernel='fused' runs on the GPU backend only; the CPU backend has one path")
+        if not self.variant.is_default:
+            raise ValueError(f"kernel='fused' computes the default penalty (l1, diagonal=True, normalize=False) "
+                             f"only, not {self.variant}; use kernel='gemm'")
         from .kernels import fused_small
 
         cfg = fused_small.fused_config(self.l, self.n, self.dtype, threads=getattr(self.dev, "fused_threads", None))

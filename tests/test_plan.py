@@ -211,6 +211,7 @@ def test_kernel_choice_errors(rng, monkeypatch):
         ol1.plan(phi, kernel="fast")
     with pytest.raises(ValueError, match="GPU backend only"):
         ol1.plan(phi, backend="numpy", kernel="fused")
+
     assert ol1.plan(phi).kernel == "gemm"
     monkeypatch.setenv("GPU_ORTHOL1_KERNEL", "fused")  # the GPU path's switch; the CPU has one path
     assert ol1.plan(phi, backend="numpy").kernel == "gemm"
@@ -228,3 +229,5 @@ def test_fused_refuses_slices_too_wide(rng):
     phi = random_phi(rng, (2, 1, n), np.float64)
     with pytest.raises(ValueError, match=f"up to n={n - 1}"):
         _plan.Plan(phi, backend="numpy", kernel="fused", _device=EmulatedGpuDevice())
+    with pytest.raises(ValueError, match="default penalty .* only"):  # no silent L1 for another variant
+        _plan.Plan(phi[:, :, :4], backend="numpy", kernel="fused", penalty="l2", _device=EmulatedGpuDevice())

@@ -211,3 +211,14 @@ def test_bench_distributed_smoke(tmp_path):
     up = {m: res["methods"][m]["per_kind"]["mlp_up"]["sent_MB_payload"] for m in ("sharded", "gather")}
     assert up["sharded"] < up["gather"], up
     assert out.with_suffix(".md").read_text().startswith("# gpu_orthol1.distributed")
+
+
+@pytest.mark.parametrize("fn", [odist.loss_and_grad, odist.loss, odist.dtensor_ortho_l1, odist.orthol1_dtensor_execute,
+                                odist.orthol1_dtensor_loss, odist.orthol1_dtensor_add_grad_,
+                                odist.orthol1_dtensor_step_], ids=lambda f: f.__name__)
+def test_public_api_fully_annotated(fn):
+    import inspect
+
+    sig = inspect.signature(fn)
+    assert all(p.annotation is not inspect.Parameter.empty for p in sig.parameters.values()), fn.__name__
+    assert sig.return_annotation is not inspect.Signature.empty, fn.__name__

@@ -52,7 +52,7 @@ except ImportError as _e:  # torch is an optional extra
         f"(pip install 'torch==2.*' for your platform, see https://pytorch.org/get-started/) ({_e})"
     ) from _e
 
-from . import _driver, _plan
+from . import _driver, _penalty, _plan
 
 __all__ = ["loss_and_grad", "loss", "dtensor_ortho_l1", "orthol1_dtensor_execute", "orthol1_dtensor_loss",
            "orthol1_dtensor_add_grad_", "orthol1_dtensor_step_"]
@@ -80,11 +80,11 @@ _NOT_INT = -(1 << 62)  # an argument that is not an integer, in the int64 metada
 
 # fields of one rank's metadata row (int64)
 (_F_STATUS, _F_NDIM, _F_S0, _F_S1, _F_S2, _F_DTYPE, _F_DEVICE, _F_SHARD, _F_AXIS, _F_RED, _F_WANT, _F_BETA,
- _F_CHUNK, _F_TRANSPOSE, _F_WS, _F_COLSPLIT, _NFIELDS) = range(17)
+ _F_CHUNK, _F_TRANSPOSE, _F_WS, _F_COLSPLIT, _F_VARIANT, _NFIELDS) = range(18)
 
 # local statuses, in the order they are checked
 (_OK, _E_TYPE, _E_DTENSOR, _E_LAYOUT, _E_DTYPE, _E_DEVICE, _E_NDIM, _E_SHARD, _E_AXIS, _E_RED, _E_BETA,
- _E_WS, _E_PLAN) = range(13)
+ _E_WS, _E_PLAN, _E_VARIANT) = range(14)
 
 _KINDS = ("m", "l", "n")  # which dim of the (m, l, n) slice view the shards split
 
@@ -112,6 +112,7 @@ class _Local:
     V: Any = None  # the (m, l, n) slice view (a torch tensor, readable by BLAS), when status is OK
     kind: int = -1  # 0 m, 1 l, 2 n
     plan: Any = None
+    variant: Any = _penalty.DEFAULT
 
 
 def _slice_view(t, ndim, axis, transpose):
@@ -191,7 +192,7 @@ def _default_workspace(device, l, n):
     return max(CPU_DEFAULT_WORKSPACE, 16 * n * n + 16 * l * n)
 
 
-def _inspect(local, beta, axis, shard_dim, reduction, want_grad, transpose, workspace_bytes) -> _Local:
+def _inspect(local, beta, axis, shard_dim, reduction, want_grad, transpose, workspace_bytes, variant) -> _Local:
     """This rank's metadata row, never raising: an error is a status the whole group will see."""
     row = [0] * _NFIELDS
     row[_F_SHARD], row[_F_AXIS] = _int_field(shard_dim), _int_field(axis)
@@ -247,6 +248,12 @@ def _inspect(local, beta, axis, shard_dim, reduction, want_grad, transpose, work
         ws = _plan.check_workspace_bytes(workspace_bytes)
     except ValueError:
         return fail(_E_WS)
+    try:
+        v = _penalty.check(*variant)
+    except ValueError as e:
+        return fail(_E_VARIANT, str(e))
+    row[_F_VARIANT] = _penalty.PENALTIES.index(v.penalty) * 4 + 2 * v.diagonal + v.normalize
+    out.variant = v
     out.kind = _kind_of(nd, row[_F_AXIS], row[_F_SHARD], bool(transpose))
     V = _slice_view(local.detach(), nd, row[_F_AXIS], bool(transpose))
     if out.kind == 1:
@@ -259,7 +266,7 @@ def _inspect(local, beta, axis, shard_dim, reduction, want_grad, transpose, work
             with _stream_ctx(local.device):
                 a = _to_array(V)
                 out.plan = _plan.cached(a, 0, _plan.REDUCTIONS[row[_F_RED]], "highest",
-                                        "numpy" if local.device.type == "cpu" else "cupy", ws)
+                                        "numpy" if local.device.type == "cpu" else "cupy", ws, *v)
                 row[_F_CHUNK] = int(out.plan.chunk_for(bool(want_grad)))
         except Exception as e:  # noqa: BLE001 - reported to every rank through the metadata, not raised here
             return fail(_E_PLAN, f"{type(e).__name__}: {e}")
@@ -316,6 +323,7 @@ _STATUS_TEXT = {
     _E_BETA: "beta must be a finite real number",
     _E_RED: f"reduction must be one of {REDUCTIONS}",
     _E_PLAN: "it could not plan its part of the call (its own error says why)",
+    _E_VARIANT: "penalty must be 'l1' or 'l2', diagonal and normalize True or False",
 }
 
 
@@ -358,6 +366,8 @@ def _validate(rows, rank, mine: _Local):
     differ(_F_WANT, "whether the gradient is wanted (loss vs loss_and_grad)")
     differ(_F_TRANSPOSE, "mode (which Gram of each slice is penalized)")
     differ(_F_WS, "workspace_bytes", lambda v: "None" if v < 0 else str(v))
+    differ(_F_VARIANT, "the penalty (penalty, diagonal, normalize)", lambda v: repr(
+        (_penalty.PENALTIES[v // 4], bool(v & 2), bool(v & 1))))
     differ(_F_COLSPLIT, "gpu_orthol1.distributed.COLUMN_SPLIT", lambda v: repr(COLUMN_SPLITS[v]) if v >= 0 else "?")
     nd, sd = rows[0][_F_NDIM], rows[0][_F_SHARD]
     shapes = [tuple(row[_F_S0:_F_S0 + nd]) for row in rows]
@@ -430,7 +440,8 @@ def _gram_hook(group, device):
 # the three splits
 
 
-def _core(V, beta, reduction, want_grad, device, *, hook=None, chunk=None, plan=None, ws=None):
+def _core(V, beta, reduction, want_grad, device, *, hook=None, chunk=None, plan=None, ws=None,
+          variant=_penalty.DEFAULT):
     """The core on an (m, l, n) slice view V (readable, float16/32/64): (loss tensor, grad view or None)."""
     G = torch.empty_like(V) if want_grad else None
     if G is not None and not _readable(G):
@@ -438,7 +449,7 @@ def _core(V, beta, reduction, want_grad, device, *, hook=None, chunk=None, plan=
     with _stream_ctx(device):
         a = _to_array(V)
         p = plan if plan is not None else _plan.cached(
-            a, 0, reduction, "highest", "numpy" if device.type == "cpu" else "cupy", ws)
+            a, 0, reduction, "highest", "numpy" if device.type == "cpu" else "cupy", ws, *variant)
         loss, _ = p.execute(a, _to_array(G) if G is not None else None, False, beta, want_grad,
                             gram_hook=hook, chunk=chunk)
         return _from_array(loss, device), G
@@ -485,7 +496,7 @@ def _all_to_all(blocks, out_sizes, out_dtype, group):
     return recv.split(list(out_sizes))
 
 
-def _columns_via_rows(V, b, red, want_grad, device, sizes, g, rank, world, workspace_bytes):
+def _columns_via_rows(V, b, red, want_grad, device, sizes, g, rank, world, workspace_bytes, variant):
     """A column split computed as a row split. Every rank sends each other rank that rank's rows of its
     columns (all-to-all), so it holds a slab of whole rows (m, l_r, n); the row split's partial Grams are
     summed (packed all-reduce) and each rank forms its slab's gradient rows; a second all-to-all returns
@@ -504,7 +515,8 @@ def _columns_via_rows(V, b, red, want_grad, device, sizes, g, rank, world, works
     plan, chunk, err = None, 0, None
     try:
         with _stream_ctx(device):
-            plan = _plan.cached(_to_array(Vrow), 0, red, "highest", "numpy" if device.type == "cpu" else "cupy", ws)
+            plan = _plan.cached(_to_array(Vrow), 0, red, "highest", "numpy" if device.type == "cpu" else "cupy",
+                                ws, *variant)
             chunk = int(plan.chunk_for(bool(want_grad)))
     except Exception as e:  # noqa: BLE001 - told to every rank by the MIN below
         err = e
@@ -522,11 +534,12 @@ def _columns_via_rows(V, b, red, want_grad, device, sizes, g, rank, world, works
     return lt, torch.cat([p.view(m, rows[q], n_me) for q, p in enumerate(back)], dim=1)
 
 
-def _run(local, beta, axis, shard_dim, reduction, group, want_grad, transpose=False, workspace_bytes=None):
+def _run(local, beta, axis, shard_dim, reduction, group, want_grad, transpose=False, workspace_bytes=None,
+         variant=_penalty.DEFAULT):
     """loss_and_grad / loss and the DTensor forms: (loss, grad_local or None, (first, count) of the
     global slices this rank holds when the shards split the slice axis, else None)."""
     g, rank, world = _group_of(group)
-    mine = _inspect(local, beta, axis, shard_dim, reduction, want_grad, transpose, workspace_bytes)
+    mine = _inspect(local, beta, axis, shard_dim, reduction, want_grad, transpose, workspace_bytes, variant)
     rows = _exchange(mine, g, world, _meta_device(g, local))
     sizes = _validate(rows, rank, mine)
     row = mine.row
@@ -536,6 +549,7 @@ def _run(local, beta, axis, shard_dim, reduction, group, want_grad, transpose=Fa
     ldt = torch.float64 if local.dtype == torch.float64 else torch.float32
     V = mine.V
     kind = mine.kind
+    v = mine.variant
     if kind == 1:  # rows of every slice: sum partial Grams, signs and gradient rows locally
         chunk = min(r[_F_CHUNK] for r in rows)
         lt, G = _core(V, b, red, want_grad, device, hook=_gram_hook(g, device), chunk=chunk, plan=mine.plan)
@@ -544,7 +558,7 @@ def _run(local, beta, axis, shard_dim, reduction, group, want_grad, transpose=Fa
         V = _compute_view(V)
         m_glob = sum(sizes)
         bl = b / m_glob if red == "mean" and m_glob else b  # "mean" is over the GLOBAL slice count
-        lt, G = _core(V, bl, "none" if red == "none" else "sum", want_grad, device)
+        lt, G = _core(V, bl, "none" if red == "none" else "sum", want_grad, device, variant=v)
         if red == "none":
             loss_t = _gather_along(lt, 0, sizes, g, rank)
         else:
@@ -552,12 +566,12 @@ def _run(local, beta, axis, shard_dim, reduction, group, want_grad, transpose=Fa
             dist.all_reduce(tot, group=g)
             loss_t = tot.reshape(())
     elif COLUMN_SPLIT == "reshard" and world > 1:  # columns: move to a row split and back
-        lt, G = _columns_via_rows(V, b, red, want_grad, device, sizes, g, rank, world, workspace_bytes)
+        lt, G = _columns_via_rows(V, b, red, want_grad, device, sizes, g, rank, world, workspace_bytes, v)
         loss_t = lt
     else:  # columns of every slice, gathered: the whole tensor on every rank
         full = _gather_along(V, 2, sizes, g, rank)  # dim 2 of the slice view is n
         full = _compute_view(full)
-        lt, Gf = _core(full, b, red, want_grad, device)
+        lt, Gf = _core(full, b, red, want_grad, device, variant=v)
         loss_t = lt
         G = None
         if want_grad:
@@ -580,7 +594,8 @@ def _run(local, beta, axis, shard_dim, reduction, group, want_grad, transpose=Fa
 
 
 def loss_and_grad(local: Any, beta: float = 1.0, *, axis: int = 1, shard_dim: int, reduction: str = "sum",
-                  group: Any = None, workspace_bytes: int | None = None) -> tuple[Any, Any]:
+                  group: Any = None, workspace_bytes: int | None = None, penalty: str = "l1",
+                  diagonal: bool = True, normalize: bool = False) -> tuple[Any, Any]:
     """Loss and this rank's gradient shard of a Phi split over the ranks of `group`.
 
     local: this rank's piece (a CPU or CUDA torch tensor) of the global Phi, 3-D with slices along
@@ -597,15 +612,20 @@ def loss_and_grad(local: Any, beta: float = 1.0, *, axis: int = 1, shard_dim: in
     that do not form one tensor, arguments that differ between ranks, and bad arguments on any rank
     raise the same ValueError on every rank. workspace_bytes: as in the core (a hard limit per chunk);
     default 16 MiB on the CPU (each chunk of slices costs one all-reduce), the core's default on GPU.
+    penalty, diagonal, normalize: the member of the penalty family, as in the core API
+    (docs/penalties.md): every member is computed from the summed Gram, so every split supports it.
     """
-    loss_t, grad, _ = _run(local, beta, axis, shard_dim, reduction, group, True, workspace_bytes=workspace_bytes)
+    loss_t, grad, _ = _run(local, beta, axis, shard_dim, reduction, group, True, workspace_bytes=workspace_bytes,
+                           variant=(penalty, diagonal, normalize))
     return loss_t, grad
 
 
 def loss(local: Any, beta: float = 1.0, *, axis: int = 1, shard_dim: int, reduction: str = "sum",
-         group: Any = None, workspace_bytes: int | None = None) -> Any:
+         group: Any = None, workspace_bytes: int | None = None, penalty: str = "l1", diagonal: bool = True,
+         normalize: bool = False) -> Any:
     """The global loss only (no gradient GEMM); arguments and collectives as in `loss_and_grad`."""
-    return _run(local, beta, axis, shard_dim, reduction, group, False, workspace_bytes=workspace_bytes)[0]
+    return _run(local, beta, axis, shard_dim, reduction, group, False, workspace_bytes=workspace_bytes,
+                variant=(penalty, diagonal, normalize))[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -649,14 +669,15 @@ def _transpose_for(mode, ndim, shape, axis):
 
 class _DTensorOrthoL1(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w, beta, axis, reduction, transpose, want_grad):
+    def forward(ctx, w, beta, axis, reduction, transpose, want_grad, variant):
         shard_dim, group = _dtensor_split(w)
         local = w.to_local()
         own = None
         if shard_dim is None:  # replicated: every rank holds the whole tensor, no collective
-            loss_t, g = _local_run(local, beta, axis, reduction, want_grad, transpose)
+            loss_t, g = _local_run(local, beta, axis, reduction, want_grad, transpose, variant)
         else:
-            loss_t, g, own = _run(local, beta, axis, shard_dim, reduction, group, want_grad, transpose)
+            loss_t, g, own = _run(local, beta, axis, shard_dim, reduction, group, want_grad, transpose,
+                                  variant=variant)
         ctx.want, ctx.own = want_grad, own
         if want_grad:
             ctx.save_for_backward(g)
@@ -671,7 +692,7 @@ class _DTensorOrthoL1(torch.autograd.Function):
         from torch.distributed.tensor import DTensor
 
         if not ctx.want:
-            return (None,) * 6
+            return (None,) * 7
         (g,) = ctx.saved_tensors
         if ctx.reduction == "none" and ctx.ndim == 3:
             if ctx.own is not None:  # the shards split the slices: this rank's part of grad_output
@@ -682,10 +703,10 @@ class _DTensorOrthoL1(torch.autograd.Function):
         gl = g * go.to(g.dtype)
         gd = DTensor.from_local(gl, ctx.mesh, ctx.placements, run_check=False, shape=ctx.gshape,
                                 stride=ctx.gstride)
-        return gd, None, None, None, None, None
+        return gd, None, None, None, None, None, None
 
 
-def _local_run(t, beta, axis, reduction, want_grad, transpose):
+def _local_run(t, beta, axis, reduction, want_grad, transpose, variant=_penalty.DEFAULT):
     """One process, whole tensor (a Replicate DTensor's local copy): the core, no collective."""
     nd = t.dim()
     if nd not in (2, 3):
@@ -695,7 +716,7 @@ def _local_run(t, beta, axis, reduction, want_grad, transpose):
                          "float64")
     ax = int(axis) % 3 if nd == 3 else 0
     V = _compute_view(_slice_view(t.detach(), nd, ax, transpose))
-    lt, G = _core(V, _plan.check_beta(beta), reduction, want_grad, t.device)
+    lt, G = _core(V, _plan.check_beta(beta), reduction, want_grad, t.device, variant=_penalty.check(*variant))
     lt = lt.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
     if not want_grad:
         return lt, None
@@ -704,7 +725,8 @@ def _local_run(t, beta, axis, reduction, want_grad, transpose):
 
 
 def dtensor_ortho_l1(w: Any, beta: float = 1.0, axis: int = 1, reduction: str = "sum",
-                     mode: str | None = None) -> Any:
+                     mode: str | None = None, penalty: str = "l1", diagonal: bool = True,
+                     normalize: bool = False) -> Any:
     """`gpu_orthol1.torch.ortho_l1` for a DTensor w (Shard(d) on one mesh dim, Replicate on the
     others, or replicated everywhere): a plain tensor loss (0-d, (m,) for "none"; (1,) for a 2-D w),
     the same on every rank, whose backward gives w a DTensor gradient with w's placements.
@@ -713,7 +735,8 @@ def dtensor_ortho_l1(w: Any, beta: float = 1.0, axis: int = 1, reduction: str = 
     W^T, so Shard(0) becomes a split of the columns), "auto" the smaller Gram (by the GLOBAL shape).
     3-D w: slices along axis, the mode per slice. Collective: every rank of the sharding mesh dim
     calls it. Which split moves what: see the module docstring (Shard of the penalized Gram's row dim
-    sums n x n Grams; of its column dim gathers w)."""
+    sums n x n Grams; of its column dim reshards w to that and back). penalty, diagonal, normalize: the
+    member of the penalty family, as in ortho_l1."""
     from torch.distributed.tensor import DTensor
 
     if not isinstance(w, DTensor):
@@ -725,7 +748,8 @@ def dtensor_ortho_l1(w: Any, beta: float = 1.0, axis: int = 1, reduction: str = 
         raise ValueError(f"axis must be an integer in [-3, 3) for a 3-D weight, got {axis!r}")
     transpose = _transpose_for(mode, w.dim(), tuple(w.shape), axis if w.dim() == 3 else 0)
     want_grad = torch.is_grad_enabled() and w.requires_grad
-    return _DTensorOrthoL1.apply(w, _plan.check_beta(beta), int(axis), reduction, transpose, want_grad)
+    variant = _penalty.check(penalty, diagonal, normalize)
+    return _DTensorOrthoL1.apply(w, _plan.check_beta(beta), int(axis), reduction, transpose, want_grad, variant)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -822,7 +846,8 @@ def _fingerprint(members, group, local_error, device):
 
 def orthol1_dtensor_execute(targets: Sequence[tuple[Any, str, int, bool]], beta: float, *,
                             want_grad: bool = True, outs: Sequence[Any] | None = None, accumulate: bool = False,
-                            workspace_bytes: int | None = None) -> tuple[Any, list]:
+                            workspace_bytes: int | None = None, penalty: str = "l1", diagonal: bool = True,
+                            normalize: bool = False) -> tuple[Any, list]:
     """Loss and local gradients of many (DTensor) parameters: what OrthoL1 needs after fully_shard.
 
     targets: one (param, how, axis, transpose) per parameter, as OrthoL1's targets hold them: param a
@@ -843,6 +868,7 @@ def orthol1_dtensor_execute(targets: Sequence[tuple[Any, str, int, bool]], beta:
     a handful of collectives instead of a hundred. Collective: every rank passes the same targets in
     the same order (checked: one small all-gather first); replicated and plain targets run locally."""
     b = _plan.check_beta(beta)
+    variant = _penalty.check(penalty, diagonal, normalize)
     if outs is not None and len(outs) != len(targets):
         raise ValueError(f"outs has {len(outs)} entries for {len(targets)} targets")
     if accumulate and outs is None:
@@ -869,7 +895,7 @@ def orthol1_dtensor_execute(targets: Sequence[tuple[Any, str, int, bool]], beta:
     total = torch.zeros((), dtype=torch.float64, device=dev)  # summed where the losses are: no host sync
     for key, ms in batches.items():
         for part in _cut(key, ms):
-            lt, gs = _run_members(part, b, want_grad, workspace_bytes)
+            lt, gs = _run_members(part, b, want_grad, workspace_bytes, variant)
             total = total + lt.to(device=dev, dtype=torch.float64)
             for m, g in zip(part, gs):
                 grads[m.j] = g
@@ -903,17 +929,17 @@ def _cut(key, ms):
     return out
 
 
-def _run_members(ms, b, want_grad, workspace_bytes):
+def _run_members(ms, b, want_grad, workspace_bytes, variant):
     """One call for members that share a key: (loss, [local gradient per member])."""
     m0 = ms[0]
     if m0.kind == -1:
         t = m0.V  # replicated / plain: the core on the whole tensor, no collective
-        lt, G = _core(_compute_view(t), b, "sum", want_grad, t.device)
+        lt, G = _core(_compute_view(t), b, "sum", want_grad, t.device, variant=variant)
     elif m0.kind == 0:
-        lt, G, _ = _run(m0.V, b, 0, 0, "sum", m0.group, want_grad, False, workspace_bytes)
+        lt, G, _ = _run(m0.V, b, 0, 0, "sum", m0.group, want_grad, False, workspace_bytes, variant)
     else:
         V = m0.V if len(ms) == 1 else torch.cat([m.V for m in ms], 0)  # stacked slices (a copy)
-        lt, G, _ = _run(V, b, 0, m0.kind, "sum", m0.group, want_grad, False, workspace_bytes)
+        lt, G, _ = _run(V, b, 0, m0.kind, "sum", m0.group, want_grad, False, workspace_bytes, variant)
     if not want_grad:
         return lt, [None] * len(ms)
     gs, off = [], 0
@@ -949,10 +975,10 @@ def _wrap_grad(g, meta):
 
 class _TargetsLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, spec, beta, workspace_bytes, *params):
+    def forward(ctx, spec, beta, kw, *params):
         want = any(ctx.needs_input_grad[3:])
         targets = [(p, how, axis, tr) for p, (how, axis, tr) in zip(params, spec)]
-        loss, grads = orthol1_dtensor_execute(targets, beta, want_grad=want, workspace_bytes=workspace_bytes)
+        loss, grads = orthol1_dtensor_execute(targets, beta, want_grad=want, **kw)
         ctx.want = want
         if want:
             ctx.grads = grads  # formed in this forward pass: the backward only scales them
@@ -969,18 +995,21 @@ class _TargetsLoss(torch.autograd.Function):
 
 
 def orthol1_dtensor_loss(targets: Sequence[tuple[Any, str, int, bool]], beta: float, *,
-                         workspace_bytes: int | None = None) -> Any:
+                         workspace_bytes: int | None = None, penalty: str = "l1", diagonal: bool = True,
+                         normalize: bool = False) -> Any:
     """OrthoL1.loss() for (DTensor) targets (see `orthol1_dtensor_execute`): the summed loss as a float64
     0-d tensor with autograd; its backward hands each parameter the gradient formed in the forward pass
     (a DTensor with the parameter's placements for a DTensor)."""
     spec = [(how, axis, bool(tr)) for _, how, axis, tr in targets]
     params = [p for p, _, _, _ in targets]
-    return _TargetsLoss.apply(spec, _plan.check_beta(beta), workspace_bytes, *params)
+    kw = dict(workspace_bytes=workspace_bytes, penalty=penalty, diagonal=diagonal, normalize=normalize)
+    return _TargetsLoss.apply(spec, _plan.check_beta(beta), kw, *params)
 
 
 @torch.no_grad()
 def orthol1_dtensor_add_grad_(targets: Sequence[tuple[Any, str, int, bool]], beta: float, *,
-                              workspace_bytes: int | None = None) -> Any:
+                              workspace_bytes: int | None = None, penalty: str = "l1", diagonal: bool = True,
+                              normalize: bool = False) -> Any:
     """OrthoL1.add_grad_() for (DTensor) targets: adds the gradient into each parameter's .grad (made as
     zeros with the parameter's placements when None) through its local tensor; returns the loss."""
     outs = []
@@ -993,18 +1022,21 @@ def orthol1_dtensor_add_grad_(targets: Sequence[tuple[Any, str, int, bool]], bet
             raise ValueError(f"target {j}: .grad has placements {gmeta and gmeta[1]}, shape "
                              f"{tuple(p.grad.shape)}; the parameter {meta and meta[1]}, {tuple(p.shape)}")
         outs.append(p.grad.to_local() if gmeta is not None else p.grad)
-    loss, _ = orthol1_dtensor_execute(targets, beta, outs=outs, accumulate=True, workspace_bytes=workspace_bytes)
+    loss, _ = orthol1_dtensor_execute(targets, beta, outs=outs, accumulate=True, workspace_bytes=workspace_bytes,
+                                      penalty=penalty, diagonal=diagonal, normalize=normalize)
     return loss
 
 
 @torch.no_grad()
 def orthol1_dtensor_step_(targets: Sequence[tuple[Any, str, int, bool]], beta: float, lr: float, *,
-                          workspace_bytes: int | None = None) -> Any:
+                          workspace_bytes: int | None = None, penalty: str = "l1", diagonal: bool = True,
+                          normalize: bool = False) -> Any:
     """OrthoL1.step_(lr) for (DTensor) targets: W <- W - lr * dL/dW on each rank's shard, every gradient
     from the weights before the update; returns the loss before the step."""
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(float(lr)):
         raise ValueError(f"lr must be a finite real number, got {lr!r}")
-    loss, grads = orthol1_dtensor_execute(targets, beta, workspace_bytes=workspace_bytes)
+    loss, grads = orthol1_dtensor_execute(targets, beta, workspace_bytes=workspace_bytes, penalty=penalty,
+                                          diagonal=diagonal, normalize=normalize)
     for (p, _, _, _), g in zip(targets, grads):
         (p.to_local() if _dtensor_meta(p) is not None else p).sub_(g, alpha=float(lr))
     return loss

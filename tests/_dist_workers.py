@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import traceback
+import warnings
 from datetime import timedelta
 
 import numpy as np
@@ -78,7 +79,7 @@ def _rows_of(ndim, axis):
 
 
 def case_functional(ctx, shape, axis, shard_dim, red, want_grad=True, dtype="float64", contiguous=False,
-                    workspace_bytes=None, uneven_chunks=False, column_split="reshard"):
+                    workspace_bytes=None, uneven_chunks=False, column_split="reshard", variant=None):
     import torch
 
     import gpu_orthol1 as ol1
@@ -92,14 +93,15 @@ def case_functional(ctx, shape, axis, shard_dim, red, want_grad=True, dtype="flo
     local = torch.tensor_split(ft, ctx.world, dim=shard_dim)[ctx.rank]
     if contiguous:
         local = local.contiguous()
+    vkw = dict(zip(("penalty", "diagonal", "normalize"), variant)) if variant else {}
     odist.COLUMN_SPLIT = column_split
     try:
         if want_grad:
             loss, g = odist.loss_and_grad(local, beta, axis=axis, shard_dim=shard_dim, reduction=red,
-                                          workspace_bytes=workspace_bytes)
+                                          workspace_bytes=workspace_bytes, **vkw)
         else:
             loss = odist.loss(local, beta, axis=axis, shard_dim=shard_dim, reduction=red,
-                              workspace_bytes=workspace_bytes)
+                              workspace_bytes=workspace_bytes, **vkw)
             g = None
     finally:
         odist.COLUMN_SPLIT = "reshard"
@@ -113,7 +115,9 @@ def case_functional(ctx, shape, axis, shard_dim, red, want_grad=True, dtype="flo
             raise Failure(f"the ranks' chunk sizes are all {chunks[0]}: the case does not test the MIN")
     # reference: the single-process core on the full tensor (bfloat16: its float32 values)
     ref_in = ft.float().numpy() if tdt == torch.bfloat16 else ft.numpy()
-    ref_loss, ref_grad = ol1.loss_and_grad(ref_in, beta, axis=axis, reduction=red, backend="numpy")
+    with warnings.catch_warnings():  # the reference may copy an unreadable layout: fine here
+        warnings.simplefilter("ignore", ol1.CopyWarning)
+        ref_loss, ref_grad = ol1.loss_and_grad(ref_in, beta, axis=axis, reduction=red, backend="numpy", **vkw)
     ldt = torch.float64 if tdt == torch.float64 else torch.float32
     if loss.dtype != ldt or tuple(loss.shape) != tuple(np.shape(ref_loss)):
         raise Failure(f"loss is {loss.dtype} {tuple(loss.shape)}, expected {ldt} {np.shape(ref_loss)}")
@@ -279,6 +283,8 @@ def _error_inputs(ctx):
         "int_dtype": (piece.to(torch.int64) if r == 1 else piece, kw),
         "workspace": (piece, dict(kw, workspace_bytes=8 if r == 0 else None)),
         "dtensor": (dt if r == 0 else piece, kw),
+        "penalty": (piece, dict(kw, penalty="l2" if r == 0 else "l1")),
+        "penalty_bad": (piece, dict(kw, penalty="l3")),
     }
     return cases
 
@@ -305,24 +311,25 @@ def case_errors(ctx, results):
 # -- DTensor ------------------------------------------------------------------------------------
 
 
-def _ref_dtensor(full, beta, axis, red, mode):
+def _ref_dtensor(full, beta, axis, red, mode, vkw=None):
     import gpu_orthol1 as ol1
 
     if full.ndim == 2:
         l, n = full.shape
         tr = mode == "rows" or (mode == "auto" and l < n)
         x = full.T if tr else full
-        loss, g = ol1.loss_and_grad(np.ascontiguousarray(x), beta, reduction=red, backend="numpy")
+        loss, g = ol1.loss_and_grad(np.ascontiguousarray(x), beta, reduction=red, backend="numpy", **(vkw or {}))
         return loss, (g.T if tr else g)
     d = [i for i in range(3) if i != axis]
     l, n = full.shape[d[0]], full.shape[d[1]]
     tr = mode == "rows" or (mode == "auto" and l < n)
     x = np.swapaxes(full, d[0], d[1]) if tr else full
-    loss, g = ol1.loss_and_grad(np.ascontiguousarray(x), beta, axis=axis, reduction=red, backend="numpy")
+    loss, g = ol1.loss_and_grad(np.ascontiguousarray(x), beta, axis=axis, reduction=red, backend="numpy",
+                                **(vkw or {}))
     return loss, (np.swapaxes(g, d[0], d[1]) if tr else g)
 
 
-def case_dtensor(ctx, shape, placement, mode, red, axis=1):
+def case_dtensor(ctx, shape, placement, mode, red, axis=1, variant=None):
     import torch
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
@@ -332,7 +339,8 @@ def case_dtensor(ctx, shape, placement, mode, red, axis=1):
     full = ctx.phi(shape, shape[0])
     beta = 0.23
     w = distribute_tensor(torch.from_numpy(full), ctx.mesh, [pl]).requires_grad_(True)
-    loss = dtensor_ortho_l1(w, beta, axis=axis, reduction=red, mode=mode)
+    vkw = dict(zip(("penalty", "diagonal", "normalize"), variant)) if variant else {}
+    loss = dtensor_ortho_l1(w, beta, axis=axis, reduction=red, mode=mode, **vkw)
     go = torch.from_numpy(ctx.rng().uniform(0.5, 1.5, size=tuple(loss.shape)))
     (loss * go).sum().backward()
     alls = _same_on_all_ranks(loss)
@@ -345,7 +353,7 @@ def case_dtensor(ctx, shape, placement, mode, red, axis=1):
         raise Failure(f"grad placements {w.grad.placements} != w's {w.placements}")
     if any(not np.array_equal(a, alls[0]) for a in alls):
         raise Failure("the loss differs between ranks")
-    rl, rg = _ref_dtensor(full, beta, axis % 3, red, mode)
+    rl, rg = _ref_dtensor(full, beta, axis % 3, red, mode, vkw)
     _close(loss.detach().numpy(), rl, TOL64, "loss")
     gon = go.numpy()
     if red == "none" and full.ndim == 3:
@@ -571,6 +579,12 @@ def cases(world):
     # (float16 n=4: 32 bytes per local row + 64 per slice; 1600 bytes hold 2 slices of <= 23 rows, 1 of 24)
     out.append(("functional", "chunked float16 uneven chunks", lambda c: case_functional(
         c, (24 * c.world - 1, 6, 4), 1, 0, "sum", dtype="float16", workspace_bytes=1600, uneven_chunks=True)))
+    # the penalty family (docs/penalties.md): every split computes it from the summed Gram
+    for variant in (("l2", True, False), ("l1", False, True), ("l2", False, True)):
+        for axis, sd, cs in ((1, 0, "reshard"), (1, 1, "reshard"), (1, 2, "reshard"), (0, 1, "gather")):
+            out.append(("functional", f"penalty {variant} axis={axis} shard_dim={sd} {cs}",
+                        lambda c, a=axis, s=sd, v=variant, k=cs: case_functional(
+                            c, shape3, a, s, "sum", variant=v, column_split=k)))
     # column splits the other way too: gathered (COLUMN_SPLIT = "gather")
     for axis, sd, red in ((1, 2, "sum"), (0, 1, "none"), (2, 1, "mean")):
         out.append(("functional", f"gather-mode axis={axis} shard_dim={sd} {red}",
@@ -593,6 +607,9 @@ def cases(world):
         for mode in ("rows", "columns"):
             out.append(("dtensor", f"dtensor 3d (5, 4, 7) Shard({pl}) {mode} none",
                         lambda c, p=pl, mo=mode: case_dtensor(c, (5, 4, 7), p, mo, "none")))
+    for pl in (0, 1, "R"):
+        out.append(("dtensor", f"dtensor penalty l2 normalize {pl} rows", lambda c, p=pl: case_dtensor(
+            c, (5, 7), p, "rows", "sum", variant=("l2", False, True))))
     out.append(("dtensor", "fsdp2 orthol1_dtensor_execute", case_fsdp))
     out.append(("dtensor", "fsdp2 training step: task loss + dtensor_ortho_l1", case_fsdp_train_step))
     out.append(("dtensor", "fsdp2 OrthoL1 helpers: loss, add_grad_, step_", case_orthol1_helpers))

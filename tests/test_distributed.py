@@ -127,6 +127,7 @@ def test_bad_input_raises_the_same_error_on_every_rank(group_run):
         "reduction": "disagree on reduction", "reduction_bad": "reduction must be one of",
         "beta": "disagree on beta", "beta_nan": "beta must be a finite", "int_dtype": "dtype is not float16",
         "workspace": "could not plan", "dtensor": "is a DTensor",
+        "penalty": "disagree on the penalty", "penalty_bad": "penalty must be",
     }
     assert set(per_rank[0]) == set(expect)
     for name, words in expect.items():

@@ -767,9 +767,10 @@ class _Member:
     group: Any
     back: Any  # slice-view gradient -> the local parameter's shape
     key: tuple  # rank-independent: which members can share one call
+    scale: float = 1.0  # multiplies beta for this target
 
 
-def _member(j, w, how, axis, transpose):
+def _member(j, w, how, axis, transpose, scale=1.0):
     """One target as a slice view: Conv weights flattened to (out, -1) in logical order (the same on
     every rank, so the ranks' partial Grams pair the same columns)."""
     from torch.distributed.tensor import DTensor
@@ -802,20 +803,22 @@ def _member(j, w, how, axis, transpose):
         return _from_slice_view(G, nd, ax, tr).reshape(shape)
 
     if shard_dim is None:
-        return _Member(j, V, -1, None, back, ("local", j))
+        return _Member(j, V, -1, None, back, ("local", j), scale)
     kind = _kind_of(nd, ax, shard_dim, bool(transpose))
     if kind == 0:  # slices split over ranks: its own call (another target's slices would interleave)
-        return _Member(j, V, 0, grp, back, ("slices", j))
+        return _Member(j, V, 0, grp, back, ("slices", j), scale)
     ranks = tuple(dist.get_process_group_ranks(grp))
     # same key -> same local (l, n) on this rank (DTensor splits a size the same way every time)
-    return _Member(j, V, kind, grp, back, ("split", ranks, kind, str(local.dtype), local.device.type, gV[1:]))
+    return _Member(j, V, kind, grp, back,
+                   ("split", ranks, kind, str(local.dtype), local.device.type, scale, gV[1:]), scale)
 
 
 def _first_group(targets):
     """The process group of the first sharded target (from placements alone: the same on every rank)."""
     from torch.distributed.tensor import DTensor
 
-    for w, _, _, _ in targets:
+    for t in targets:
+        w = t[0]
         if isinstance(w, DTensor):
             shard_dim, grp = _dtensor_split(w)
             if shard_dim is not None:
@@ -844,13 +847,14 @@ def _fingerprint(members, group, local_error, device):
                          "placements, modes or order differ); every rank must pass the same list")
 
 
-def orthol1_dtensor_execute(targets: Sequence[tuple[Any, str, int, bool]], beta: float, *,
+def orthol1_dtensor_execute(targets: Sequence[tuple], beta: float, *,
                             want_grad: bool = True, outs: Sequence[Any] | None = None, accumulate: bool = False,
                             workspace_bytes: int | None = None, penalty: str = "l1", diagonal: bool = True,
                             normalize: bool = False) -> tuple[Any, list]:
     """Loss and local gradients of many (DTensor) parameters: what OrthoL1 needs after fully_shard.
 
-    targets: one (param, how, axis, transpose) per parameter, as OrthoL1's targets hold them: param a
+    targets: one (param, how, axis, transpose[, scale]) per parameter, as OrthoL1's targets hold them
+    (scale multiplies beta for that parameter, 1 by default): param a
     DTensor (Shard(d) on one mesh dim and Replicate on the others, or replicated; FSDP2 makes Shard(0))
     or a plain tensor (computed locally); how "matrix" (2-D), "flatten" (Conv weights as (out, -1),
     sharded on dim 0 or 1) or "stack" (3-D, slices along axis); transpose True penalizes each slice's
@@ -875,9 +879,13 @@ def orthol1_dtensor_execute(targets: Sequence[tuple[Any, str, int, bool]], beta:
         raise ValueError("accumulate=True needs outs= (the tensors to add the gradients into)")
     group = _first_group(targets)
     members, local_error = [], None
-    for j, (w, how, axis, tr) in enumerate(targets):
+    for j, t in enumerate(targets):
+        if not 4 <= len(t) <= 5:
+            raise ValueError(f"target {j}: expected (param, how, axis, transpose[, scale]), got {len(t)} items")
+        w, how, axis, tr = t[:4]
+        scale = _plan.check_beta(t[4]) if len(t) == 5 else 1.0
         try:
-            members.append(_member(j, w, how, axis, tr))
+            members.append(_member(j, w, how, axis, tr, scale))
         except ValueError:  # an argument error: decided by placements, modes and dtypes, alike on all ranks
             raise
         except Exception as e:  # noqa: BLE001 - this rank's own shards: told to every rank below
@@ -932,6 +940,7 @@ def _cut(key, ms):
 def _run_members(ms, b, want_grad, workspace_bytes, variant):
     """One call for members that share a key: (loss, [local gradient per member])."""
     m0 = ms[0]
+    b = b * m0.scale  # one scale per batch: it is part of the batch key
     if m0.kind == -1:
         t = m0.V  # replicated / plain: the core on the whole tensor, no collective
         lt, G = _core(_compute_view(t), b, "sum", want_grad, t.device, variant=variant)
@@ -977,7 +986,7 @@ class _TargetsLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, beta, kw, *params):
         want = any(ctx.needs_input_grad[3:])
-        targets = [(p, how, axis, tr) for p, (how, axis, tr) in zip(params, spec)]
+        targets = [(p,) + sp for p, sp in zip(params, spec)]
         loss, grads = orthol1_dtensor_execute(targets, beta, want_grad=want, **kw)
         ctx.want = want
         if want:
@@ -994,26 +1003,26 @@ class _TargetsLoss(torch.autograd.Function):
         return (None, None, None) + out
 
 
-def orthol1_dtensor_loss(targets: Sequence[tuple[Any, str, int, bool]], beta: float, *,
+def orthol1_dtensor_loss(targets: Sequence[tuple], beta: float, *,
                          workspace_bytes: int | None = None, penalty: str = "l1", diagonal: bool = True,
                          normalize: bool = False) -> Any:
     """OrthoL1.loss() for (DTensor) targets (see `orthol1_dtensor_execute`): the summed loss as a float64
     0-d tensor with autograd; its backward hands each parameter the gradient formed in the forward pass
     (a DTensor with the parameter's placements for a DTensor)."""
-    spec = [(how, axis, bool(tr)) for _, how, axis, tr in targets]
-    params = [p for p, _, _, _ in targets]
+    spec = [(t[1], t[2], bool(t[3])) + tuple(t[4:5]) for t in targets]
+    params = [t[0] for t in targets]
     kw = dict(workspace_bytes=workspace_bytes, penalty=penalty, diagonal=diagonal, normalize=normalize)
     return _TargetsLoss.apply(spec, _plan.check_beta(beta), kw, *params)
 
 
 @torch.no_grad()
-def orthol1_dtensor_add_grad_(targets: Sequence[tuple[Any, str, int, bool]], beta: float, *,
+def orthol1_dtensor_add_grad_(targets: Sequence[tuple], beta: float, *,
                               workspace_bytes: int | None = None, penalty: str = "l1", diagonal: bool = True,
                               normalize: bool = False) -> Any:
     """OrthoL1.add_grad_() for (DTensor) targets: adds the gradient into each parameter's .grad (made as
     zeros with the parameter's placements when None) through its local tensor; returns the loss."""
     outs = []
-    for j, (p, _, _, _) in enumerate(targets):
+    for j, p in enumerate(t[0] for t in targets):
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         meta, gmeta = _dtensor_meta(p), _dtensor_meta(p.grad)
@@ -1028,7 +1037,7 @@ def orthol1_dtensor_add_grad_(targets: Sequence[tuple[Any, str, int, bool]], bet
 
 
 @torch.no_grad()
-def orthol1_dtensor_step_(targets: Sequence[tuple[Any, str, int, bool]], beta: float, lr: float, *,
+def orthol1_dtensor_step_(targets: Sequence[tuple], beta: float, lr: float, *,
                           workspace_bytes: int | None = None, penalty: str = "l1", diagonal: bool = True,
                           normalize: bool = False) -> Any:
     """OrthoL1.step_(lr) for (DTensor) targets: W <- W - lr * dL/dW on each rank's shard, every gradient
@@ -1037,6 +1046,6 @@ def orthol1_dtensor_step_(targets: Sequence[tuple[Any, str, int, bool]], beta: f
         raise ValueError(f"lr must be a finite real number, got {lr!r}")
     loss, grads = orthol1_dtensor_execute(targets, beta, workspace_bytes=workspace_bytes, penalty=penalty,
                                           diagonal=diagonal, normalize=normalize)
-    for (p, _, _, _), g in zip(targets, grads):
+    for p, g in zip((t[0] for t in targets), grads):
         (p.to_local() if _dtensor_meta(p) is not None else p).sub_(g, alpha=float(lr))
     return loss

@@ -388,9 +388,11 @@ def case_fsdp(ctx, stack_bytes=None, counts=None):
             fully_shard(layer, mesh=ctx.mesh)
     fully_shard(model, mesh=ctx.mesh)
     params = [(name, p) for name, p in model.named_parameters() if p.dim() >= 2]
-    # mode "auto" (the smaller Gram: rows for the (6, 27) conv, (7, 12) and (9, 20)), and one 9x9 in rows
+    # mode "auto" (the smaller Gram: rows for the (6, 27) conv, (7, 12) and (9, 20)), one 9x9 in rows, and
+    # one 9x9 with its own beta scale (as OrthoL1's Keras preset makes): a batch of its own
     targets = [(p, "flatten" if p.dim() == 4 else "matrix", 1,
-                p.shape[0] < np.prod(p.shape[1:]) or name == "5.weight") for name, p in params]
+                p.shape[0] < np.prod(p.shape[1:]) or name == "5.weight", 0.5 if name == "4.weight" else 1.0)
+               for name, p in params]
     old = odist.STACK_BYTES
     if stack_bytes is not None:
         odist.STACK_BYTES = stack_bytes
@@ -437,10 +439,10 @@ def case_fsdp(ctx, stack_bytes=None, counts=None):
     finally:
         odist._member = orig
     want = 0.0
-    for (name, _), (p, _how, _ax, tr), gf, of in zip(params, targets, gfull, ofull):
+    for (name, _), (p, _how, _ax, tr, sc), gf, of in zip(params, targets, gfull, ofull):
         x = ref[name].reshape(ref[name].shape[0], -1)
         x = x.T if tr else x
-        lo, gr = ol1.loss_and_grad(np.ascontiguousarray(x), 0.7, backend="numpy")
+        lo, gr = ol1.loss_and_grad(np.ascontiguousarray(x), 0.7 * sc, backend="numpy")
         want += float(lo)
         gr = (gr.T if tr else gr).reshape(ref[name].shape)
         _close(gf.numpy(), gr, TOL64, f"grad of {name}")
@@ -454,10 +456,10 @@ def case_fsdp(ctx, stack_bytes=None, counts=None):
     if "rank(s) [1] could not prepare" not in local_fail:
         raise Failure(f"a local failure on rank 1: {local_fail!r}")
     if counts is not None:
-        # 1 fingerprint, then per batch (7 batches for 10 matrices, each shape fits one chunk) one metadata
-        # exchange and: a row split (7x9, 9x9 x2 in columns, 20x9 x2 in columns) one Gram all-reduce; a
+        # 1 fingerprint, then per batch (8 batches for 10 matrices, each shape fits one chunk) one metadata
+        # exchange and: a row split (7x9, 9x9 scaled, 9x9, 20x9 x2, in columns) one Gram all-reduce; a
         # column split (the conv, 12x7, one 9x9, 9x20 x2, all in rows) all-to-all, chunk MIN, Grams, all-to-all
-        want = 1 + 3 * (1 + 1) + 4 * (1 + 4)
+        want = 1 + 4 * (1 + 1) + 4 * (1 + 4)
         if len(counts["fsdp"]) != want:
             raise Failure(f"expected {want} collectives (batched), got {len(counts['fsdp'])}: {counts['fsdp']}")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import traceback
 import warnings
 from datetime import timedelta
@@ -634,6 +635,7 @@ def main(rank, world, init_file, seed, out_dir):
     ctx = Ctx(rank, world, seed)
     ctx.mesh = init_device_mesh("cpu", (world,))
     results: dict = {"failures": {}, "ran": {}}
+    done = False
     prog = open(os.path.join(out_dir, f"rank{rank}.progress"), "w")
     try:
         for i, (cat, name, fn) in enumerate(cases(world)):
@@ -651,8 +653,17 @@ def main(rank, world, init_file, seed, out_dir):
             except Exception:  # noqa: BLE001 - recorded, reported by the parent test
                 results["failures"][name] = traceback.format_exc(limit=6)
         dist.barrier()
+        done = True
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
         prog.close()
         dist.destroy_process_group()
+    if done:
+        # Leave without the interpreter's teardown: after a run that includes the FSDP2 cases, about one
+        # exit in five aborts in a C++ destructor ("terminate called without an active exception", after
+        # destroy_process_group returned; seen with torch 2.13 CPU + gloo, not reproducible with fewer
+        # cases). Every result is written by now, so the teardown has nothing left to do.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

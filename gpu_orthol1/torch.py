@@ -51,6 +51,10 @@ _OK_DTYPES = (torch.float16, torch.float32, torch.float64, torch.bfloat16)
 # checks and zero-copy conversion
 
 
+def _is_dtensor(t) -> bool:
+    return isinstance(t, torch.Tensor) and type(t).__module__.startswith("torch.distributed")
+
+
 def _check_tensor(t, what: str):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
@@ -233,6 +237,10 @@ def ortho_l1(weight, beta=1.0, *, axis=1, reduction="sum", mode=None, penalty="l
     the unit-normalized rows or columns that `mode` picks) choose the member of the penalty family,
     as in the core API (docs/penalties.md).
     """
+    if _is_dtensor(weight):  # sharded (FSDP2, DTensor): partial Grams summed over ranks, no gather
+        from . import distributed
+
+        return distributed.dtensor_ortho_l1(weight, beta, axis, reduction, mode, penalty, diagonal, normalize)
     _check_tensor(weight, "weight")
     variant = _penalty.check(penalty, diagonal, normalize)
     if mode not in (None,) + MODES:
@@ -616,7 +624,24 @@ class OrthoL1:
         active = self._active()
         if not active:
             return torch.zeros((), dtype=self._loss_dtype())
+        if self._sharded(active):
+            from . import distributed
+
+            return distributed.orthol1_dtensor_loss(self._dtensor_targets(active), self.beta,
+                                                    **self._family_kw()).to(self._loss_dtype())
         return _OrthoL1ModelFn.apply(self, torch.is_grad_enabled(), *[self.targets[j].param for j in active])
+
+    def _sharded(self, active) -> bool:
+        """Any DTensor parameter (a model after fully_shard): the whole call goes through
+        gpu_orthol1.distributed, one collective per shape group per chunk."""
+        return any(_is_dtensor(self.targets[j].param) for j in active)
+
+    def _dtensor_targets(self, active):
+        return [(t.param, t.how, t.axis, t.transpose, t.scale) for t in (self.targets[j] for j in active)]
+
+    def _family_kw(self):
+        return dict(workspace_bytes=self.workspace_bytes, penalty=self.variant.penalty,
+                    diagonal=self.variant.diagonal, normalize=self.variant.normalize)
 
     @torch.no_grad()
     def add_grad_(self):
@@ -626,8 +651,14 @@ class OrthoL1:
         extra memory is the Gram workspace chunk (on CPU also one matrix-sized temporary: NumPy's matmul
         cannot add). Returns the loss value (detached, the dtype rule of `loss()`): {device: loss} when
         the parameters span several devices."""
+        active = self._active()
+        if self._sharded(active):
+            from . import distributed
+
+            return distributed.orthol1_dtensor_add_grad_(self._dtensor_targets(active), self.beta,
+                                                         **self._family_kw()).to(self._loss_dtype())
         outs: list = [None] * len(self.targets)
-        for j in self._active():
+        for j in active:
             t = self.targets[j]
             p = t.param
             _check_tensor(p, f"parameter {t.name!r}")
@@ -651,6 +682,12 @@ class OrthoL1:
         (detached, the dtype rule of `loss()`)."""
         if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(float(lr)):
             raise ValueError(f"lr must be a finite real number, got {lr!r}")
+        active = self._active()
+        if self._sharded(active):
+            from . import distributed
+
+            return distributed.orthol1_dtensor_step_(self._dtensor_targets(active), self.beta, lr,
+                                                     **self._family_kw()).to(self._loss_dtype())
         for t in self.targets:
             _check_tensor(t.param, f"parameter {t.name!r}")
         tmps = _LazyOuts(self.targets)

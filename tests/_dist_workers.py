@@ -551,6 +551,55 @@ def case_orthol1_helpers(ctx):
         raise Failure("the losses differ between ranks")
 
 
+def case_orthol1_public(ctx, how):
+    """The public entry points on an FSDP2 model: OrthoL1(model) and ortho_l1(DTensor) from
+    gpu_orthol1.torch, a few SGD steps with the penalty through loss() or add_grad_(), against the same
+    model unsharded (the same input on every rank: FSDP's gradient average is the one task gradient)."""
+    import copy
+
+    import torch
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    from gpu_orthol1.torch import OrthoL1, ortho_l1
+
+    torch.manual_seed(ctx.seed % (1 << 31) + 2)
+    model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 9), nn.Tanh(), nn.Conv1d(3, 4, 3)).double()
+    ref = copy.deepcopy(model)
+    x = torch.from_numpy(ctx.rng().standard_normal((5, 6)))
+    xc = torch.from_numpy(ctx.rng().standard_normal((2, 3, 7)))
+    for i in (0, 2, 4):
+        fully_shard(model[i], mesh=ctx.mesh)
+    fully_shard(model, mesh=ctx.mesh)
+    regs = [OrthoL1(m, 0.05) for m in (model, ref)]
+
+    def task(m):
+        return m[:4](x).square().mean() + m[4](xc).square().mean()
+
+    losses = []
+    for m, reg in zip((model, ref), regs):
+        opt = torch.optim.SGD(m.parameters(), lr=0.05)
+        for _ in range(3):
+            opt.zero_grad()
+            if how == "loss":
+                total = task(m) + reg.loss()
+                total.backward()
+            else:
+                task(m).backward()
+                total = reg.add_grad_()
+            opt.step()
+        losses.append(float(reg.loss().detach()))
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        _close(p.full_tensor().detach().numpy(), q.detach().numpy(), 1e-10, f"{how}: weight {name} after 3 steps")
+    _close(np.float64(losses[0]), np.float64(losses[1]), 1e-12, f"{how}: loss after 3 steps")
+    # ortho_l1 on one sharded weight, through gpu_orthol1.torch
+    w = model[2].weight
+    lw = ortho_l1(w, 0.3, mode="rows")
+    W = ref[2].weight.detach()
+    want = 0.3 * (W @ W.T - torch.eye(9, dtype=W.dtype)).abs().sum()
+    _close(lw.detach().numpy(), want.numpy(), 1e-12, "ortho_l1(DTensor)")
+
+
 # -- the list every rank runs -------------------------------------------------------------------
 
 
@@ -616,6 +665,10 @@ def cases(world):
     out.append(("dtensor", "fsdp2 orthol1_dtensor_execute", case_fsdp))
     out.append(("dtensor", "fsdp2 training step: task loss + dtensor_ortho_l1", case_fsdp_train_step))
     out.append(("dtensor", "fsdp2 OrthoL1 helpers: loss, add_grad_, step_", case_orthol1_helpers))
+    out.append(("dtensor", "fsdp2 OrthoL1(model).loss() training steps vs unsharded",
+                lambda c: case_orthol1_public(c, "loss")))
+    out.append(("dtensor", "fsdp2 OrthoL1(model).add_grad_() training steps vs unsharded",
+                lambda c: case_orthol1_public(c, "add_grad")))
     out.append(("dtensor", "fsdp2 orthol1_dtensor_execute, small batches",
                 lambda c: case_fsdp(c, stack_bytes=9 * 9 * 8)))
     out.append(("counts", "fsdp2 batched collectives", lambda c: case_fsdp(c, counts={})))

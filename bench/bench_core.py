@@ -4,7 +4,8 @@
 
 BLAS limit: the two batched matmuls the computation cannot avoid, on contiguous
 copies made outside the timing: G = A^T A and A @ G (NumPy on the CPU, CuPy on
-the GPU). On the GPU this is NOT the raw cuBLAS bound: cupy.matmul copies the
+the GPU). On the CPU, shapes whose slices gpu_orthol1 splits over threads (many small
+slices) have their limit split the same way, so both use the same cores. On the GPU this is NOT the raw cuBLAS bound: cupy.matmul copies the
 transposed operand A^T before its GEMM, so the limit here is inflated by a copy
 (e.g. 0.48 ms against the 0.30 ms `gpu-orthol1 bench` measured as `limit-cublas`
 for 4096x32x128 on an H200); quote GPU ratios from `gpu-orthol1 bench` instead. Naive: the expression a user would write (loss and closed-form
@@ -28,6 +29,7 @@ import tracemalloc
 import numpy as np
 
 import gpu_orthol1 as ol1
+from gpu_orthol1 import _plan
 from gpu_orthol1.bench import FLOOR_RATIO, SPREAD_MAX, cpu_name, loadavg
 from gpu_orthol1.reference import check, random_phi, reference
 
@@ -61,9 +63,15 @@ def cpu_methods():
     return {"gpu_orthol1": ours, "naive_numpy": naive}
 
 
-def cpu_limit(A):  # A: contiguous (m, l, n)
-    G = np.matmul(A.transpose(0, 2, 1), A)
-    return np.matmul(A, G)
+def cpu_limit(A):  # A: contiguous (m, l, n); the slices split over threads as gpu_orthol1 splits them
+    out = np.empty_like(A)
+
+    def part(a, b):
+        G = np.matmul(A[a:b].transpose(0, 2, 1), A[a:b])
+        np.matmul(A[a:b], G, out=out[a:b])
+
+    _plan.run_split(part, A.shape[0], _plan.cpu_threads(*A.shape))
+    return out
 
 
 def bench_cpu(repeat):

@@ -442,7 +442,7 @@ def _limit(device: str, precision: str) -> Method:
     cannot beat with BLAS doing the arithmetic."""
 
     def prepare(case):
-        from . import _driver
+        from . import _driver, _plan
 
         if device == "cpu":
             from ._numpy_dev import NumpyDevice
@@ -467,11 +467,18 @@ def _limit(device: str, precision: str) -> Method:
         if device != "cpu":
             dev.bind()
 
+        # on the CPU the slices are split over threads exactly as gpu_orthol1 splits them
+        threads = _plan.cpu_threads(m, case.l, n) if device == "cpu" else 1
+
         def call(k):
             out = xp.empty_like(A[k])
-            src = dev.prepare(_driver.StridedChunk(A[k], lay, 0), m)
-            dev.gram(src, m, G)
-            dev.grad(src, _driver.StridedChunk(out, lay, 0), m, S, 1.0, 0.0)
+
+            def part(a, b):
+                src = dev.prepare(_driver.StridedChunk(A[k], lay, a), b - a)
+                dev.gram(src, b - a, G[a:b])
+                dev.grad(src, _driver.StridedChunk(out, lay, a), b - a, S[a:b], 1.0, 0.0)
+
+            _plan.run_split(part, m, threads)
             return out
 
         peak = _cpu_peak_of(call) if device == "cpu" else _gpu_peak_of(call)

@@ -133,6 +133,26 @@ def _thread_pool():
         return _pool
 
 
+def cpu_threads(m, l, n) -> int:
+    """Threads that share the slices of a CPU call (the bench's BLAS limit splits its GEMMs alike)."""
+    cores = os.cpu_count() or 1
+    slice_flops = 2.0 * l * n * n
+    if cores > 1 and slice_flops <= CPU_PARALLEL_MAX_SLICE_FLOPS and 2 * slice_flops * m >= CPU_PARALLEL_MIN_FLOPS:
+        return min(cores, m)
+    return 1
+
+
+def run_split(fn, m, threads):
+    """fn(first, last) over `threads` contiguous parts of range(m), on the shared pool."""
+    if threads <= 1:
+        fn(0, m)
+        return
+    parts = np.linspace(0, m, threads + 1).astype(int)
+    futs = [_thread_pool().submit(fn, int(a), int(b)) for a, b in zip(parts[:-1], parts[1:]) if b > a]
+    for f in futs:
+        f.result()
+
+
 def make_device(resolved, precision):
     if resolved == "numpy":
         return _numpy_device()
@@ -221,11 +241,8 @@ class Plan:
         self._sizes: dict = {}
         self._lock = threading.Lock()
         self._kept: dict | None = None  # the CPU's small workspace, kept between calls
-        self._threads = 1
-        if self.xp is np and not getattr(self.dev, "emulates_gpu", False) and (os.cpu_count() or 1) > 1:
-            slice_flops = 2.0 * self.l * self.n * self.n
-            if slice_flops <= CPU_PARALLEL_MAX_SLICE_FLOPS and 2 * slice_flops * self.m >= CPU_PARALLEL_MIN_FLOPS:
-                self._threads = min(os.cpu_count() or 1, self.m)
+        cpu = self.xp is np and not getattr(self.dev, "emulates_gpu", False)
+        self._threads = cpu_threads(self.m, self.l, self.n) if cpu else 1
 
     def _pick_kernel(self, kernel):
         """("gemm", None) or ("fused", its config): the GPU path, decided once.
@@ -444,15 +461,7 @@ class Plan:
         return self.xp.empty(shape, dtype=dtype)
 
     def _run_cpu(self, batch, sz, losses, kw, threads):
-        if threads > 1:
-            parts = np.linspace(0, self.m, threads + 1).astype(int)
-            pool = _thread_pool()
-            futs = [pool.submit(self._run_part, batch, sz, losses, kw, int(a), int(b))
-                    for a, b in zip(parts[:-1], parts[1:]) if b > a]
-            for f in futs:
-                f.result()
-            return
-        self._run_part(batch, sz, losses, kw, 0, self.m)
+        run_split(lambda a, b: self._run_part(batch, sz, losses, kw, a, b), self.m, threads)
 
     def _run_part(self, batch, sz, losses, kw, first, last):
         nbytes = sz.chunk * sz.per_slice

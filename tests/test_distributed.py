@@ -223,3 +223,29 @@ def test_public_api_fully_annotated(fn):
     sig = inspect.signature(fn)
     assert all(p.annotation is not inspect.Parameter.empty for p in sig.parameters.values()), fn.__name__
     assert sig.return_annotation is not inspect.Signature.empty, fn.__name__
+
+
+@pytest.mark.gpu
+def test_one_rank_nccl_exercises_the_cuda_path(tmp_path):
+    """On a card: one rank with NCCL runs the CUDA path end to end (the Gram hook's all-reduce on
+    CuPy workspaces on torch's stream, the loss reduction), against the core on the same tensor."""
+    import torch
+    import torch.distributed as dist
+
+    import gpu_orthol1 as ol1
+    from gpu_orthol1 import distributed as odist
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        phi = torch.randn(40, 6, 9, device="cuda", dtype=torch.float64, generator=gen) / 6
+        for shard_dim in (0, 1, 2):
+            loss, grad = odist.loss_and_grad(phi, 0.4, axis=1, shard_dim=shard_dim)
+            import cupy
+
+            want_l, want_g = ol1.loss_and_grad(cupy.from_dlpack(phi), 0.4, axis=1)
+            assert loss.device.type == "cuda" and grad.device.type == "cuda"
+            np.testing.assert_allclose(loss.item(), float(want_l), rtol=1e-12)
+            np.testing.assert_allclose(grad.cpu().numpy(), cupy.asnumpy(want_g), rtol=1e-12, atol=1e-14)
+    finally:
+        dist.destroy_process_group()

@@ -37,7 +37,7 @@ import math
 import numbers
 import struct
 from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,7 @@ except ImportError as _e:  # torch is an optional extra
     ) from _e
 
 from . import _driver, _penalty, _plan
+from .torch import _from_array, _on_torch_stream, _to_array  # one zero-copy bridge for torch <-> NumPy/CuPy
 
 __all__ = ["loss_and_grad", "loss", "dtensor_ortho_l1", "orthol1_dtensor_execute", "orthol1_dtensor_loss",
            "orthol1_dtensor_add_grad_", "orthol1_dtensor_step_"]
@@ -153,32 +154,6 @@ class _StrideProbe:
         self.shape = tuple(shape)
         self.strides = tuple(s * itemsize for s in elem_strides)
         self.dtype = np.dtype(f"V{itemsize}")
-
-
-def _to_array(t):
-    """The NumPy (CPU) or CuPy (CUDA) array on t's memory: no copy (t detached, not bfloat16)."""
-    if t.device.type == "cpu":
-        return t.numpy()
-    import cupy
-
-    return cupy.from_dlpack(t)
-
-
-def _from_array(a, device):
-    if device.type == "cpu":
-        return torch.from_numpy(np.asarray(a))
-    return torch.from_dlpack(a)
-
-
-@contextmanager
-def _on_torch_stream(device):
-    """CuPy (and the core's cuBLAS handle and kernels) on torch's current stream of `device`, so the
-    core's work, the collectives (NCCL runs on torch's current stream) and torch's ops stay ordered."""
-    import cupy
-
-    with cupy.cuda.Device(device.index if device.index is not None else torch.cuda.current_device()):
-        with cupy.cuda.Stream.from_external(torch.cuda.current_stream(device)):
-            yield
 
 
 def _stream_ctx(device):

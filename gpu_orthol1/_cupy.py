@@ -133,15 +133,19 @@ class CupyDevice:
            base + bs, t.b.ld, beta, base + 2 * bs, t.c.ld, call.batch)
 
     def _upload(self, ptrs: np.ndarray) -> int:
-        """Device address of a copy of `ptrs`, cached by content and stream: parameters keep their
-        addresses from step to step, so a training loop uploads each address array once."""
+        """Device address of a copy of `ptrs`, cached by content: parameters keep their addresses from
+        step to step, so a training loop uploads each address array once. The upload waits for its
+        copy once, so the cached array is then safe from any stream, and a CUDA graph captured later
+        (on a capture stream of its own) finds it without copying during the capture."""
         cupy = self.xp
-        key = (self._stream_ptr, ptrs.shape, ptrs.tobytes())
+        key = (ptrs.shape, ptrs.tobytes())
         hit = self._ptr_cache.get(key)
         if hit is None:
             if len(self._ptr_cache) >= _PTR_CACHE_MAX:
                 self._ptr_cache.clear()
-            hit = self._ptr_cache[key] = cupy.asarray(ptrs.view(np.int64))
+            hit = cupy.asarray(ptrs.view(np.int64))
+            cupy.cuda.get_current_stream().synchronize()
+            self._ptr_cache[key] = hit
         return hit.data.ptr
 
     def gram(self, src, cc, ws):

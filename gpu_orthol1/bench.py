@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from .cli import unwritable
+
 REF_SHAPES = ((4096, 32, 128), (64, 4096, 64), (512, 64, 512))
 # Scaling sweeps: (fixed dims, values). time vs m at fixed (l, n); time vs n at fixed (l, m).
 SWEEPS: dict[str, dict[str, tuple]] = {
@@ -805,13 +807,9 @@ def check_outputs(a) -> None:
         if full in seen:
             raise UsageError(f"{seen[full]} and {opt} name the same file {path!r}")
         seen[full] = opt
-        parent = os.path.dirname(full)
-        if os.path.isdir(full):
-            raise UsageError(f"{opt} {path!r} is a directory; give a file name")
-        if not os.path.isdir(parent):
-            raise UsageError(f"{opt} {path!r}: directory {parent!r} does not exist")
-        if not os.access(parent, os.W_OK) or (os.path.exists(full) and not os.access(full, os.W_OK)):
-            raise UsageError(f"{opt} {path!r} is not writable")
+        why = unwritable(opt, path)
+        if why:
+            raise UsageError(why)
     if a.plot:
         try:
             from matplotlib.backend_bases import FigureCanvasBase

@@ -105,16 +105,25 @@ def _load_phi(path: str, convert: bool) -> np.ndarray:
         raise CliError(f"{path}: cannot read its data ({type(e).__name__}: {e})") from None
 
 
+def unwritable(opt: str, path: str) -> str | None:
+    """Why the output file `path` (given as option `opt`) cannot be written, or None: checked before
+    any computing, so a bad path never costs a run."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"{opt} {path!r} is a directory; give a file name"
+    if not os.path.isdir(parent):
+        return f"{opt} {path!r}: directory {parent!r} does not exist"
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return f"{opt} {path!r} is not writable"
+    return None
+
+
 def _grad_out_path(path: str) -> str:
     """The file numpy.save will write (it appends .npy), checked for writability before any computing."""
     real = path if path.endswith(".npy") else path + ".npy"
-    parent = os.path.dirname(os.path.abspath(real))
-    if os.path.isdir(real):
-        raise CliError(f"--grad-out {real} is a directory; give a file name")
-    if not os.path.isdir(parent):
-        raise CliError(f"--grad-out {real}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (os.path.exists(real) and not os.access(real, os.W_OK)):
-        raise CliError(f"--grad-out {real} is not writable")
+    why = unwritable("--grad-out", real)
+    if why:
+        raise CliError(why)
     return real
 
 

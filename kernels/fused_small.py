@@ -67,6 +67,8 @@ check_numba_cuda_numpy()  # this module may be the first to import numba.cuda
 from numba import config as numba_config  # noqa: E402
 from numba import cuda, float32, float64  # noqa: E402
 
+from .sign_abs import block_sum  # noqa: E402 - the same fixed-order block reduction
+
 # Static shared memory a block may declare without opting in to dynamic shared memory.
 SHARED_LIMIT = 48 * 1024
 # Threads per block: powers of two for the tree reduction. Below a warp is only for
@@ -161,6 +163,15 @@ def _tri_index(p):
     return j, p - j * (j + 1) // 2
 
 
+@cuda.jit(device=True)
+def _load_tile(tile, phi, i, a0, cnt, n, t, tpb):
+    # rows a0 .. of slice i, flattened row-major into the shared tile (stored in its dtype)
+    q = t
+    while q < cnt:
+        tile[q] = phi[i, a0 + q // n, q % n]
+        q += tpb
+
+
 def _make_kernel(nmax, tile_rows, tpb, acc_name):
     ACC = _ACC[acc_name]
     TRI = nmax * (nmax + 1) // 2
@@ -193,10 +204,7 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name):
         a0 = 0
         while a0 < l:
             cnt = min(rows, l - a0) * n
-            q = t
-            while q < cnt:
-                tile[q] = ACC(phi[i, a0 + q // n, q % n])
-                q += tpb
+            _load_tile(tile, phi, i, a0, cnt, n, t, tpb)
             cuda.syncthreads()
             p = t
             while p < ntri:
@@ -228,15 +236,7 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name):
             else:  # 0 (NaN too: the slice is then all NaN anyway)
                 g[p] = 0.0
             p += tpb
-        red[t] = acc
-        cuda.syncthreads()
-        width = tpb // 2
-        while width > 0:
-            if t < width:
-                red[t] += red[t + width]
-            cuda.syncthreads()
-            width //= 2
-        total = red[0]
+        total = block_sum(red, acc, t, tpb)
         # |.|-sums never hold Inf - Inf: a non-finite slice shows as NaN or +Inf here
         finite = math.isfinite(total)
         if t == 0:
@@ -254,10 +254,7 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name):
         a0 = 0
         while a0 < l:
             cnt = min(rows, l - a0) * n
-            q = t
-            while q < cnt:
-                tile[q] = ACC(phi[i, a0 + q // n, q % n])
-                q += tpb
+            _load_tile(tile, phi, i, a0, cnt, n, t, tpb)
             cuda.syncthreads()
             q = t
             while q < cnt:

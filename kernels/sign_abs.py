@@ -31,6 +31,21 @@ from numba import cuda, float64  # noqa: E402
 # sized by it. Below a warp is only for the simulator, where every thread is an OS thread.
 BLOCK_SIZES = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
+@cuda.jit(device=True)
+def block_sum(buf, x, t, tpb):
+    """The block's sum of every thread's x in a fixed tree order (no atomics: the same bits on every
+    call). buf: a shared float64 array of tpb entries, tpb a power of two; all threads must call."""
+    buf[t] = x
+    cuda.syncthreads()
+    width = tpb // 2
+    while width > 0:
+        if t < width:
+            buf[t] += buf[t + width]
+        cuda.syncthreads()
+        width //= 2
+    return buf[0]
+
+
 _kernels: dict = {}
 
 
@@ -128,15 +143,7 @@ def _make_kernel(tpb, l2=False, offdiag=False, normalize=False, ncol=1):
                 k += tpb
 
         buf = cuda.shared.array(tpb, float64)
-        buf[t] = acc
-        cuda.syncthreads()
-        width = tpb // 2
-        while width > 0:
-            if t < width:
-                buf[t] += buf[t + width]
-            cuda.syncthreads()
-            width //= 2
-        total = buf[0]
+        total = block_sum(buf, acc, t, tpb)
         # Inf - Inf never happens in these sums of non-negative terms, so any non-finite slice
         # shows as NaN or +Inf here.
         if not math.isfinite(total):

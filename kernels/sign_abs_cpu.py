@@ -201,6 +201,15 @@ def _normalized_l2(f, n, sc, offdiag, r):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
+def _variant_slice(f, n, sc, write_s, l2, offdiag, normalize, r):  # pragma: no cover - compiled
+    if normalize and l2:
+        return _normalized_l2(f, n, sc, offdiag, r)
+    if normalize:
+        return _normalized_l1(f, n, sc, offdiag, r)
+    return _plain_slice(f, n, sc, write_s, l2, offdiag)
+
+
+@numba.njit(cache=True, nogil=True)
 def sign_abs_variant(g, s, n, losses, loss_offset, scale, write_s, l2, offdiag, normalize):  # pragma: no cover
     """`sign_abs_sum` for every other member of the family (same arguments, same NaN policy)."""
     sc = s.dtype.type(scale)
@@ -211,21 +220,10 @@ def sign_abs_variant(g, s, n, losses, loss_offset, scale, write_s, l2, offdiag, 
     sc64 = np.float64(scale)
     for b in range(g.shape[0]):
         if inplace:
-            f = g[b]
-            if normalize and l2:
-                acc = _normalized_l2(f, n, sc, offdiag, r)
-            elif normalize:
-                acc = _normalized_l1(f, n, sc, offdiag, r)
-            else:
-                acc = _plain_slice(f, n, sc, write_s, l2, offdiag)
+            acc = _variant_slice(g[b], n, sc, write_s, l2, offdiag, normalize, r)
         else:
             tmp[:] = g[b]
-            if normalize and l2:
-                acc = _normalized_l2(tmp, n, sc64, offdiag, r64)
-            elif normalize:
-                acc = _normalized_l1(tmp, n, sc64, offdiag, r64)
-            else:
-                acc = _plain_slice(tmp, n, sc64, write_s, l2, offdiag)
+            acc = _variant_slice(tmp, n, sc64, write_s, l2, offdiag, normalize, r64)
             if write_s:
                 s[b, :] = tmp
         if not math.isfinite(acc):  # NaN/Inf anywhere in the slice: NaN loss, all-NaN M

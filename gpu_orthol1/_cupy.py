@@ -12,6 +12,7 @@ host stall per launch that the stream ordering already makes unnecessary.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -185,8 +186,7 @@ class CupyDevice:
         v = self._nb(V)
         o = self._nb(Vout) if write_grad else v  # loss only: out is not touched
         scal = np.float64 if cfg.acc == "float64" else np.float32
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Grid size .* will likely result in GPU under-utilization")
+        with _quiet_small_grid(m):
             kern(v, o, self._nb(losses), 0, scal(alpha), bool(accumulate), bool(write_grad))
 
     def _nb(self, arr):
@@ -204,9 +204,21 @@ class CupyDevice:
         s = g if sgn is ws else self._nb(sgn)
         # One block per slice is the design (a fixed-order, atomic-free loss), so a launch for a
         # few slices has a small grid by intent: silence Numba's low-occupancy warning for it.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Grid size .* will likely result in GPU under-utilization")
+        with _quiet_small_grid(grid):
             kern(g, s, n, self._nb(losses), offset, scale, bool(write_s))
+
+
+@contextmanager
+def _quiet_small_grid(grid):
+    """Numba warns of low occupancy when a grid has fewer blocks than twice the SMs (under 1024 on
+    any card): silence that warning around our own small launches only; large grids skip the
+    warnings context."""
+    if grid >= 1024:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Grid size .* will likely result in GPU under-utilization")
+        yield
 
 
 def _addr(x) -> int:

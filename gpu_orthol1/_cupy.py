@@ -51,6 +51,7 @@ class CupyDevice:
                          "f16": cb.CUBLAS_COMPUTE_32F}
         self._cuda = cuda
         self._mod = sign_abs
+        self._max_block = sign_abs.BLOCK_SIZES[-1]
         self._handle = 0
         self._stream_ptr = None
         self._nb_stream = None
@@ -192,8 +193,14 @@ class CupyDevice:
     def _nb(self, arr):
         return self._cuda.from_cuda_array_interface(arr.__cuda_array_interface__, owner=arr, sync=False)
 
-    def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant=DEFAULT):
+    def sign_parts(self, n, variant):
+        return self._mod.split(n, variant.flags()[2], self._max_block)[1]
+
+    def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant=DEFAULT, partials=None):
         grid = ws.shape[0]
+        if partials is not None:
+            self._sign_abs_split(ws, sgn, n, losses, offset, scale, write_s, variant, partials)
+            return
         kern = self._launch.get((n, grid, variant))
         if kern is None:
             l2, offdiag, normalize = variant.flags()
@@ -206,6 +213,25 @@ class CupyDevice:
         # few slices has a small grid by intent: silence Numba's low-occupancy warning for it.
         with _quiet_small_grid(grid):
             kern(g, s, n, self._nb(losses), offset, scale, bool(write_s))
+
+    def _sign_abs_split(self, ws, sgn, n, losses, offset, scale, write_s, variant, partials):
+        """Large slices: `parts` blocks per slice write partial sums, then one block per slice sums
+        them in a fixed order and applies the NaN policy (kernels/sign_abs.py, `split`)."""
+        grid = ws.shape[0]
+        key = ("split", n, grid, variant)
+        hit = self._launch.get(key)
+        if hit is None:
+            l2, offdiag, _ = variant.flags()
+            tpb, parts, per = self._mod.split(n, False, self._max_block)
+            kp, kf = self._mod.get_split_kernels(tpb, l2, offdiag)
+            hit = self._launch[key] = (kp[grid * parts, tpb, self._nb_stream], kf[grid, tpb, self._nb_stream], per)
+        kp, kf, per = hit
+        g = self._nb(ws)
+        s = g if sgn is ws else self._nb(sgn)
+        pb = self._nb(partials)
+        with _quiet_small_grid(grid):
+            kp(g, s, n, pb, per, scale, bool(write_s))
+            kf(s, n, pb, self._nb(losses), offset, bool(write_s))
 
 
 @contextmanager

@@ -11,9 +11,11 @@ A *device* supplies the array module and the primitives over a chunk of either f
 
 - ``prepare(src, cc)``: what the GEMMs read for this chunk (the CPU casts float16 to float32 here);
 - ``gram(src, cc, ws)`` and ``grad(src, dst, cc, sgn, alpha, beta)``;
-- ``sign_abs(ws, sgn, n, losses, offset, scale, write_s, variant)``: the fused elementwise pass
-  (`variant`: which member of the penalty family, `_penalty.Variant`; it writes the matrix M the
-  gradient GEMM multiplies, S = sign(G - I) for the default L1 loss).
+- ``sign_abs(ws, sgn, n, losses, offset, scale, write_s, variant, partials)``: the fused elementwise
+  pass (`variant`: which member of the penalty family, `_penalty.Variant`; it writes the matrix M
+  the gradient GEMM multiplies, S = sign(G - I) for the default L1 loss);
+- ``sign_parts(n, variant)``: into how many parts the pass cuts one slice (the GPU splits large
+  slices over several blocks; `partials` is then a (count, parts) float64 buffer for their sums).
 
 Devices: `_numpy_dev.NumpyDevice` (NumPy matmul on the views + the Numba CPU pass) and
 `_cupy.CupyDevice` (cuBLAS + the Numba CUDA kernel); `gpu_orthol1.testing.EmulatedGpuDevice`
@@ -142,23 +144,28 @@ class Sizes:
     sgn_dtype: np.dtype | None  # None: S is written over the Gram in place
     stage_phi: bool
     stage_out: bool
+    parts: int = 1  # the sign pass's parts per slice (> 1: a "partials" buffer of float64 sums)
 
 
-def sizes(dev, m, l, n, dtype, *, want_grad, accumulate, stage_phi, stage_out, budget) -> Sizes:
+def sizes(dev, m, l, n, dtype, *, want_grad, accumulate, stage_phi, stage_out, budget, variant=DEFAULT) -> Sizes:
     acc = np.dtype(dev.acc_dtype(dtype))
     sgd = np.dtype(dev.sign_dtype(dtype))
     separate = want_grad and sgd != acc
-    extra = dev.extra_bytes_per_slice(l, n, dtype, want_grad, accumulate)
+    parts = dev.sign_parts(n, variant)
+    extra = dev.extra_bytes_per_slice(l, n, dtype, want_grad, accumulate) + (8 * parts if parts > 1 else 0)
     chunk, per_slice = plan_chunks(m, l, n, dtype.itemsize, acc.itemsize, sgd.itemsize if separate else 0,
                                    stage_phi, stage_out, extra, budget)
-    return Sizes(chunk, per_slice, acc, sgd if separate else None, stage_phi, stage_out)
+    return Sizes(chunk, per_slice, acc, sgd if separate else None, stage_phi, stage_out, parts)
 
 
 def workspace(alloc, sz: Sizes, l, n, dtype) -> dict:
-    """The chunk buffers: "ws" (Grams), "sgn" (signs, or ws itself), staging buffers when needed."""
+    """The chunk buffers: "ws" (Grams), "sgn" (signs, or ws itself), staging buffers and the sign
+    pass's partial sums when needed."""
     try:
         ws = alloc((sz.chunk, n * n), sz.acc_dtype)
         bufs = {"ws": ws, "sgn": alloc((sz.chunk, n * n), sz.sgn_dtype) if sz.sgn_dtype is not None else ws}
+        if sz.parts > 1:
+            bufs["partials"] = alloc((sz.chunk, sz.parts), np.float64)
         if sz.stage_phi:
             bufs["phi_stage"] = alloc((sz.chunk, l, n), dtype)
         if sz.stage_out:
@@ -183,7 +190,7 @@ def run(dev, batch, wsb: dict, chunk: int, losses, *, loss_offset=0, alpha, beta
         count = m - first
     if count <= 0 or n == 0:
         return
-    ws, sgn = wsb["ws"], wsb["sgn"]
+    ws, sgn, partials = wsb["ws"], wsb["sgn"], wsb.get("partials")
     if dev.folds_alpha:  # scale S in the sign pass (CPU: saves a pass over the gradient)
         scale, gemm_alpha = alpha, 1.0
     else:  # scale in the GEMM (GPU: free, and exact for float16 S)
@@ -221,7 +228,8 @@ def run(dev, batch, wsb: dict, chunk: int, losses, *, loss_offset=0, alpha, beta
             dev.gram(src, cc, ws)
         if gram_hook is not None:
             gram_hook(ws[:cc])
-        dev.sign_abs(ws[:cc], sgn[:cc], n, losses, loss_offset + s0 - first, scale, want_grad, variant)
+        dev.sign_abs(ws[:cc], sgn[:cc], n, losses, loss_offset + s0 - first, scale, want_grad, variant,
+                     None if partials is None else partials[:cc])
         if not want_grad or l == 0:
             continue
         if stage_out:

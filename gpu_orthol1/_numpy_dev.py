@@ -77,7 +77,11 @@ class NumpyDevice:
             for k, (a, o) in enumerate(zip(src.mats, dst.mats)):
                 _matmul_into(a, S[k], o, beta)
 
-    def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant=DEFAULT):
+    @staticmethod
+    def sign_parts(n, variant):
+        return 1  # one slice, one call of the CPU pass
+
+    def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant=DEFAULT, partials=None):
         if variant.is_default:
             self._kernel(ws, sgn, n, losses, offset, scale, write_s)
         else:

@@ -359,7 +359,7 @@ class Plan:
             def sizes(budget):
                 return _driver.sizes(self.dev, self.m, self.l, self.n, self.dtype, want_grad=want_grad,
                                      accumulate=accumulate, stage_phi=stage_phi, stage_out=stage_out,
-                                     budget=budget)
+                                     budget=budget, variant=self.variant)
 
             hit = None
             if threads > 1:  # the budget bounds the call: each thread's chunk gets its share

@@ -120,8 +120,14 @@ class EmulatedGpuDevice(CupyDevice):
         ptrs = _gemm.pointer_arrays(call, lambda k: bufs[k].ctypes.data, lambda k: bufs[k].itemsize)
         emulate_pointer_gemm(call, ptrs, bufs)
 
-    def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant=DEFAULT):
+    def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant=DEFAULT, partials=None):
         l2, offdiag, normalize = variant.flags()
+        if partials is not None:
+            tpb, parts, per = self._mod.split(n, normalize, self._max_block)
+            kp, kf = self._mod.get_split_kernels(tpb, l2, offdiag)
+            kp[ws.shape[0] * parts, tpb](ws, sgn, n, partials, per, scale, write_s)
+            kf[ws.shape[0], tpb](sgn, n, partials, losses, offset, write_s)
+            return
         tpb, ncol = self._mod.launch(n, normalize, self._max_block)
         self._mod.get_kernel(tpb, l2, offdiag, normalize, ncol)[ws.shape[0], tpb](
             ws, sgn, n, losses, offset, scale, write_s)

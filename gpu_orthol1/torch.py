@@ -556,7 +556,7 @@ class OrthoL1:
                     batch = _driver.Pointers(phis, gouts if want_grad else None, lay, lay_o, l, n)
                     npdt = np.dtype(_NP_DTYPE[dtype])
                     sz = _driver.sizes(dev, len(phis), l, n, npdt, want_grad=want_grad, accumulate=bool(beta_gemm),
-                                       stage_phi=False, stage_out=False, budget=budget)
+                                       stage_phi=False, stage_out=False, budget=budget, variant=self.variant)
                     wsb = _driver.workspace(alloc, sz, l, n, npdt)
                     counter = _CallCounter(dev)
                     _driver.run(counter, batch, wsb, sz.chunk, losses_a, loss_offset=off, alpha=alpha,

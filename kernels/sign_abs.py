@@ -12,6 +12,10 @@ slice's sum is not finite (NaN or Inf anywhere in G), the block overwrites the
 slice's S with NaN, so the gradient GEMM that follows returns NaN for every
 entry of that slice instead of a mix of NaN, Inf and finite values.
 
+Slices too large for one block (n > 90 on a GPU) are cut into parts over several blocks instead
+(`split`, at the end of this file): per-part sums, then a fixed-order second pass that does the
+same reduction and NaN policy per slice.
+
 `numba.cuda` is imported here, so import this module lazily (the host code
 does), and after NUMBA_ENABLE_CUDASIM is set when running under the simulator.
 """
@@ -49,12 +53,47 @@ def block_sum(buf, x, t, tpb):
 _kernels: dict = {}
 
 
+def _make_entry(l2, offdiag):
+    """Entry k of slice b for the elementwise members (L1, L2, free diagonal): writes M into s when
+    write_s, returns the entry's term of the loss. One body for the one-block and the split pass."""
+
+    @cuda.jit(device=True)
+    def entry(g, s, b, k, n, scale, write_s):
+        x = float64(g[b, k])
+        term = float64(0.0)
+        if k % (n + 1) == 0:  # diagonal entry j*n + j
+            if offdiag:
+                term = x * 0.0  # a free diagonal still carries NaN/Inf into the loss
+                x = 0.0
+            else:
+                x -= 1.0
+        if l2:
+            term += x * x
+            if write_s:
+                s[b, k] = 2.0 * scale * x  # NaN stays NaN
+        else:
+            term += abs(x)
+            if write_s:
+                if x > 0.0:
+                    s[b, k] = scale
+                elif x < 0.0:
+                    s[b, k] = -scale
+                elif x == 0.0:
+                    s[b, k] = 0.0
+                else:  # NaN must stay NaN, not become sign 0
+                    s[b, k] = x
+        return term
+
+    return entry
+
+
 def _make_kernel(tpb, l2=False, offdiag=False, normalize=False, ncol=1):
     """The pass for `tpb` threads per block and one member of the penalty family.
 
     l2, offdiag and normalize are compile-time constants (closure variables), so the default L1
     kernel is the same code as before they existed. ncol: how many columns one thread owns in the
     normalized pass (ceil(n / tpb)), the size of its local array."""
+    entry = _make_entry(l2, offdiag)
 
     @cuda.jit
     def sign_abs_sum(g, s, n, losses, loss_offset, scale, write_s):
@@ -118,28 +157,7 @@ def _make_kernel(tpb, l2=False, offdiag=False, normalize=False, ncol=1):
         else:
             k = t
             while k < nn:
-                x = float64(g[b, k])
-                if k % (n + 1) == 0:  # diagonal entry j*n + j
-                    if offdiag:
-                        acc += x * 0.0  # a free diagonal still carries NaN/Inf into the loss
-                        x = 0.0
-                    else:
-                        x -= 1.0
-                if l2:
-                    acc += x * x
-                    if write_s:
-                        s[b, k] = 2.0 * scale * x  # NaN stays NaN
-                else:
-                    acc += abs(x)
-                    if write_s:
-                        if x > 0.0:
-                            s[b, k] = scale
-                        elif x < 0.0:
-                            s[b, k] = -scale
-                        elif x == 0.0:
-                            s[b, k] = 0.0
-                        else:  # NaN must stay NaN, not become sign 0
-                            s[b, k] = x
+                acc += entry(g, s, b, k, n, scale, write_s)
                 k += tpb
 
         buf = cuda.shared.array(tpb, float64)
@@ -196,3 +214,92 @@ def launch(n: int, normalize: bool, max_block: int = BLOCK_SIZES[-1]) -> tuple[i
     pick = pick_block_size_normalized if normalize else pick_block_size
     tpb = min(pick(n), max_block)
     return tpb, columns_per_thread(n, tpb) if normalize else 1
+
+
+# -- the split pass: large slices over several blocks -------------------------------------------
+#
+# One block per slice leaves most SMs idle when a call has few large slices ((4096, 32, 128) has
+# 32 slices for 132 SMs; (512, 64, 512) 64 blocks each streaming 262144 entries). A slice with more
+# entries than one block covers at SPLIT_PER_THREAD entries per thread is cut into parts of
+# SPLIT_PER_THREAD * tpb entries; each part's block writes its partial sum, and a second launch sums
+# a slice's partials in a fixed order (so the loss is still the same bits on every call) and applies
+# the NaN policy. The cut depends on n alone, never on how many slices a chunk holds: a slice's loss
+# does not change with the workspace budget.
+
+SPLIT_PER_THREAD = 8
+SPLIT_THREADS = 256
+
+
+def split(n: int, normalize: bool = False, max_block: int = BLOCK_SIZES[-1]) -> tuple[int, int, int]:
+    """(threads per block, parts per slice, entries per part) of the split pass; parts == 1 means
+    the one-block pass (`launch`). The normalized pass reads whole columns: never split."""
+    nn = n * n
+    if normalize or nn <= max_block * SPLIT_PER_THREAD:
+        return launch(n, normalize, max_block)[0], 1, nn
+    tpb = min(SPLIT_THREADS, max_block)
+    per = tpb * SPLIT_PER_THREAD
+    return tpb, -(-nn // per), per
+
+
+def _make_part_kernel(tpb, l2, offdiag):
+    entry = _make_entry(l2, offdiag)
+
+    @cuda.jit
+    def sign_abs_part(g, s, n, partials, per_part, scale, write_s):
+        """Block i handles part i % parts of slice i // parts (parts = partials.shape[1]): entries
+        [p * per_part, (p + 1) * per_part) of the slice; its sum goes to partials[b, p]."""
+        parts = partials.shape[1]
+        bid = cuda.blockIdx.x
+        b = bid // parts
+        p = bid - b * parts
+        t = cuda.threadIdx.x
+        end = min(n * n, (p + 1) * per_part)
+        acc = float64(0.0)
+        k = p * per_part + t
+        while k < end:
+            acc += entry(g, s, b, k, n, scale, write_s)
+            k += tpb
+        buf = cuda.shared.array(tpb, float64)
+        total = block_sum(buf, acc, t, tpb)
+        if t == 0:
+            partials[b, p] = total
+
+    return sign_abs_part
+
+
+def _make_finish_kernel(tpb):
+    @cuda.jit
+    def sign_abs_finish(s, n, partials, losses, loss_offset, write_s):
+        """Slice b's loss: its partials summed in a fixed order (thread t takes parts t, t + tpb, ...,
+        then the block's tree); a non-finite slice gets NaN in every entry of S and as its loss."""
+        b = cuda.blockIdx.x
+        t = cuda.threadIdx.x
+        acc = float64(0.0)
+        p = t
+        while p < partials.shape[1]:
+            acc += partials[b, p]
+            p += tpb
+        buf = cuda.shared.array(tpb, float64)
+        total = block_sum(buf, acc, t, tpb)
+        if not math.isfinite(total):
+            nn = n * n
+            k = t if write_s else nn
+            while k < nn:
+                s[b, k] = math.nan
+                k += tpb
+            total = math.nan
+        if t == 0:
+            losses[loss_offset + b] = total
+
+    return sign_abs_finish
+
+
+def get_split_kernels(tpb: int, l2: bool = False, offdiag: bool = False):
+    """(part kernel, finish kernel) of the split pass for `tpb` threads per block (compiled once)."""
+    if tpb not in BLOCK_SIZES:
+        raise ValueError(f"threads per block must be one of {BLOCK_SIZES}, got {tpb}")
+    key = ("split", tpb, bool(l2), bool(offdiag))
+    kern = _kernels.get(key)
+    if kern is None:
+        kern = _kernels[key] = (_make_part_kernel(tpb, bool(l2), bool(offdiag)), _make_finish_kernel(tpb))
+    return kern

@@ -636,7 +636,7 @@ def test_cupy_device_pointer_call_arguments(tseed):
     dev._alpha = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
     dev._beta = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
     dev._upload = upload
-    dev.sign_abs = cpu.sign_abs
+    dev.sign_abs, dev.sign_parts = cpu.sign_abs, cpu.sign_parts
 
     for dtype in (torch.float32, torch.float64):
         np_dt = _NPD[dtype]

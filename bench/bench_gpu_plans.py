@@ -11,7 +11,9 @@ All in one run on one card, each ratio against a baseline timed in the same run:
    n fits) the fused kernel, against `limit-cublas` (the raw two-GEMM bound: the bench's own method).
 3. sweep: l*m*n fixed (2^24 elements) over n in {8, 16, 32, 64, 128} and l in {64, 512}: fused vs
    two-GEMM vs the memory roofline (read phi + write the gradient at the measured copy bandwidth).
-4. profile: a torch.profiler kernel table (every kernel, cuBLAS's and Numba's) for one call of each
+4. phases: host and device time of the Gram GEMM, the sign pass and the gradient GEMM apart, against
+   the whole call.
+5. profile: a torch.profiler kernel table (every kernel, cuBLAS's and Numba's) for one call of each
    path, written as text.
 """
 
@@ -52,6 +54,21 @@ def host_costs(quick):
     }
 
 
+def _synced(fn, n_repeat):
+    """Wall time of fn() plus a wait for the whole device (median, ms): what a peer on its own stream
+    (JAX, torch) costs per call, and ours measured the same way for the ratio."""
+    from cupyx.profiler import benchmark
+
+    from gpu_orthol1._bench_methods import gpu_sync
+
+    def call():
+        fn()
+        gpu_sync()
+
+    r = benchmark(call, n_repeat=n_repeat, n_warmup=3)
+    return float(sorted(r.cpu_times)[len(r.cpu_times) // 2] * 1e3)
+
+
 def shapes(quick):
     import cupy
     import numpy as np
@@ -78,6 +95,20 @@ def shapes(quick):
             t = _bench(lambda: pl(phi), 20 if quick else 50)
             row[f"{kernel}_ms"] = max(t["device_ms"], t["host_ms"])
             row[f"{kernel}_x_limit"] = row[f"{kernel}_ms"] / row["limit_cublas_ms"]
+            if prec == "highest":
+                row[f"{kernel}_synced_ms"] = _synced(lambda: pl(phi), 20 if quick else 50)
+        if prec == "highest":  # peers, timed with a device-wide wait like ours' _synced_ms
+            for meth in (bm._jax("gpu"), bm._torch("gpu", False)):
+                try:
+                    ok, why = meth.available()
+                    if not ok:
+                        row[f"{meth.name}_ms"] = f"unavailable: {why}"
+                        continue
+                    prep = meth.prepare(case)
+                    row[f"{meth.name}_synced_ms"] = _synced(lambda: prep.call(0), 20 if quick else 50)
+                    del prep
+                except Exception as e:
+                    row[f"{meth.name}_ms"] = f"{type(e).__name__}: {e}"
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
     return rows
@@ -110,6 +141,51 @@ def sweep(quick):
     return {"copy_bandwidth_GBps": bw / 1e9, "rows": rows}
 
 
+def phases(quick):
+    """Host and device time of each phase of one two-GEMM call (Gram GEMM, sign pass, gradient GEMM)
+    against the whole call, through the plan's own device and workspace: where the time goes."""
+    import cupy
+
+    import gpu_orthol1 as ol1
+    from gpu_orthol1 import _driver
+
+    rows = []
+    for shape, dt in (((64, 8, 32), "float32"), ((64, 4096, 64), "float32"), ((4096, 32, 128), "float32"),
+                      ((4096, 32, 128), "float16"), ((512, 64, 512), "float32")):
+        try:
+            rows.append(_phase_row(cupy, ol1, _driver, shape, dt, quick))
+        except Exception as e:  # keep the other shapes
+            rows.append({"shape": shape, "dtype": dt, "error": f"{type(e).__name__}: {e}"})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def _phase_row(cupy, ol1, _driver, shape, dt, quick):
+    """One row of `phases`: the phases apart (the plan's own device, workspace and layouts)."""
+    l, m, n = shape
+    phi = (cupy.random.standard_normal(shape, dtype=cupy.float32) / l ** 0.5).astype(dt)
+    p = ol1.plan(phi, 1e-3, kernel="gemm")
+    sz = p._sizes_for(True, False, False, False, 1)[0]
+    if sz.chunk < m:
+        return {"shape": shape, "dtype": dt, "skipped": f"{m} slices need {sz.chunk}-slice chunks"}
+    wsb = _driver.workspace(p._alloc, sz, l, n, phi.dtype)
+    grad = cupy.empty_like(phi)
+    V, Vo = p._view(phi), p._view(grad)
+    src = _driver.StridedChunk(V, _driver.layout_of(V), 0)
+    dst = _driver.StridedChunk(Vo, _driver.layout_of(Vo), 0)
+    losses = cupy.empty(m, cupy.float64)
+    dev = p.dev
+    dev.bind()
+    part = wsb.get("partials")
+    k = 10 if quick else 30
+    row = {"shape": shape, "dtype": dt, "sign_parts": sz.parts,
+           "gram": _bench(lambda: dev.gram(src, m, wsb["ws"]), k),
+           "sign": _bench(lambda: dev.sign_abs(wsb["ws"], wsb["sgn"], n, losses, 0, 1.0, True, partials=part), k),
+           "grad": _bench(lambda: dev.grad(src, dst, m, wsb["sgn"], 2e-3, 0.0), k),
+           "call": _bench(lambda: p(phi), k)}
+    return row
+
+
 def profile_table():
     import cupy
     import torch
@@ -117,9 +193,11 @@ def profile_table():
 
     import gpu_orthol1 as ol1
 
-    phi = cupy.random.standard_normal((64, 4096, 64), dtype=cupy.float32) / 8
     out = []
-    for kernel in ("gemm", "fused"):
+    for shape, dt, kernel in (((64, 4096, 64), "float32", "gemm"), ((64, 4096, 64), "float32", "fused"),
+                              ((4096, 32, 128), "float32", "gemm"), ((4096, 32, 128), "float16", "gemm"),
+                              ((512, 64, 512), "float32", "gemm")):
+        phi = (cupy.random.standard_normal(shape, dtype=cupy.float32) / shape[0] ** 0.5).astype(dt)
         pl = ol1.plan(phi, 1e-3, kernel=kernel)
         pl(phi)
         cupy.cuda.Device().synchronize()
@@ -128,8 +206,8 @@ def profile_table():
                 pl(phi)
             torch.cuda.synchronize()
             cupy.cuda.Device().synchronize()
-        out.append(f"== kernel={kernel}, (64, 4096, 64) float32, 5 calls\n"
-                   + prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+        out.append(f"== kernel={kernel}, {shape} {dt}, 5 calls\n"
+                   + prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
     return "\n".join(out)
 
 
@@ -151,7 +229,7 @@ def main(argv=None) -> int:
 
     doc = {"command": "python3 bench/bench_gpu_plans.py " + " ".join(argv or sys.argv[1:]), "gpu": gpu_name(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(), "cupy": cupy.__version__}
-    for name, fn in (("host", host_costs), ("shapes", shapes), ("sweep", sweep)):
+    for name, fn in (("host", host_costs), ("phases", phases), ("shapes", shapes), ("sweep", sweep)):
         try:
             doc[name] = fn(a.quick)
         except Exception as e:  # keep what the other parts measured

@@ -60,6 +60,33 @@ def timeit(fn, repeat, warmup, sync):
     return statistics.median(times), times
 
 
+def capture(step, mats):
+    """`step` (zero the gradients, then one regularizer step) captured in a torch.cuda.graph, as
+    torch's documentation does it: gradients allocated before the capture (the graph writes into
+    them), warm-up on a side stream; returns the graph's replay."""
+    import torch
+
+    def fn():
+        for p in mats:
+            p.grad.zero_()
+        step(zero=False)
+
+    for p in mats:
+        p.grad = torch.zeros_like(p)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    return g.replay
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -130,16 +157,19 @@ def main(argv=None):
     grad_tol = {"float64": 1e-10, "float32": 1e-2, "float16": 5e-2}[args.dtype]
     ok = all(v < (grad_tol if k.startswith("grad") else loss_tol) for k, v in agree.items())
 
-    def run_naive():
-        model.zero_grad(set_to_none=True)
+    def run_naive(zero=True):
+        if zero:
+            model.zero_grad(set_to_none=True)
         naive_loss(mats, args.beta).backward()
 
-    def run_loss():
-        model.zero_grad(set_to_none=True)
+    def run_loss(zero=True):
+        if zero:
+            model.zero_grad(set_to_none=True)
         reg.loss().backward()
 
-    def run_add():
-        model.zero_grad(set_to_none=True)
+    def run_add(zero=True):
+        if zero:
+            model.zero_grad(set_to_none=True)
         reg.add_grad_()
 
     warm = 2
@@ -147,6 +177,15 @@ def main(argv=None):
     for name, fn in (("naive", run_naive), ("loss", run_loss), ("add_grad_", run_add)):
         med, times = timeit(fn, repeat, warm, sync)
         res[name] = {"median_s": med, "times_s": times}
+    if cuda:  # the same steps captured once in a CUDA graph and replayed (issue 8: "also when captured")
+        for name, fn in (("naive_graph", run_naive), ("loss_graph", run_loss), ("add_grad_graph", run_add)):
+            try:
+                replay = capture(fn, mats)
+                med, times = timeit(replay, repeat, warm, sync)
+                res[name] = {"median_s": med, "times_s": times,
+                             "grad_rel": rel([p.grad for p in mats], g_ref)}
+            except Exception as e:  # report it; the eager rows stand
+                res[name] = {"error": f"{type(e).__name__}: {e}"}
     # the baseline again at the end: the machine's load may drift during the run
     med2, times2 = timeit(run_naive, repeat, 0, sync)
     res["naive_again"] = {"median_s": med2, "times_s": times2}
@@ -165,6 +204,18 @@ def main(argv=None):
         m = res[name]["median_s"]
         res[name]["ratio_vs_naive"] = base / m
         print(f"{label:<34}{1e3 * m:>12.3f}{base / m:>22.2f}")
+    if "naive_graph" in res:  # captured rows: each against the captured loop
+        gbase = res["naive_graph"].get("median_s")
+        for name, label in (("naive_graph", "naive loop, CUDA graph replay"),
+                            ("loss_graph", "loss()+backward, graph replay"),
+                            ("add_grad_graph", "add_grad_(), graph replay")):
+            r = res[name]
+            if "error" in r or gbase is None:
+                print(f"{label:<34}  {r.get('error', 'no captured baseline')}")
+                continue
+            r["ratio_vs_naive_graph"] = gbase / r["median_s"]
+            print(f"{label:<34}{1e3 * r['median_s']:>12.3f}{gbase / r['median_s']:>22.2f}"
+                  f"   (grad rel. diff {r['grad_rel']:.1e})")
     out = {
         "bench": "bench_torch", "device": args.device, "device_name": dev_name, "dtype": args.dtype,
         "layers": args.layers, "d_model": d, "matrices": len(mats), "shapes": [list(s) for s in shapes],

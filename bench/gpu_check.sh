@@ -13,7 +13,7 @@ DRY=${GPU_CHECK_DRY:-0}
 # The device call has a hard limit and only 8 files come back from $OUT: every step gets at most
 # what is left before DEADLINE (seconds from start), and everything is packed into one archive at
 # the end, so the check always finishes and returns its logs.
-DEADLINE=${GPU_CHECK_DEADLINE:-350}  # the check stays under 6 minutes; steps run in priority order
+DEADLINE=${GPU_CHECK_DEADLINE:-380}  # the check stays under 6 minutes; steps run in priority order
 START=$(date +%s)
 status=0
 step() {  # step NAME TIMEOUT CMD...: run, log to $OUT/NAME.log, record the exit code
@@ -72,19 +72,20 @@ step gpu_tests 150 $PY -m pytest -q -m gpu -rs -p no:cacheprovider ${GPU_TESTS:-
 if [ "$DRY" != 1 ] && grep -q "skipped" "$OUT/gpu_tests.log"; then
   echo "!!! gpu tests were skipped on the GPU machine"; status=1
 fi
-# issue 8/9 figures: host vs device time per call (cupyx.profiler.benchmark), plan and graph replay,
-# fused vs two-GEMM vs limit and roofline, and a torch.profiler kernel table
+# issue 8/9 figures: host vs device time per call and per phase (cupyx.profiler.benchmark), plan and
+# graph replay, fused vs two-GEMM vs limit, JAX and torch, the n sweep vs the roofline, and a
+# torch.profiler kernel table
 if [ "$DRY" != 1 ]; then
-  step plans 90 $PY bench/bench_gpu_plans.py --quick --json "$OUT/gpu_plans.json" --profile-txt "$OUT/gpu_profile.txt"
+  step plans 140 $PY bench/bench_gpu_plans.py --quick --json "$OUT/gpu_plans.json" --profile-txt "$OUT/gpu_profile.txt"
 else
   step plans 30 $PY bench/bench_gpu_plans.py --dry
 fi
-step bench_core 60 $PY bench/bench_core.py --device $DEV --repeat 7 --json "$OUT/bench_core_$DEV.json"
-step bench 130 $PY -m gpu_orthol1.cli bench --quick --device $DEV --time-limit 110 --no-progress \
-  --csv "$OUT/bench_$DEV.csv" --json "$OUT/bench_$DEV.json" --plot "$OUT/bench_$DEV.png"
 TDEV=cpu; [ "$DEV" = gpu ] && TDEV=cuda
 step bench_torch 70 $PY bench/bench_torch.py --device $TDEV --quick --threads 1 --json "$OUT/bench_torch_$TDEV.json"
-step sanitize 110 env OUT="$OUT" PY="$PY" GPU_CHECK_DRY="$DRY" SANITIZE_TIMEOUT=50 bash bench/gpu_sanitize.sh
+step bench 110 $PY -m gpu_orthol1.cli bench --quick --device $DEV --time-limit 90 --no-progress \
+  --csv "$OUT/bench_$DEV.csv" --json "$OUT/bench_$DEV.json" --plot "$OUT/bench_$DEV.png"
+step sanitize 80 env OUT="$OUT" PY="$PY" GPU_CHECK_DRY="$DRY" SANITIZE_TIMEOUT=35 bash bench/gpu_sanitize.sh
+step bench_core 50 $PY bench/bench_core.py --device $DEV --repeat 7 --json "$OUT/bench_core_$DEV.json"
 echo "=== steps (name exit seconds):"; cat "$OUT/steps.txt"
 # pack into a file outside $OUT first: tar of a folder that holds its own archive fails
 ( cd "$OUT" && tar czf /tmp/gpu_check_logs.tgz . && mv /tmp/gpu_check_logs.tgz . && \

@@ -1,22 +1,20 @@
-"""The GPU device for `_driver.run`: cuBLAS GEMMs through CuPy, the Numba CUDA kernel.
+"""The GPU device for `_driver.run`: cuBLAS GEMMs on CuPy's handle, our Numba CUDA kernels.
 
-A plan makes one device and keeps it: the cuBLAS handle, the kernel objects and their
-launch configurations are looked up once. `bind()` at the start of each call binds the
-handle to CuPy's current stream (once per call, not per GEMM) and selects host pointer
-mode for the scalars; the kernel launches on the same stream through
-`numba.cuda.external_stream`. Arrays reach Numba through `from_cuda_array_interface(...,
-sync=False)`: the default conversion synchronizes the stream named in the interface, a
-host stall per launch that the stream ordering already makes unnecessary.
+A plan makes one device and keeps it. `bind()` at the start of each call binds CuPy's cuBLAS
+handle to CuPy's current stream (once per call, not per GEMM) and selects host pointer mode for
+the scalars; `set_blas_workspace` then gives cuBLAS a workspace of the call's own, so that a
+CUDA graph capture of the call never makes cuBLAS allocate. cuBLAS is called through ctypes
+(`_cublas`: CuPy's wrappers refuse calls during a capture), and the kernels are launched by CuPy
+from PTX compiled once per signature (`_ptx`: Numba's dispatcher cost about 0.2 ms per launch),
+both on CuPy's current stream.
 """
 
 from __future__ import annotations
 
-import warnings
-from contextlib import contextmanager
 
 import numpy as np
 
-from . import _gemm
+from . import _gemm, _ptx
 from ._driver import StridedChunk
 from ._penalty import DEFAULT
 
@@ -34,28 +32,34 @@ def _cuda_enums():
     return cublas, dtype_enum
 
 
+# cuBLAS's recommended workspace: 32 MiB on Hopper and later, 4 MiB before (cuBLAS docs, cublasSetWorkspace)
+BLAS_WORKSPACE_BYTES = {True: 32 << 20, False: 4 << 20}
+
+
 class CupyDevice:
     folds_alpha = False  # alpha goes into the second GEMM: exact, and free
+    blas_workspace_bytes = 0  # set per card in __init__
 
     def __init__(self, precision: str = "highest"):
         import cupy
-        from numba import cuda
 
+        from . import _cublas
         from .kernels import sign_abs
 
         self.xp = cupy
-        self._cublas, self._dtype_enum = _cuda_enums()
-        cb = self._cublas
+        cb, self._dtype_enum = _cuda_enums()
+        self._cb = cb  # CuPy's constants; the calls go through ctypes
+        self._cublas = _cublas.library()
         self._compute = {"f64": cb.CUBLAS_COMPUTE_64F,
                          "f32": cb.CUBLAS_COMPUTE_32F_FAST_TF32 if precision == "tf32" else cb.CUBLAS_COMPUTE_32F,
                          "f16": cb.CUBLAS_COMPUTE_32F}
-        self._cuda = cuda
         self._mod = sign_abs
         self._max_block = sign_abs.BLOCK_SIZES[-1]
+        self._i64, self._f64, self._bool = _numba_types()
         self._handle = 0
-        self._stream_ptr = None
-        self._nb_stream = None
-        self._launch: dict = {}  # (n, grid) -> configured Numba kernel
+        self._stream_ptr = 0
+        self.blas_workspace_bytes = BLAS_WORKSPACE_BYTES[int(cupy.cuda.Device().compute_capability) >= 90]
+        self._launch: dict = {}  # (kernel, n, variant, dtypes) -> (PtxKernel(s), threads, ...)
         self._ptr_cache: dict = {}
         self._alpha = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
         self._beta = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
@@ -73,18 +77,24 @@ class CupyDevice:
         return 0
 
     def bind(self):
-        """Bind cuBLAS and the kernel launches to CuPy's current stream; call once per plan call."""
+        """Bind cuBLAS to CuPy's current stream (the kernels launch there too); once per plan call."""
         cupy = self.xp
         stream = cupy.cuda.get_current_stream()
         self._handle = cupy.cuda.device.get_cublas_handle()
+        self._stream_ptr = stream.ptr
         cb = self._cublas
         cb.setStream(self._handle, stream.ptr)
-        if cb.getPointerMode(self._handle) != cb.CUBLAS_POINTER_MODE_HOST:
-            cb.setPointerMode(self._handle, cb.CUBLAS_POINTER_MODE_HOST)
-        if stream.ptr != self._stream_ptr:
-            self._stream_ptr = stream.ptr
-            self._nb_stream = self._cuda.external_stream(stream.ptr) if stream.ptr else self._cuda.default_stream()
-            self._launch.clear()
+        if cb.getPointerMode(self._handle) != self._cb.CUBLAS_POINTER_MODE_HOST:
+            cb.setPointerMode(self._handle, self._cb.CUBLAS_POINTER_MODE_HOST)
+
+    def set_blas_workspace(self, buf):
+        """cuBLAS works in `buf` (a buffer of this call's workspace; its default pool may allocate
+        while a graph is being captured); None hands the handle back to that default pool
+        (setStream resets it), since `buf` goes back to its allocator after the call."""
+        if buf is None:
+            self._cublas.setStream(self._handle, self._stream_ptr)
+        else:
+            self._cublas.setWorkspace(self._handle, _addr(buf), int(buf.shape[0]))
 
     @staticmethod
     def prepare(src, cc):
@@ -180,71 +190,73 @@ class CupyDevice:
         from .kernels import fused_small
 
         m = V.shape[0]
-        key = ("fused", cfg, m)
+        out = Vout if write_grad else V  # loss only: out is not touched
+        key = ("fused", cfg, _dtype(V), _dtype(out))
         kern = self._launch.get(key)
         if kern is None:
-            kern = self._launch[key] = fused_small.get_fused_kernel(cfg)[m, cfg.threads, self._nb_stream]
-        v = self._nb(V)
-        o = self._nb(Vout) if write_grad else v  # loss only: out is not touched
-        scal = np.float64 if cfg.acc == "float64" else np.float32
-        with _quiet_small_grid(m):
-            kern(v, o, self._nb(losses), 0, scal(alpha), bool(accumulate), bool(write_grad))
-
-    def _nb(self, arr):
-        return self._cuda.from_cuda_array_interface(arr.__cuda_array_interface__, owner=arr, sync=False)
+            A = _ptx.array_type
+            sig = (A(_dtype(V), 3, "A"), A(_dtype(out), 3, "A"), A(np.float64, 1), self._i64, _ptx_float(cfg.acc),
+                   self._bool, self._bool)
+            kern = self._launch[key] = _ptx.kernel(fused_small.get_fused_kernel(cfg), sig)
+        kern(m, cfg.threads, V, out, losses, 0, alpha, bool(accumulate), bool(write_grad))
 
     def sign_parts(self, n, variant):
         return self._mod.split(n, variant.flags()[2], self._max_block)[1]
+
+    def _sign_sig(self, ws, sgn):
+        A = _ptx.array_type
+        return A(_dtype(ws), 2), A(_dtype(sgn), 2)
 
     def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant=DEFAULT, partials=None):
         grid = ws.shape[0]
         if partials is not None:
             self._sign_abs_split(ws, sgn, n, losses, offset, scale, write_s, variant, partials)
             return
-        kern = self._launch.get((n, grid, variant))
-        if kern is None:
+        key = ("sign", n, variant, _dtype(ws), _dtype(sgn))
+        hit = self._launch.get(key)
+        if hit is None:
             l2, offdiag, normalize = variant.flags()
             tpb, ncol = self._mod.launch(n, normalize)
-            kern = self._launch[(n, grid, variant)] = self._mod.get_kernel(tpb, l2, offdiag, normalize, ncol)[
-                grid, tpb, self._nb_stream]
-        g = self._nb(ws)
-        s = g if sgn is ws else self._nb(sgn)
-        # One block per slice is the design (a fixed-order, atomic-free loss), so a launch for a
-        # few slices has a small grid by intent: silence Numba's low-occupancy warning for it.
-        with _quiet_small_grid(grid):
-            kern(g, s, n, self._nb(losses), offset, scale, bool(write_s))
+            g, s = self._sign_sig(ws, sgn)
+            sig = (g, s, self._i64, _ptx.array_type(np.float64, 1), self._i64, self._f64, self._bool)
+            kern = _ptx.kernel(self._mod.get_kernel(tpb, l2, offdiag, normalize, ncol), sig)
+            hit = self._launch[key] = (kern, tpb)
+        kern, tpb = hit
+        # One block per slice (a fixed-order, atomic-free loss): a launch for a few slices has a
+        # small grid by intent.
+        kern(grid, tpb, ws, sgn, n, losses, offset, scale, bool(write_s))
 
     def _sign_abs_split(self, ws, sgn, n, losses, offset, scale, write_s, variant, partials):
         """Large slices: `parts` blocks per slice write partial sums, then one block per slice sums
         them in a fixed order and applies the NaN policy (kernels/sign_abs.py, `split`)."""
         grid = ws.shape[0]
-        key = ("split", n, grid, variant)
+        key = ("split", n, variant, _dtype(ws), _dtype(sgn))
         hit = self._launch.get(key)
         if hit is None:
             l2, offdiag, _ = variant.flags()
             tpb, parts, per = self._mod.split(n, False, self._max_block)
             kp, kf = self._mod.get_split_kernels(tpb, l2, offdiag)
-            hit = self._launch[key] = (kp[grid * parts, tpb, self._nb_stream], kf[grid, tpb, self._nb_stream], per)
-        kp, kf, per = hit
-        g = self._nb(ws)
-        s = g if sgn is ws else self._nb(sgn)
-        pb = self._nb(partials)
-        with _quiet_small_grid(grid):
-            kp(g, s, n, pb, per, scale, bool(write_s))
-            kf(s, n, pb, self._nb(losses), offset, bool(write_s))
+            g, s = self._sign_sig(ws, sgn)
+            f64_2d, f64_1d = _ptx.array_type(np.float64, 2), _ptx.array_type(np.float64, 1)
+            i64, f64, b = self._i64, self._f64, self._bool
+            part = _ptx.kernel(kp, (g, s, i64, f64_2d, i64, f64, b))
+            fin = _ptx.kernel(kf, (s, i64, f64_2d, f64_1d, i64, b))
+            hit = self._launch[key] = (part, fin, tpb, parts, per)
+        part, fin, tpb, parts, per = hit
+        part(grid * parts, tpb, ws, sgn, n, partials, per, scale, bool(write_s))
+        fin(grid, tpb, sgn, n, partials, losses, offset, bool(write_s))
 
 
-@contextmanager
-def _quiet_small_grid(grid):
-    """Numba warns of low occupancy when a grid has fewer blocks than twice the SMs (under 1024 on
-    any card): silence that warning around our own small launches only; large grids skip the
-    warnings context."""
-    if grid >= 1024:
-        yield
-        return
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Grid size .* will likely result in GPU under-utilization")
-        yield
+def _numba_types():
+    from numba import types
+
+    return types.int64, types.float64, types.boolean
+
+
+def _ptx_float(name):
+    from numba import types
+
+    return getattr(types, name)
 
 
 def _addr(x) -> int:

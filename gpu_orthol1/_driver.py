@@ -15,7 +15,9 @@ A *device* supplies the array module and the primitives over a chunk of either f
   pass (`variant`: which member of the penalty family, `_penalty.Variant`; it writes the matrix M
   the gradient GEMM multiplies, S = sign(G - I) for the default L1 loss);
 - ``sign_parts(n, variant)``: into how many parts the pass cuts one slice (the GPU splits large
-  slices over several blocks; `partials` is then a (count, parts) float64 buffer for their sums).
+  slices over several blocks; `partials` is then a (count, parts) float64 buffer for their sums);
+- ``blas_workspace_bytes`` and ``set_blas_workspace(buf)``: a workspace of the call's own for the
+  BLAS (the GPU: so that cuBLAS never allocates while a CUDA graph is being captured).
 
 Devices: `_numpy_dev.NumpyDevice` (NumPy matmul on the views + the Numba CPU pass) and
 `_cupy.CupyDevice` (cuBLAS + the Numba CUDA kernel); `gpu_orthol1.testing.EmulatedGpuDevice`
@@ -145,6 +147,7 @@ class Sizes:
     stage_phi: bool
     stage_out: bool
     parts: int = 1  # the sign pass's parts per slice (> 1: a "partials" buffer of float64 sums)
+    blas_bytes: int = 0  # cuBLAS's workspace for the call (GPU), outside the per-slice budget
 
 
 def sizes(dev, m, l, n, dtype, *, want_grad, accumulate, stage_phi, stage_out, budget, variant=DEFAULT) -> Sizes:
@@ -155,7 +158,8 @@ def sizes(dev, m, l, n, dtype, *, want_grad, accumulate, stage_phi, stage_out, b
     extra = dev.extra_bytes_per_slice(l, n, dtype, want_grad, accumulate) + (8 * parts if parts > 1 else 0)
     chunk, per_slice = plan_chunks(m, l, n, dtype.itemsize, acc.itemsize, sgd.itemsize if separate else 0,
                                    stage_phi, stage_out, extra, budget)
-    return Sizes(chunk, per_slice, acc, sgd if separate else None, stage_phi, stage_out, parts)
+    return Sizes(chunk, per_slice, acc, sgd if separate else None, stage_phi, stage_out, parts,
+                 dev.blas_workspace_bytes)
 
 
 def workspace(alloc, sz: Sizes, l, n, dtype) -> dict:
@@ -166,6 +170,8 @@ def workspace(alloc, sz: Sizes, l, n, dtype) -> dict:
         bufs = {"ws": ws, "sgn": alloc((sz.chunk, n * n), sz.sgn_dtype) if sz.sgn_dtype is not None else ws}
         if sz.parts > 1:
             bufs["partials"] = alloc((sz.chunk, sz.parts), np.float64)
+        if sz.blas_bytes:
+            bufs["blas"] = alloc((sz.blas_bytes,), np.uint8)
         if sz.stage_phi:
             bufs["phi_stage"] = alloc((sz.chunk, l, n), dtype)
         if sz.stage_out:
@@ -190,6 +196,22 @@ def run(dev, batch, wsb: dict, chunk: int, losses, *, loss_offset=0, alpha, beta
         count = m - first
     if count <= 0 or n == 0:
         return
+    blas = wsb.get("blas")
+    if blas is None:
+        _loop(dev, batch, wsb, chunk, losses, loss_offset, alpha, beta_gemm, want_grad, gram_hook, first, count,
+              variant)
+        return
+    dev.set_blas_workspace(blas)
+    try:
+        _loop(dev, batch, wsb, chunk, losses, loss_offset, alpha, beta_gemm, want_grad, gram_hook, first, count,
+              variant)
+    finally:  # the buffer goes back to its allocator: the BLAS must not keep it
+        dev.set_blas_workspace(None)
+
+
+def _loop(dev, batch, wsb, chunk, losses, loss_offset, alpha, beta_gemm, want_grad, gram_hook, first, count,
+          variant):
+    m, l, n = batch.shape
     ws, sgn, partials = wsb["ws"], wsb["sgn"], wsb.get("partials")
     if dev.folds_alpha:  # scale S in the sign pass (CPU: saves a pass over the gradient)
         scale, gemm_alpha = alpha, 1.0

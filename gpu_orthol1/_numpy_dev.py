@@ -21,6 +21,7 @@ _F64 = np.dtype(np.float64)
 class NumpyDevice:
     xp = np
     folds_alpha = True  # S carries alpha: no extra pass over the gradient
+    blas_workspace_bytes = 0  # NumPy's BLAS manages its own
 
     def __init__(self):
         from .kernels import sign_abs_cpu

@@ -107,6 +107,12 @@ class EmulatedGpuDevice(CupyDevice):
         self._mod = sign_abs
         self._max_block = max_block
         self.gemm_calls: list[tuple[str, int]] = []  # ("strided" | "pointers", batch) per GEMM
+        self.blas_workspace_bytes = 64  # small: the workspace is allocated and handed over all the same
+        self.blas_workspaces: list = []  # what set_blas_workspace received, in order (None: released)
+
+    def set_blas_workspace(self, buf):
+        assert buf is None or (buf.dtype == np.uint8 and buf.shape == (self.blas_workspace_bytes,))
+        self.blas_workspaces.append(buf)
 
     def bind(self):
         pass

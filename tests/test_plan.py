@@ -231,23 +231,3 @@ def test_fused_refuses_slices_too_wide(rng):
         _plan.Plan(phi, backend="numpy", kernel="fused", _device=EmulatedGpuDevice())
     with pytest.raises(ValueError, match="default penalty .* only"):  # no silent L1 for another variant
         _plan.Plan(phi[:, :, :4], backend="numpy", kernel="fused", penalty="l2", _device=EmulatedGpuDevice())
-
-
-def test_occupancy_warning_silenced_only_around_small_launches():
-    """Numba's low-occupancy warning is dropped around our small-grid launches, nothing else is, and
-    no process-wide filter is left behind."""
-    import warnings
-
-    from gpu_orthol1._cupy import _quiet_small_grid
-
-    msg = "Grid size 8 will likely result in GPU under-utilization due to low occupancy."
-    before = list(warnings.filters)
-    for grid, want in ((8, ["other"]), (4096, [msg, "other"])):
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter("always")
-            with _quiet_small_grid(grid):
-                warnings.warn(msg)
-                warnings.warn("other")
-            warnings.warn(msg)  # outside: shown
-        assert [str(x.message) for x in w] == want + [msg]
-    assert warnings.filters == before

@@ -1,0 +1,115 @@
+"""The lean GPU launch (gpu_orthol1/_ptx.py): our Numba kernels compiled to PTX and launched by CuPy
+with the parameters Numba's own launcher would pass; and the cuBLAS workspace each call hands over
+(gpu_orthol1/_cublas.py, _driver.run). The flattening is checked here on host arrays; on a card
+(`gpu`) against the parameter list of every kernel the GPU tests compiled."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpu_orthol1 as ol1
+from gpu_orthol1 import _plan, _ptx
+
+from .helpers import make
+
+numba = pytest.importorskip("numba")
+types = numba.types
+
+
+def test_flatten_follows_numbas_array_abi():
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    b = np.zeros((2, 3, 5), np.float64)[:, ::-1, ::2]  # any strides, negative too
+    sig = (_ptx.array_type(np.float32, 2), types.int64, _ptx.array_type(np.float64, 3, "A"), types.float32,
+           types.float64, types.boolean)
+    flat = _ptx.flatten(sig, (a, 7, b, 0.5, 2.0, True))
+    want = [0, 0, 12, 4, a.ctypes.data, 3, 4, 16, 4, 7,
+            0, 0, b.size, 8, b.ctypes.data, *b.shape, *b.strides, 0.5, 2.0, True]
+    assert [x.item() for x in flat] == want
+    kinds = [type(x) for x in flat]
+    assert kinds[:2] == [np.uint64, np.uint64] and kinds[4] == np.uint64 and kinds[9] == np.int64
+    assert kinds[-3:] == [np.float32, np.float64, np.bool_]
+    assert b.strides[1] < 0 and flat[10 + 5 + 3 + 1].item() == b.strides[1]
+
+
+def test_flatten_refuses_what_it_cannot_pass():
+    with pytest.raises(ValueError, match="2 dimensions, the kernel 1"):
+        _ptx.flatten((_ptx.array_type(np.float64, 1),), (np.zeros((2, 2)),))
+    with pytest.raises(TypeError, match="cannot pass a list"):
+        _ptx.flatten((_ptx.array_type(np.float64, 1),), ([1.0],))
+    with pytest.raises(TypeError, match="no launcher"):
+        _ptx.flatten((types.complex128,), (1j,))
+
+
+def test_entry_params_reads_the_parameter_list():
+    ptx = """.version 8.5
+.target sm_90
+.visible .entry _Z3fooPf(
+	.param .u64 _Z3fooPf_param_0,
+	.param .f64 _Z3fooPf_param_1,
+	.param .u8 _Z3fooPf_param_2
+)
+{
+	.reg .b32 %r<2>;
+	ret;
+}"""
+    assert _ptx.entry_params(ptx) == [".u64", ".f64", ".u8"]
+    with pytest.raises(ValueError, match="no kernel entry"):
+        _ptx.entry_params(".version 8.5\n")
+
+
+def _ptx_types(argtypes):
+    """The PTX parameter types Numba's ABI gives `argtypes` (what flatten must produce)."""
+    out = []
+    for t in argtypes:
+        if isinstance(t, types.Array):
+            out += [".u64"] * (5 + 2 * t.ndim)
+        elif isinstance(t, types.Boolean):
+            out.append(".u8")
+        elif isinstance(t, types.Float):
+            out.append(f".f{t.bitwidth}")
+        else:
+            out.append(f".u{t.bitwidth}")
+    return out
+
+
+def _fail(ws):
+    raise ValueError("a hook that fails")
+
+
+@pytest.mark.cudasim
+def test_each_gemm_call_hands_cublas_a_workspace(rng):
+    """The two-GEMM path gives the BLAS a workspace of the call's own on every call and takes it
+    back at the end (also when the call fails); the fused path needs none."""
+    from gpu_orthol1.testing import EmulatedGpuDevice
+
+    phi = make(np, rng, (5, 6, 4), np.float32, "C", 1)
+    dev = EmulatedGpuDevice()
+    p = _plan.Plan(phi, 0.5, backend="numpy", _device=dev)
+    p(phi)
+    p(phi)
+    got = dev.blas_workspaces
+    assert len(got) == 4 and got[1] is None and got[3] is None  # handed over, then released
+    assert got[0].nbytes == got[2].nbytes == dev.blas_workspace_bytes
+    with pytest.raises(ValueError):  # released on the way out of a failing call too
+        p.execute(phi, None, False, 0.5, True, gram_hook=_fail)
+    assert len(got) == 6 and got[5] is None
+    fdev = EmulatedGpuDevice()
+    pf = _plan.Plan(phi, 0.5, backend="numpy", kernel="fused", _device=fdev)
+    pf(phi)
+    assert fdev.blas_workspaces == []
+
+
+@pytest.mark.gpu
+def test_gpu_ptx_parameters_match_the_flattening(rng):
+    """Every kernel compiled for PTX launch (the two-GEMM path's one-block and split passes, the fused
+    kernel, several dtypes) takes exactly the parameters `flatten` passes."""
+    import cupy
+
+    for shape, dt in (((9, 5, 7), np.float32), ((9, 5, 100), np.float16), ((6, 3, 5), np.float64)):
+        phi = make(cupy, rng, shape, dt, "C", 1)
+        ol1.loss_and_grad(phi, 0.5)
+        ol1.plan(phi, 0.5, kernel="fused")(phi)
+    assert len(_ptx._cache) >= 5
+    for kern in _ptx._cache.values():
+        assert _ptx.entry_params(kern.ptx) == _ptx_types(kern.argtypes)

@@ -18,7 +18,26 @@ except ImportError:  # the reference may have moved into the package
     from gpu_orthol1.reference import check, random_phi, reference
 
 from gpu_orthol1.kernels import fused_small as fs
-from numba import cuda  # after fused_small: it patches NumPy for numba-cuda first
+from numba import config as _numba_config  # noqa: E402
+from numba import cuda  # after fused_small: it checks NumPy for numba-cuda first
+
+SIM = bool(_numba_config.ENABLE_CUDASIM)
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+def _to_dev(a):
+    """A device copy of a host array (the simulator's device array there; CuPy on a card, whose 3-D
+    arrays transpose, unlike numba-cuda's)."""
+    return cuda.to_device(a) if SIM else _cupy().asarray(a)
+
+
+def _to_host(d):
+    return d.copy_to_host() if SIM else _cupy().asnumpy(d)
 
 # (make(phi_lmn, fill) -> contiguous host buffer, view(buffer) -> its (l, m, n) view).
 # `fill` goes where the buffer has gaps: NaN in phi proves gaps are never read, a
@@ -59,15 +78,15 @@ def _run(phi, cfg, *, phi_layout="lmn", out_layout="lmn", out_dtype=None, out_in
     """Launch once; returns (losses, out as an (l, m, n) host array, out's whole host buffer)."""
     l, m, n = phi.shape
     make, view = LAYOUTS[phi_layout]
-    dphi = cuda.to_device(make(phi, np.nan))
+    dphi = _to_dev(make(phi, np.nan))
     omake, oview = LAYOUTS[out_layout]
     init = np.full(phi.shape, SENTINEL, out_dtype or phi.dtype) if out_init is None else out_init
-    dout = cuda.to_device(omake(init, SENTINEL))
+    dout = _to_dev(omake(init, SENTINEL))
     losses = np.full(m, -1.0) if losses is None else losses
     kern = fs.get_fused_kernel(cfg)
     kern[m, cfg.threads](view(dphi).transpose((1, 0, 2)), oview(dout).transpose((1, 0, 2)), losses,
                          loss_offset, alpha, accumulate, write_grad)
-    buf = dout.copy_to_host()
+    buf = _to_host(dout)
     return losses, np.asarray(oview(buf)), buf
 
 
@@ -194,11 +213,11 @@ def test_out_may_alias_phi(target, rng):
     l, m, n = 10, 2, 4
     phi = random_phi(rng, (l, m, n), np.float64)
     cfg = _cfg(target, l, n, np.float64, 8, 1)
-    d = cuda.to_device(phi.copy())
+    d = _to_dev(phi.copy())
     view = d.transpose((1, 0, 2))
     losses = np.zeros(m)
     fs.get_fused_kernel(cfg)[m, cfg.threads](view, view, losses, 0, 2.0, False, True)
-    check(phi, losses, d.copy_to_host(), reduction="none")
+    check(phi, losses, _to_host(d), reduction="none")
 
 
 def test_host_bugs_give_nan_not_corruption(target, rng):
@@ -209,12 +228,12 @@ def test_host_bugs_give_nan_not_corruption(target, rng):
     assert np.isnan(losses).all()
     assert np.array_equal(out, old)
     # a block of another size than the config's (its strides assume config.threads)
-    d = cuda.to_device(old.copy())
+    d = _to_dev(old.copy())
     cfg = fs.FusedConfig(nmax=16, tile_rows=2, threads=8, acc="float32")
-    fs.get_fused_kernel(cfg)[2, 16](cuda.to_device(phi).transpose((1, 0, 2)), d.transpose((1, 0, 2)),
+    fs.get_fused_kernel(cfg)[2, 16](_to_dev(phi).transpose((1, 0, 2)), d.transpose((1, 0, 2)),
                                     losses, 0, 2.0, False, True)
     assert np.isnan(losses).all()
-    assert np.array_equal(d.copy_to_host(), old)
+    assert np.array_equal(_to_host(d), old)
 
 
 # ---------------------------------------------------------------- the config, no launch

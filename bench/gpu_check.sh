@@ -13,7 +13,7 @@ DRY=${GPU_CHECK_DRY:-0}
 # The device call has a hard limit and only 8 files come back from $OUT: every step gets at most
 # what is left before DEADLINE (seconds from start), and everything is packed into one archive at
 # the end, so the check always finishes and returns its logs.
-DEADLINE=${GPU_CHECK_DEADLINE:-380}  # the check stays under 6 minutes; steps run in priority order
+DEADLINE=${GPU_CHECK_DEADLINE:-390}  # the check stays under 6 minutes; steps run in priority order
 START=$(date +%s)
 status=0
 step() {  # step NAME TIMEOUT CMD...: run, log to $OUT/NAME.log, record the exit code
@@ -82,7 +82,7 @@ else
 fi
 TDEV=cpu; [ "$DEV" = gpu ] && TDEV=cuda
 step bench_torch 70 $PY bench/bench_torch.py --device $TDEV --quick --threads 1 --json "$OUT/bench_torch_$TDEV.json"
-step bench 110 $PY -m gpu_orthol1.cli bench --quick --device $DEV --time-limit 90 --no-progress \
+step bench 110 $PY -m gpu_orthol1.cli bench --quick --device $DEV --time-limit 80 --no-progress \
   --csv "$OUT/bench_$DEV.csv" --json "$OUT/bench_$DEV.json" --plot "$OUT/bench_$DEV.png"
 step sanitize 80 env OUT="$OUT" PY="$PY" GPU_CHECK_DRY="$DRY" SANITIZE_TIMEOUT=35 bash bench/gpu_sanitize.sh
 step bench_core 50 $PY bench/bench_core.py --device $DEV --repeat 7 --json "$OUT/bench_core_$DEV.json"

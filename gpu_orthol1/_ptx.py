@@ -128,7 +128,7 @@ def kernel(dispatcher, argtypes) -> PtxKernel:
     import cupy
 
     dev = cupy.cuda.Device()
-    full = (dev.id, dispatcher, tuple(argtypes))
+    full = (dev.id, id(dispatcher), tuple(argtypes))
     hit = _cache.get(full)
     if hit is None:
         with _lock:

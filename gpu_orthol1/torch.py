@@ -43,7 +43,8 @@ __all__ = ["OrthoL1", "ortho_l1", "keras_orthogonal", "biggan_ortho"]
 
 MODES = ("rows", "columns", "auto")
 _NP_DTYPE = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
-_TORCH_DTYPE = {np.dtype(v): k for k, v in _NP_DTYPE.items()}
+# what the core may ask torch's allocator for: the operand dtypes, and bytes (the cuBLAS workspace)
+_TORCH_DTYPE = {np.dtype(v): k for k, v in _NP_DTYPE.items()} | {np.dtype(np.uint8): torch.uint8}
 _OK_DTYPES = (torch.float16, torch.float32, torch.float64, torch.bfloat16)
 
 

@@ -2,6 +2,7 @@
 
     python3 bench/bench_gpu_plans.py --json $OUT/gpu_plans.json [--quick]     (on the GPU machine)
     python bench/bench_gpu_plans.py --dry                                      (CPU: parses, builds, exits)
+    python bench/bench_gpu_plans.py --sweep-from RESULTS.json --plot SWEEP.png (any machine: the sweep's table)
 
 All in one run on one card, each ratio against a baseline timed in the same run:
 
@@ -236,13 +237,53 @@ def profile_table():
     return "\n".join(out)
 
 
+def sweep_table_and_plot(doc: dict, png: str | None) -> str:
+    """The n sweep of a results file as a Markdown table (fused / two-GEMM / roofline), and the plot."""
+    sw = doc["sweep"]
+    lines = [f"copy bandwidth {sw['copy_bandwidth_GBps']:.0f} GB/s (read + write); times in ms, l*m*n fixed",
+             "", "| l | m | n | roofline ms | two-GEMM ms | fused ms | fused / two-GEMM |", "|---|---|---|---|---|---|---|"]
+    for r in sw["rows"]:
+        f = r.get("fused_ms")
+        lines.append(f"| {r['l']} | {r['m']} | {r['n']} | {r['roofline_ms']:.4f} | {r['gemm_ms']:.3f} | "
+                     + (f"{f:.3f} | {f / r['gemm_ms']:.2f} |" if f is not None else "- | - |"))
+    if png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for l, mark in ((64, "o"), (512, "s")):
+            rows = [r for r in sw["rows"] if r["l"] == l]
+            ns = [r["n"] for r in rows]
+            ax.plot(ns, [r["gemm_ms"] for r in rows], "-" + mark, color="C0", label=f"two-GEMM, l={l}")
+            fr = [r for r in rows if "fused_ms" in r]
+            ax.plot([r["n"] for r in fr], [r["fused_ms"] for r in fr], "--" + mark, color="C1", label=f"fused, l={l}")
+            ax.plot(ns, [r["roofline_ms"] for r in rows], ":", color="k", label="memory roofline" if l == 64 else None)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("n (l*m*n fixed)")
+        ax.set_ylabel("ms per call")
+        ax.set_title(f"{doc.get('gpu', '?')}, float32, {doc.get('date', '')[:10]}", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(png, dpi=120)
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json")
     ap.add_argument("--profile-txt")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dry", action="store_true", help="CPU machine: check the script imports, then exit")
+    ap.add_argument("--sweep-from", metavar="JSON", help="print the n-sweep table of a results file (any machine)")
+    ap.add_argument("--plot", metavar="PNG", help="with --sweep-from: also plot the sweep")
     a = ap.parse_args(argv)
+    if a.sweep_from:
+        with open(a.sweep_from) as f:
+            print(sweep_table_and_plot(json.load(f), a.plot))
+        return 0
     if a.dry:
         import gpu_orthol1  # noqa: F401
 

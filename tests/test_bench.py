@@ -400,14 +400,23 @@ def _check_cells(cells, cols, h, rows):
 
 
 def test_readme_gpu_table_is_one_unflagged_run():
-    rows, hl = _published("bench/results/gpu-h200-quick.json")
-    cols = ["ms", "limit:limit-cublas", "x_limit", "tf32_ms", "limit:limit-cublas-tf32", "method:cupy-naive",
-            "torch-eager", "torch-compile", "jax-jit"]
-    table = _readme_table("**GPU: NVIDIA H200**")
-    assert len(table) == 4
+    rows, hl = _published("bench/results/gpu-h100-quick.json")
+    cols = ["ms", "limit:limit-cublas", "x_limit", "tf32_ms", "limit:limit-cublas-tf32", "torch-eager",
+            "torch-compile", "jax-jit"]
+    table = _readme_table("**GPU: NVIDIA H100**")
+    assert len(table) == 3
     for cells in table:
         h = next(h for h in hl if h["shape"] == _shape(cells[0]) and h["dtype"] == cells[0].split(", ")[1])
         _check_cells(cells[1:], cols, h, rows)
+
+
+def test_readme_gpu_per_call_table_is_its_file():
+    doc = json.loads((ROOT / "bench/results/gpu-h100-plans.json").read_text())
+    table = _readme_table("**GPU per-call cost: NVIDIA H100**")
+    assert len(table) == 3
+    for cells, key in zip(table, ("loss_and_grad", "plan", "graph_replay")):
+        _printed(cells[1], doc["host"][key]["host_ms"])
+        _printed(cells[2], doc["host"][key]["device_ms"])
 
 
 def test_readme_cpu_peer_table_is_one_unflagged_run():

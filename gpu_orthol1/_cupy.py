@@ -11,7 +11,6 @@ both on CuPy's current stream.
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from . import _gemm, _ptx

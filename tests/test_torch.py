@@ -768,3 +768,43 @@ def test_ortho_l1_compiles_without_graph_break(tseed):
     with torch.no_grad():  # the no-grad variant traces too (no gradient formed)
         torch.testing.assert_close(compiled(w), ref.detach(), rtol=1e-14, atol=0)
     torch.library.opcheck(torch.ops.gpu_orthol1.ortho_l1.default, (w, 0.4, "sum", "matrix", 0, True, True))
+
+
+def test_orthol1_views_follow_the_parameters_memory(tseed):
+    """OrthoL1 keeps each parameter's slice view between calls: in-place updates show through it,
+    `param.data = ...` (new memory) and a new layout make a new one, and a .grad whose strides
+    differ from the parameter's is added through a temporary in the parameter's layout (its
+    flattened columns would come in another order: a wrong gradient before this test); every result
+    against the naive loop."""
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.Linear(6, 7)).double()
+    conv, lin = model[0].weight, model[1].weight
+    reg = OrthoL1(model, 0.3)
+
+    def expect():
+        return naive_model_loss([(conv.detach(), True), (lin.detach(), False)], 0.3)
+
+    torch.testing.assert_close(reg.loss().detach(), expect())
+    first = [t.param_view()[0] for t in reg.targets]
+    assert all(a is t.param_view()[0] for a, t in zip(first, reg.targets))  # kept, not remade
+    with torch.no_grad():
+        lin.mul_(1.7)  # in place: the kept view sees it
+    torch.testing.assert_close(reg.loss().detach(), expect())
+    assert reg.targets[1].param_view()[0] is first[1]
+    lin.data = torch.randn(7, 6, dtype=torch.float64)  # new memory: a new view
+    torch.testing.assert_close(reg.loss().detach(), expect())
+    assert reg.targets[1].param_view()[0] is not first[1]
+    conv.data = conv.data.to(memory_format=torch.channels_last)  # new strides: a new view
+    torch.testing.assert_close(reg.loss().detach(), expect())
+    # a .grad laid out unlike the parameter (contiguous grad, channels_last weight): the general view
+    model.zero_grad(set_to_none=True)
+    conv.grad = torch.zeros(conv.shape, dtype=torch.float64)
+    assert conv.grad.stride() != conv.stride()
+    with pytest.warns(ol1.CopyWarning, match="'0.weight' has a .grad laid out unlike the parameter"):
+        reg.add_grad_()
+    got = [conv.grad.clone(), lin.grad.clone()]
+    model.zero_grad(set_to_none=True)
+    naive_model_loss([(conv, True), (lin, False)], 0.3).backward()
+    torch.testing.assert_close(got[0], conv.grad)
+    torch.testing.assert_close(got[1], lin.grad)

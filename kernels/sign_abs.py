@@ -50,6 +50,21 @@ def block_sum(buf, x, t, tpb):
     return buf[0]
 
 
+@cuda.jit(device=True)
+def slice_done(s, b, total, nn, t, tpb, write_s, losses, loss_offset):
+    """The NaN policy and the loss of slice b, once its block has the slice's `total`: a non-finite
+    slice gets NaN in every entry of S (when S is written) and as its loss. Inf - Inf never happens
+    in these sums of non-negative terms, so any non-finite slice shows as NaN or +Inf here."""
+    if not math.isfinite(total):
+        k = t if write_s else nn
+        while k < nn:
+            s[b, k] = math.nan
+            k += tpb
+        total = math.nan
+    if t == 0:
+        losses[loss_offset + b] = total
+
+
 _kernels: dict = {}
 
 
@@ -161,17 +176,7 @@ def _make_kernel(tpb, l2=False, offdiag=False, normalize=False, ncol=1):
                 k += tpb
 
         buf = cuda.shared.array(tpb, float64)
-        total = block_sum(buf, acc, t, tpb)
-        # Inf - Inf never happens in these sums of non-negative terms, so any non-finite slice
-        # shows as NaN or +Inf here.
-        if not math.isfinite(total):
-            k = t if write_s else nn
-            while k < nn:
-                s[b, k] = math.nan
-                k += tpb
-            total = math.nan
-        if t == 0:
-            losses[loss_offset + b] = total
+        slice_done(s, b, block_sum(buf, acc, t, tpb), nn, t, tpb, write_s, losses, loss_offset)
 
     return sign_abs_sum
 
@@ -280,16 +285,7 @@ def _make_finish_kernel(tpb):
             acc += partials[b, p]
             p += tpb
         buf = cuda.shared.array(tpb, float64)
-        total = block_sum(buf, acc, t, tpb)
-        if not math.isfinite(total):
-            nn = n * n
-            k = t if write_s else nn
-            while k < nn:
-                s[b, k] = math.nan
-                k += tpb
-            total = math.nan
-        if t == 0:
-            losses[loss_offset + b] = total
+        slice_done(s, b, block_sum(buf, acc, t, tpb), n * n, t, tpb, write_s, losses, loss_offset)
 
     return sign_abs_finish
 

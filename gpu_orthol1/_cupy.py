@@ -4,9 +4,11 @@ A plan makes one device and keeps it. `bind()` at the start of each call binds C
 handle to CuPy's current stream (once per call, not per GEMM) and selects host pointer mode for
 the scalars; `set_blas_workspace` then gives cuBLAS a workspace of the call's own, so that a
 CUDA graph capture of the call never makes cuBLAS allocate. cuBLAS is called through ctypes
-(`_cublas`: CuPy's wrappers refuse calls during a capture), and the kernels are launched by CuPy
-from PTX compiled once per signature (`_ptx`: Numba's dispatcher cost about 0.2 ms per launch),
-both on CuPy's current stream.
+(`_cublas`: CuPy's wrappers refuse calls during a capture) with argument lists prepared once per
+GEMM shape (only the three addresses are filled per call), and the kernels are launched from PTX
+compiled once per signature with a parameter block packed in one step (`_ptx`: Numba's dispatcher
+cost about 0.2 ms per launch), both on CuPy's current stream. The loss is reduced by one kernel
+launch (`loss_total`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 _F16 = np.dtype(np.float16)
 _PTR_CACHE_MAX = 64
+_PREPARED_MAX = 256  # prepared GEMM argument sets kept per device (one plan: two per chunk position)
 
 
 def _cuda_enums():
@@ -60,6 +63,7 @@ class CupyDevice:
         self.blas_workspace_bytes = BLAS_WORKSPACE_BYTES[int(cupy.cuda.Device().compute_capability) >= 90]
         self._launch: dict = {}  # (kernel, n, variant, dtypes) -> (PtxKernel(s), threads, ...)
         self._ptr_cache: dict = {}
+        self._prepared: dict = {}  # (which GEMM, layouts, chunk, sizes, coefficients) -> prepared arguments
         self._alpha = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
         self._beta = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
 
@@ -111,18 +115,43 @@ class CupyDevice:
             return self._compute["f64"]
         return self._compute["f32"] if A_dtype == _F32 else self._compute["f16"]
 
-    def _strided(self, call: _gemm.Gemm, bufs: dict) -> None:
+    def _prepare(self, call: _gemm.Gemm, bufs: dict):
+        """The argument list of one gemmStridedBatchedEx with the handle and the three operand
+        addresses left to fill: (args, [(position, buffer key, byte offset)], coefficients). The
+        coefficients live in host memory of their own, read by cuBLAS at each call (or recorded
+        once by a graph capture), so a prepared call never changes under another."""
         A, B, C = bufs[call.a.buf], bufs[call.b.buf], bufs[call.c.buf]
-        alpha, beta = self._scalars(C.dtype, call.alpha, call.beta)
+        scal = np.float64 if C.dtype == _F64 else np.float32
+        coef = np.array([call.alpha, call.beta], dtype=scal)
         en = self._dtype_enum
-        self._cublas.gemmStridedBatchedEx(
-            self._handle, call.transa, call.transb, call.m, call.n, call.k, alpha,
-            A.data.ptr + call.a.offset * A.itemsize, en[A.dtype], call.a.ld, call.a.stride,
-            B.data.ptr + call.b.offset * B.itemsize, en[B.dtype], call.b.ld, call.b.stride,
-            beta,
-            C.data.ptr + call.c.offset * C.itemsize, en[C.dtype], call.c.ld, call.c.stride,
-            call.batch, self._compute_type(A.dtype, C.dtype), -1,
-        )
+        args = [0, call.transa, call.transb, call.m, call.n, call.k, coef.ctypes.data,
+                0, en[A.dtype], call.a.ld, call.a.stride,
+                0, en[B.dtype], call.b.ld, call.b.stride,
+                coef.ctypes.data + coef.itemsize,
+                0, en[C.dtype], call.c.ld, call.c.stride,
+                call.batch, self._compute_type(A.dtype, C.dtype), -1]
+        slots = [(7, call.a.buf, call.a.offset * A.itemsize), (11, call.b.buf, call.b.offset * B.itemsize),
+                 (16, call.c.buf, call.c.offset * C.itemsize)]
+        return args, slots, coef
+
+    def _run_prepared(self, prep, bufs: dict) -> None:
+        template, slots, _coef = prep
+        args = list(template)
+        args[0] = self._handle
+        for pos, key, off in slots:
+            args[pos] = bufs[key].data.ptr + off
+        self._cublas.gemmStridedBatchedEx(*args)
+
+    def _strided_cached(self, key, make_call, bufs: dict) -> None:
+        """A strided GEMM whose arguments (all but the addresses) are prepared once per `key`: a plan
+        calls the same few GEMMs again and again, and building their argument sets cost more host
+        time than handing them to cuBLAS (bench/results/gpu-h100-profile.txt)."""
+        prep = self._prepared.get(key)
+        if prep is None:
+            if len(self._prepared) >= _PREPARED_MAX:
+                self._prepared.clear()
+            prep = self._prepared[key] = self._prepare(make_call(), bufs)
+        self._run_prepared(prep, bufs)
 
     def _pointers(self, call: _gemm.BatchedGemm, bufs: dict) -> None:
         """One cuBLAS ?gemmBatched over separate matrices. cupy_backends exposes the pointer-array
@@ -162,7 +191,9 @@ class CupyDevice:
     def gram(self, src, cc, ws):
         if isinstance(src, StridedChunk):
             m_, l, n = src.arr.shape
-            self._strided(_gemm.gram_call(src.lay, src.first, cc, l, n), {"phi": src.arr, "ws": ws})
+            key = ("gram", src.lay, src.first, cc, l, n, _dtype(src.arr), _dtype(ws))
+            self._strided_cached(key, lambda: _gemm.gram_call(src.lay, src.first, cc, l, n),
+                                 {"phi": src.arr, "ws": ws})
         else:
             l, n = src.mats[0].shape
             bufs = {("p", k): a for k, a in enumerate(src.mats)}
@@ -173,8 +204,11 @@ class CupyDevice:
     def grad(self, src, dst, cc, sgn, alpha, beta):
         if isinstance(src, StridedChunk):
             m_, l, n = src.arr.shape
-            call = _gemm.grad_call(src.lay, src.first, dst.lay, dst.first, cc, l, n, alpha, beta)
-            self._strided(call, {"phi": src.arr, "sgn": sgn, "out": dst.arr})
+            key = ("grad", src.lay, src.first, dst.lay, dst.first, cc, l, n, alpha, beta, _dtype(src.arr),
+                   _dtype(sgn))
+            self._strided_cached(key, lambda: _gemm.grad_call(src.lay, src.first, dst.lay, dst.first, cc, l, n,
+                                                              alpha, beta),
+                                 {"phi": src.arr, "sgn": sgn, "out": dst.arr})
         else:
             l, n = src.mats[0].shape
             bufs = {("p", k): a for k, a in enumerate(src.mats)}
@@ -197,7 +231,7 @@ class CupyDevice:
             sig = (A(_dtype(V), 3, "A"), A(_dtype(out), 3, "A"), A(np.float64, 1), self._i64, _ptx_float(cfg.acc),
                    self._bool, self._bool)
             kern = self._launch[key] = _ptx.kernel(fused_small.get_fused_kernel(cfg), sig)
-        kern(m, cfg.threads, V, out, losses, 0, alpha, bool(accumulate), bool(write_grad))
+        kern.launch(self._stream_ptr, m, cfg.threads, V, out, losses, 0, alpha, accumulate, write_grad)
 
     def sign_parts(self, n, variant):
         return self._mod.split(n, variant.flags()[2], self._max_block)[1]
@@ -223,7 +257,7 @@ class CupyDevice:
         kern, tpb = hit
         # One block per slice (a fixed-order, atomic-free loss): a launch for a few slices has a
         # small grid by intent.
-        kern(grid, tpb, ws, sgn, n, losses, offset, scale, bool(write_s))
+        kern.launch(self._stream_ptr, grid, tpb, ws, sgn, n, losses, offset, scale, write_s)
 
     def _sign_abs_split(self, ws, sgn, n, losses, offset, scale, write_s, variant, partials):
         """Large slices: `parts` blocks per slice write partial sums, then one block per slice sums
@@ -242,8 +276,22 @@ class CupyDevice:
             fin = _ptx.kernel(kf, (s, i64, f64_2d, f64_1d, i64, b))
             hit = self._launch[key] = (part, fin, tpb, parts, per)
         part, fin, tpb, parts, per = hit
-        part(grid * parts, tpb, ws, sgn, n, partials, per, scale, bool(write_s))
-        fin(grid, tpb, sgn, n, partials, losses, offset, bool(write_s))
+        part.launch(self._stream_ptr, grid * parts, tpb, ws, sgn, n, partials, per, scale, write_s)
+        fin.launch(self._stream_ptr, grid, tpb, sgn, n, partials, losses, offset, write_s)
+
+    def loss_total(self, losses, count, scale, out, each):
+        """out[0] = scale * sum(losses[:count]) summed in a fixed order, or out[i] = scale * losses[i]
+        when `each`; out is float32 or float64, rounded once. One launch on CuPy's current stream
+        (it replaced a CuPy sum, a multiply and a cast: three launches, two of them cub's)."""
+        key = ("total", bool(each), _dtype(out))
+        kern = self._launch.get(key)
+        if kern is None:
+            sig = (_ptx.array_type(np.float64, 1), self._i64, self._f64, _ptx.array_type(_dtype(out), 1))
+            kern = self._launch[key] = _ptx.kernel(self._mod.get_total_kernel(self._mod.TOTAL_THREADS, each), sig)
+        tpb = self._mod.TOTAL_THREADS
+        grid = -(-count // tpb) if each else 1
+        if grid:
+            kern(grid, tpb, losses, count, scale, out)
 
 
 def _numba_types():

@@ -484,7 +484,12 @@ class Plan:
 
     def _reduce(self, losses, beta):
         xp = self.xp
-        if self.reduction == "none":
+        if hasattr(self.dev, "loss_total"):  # the GPU device (or its emulator): one launch
+            each = self.reduction == "none"
+            buf = xp.empty(self.m if each else 1, dtype=self.ldt)
+            self.reduce_into(losses, beta, buf)
+            loss = buf if each else buf.reshape(())
+        elif self.reduction == "none":
             loss = (losses * beta).astype(self.ldt)
         else:
             total = losses.sum() * beta
@@ -496,6 +501,11 @@ class Plan:
         if xp is np:
             return np.asarray(loss)
         return loss
+
+    def reduce_into(self, losses, beta, buf):
+        """The GPU's loss from the per-slice losses into `buf` (1 entry, or m for reduction="none")."""
+        scale = beta / (self.m if self.reduction == "mean" and self.m else 1)
+        self.dev.loss_total(losses, self.m, scale, buf, self.reduction == "none")
 
     def graph(self, phi, out=None, accumulate=False):
         """Capture one call for these arrays into a CUDA graph: a `GraphedCall` whose `replay()`
@@ -538,8 +548,8 @@ class GraphedCall:
         target = out if out is not None else (cupy.empty_like(phi) if want_grad else None)
         self.grad = target
         self.losses = cupy.empty(plan.m, dtype=np.float64)
-        self.loss = cupy.empty(() if plan.reduction != "none" else (plan.m,), dtype=plan.ldt)
-        self._total = cupy.empty((), dtype=np.float64)
+        self._loss_buf = cupy.empty(plan.m if plan.reduction == "none" else 1, dtype=plan.ldt)
+        self.loss = self._loss_buf if plan.reduction == "none" else self._loss_buf.reshape(())
         bufs: list = []
 
         def record(shape, dtype):
@@ -562,20 +572,11 @@ class GraphedCall:
             stream.begin_capture()
             try:
                 plan.execute(phi, target, accumulate, plan.beta, want_grad, alloc=again, losses=self.losses)
-                self._reduce_into(cupy)
+                plan.reduce_into(self.losses, plan.beta, self._loss_buf)
             finally:
                 self.graph = stream.end_capture()
         self._stream = stream
         self._keep = bufs  # the graph reads and writes these addresses
-
-    def _reduce_into(self, cupy):
-        p = self.plan
-        if p.reduction == "none":
-            cupy.multiply(self.losses, p.beta, out=self.loss, casting="same_kind")
-            return
-        cupy.sum(self.losses, out=self._total)  # into a buffer made before the capture
-        scale = p.beta / (p.m if p.reduction == "mean" and p.m else 1)
-        cupy.multiply(self._total, scale, out=self.loss, casting="same_kind")
 
     def replay(self):
         import cupy

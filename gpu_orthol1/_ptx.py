@@ -1,5 +1,6 @@
 """Our Numba kernels launched without Numba's dispatcher: compiled once per signature to PTX
-(`numba.cuda.compile_ptx`), loaded and launched by CuPy (`cupy.RawModule`).
+(`numba.cuda.compile_ptx`), loaded by CuPy (`cupy.RawModule`) and launched by the driver's
+cuLaunchKernel with a parameter block packed in one step.
 
 Why: on an H100 (bench/results/gpu-h100-check.md) one launch through Numba's dispatcher cost about
 0.2 ms of host time (argument typing, `from_cuda_array_interface` per array, ctypes marshalling),
@@ -9,7 +10,8 @@ kernels/ (the simulator runs the same functions in CI); only the launcher change
 A Numba kernel's PTX entry takes each argument flattened the way Numba's own launcher passes it:
 an array as (meminfo, parent, nitems, itemsize, data, shape..., strides...) -- meminfo and parent
 are unused on the device and passed as 0, strides in bytes -- and a scalar as its own type.
-`flatten` does that; `tests/test_ptx_launch.py` checks it against the PTX's parameter list.
+`flatten` gives the values and `param_format` their layout; `tests/test_ptx_launch.py` checks both
+against the PTX's parameter list.
 """
 
 from __future__ import annotations
@@ -45,40 +47,66 @@ def _fields(a):
     raise TypeError(f"cannot pass a {type(a).__name__} to a GPU kernel")
 
 
-def _packer(ty):
-    """A function appending the parameters of one argument of Numba type `ty` to a list."""
+# One 8-byte slot per parameter (kernelParams points at each): the struct code of each kind of
+# scalar, padded to its slot. Numba passes an integer or a pointer as 64 bits, a boolean as a byte.
+_SLOT = {"int64": "q", "uint64": "Q", "int32": "i4x", "uint32": "I4x", "float64": "d", "float32": "f4x",
+         "bool": "?7x"}
+
+
+def _codes(ty) -> list[str]:
+    """The struct codes of the parameters one argument of Numba type `ty` becomes."""
     from numba import types
 
+    if isinstance(ty, types.Array):  # meminfo, parent, nitems, itemsize, data, shape..., strides...
+        return ["Q", "Q", "q", "q", "Q"] + ["q"] * (2 * ty.ndim)
+    name = "bool" if isinstance(ty, types.Boolean) else str(ty)
+    if not isinstance(ty, (types.Boolean, types.Integer, types.Float)) or name not in _SLOT:
+        raise TypeError(f"no launcher for kernel argument type {ty}")
+    return [_SLOT[name]]
+
+
+def _packer(ty):
+    """A function appending the parameter values of one argument of Numba type `ty` to a list."""
+    from numba import types
+
+    _codes(ty)  # refuses what it cannot pass
     if isinstance(ty, types.Array):
         ndim = ty.ndim
-        u64, i64 = np.uint64, np.int64
 
         def pack(a, flat):
             ptr, shape, strides, size, isz = _fields(a)
             if len(shape) != ndim:
                 raise ValueError(f"kernel argument has {len(shape)} dimensions, the kernel {ndim}")
-            flat += (u64(0), u64(0), i64(size), i64(isz), u64(ptr))
-            flat += map(i64, shape)
-            flat += map(i64, strides)
+            flat += (0, 0, size, isz, ptr)
+            flat += shape
+            flat += strides
         return pack
-    if isinstance(ty, types.Boolean):
-        scalar = np.bool_
-    elif isinstance(ty, (types.Integer, types.Float)):
-        scalar = np.dtype(str(ty)).type
-    else:
-        raise TypeError(f"no launcher for kernel argument type {ty}")
+    conv = bool if isinstance(ty, types.Boolean) else float if isinstance(ty, types.Float) else int
 
     def pack_scalar(a, flat):
-        flat.append(scalar(a))
+        flat.append(conv(a))
     return pack_scalar
 
 
 def flatten(argtypes, args, packers=None) -> tuple:
-    """The kernel parameters Numba's ABI expects for `args` typed as `argtypes`."""
+    """The kernel parameter values Numba's ABI expects for `args` typed as `argtypes`."""
     flat: list = []
     for pack, a in zip(packers or [_packer(t) for t in argtypes], args):
         pack(a, flat)
     return tuple(flat)
+
+
+def param_format(argtypes) -> str:
+    """The struct format of the kernel's parameter block: one 8-byte slot per parameter."""
+    return "<" + "".join(c for t in argtypes for c in _codes(t))
+
+
+PTX_TYPE = {"q": ".u64", "Q": ".u64", "d": ".f64", "f": ".f32", "i": ".u32", "I": ".u32", "?": ".u8"}
+
+
+def slot_ptx_types(argtypes) -> list[str]:
+    """The PTX type of each slot `param_format` lays out (what the PTX entry must declare)."""
+    return [PTX_TYPE[c[0]] for t in argtypes for c in _codes(t)]
 
 
 def entry_params(ptx: str) -> list[str]:
@@ -99,11 +127,22 @@ def _cc(device_cc: tuple[int, int]) -> tuple[int, int]:
 
 
 class PtxKernel:
-    """One Numba kernel (a `cuda.jit` dispatcher) for one signature, launched by CuPy on the current
-    stream: `kernel(grid, block, *args)`."""
+    """One Numba kernel (a `cuda.jit` dispatcher) for one signature, loaded by CuPy and launched with
+    the driver's cuLaunchKernel on a given stream: `kernel.launch(stream_ptr, grid, block, *args)`.
+
+    The parameters are packed by one `struct.pack_into` into a block made once (one 8-byte slot
+    each, `kernelParams` pointing at the slots), not converted one by one by CuPy's launcher: that
+    conversion, 31 parameters for the sign pass, was the launch's main host cost on an H100
+    (bench/results/gpu-h100-profile.txt). The driver copies the parameters when the launch is
+    enqueued (also into a graph being captured), so the block is reused at once; a lock keeps two
+    threads launching the same kernel from packing into it together."""
 
     def __init__(self, dispatcher, argtypes, device_cc):
+        import ctypes
+        import struct
+
         import cupy
+        from cupy_backends.cuda.api import driver
         from numba import cuda
 
         ptx, _ = cuda.compile_ptx(dispatcher.py_func, tuple(argtypes), cc=_cc(device_cc))
@@ -117,9 +156,27 @@ class PtxKernel:
         self.argtypes = tuple(argtypes)
         self._packers = [_packer(t) for t in self.argtypes]
         self.ptx = ptx
+        self._struct = struct.Struct(param_format(self.argtypes))
+        nparams = self._struct.size // 8
+        self._block = ctypes.create_string_buffer(max(8, self._struct.size))
+        base = ctypes.addressof(self._block)
+        self._params = (ctypes.c_void_p * max(1, nparams))(*(base + 8 * i for i in range(nparams)))
+        self._params_ptr = ctypes.addressof(self._params)
+        self._fptr = self._fn.ptr
+        self._driver_launch = driver.launchKernel
+        self._lock = threading.Lock()
+
+    def launch(self, stream_ptr, grid, block, *args):
+        vals = flatten(self.argtypes, args, self._packers)
+        with self._lock:
+            self._struct.pack_into(self._block, 0, *vals)
+            self._driver_launch(self._fptr, grid, 1, 1, block, 1, 1, 0, stream_ptr, self._params_ptr, 0)
 
     def __call__(self, grid, block, *args):
-        self._fn((int(grid),), (int(block),), flatten(self.argtypes, args, self._packers))
+        """Launch on CuPy's current stream."""
+        import cupy
+
+        self.launch(cupy.cuda.get_current_stream().ptr, int(grid), int(block), *args)
 
 
 def kernel(dispatcher, argtypes) -> PtxKernel:

@@ -62,6 +62,22 @@ def emulate_gemm(call: Gemm, bufs: dict) -> None:
 def emulate_pointer_gemm(call: _gemm.BatchedGemm, ptrs: np.ndarray, bufs: dict) -> None:
     """Execute a pointer-array GEMM as cuBLAS would: resolve each raw address in `ptrs` back to a
     (NumPy) buffer and element offset, then run that entry. A wrong address fails or misreads here."""
+    resolve = _resolver(bufs)
+    t = call.template
+    for e in range(call.batch):
+        a, b, c = (resolve(int(ptrs[r, e])) for r in range(3))
+        emulate_gemm(replace(t, a=Operand(a.buf, a.offset, t.a.ld, 0), b=Operand(b.buf, b.offset, t.b.ld, 0),
+                             c=Operand(c.buf, c.offset, t.c.ld, 0), batch=1), bufs)
+
+
+# cuBLAS's values of the enums the GPU device passes (cudaDataType, cublasComputeType_t)
+CUDA_DTYPE = {np.dtype(np.float32): 0, np.dtype(np.float64): 1, np.dtype(np.float16): 2}
+COMPUTE_32F, COMPUTE_64F = 68, 70
+HANDLE = 0x5A5A  # the emulator's stand-in for a cuBLAS handle
+
+
+def _resolver(bufs: dict):
+    """address -> Ref(buffer key, element offset) over NumPy buffers; a stray address fails."""
     spans, seen = [], set()
     for key, arr in bufs.items():
         lo = arr.ctypes.data
@@ -81,11 +97,29 @@ def emulate_pointer_gemm(call: _gemm.BatchedGemm, ptrs: np.ndarray, bufs: dict) 
             raise AssertionError(f"address {p:#x} is not element-aligned in buffer {key!r}")
         return _gemm.Ref(key, (p - lo) // isz)
 
-    t = call.template
-    for e in range(call.batch):
-        a, b, c = (resolve(int(ptrs[r, e])) for r in range(3))
-        emulate_gemm(replace(t, a=Operand(a.buf, a.offset, t.a.ld, 0), b=Operand(b.buf, b.offset, t.b.ld, 0),
-                             c=Operand(c.buf, c.offset, t.c.ld, 0), batch=1), bufs)
+    return resolve
+
+
+def gemm_from_args(args, bufs: dict) -> Gemm:
+    """The `Gemm` a cublasGemmStridedBatchedEx argument list describes, in cuBLAS's order (handle,
+    transa, transb, m, n, k, alpha, A, Atype, lda, strideA, B, Btype, ldb, strideB, beta, C, Ctype,
+    ldc, strideC, batchCount, computeType, algo), checked against the buffers it points into."""
+    import ctypes
+
+    assert len(args) == 23 and args[0] == HANDLE and args[22] == -1
+    resolve = _resolver(bufs)
+    ops = []
+    for pos in (7, 11, 16):
+        ref = resolve(int(args[pos]))
+        dt = bufs[ref.buf].dtype
+        assert args[pos + 1] == CUDA_DTYPE[dt], f"operand at argument {pos} is {dt}, its enum {args[pos + 1]}"
+        ops.append(Operand(ref.buf, ref.offset, args[pos + 2], args[pos + 3]))
+    c_dt = bufs[ops[2].buf].dtype
+    want = COMPUTE_64F if c_dt == _F64 else COMPUTE_32F
+    assert args[21] == want, f"compute type {args[21]} for a {c_dt} output"
+    scal = ctypes.c_double if c_dt == _F64 else ctypes.c_float
+    alpha, beta = scal.from_address(args[6]).value, scal.from_address(args[15]).value
+    return Gemm(args[1], args[2], args[3], args[4], args[5], alpha, ops[0], ops[1], beta, ops[2], args[20])
 
 
 class EmulatedGpuDevice(CupyDevice):
@@ -109,6 +143,10 @@ class EmulatedGpuDevice(CupyDevice):
         self.gemm_calls: list[tuple[str, int]] = []  # ("strided" | "pointers", batch) per GEMM
         self.blas_workspace_bytes = 64  # small: the workspace is allocated and handed over all the same
         self.blas_workspaces: list = []  # what set_blas_workspace received, in order (None: released)
+        self._dtype_enum = dict(CUDA_DTYPE)
+        self._compute = {"f64": COMPUTE_64F, "f32": COMPUTE_32F, "f16": COMPUTE_32F}
+        self._prepared: dict = {}
+        self._handle = HANDLE
 
     def set_blas_workspace(self, buf):
         assert buf is None or (buf.dtype == np.uint8 and buf.shape == (self.blas_workspace_bytes,))
@@ -117,7 +155,15 @@ class EmulatedGpuDevice(CupyDevice):
     def bind(self):
         pass
 
-    def _strided(self, call: Gemm, bufs: dict) -> None:
+    def _run_prepared(self, prep, bufs: dict) -> None:
+        """Fill the prepared argument list as the GPU device does, then read it back the way
+        cuBLAS would (addresses resolved to buffers, coefficients read from their host memory)."""
+        template, slots, _coef = prep
+        args = list(template)
+        args[0] = self._handle
+        for pos, key, off in slots:
+            args[pos] = bufs[key].ctypes.data + off
+        call = gemm_from_args(args, bufs)
         self.gemm_calls.append(("strided", call.batch))
         emulate_gemm(call, bufs)
 
@@ -137,6 +183,12 @@ class EmulatedGpuDevice(CupyDevice):
         tpb, ncol = self._mod.launch(n, normalize, self._max_block)
         self._mod.get_kernel(tpb, l2, offdiag, normalize, ncol)[ws.shape[0], tpb](
             ws, sgn, n, losses, offset, scale, write_s)
+
+    def loss_total(self, losses, count, scale, out, each):
+        tpb = self._max_block
+        grid = -(-count // tpb) if each else 1
+        if grid:
+            self._mod.get_total_kernel(tpb, each)[grid, tpb](losses, count, scale, out)
 
     def fused(self, cfg, V, Vout, losses, alpha, accumulate, write_grad):
         from .kernels import fused_small

@@ -299,3 +299,44 @@ def get_split_kernels(tpb: int, l2: bool = False, offdiag: bool = False):
     if kern is None:
         kern = _kernels[key] = (_make_part_kernel(tpb, bool(l2), bool(offdiag)), _make_finish_kernel(tpb))
     return kern
+
+
+# -- the loss: per-slice losses to the returned value in one launch ------------------------------
+
+TOTAL_THREADS = 256
+
+
+def _make_total_kernel(tpb, each):
+    @cuda.jit
+    def loss_total(losses, count, scale, out):
+        """each=False (one block): out[0] = scale * the sum of losses[:count], summed in a fixed order
+        (thread t takes entries t, t + tpb, ..., then the block's tree), so the same losses give the
+        same bits on every call. each=True: out[i] = scale * losses[i]. Rounded to out's dtype once."""
+        t = cuda.threadIdx.x
+        if each:
+            i = cuda.blockIdx.x * tpb + t
+            if i < count:
+                out[i] = losses[i] * scale
+            return
+        acc = float64(0.0)
+        i = t
+        while i < count:
+            acc += losses[i]
+            i += tpb
+        buf = cuda.shared.array(tpb, float64)
+        total = block_sum(buf, acc, t, tpb)
+        if t == 0:
+            out[0] = total * scale
+
+    return loss_total
+
+
+def get_total_kernel(tpb: int = TOTAL_THREADS, each: bool = False):
+    """The loss's reduction (`each`: scale each slice's loss, reduction="none"), compiled once."""
+    if tpb not in BLOCK_SIZES:
+        raise ValueError(f"threads per block must be one of {BLOCK_SIZES}, got {tpb}")
+    key = ("total", tpb, bool(each))
+    kern = _kernels.get(key)
+    if kern is None:
+        kern = _kernels[key] = _make_total_kernel(tpb, bool(each))
+    return kern

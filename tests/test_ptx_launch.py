@@ -18,18 +18,29 @@ types = numba.types
 
 
 def test_flatten_follows_numbas_array_abi():
+    import struct
+
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
     b = np.zeros((2, 3, 5), np.float64)[:, ::-1, ::2]  # any strides, negative too
     sig = (_ptx.array_type(np.float32, 2), types.int64, _ptx.array_type(np.float64, 3, "A"), types.float32,
            types.float64, types.boolean)
-    flat = _ptx.flatten(sig, (a, 7, b, 0.5, 2.0, True))
+    flat = _ptx.flatten(sig, (a, 7, b, 0.5, 2.0, np.True_))
     want = [0, 0, 12, 4, a.ctypes.data, 3, 4, 16, 4, 7,
             0, 0, b.size, 8, b.ctypes.data, *b.shape, *b.strides, 0.5, 2.0, True]
-    assert [x.item() for x in flat] == want
-    kinds = [type(x) for x in flat]
-    assert kinds[:2] == [np.uint64, np.uint64] and kinds[4] == np.uint64 and kinds[9] == np.int64
-    assert kinds[-3:] == [np.float32, np.float64, np.bool_]
-    assert b.strides[1] < 0 and flat[10 + 5 + 3 + 1].item() == b.strides[1]
+    assert list(flat) == want
+    assert [type(x) for x in flat[-3:]] == [float, float, bool]
+    assert b.strides[1] < 0 and flat[10 + 5 + 3 + 1] == b.strides[1]
+    # the parameter block: one 8-byte slot per parameter, each value at the start of its slot
+    fmt = _ptx.param_format(sig)
+    assert struct.calcsize(fmt) == 8 * len(want)
+    block = struct.pack(fmt, *flat)
+    slots = [block[8 * i:8 * i + 8] for i in range(len(want))]
+    assert struct.unpack("<Q", slots[4])[0] == a.ctypes.data
+    assert struct.unpack("<q", slots[10 + 5 + 4])[0] == b.strides[1]
+    assert struct.unpack("<f", slots[-3][:4])[0] == 0.5 and slots[-3][4:] == bytes(4)
+    assert struct.unpack("<d", slots[-2])[0] == 2.0
+    assert slots[-1] == b"\x01" + bytes(7)
+    assert _ptx.slot_ptx_types(sig) == _ptx_types(sig)
 
 
 def test_flatten_refuses_what_it_cannot_pass():
@@ -112,4 +123,4 @@ def test_gpu_ptx_parameters_match_the_flattening(rng):
         ol1.plan(phi, 0.5, kernel="fused")(phi)
     assert len(_ptx._cache) >= 5
     for kern in _ptx._cache.values():
-        assert _ptx.entry_params(kern.ptx) == _ptx_types(kern.argtypes)
+        assert _ptx.entry_params(kern.ptx) == _ptx_types(kern.argtypes) == _ptx.slot_ptx_types(kern.argtypes)

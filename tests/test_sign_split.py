@@ -4,6 +4,8 @@ split, so the part and finish kernels run on every CI run; the `gpu` test runs t
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -155,3 +157,33 @@ def test_gpu_split_pass_matches_one_block_pass(n, rng):
     kf[6, tpb](g2, n, partials, l2, 0, True)
     cupy.testing.assert_array_equal(g2, g1)
     cupy.testing.assert_allclose(l2, l1, rtol=1e-12)
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize("count", [0, 1, 7, 37])
+def test_loss_total_is_one_launch_in_a_fixed_order(count, rng):
+    """The GPU's loss reduction (kernels/sign_abs.py, `get_total_kernel`): the sum of the per-slice
+    losses times the scale, rounded once to the output dtype; entries past `count` are not read;
+    a NaN slice makes the loss NaN; reduction="none" scales each slice's loss."""
+    from gpu_orthol1.kernels import sign_abs
+
+    losses = rng.random(count + 3) * 10
+    losses[count:] = np.nan  # past count: must not be read
+    for dt in (np.float32, np.float64):
+        out = np.full(1, -1.0, dt)
+        sign_abs.get_total_kernel(4)[1, 4](losses, count, 0.25, out)
+        ref = 0.25 * math.fsum(losses[:count])
+        assert out[0] == pytest.approx(ref, rel=1e-15 if dt == np.float64 else 6e-8, abs=0)
+        again = np.full(1, -1.0, dt)
+        sign_abs.get_total_kernel(4)[1, 4](losses, count, 0.25, again)
+        assert again.tobytes() == out.tobytes()
+        each = np.full(count + 3, -1.0, dt)
+        if count:
+            sign_abs.get_total_kernel(4, each=True)[-(-count // 4), 4](losses, count, 0.5, each)
+        assert np.array_equal(each[:count], (losses[:count] * 0.5).astype(dt))
+        assert (each[count:] == -1.0).all()
+    if count:
+        losses[count // 2] = np.nan
+        out = np.zeros(1, np.float32)
+        sign_abs.get_total_kernel(4)[1, 4](losses, count, 1.0, out)
+        assert np.isnan(out[0])

@@ -22,7 +22,6 @@ from ._penalty import DEFAULT
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 _F16 = np.dtype(np.float16)
-_PTR_CACHE_MAX = 64
 _PREPARED_MAX = 256  # prepared GEMM argument sets kept per device (one plan: two per chunk position)
 
 
@@ -40,6 +39,7 @@ BLAS_WORKSPACE_BYTES = {True: 32 << 20, False: 4 << 20}
 
 class CupyDevice:
     folds_alpha = False  # alpha goes into the second GEMM: exact, and free
+    fills_addresses = True  # pointer-array GEMMs read address arrays from the workspace ("addrs")
     blas_workspace_bytes = 0  # set per card in __init__
 
     def __init__(self, precision: str = "highest"):
@@ -62,7 +62,6 @@ class CupyDevice:
         self._stream_ptr = 0
         self.blas_workspace_bytes = BLAS_WORKSPACE_BYTES[int(cupy.cuda.Device().compute_capability) >= 90]
         self._launch: dict = {}  # (kernel, n, variant, dtypes) -> (PtxKernel(s), threads, ...)
-        self._ptr_cache: dict = {}
         self._prepared: dict = {}  # (which GEMM, layouts, chunk, sizes, coefficients) -> prepared arguments
         self._alpha = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
         self._beta = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
@@ -153,40 +152,41 @@ class CupyDevice:
             prep = self._prepared[key] = self._prepare(make_call(), bufs)
         self._run_prepared(prep, bufs)
 
-    def _pointers(self, call: _gemm.BatchedGemm, bufs: dict) -> None:
-        """One cuBLAS ?gemmBatched over separate matrices. cupy_backends exposes the pointer-array
-        GEMM only as sgemmBatched/dgemmBatched (no gemmBatchedEx): float32 or float64 operands."""
-        cb = self._cublas
+    def _pointers(self, call: _gemm.BatchedGemm, bufs: dict, addrs) -> None:
+        """One cuBLAS ?gemmBatched over separate matrices, its A, B and C address arrays written into
+        `addrs` (a uint64 buffer of the call's workspace) by a kernel, in stream order: no upload,
+        no synchronization, nothing allocated, so `torch.cuda.graph` can capture it (the replay
+        writes the same addresses again). cupy_backends exposes the pointer-array GEMM only as
+        sgemmBatched/dgemmBatched (no gemmBatchedEx): float32 or float64 operands."""
         dt = _dtype(bufs[call.c[0].buf])
-        if dt == _F32:
-            fn = cb.sgemmBatched
-        elif dt == _F64:
-            fn = cb.dgemmBatched
-        else:
+        if dt not in (_F32, _F64):
             raise TypeError(f"the pointer-array GEMM takes float32 or float64 operands, not {dt}")
         ptrs = _gemm.pointer_arrays(call, lambda k: _addr(bufs[k]), lambda k: _dtype(bufs[k]).itemsize)
-        base = self._upload(ptrs)
+        self._fill_addresses(addrs, ptrs)
+        self._pointer_gemm(call, dt, addrs, bufs)
+
+    def _fill_addresses(self, addrs, ptrs: np.ndarray) -> None:
+        """addrs[:ptrs.size] = ptrs (row by row), by `kernels.addresses` launches of SLOTS each."""
+        from .kernels import addresses
+
+        kern = self._launch.get("addresses")
+        if kern is None:
+            from numba import types
+
+            sig = (_ptx.array_type(np.uint64, 1), self._i64, self._i64,
+                   types.UniTuple(types.uint64, addresses.SLOTS))
+            kern = self._launch["addresses"] = _ptx.kernel(addresses.get_fill_kernel(), sig)
+        for first, count, vals in address_batches(ptrs, addresses.SLOTS):
+            kern.launch(self._stream_ptr, 1, addresses.SLOTS, addrs, first, count, vals)
+
+    def _pointer_gemm(self, call: _gemm.BatchedGemm, dt, addrs, bufs) -> None:
+        base = _addr(addrs)
+        fn = self._cublas.sgemmBatched if dt == _F32 else self._cublas.dgemmBatched
         bs = 8 * call.batch
         t = call.template
         alpha, beta = self._scalars(dt, t.alpha, t.beta)
         fn(self._handle, t.transa, t.transb, t.m, t.n, t.k, alpha, base, t.a.ld,
            base + bs, t.b.ld, beta, base + 2 * bs, t.c.ld, call.batch)
-
-    def _upload(self, ptrs: np.ndarray) -> int:
-        """Device address of a copy of `ptrs`, cached by content: parameters keep their addresses from
-        step to step, so a training loop uploads each address array once. The upload waits for its
-        copy once, so the cached array is then safe from any stream, and a CUDA graph captured later
-        (on a capture stream of its own) finds it without copying during the capture."""
-        cupy = self.xp
-        key = (ptrs.shape, ptrs.tobytes())
-        hit = self._ptr_cache.get(key)
-        if hit is None:
-            if len(self._ptr_cache) >= _PTR_CACHE_MAX:
-                self._ptr_cache.clear()
-            hit = cupy.asarray(ptrs.view(np.int64))
-            cupy.cuda.get_current_stream().synchronize()
-            self._ptr_cache[key] = hit
-        return hit.data.ptr
 
     def gram(self, src, cc, ws):
         if isinstance(src, StridedChunk):
@@ -199,7 +199,7 @@ class CupyDevice:
             bufs = {("p", k): a for k, a in enumerate(src.mats)}
             bufs["ws"] = ws
             refs = [_gemm.Ref(("p", k), 0) for k in range(cc)]
-            self._pointers(_gemm.gram_batched(src.lay, refs, 0, l, n), bufs)
+            self._pointers(_gemm.gram_batched(src.lay, refs, 0, l, n), bufs, src.addrs)
 
     def grad(self, src, dst, cc, sgn, alpha, beta):
         if isinstance(src, StridedChunk):
@@ -216,7 +216,7 @@ class CupyDevice:
             bufs["sgn"] = sgn
             call = _gemm.grad_batched(src.lay, [_gemm.Ref(("p", k), 0) for k in range(cc)], dst.lay,
                                       [_gemm.Ref(("o", k), 0) for k in range(cc)], 0, l, n, alpha, beta)
-            self._pointers(call, bufs)
+            self._pointers(call, bufs, src.addrs)
 
     def fused(self, cfg, V, Vout, losses, alpha, accumulate, write_grad):
         """The one-launch small-slice kernel over (m, l, n) views of any strides: no workspace."""
@@ -292,6 +292,15 @@ class CupyDevice:
         grid = -(-count // tpb) if each else 1
         if grid:
             kern(grid, tpb, losses, count, scale, out)
+
+
+def address_batches(ptrs: np.ndarray, slots: int):
+    """(first, count, `slots` values zero-padded) for each launch that stores `ptrs` (row by row)."""
+    flat = ptrs.ravel().tolist()
+    for first in range(0, len(flat), slots):
+        vals = flat[first:first + slots]
+        count = len(vals)
+        yield first, count, tuple(vals + [0] * (slots - count))
 
 
 def _numba_types():

@@ -86,10 +86,12 @@ class StridedChunk:
 
 @dataclass(frozen=True)
 class PointerChunk:
-    """Separate (l, n) matrices, all with layout `lay`; `mats[e]` is an array (CPU) or a tensor."""
+    """Separate (l, n) matrices, all with layout `lay`; `mats[e]` is an array (CPU) or a tensor.
+    `addrs`: the workspace's buffer for the GEMM's device address arrays (GPU), else None."""
 
     mats: tuple
     lay: _gemm.Layout
+    addrs: Any = None
 
 
 @dataclass
@@ -148,23 +150,28 @@ class Sizes:
     stage_out: bool
     parts: int = 1  # the sign pass's parts per slice (> 1: a "partials" buffer of float64 sums)
     blas_bytes: int = 0  # cuBLAS's workspace for the call (GPU), outside the per-slice budget
+    addr_slots: int = 0  # uint64 entries of the "addrs" buffer (GPU pointer-array GEMMs: 3 per slice)
 
 
-def sizes(dev, m, l, n, dtype, *, want_grad, accumulate, stage_phi, stage_out, budget, variant=DEFAULT) -> Sizes:
+def sizes(dev, m, l, n, dtype, *, want_grad, accumulate, stage_phi, stage_out, budget, variant=DEFAULT,
+          pointers=False) -> Sizes:
+    """`pointers`: the batch is a `Pointers` one (separate matrices)."""
     acc = np.dtype(dev.acc_dtype(dtype))
     sgd = np.dtype(dev.sign_dtype(dtype))
     separate = want_grad and sgd != acc
     parts = dev.sign_parts(n, variant)
-    extra = dev.extra_bytes_per_slice(l, n, dtype, want_grad, accumulate) + (8 * parts if parts > 1 else 0)
+    addrs = 3 if pointers and getattr(dev, "fills_addresses", False) else 0  # uint64 A, B, C per slice
+    extra = dev.extra_bytes_per_slice(l, n, dtype, want_grad, accumulate) + (8 * parts if parts > 1 else 0) \
+        + 8 * addrs
     chunk, per_slice = plan_chunks(m, l, n, dtype.itemsize, acc.itemsize, sgd.itemsize if separate else 0,
                                    stage_phi, stage_out, extra, budget)
     return Sizes(chunk, per_slice, acc, sgd if separate else None, stage_phi, stage_out, parts,
-                 dev.blas_workspace_bytes)
+                 dev.blas_workspace_bytes, addrs * chunk)
 
 
 def workspace(alloc, sz: Sizes, l, n, dtype) -> dict:
-    """The chunk buffers: "ws" (Grams), "sgn" (signs, or ws itself), staging buffers and the sign
-    pass's partial sums when needed."""
+    """The chunk buffers: "ws" (Grams), "sgn" (signs, or ws itself), staging buffers, the sign
+    pass's partial sums, the BLAS's workspace and the pointer-array GEMMs' addresses when needed."""
     try:
         ws = alloc((sz.chunk, n * n), sz.acc_dtype)
         bufs = {"ws": ws, "sgn": alloc((sz.chunk, n * n), sz.sgn_dtype) if sz.sgn_dtype is not None else ws}
@@ -172,6 +179,8 @@ def workspace(alloc, sz: Sizes, l, n, dtype) -> dict:
             bufs["partials"] = alloc((sz.chunk, sz.parts), np.float64)
         if sz.blas_bytes:
             bufs["blas"] = alloc((sz.blas_bytes,), np.uint8)
+        if sz.addr_slots:
+            bufs["addrs"] = alloc((sz.addr_slots,), np.uint64)
         if sz.stage_phi:
             bufs["phi_stage"] = alloc((sz.chunk, l, n), dtype)
         if sz.stage_out:
@@ -209,10 +218,16 @@ def run(dev, batch, wsb: dict, chunk: int, losses, *, loss_offset=0, alpha, beta
         dev.set_blas_workspace(None)
 
 
+def _head(a, count):
+    """The first `count` rows of a workspace buffer (itself when it has no more: a GPU array's slice
+    costs host time on every chunk)."""
+    return a if a.shape[0] == count else a[:count]
+
+
 def _loop(dev, batch, wsb, chunk, losses, loss_offset, alpha, beta_gemm, want_grad, gram_hook, first, count,
           variant):
     m, l, n = batch.shape
-    ws, sgn, partials = wsb["ws"], wsb["sgn"], wsb.get("partials")
+    ws, sgn, partials, addrs = wsb["ws"], wsb["sgn"], wsb.get("partials"), wsb.get("addrs")
     if dev.folds_alpha:  # scale S in the sign pass (CPU: saves a pass over the gradient)
         scale, gemm_alpha = alpha, 1.0
     else:  # scale in the GEMM (GPU: free, and exact for float16 S)
@@ -240,18 +255,19 @@ def _loop(dev, batch, wsb, chunk, losses, loss_offset, alpha, beta_gemm, want_gr
                 dst = StridedChunk(st_out, lay_st_out, 0) if stage_out else StridedChunk(
                     batch.Vout, batch.lay_out, s0)
         else:
-            src = PointerChunk(tuple(batch.phis[s0:s0 + cc]), batch.lay)
+            src = PointerChunk(tuple(batch.phis[s0:s0 + cc]), batch.lay, addrs)
             if want_grad:
-                dst = PointerChunk(tuple(batch.outs[s0:s0 + cc]), batch.lay_out)
+                dst = PointerChunk(tuple(batch.outs[s0:s0 + cc]), batch.lay_out, addrs)
         if l == 0:
             ws[:cc] = 0
         else:
             src = dev.prepare(src, cc)
             dev.gram(src, cc, ws)
+        ws_c = _head(ws, cc)
         if gram_hook is not None:
-            gram_hook(ws[:cc])
-        dev.sign_abs(ws[:cc], sgn[:cc], n, losses, loss_offset + s0 - first, scale, want_grad, variant,
-                     None if partials is None else partials[:cc])
+            gram_hook(ws_c)
+        dev.sign_abs(ws_c, ws_c if sgn is ws else _head(sgn, cc), n, losses, loss_offset + s0 - first, scale,
+                     want_grad, variant, None if partials is None else _head(partials, cc))
         if not want_grad or l == 0:
             continue
         if stage_out:

@@ -59,6 +59,8 @@ def _codes(ty) -> list[str]:
 
     if isinstance(ty, types.Array):  # meminfo, parent, nitems, itemsize, data, shape..., strides...
         return ["Q", "Q", "q", "q", "Q"] + ["q"] * (2 * ty.ndim)
+    if isinstance(ty, types.UniTuple):  # flattened: one parameter per member
+        return _codes(ty.dtype) * ty.count
     name = "bool" if isinstance(ty, types.Boolean) else str(ty)
     if not isinstance(ty, (types.Boolean, types.Integer, types.Float)) or name not in _SLOT:
         raise TypeError(f"no launcher for kernel argument type {ty}")
@@ -81,6 +83,14 @@ def _packer(ty):
             flat += shape
             flat += strides
         return pack
+    if isinstance(ty, types.UniTuple):
+        count = ty.count
+
+        def pack_tuple(a, flat):
+            if len(a) != count:
+                raise ValueError(f"kernel argument has {len(a)} members, the kernel {count}")
+            flat += a
+        return pack_tuple
     conv = bool if isinstance(ty, types.Boolean) else float if isinstance(ty, types.Float) else int
 
     def pack_scalar(a, flat):

@@ -19,7 +19,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from . import _gemm
-from ._cupy import CupyDevice
+from ._cupy import CupyDevice, address_batches
 from ._gemm import OP_N, Gemm, Operand
 from ._penalty import DEFAULT
 
@@ -167,9 +167,18 @@ class EmulatedGpuDevice(CupyDevice):
         self.gemm_calls.append(("strided", call.batch))
         emulate_gemm(call, bufs)
 
-    def _pointers(self, call: _gemm.BatchedGemm, bufs: dict) -> None:
+    def _fill_addresses(self, addrs, ptrs: np.ndarray) -> None:
+        from .kernels import addresses
+
+        slots = 8  # several launches even for small batches
+        for first, count, vals in address_batches(ptrs, slots):
+            addresses.get_fill_kernel(slots)[1, slots](addrs, first, count, vals)
+
+    def _pointer_gemm(self, call: _gemm.BatchedGemm, dt, addrs, bufs) -> None:
+        """Read the three address arrays back from the workspace buffer the kernel wrote, the way
+        cuBLAS reads them (A, B, C, `batch` entries each), and execute them."""
         self.gemm_calls.append(("pointers", call.batch))
-        ptrs = _gemm.pointer_arrays(call, lambda k: bufs[k].ctypes.data, lambda k: bufs[k].itemsize)
+        ptrs = np.asarray(addrs[:3 * call.batch]).reshape(3, call.batch)
         emulate_pointer_gemm(call, ptrs, bufs)
 
     def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant=DEFAULT, partials=None):

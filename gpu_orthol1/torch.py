@@ -386,7 +386,8 @@ class OrthoL1:
     GEMM, one fused sign pass and one batched gradient GEMM per group and workspace chunk (on CUDA
     a cuBLAS pointer-array call over the separate tensors, no stacking copy), through the same chunk
     loop as the core API. float16 on CUDA, bfloat16 and layouts BLAS cannot read go through the core
-    one tensor at a time.
+    one tensor at a time. The workspace budget (workspace_bytes=, else GPU_ORTHOL1_WORKSPACE_BYTES,
+    else a share of the free GPU memory) is fixed at the first call on each kind of device.
     """
 
     def __init__(self, params_or_module, beta=1.0, mode="auto", *, axis=1, include=None, exclude=None,
@@ -450,7 +451,7 @@ class OrthoL1:
                 "the module or three_d='flatten' (three_d='stack' silences this warning)",
                 UserWarning, stacklevel=2)
         self.backend_calls = 0  # batched GEMM calls + per-tensor core calls of the last method call
-        self._groups_cache: tuple | None = None
+        self._budgets: dict = {}  # device type -> workspace budget, fixed at the first call there
 
     @property
     def names(self) -> list[str]:
@@ -510,8 +511,11 @@ class OrthoL1:
                 Vo, lay_o = None, lay
             else:
                 Vo, lay_o = t.out_view(outs[j], V, lay)
+            # the GPU's pointer-array GEMM takes float32 and float64 (the emulated GPU device of the
+            # tests, `_device_factory`, follows the same rule on CPU tensors)
+            gpu = p.device.type != "cpu" or self._device_factory is not None
             ok = (lay is not None and (outs is None or lay_o is not None) and p.dtype != torch.bfloat16
-                  and (p.device.type == "cpu" or p.dtype in (torch.float32, torch.float64)))
+                  and (not gpu or p.dtype in (torch.float32, torch.float64)))
             if not ok:
                 single.append((j, V, Vo))
                 continue
@@ -520,11 +524,18 @@ class OrthoL1:
         return groups, single
 
     def _budget(self, device_type):
-        if device_type == "cpu":
-            return _plan.workspace_budget(self.workspace_bytes, "numpy", np)
-        import cupy
+        """The workspace budget, decided at the first call on this kind of device (as a plan decides
+        it when made): no memGetInfo per call, which a CUDA graph capture would also refuse."""
+        b = self._budgets.get(device_type)
+        if b is None:
+            if device_type == "cpu":
+                b = _plan.workspace_budget(self.workspace_bytes, "numpy", np)
+            else:
+                import cupy
 
-        return _plan.workspace_budget(self.workspace_bytes, "cupy", cupy)
+                b = _plan.workspace_budget(self.workspace_bytes, "cupy", cupy)
+            self._budgets[device_type] = b
+        return b
 
     def _execute(self, outs, *, beta_gemm: float, want_grad: bool, after_group=None):
         """Run every active target; gradients (dL/dW, plus beta_gemm * out) into outs.
@@ -553,11 +564,16 @@ class OrthoL1:
 
                     def buf(x):
                         return x
+
+                    def slices(x):  # one C++ call for all of a stack's matrix views
+                        return x.unbind(0)
                 else:
                     alloc = np.empty
 
                     def buf(x):
                         return x.numpy()
+
+                    slices = list
 
                 nslices = sum(V.shape[0] for _, members in glist for _, V, _ in members)
                 losses = torch.zeros(nslices, dtype=torch.float64, device=device)
@@ -574,16 +590,17 @@ class OrthoL1:
                         if want_grad and Vo is None:
                             Vo = self.targets[j].view(outs[j])
                         Va = buf(V)
-                        phis.extend(Va[i] for i in range(V.shape[0]))
+                        phis.extend(slices(Va))
                         if want_grad:
                             Voa = buf(Vo)
-                            gouts.extend(Voa[i] for i in range(V.shape[0]))
+                            gouts.extend(slices(Voa))
                     if budget is None:
                         budget = self._budget(device.type)
                     batch = _driver.Pointers(phis, gouts if want_grad else None, lay, lay_o, l, n)
                     npdt = np.dtype(_NP_DTYPE[dtype])
                     sz = _driver.sizes(dev, len(phis), l, n, npdt, want_grad=want_grad, accumulate=bool(beta_gemm),
-                                       stage_phi=False, stage_out=False, budget=budget, variant=self.variant)
+                                       stage_phi=False, stage_out=False, budget=budget, variant=self.variant,
+                                       pointers=True)
                     wsb = _driver.workspace(alloc, sz, l, n, npdt)
                     counter = _CallCounter(dev)
                     _driver.run(counter, batch, wsb, sz.chunk, losses_a, loss_offset=off, alpha=alpha,

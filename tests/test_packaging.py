@@ -22,6 +22,7 @@ def test_wheel_has_no_top_level_kernels(tmp_path):
     tops = {n.split("/")[0] for n in names}
     assert "kernels" not in tops
     assert "gpu_orthol1/kernels/sign_abs.py" in names and "gpu_orthol1/kernels/sign_abs_cpu.py" in names
+    assert "gpu_orthol1/kernels/addresses.py" in names
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
     entry = [n for n in names if n.endswith("entry_points.txt")]
     assert entry and "gpu-orthol1 = gpu_orthol1.cli:main" in zipfile.ZipFile(tmp_path / wheel).read(entry[0]).decode()

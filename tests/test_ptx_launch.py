@@ -41,6 +41,12 @@ def test_flatten_follows_numbas_array_abi():
     assert struct.unpack("<d", slots[-2])[0] == 2.0
     assert slots[-1] == b"\x01" + bytes(7)
     assert _ptx.slot_ptx_types(sig) == _ptx_types(sig)
+    # a UniTuple (the address kernel's addresses) is one parameter per member
+    tsig = (types.int64, types.UniTuple(types.uint64, 3))
+    assert _ptx.flatten(tsig, (5, (1 << 63, 2, 3))) == (5, 1 << 63, 2, 3)
+    assert _ptx.param_format(tsig) == "<qQQQ" and _ptx.slot_ptx_types(tsig) == [".u64"] * 4
+    with pytest.raises(ValueError, match="2 members, the kernel 3"):
+        _ptx.flatten(tsig, (5, (1, 2)))
 
 
 def test_flatten_refuses_what_it_cannot_pass():
@@ -75,6 +81,8 @@ def _ptx_types(argtypes):
     for t in argtypes:
         if isinstance(t, types.Array):
             out += [".u64"] * (5 + 2 * t.ndim)
+        elif isinstance(t, types.UniTuple):
+            out += _ptx_types([t.dtype]) * t.count
         elif isinstance(t, types.Boolean):
             out.append(".u8")
         elif isinstance(t, types.Float):
@@ -114,13 +122,22 @@ def test_each_gemm_call_hands_cublas_a_workspace(rng):
 @pytest.mark.gpu
 def test_gpu_ptx_parameters_match_the_flattening(rng):
     """Every kernel compiled for PTX launch (the two-GEMM path's one-block and split passes, the fused
-    kernel, several dtypes) takes exactly the parameters `flatten` passes."""
+    kernel, the loss reduction, the address kernel; several dtypes) takes exactly the parameters
+    `flatten` passes, in the slots `param_format` lays out."""
     import cupy
 
     for shape, dt in (((9, 5, 7), np.float32), ((9, 5, 100), np.float16), ((6, 3, 5), np.float64)):
         phi = make(cupy, rng, shape, dt, "C", 1)
         ol1.loss_and_grad(phi, 0.5)
         ol1.plan(phi, 0.5, kernel="fused")(phi)
-    assert len(_ptx._cache) >= 5
+    from gpu_orthol1._cupy import CupyDevice
+
+    dev = CupyDevice()  # the pointer-array GEMMs' address kernel: 300 addresses, three launches
+    dev.bind()
+    ptrs = (np.arange(300, dtype=np.uint64) * 8 + (1 << 40)).reshape(3, 100)
+    buf = cupy.zeros(300, dtype=cupy.uint64)
+    dev._fill_addresses(buf, ptrs)
+    assert (buf.get() == ptrs.ravel()).all()
+    assert len(_ptx._cache) >= 6
     for kern in _ptx._cache.values():
         assert _ptx.entry_params(kern.ptx) == _ptx_types(kern.argtypes) == _ptx.slot_ptx_types(kern.argtypes)

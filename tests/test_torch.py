@@ -433,8 +433,9 @@ def test_orthol1_errors_and_bfloat16():
 @pytest.mark.cudasim
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 def test_gpu_pointer_array_path_emulated(dtype, tseed):
-    """The GPU's grouped path on the CPU: its pointer arrays (raw addresses) resolved back to the
-    buffers, its dtypes (S in phi's dtype, alpha in the GEMM) and the CUDA kernel under the simulator."""
+    """The GPU's grouped path on the CPU: its pointer arrays (written into the workspace by the address
+    kernel, then raw addresses resolved back to the buffers), its dtypes (S in phi's dtype, alpha in
+    the GEMM) and the CUDA kernels under the simulator; float16 goes one tensor at a time, as on a GPU."""
     np_dt = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}[dtype]
     model = nn.Sequential(nn.Linear(6, 9), nn.Linear(9, 9), nn.Linear(9, 9), nn.Linear(9, 4),
                           nn.Conv2d(2, 3, 2)).to(dtype)
@@ -466,6 +467,9 @@ def test_gpu_pointer_array_path_emulated(dtype, tseed):
         for t, b in zip(reg.targets, before):
             np.testing.assert_allclose(t.param.grad.double().numpy(), 2 * b.double().numpy(),
                                        rtol=2e-3 if dtype == torch.float16 else 1e-5, atol=1e-3)
+    if dtype == torch.float16:  # the GPU's pointer-array GEMM has no float16: one tensor at a time
+        assert calls and not any(d.gemm_calls for d in calls)
+        return
     assert calls and all(kind == "pointers" for d in calls for kind, _ in d.gemm_calls)
     assert any(len(d.gemm_calls) == 2 * 2 + 2 * 2 for d in calls)  # 2 groups (9x9 and the rest) x 2 chunks
 
@@ -592,14 +596,14 @@ def test_cupy_device_pointer_call_arguments(tseed):
     """CupyDevice's ?gemmBatched calls, argument by argument, without a GPU: a fake cuBLAS reads
     alpha/beta and the three address arrays from the raw pointers it is given, exactly as cuBLAS would
     (host scalars, device arrays of addresses laid out A, B, C), and executes them over the buffers.
-    The device's own gram/grad/_pointers/_scalars code runs; only cuBLAS and the upload are faked."""
+    The device's own gram/grad/_pointers/_scalars code runs; only cuBLAS and the address kernel are
+    faked (the emulator runs that kernel under numba's simulator)."""
     import ctypes
 
     from gpu_orthol1._cupy import CupyDevice
     from gpu_orthol1.testing import emulate_pointer_gemm
 
     views: dict = {}  # key -> NumPy view, for the fake to resolve addresses
-    uploads: list = []  # keep the uploaded address arrays alive
 
     class FakeCublas:
         calls: typing.ClassVar[list] = []
@@ -625,17 +629,15 @@ def test_cupy_device_pointer_call_arguments(tseed):
     def replace_ld(op, ld):
         return _gemm.Operand(op.buf, op.offset, ld, 0)
 
-    def upload(ptrs):
-        a = ptrs.view(np.int64).copy()
-        uploads.append(a)
-        return a.ctypes.data
+    def fill(addrs, ptrs):  # the kernel's job: the addresses, row by row, into the workspace's buffer
+        addrs[:ptrs.size] = ptrs.ravel()
 
     cpu = _numpy_dev.NumpyDevice()
     dev = object.__new__(CupyDevice)  # no CuPy here: set what __init__ and bind() would
     dev._cublas, dev._handle, dev._stream_ptr = FakeCublas(), 0, 0
     dev._alpha = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
     dev._beta = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
-    dev._upload = upload
+    dev._fill_addresses = fill
     dev.sign_abs, dev.sign_parts = cpu.sign_abs, cpu.sign_parts
 
     for dtype in (torch.float32, torch.float64):
@@ -652,8 +654,9 @@ def test_cupy_device_pointer_call_arguments(tseed):
             lay = _gemm.slice_layout(*phis[0].shape, *(s // phis[0].itemsize for s in phis[0].strides))
             batch = _driver.Pointers(phis, gouts, lay, lay, phis[0].shape[0], phis[0].shape[1])
             sz = _driver.sizes(dev, 3, *phis[0].shape, np.dtype(np_dt), want_grad=True, accumulate=True,
-                               stage_phi=False, stage_out=False, budget=1 << 20)
+                               stage_phi=False, stage_out=False, budget=1 << 20, pointers=True)
             wsb = _driver.workspace(np.empty, sz, *phis[0].shape, np.dtype(np_dt))
+            assert wsb["addrs"].dtype == np.uint64 and wsb["addrs"].size == 3 * sz.chunk
             views["ws"], views["sgn"] = wsb["ws"], wsb["sgn"]
             losses = np.zeros(3)
             FakeCublas.calls.clear()

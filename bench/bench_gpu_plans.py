@@ -12,8 +12,8 @@ All in one run on one card, each ratio against a baseline timed in the same run:
    n fits) the fused kernel, against `limit-cublas` (the raw two-GEMM bound: the bench's own method).
 3. sweep: l*m*n fixed (2^24 elements) over n in {8, 16, 32, 64, 128} and l in {64, 512}: fused vs
    two-GEMM vs the memory roofline (read phi + write the gradient at the measured copy bandwidth).
-4. phases: host and device time of the Gram GEMM, the sign pass and the gradient GEMM apart, against
-   the whole call.
+4. phases: host and device time of the Gram GEMM, the sign pass, the gradient GEMM and the loss
+   reduction apart, against the whole call.
 5. profile: a torch.profiler kernel table (every kernel, cuBLAS's and Numba's) for one call of each
    path, written as text.
 """
@@ -178,11 +178,13 @@ def _phase_row(cupy, ol1, _driver, shape, dt, quick):
     dev = p.dev
     dev.bind()
     part = wsb.get("partials")
+    tot = cupy.empty(1, dtype=p.ldt)
     k = 10 if quick else 30
     row = {"shape": shape, "dtype": dt, "sign_parts": sz.parts,
            "gram": _bench(lambda: dev.gram(src, m, wsb["ws"]), k),
            "sign": _bench(lambda: dev.sign_abs(wsb["ws"], wsb["sgn"], n, losses, 0, 1.0, True, partials=part), k),
            "grad": _bench(lambda: dev.grad(src, dst, m, wsb["sgn"], 2e-3, 0.0), k),
+           "reduce": _bench(lambda: dev.loss_total(losses, m, 1e-3, tot, False), k),
            "call": _bench(lambda: p(phi), k)}
     return row
 

@@ -452,6 +452,7 @@ class OrthoL1:
                 UserWarning, stacklevel=2)
         self.backend_calls = 0  # batched GEMM calls + per-tensor core calls of the last method call
         self._budgets: dict = {}  # device type -> workspace budget, fixed at the first call there
+        self._op_key = _register(self)  # how the torch.compile op finds this regularizer
 
     @property
     def names(self) -> list[str]:
@@ -664,6 +665,12 @@ class OrthoL1:
         """beta * sum over all matrices of sum |Gram - I|, a torch scalar with autograd (float64 when every
         parameter is float64, float32 otherwise). Add it to the task loss; its backward hands each
         parameter the gradient formed in this same forward pass."""
+        if torch.compiler.is_compiling():  # one custom op to dynamo: no graph break
+            active = self._active()
+            if not active:
+                return torch.zeros((), dtype=self._loss_dtype())
+            params = [self.targets[j].param for j in active]
+            return _orthol1_op(params, self._op_key, active, torch.is_grad_enabled())[0]
         self._check_devices()
         active = self._active()
         if not active:
@@ -819,3 +826,70 @@ class _OrthoL1ModelFn(torch.autograd.Function):
             return (None,) * (2 + ctx.nparams)
         grads = ctx.saved_tensors
         return (None, None) + tuple(g * go.to(g.dtype) for g in grads)
+
+
+# -- OrthoL1.loss() under torch.compile ---------------------------------------------------------------
+#
+# Dynamo cannot trace the grouping and the NumPy/CuPy calls, so a compiled `loss()` is one custom op
+# (like `ortho_l1`'s): the parameters in, the loss and every gradient out, formed in one forward pass.
+# The regularizer itself is not a tensor: the op finds it by a key in a registry of weak references
+# (an int argument, which dynamo guards on like any constant).
+
+_registry: dict = {}
+_next_key = [0]
+
+
+def _register(reg) -> int:
+    import weakref
+
+    key = _next_key[0]
+    _next_key[0] += 1
+    def forget(_ref, k=key):  # the regularizer is gone: drop its entry
+        _registry.pop(k, None)
+
+    _registry[key] = weakref.ref(reg, forget)
+    return key
+
+
+@torch.library.custom_op("gpu_orthol1::orthol1_loss", mutates_args=())
+def _orthol1_op(params: list[torch.Tensor], key: int, active: list[int],
+                want_grad: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(loss, gradients of `params`) of the OrthoL1 registered as `key`, over its targets `active` (whose
+    parameters `params` are); no gradients when not `want_grad`."""
+    ref = _registry.get(key)
+    reg = ref() if ref is not None else None
+    if reg is None:
+        raise RuntimeError("gpu_orthol1: this compiled graph refers to an OrthoL1 that no longer exists")
+    reg._check_devices()
+    if reg._sharded(active):
+        raise ValueError("OrthoL1.loss() over DTensor (sharded) parameters does not run inside torch.compile: "
+                         "call it outside the compiled function")
+    outs: list | None = None
+    if want_grad:
+        outs = [None] * len(reg.targets)
+        for j, p in zip(active, params):
+            outs[j] = torch.empty_like(p)
+    loss = reg._result(reg._execute(outs, beta_gemm=0.0, want_grad=want_grad))
+    return loss, ([outs[j] for j in active] if outs is not None else [])
+
+
+@_orthol1_op.register_fake
+def _(params, key, active, want_grad):
+    ldt = torch.float64 if all(p.dtype == torch.float64 for p in params) else torch.float32
+    return params[0].new_empty((), dtype=ldt), ([torch.empty_like(p) for p in params] if want_grad else [])
+
+
+def _orthol1_setup(ctx, inputs, output):
+    ctx.save_for_backward(*output[1])
+    ctx.mark_non_differentiable(*output[1])
+    ctx.nparams = len(inputs[0])
+
+
+def _orthol1_backward(ctx, go, _go_grads):
+    grads = ctx.saved_tensors
+    if not grads:  # the forward ran without gradients (torch.no_grad)
+        return [None] * ctx.nparams, None, None, None
+    return [g * go.to(g.dtype) for g in grads], None, None, None
+
+
+_orthol1_op.register_autograd(_orthol1_backward, setup_context=_orthol1_setup)

@@ -773,6 +773,66 @@ def test_ortho_l1_compiles_without_graph_break(tseed):
     torch.library.opcheck(torch.ops.gpu_orthol1.ortho_l1.default, (w, 0.4, "sum", "matrix", 0, True, True))
 
 
+def test_orthol1_loss_compiles_without_graph_break(tseed):
+    """OrthoL1.loss() inside torch.compile(fullgraph=True): one custom op, the same loss and gradients
+    as eager (float64: to the last bits the same computation gives), no gradient under no_grad, a
+    parameter switched off (requires_grad=False) left out after the recompile."""
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.Conv2d(2, 3, 2), nn.Linear(8, 5)).double()  # seeded by tseed
+    reg = OrthoL1(model, 0.3)
+    x = torch.randn(4, 6, dtype=torch.float64)
+
+    def f(x):
+        return model[0](x).sum() + reg.loss()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    out.backward()
+    got = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    ref = f(x)
+    ref.backward()
+    torch.testing.assert_close(out, ref, rtol=1e-14, atol=0)
+    for g, p in zip(got, model.parameters()):
+        assert (g is None) == (p.grad is None)
+        if g is not None:
+            torch.testing.assert_close(g, p.grad, rtol=1e-13, atol=1e-15)
+    assert all(t.param.grad is not None for t in reg.targets)
+    want = naive_model_loss([(t.param.detach(), t.how == "flatten") for t in reg.targets], 0.3)
+    torch.testing.assert_close(out.detach() - model[0](x).sum().detach(), want, rtol=1e-12, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref.detach(), rtol=1e-14, atol=0)
+    model[2].weight.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    out = compiled(x)
+    out.backward()
+    assert model[2].weight.grad is None and model[0].weight.grad is not None
+    want = naive_model_loss([(t.param.detach(), t.how == "flatten") for t in reg.targets
+                             if t.param.requires_grad], 0.3)
+    torch.testing.assert_close(out.detach() - model[0](x).sum().detach(), want, rtol=1e-12, atol=0)
+    params = [t.param for t in reg.targets if t.param.requires_grad]
+    active = [j for j, t in enumerate(reg.targets) if t.param.requires_grad]
+    torch.library.opcheck(torch.ops.gpu_orthol1.orthol1_loss.default, (params, reg._op_key, active, True))
+
+
+def test_orthol1_op_finds_its_regularizer_while_it_lives():
+    import gc
+
+    from torch import nn
+
+    from gpu_orthol1 import torch as gt
+
+    reg = OrthoL1(nn.Linear(4, 4), 0.1)
+    key = reg._op_key
+    assert gt._registry[key]() is reg and OrthoL1(nn.Linear(3, 3))._op_key != key
+    del reg
+    gc.collect()
+    assert key not in gt._registry
+    with pytest.raises(RuntimeError, match="no longer exists"):
+        torch.ops.gpu_orthol1.orthol1_loss([torch.zeros(4, 4)], key, [0], False)
+
+
 def test_orthol1_views_follow_the_parameters_memory(tseed):
     """OrthoL1 keeps each parameter's slice view between calls: in-place updates show through it,
     `param.data = ...` (new memory) and a new layout make a new one, and a .grad whose strides

@@ -65,18 +65,38 @@ def slice_done(s, b, total, nn, t, tpb, write_s, losses, loss_offset):
         losses[loss_offset + b] = total
 
 
+@cuda.jit(device=True)
+def rowcol(k, n):
+    """(row, column) of entry k of an n x n row-major slice: one division per thread and loop."""
+    row = k // n
+    return row, k - row * n
+
+
+@cuda.jit(device=True)
+def step(row, col, drow, dcol, n):
+    """(row, column) after moving (drow, dcol) = rowcol(stride, n) entries on: the stride loops track
+    where they are instead of testing k % (n + 1) per entry, a 64-bit division on the GPU."""
+    row += drow
+    col += dcol
+    if col >= n:
+        col -= n
+        row += 1
+    return row, col
+
+
 _kernels: dict = {}
 
 
 def _make_entry(l2, offdiag):
     """Entry k of slice b for the elementwise members (L1, L2, free diagonal): writes M into s when
-    write_s, returns the entry's term of the loss. One body for the one-block and the split pass."""
+    write_s, returns the entry's term of the loss; `diag`: whether k is a diagonal entry. One body for
+    the one-block and the split pass."""
 
     @cuda.jit(device=True)
-    def entry(g, s, b, k, n, scale, write_s):
+    def entry(g, s, b, k, diag, scale, write_s):
         x = float64(g[b, k])
         term = float64(0.0)
-        if k % (n + 1) == 0:  # diagonal entry j*n + j
+        if diag:  # entry j*n + j
             if offdiag:
                 term = x * 0.0  # a free diagonal still carries NaN/Inf into the loss
                 x = 0.0
@@ -171,9 +191,12 @@ def _make_kernel(tpb, l2=False, offdiag=False, normalize=False, ncol=1):
                     j += tpb
         else:
             k = t
+            row, col = rowcol(k, n)
+            drow, dcol = rowcol(tpb, n)
             while k < nn:
-                acc += entry(g, s, b, k, n, scale, write_s)
+                acc += entry(g, s, b, k, row == col, scale, write_s)
                 k += tpb
+                row, col = step(row, col, drow, dcol, n)
 
         buf = cuda.shared.array(tpb, float64)
         slice_done(s, b, block_sum(buf, acc, t, tpb), nn, t, tpb, write_s, losses, loss_offset)
@@ -261,9 +284,12 @@ def _make_part_kernel(tpb, l2, offdiag):
         end = min(n * n, (p + 1) * per_part)
         acc = float64(0.0)
         k = p * per_part + t
+        row, col = rowcol(k, n)
+        drow, dcol = rowcol(tpb, n)
         while k < end:
-            acc += entry(g, s, b, k, n, scale, write_s)
+            acc += entry(g, s, b, k, row == col, scale, write_s)
             k += tpb
+            row, col = step(row, col, drow, dcol, n)
         buf = cuda.shared.array(tpb, float64)
         total = block_sum(buf, acc, t, tpb)
         if t == 0:

@@ -205,7 +205,7 @@ class CupyDevice:
         if isinstance(src, StridedChunk):
             m_, l, n = src.arr.shape
             key = ("grad", src.lay, src.first, dst.lay, dst.first, cc, l, n, alpha, beta, _dtype(src.arr),
-                   _dtype(sgn))
+                   _dtype(sgn), _dtype(dst.arr))
             self._strided_cached(key, lambda: _gemm.grad_call(src.lay, src.first, dst.lay, dst.first, cc, l, n,
                                                               alpha, beta),
                                  {"phi": src.arr, "sgn": sgn, "out": dst.arr})

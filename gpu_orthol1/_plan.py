@@ -560,6 +560,7 @@ class GraphedCall:
         # buffers of its own (the user's out is not touched before the first replay)
         scratch = cupy.empty_like(target) if (target is not None and target is out) else target
         plan.execute(phi, scratch, False, plan.beta, want_grad, alloc=record, losses=self.losses)
+        plan.reduce_into(self.losses, plan.beta, self._loss_buf)  # compiles and loads its kernel now
         it = iter(bufs)
 
         def again(shape, dtype):

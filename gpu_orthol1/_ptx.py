@@ -91,7 +91,13 @@ def _packer(ty):
                 raise ValueError(f"kernel argument has {len(a)} members, the kernel {count}")
             flat += a
         return pack_tuple
-    conv = bool if isinstance(ty, types.Boolean) else float if isinstance(ty, types.Float) else int
+    if isinstance(ty, types.Boolean):
+        conv = bool
+    elif isinstance(ty, types.Float):
+        # float32 through NumPy: a value beyond its range becomes inf, as a NumPy scalar argument did
+        conv = float if ty.bitwidth == 64 else (lambda a: float(np.float32(a)))
+    else:
+        conv = int
 
     def pack_scalar(a, flat):
         flat.append(conv(a))
@@ -163,6 +169,7 @@ class PtxKernel:
                 f.write(ptx)
             self._module = cupy.RawModule(path=path)
             self._fn = self._module.get_function(name)  # loads the module now, while the file exists
+            self._function = self._fn.kernel  # the loaded cupy.cuda.Function (a RawKernel has no handle)
         self.argtypes = tuple(argtypes)
         self._packers = [_packer(t) for t in self.argtypes]
         self.ptx = ptx
@@ -172,7 +179,7 @@ class PtxKernel:
         base = ctypes.addressof(self._block)
         self._params = (ctypes.c_void_p * max(1, nparams))(*(base + 8 * i for i in range(nparams)))
         self._params_ptr = ctypes.addressof(self._params)
-        self._fptr = self._fn.ptr
+        self._fptr = self._function.ptr
         self._driver_launch = driver.launchKernel
         self._lock = threading.Lock()
 

@@ -44,6 +44,11 @@ def test_flatten_follows_numbas_array_abi():
     # a UniTuple (the address kernel's addresses) is one parameter per member
     tsig = (types.int64, types.UniTuple(types.uint64, 3))
     assert _ptx.flatten(tsig, (5, (1 << 63, 2, 3))) == (5, 1 << 63, 2, 3)
+    # a float32 scalar beyond float32's range becomes inf (not an error), as a NumPy scalar did
+    fsig = (types.float32,)
+    with pytest.warns(RuntimeWarning, match="overflow"):
+        big = _ptx.flatten(fsig, (1e39,))
+    assert struct.unpack("<f4x", struct.pack(_ptx.param_format(fsig), *big))[0] == np.inf
     assert _ptx.param_format(tsig) == "<qQQQ" and _ptx.slot_ptx_types(tsig) == [".u64"] * 4
     with pytest.raises(ValueError, match="2 members, the kernel 3"):
         _ptx.flatten(tsig, (5, (1, 2)))

@@ -324,12 +324,13 @@ class _Target:
     def view(self, x):
         return _slices(x, self.how, self.axis, self.transpose)
 
-    def param_view(self):
-        """(slices view, BLAS layout) of the parameter, made once and kept while the parameter keeps
-        its memory, shape and strides (an optimizer's in-place steps do; `param.data = ...` or `.to()`
-        give a new key): OrthoL1 asks every training step, and remaking them cost ~0.1 ms a step on a
-        3-layer CNN."""
-        p = self.param
+    def param_view(self, p=None):
+        """(slices view, BLAS layout) of the parameter (or of `p`, the tensor a compiled graph hands
+        over in its place), made once and kept while it keeps its memory, shape and strides (an
+        optimizer's in-place steps do; `param.data = ...` or `.to()` give a new key): OrthoL1 asks
+        every training step, and remaking them cost ~0.1 ms a step on a 3-layer CNN."""
+        if p is None:
+            p = self.param
         key = (p.data_ptr(), p.shape, p.stride(), p.dtype, p.device)
         hit = self._cached
         if hit is None or hit[0] != key:
@@ -337,10 +338,12 @@ class _Target:
             hit = self._cached = (key, V, _gemm.slice_layout(V.shape[1], V.shape[2], V.stride(1), V.stride(2)))
         return hit[1], hit[2]
 
-    def out_view(self, out, V, lay):
-        """(slices view, layout) of `out`, a tensor shaped like the parameter whose slices are `V`: one
-        as_strided with V's geometry when out has the parameter's strides, the general view otherwise."""
-        p = self.param
+    def out_view(self, out, V, lay, p=None):
+        """(slices view, layout) of `out`, a tensor shaped like the parameter `p` (default: the
+        parameter) whose slices are `V`: one as_strided with V's geometry when out has p's strides,
+        the general view otherwise."""
+        if p is None:
+            p = self.param
         if out.shape == p.shape and out.stride() == p.stride():
             off = out.storage_offset() + V.storage_offset() - p.storage_offset()
             return out.as_strided(V.shape, V.stride(), off), lay
@@ -387,7 +390,7 @@ class OrthoL1:
     a cuBLAS pointer-array call over the separate tensors, no stacking copy), through the same chunk
     loop as the core API. float16 on CUDA, bfloat16 and layouts BLAS cannot read go through the core
     one tensor at a time. The workspace budget (workspace_bytes=, else GPU_ORTHOL1_WORKSPACE_BYTES,
-    else a share of the free GPU memory) is fixed at the first call on each kind of device.
+    else a share of the free GPU memory) is fixed at the first call on each device.
     """
 
     def __init__(self, params_or_module, beta=1.0, mode="auto", *, axis=1, include=None, exclude=None,
@@ -451,7 +454,7 @@ class OrthoL1:
                 "the module or three_d='flatten' (three_d='stack' silences this warning)",
                 UserWarning, stacklevel=2)
         self.backend_calls = 0  # batched GEMM calls + per-tensor core calls of the last method call
-        self._budgets: dict = {}  # device type -> workspace budget, fixed at the first call there
+        self._budgets: dict = {}  # device -> workspace budget, fixed at the first call there
         self._op_key = _register(self)  # how the torch.compile op finds this regularizer
 
     @property
@@ -498,20 +501,21 @@ class OrthoL1:
         """Indices of the targets that take part in this call: requires_grad may have been switched off."""
         return [j for j, t in enumerate(self.targets) if t.param.requires_grad]
 
-    def _groups(self, active, outs):
-        """{key: [(target index, V, Vo)]} for the batched path, and the list of per-tensor fallbacks."""
+    def _groups(self, active, outs, params=None):
+        """{key: [(target index, V, Vo)]} for the batched path, and the list of per-tensor fallbacks.
+        params: {target index: tensor} in place of the parameters (the torch.compile op's inputs)."""
         groups: dict = {}
         single = []
         for j in active:
             t = self.targets[j]
-            p = t.param
-            V, lay = t.param_view()
+            p = t.param if params is None else params[j]
+            V, lay = t.param_view(p)
             if outs is None:
                 Vo, lay_o = None, None
             elif isinstance(outs, _LazyOuts):  # empty_like(param) later: the param's own layout
                 Vo, lay_o = None, lay
             else:
-                Vo, lay_o = t.out_view(outs[j], V, lay)
+                Vo, lay_o = t.out_view(outs[j], V, lay, p)
             # the GPU's pointer-array GEMM takes float32 and float64 (the emulated GPU device of the
             # tests, `_device_factory`, follows the same rule on CPU tensors)
             gpu = p.device.type != "cpu" or self._device_factory is not None
@@ -524,26 +528,27 @@ class OrthoL1:
             groups.setdefault(key, []).append((j, V, Vo))
         return groups, single
 
-    def _budget(self, device_type):
-        """The workspace budget, decided at the first call on this kind of device (as a plan decides
-        it when made): no memGetInfo per call, which a CUDA graph capture would also refuse."""
-        b = self._budgets.get(device_type)
+    def _budget(self, device):
+        """The workspace budget, decided at the first call on this device (as a plan decides it when
+        made): no memGetInfo per call, which a CUDA graph capture would also refuse. Call on the
+        device's stream (`_on_torch_stream`), so that CuPy asks the right GPU."""
+        b = self._budgets.get(device)
         if b is None:
-            if device_type == "cpu":
+            if device.type == "cpu":
                 b = _plan.workspace_budget(self.workspace_bytes, "numpy", np)
             else:
                 import cupy
 
                 b = _plan.workspace_budget(self.workspace_bytes, "cupy", cupy)
-            self._budgets[device_type] = b
+            self._budgets[device] = b
         return b
 
-    def _execute(self, outs, *, beta_gemm: float, want_grad: bool, after_group=None):
+    def _execute(self, outs, *, beta_gemm: float, want_grad: bool, after_group=None, params=None):
         """Run every active target; gradients (dL/dW, plus beta_gemm * out) into outs.
-        Returns {device: loss tensor (float64, beta included)}."""
+        Returns {device: loss tensor (float64, beta included)}. params: see `_groups`."""
         self.backend_calls = 0
-        active = self._active()
-        groups, single = self._groups(active, outs if want_grad else None)
+        active = self._active() if params is None else list(params)
+        groups, single = self._groups(active, outs if want_grad else None, params)
         by_dev: dict = {}
         for key, members in groups.items():
             by_dev.setdefault(key[0], []).append((key, members))
@@ -596,7 +601,7 @@ class OrthoL1:
                             Voa = buf(Vo)
                             gouts.extend(slices(Voa))
                     if budget is None:
-                        budget = self._budget(device.type)
+                        budget = self._budget(device)
                     batch = _driver.Pointers(phis, gouts if want_grad else None, lay, lay_o, l, n)
                     npdt = np.dtype(_NP_DTYPE[dtype])
                     sz = _driver.sizes(dev, len(phis), l, n, npdt, want_grad=want_grad, accumulate=bool(beta_gemm),
@@ -869,13 +874,18 @@ def _orthol1_op(params: list[torch.Tensor], key: int, active: list[int],
         outs = [None] * len(reg.targets)
         for j, p in zip(active, params):
             outs[j] = torch.empty_like(p)
-    loss = reg._result(reg._execute(outs, beta_gemm=0.0, want_grad=want_grad))
+    # computed from the tensors the graph hands over (a compiled function may have changed the
+    # parameters before calling loss()), through the regularizer's grouping
+    loss = reg._result(reg._execute(outs, beta_gemm=0.0, want_grad=want_grad, params=dict(zip(active, params))))
     return loss, ([outs[j] for j in active] if outs is not None else [])
 
 
 @_orthol1_op.register_fake
 def _(params, key, active, want_grad):
-    ldt = torch.float64 if all(p.dtype == torch.float64 for p in params) else torch.float32
+    ref = _registry.get(key)
+    reg = ref() if ref is not None else None
+    # the loss dtype follows every target, active or not (as in eager mode)
+    ldt = reg._loss_dtype() if reg is not None else torch.float32
     return params[0].new_empty((), dtype=ldt), ([torch.empty_like(p) for p in params] if want_grad else [])
 
 

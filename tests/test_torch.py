@@ -814,6 +814,24 @@ def test_orthol1_loss_compiles_without_graph_break(tseed):
     params = [t.param for t in reg.targets if t.param.requires_grad]
     active = [j for j, t in enumerate(reg.targets) if t.param.requires_grad]
     torch.library.opcheck(torch.ops.gpu_orthol1.orthol1_loss.default, (params, reg._op_key, active, True))
+    # a compiled function that changes a weight before loss(): the loss is of the new values
+    model[2].weight.requires_grad_(True)
+
+    def g(x):
+        with torch.no_grad():
+            model[0].weight.mul_(0.5)
+        return reg.loss()
+
+    w0 = model[0].weight.detach().clone()
+    got = torch.compile(g, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(model[0].weight.detach(), 0.5 * w0, rtol=0, atol=0)
+    torch.testing.assert_close(got.detach(), reg.loss().detach(), rtol=1e-13, atol=0)
+    # the loss dtype follows every target, active or not: float32 once one of them is float32
+    model[2].float()
+    reg2 = OrthoL1(model, 0.3)
+    model[2].weight.requires_grad_(False)
+    c2 = torch.compile(reg2.loss, backend="aot_eager", fullgraph=True)
+    assert c2().dtype == reg2.loss().dtype == torch.float32
 
 
 def test_orthol1_op_finds_its_regularizer_while_it_lives():

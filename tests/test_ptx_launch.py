@@ -54,6 +54,24 @@ def test_flatten_follows_numbas_array_abi():
         _ptx.flatten(tsig, (5, (1, 2)))
 
 
+def test_the_cupy_api_the_launcher_relies_on():
+    """What `PtxKernel` uses of CuPy, checked without a GPU: RawModule.get_function returns a
+    RawKernel (no handle of its own), whose `kernel` is the loaded cupy.cuda.Function with the
+    CUfunction handle `ptr`; the driver's launchKernel takes (f, grid xyz, block xyz, shared
+    memory, stream, kernelParams, extra). A launcher written against another shape of this API
+    failed on every launch."""
+    cupy = pytest.importorskip("cupy")
+    from cupy.cuda import function
+    from cupy_backends.cuda.api import driver
+
+    assert "ptr" in function.Function.__dict__  # a public cdef attribute: the CUfunction
+    assert "kernel" in cupy.RawKernel.__dict__ and not hasattr(cupy.RawKernel, "ptr")
+    sig = driver.launchKernel.__doc__.split("(", 1)[1].split(")", 1)[0]
+    names = [a.split()[-1] for a in sig.split(",")]
+    assert names == ["f", "grid_dim_x", "grid_dim_y", "grid_dim_z", "block_dim_x", "block_dim_y", "block_dim_z",
+                     "shared_mem_bytes", "stream", "kernel_params", "extra"]
+
+
 def test_flatten_refuses_what_it_cannot_pass():
     with pytest.raises(ValueError, match="2 dimensions, the kernel 1"):
         _ptx.flatten((_ptx.array_type(np.float64, 1),), (np.zeros((2, 2)),))

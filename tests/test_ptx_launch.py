@@ -164,3 +164,96 @@ def test_gpu_ptx_parameters_match_the_flattening(rng):
     assert len(_ptx._cache) >= 6
     for kern in _ptx._cache.values():
         assert _ptx.entry_params(kern.ptx) == _ptx_types(kern.argtypes) == _ptx.slot_ptx_types(kern.argtypes)
+
+
+class _CheckedLaunch:
+    """Stands in for `_ptx.PtxKernel` on a CPU: each launch packs its arguments exactly as the real
+    launcher would (`flatten` + the `param_format` block: a wrong count, dimension or value range
+    fails here), then runs the kernel under numba's simulator."""
+
+    launches: list = []
+
+    def __init__(self, dispatcher, argtypes):
+        self.dispatcher, self.argtypes = dispatcher, tuple(argtypes)
+
+    def launch(self, stream_ptr, grid, block, *args):
+        import struct
+
+        assert isinstance(stream_ptr, int) and isinstance(grid, int) and isinstance(block, int)
+        struct.pack(_ptx.param_format(self.argtypes), *_ptx.flatten(self.argtypes, args))
+        self.launches.append((self.dispatcher, grid, block))
+        self.dispatcher[grid, block](*args)
+
+    def __call__(self, grid, block, *args):
+        self.launch(0, int(grid), int(block), *args)
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_cupy_devices_own_launch_code_on_the_simulator(monkeypatch, reduction, rng):
+    """CupyDevice's sign pass (one-block and split), loss reduction and address kernel launches, its
+    own code (signatures, argument lists, grids), with only the launcher swapped for one that packs
+    the parameter block as on a card and runs the kernel under the simulator; results against the
+    float64 reference, and the grouped path's addresses against the matrices'."""
+    from gpu_orthol1._cupy import CupyDevice
+    from gpu_orthol1.testing import EmulatedGpuDevice
+
+    from .reference import check
+
+    class RealLaunches(EmulatedGpuDevice):
+        sign_abs = CupyDevice.sign_abs
+        _sign_abs_split = CupyDevice._sign_abs_split
+        loss_total = CupyDevice.loss_total
+        _fill_addresses = CupyDevice._fill_addresses
+
+        def __init__(self):
+            super().__init__()
+            self._launch = {}
+            self._i64, self._f64, self._bool = types.int64, types.float64, types.boolean
+            self._max_block = 1024  # the card's: CupyDevice.sign_parts splits above n = 90
+            self._stream_ptr = 0
+
+    monkeypatch.setattr(_ptx, "kernel", _CheckedLaunch)
+    _CheckedLaunch.launches.clear()
+    for shape in ((5, 3, 7), (3, 2, 91)):  # one-block pass; split pass (5 parts of 256 threads)
+        phi = make(np, rng, shape, np.float32, "C", 1)
+        p = _plan.Plan(phi, 0.7, reduction=reduction, backend="numpy", _device=RealLaunches())
+        loss, grad = p(phi)
+        check(phi, loss, grad, 0.7, 1, reduction, np.float32)
+    kinds = {d.py_func.__name__ for d, _, _ in _CheckedLaunch.launches}
+    assert {"sign_abs_sum", "sign_abs_part", "sign_abs_finish", "loss_total"} <= kinds
+
+    dev = RealLaunches()
+    ptrs = (np.arange(3 * 50, dtype=np.uint64) * 8 + (1 << 40)).reshape(3, 50)
+    addrs = np.zeros(200, np.uint64)
+    dev._fill_addresses(addrs, ptrs)  # 150 addresses: two launches of 128 slots
+    assert (addrs[:150] == ptrs.ravel()).all() and not addrs[150:].any()
+    assert sum(d.py_func.__name__ == "fill_addresses" for d, _, _ in _CheckedLaunch.launches) == 2
+
+
+@pytest.mark.cudasim
+def test_cupy_devices_fused_launch_on_the_simulator(monkeypatch, rng):
+    """CupyDevice.fused's own launch (its signature with any-layout arrays and the accumulator's
+    float type, its arguments) through the checking launcher, on slices-first contiguous input."""
+    from gpu_orthol1._cupy import CupyDevice
+    from gpu_orthol1.testing import EmulatedGpuDevice
+
+    from .reference import check
+
+    class RealFused(EmulatedGpuDevice):
+        fused = CupyDevice.fused
+
+        def __init__(self):
+            super().__init__()
+            self._launch = {}
+            self._i64, self._f64, self._bool = types.int64, types.float64, types.boolean
+            self._stream_ptr = 0
+
+    monkeypatch.setattr(_ptx, "kernel", _CheckedLaunch)
+    _CheckedLaunch.launches.clear()
+    for dt in (np.float32, np.float64):
+        phi = make(np, rng, (4, 6, 5), dt, "C", 0)  # axis=0: slice i is phi[i], contiguous
+        p = _plan.Plan(phi, 0.4, axis=0, backend="numpy", kernel="fused", _device=RealFused())
+        loss, grad = p(phi)
+        check(phi, loss, grad, 0.4, 0, "sum", dt)
+    assert [d.py_func.__name__ for d, _, _ in _CheckedLaunch.launches].count("fused_ortho_l1") == 2

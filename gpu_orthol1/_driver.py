@@ -228,6 +228,8 @@ def _loop(dev, batch, wsb, chunk, losses, loss_offset, alpha, beta_gemm, want_gr
           variant):
     m, l, n = batch.shape
     ws, sgn, partials, addrs = wsb["ws"], wsb["sgn"], wsb.get("partials"), wsb.get("addrs")
+    if not isinstance(batch, Strided) and addrs is None and getattr(dev, "fills_addresses", False):
+        raise ValueError("a Pointers batch on this device needs its workspace sized with sizes(..., pointers=True)")
     if dev.folds_alpha:  # scale S in the sign pass (CPU: saves a pass over the gradient)
         scale, gemm_alpha = alpha, 1.0
     else:  # scale in the GEMM (GPU: free, and exact for float16 S)

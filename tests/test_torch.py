@@ -657,6 +657,9 @@ def test_cupy_device_pointer_call_arguments(tseed):
                                stage_phi=False, stage_out=False, budget=1 << 20, pointers=True)
             wsb = _driver.workspace(np.empty, sz, *phis[0].shape, np.dtype(np_dt))
             assert wsb["addrs"].dtype == np.uint64 and wsb["addrs"].size == 3 * sz.chunk
+            with pytest.raises(ValueError, match="pointers=True"):  # a workspace without the address buffer
+                _driver.run(dev, batch, {k: v for k, v in wsb.items() if k != "addrs"}, sz.chunk, np.zeros(3),
+                            alpha=1.0, beta_gemm=1.0, want_grad=True)
             views["ws"], views["sgn"] = wsb["ws"], wsb["sgn"]
             losses = np.zeros(3)
             FakeCublas.calls.clear()

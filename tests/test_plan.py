@@ -231,3 +231,37 @@ def test_fused_refuses_slices_too_wide(rng):
         _plan.Plan(phi, backend="numpy", kernel="fused", _device=EmulatedGpuDevice())
     with pytest.raises(ValueError, match="default penalty .* only"):  # no silent L1 for another variant
         _plan.Plan(phi[:, :, :4], backend="numpy", kernel="fused", penalty="l2", _device=EmulatedGpuDevice())
+
+
+def test_cpu_writes_far_apart_gradient_rows_through_a_buffer(rng, monkeypatch):
+    """CPU slices whose gradient rows are short and far apart (a C-contiguous (l, m, n) array with
+    m*n*itemsize >= 64 KiB) are written through the chunk buffer: the same results as writing in
+    place, into a fresh gradient, out= and accumulate=True, without a CopyWarning; rows closer
+    together, or a Fortran layout, are written in place."""
+    import warnings
+
+    phi = make(np, rng, (5, 1024, 16), np.float32, "C", 1)  # rows 64 KiB apart, 64 bytes long
+    p = _plan.Plan(phi, 0.3, backend="numpy", workspace_bytes=40 * 1024)  # several chunks per thread
+    base = random_phi(rng, phi.shape, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss, grad = p(phi)
+        out = base.copy()
+        p(phi, out=out, accumulate=True)
+    assert any(sz.stage_out for sz, _ in p._sizes.values())
+    check(phi, loss, grad, 0.3, 1, "sum", np.float32)
+    check(phi, loss, out, 0.3, 1, "sum", np.float32, grad_base=base)
+    inplace = _plan.Plan(phi, 0.3, backend="numpy", workspace_bytes=40 * 1024)
+    monkeypatch.setattr(inplace, "_stage_far_rows", False)
+    l2, g2 = inplace(phi)
+    assert not any(sz.stage_out for sz, _ in inplace._sizes.values())
+    np.testing.assert_array_equal(g2, grad)
+    assert l2 == loss
+    near = make(np, rng, (5, 64, 16), np.float32, "C", 1)  # rows 4 KiB apart
+    pn = _plan.Plan(near, 0.3, backend="numpy")
+    pn(near)
+    assert not any(sz.stage_out for sz, _ in pn._sizes.values())
+    fort = make(np, rng, (5, 1024, 16), np.float32, "F", 1)  # columns contiguous: BLAS kind "N"
+    pf = _plan.Plan(fort, 0.3, backend="numpy")
+    check(fort, *pf(fort), 0.3, 1, "sum", np.float32)
+    assert not any(sz.stage_out for sz, _ in pf._sizes.values())

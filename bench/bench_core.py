@@ -11,7 +11,9 @@ transposed operand A^T before its GEMM, so the limit here is inflated by a copy
 for 4096x32x128 on an H200); quote GPU ratios from `gpu-orthol1 bench` instead. Naive: the expression a user would write (loss and closed-form
 gradient with matmul/abs/sign). float32, median of --repeat runs after a warm-up,
 inputs rotated between two tensors, each method checked once against the float64
-reference before it is timed. Peak extra memory (CPU) by tracemalloc, beyond the input.
+reference before it is timed. On the CPU the limit and the methods are timed in turns (one call
+of each per round) and a ratio is the median over rounds of that round's time over the limit's,
+so that drift on a shared machine hits both sides alike. Peak extra memory (CPU) by tracemalloc, beyond the input.
 Rows are flagged as gpu_orthol1.bench flags them (wide p80/p20 spread; on the CPU also
 a ratio below the 0.75 floor and a load average above the CPU count at the start);
 the JSON records the load and the CPU so that a run can be judged later.
@@ -51,6 +53,21 @@ def _median_ms(fn, inputs, repeat, sync=lambda: None):
     return float(np.median(ts) * 1e3), float(np.percentile(ts, 20) * 1e3), float(np.percentile(ts, 80) * 1e3)
 
 
+def _in_turns_ms(fns: dict, repeat):
+    """{name: (per-round seconds)} of fns {name: (fn, inputs)} timed in turns: each round calls every
+    fn once, in order, after one warm-up call each; drift on a shared machine then hits all alike."""
+    for fn, inputs in fns.values():
+        fn(inputs[0])
+    ts: dict = {name: [] for name in fns}
+    for r in range(repeat):
+        for name, (fn, inputs) in fns.items():
+            x = inputs[r % len(inputs)]
+            t0 = time.perf_counter()
+            fn(x)
+            ts[name].append(time.perf_counter() - t0)
+    return {name: np.array(v) for name, v in ts.items()}
+
+
 def cpu_methods():
     def ours(phi):
         return ol1.loss_and_grad(phi, BETA, backend="numpy")
@@ -80,18 +97,22 @@ def bench_cpu(repeat):
         rng = np.random.default_rng(0)
         inputs = [random_phi(rng, shape, np.float32) for _ in range(2)]
         contig = [np.ascontiguousarray(x.transpose(1, 0, 2)) for x in inputs]
-        limit = _median_ms(cpu_limit, contig, repeat)
-        for name, fn in cpu_methods().items():
+        methods = cpu_methods()
+        for fn in methods.values():
             loss, grad = fn(inputs[0])
             check(inputs[0], loss, grad, BETA, 1, "sum", np.float32)
-            med, p20, p80 = _median_ms(fn, inputs, repeat)
+        ts = _in_turns_ms({"limit": (cpu_limit, contig), **{k: (f, inputs) for k, f in methods.items()}}, repeat)
+        limit_ms = float(np.median(ts["limit"]) * 1e3)
+        for name, fn in methods.items():
+            t = ts[name]
+            med, p20, p80 = (float(np.percentile(t, q) * 1e3) for q in (50, 20, 80))
             tracemalloc.start()
             fn(inputs[0])
             _, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()
             rows.append(dict(method=name, shape=list(shape), dtype="float32", device="cpu",
-                             p20_ms=p20, p50_ms=med, p80_ms=p80, limit_ms=limit[0],
-                             ratio_to_limit=med / limit[0], peak_extra_mb=peak / 2**20,
+                             p20_ms=p20, p50_ms=med, p80_ms=p80, limit_ms=limit_ms,
+                             ratio_to_limit=float(np.median(t / ts["limit"])), peak_extra_mb=peak / 2**20,
                              grad_mb=inputs[0].nbytes / 2**20))
     return rows
 

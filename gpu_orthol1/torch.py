@@ -19,6 +19,7 @@ gradient in float32, the gradient rounded to bfloat16 when written back), one te
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import math
 import numbers
 import warnings
@@ -841,14 +842,13 @@ class _OrthoL1ModelFn(torch.autograd.Function):
 # (an int argument, which dynamo guards on like any constant).
 
 _registry: dict = {}
-_next_key = [0]
+_keys = itertools.count()  # next() is one C call: threads building regularizers get distinct keys
 
 
 def _register(reg) -> int:
     import weakref
 
-    key = _next_key[0]
-    _next_key[0] += 1
+    key = next(_keys)
     def forget(_ref, k=key):  # the regularizer is gone: drop its entry
         _registry.pop(k, None)
 

@@ -68,7 +68,7 @@ fi
 step info 60 $PY -m gpu_orthol1.cli info
 step run 60 $PY -m gpu_orthol1.cli run --shape 4096,32,128
 # -rs lists skips: on the card a skipped gpu test is a failure of this check
-step gpu_tests 200 $PY -m pytest -q -m gpu -rs -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" ${GPU_TESTS:-tests/}
+step gpu_tests 220 $PY -m pytest -q -m gpu -rs -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" ${GPU_TESTS:-tests/}
 if [ "$DRY" != 1 ] && grep -q "skipped" "$OUT/gpu_tests.log"; then
   echo "!!! gpu tests were skipped on the GPU machine"; status=1
 fi

@@ -849,6 +849,7 @@ def _register(reg) -> int:
     import weakref
 
     key = next(_keys)
+
     def forget(_ref, k=key):  # the regularizer is gone: drop its entry
         _registry.pop(k, None)
 

@@ -87,9 +87,9 @@ def step(row, col, drow, dcol, n):
 _kernels: dict = {}
 
 
-def _make_entry(l2, offdiag):
-    """Entry k of slice b for the elementwise members (L1, L2, free diagonal): writes M into s when
-    write_s, returns the entry's term of the loss; `diag`: whether k is a diagonal entry. One body for
+def _make_span(l2, offdiag):
+    """A thread's stride loop over entries of slice b for the elementwise members (L1, L2, free
+    diagonal): writes M into s when write_s, returns the sum of the entries' loss terms. One body for
     the one-block and the split pass."""
 
     @cuda.jit(device=True)
@@ -119,7 +119,20 @@ def _make_entry(l2, offdiag):
                     s[b, k] = x
         return term
 
-    return entry
+    @cuda.jit(device=True)
+    def span_sum(g, s, b, k, end, n, tpb, scale, write_s):
+        """The loss terms of entries k, k + tpb, ... below `end` of slice b (M written as it goes):
+        one thread's share of a stride loop, in a fixed order."""
+        acc = float64(0.0)
+        row, col = rowcol(k, n)
+        drow, dcol = rowcol(tpb, n)
+        while k < end:
+            acc += entry(g, s, b, k, row == col, scale, write_s)
+            k += tpb
+            row, col = step(row, col, drow, dcol, n)
+        return acc
+
+    return span_sum
 
 
 def _make_kernel(tpb, l2=False, offdiag=False, normalize=False, ncol=1):
@@ -128,7 +141,7 @@ def _make_kernel(tpb, l2=False, offdiag=False, normalize=False, ncol=1):
     l2, offdiag and normalize are compile-time constants (closure variables), so the default L1
     kernel is the same code as before they existed. ncol: how many columns one thread owns in the
     normalized pass (ceil(n / tpb)), the size of its local array."""
-    entry = _make_entry(l2, offdiag)
+    span_sum = _make_span(l2, offdiag)
 
     @cuda.jit
     def sign_abs_sum(g, s, n, losses, loss_offset, scale, write_s):
@@ -190,13 +203,7 @@ def _make_kernel(tpb, l2=False, offdiag=False, normalize=False, ncol=1):
                     ci += 1
                     j += tpb
         else:
-            k = t
-            row, col = rowcol(k, n)
-            drow, dcol = rowcol(tpb, n)
-            while k < nn:
-                acc += entry(g, s, b, k, row == col, scale, write_s)
-                k += tpb
-                row, col = step(row, col, drow, dcol, n)
+            acc = span_sum(g, s, b, t, nn, n, tpb, scale, write_s)
 
         buf = cuda.shared.array(tpb, float64)
         slice_done(s, b, block_sum(buf, acc, t, tpb), nn, t, tpb, write_s, losses, loss_offset)
@@ -270,7 +277,7 @@ def split(n: int, normalize: bool = False, max_block: int = BLOCK_SIZES[-1]) -> 
 
 
 def _make_part_kernel(tpb, l2, offdiag):
-    entry = _make_entry(l2, offdiag)
+    span_sum = _make_span(l2, offdiag)
 
     @cuda.jit
     def sign_abs_part(g, s, n, partials, per_part, scale, write_s):
@@ -282,14 +289,7 @@ def _make_part_kernel(tpb, l2, offdiag):
         p = bid - b * parts
         t = cuda.threadIdx.x
         end = min(n * n, (p + 1) * per_part)
-        acc = float64(0.0)
-        k = p * per_part + t
-        row, col = rowcol(k, n)
-        drow, dcol = rowcol(tpb, n)
-        while k < end:
-            acc += entry(g, s, b, k, row == col, scale, write_s)
-            k += tpb
-            row, col = step(row, col, drow, dcol, n)
+        acc = span_sum(g, s, b, p * per_part + t, end, n, tpb, scale, write_s)
         buf = cuda.shared.array(tpb, float64)
         total = block_sum(buf, acc, t, tpb)
         if t == 0:

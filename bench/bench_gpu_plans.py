@@ -10,11 +10,12 @@ All in one run on one card, each ratio against a baseline timed in the same run:
    `ol1.loss_and_grad` (warm plan cache), a reused plan, a replayed CUDA graph (`plan.graph`).
 2. shapes: the reference shapes in float32 / tf32 / float16 through the two-GEMM path and (where
    n fits) the fused kernel, against `limit-cublas` (the raw two-GEMM bound: the bench's own method).
-3. sweep: l*m*n fixed (2^24 elements) over n in {8, 16, 32, 64, 128} and l in {64, 512}: fused vs
+3. sweep: l*m*n fixed (2^24 elements) over n in {8, 16, 32, 64, 96, 128} and l in {64, 512}: fused vs
    two-GEMM vs the memory roofline (read phi + write the gradient at the measured copy bandwidth).
 4. phases: host and device time of the Gram GEMM, the sign pass, the gradient GEMM and the loss
    reduction apart, against the whole call.
-5. profile: a torch.profiler kernel table (every kernel, cuBLAS's and Numba's) for one call of each
+5. fused_resources: the fused kernel's registers, shared memory and blocks per SM per config.
+6. profile: a torch.profiler kernel table (every kernel, cuBLAS's and Numba's) for one call of each
    path, written as text.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -46,8 +48,16 @@ def host_costs(quick):
     pf = ol1.plan(phi, 1e-3, kernel="fused")
     gf = pf.graph(phi)
     n = 50 if quick else 200
+    from gpu_orthol1 import _plan
+
+    os.environ[_plan.ENV_KERNEL] = "fused"  # what kernel="auto" costs where its rule picks the fused kernel
+    try:
+        fused_auto = _bench(lambda: ol1.loss_and_grad(phi, 1e-3), n)
+    finally:
+        del os.environ[_plan.ENV_KERNEL]
     return {
         "loss_and_grad": _bench(lambda: ol1.loss_and_grad(phi, 1e-3), n),
+        "loss_and_grad_fused": fused_auto,
         "plan": _bench(lambda: p(phi), n),
         "graph_replay": _bench(g.replay, n),
         "plan_fused": _bench(lambda: pf(phi), n),
@@ -126,7 +136,7 @@ def sweep(quick):
     total = 1 << (22 if quick else 24)
     rows = []
     for l in (64, 512):
-        for n in (8, 16, 32, 64, 128):
+        for n in (8, 16, 32, 64, 96, 128):
             m = max(1, total // (l * n))
             phi = cupy.random.standard_normal((l, m, n), dtype=cupy.float32) / l ** 0.5
             row = {"l": l, "m": m, "n": n, "roofline_ms": 2 * phi.nbytes / bw * 1e3}
@@ -140,6 +150,34 @@ def sweep(quick):
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     return {"copy_bandwidth_GBps": bw / 1e9, "rows": rows}
+
+
+def fused_resources(quick):
+    """Registers, shared and local memory per block of the fused kernel's default configs (Numba reads
+    them from the cubin) and the blocks per SM they allow (the driver's occupancy calculator)."""
+    from numba import cuda
+
+    from gpu_orthol1.kernels import fused_small as fs
+
+    ctx = cuda.current_context()
+    rows = []
+    for n, dt in ((8, "float32"), (16, "float32"), (32, "float32"), (64, "float32"), (96, "float32"),
+                  (64, "float16"), (32, "float64"), (64, "float64")):
+        cfg = fs.fused_config(64, n, dt)
+        kern = fs.get_fused_kernel(cfg)
+        sig = f"void({dt}[:, :, :], {dt}[:, :, :], float64[:], int64, {cfg.acc}, boolean, boolean)"
+        row = {"n": n, "dtype": dt, "l": 64, "config": cfg._asdict(), "shared_bytes_formula": fs.shared_bytes(cfg)}
+        try:
+            row.update(fs.resource_usage(kern, sig))
+            cufunc = kern.compile(sig)._codelibrary.get_cufunc()
+            blocks = ctx.get_active_blocks_per_multiprocessor(cufunc, cfg.threads, 0)
+            row["blocks_per_sm"] = blocks
+            row["warps_per_sm"] = blocks * cfg.threads // 32
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    return rows
 
 
 def phases(quick):
@@ -281,7 +319,21 @@ def main(argv=None) -> int:
     ap.add_argument("--dry", action="store_true", help="CPU machine: check the script imports, then exit")
     ap.add_argument("--sweep-from", metavar="JSON", help="print the n-sweep table of a results file (any machine)")
     ap.add_argument("--plot", metavar="PNG", help="with --sweep-from: also plot the sweep")
+    ap.add_argument("--one-call", metavar="KERNEL", choices=("gemm", "fused"),
+                    help="one warm call on (64, 4096, 64) float32 and exit: the target for an ncu profile")
     a = ap.parse_args(argv)
+    if a.one_call:
+        import cupy
+
+        import gpu_orthol1 as ol1
+
+        phi = cupy.random.standard_normal((64, 4096, 64), dtype=cupy.float32) / 8
+        pl = ol1.plan(phi, 1e-3, kernel=a.one_call)
+        pl(phi)
+        cupy.cuda.Device().synchronize()
+        pl(phi)
+        cupy.cuda.Device().synchronize()
+        return 0
     if a.sweep_from:
         with open(a.sweep_from) as f:
             print(sweep_table_and_plot(json.load(f), a.plot))
@@ -297,7 +349,8 @@ def main(argv=None) -> int:
 
     doc = {"command": "python3 bench/bench_gpu_plans.py " + " ".join(argv or sys.argv[1:]), "gpu": gpu_name(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(), "cupy": cupy.__version__}
-    for name, fn in (("host", host_costs), ("phases", phases), ("shapes", shapes), ("sweep", sweep)):
+    for name, fn in (("host", host_costs), ("phases", phases), ("shapes", shapes), ("sweep", sweep),
+                     ("fused_resources", fused_resources)):
         try:
             doc[name] = fn(a.quick)
         except Exception as e:  # keep what the other parts measured

@@ -82,9 +82,16 @@ else
 fi
 TDEV=cpu; [ "$DEV" = gpu ] && TDEV=cuda
 step bench_torch 70 $PY bench/bench_torch.py --device $TDEV --quick --threads 1 --json "$OUT/bench_torch_$TDEV.json"
-step bench 100 $PY -m gpu_orthol1.cli bench --quick --device $DEV --time-limit 70 --no-progress \
+step bench 90 $PY -m gpu_orthol1.cli bench --quick --device $DEV --time-limit 60 --no-progress \
   --csv "$OUT/bench_$DEV.csv" --json "$OUT/bench_$DEV.json" --plot "$OUT/bench_$DEV.png"
 step sanitize 80 env OUT="$OUT" PY="$PY" GPU_CHECK_DRY="$DRY" SANITIZE_TIMEOUT=35 bash bench/gpu_sanitize.sh
+# the fused kernel's own counters (its second launch: the first one compiles): speed of light,
+# occupancy, launch stats, shared-memory and memory traffic
+if [ "$DRY" != 1 ] && command -v ncu >/dev/null; then
+  step ncu_fused 60 ncu -k regex:fused --launch-skip 1 --launch-count 1 --section SpeedOfLight --section Occupancy \
+    --section LaunchStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+    $PY bench/bench_gpu_plans.py --one-call fused
+fi
 step bench_core 50 $PY bench/bench_core.py --device $DEV --repeat 7 --json "$OUT/bench_core_$DEV.json"
 echo "=== steps (name exit seconds):"; cat "$OUT/steps.txt"
 # pack into a file outside $OUT first: tar of a folder that holds its own archive fails

@@ -1,56 +1,52 @@
 """Fully fused loss + gradient for small slices: the Gram never leaves the chip.
 
-One launch does the whole computation, one block per slice:
+One launch does the whole computation, one block per slice, from register micro-tiles:
 
-1. G_i = Phi_i^T Phi_i is accumulated in shared memory, reading Phi_i in tiles of
-   rows staged through shared memory. Only the lower triangle is computed and
-   stored (packed, entry (j, k), k <= j, at j*(j+1)/2 + k): G is symmetric, so
-   this halves the flops and the shared memory, and roughly doubles the largest n
-   that fits. Accumulation is float32 for float16/float32 input (a product of two
-   float16 values is exact in float32) and float64 for float64 input.
-2. The block sums |G_i - I| in float64 (off-diagonal entries counted twice) in a
-   fixed order: a strided per-thread loop, then a fixed tree over the threads, no
-   atomics, so the loss is bit-identical from call to call for a given config and
-   n. Same NaN policy as kernels/sign_abs.py: a non-finite sum makes the slice's
-   loss NaN and its whole gradient NaN. In the same pass G is overwritten in
-   place by S = sign(G - I) (sign(0) = 0).
-3. grad_i = alpha * Phi_i S_i goes straight to `out` (or is added to it), with
-   Phi_i re-read tile by tile. There is no Gram workspace in device memory.
+1. G_i = Phi_i^T Phi_i. The block's threads form a G x G grid (G = sqrt(threads)); thread
+   (ty, tx) owns the T x T Gram entries (ty + G*a, tx + G*b), a, b < T, T = nmax / G, in
+   registers. Phi_i is staged through shared memory tile_rows rows at a time (zero-padded to nmax
+   columns; rows nmax + 1 apart, so the rows a warp reads fall in distinct banks). Per row a
+   thread loads 2T values and does T*T FMAs: the Gram is FMA-bound, not shared-load-bound.
+   Accumulation is float32 for float16/float32 input (a product of two float16 values is exact in
+   float32) and float64 for float64 input.
+2. Each thread subtracts I from its entries and sums |G - I| in float64 in a fixed order; the
+   block sums the threads' totals in a fixed tree (no atomics: the loss is bit-identical from call
+   to call for a given config and n), and S = sign(G - I) (sign(0) = 0) goes to shared memory.
+   Same NaN policy as kernels/sign_abs.py: a non-finite sum makes the slice's loss NaN and its
+   whole gradient NaN.
+3. grad_i = alpha * Phi_i S_i: thread (ty, tx) computes rows ty + G*a (a < tile_rows / G) and
+   columns tx + G*b of each staged row tile, again in registers, and writes them (or adds them)
+   straight into `out`. A slice that fits one tile is read from device memory once; a taller one
+   is read again tile by tile. There is no Gram workspace in device memory.
 
-The loss is the same quantity as the cuBLAS path's but not bit-identical to it
-(different summation order).
+The loss is the same quantity as the cuBLAS path's but not bit-identical to it (different
+summation order).
 
 Launch: grid = number of slices m, block = config.threads (1-D):
 
     kern = get_fused_kernel(cfg)   # cfg = fused_config(l, n, dtype)
     kern[m, cfg.threads](phi, out, losses, loss_offset, alpha, accumulate, write_grad)
 
-phi, out: 3-D arrays in the slices-first view (m, l, n), any strides (for the
-package's (l, m, n) layout pass phi.transpose(1, 0, 2), no copy), dtype
-float16/float32/float64; out has phi's shape, and its own dtype and strides. out is
-not touched when write_grad is false (phi may then be passed as out).
-losses: float64 array; slice b of the launch writes losses[loss_offset + b], the
-unscaled sum |G_b - I| (multiply by beta, or beta/m for a mean, on the host).
-alpha: the gradient scale, 2*beta (sum) or 2*beta/m (mean).
-accumulate: out += alpha * Phi S instead of out = alpha * Phi S.
-out may alias phi exactly (same view): every row is staged in shared memory
-before its gradient row is written. A slice with n > config.nmax, or a launch
-whose block is not config.threads, gets NaN losses and out untouched (a guard
-against host bugs, not a feature).
+phi, out: 3-D arrays in the slices-first view (m, l, n), any strides (for the package's (l, m, n)
+layout pass phi.transpose(1, 0, 2), no copy), dtype float16/float32/float64; out has phi's shape,
+and its own dtype and strides. out is not touched when write_grad is false (phi may then be passed
+as out). losses: float64 array; slice b of the launch writes losses[loss_offset + b], the unscaled
+sum |G_b - I| (multiply by beta, or beta/m for a mean, on the host). alpha: the gradient scale,
+2*beta (sum) or 2*beta/m (mean). accumulate: out += alpha * Phi S instead of out = alpha * Phi S.
+out may alias phi exactly (same view): the Gram is complete before the first write, and every row
+is staged in shared memory before its gradient row is written. A slice with n > config.nmax, or a
+launch whose block is not config.threads, gets NaN losses and out untouched (a guard against host
+bugs, not a feature).
 
-Shared memory per block (static; numba needs compile-time sizes, hence one kernel
-per config):  (nmax*(nmax+1)/2 + tile_rows*nmax) * acc_bytes (rounded up to 8) + threads * 8
-(packed Gram, staging tile, float64 reduction buffer); see `shared_bytes`. With the
-48 KiB static limit and tiles of at least 8 rows at threads=256 the largest n is
-145 for float16/float32 (acc float32) and 100 for float64 (`N_MAX`). The staging
-tile holds tile_rows*nmax elements, so a slice with n < nmax gets
-(tile_rows*nmax) // n rows per tile.
+Shared memory per block (static; numba needs compile-time sizes, hence one kernel per config):
+ceil8((tile_rows * (nmax + 1) + nmax * nmax) * acc_bytes) + threads * 8 (the staging tile, S, the
+float64 reduction buffer); see `shared_bytes`. Registers bound T, and the gradient rows per thread,
+to TMAX: 8 for a float32 accumulator, 4 for float64. Slices up to n = 8 * TMAX run on an 8 x 8
+grid (64 threads), wider ones on a 16 x 16 grid while S fits the 48 KiB static limit: the largest
+n is 96 for float16/float32 and 64 for float64 (`N_MAX`).
 
-Small n: still one block per slice (no grouping of slices per block); the config
-shrinks the block to at least 32 threads for tiny slices instead.
-
-`numba.cuda` is imported here: import this module lazily, after
-NUMBA_ENABLE_CUDASIM is set when running under the simulator.
+`numba.cuda` is imported here: import this module lazily, after NUMBA_ENABLE_CUDASIM is set when
+running under the simulator.
 """
 
 from __future__ import annotations
@@ -71,14 +67,12 @@ from .sign_abs import block_sum  # noqa: E402 - the same fixed-order block reduc
 
 # Static shared memory a block may declare without opting in to dynamic shared memory.
 SHARED_LIMIT = 48 * 1024
-# Threads per block: powers of two for the tree reduction. Below a warp is only for
-# the simulator, where every thread is an OS thread.
-THREADS = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
-# Fewer rows per tile than this would make the kernel sync-bound; it sets N_MAX.
-MIN_TILE_ROWS = 8
-# nmax values a config rounds n up to: fewer distinct kernels to compile, at the
-# price of reserving shared memory for up to the next step.
-NMAX_STEPS = (8, 16, 24, 32, 48, 64, 80, 96, 112, 128)
+# Threads per block: square grids (G x G) of a power-of-two size, for the tree reduction. The 2 x 2
+# and 4 x 4 grids are for the simulator, where every thread is an OS thread.
+THREADS = (4, 16, 64, 256)
+# Largest micro-tile side per accumulator: T*T Gram entries (and TMAX*T gradient entries) live in
+# registers, so past this ptxas would spill.
+TMAX = {"float32": 8, "float64": 4}
 
 _ACC = {"float32": float32, "float64": float64}
 _ACC_FOR_INPUT = {np.dtype(np.float16): "float32", np.dtype(np.float32): "float32",
@@ -86,31 +80,48 @@ _ACC_FOR_INPUT = {np.dtype(np.float16): "float32", np.dtype(np.float32): "float3
 
 
 class FusedConfig(NamedTuple):
-    nmax: int  # largest n the kernel takes (sizes the packed Gram)
-    tile_rows: int  # staging tile is tile_rows * nmax elements
-    threads: int  # threads per block
+    nmax: int  # largest n the kernel takes: a multiple of the grid side G
+    tile_rows: int  # rows of Phi staged at a time: a multiple of G
+    threads: int  # threads per block, G * G
     acc: str  # "float32" or "float64": Gram, tile and gradient arithmetic
 
 
-def _tri(n: int) -> int:
-    return n * (n + 1) // 2
+def grid_side(threads: int) -> int:
+    """G of a G x G thread grid of `threads` threads."""
+    side = math.isqrt(threads)
+    if threads not in THREADS or side * side != threads:
+        raise ValueError(f"threads per block must be one of {THREADS}, got {threads}")
+    return side
 
 
 def shared_bytes(cfg: FusedConfig) -> int:
     """Static shared memory of one block of this config, in bytes."""
     acc_bytes = 4 if cfg.acc == "float32" else 8
-    gram_and_tile = (_tri(cfg.nmax) + cfg.tile_rows * cfg.nmax) * acc_bytes
-    return -(-gram_and_tile // 8) * 8 + cfg.threads * 8  # the float64 buffer is 8-byte aligned
+    tile_and_s = (cfg.tile_rows * (cfg.nmax + 1) + cfg.nmax * cfg.nmax) * acc_bytes
+    return -(-tile_and_s // 8) * 8 + cfg.threads * 8  # the float64 buffer is 8-byte aligned
 
 
-def _max_n(acc: str, threads: int = 256) -> int:
-    n = 1
-    while shared_bytes(FusedConfig(n + 1, MIN_TILE_ROWS, threads, acc)) <= SHARED_LIMIT:
+def _default_side(n: int, acc: str) -> int:
+    return 8 if n <= 8 * TMAX[acc] else 16
+
+
+def _valid(cfg: FusedConfig) -> bool:
+    side = math.isqrt(cfg.threads)
+    return (cfg.nmax % side == 0 and cfg.tile_rows % side == 0 and cfg.tile_rows > 0
+            and shared_bytes(cfg) <= SHARED_LIMIT)
+
+
+def _max_n(acc: str) -> int:
+    n = 0
+    while True:
+        side = _default_side(n + 1, acc)
+        nmax = -(-(n + 1) // side) * side
+        if nmax // side > TMAX[acc] or not _valid(FusedConfig(nmax, side, side * side, acc)):
+            return n
         n += 1
-    return n
 
 
-# largest n per input dtype (tiles of MIN_TILE_ROWS rows, 256 threads)
+# largest n per input dtype (default grids, one row per thread in the gradient phase)
 N_MAX = {dt: _max_n(acc) for dt, acc in _ACC_FOR_INPUT.items()}
 
 
@@ -120,62 +131,47 @@ def fits(n: int, dtype) -> bool:
     return acc is not None and 1 <= n <= N_MAX[np.dtype(dtype)]
 
 
-def _pow2_at_least(x: int) -> int:
-    p = 1
-    while p < x:
-        p *= 2
-    return p
-
-
 def fused_config(l: int, n: int, dtype, threads: int | None = None) -> FusedConfig | None:
     """The kernel config for (l, n) slices of `dtype`, or None when they do not fit.
 
-    threads: force the block size (a power of two; tests under the simulator use
-    small blocks). Default: about two entries per thread of the larger of the
-    packed Gram and one staging tile, between 32 and 256 threads.
+    threads: force the block size (one of THREADS; tests under the simulator use small grids).
+    Default: an 8 x 8 grid up to n = 8 * TMAX, else 16 x 16. Rows per tile: TMAX per thread row
+    (register-bound), fewer when l is short or shared memory is short.
     """
     if not fits(n, dtype):
         return None
     acc = _ACC_FOR_INPUT[np.dtype(dtype)]
-    top = N_MAX[np.dtype(dtype)]
-    nmax = next((s for s in NMAX_STEPS if n <= s <= top), top)
-    tile_rows = 32 if nmax <= 32 else 16 if nmax <= 64 else MIN_TILE_ROWS
-    if threads is None:
-        work = max(_tri(n), min(l, tile_rows * nmax // n) * n)
-        threads = min(256, max(32, _pow2_at_least((work + 1) // 2)))
-    elif threads not in THREADS:
-        raise ValueError(f"threads per block must be one of {THREADS}, got {threads}")
-    cfg = FusedConfig(nmax, tile_rows, threads, acc)
-    while shared_bytes(cfg) > SHARED_LIMIT and cfg.tile_rows > 1:
-        cfg = cfg._replace(tile_rows=cfg.tile_rows // 2)  # a forced large block ate the room
-    return cfg if shared_bytes(cfg) <= SHARED_LIMIT else None
+    side = _default_side(n, acc) if threads is None else grid_side(threads)
+    nmax = -(-n // side) * side
+    rows = max(1, min(TMAX[acc], -(-l // side)))  # rows per thread in the gradient phase
+    cfg = FusedConfig(nmax, rows * side, side * side, acc)
+    while not _valid(cfg) and rows > 1:
+        rows -= 1
+        cfg = cfg._replace(tile_rows=rows * side)
+    return cfg if _valid(cfg) else None
 
 
 @cuda.jit(device=True)
-def _tri_index(p):
-    # (j, k), k <= j, of packed index p = j*(j+1)/2 + k; the float root can land one
-    # off near perfect squares, hence the integer fix-up
-    j = int((math.sqrt(8.0 * p + 1.0) - 1.0) * 0.5)
-    if j * (j + 1) // 2 > p:
-        j -= 1
-    elif (j + 1) * (j + 2) // 2 <= p:
-        j += 1
-    return j, p - j * (j + 1) // 2
-
-
-@cuda.jit(device=True)
-def _load_tile(tile, phi, i, a0, cnt, n, t, tpb):
-    # rows a0 .. of slice i, flattened row-major into the shared tile (stored in its dtype)
-    q = t
-    while q < cnt:
-        tile[q] = phi[i, a0 + q // n, q % n]
-        q += tpb
+def _load_tile(tile, phi, i, a0, cnt, n, ty, tx, side, nrows, ld, ncols):
+    # rows a0 .. a0 + nrows - 1 of slice i into the tile (row r at r * ld), in the tile's dtype;
+    # zeros past the slice's cnt rows and n columns, so that padded entries are exact zeros
+    r = ty
+    while r < nrows:
+        c = tx
+        while c < ncols:
+            tile[r * ld + c] = phi[i, a0 + r, c] if (r < cnt and c < n) else 0
+            c += side
+        r += side
 
 
 def _make_kernel(nmax, tile_rows, tpb, acc_name):
     ACC = _ACC[acc_name]
-    TRI = nmax * (nmax + 1) // 2
-    TILE = tile_rows * nmax
+    G = math.isqrt(tpb)
+    T = nmax // G  # Gram micro-tile side
+    RT = tile_rows // G  # gradient rows per thread per tile
+    LD = nmax + 1  # tile row stride: an odd-ish stride puts the rows a warp reads in distinct banks
+    TILE = tile_rows * LD
+    NN = nmax * nmax
 
     @cuda.jit
     def fused_ortho_l1(phi, out, losses, loss_offset, alpha, accumulate, write_grad):
@@ -183,60 +179,57 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name):
         t = cuda.threadIdx.x
         l = phi.shape[1]
         n = phi.shape[2]
-        g = cuda.shared.array(TRI, ACC)
         tile = cuda.shared.array(TILE, ACC)
+        s = cuda.shared.array(NN, ACC)
         red = cuda.shared.array(tpb, float64)
         # host bugs, caught block-uniformly (so leaving before any syncthreads is safe):
-        # a slice wider than the shared arrays, or a block not of the size the strides assume
+        # a slice wider than the shared arrays, or a block not of the size the grid assumes
         if n == 0 or n > nmax or cuda.blockDim.x != tpb:
             if t == 0:
                 losses[loss_offset + i] = 0.0 if n == 0 else math.nan
             return
-        ntri = n * (n + 1) // 2
-        rows = TILE // n
-
-        # Each thread owns the packed entries t, t + tpb, ... in the Gram and sign
-        # passes alike, so zeroing and accumulating them needs no barrier of its own.
-        p = t
-        while p < ntri:
-            g[p] = 0
-            p += tpb
+        ty = t // G
+        tx = t - ty * G
+        g = cuda.local.array((T, T), ACC)
+        va = cuda.local.array(T, ACC)
+        vb = cuda.local.array(T, ACC)
+        for a in range(T):
+            for b in range(T):
+                g[a, b] = 0
         a0 = 0
         while a0 < l:
-            cnt = min(rows, l - a0) * n
-            _load_tile(tile, phi, i, a0, cnt, n, t, tpb)
+            cnt = min(tile_rows, l - a0)
+            _load_tile(tile, phi, i, a0, cnt, n, ty, tx, G, tile_rows, LD, nmax)
             cuda.syncthreads()
-            p = t
-            while p < ntri:
-                j, k = _tri_index(p)
-                s = ACC(0.0)
-                r = 0
-                while r < cnt:
-                    s += tile[r + j] * tile[r + k]
-                    r += n
-                g[p] += s
-                p += tpb
+            for r in range(cnt):
+                base = r * LD
+                for a in range(T):
+                    va[a] = tile[base + ty + G * a]
+                for b in range(T):
+                    vb[b] = tile[base + tx + G * b]
+                for a in range(T):
+                    for b in range(T):
+                        g[a, b] += va[a] * vb[b]
             cuda.syncthreads()  # the next tile overwrites what others may still read
-            a0 += rows
+            a0 += tile_rows
 
         acc = float64(0.0)
-        p = t
-        while p < ntri:
-            j, k = _tri_index(p)
-            x = float64(g[p])
-            if j == k:
-                x -= 1.0
-                acc += abs(x)
-            else:  # stands for (j, k) and (k, j); doubling is exact
-                acc += 2.0 * abs(x)
-            if x > 0.0:
-                g[p] = 1.0
-            elif x < 0.0:
-                g[p] = -1.0
-            else:  # 0 (NaN too: the slice is then all NaN anyway)
-                g[p] = 0.0
-            p += tpb
-        total = block_sum(red, acc, t, tpb)
+        for a in range(T):
+            j = ty + G * a
+            for b in range(T):
+                k = tx + G * b
+                x = float64(g[a, b])
+                if j == k:
+                    x -= 1.0
+                sg = 0.0
+                if j < n and k < n:  # padded entries: S = 0, no loss
+                    acc += abs(x)
+                    if x > 0.0:
+                        sg = 1.0
+                    elif x < 0.0:
+                        sg = -1.0
+                s[j * nmax + k] = sg  # NaN gets 0: the slice is then all NaN anyway
+        total = block_sum(red, acc, t, tpb)  # its barriers also publish S
         # |.|-sums never hold Inf - Inf: a non-finite slice shows as NaN or +Inf here
         finite = math.isfinite(total)
         if t == 0:
@@ -244,40 +237,49 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name):
         if not write_grad:
             return
         if not finite:
-            q = t
-            while q < l * n:
-                out[i, q // n, q % n] = math.nan
-                q += tpb
+            r = ty
+            while r < l:
+                c = tx
+                while c < n:
+                    out[i, r, c] = math.nan
+                    c += G
+                r += G
             return
 
         scale = ACC(alpha)
+        o = cuda.local.array((RT, T), ACC)
+        vr = cuda.local.array(RT, ACC)
+        restage = l > tile_rows  # else the one tile is still in shared memory
         a0 = 0
         while a0 < l:
-            cnt = min(rows, l - a0) * n
-            _load_tile(tile, phi, i, a0, cnt, n, t, tpb)
-            cuda.syncthreads()
-            q = t
-            while q < cnt:
-                r = q // n
-                b = q - r * n
-                row = r * n
-                s = ACC(0.0)
-                # column b of S: S[j, b] = g[b(b+1)/2 + j] for j <= b, g[j(j+1)/2 + b] for j > b.
-                # One loop with a select rather than two loops split at b: every thread of a
-                # warp then runs n iterations, not max(b+1) + max(n-b-1). Triangular numbers
-                # mod 32 are all distinct, so 32 consecutive b of 4-byte entries hit 32 banks.
-                pb = b * (b + 1) // 2
-                pj = 0
-                for j in range(n):
-                    s += tile[row + j] * g[pb + j if j <= b else pj + b]
-                    pj += j + 1
-                v = scale * s
-                if accumulate:
-                    v += ACC(out[i, a0 + r, b])
-                out[i, a0 + r, b] = v
-                q += tpb
-            cuda.syncthreads()
-            a0 += rows
+            cnt = min(tile_rows, l - a0)
+            if restage:
+                _load_tile(tile, phi, i, a0, cnt, n, ty, tx, G, tile_rows, LD, nmax)
+                cuda.syncthreads()
+            for a in range(RT):
+                for b in range(T):
+                    o[a, b] = 0
+            for j in range(n):
+                for a in range(RT):
+                    vr[a] = tile[(ty + G * a) * LD + j]
+                for b in range(T):
+                    vb[b] = s[j * nmax + tx + G * b]
+                for a in range(RT):
+                    for b in range(T):
+                        o[a, b] += vr[a] * vb[b]
+            for a in range(RT):
+                r = ty + G * a
+                if r < cnt:
+                    for b in range(T):
+                        k = tx + G * b
+                        if k < n:
+                            v = scale * o[a, b]
+                            if accumulate:
+                                v += ACC(out[i, a0 + r, k])
+                            out[i, a0 + r, k] = v
+            if restage:
+                cuda.syncthreads()  # the next tile overwrites what others may still read
+            a0 += tile_rows
 
     return fused_ortho_l1
 
@@ -288,12 +290,13 @@ _kernels: dict = {}
 def get_fused_kernel(cfg: FusedConfig):
     """The fused kernel for this config (compiled lazily, once per config; numba then
     specializes it per argument types: dtypes, layouts, flags)."""
-    if cfg.threads not in THREADS:
-        raise ValueError(f"threads per block must be one of {THREADS}, got {cfg.threads}")
+    grid_side(cfg.threads)
     if cfg.acc not in _ACC:
         raise ValueError(f"acc must be one of {tuple(_ACC)}, got {cfg.acc!r}")
-    if shared_bytes(cfg) > SHARED_LIMIT:
-        raise ValueError(f"{cfg} needs {shared_bytes(cfg)} bytes of shared memory, over {SHARED_LIMIT}")
+    if not _valid(cfg):
+        raise ValueError(f"{cfg}: nmax and tile_rows must be multiples of the grid side "
+                         f"{math.isqrt(cfg.threads)}, and the block needs {shared_bytes(cfg)} bytes of "
+                         f"shared memory (at most {SHARED_LIMIT})")
     kern = _kernels.get(cfg)
     if kern is None:
         kern = _kernels[cfg] = _make_kernel(*cfg)

@@ -61,7 +61,7 @@ from ._compat import check_numba_cuda_numpy
 check_numba_cuda_numpy()  # this module may be the first to import numba.cuda
 
 from numba import config as numba_config  # noqa: E402
-from numba import cuda, float32, float64  # noqa: E402
+from numba import cuda, float32, float64, uint64  # noqa: E402
 
 from .sign_abs import block_sum  # noqa: E402 - the same fixed-order block reduction
 
@@ -152,16 +152,22 @@ def fused_config(l: int, n: int, dtype, threads: int | None = None) -> FusedConf
 
 
 @cuda.jit(device=True)
-def _load_tile(tile, phi, i, a0, cnt, n, ty, tx, side, nrows, ld, ncols):
-    # rows a0 .. a0 + nrows - 1 of slice i into the tile (row r at r * ld), in the tile's dtype;
-    # zeros past the slice's cnt rows and n columns, so that padded entries are exact zeros
-    r = ty
-    while r < nrows:
-        c = tx
-        while c < ncols:
-            tile[r * ld + c] = phi[i, a0 + r, c] if (r < cnt and c < n) else 0
-            c += side
-        r += side
+def _load_tile(tile, phi, i, a0, cnt, n, ty, tx, side, rows_per_thread, ld, cols_per_thread):
+    # rows a0 .. a0 + side * rows_per_thread - 1 of slice i into the tile (row r at r * ld), in the
+    # tile's dtype; zeros past the slice's cnt rows and n columns, so that padded entries are exact
+    # zeros. Branch-free, a row of loads in flight at a time: every load reads a valid element (the
+    # index clamped into the slice) and a select zeroes the padding, so a warp does not wait for one
+    # load before it issues the next. Indices, cnt and n: uint64 (no negative-index handling).
+    vals = cuda.local.array(cols_per_thread, tile.dtype)
+    for a in range(rows_per_thread):
+        r = ty + uint64(side * a)
+        rr = min(r, cnt - uint64(1))
+        for b in range(cols_per_thread):
+            c = tx + uint64(side * b)
+            vals[b] = phi[i, a0 + rr, min(c, n - uint64(1))]
+        for b in range(cols_per_thread):
+            c = tx + uint64(side * b)
+            tile[r * ld + c] = vals[b] if (r < cnt and c < n) else 0
 
 
 def _make_kernel(nmax, tile_rows, tpb, acc_name):
@@ -188,8 +194,12 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name):
             if t == 0:
                 losses[loss_offset + i] = 0.0 if n == 0 else math.nan
             return
-        ty = t // G
-        tx = t - ty * G
+        # uint64 indices from here on: numba then emits no negative-index handling per access
+        ty = uint64(t // G)
+        tx = uint64(t % G)
+        ld = uint64(LD)
+        iu = uint64(i)
+        nu = uint64(n)
         g = cuda.local.array((T, T), ACC)
         va = cuda.local.array(T, ACC)
         vb = cuda.local.array(T, ACC)
@@ -199,14 +209,14 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name):
         a0 = 0
         while a0 < l:
             cnt = min(tile_rows, l - a0)
-            _load_tile(tile, phi, i, a0, cnt, n, ty, tx, G, tile_rows, LD, nmax)
+            _load_tile(tile, phi, iu, uint64(a0), uint64(cnt), nu, ty, tx, G, RT, ld, T)
             cuda.syncthreads()
             for r in range(cnt):
-                base = r * LD
+                base = uint64(r) * ld
                 for a in range(T):
-                    va[a] = tile[base + ty + G * a]
+                    va[a] = tile[base + ty + uint64(G * a)]
                 for b in range(T):
-                    vb[b] = tile[base + tx + G * b]
+                    vb[b] = tile[base + tx + uint64(G * b)]
                 for a in range(T):
                     for b in range(T):
                         g[a, b] += va[a] * vb[b]
@@ -215,20 +225,20 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name):
 
         acc = float64(0.0)
         for a in range(T):
-            j = ty + G * a
+            j = ty + uint64(G * a)
             for b in range(T):
-                k = tx + G * b
+                k = tx + uint64(G * b)
                 x = float64(g[a, b])
                 if j == k:
                     x -= 1.0
                 sg = 0.0
-                if j < n and k < n:  # padded entries: S = 0, no loss
+                if j < nu and k < nu:  # padded entries: S = 0, no loss
                     acc += abs(x)
                     if x > 0.0:
                         sg = 1.0
                     elif x < 0.0:
                         sg = -1.0
-                s[j * nmax + k] = sg  # NaN gets 0: the slice is then all NaN anyway
+                s[j * uint64(nmax) + k] = sg  # NaN gets 0: the slice is then all NaN anyway
         total = block_sum(red, acc, t, tpb)  # its barriers also publish S
         # |.|-sums never hold Inf - Inf: a non-finite slice shows as NaN or +Inf here
         finite = math.isfinite(total)
@@ -238,12 +248,12 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name):
             return
         if not finite:
             r = ty
-            while r < l:
+            while r < uint64(l):
                 c = tx
-                while c < n:
-                    out[i, r, c] = math.nan
-                    c += G
-                r += G
+                while c < nu:
+                    out[iu, r, c] = math.nan
+                    c += uint64(G)
+                r += uint64(G)
             return
 
         scale = ACC(alpha)
@@ -254,29 +264,30 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name):
         while a0 < l:
             cnt = min(tile_rows, l - a0)
             if restage:
-                _load_tile(tile, phi, i, a0, cnt, n, ty, tx, G, tile_rows, LD, nmax)
+                _load_tile(tile, phi, iu, uint64(a0), uint64(cnt), nu, ty, tx, G, RT, ld, T)
                 cuda.syncthreads()
             for a in range(RT):
                 for b in range(T):
                     o[a, b] = 0
-            for j in range(n):
+            for jj in range(n):
+                j = uint64(jj)
                 for a in range(RT):
-                    vr[a] = tile[(ty + G * a) * LD + j]
+                    vr[a] = tile[(ty + uint64(G * a)) * ld + j]
                 for b in range(T):
-                    vb[b] = s[j * nmax + tx + G * b]
+                    vb[b] = s[j * uint64(nmax) + tx + uint64(G * b)]
                 for a in range(RT):
                     for b in range(T):
                         o[a, b] += vr[a] * vb[b]
             for a in range(RT):
-                r = ty + G * a
-                if r < cnt:
+                r = ty + uint64(G * a)
+                if r < uint64(cnt):
                     for b in range(T):
-                        k = tx + G * b
-                        if k < n:
+                        k = tx + uint64(G * b)
+                        if k < nu:
                             v = scale * o[a, b]
                             if accumulate:
-                                v += ACC(out[i, a0 + r, k])
-                            out[i, a0 + r, k] = v
+                                v += ACC(out[iu, uint64(a0) + r, k])
+                            out[iu, uint64(a0) + r, k] = v
             if restage:
                 cuda.syncthreads()  # the next tile overwrites what others may still read
             a0 += tile_rows

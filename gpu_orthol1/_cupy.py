@@ -78,12 +78,15 @@ class CupyDevice:
     def extra_bytes_per_slice(l, n, dtype, want_grad, accumulate):
         return 0
 
-    def bind(self):
-        """Bind cuBLAS to CuPy's current stream (the kernels launch there too); once per plan call."""
+    def bind(self, cublas=True):
+        """Bind cuBLAS to CuPy's current stream (the kernels launch there too); once per plan call.
+        cublas=False: only pick up the stream, for a call that makes no cuBLAS call (the fused kernel)."""
         cupy = self.xp
         stream = cupy.cuda.get_current_stream()
-        self._handle = cupy.cuda.device.get_cublas_handle()
         self._stream_ptr = stream.ptr
+        if not cublas:
+            return
+        self._handle = cupy.cuda.device.get_cublas_handle()
         cb = self._cublas
         cb.setStream(self._handle, stream.ptr)
         if cb.getPointerMode(self._handle) != self._cb.CUBLAS_POINTER_MODE_HOST:

@@ -424,7 +424,7 @@ class Plan:
             if m and n:
                 alpha = 2.0 * beta / (m if self.reduction == "mean" else 1)
                 with self._lock:
-                    self.dev.bind()
+                    self.dev.bind(cublas=False)
                     Vo = self._view(grad) if want_grad else None
                     self.dev.fused(self.fused_cfg, self._view(p), Vo, losses, alpha, bool(accumulate), want_grad)
             return self._finish(losses, beta, raw, want_grad, grad, out)

@@ -152,7 +152,7 @@ class EmulatedGpuDevice(CupyDevice):
         assert buf is None or (buf.dtype == np.uint8 and buf.shape == (self.blas_workspace_bytes,))
         self.blas_workspaces.append(buf)
 
-    def bind(self):
+    def bind(self, cublas=True):
         pass
 
     def _run_prepared(self, prep, bufs: dict) -> None:

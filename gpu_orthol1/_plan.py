@@ -198,6 +198,26 @@ def self_overlapping(a) -> bool:
     return False
 
 
+# Where kernel="auto" takes the fused kernel on a GPU: (largest n, largest l) pairs. Measured on an
+# H200 (bench/results/gpu-h200-fused-plans.json, `bench/bench_gpu_plans.py --quick`, float32, cupyx
+# benchmark, host and device time per call, the larger of the two). Fused / two-GEMM time at 2^22
+# elements per call: l = 64: 0.54, 0.50, 0.52, 0.76, 0.89 at n = 8, 16, 32, 64, 96; l = 512: 0.65,
+# 0.72, 0.82 at n = 8, 16, 32, but 1.71 and 1.72 at n = 64 and 96 (a slice taller than one 64-row
+# tile is read twice, and 16 x 16 grids hold one row per thread). (64, 4096, 64), 2^24 elements:
+# 0.286 against 0.308 ms in float32, 0.261 against 0.288 in float16. Not measured: l between 64 and
+# 512 at n > 32, l > 512, float64 (fused_wins says no there), and accumulate=True (read-modify-write
+# of the gradient). precision="tf32" keeps the GEMMs: it asks for tensor cores, which the fused
+# kernel does not use.
+FUSED_RULE = ((32, 512), (96, 64))
+
+
+def fused_wins(l: int, n: int, dtype, precision: str) -> bool:
+    """Whether kernel="auto" picks the fused kernel for (l, n) slices of `dtype` on a GPU."""
+    if precision != "highest" or np.dtype(dtype) not in (np.dtype(np.float16), np.dtype(np.float32)):
+        return False
+    return any(1 <= n <= n_top and l <= l_top for n_top, l_top in FUSED_RULE)
+
+
 class Plan:
     """The loss and gradient for arrays like the one the plan was made for (see `plan`).
 
@@ -247,7 +267,7 @@ class Plan:
         self.xp = self.dev.xp
         self.host_in = not self.is_cupy and self.xp is not np  # a NumPy input computed on the GPU
         self.budget = workspace_budget(workspace_bytes, "numpy" if self.xp is np else "cupy", self.xp)
-        self.kernel, self.fused_cfg = self._pick_kernel(kernel)
+        self.kernel, self.fused_cfg = self._pick_kernel(kernel, phi)
         self.ldt = np.float64 if phi.dtype == np.float64 else np.float32
         # the layout of phi's slice view is fixed by its strides; when the GPU computes a NumPy input
         # it reads a C-contiguous device copy
@@ -259,16 +279,15 @@ class Plan:
         self._threads = cpu_threads(self.m, self.l, self.n) if cpu else 1
         self._stage_far_rows = cpu
 
-    def _pick_kernel(self, kernel):
+    def _pick_kernel(self, kernel, phi):
         """("gemm", None) or ("fused", its config): the GPU path, decided once.
 
-        "auto" takes the two-GEMM path everywhere. Measured on an H100 (bench/results/gpu-h100-plans.json,
-        bench/bench_gpu_plans.py, float32, 2^22 elements per call): the fused kernel took 0.89x to
-        12.3x the GEMM path's time over n in {8, 16, 32, 64, 128} at l = 64 and l = 512; its one
-        lead, n = 8 at l = 64 (0.21 against 0.24 ms), is within the calls' fixed host cost, and on
-        (64, 4096, 64) it took 2.29 ms against 0.40 ms. So no (l, n, dtype) picks it until the
-        kernel is faster (docs/fused.md). GPU_ORTHOL1_KERNEL=fused|gemm or kernel= forces one path
-        on the GPU backend."""
+        "auto" takes the fused kernel on a GPU where `fused_wins` says so, for the default penalty,
+        when no workspace cap is set (workspace_bytes= or GPU_ORTHOL1_WORKSPACE_BYTES: a setting of
+        the chunked GEMM path, whose errors and chunking a caller then expects) and when BLAS reads
+        phi in place (a layout the GEMM path would copy keeps that path and its CopyWarning, and
+        `graph()` its refusal). Those conditions keep every behaviour the GEMM path documents
+        unchanged. GPU_ORTHOL1_KERNEL=fused|gemm or kernel= forces one path on the GPU backend."""
         if not isinstance(kernel, str) or kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         gpu = self.xp is not np or getattr(self.dev, "emulates_gpu", False)
@@ -276,9 +295,15 @@ class Plan:
             env = os.environ.get(ENV_KERNEL, "").strip()
             if env and env not in KERNELS:
                 raise ValueError(f"environment variable {ENV_KERNEL}={env!r} is not one of {KERNELS}")
-            if not gpu or not env:
+            if not gpu:
                 return "gemm", None
-            kernel = env
+            if not env:
+                rule = (getattr(self.dev, "auto_fused", True) and self.variant.is_default
+                        and isinstance(self.budget, _driver.DefaultBudget)
+                        and (self.host_in or _driver.layout_of(self._view(phi)) is not None))
+                if not (rule and fused_wins(self.l, self.n, self.dtype, self.precision)):
+                    return "gemm", None
+            kernel = env or "fused"
         if kernel != "fused":
             return "gemm", None
         if not gpu:

@@ -130,6 +130,9 @@ class EmulatedGpuDevice(CupyDevice):
     xp = np
     emulates_gpu = True  # plans treat it as the GPU backend (kernel choice, no CPU thread split)
     fused_threads = 16  # the simulator runs every thread as an OS thread: small blocks
+    # kernel="auto" keeps the two-GEMM path here, so that tests of that path on small shapes run it;
+    # tests of the rule set this to True (and the fused kernel is tested with kernel="fused")
+    auto_fused = False
 
     def __init__(self, max_block=8):
         from numba import config

@@ -20,13 +20,13 @@ def cp():
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("shape", [(64, 200, 64), (7, 33, 5), (300, 20, 32), (16, 9, 100)])
+@pytest.mark.parametrize("shape", [(64, 200, 64), (7, 33, 5), (300, 20, 32), (16, 9, "widest")])
 @pytest.mark.parametrize("layout", ["C", "F", "perm"])
 def test_fused_equals_gemm_on_card(cp, rng, dtype, shape, layout):
     from gpu_orthol1.kernels import fused_small
 
-    if not fused_small.fits(shape[2], dtype):
-        pytest.skip("n beyond the fused kernel's bound for this dtype")
+    if shape[2] == "widest":  # the largest n of this dtype: 96 (a 16 x 16 grid) or 64 (float64)
+        shape = shape[:2] + (fused_small.N_MAX[np.dtype(dtype)],)
     phi = make(cp, rng, shape, dtype, layout, 1)
     fused = ol1.plan(phi, 0.3, kernel="fused")
     gemm = ol1.plan(phi, 0.3, kernel="gemm")
@@ -39,6 +39,17 @@ def test_fused_equals_gemm_on_card(cp, rng, dtype, shape, layout):
     base = out.get().astype(np.float64)
     fused(phi, out=out, accumulate=True)
     check(phi.get(), lf.get(), out.get(), 0.3, 1, "sum", dtype, grad_base=base)
+
+
+def test_auto_rule_on_card(cp, rng):
+    """kernel="auto" takes the fused kernel for (64, 8, 32) float32 (one launch, no cuBLAS call) and
+    the two-GEMM path past the rule; both agree with the reference."""
+    for shape, want in (((64, 8, 32), "fused"), ((600, 4, 40), "gemm")):
+        phi = make(cp, rng, shape, np.float32, "C", 1)
+        p = ol1.plan(phi, 0.3)
+        assert p.kernel == want
+        loss, grad = ol1.loss_and_grad(phi, 0.3)
+        check(phi.get(), loss.get(), grad.get(), 0.3, 1, "sum", np.float32)
 
 
 @pytest.mark.parametrize("kernel", ["gemm", "fused"])

@@ -221,6 +221,57 @@ def test_kernel_choice_errors(rng, monkeypatch):
 
 
 @pytest.mark.cudasim
+def test_auto_takes_the_fused_kernel_where_it_measured_faster(rng, monkeypatch):
+    """kernel="auto" on a GPU device follows `fused_wins` (n <= 32 up to l = 512, n <= 96 up to
+    l = 64; float16/float32, precision="highest"), for the default penalty, no workspace cap and a
+    layout BLAS reads in place; everything else keeps the two-GEMM path."""
+    from gpu_orthol1.testing import EmulatedGpuDevice
+
+    class RuleDevice(EmulatedGpuDevice):
+        auto_fused = True  # the plain emulator opts out so its GEMM-path tests stay GEMM-path tests
+
+    def pick(shape, dtype=np.float32, layout="C", axis=1, **kw):
+        phi = make(np, rng, shape, dtype, layout, axis)
+        return _plan.Plan(phi, backend="numpy", axis=axis, _device=RuleDevice(), **kw).kernel
+
+    assert pick((64, 8, 32)) == pick((512, 3, 32), np.float16) == pick((64, 3, 96)) == pick((1, 2, 1)) == "fused"
+    assert pick((64, 3, 32), layout="F") == "fused"  # any layout BLAS reads in place
+    assert pick((65, 3, 33)) == pick((513, 3, 8)) == pick((64, 3, 97)) == "gemm"  # past the measured wins
+    assert pick((64, 8, 32), np.float64) == "gemm"  # not measured
+    assert pick((64, 8, 32), precision="tf32") == "gemm"  # asks for tensor cores
+    assert pick((64, 8, 32), penalty="l2") == pick((64, 8, 32), normalize=True) == "gemm"
+    assert pick((64, 8, 32), workspace_bytes=1 << 20) == "gemm"  # a cap of the GEMM path's workspace
+    assert pick((5, 4, 3), layout="C", axis=2) == "gemm"  # a layout the GEMM path copies (and warns about)
+    monkeypatch.setenv("GPU_ORTHOL1_WORKSPACE_BYTES", str(1 << 20))
+    assert pick((64, 8, 32)) == "gemm"
+    monkeypatch.delenv("GPU_ORTHOL1_WORKSPACE_BYTES")
+    monkeypatch.setenv("GPU_ORTHOL1_KERNEL", "gemm")
+    assert pick((64, 8, 32)) == "gemm"
+    monkeypatch.setenv("GPU_ORTHOL1_KERNEL", "fused")
+    assert pick((65, 3, 33)) == "fused"
+    monkeypatch.delenv("GPU_ORTHOL1_KERNEL")
+    assert _plan.Plan(make(np, rng, (64, 8, 32), np.float32, "C", 1), backend="numpy",
+                      _device=EmulatedGpuDevice()).kernel == "gemm"
+    assert ol1.plan(make(np, rng, (64, 8, 32), np.float32, "C", 1), backend="numpy").kernel == "gemm"  # CPU
+    # and an auto-picked fused plan computes what the reference does
+    phi = make(np, rng, (9, 3, 5), np.float32, "F", 1)
+    dev = RuleDevice()
+    p = _plan.Plan(phi, 0.4, backend="numpy", _device=dev)
+    assert p.kernel == "fused"
+    loss, grad = p(phi)
+    assert dev.gemm_calls == [("fused", 3)]
+    check(phi, loss, grad, 0.4, 1, "sum", np.float32)
+
+
+def test_fused_rule_function():
+    fw = _plan.fused_wins
+    assert fw(64, 32, np.float32, "highest") and fw(512, 1, np.float16, "highest") and fw(64, 96, "float32", "highest")
+    assert not fw(513, 32, np.float32, "highest") and not fw(65, 33, np.float32, "highest")
+    assert not fw(64, 97, np.float32, "highest") and not fw(64, 0, np.float32, "highest")
+    assert not fw(64, 32, np.float64, "highest") and not fw(64, 32, np.float32, "tf32")
+
+
+@pytest.mark.cudasim
 def test_fused_refuses_slices_too_wide(rng):
     from gpu_orthol1.kernels import fused_small
     from gpu_orthol1.testing import EmulatedGpuDevice

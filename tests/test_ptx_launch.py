@@ -151,8 +151,10 @@ def test_gpu_ptx_parameters_match_the_flattening(rng):
 
     for shape, dt in (((9, 5, 7), np.float32), ((9, 5, 100), np.float16), ((6, 3, 5), np.float64)):
         phi = make(cupy, rng, shape, dt, "C", 1)
-        ol1.loss_and_grad(phi, 0.5)
-        ol1.plan(phi, 0.5, kernel="fused")(phi)
+        ol1.plan(phi, 0.5, kernel="gemm")(phi)  # n = 100: the split sign pass
+    for shape, dt in (((9, 5, 7), np.float32), ((9, 5, 96), np.float16), ((6, 3, 5), np.float64)):
+        phi = make(cupy, rng, shape, dt, "C", 1)
+        ol1.plan(phi, 0.5, kernel="fused")(phi)  # n = 96: the 16 x 16 grid
     from gpu_orthol1._cupy import CupyDevice
 
     dev = CupyDevice()  # the pointer-array GEMMs' address kernel: 300 addresses, three launches

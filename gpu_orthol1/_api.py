@@ -38,9 +38,11 @@ def plan(phi: Any, beta: float = 1.0, *, axis: int = 1, reduction: Reduction = "
     ValueError naming what differs, before anything is written.
 
     kernel: the GPU path. "gemm" (two cuBLAS GEMMs around the elementwise pass), "fused" (one
-    launch per call for slices up to n=145 in float16/float32, 100 in float64: the Gram stays in
-    shared memory), "auto" ("gemm" until a measurement on a card sets the rule; the environment
-    variable GPU_ORTHOL1_KERNEL=fused|gemm overrides it).
+    launch per call for slices up to n=96 in float16/float32, 64 in float64: the Gram never leaves
+    the chip), "auto" ("fused" where it measured faster on an H200: float16/float32, precision
+    "highest", n <= 32 up to l = 512 and n <= 96 up to l = 64, for the default penalty, no
+    workspace cap and a layout BLAS reads in place; "gemm" elsewhere; the environment variable
+    GPU_ORTHOL1_KERNEL=fused|gemm overrides it). The CPU backend has one path.
 
     penalty, diagonal, normalize: which member of the penalty family (see `loss`)."""
     return Plan(phi, beta, axis=axis, reduction=reduction, want=want, precision=precision, backend=backend,

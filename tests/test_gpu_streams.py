@@ -162,15 +162,21 @@ def no_memory_pool(cp):
 
 
 def test_sanitizer_smoke(cp, rng, no_memory_pool):
-    """Small calls that reach every kernel variant: the four block sizes (n = 3, 24, 64, 100), each
+    """Small calls that reach every kernel variant: the sign pass's four block sizes (n = 3, 24, 64,
+    100) and the fused kernel's 8 x 8 and 16 x 16 grids (n = 3, 24, 64; 100 is past its bound), each
     dtype, in-place and separate S, loss-only, chunked, accumulate into a Fortran out=, staged
     layouts, and a NaN slice. Run alone by bench/gpu_sanitize.sh under compute-sanitizer."""
+    from gpu_orthol1.kernels import fused_small
+
     for n, l, m in ((3, 5, 4), (24, 9, 3), (64, 7, 2), (100, 6, 2)):
         for dtype in DTYPES:
             phi = make(cp, rng, (l, m, n), dtype, "C", 1)
-            loss, grad = ol1.loss_and_grad(phi, 0.6, reduction="none")
-            _check_against(cp, phi, loss, grad, 0.6)
-            np.testing.assert_array_equal(cp.asnumpy(ol1.loss(phi, 0.6, reduction="none")), cp.asnumpy(loss))
+            kernels = ("gemm", "fused") if fused_small.fits(n, dtype) else ("gemm",)
+            for kernel in kernels:  # both paths, whichever kernel="auto" would pick
+                loss, grad = ol1.plan(phi, 0.6, reduction="none", kernel=kernel)(phi)
+                _check_against(cp, phi, loss, grad, 0.6)
+                loss_only = ol1.plan(phi, 0.6, reduction="none", want="loss", kernel=kernel)(phi)
+                np.testing.assert_array_equal(cp.asnumpy(loss_only), cp.asnumpy(loss))
     phi = make(cp, rng, (7, 9, 5), np.float32, "every2", 1)
     out = make(cp, rng, (7, 9, 5), np.float32, "F", 1)
     base = cp.asnumpy(out).copy()

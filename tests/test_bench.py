@@ -400,23 +400,47 @@ def _check_cells(cells, cols, h, rows):
 
 
 def test_readme_gpu_table_is_one_unflagged_run():
-    rows, hl = _published("bench/results/gpu-h100-quick.json")
+    rows, hl = _published("bench/results/gpu-h200-fused-quick.json")
     cols = ["ms", "limit:limit-cublas", "x_limit", "tf32_ms", "limit:limit-cublas-tf32", "torch-eager",
             "torch-compile", "jax-jit"]
-    table = _readme_table("**GPU: NVIDIA H100**")
+    table = _readme_table("**GPU: NVIDIA H200**")
     assert len(table) == 3
     for cells in table:
         h = next(h for h in hl if h["shape"] == _shape(cells[0]) and h["dtype"] == cells[0].split(", ")[1])
         _check_cells(cells[1:], cols, h, rows)
 
 
-def test_readme_gpu_per_call_table_is_its_file():
-    doc = json.loads((ROOT / "bench/results/gpu-h100-plans.json").read_text())
-    table = _readme_table("**GPU per-call cost: NVIDIA H100**")
-    assert len(table) == 3
-    for cells, key in zip(table, ("loss_and_grad", "plan", "graph_replay")):
-        _printed(cells[1], doc["host"][key]["host_ms"])
-        _printed(cells[2], doc["host"][key]["device_ms"])
+def test_readme_gpu_per_call_tables_are_their_file():
+    doc = json.loads((ROOT / "bench/results/gpu-h200-fused-plans.json").read_text())
+    table = _readme_table("**GPU per call and per path: NVIDIA H200**")
+    keys = (("loss_and_grad_fused",), ("loss_and_grad",), ("plan_fused", "plan"),
+            ("graph_replay_fused", "graph_replay"))
+    assert len(table) == len(keys)
+    for cells, names in zip(table, keys):  # microseconds, "fused / two-GEMM" where a cell has two
+        for col, what in ((1, "host_ms"), (2, "device_ms")):
+            parts = cells[col].split(" / ")
+            assert len(parts) == len(names), cells
+            for part, name in zip(parts, names):
+                _printed(part, 1e3 * doc["host"][name][what])
+    shapes = _readme_table("| shape, dtype | limit-cublas ms | two-GEMM ms (x limit) | fused ms (x limit) |")
+    assert len(shapes) == 6
+    for cells in shapes:
+        kind = cells[0].split(", ")[1]
+        prec, dt = ("tf32", "float32") if kind == "tf32" else ("highest", kind)
+        shape = [int(x) for x in _shape(cells[0]).split("x")]
+        r = next(r for r in doc["shapes"] if r["shape"] == shape and r["dtype"] == dt and r["precision"] == prec)
+        _printed(cells[1], r["limit_cublas_ms"])
+        for col, kernel in ((2, "gemm"), (3, "fused")):
+            if cells[col] in ("", "-"):
+                assert f"{kernel}_ms" not in r, cells
+                continue
+            ms, ratio = cells[col].rstrip(")").split(" (")
+            _printed(ms, r[f"{kernel}_ms"])
+            _printed(ratio, r[f"{kernel}_x_limit"])
+        if cells[4]:
+            _printed(cells[4], r["jax-jit_synced_ms"])
+        else:
+            assert prec == "tf32"
 
 
 def test_readme_cpu_peer_table_is_one_unflagged_run():

@@ -267,11 +267,11 @@ class Plan:
         self.xp = self.dev.xp
         self.host_in = not self.is_cupy and self.xp is not np  # a NumPy input computed on the GPU
         self.budget = workspace_budget(workspace_bytes, "numpy" if self.xp is np else "cupy", self.xp)
-        self.kernel, self.fused_cfg = self._pick_kernel(kernel, phi)
-        self.ldt = np.float64 if phi.dtype == np.float64 else np.float32
         # the layout of phi's slice view is fixed by its strides; when the GPU computes a NumPy input
         # it reads a C-contiguous device copy
         self._lay_phi = None if self.host_in else _driver.layout_of(self._view(phi))
+        self.kernel, self.fused_cfg = self._pick_kernel(kernel)
+        self.ldt = np.float64 if phi.dtype == np.float64 else np.float32
         self._sizes: dict = {}
         self._lock = threading.Lock()
         self._kept: dict | None = None  # the CPU's small workspace, kept between calls
@@ -279,7 +279,7 @@ class Plan:
         self._threads = cpu_threads(self.m, self.l, self.n) if cpu else 1
         self._stage_far_rows = cpu
 
-    def _pick_kernel(self, kernel, phi):
+    def _pick_kernel(self, kernel):
         """("gemm", None) or ("fused", its config): the GPU path, decided once.
 
         "auto" takes the fused kernel on a GPU where `fused_wins` says so, for the default penalty,
@@ -300,7 +300,7 @@ class Plan:
             if not env:
                 rule = (getattr(self.dev, "auto_fused", True) and self.variant.is_default
                         and isinstance(self.budget, _driver.DefaultBudget)
-                        and (self.host_in or _driver.layout_of(self._view(phi)) is not None))
+                        and (self.host_in or self._lay_phi is not None))
                 if not (rule and fused_wins(self.l, self.n, self.dtype, self.precision)):
                     return "gemm", None
             kernel = env or "fused"

@@ -15,7 +15,14 @@ All in one run on one card, each ratio against a baseline timed in the same run:
 4. phases: host and device time of the Gram GEMM, the sign pass, the gradient GEMM and the loss
    reduction apart, against the whole call.
 5. fused_resources: the fused kernel's registers, shared memory and blocks per SM per config.
-6. profile: a torch.profiler kernel table (every kernel, cuBLAS's and Numba's) for one call of each
+6. rule_gaps: both paths per call where the `auto` rule has no measurement yet (mid l at n > 32,
+   l > 512, float64, accumulate=True).
+7. fused_kernel (`--kernel-only`, its own JSON): the fused kernel's launch alone, device time, at the
+   issue's shape and at 2^26 elements (where the kernel, not the per-call host cost, decides: the
+   moonshot's fraction of the memory roofline), for its default config, vec = 1 (the column layout
+   the first H200 run measured) and half the tile rows (more blocks per SM): the A/B that decides
+   the defaults.
+8. profile: a torch.profiler kernel table (every kernel, cuBLAS's and Numba's) for one call of each
    path, written as text.
 """
 
@@ -158,6 +165,39 @@ def sweep(quick):
     return {"copy_bandwidth_GBps": bw / 1e9, "rows": rows}
 
 
+def rule_gaps(quick):
+    """Per-call time of both paths where `fused_wins` has no measurement yet (the comment above
+    FUSED_RULE in gpu_orthol1/_plan.py lists them): l between 64 and 512 at n > 32, l > 512, float64,
+    and accumulate=True (the fused kernel then reads each gradient element before writing it)."""
+    import cupy
+
+    import gpu_orthol1 as ol1
+
+    cases = [(128, 1024, 64, "float32", False), (256, 512, 64, "float32", False), (128, 682, 96, "float32", False),
+             (1024, 256, 16, "float32", False), (1024, 128, 32, "float32", False),
+             (64, 2048, 32, "float64", False), (64, 1024, 64, "float64", False),
+             (64, 4096, 64, "float32", True), (64, 2048, 32, "float32", True), (64, 4096, 64, "float16", True)]
+    rows = []
+    for l, m, n, dt, acc in cases:
+        phi = (cupy.random.standard_normal((l, m, n), dtype=cupy.float64) / l ** 0.5).astype(dt)
+        out = cupy.random.standard_normal(phi.shape, dtype=cupy.float64).astype(dt)
+        row = {"l": l, "m": m, "n": n, "dtype": dt, "accumulate": acc}
+        for kernel in ("gemm", "fused"):
+            try:
+                pl = ol1.plan(phi, 1e-3, kernel=kernel)
+                fn = (lambda: pl(phi, out=out, accumulate=True)) if acc else (lambda: pl(phi))
+                t = _bench(fn, 10 if quick else 30)
+                row[f"{kernel}_ms"] = max(t["device_ms"], t["host_ms"])
+                row[f"{kernel}_host_ms"], row[f"{kernel}_device_ms"] = t["host_ms"], t["device_ms"]
+            except Exception as e:
+                row[f"{kernel}_error"] = f"{type(e).__name__}: {e}"
+        if "fused_ms" in row and "gemm_ms" in row:
+            row["fused_over_gemm"] = row["fused_ms"] / row["gemm_ms"]
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    return rows
+
+
 def fused_resources(quick):
     """Registers, shared and local memory per block of the fused kernel's default configs (Numba reads
     them from the cubin) and the blocks per SM they allow (the driver's occupancy calculator)."""
@@ -167,9 +207,10 @@ def fused_resources(quick):
 
     ctx = cuda.current_context()
     rows = []
-    for n, dt in ((8, "float32"), (16, "float32"), (32, "float32"), (64, "float32"), (96, "float32"),
-                  (64, "float16"), (32, "float64"), (64, "float64")):
-        cfg = fs.fused_config(64, n, dt)
+    for n, dt, vec in ((8, "float32", None), (16, "float32", None), (32, "float32", None), (64, "float32", None),
+                       (64, "float32", 1), (96, "float32", None), (64, "float16", None), (32, "float64", None),
+                       (64, "float64", None)):
+        cfg = fs.fused_config(64, n, dt, vec=vec)
         kern = fs.get_fused_kernel(cfg)
         sig = f"void({dt}[:, :, :], {dt}[:, :, :], float64[:], int64, {cfg.acc}, boolean, boolean)"
         row = {"n": n, "dtype": dt, "l": 64, "config": cfg._asdict(), "shared_bytes_formula": fs.shared_bytes(cfg)}
@@ -184,6 +225,53 @@ def fused_resources(quick):
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
     return rows
+
+
+def fused_kernel(quick):
+    """Device time of the fused kernel's launch alone (`CupyDevice.fused`, the plan's own launcher;
+    no allocation, no loss reduction) per config variant, against the memory roofline (read phi +
+    write the gradient at the measured copy bandwidth) and as an FMA rate (two n x n products over
+    l rows per slice: 4 l n^2 flops)."""
+    import cupy
+    import numpy as np
+
+    import gpu_orthol1 as ol1
+    from gpu_orthol1 import _bench_methods as bm
+    from gpu_orthol1.kernels import fused_small as fs
+
+    bw = bm.d2d_bandwidth()
+    big = 1 << (24 if quick else 26)
+    cases = [(64, 4096, 64, "float32"), (64, 4096, 64, "float16")]
+    cases += [(64, big // (64 * n), n, "float32") for n in (8, 16, 32, 64, 96)]
+    rows = []
+    for l, m, n, dt in cases:
+        phi = (cupy.random.standard_normal((l, m, n), dtype=cupy.float32) / l ** 0.5).astype(dt)
+        out = cupy.empty_like(phi)
+        losses = cupy.empty(m, dtype=cupy.float64)
+        dev = ol1.plan(phi, 1e-3, kernel="fused").dev
+        dev.bind(cublas=False)
+        V, Vo = phi.transpose(1, 0, 2), out.transpose(1, 0, 2)
+        base = fs.fused_config(l, n, np.dtype(dt))
+        roof = 2 * phi.nbytes / bw * 1e3
+        side = fs.grid_side(base.threads)
+        # the default; vec = 1; half the tile rows where that frees registers and shared memory for
+        # more blocks per SM (n = 64 float32: 125 registers and 25600 bytes, 8 blocks instead of 6,
+        # for reading phi twice; ptxas offline, bench/results/cpu-offline-fused-sass.md)
+        variants = [base, base._replace(vec=1)]
+        if base.tile_rows > 4 * side:
+            variants.append(base._replace(tile_rows=4 * side))
+        for cfg in dict.fromkeys(variants):
+            row = {"l": l, "m": m, "n": n, "dtype": dt, "config": cfg._asdict(), "roofline_ms": roof}
+            try:
+                t = _bench(lambda: dev.fused(cfg, V, Vo, losses, 2e-3, False, True), 10 if quick else 30)
+                row.update(kernel_ms=t["device_ms"], host_ms=t["host_ms"], x_roofline=t["device_ms"] / roof,
+                           roofline_fraction=roof / t["device_ms"], tflops=4 * l * m * n * n / t["device_ms"] / 1e9)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+        del phi, out
+    return {"copy_bandwidth_GBps": bw / 1e9, "rows": rows}
 
 
 def phases(quick):
@@ -325,6 +413,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dry", action="store_true", help="CPU machine: check the script imports, then exit")
     ap.add_argument("--sweep-from", metavar="JSON", help="print the n-sweep table of a results file (any machine)")
     ap.add_argument("--plot", metavar="PNG", help="with --sweep-from: also plot the sweep")
+    ap.add_argument("--kernel-only", action="store_true",
+                    help="only the fused kernel's launch per config variant (section 7), into --json")
     ap.add_argument("--one-call", metavar="KERNEL", choices=("gemm", "fused"),
                     help="one warm call on (64, 4096, 64) float32 and exit: the target for an ncu profile")
     a = ap.parse_args(argv)
@@ -355,8 +445,10 @@ def main(argv=None) -> int:
 
     doc = {"command": "python3 bench/bench_gpu_plans.py " + " ".join(argv or sys.argv[1:]), "gpu": gpu_name(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(), "cupy": cupy.__version__}
-    for name, fn in (("host", host_costs), ("phases", phases), ("shapes", shapes), ("sweep", sweep),
-                     ("fused_resources", fused_resources)):
+    sections = (("fused_kernel", fused_kernel),) if a.kernel_only else (
+        ("host", host_costs), ("phases", phases), ("shapes", shapes), ("sweep", sweep),
+        ("fused_resources", fused_resources), ("rule_gaps", rule_gaps))
+    for name, fn in sections:
         try:
             doc[name] = fn(a.quick)
         except Exception as e:  # keep what the other parts measured

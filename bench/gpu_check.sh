@@ -80,6 +80,10 @@ if [ "$DRY" != 1 ]; then
 else
   step plans 30 $PY bench/bench_gpu_plans.py --dry
 fi
+# issue 9: the fused kernel's launch alone per column-run variant (vec), at 2^24 and 2^26 elements
+if [ "$DRY" != 1 ]; then
+  step fused_kernel 60 $PY bench/bench_gpu_plans.py --kernel-only --json "$OUT/gpu_fused_kernel.json"
+fi
 TDEV=cpu; [ "$DEV" = gpu ] && TDEV=cuda
 step bench_torch 70 $PY bench/bench_torch.py --device $TDEV --quick --threads 1 --json "$OUT/bench_torch_$TDEV.json"
 step bench 90 $PY -m gpu_orthol1.cli bench --quick --device $DEV --time-limit 60 --no-progress \

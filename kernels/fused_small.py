@@ -3,21 +3,26 @@
 One launch does the whole computation, one block per slice, from register micro-tiles:
 
 1. G_i = Phi_i^T Phi_i. The block's threads form a G x G grid (G = sqrt(threads)); thread
-   (ty, tx) owns the T x T Gram entries (ty + G*a, tx + G*b), a, b < T, T = nmax / G, in
-   registers. Phi_i is staged through shared memory tile_rows rows at a time (zero-padded to nmax
-   columns; rows nmax + 1 apart, so the rows a warp reads fall in distinct banks). Per row a
-   thread loads 2T values and does T*T FMAs: the Gram is FMA-bound, not shared-load-bound.
-   Accumulation is float32 for float16/float32 input (a product of two float16 values is exact in
-   float32) and float64 for float64 input.
+   (ty, tx) owns T x T Gram entries (T = nmax / G) in registers: rows and columns in runs of
+   `vec` adjacent ones, the runs VG = vec * G apart (ty * vec + VG * c + e, c < T / vec, e < vec;
+   vec = 1 is the interleaved layout ty + G * a). Phi_i is staged through shared memory tile_rows
+   rows at a time (zero-padded to nmax columns; rows nmax + vec apart, 16-byte aligned for
+   vec > 1), and per row a thread reads each of its 2 * T / vec runs in one vector load of at
+   most 16 bytes and does T*T FMAs: at n = 64, float32, 4 loads per 64 FMAs (16 with vec = 1),
+   77 instructions per row in the SASS ptxas makes for sm_90 (89 with vec = 1). Accumulation is
+   float32 for float16/float32 input (a product of two float16 values is exact in float32) and
+   float64 for float64 input.
 2. Each thread subtracts I from its entries and sums |G - I| in float64 in a fixed order; the
    block sums the threads' totals in a fixed tree (no atomics: the loss is bit-identical from call
    to call for a given config and n), and S = sign(G - I) (sign(0) = 0) goes to shared memory.
    Same NaN policy as kernels/sign_abs.py: a non-finite sum makes the slice's loss NaN and its
    whole gradient NaN.
 3. grad_i = alpha * Phi_i S_i: thread (ty, tx) computes rows ty + G*a (a < tile_rows / G) and
-   columns tx + G*b of each staged row tile, again in registers, and writes them (or adds them)
-   straight into `out`. A slice that fits one tile is read from device memory once; a taller one
-   is read again tile by tile. There is no Gram workspace in device memory.
+   columns tx + G*b of each staged row tile (interleaved, so that a warp's stores of a row are
+   adjacent), again in registers, and writes them (or adds them) straight into `out`. The rows a
+   warp reads at one column, consecutive ones nmax + vec apart, fall in distinct banks. A slice
+   that fits one tile is read from device memory once; a taller one is read again tile by tile.
+   There is no Gram workspace in device memory.
 
 The loss is the same quantity as the cuBLAS path's but not bit-identical to it (different
 summation order).
@@ -39,7 +44,7 @@ launch whose block is not config.threads, gets NaN losses and out untouched (a g
 bugs, not a feature).
 
 Shared memory per block (static; numba needs compile-time sizes, hence one kernel per config):
-ceil8((tile_rows * (nmax + 1) + nmax * nmax) * acc_bytes) + threads * 8 (the staging tile, S, the
+ceil8((tile_rows * (nmax + vec) + nmax * nmax) * acc_bytes) + threads * 8 (the staging tile, S, the
 float64 reduction buffer); see `shared_bytes`. Registers bound T, and the gradient rows per thread,
 to TMAX: 8 for a float32 accumulator, 4 for float64. Slices up to n = 8 * TMAX run on an 8 x 8
 grid (64 threads), wider ones on a 16 x 16 grid while S fits the 48 KiB static limit: the largest
@@ -74,6 +79,9 @@ THREADS = (4, 16, 64, 256)
 # registers, so past this ptxas would spill.
 TMAX = {"float32": 8, "float64": 4}
 
+# Runs of adjacent columns a thread may own (FusedConfig.vec): one shared-memory load of up to 16 bytes each.
+VECS = (1, 2, 4)
+
 _ACC = {"float32": float32, "float64": float64}
 _ACC_FOR_INPUT = {np.dtype(np.float16): "float32", np.dtype(np.float32): "float32",
                   np.dtype(np.float64): "float64"}
@@ -84,6 +92,9 @@ class FusedConfig(NamedTuple):
     tile_rows: int  # rows of Phi staged at a time: a multiple of G
     threads: int  # threads per block, G * G
     acc: str  # "float32" or "float64": Gram, tile and gradient arithmetic
+    # columns a thread owns come in runs of `vec` adjacent ones (1: interleaved, G apart), so that
+    # it reads each run from shared memory in one vector load of vec * acc bytes (at most 16)
+    vec: int = 1
 
 
 def grid_side(threads: int) -> int:
@@ -97,7 +108,7 @@ def grid_side(threads: int) -> int:
 def shared_bytes(cfg: FusedConfig) -> int:
     """Static shared memory of one block of this config, in bytes."""
     acc_bytes = 4 if cfg.acc == "float32" else 8
-    tile_and_s = (cfg.tile_rows * (cfg.nmax + 1) + cfg.nmax * cfg.nmax) * acc_bytes
+    tile_and_s = (cfg.tile_rows * (cfg.nmax + cfg.vec) + cfg.nmax * cfg.nmax) * acc_bytes
     return -(-tile_and_s // 8) * 8 + cfg.threads * 8  # the float64 buffer is 8-byte aligned
 
 
@@ -107,8 +118,16 @@ def _default_side(n: int, acc: str) -> int:
 
 def _valid(cfg: FusedConfig) -> bool:
     side = math.isqrt(cfg.threads)
+    acc_bytes = 4 if cfg.acc == "float32" else 8
     return (cfg.nmax % side == 0 and cfg.tile_rows % side == 0 and cfg.tile_rows > 0
+            and cfg.vec in VECS and cfg.vec * acc_bytes <= 16 and (cfg.nmax // side) % cfg.vec == 0
             and shared_bytes(cfg) <= SHARED_LIMIT)
+
+
+def _widest_vec(nmax: int, side: int, acc: str) -> int:
+    # the longest run that divides the micro-tile side and fits one 16-byte load
+    acc_bytes = 4 if acc == "float32" else 8
+    return max(v for v in VECS if (nmax // side) % v == 0 and v * acc_bytes <= 16)
 
 
 def _max_n(acc: str) -> int:
@@ -116,7 +135,8 @@ def _max_n(acc: str) -> int:
     while True:
         side = _default_side(n + 1, acc)
         nmax = -(-(n + 1) // side) * side
-        if nmax // side > TMAX[acc] or not _valid(FusedConfig(nmax, side, side * side, acc)):
+        cfg = FusedConfig(nmax, side, side * side, acc, _widest_vec(nmax, side, acc))
+        if nmax // side > TMAX[acc] or not _valid(cfg):
             return n
         n += 1
 
@@ -131,20 +151,27 @@ def fits(n: int, dtype) -> bool:
     return acc is not None and 1 <= n <= N_MAX[np.dtype(dtype)]
 
 
-def fused_config(l: int, n: int, dtype, threads: int | None = None) -> FusedConfig | None:
+def fused_config(l: int, n: int, dtype, threads: int | None = None, vec: int | None = None) -> FusedConfig | None:
     """The kernel config for (l, n) slices of `dtype`, or None when they do not fit.
 
     threads: force the block size (one of THREADS; tests under the simulator use small grids).
     Default: an 8 x 8 grid up to n = 8 * TMAX, else 16 x 16. Rows per tile: TMAX per thread row
-    (register-bound), fewer when l is short or shared memory is short.
+    (register-bound), fewer when l is short or shared memory is short. vec: force the run length
+    of the columns a thread owns (one of VECS, dividing the micro-tile side; 1 is the layout of the
+    kernel the H200 run measured); default the longest that one 16-byte load reads.
     """
     if not fits(n, dtype):
         return None
     acc = _ACC_FOR_INPUT[np.dtype(dtype)]
     side = _default_side(n, acc) if threads is None else grid_side(threads)
     nmax = -(-n // side) * side
+    if vec is None:
+        vec = _widest_vec(nmax, side, acc)
+    elif vec not in VECS or (nmax // side) % vec or vec * (4 if acc == "float32" else 8) > 16:
+        raise ValueError(f"vec must be one of {VECS}, divide the micro-tile side {nmax // side} and read "
+                         f"at most 16 bytes, got {vec}")
     rows = max(1, min(TMAX[acc], -(-l // side)))  # rows per thread in the gradient phase
-    cfg = FusedConfig(nmax, rows * side, side * side, acc)
+    cfg = FusedConfig(nmax, rows * side, side * side, acc, vec)
     while not _valid(cfg) and rows > 1:
         rows -= 1
         cfg = cfg._replace(tile_rows=rows * side)
@@ -170,14 +197,22 @@ def _load_tile(tile, phi, i, a0, cnt, n, ty, tx, side, rows_per_thread, ld, cols
             tile[r * ld + c] = vals[b] if (r < cnt and c < n) else 0
 
 
-def _make_kernel(nmax, tile_rows, tpb, acc_name):
+def _make_kernel(nmax, tile_rows, tpb, acc_name, vec):
     ACC = _ACC[acc_name]
     G = math.isqrt(tpb)
     T = nmax // G  # Gram micro-tile side
     RT = tile_rows // G  # gradient rows per thread per tile
-    LD = nmax + 1  # tile row stride: an odd-ish stride puts the rows a warp reads in distinct banks
+    V = vec
+    VG = V * G
+    # Tile row stride: a multiple of V (each row's runs stay aligned for vector loads) whose rows fall
+    # in distinct banks for the column reads of the gradient phase (consecutive rows, one per ty of a
+    # warp: 4 for G = 8, 2 for G = 16).
+    LD = nmax + V
     TILE = tile_rows * LD
     NN = nmax * nmax
+    # vector loads need 16-byte aligned rows (numba takes multiples of 8); the simulator takes no
+    # alignment at all, and has no vector loads to align for
+    ALIGN = None if numba_config.ENABLE_CUDASIM else 16 if V > 1 else 8
 
     @cuda.jit
     def fused_ortho_l1(phi, out, losses, loss_offset, alpha, accumulate, write_grad):
@@ -185,8 +220,8 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name):
         t = cuda.threadIdx.x
         l = phi.shape[1]
         n = phi.shape[2]
-        tile = cuda.shared.array(TILE, ACC)
-        s = cuda.shared.array(NN, ACC)
+        tile = cuda.shared.array(TILE, ACC, alignment=ALIGN)
+        s = cuda.shared.array(NN, ACC, alignment=ALIGN)
         red = cuda.shared.array(tpb, float64)
         # host bugs, caught block-uniformly (so leaving before any syncthreads is safe):
         # a slice wider than the shared arrays, or a block not of the size the grid assumes
@@ -211,23 +246,28 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name):
             cnt = min(tile_rows, l - a0)
             _load_tile(tile, phi, iu, uint64(a0), uint64(cnt), nu, ty, tx, G, RT, ld, T)
             cuda.syncthreads()
-            for r in range(cnt):
-                base = uint64(r) * ld
+            # unsigned while loops, here and in the gradient phase: numba's range() costs ~8
+            # instructions per row (signed 64-bit trip-count bookkeeping), as much as the loads at
+            # small n; a unit step lets LLVM unroll
+            r = uint64(0)
+            while r < uint64(cnt):
+                base = r * ld
                 for a in range(T):
-                    va[a] = tile[base + ty + uint64(G * a)]
+                    va[a] = tile[base + ty * uint64(V) + uint64((a // V) * VG + a % V)]
                 for b in range(T):
-                    vb[b] = tile[base + tx + uint64(G * b)]
+                    vb[b] = tile[base + tx * uint64(V) + uint64((b // V) * VG + b % V)]
                 for a in range(T):
                     for b in range(T):
                         g[a, b] += va[a] * vb[b]
+                r += uint64(1)
             cuda.syncthreads()  # the next tile overwrites what others may still read
             a0 += tile_rows
 
         acc = float64(0.0)
         for a in range(T):
-            j = ty + uint64(G * a)
+            j = ty * uint64(V) + uint64((a // V) * VG + a % V)
             for b in range(T):
-                k = tx + uint64(G * b)
+                k = tx * uint64(V) + uint64((b // V) * VG + b % V)
                 x = float64(g[a, b])
                 if j == k:
                     x -= 1.0
@@ -269,15 +309,18 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name):
             for a in range(RT):
                 for b in range(T):
                     o[a, b] = 0
-            for jj in range(n):
-                j = uint64(jj)
+            j = uint64(0)
+            srow = uint64(0)  # j * nmax
+            while j < nu:
                 for a in range(RT):
                     vr[a] = tile[(ty + uint64(G * a)) * ld + j]
                 for b in range(T):
-                    vb[b] = s[j * uint64(nmax) + tx + uint64(G * b)]
+                    vb[b] = s[srow + tx + uint64(G * b)]
                 for a in range(RT):
                     for b in range(T):
                         o[a, b] += vr[a] * vb[b]
+                j += uint64(1)
+                srow += uint64(nmax)
             for a in range(RT):
                 r = ty + uint64(G * a)
                 if r < uint64(cnt):
@@ -306,8 +349,9 @@ def get_fused_kernel(cfg: FusedConfig):
         raise ValueError(f"acc must be one of {tuple(_ACC)}, got {cfg.acc!r}")
     if not _valid(cfg):
         raise ValueError(f"{cfg}: nmax and tile_rows must be multiples of the grid side "
-                         f"{math.isqrt(cfg.threads)}, and the block needs {shared_bytes(cfg)} bytes of "
-                         f"shared memory (at most {SHARED_LIMIT})")
+                         f"{math.isqrt(cfg.threads)}, vec one of {VECS} dividing nmax / side in at most "
+                         f"16 bytes, and the block needs {shared_bytes(cfg)} bytes of shared memory "
+                         f"(at most {SHARED_LIMIT})")
     kern = _kernels.get(cfg)
     if kern is None:
         kern = _kernels[cfg] = _make_kernel(*cfg)

@@ -148,6 +148,33 @@ def test_matches_reference(target, rng, dtype, case):
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("l, m, n, n_card, threads, rows", [(11, 3, 7, 29, 4, 2), (13, 2, 14, 61, 16, 1),
+                                                           (3, 2, 16, 32, 16, 2)])
+def test_column_runs(target, rng, dtype, l, m, n, n_card, threads, rows):
+    """Every run length a micro-tile of side 4 or 8 takes (1, 2, and 4 for float32 accumulators):
+    the same Gram entries, summed in the same order, so the same S and bit-identical gradients; the
+    loss's per-thread partial sums group entries differently, so it may differ in the last bits.
+    (n_card: on a card's 8 x 8 grid, an n whose micro-tile side is 4 or 8 in float32.)"""
+    n = n if target == "sim" else min(n_card, fs.N_MAX[np.dtype(dtype)])
+    phi = random_phi(rng, (l, m, n), dtype)
+    base = _cfg(target, l, n, dtype, threads, rows)
+    assert (base.nmax // fs.grid_side(base.threads)) in (4, 8)
+    acc_bytes = 8 if base.acc == "float64" else 4
+    runs = [v for v in fs.VECS if v * acc_bytes <= 16 and (base.nmax // fs.grid_side(base.threads)) % v == 0]
+    assert len(runs) >= 2
+    first = None
+    for vec in runs:
+        losses, grad, buf = _run(phi, base._replace(vec=vec), phi_layout="gaps", out_layout="gaps")
+        check(phi, losses, grad, reduction="none")
+        assert np.all(buf[_gap_mask(phi.shape)] == SENTINEL), "wrote outside the view"
+        if first is None:
+            first = (losses, grad)
+        else:
+            assert np.array_equal(grad, first[1]), f"vec={vec} changed the gradient's bits"
+            np.testing.assert_allclose(losses, first[0], rtol=1e-12 if base.acc == "float64" else 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_accumulate_mean_scale(target, rng, dtype):
     """alpha = 2 beta / m (reduction="mean"), added to what out held."""
     l, m, n, beta = 9, 3, 6, 0.37
@@ -278,7 +305,15 @@ def test_bounds_and_configs():
                 assert cfg.tile_rows % side == 0 and side <= cfg.tile_rows <= fs.TMAX[acc] * side
                 assert cfg.tile_rows == side or cfg.tile_rows < l + side, "no rows reserved past l"
                 assert cfg.acc == acc and fs.shared_bytes(cfg) <= fs.SHARED_LIMIT
-    assert fs.fused_config(64, 64, np.float32) == fs.FusedConfig(64, 64, 64, "float32")  # one tile
+    assert fs.fused_config(64, 64, np.float32) == fs.FusedConfig(64, 64, 64, "float32", 4)  # one tile
+    # the longest run of columns one 16-byte load reads that divides the micro-tile side
+    assert fs.fused_config(64, 16, np.float32).vec == 2 and fs.fused_config(64, 8, np.float32).vec == 1
+    assert fs.fused_config(64, 96, np.float32).vec == 2 and fs.fused_config(64, 32, np.float64).vec == 2
+    assert fs.fused_config(64, 48, np.float32).vec == 2 and fs.fused_config(64, 40, np.float32).vec == 1
+    assert fs.fused_config(64, 64, np.float32, vec=1).vec == 1
+    for dtype, n, bad in ((np.float32, 64, 3), (np.float64, 32, 4), (np.float32, 40, 2), (np.float32, 64, 8)):
+        with pytest.raises(ValueError, match="vec must be one of"):
+            fs.fused_config(64, n, dtype, vec=bad)
     assert not fs.fits(8, np.int32) and not fs.fits(8, np.complex64)
     # a forced grid keeps the rows per thread and pads n to its side
     assert fs.fused_config(40, 17, np.float32, threads=16) == fs.FusedConfig(20, 32, 16, "float32")
@@ -289,6 +324,15 @@ def test_bounds_and_configs():
         fs.get_fused_kernel(fs.FusedConfig(18, 8, 16, "float32"))
     with pytest.raises(ValueError, match="shared memory"):
         fs.get_fused_kernel(fs.FusedConfig(112, 16, 256, "float32"))
+    for bad in (_vec_cfg(3), _vec_cfg(4, acc="float64"), _vec_cfg(8)):
+        with pytest.raises(ValueError, match="vec one of"):
+            fs.get_fused_kernel(bad)
+    with pytest.raises(ValueError, match="vec one of"):  # 3 = nmax / side: no run of 2 divides it
+        fs.get_fused_kernel(fs.FusedConfig(12, 4, 16, "float32", 2))
+
+
+def _vec_cfg(vec, acc="float32"):
+    return fs.FusedConfig(32, 8, 16, acc, vec)  # micro-tile side 8
 
 
 def test_shared_bytes_formula():
@@ -300,6 +344,12 @@ def test_shared_bytes_formula():
     assert fs.shared_bytes(fs.FusedConfig(96, 16, 256, "float32")) == 45120
     assert fs.shared_bytes(fs.FusedConfig(32, 32, 64, "float64")) == 17152
     assert fs.shared_bytes(fs.FusedConfig(64, 16, 256, "float64")) == 43136
+    # runs of vec columns: rows nmax + vec apart
+    assert fs.shared_bytes(fs.FusedConfig(64, 64, 64, "float32", 4)) == 34304
+    assert fs.shared_bytes(fs.FusedConfig(32, 64, 64, "float32", 4)) == 13824
+    assert fs.shared_bytes(fs.FusedConfig(96, 16, 256, "float32", 2)) == 45184
+    assert fs.shared_bytes(fs.FusedConfig(32, 32, 64, "float64", 2)) == 17408
+    assert fs.shared_bytes(fs.FusedConfig(64, 16, 256, "float64", 2)) == 43264
 
 
 @pytest.mark.cudasim

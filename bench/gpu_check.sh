@@ -82,7 +82,8 @@ if [ "$DRY" != 1 ]; then
 else
   step plans 30 $PY bench/bench_gpu_plans.py --dry
 fi
-# issue 9: the fused kernel's launch alone per column-run variant (vec), at 2^24 and 2^26 elements
+# issue 9: the fused kernel's launch alone per config variant (default, vec = 1, half the tile rows),
+# at 2^24 and 2^26 elements
 if [ "$DRY" != 1 ]; then
   step fused_kernel 60 $PY bench/bench_gpu_plans.py --kernel-only --json "$OUT/gpu_fused_kernel.json"
 fi

@@ -336,7 +336,7 @@ def _vec_cfg(vec, acc="float32"):
 
 
 def test_shared_bytes_formula():
-    # tile (rows nmax + 1 apart) and S in the accumulator dtype, 8-byte aligned, then the float64
+    # tile (rows nmax + vec apart) and S in the accumulator dtype, 8-byte aligned, then the float64
     # reduction buffer; the numbers ptxas reports for sm_90 (checked offline on the PTX numba emits)
     assert fs.shared_bytes(fs.FusedConfig(8, 64, 64, "float32")) == 3072
     assert fs.shared_bytes(fs.FusedConfig(64, 64, 64, "float32")) == 33536

@@ -214,6 +214,11 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name, vec):
     # alignment at all, and has no vector loads to align for
     ALIGN = None if numba_config.ENABLE_CUDASIM else 16 if V > 1 else 8
 
+    @cuda.jit(device=True)
+    def own(t, a):
+        # the a-th Gram row (or column) of the thread at grid coordinate t: runs of V, VG apart
+        return t * uint64(V) + uint64((a // V) * VG + a % V)
+
     @cuda.jit
     def fused_ortho_l1(phi, out, losses, loss_offset, alpha, accumulate, write_grad):
         i = cuda.blockIdx.x
@@ -253,9 +258,9 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name, vec):
             while r < uint64(cnt):
                 base = r * ld
                 for a in range(T):
-                    va[a] = tile[base + ty * uint64(V) + uint64((a // V) * VG + a % V)]
+                    va[a] = tile[base + own(ty, a)]
                 for b in range(T):
-                    vb[b] = tile[base + tx * uint64(V) + uint64((b // V) * VG + b % V)]
+                    vb[b] = tile[base + own(tx, b)]
                 for a in range(T):
                     for b in range(T):
                         g[a, b] += va[a] * vb[b]
@@ -265,9 +270,9 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name, vec):
 
         acc = float64(0.0)
         for a in range(T):
-            j = ty * uint64(V) + uint64((a // V) * VG + a % V)
+            j = own(ty, a)
             for b in range(T):
-                k = tx * uint64(V) + uint64((b // V) * VG + b % V)
+                k = own(tx, b)
                 x = float64(g[a, b])
                 if j == k:
                     x -= 1.0

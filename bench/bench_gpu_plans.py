@@ -175,6 +175,7 @@ def rule_gaps(quick):
 
     cases = [(128, 1024, 64, "float32", False), (256, 512, 64, "float32", False), (128, 682, 96, "float32", False),
              (1024, 256, 16, "float32", False), (1024, 128, 32, "float32", False),
+             (2048, 256, 8, "float32", False), (2048, 128, 16, "float32", False),
              (64, 2048, 32, "float64", False), (64, 1024, 64, "float64", False),
              (64, 4096, 64, "float32", True), (64, 2048, 32, "float32", True), (64, 4096, 64, "float16", True)]
     rows = []
@@ -254,12 +255,21 @@ def fused_kernel(quick):
         base = fs.fused_config(l, n, np.dtype(dt))
         roof = 2 * phi.nbytes / bw * 1e3
         side = fs.grid_side(base.threads)
-        # the default; vec = 1; half the tile rows where that frees registers and shared memory for
-        # more blocks per SM (n = 64 float32: 125 registers and 25600 bytes, 8 blocks instead of 6,
-        # for reading phi twice; ptxas offline, bench/results/cpu-offline-fused-sass.md)
-        variants = [base, base._replace(vec=1)]
-        if base.tile_rows > 4 * side:
-            variants.append(base._replace(tile_rows=4 * side))
+        # the default against a gradient phase one S row at a time (jrun = 1) and every other run
+        # length, and at n = 64 (where the register budget decides) twice and half the gradient rows
+        # and the 16 x 16 grid
+        variants = [base, base._replace(jrun=1)]
+        for v in fs.VECS:
+            try:
+                variants.append(fs.fused_config(l, n, np.dtype(dt), vec=v))
+            except ValueError:  # no such run for this micro-tile
+                pass
+        if n == 64:
+            for tile in (base.tile_rows * 2, base.tile_rows // 2):
+                cfg = base._replace(tile_rows=tile)
+                if side <= tile <= fs.TMAX[base.acc] * side and fs.shared_bytes(cfg) <= fs.SHARED_LIMIT:
+                    variants.append(cfg)
+            variants.append(fs.fused_config(l, n, np.dtype(dt), threads=256))
         for cfg in dict.fromkeys(variants):
             row = {"l": l, "m": m, "n": n, "dtype": dt, "config": cfg._asdict(), "roofline_ms": roof}
             try:

@@ -19,9 +19,12 @@ One launch does the whole computation, one block per slice, from register micro-
    whole gradient NaN.
 3. grad_i = alpha * Phi_i S_i: thread (ty, tx) computes rows ty + G*a (a < tile_rows / G) and
    columns tx + G*b of each staged row tile (interleaved, so that a warp's stores of a row are
-   adjacent), again in registers, and writes them (or adds them) straight into `out`. The rows a
-   warp reads at one column, consecutive ones nmax + vec apart, fall in distinct banks. A slice
-   that fits one tile is read from device memory once; a taller one is read again tile by tile.
+   adjacent), again in registers, and writes them (or adds them) straight into `out`. S is stored
+   with its columns permuted so that a thread's T columns of one row are adjacent (vector loads),
+   and the phase steps over S's rows `jrun` at a time, reading each of its tile rows' jrun entries
+   in one vector load. The rows a warp reads, consecutive ones nmax + vec apart, fall in distinct
+   banks. The tiles go in reverse order, so that the last one the Gram phase staged is used again
+   where it is: a slice of k tiles is read from device memory 2k - 1 times (once if it fits one).
    There is no Gram workspace in device memory.
 
 The loss is the same quantity as the cuBLAS path's but not bit-identical to it (different
@@ -82,6 +85,18 @@ TMAX = {"float32": 8, "float64": 4}
 # Runs of adjacent columns a thread may own (FusedConfig.vec): one shared-memory load of up to 16 bytes each.
 VECS = (1, 2, 4)
 
+# Defaults chosen by the launch alone on an H100 (bench/results/gpu-h100-vec-kernel.json,
+# `bench_gpu_plans.py --kernel-only`, float32, kernel ms at 2^26 elements, l = 64):
+# - vec: the widest run pays where the micro-tile side T is above 4 (n = 64, T = 8: 0.756 ms against
+#   0.778 with vec = 1; n = 96, T = 6: 1.416 against 1.730) and loses at T <= 4 (n = 16, T = 2:
+#   0.409 against 0.375; n = 32, T = 4: 0.445 against 0.428), so runs start above this side;
+VEC_FROM_SIDE = 4
+# - gradient rows per thread: at T = TMAX (n = 57..64, float32 accumulator) 8 rows need 160
+#   registers (6 blocks per SM), 4 rows 125 (8 blocks): 0.686 against 0.756 ms, and at (64, 4096, 64)
+#   0.189 against 0.224 (float16: 0.183 against 0.217), although a 64-row slice is then read twice.
+#   At n = 8, 16, 32 halving the rows lost (0.495 against 0.451, 0.419 against 0.409, 0.456 against 0.445).
+GRAD_ROWS_AT_FULL_TILE = 4
+
 _ACC = {"float32": float32, "float64": float64}
 _ACC_FOR_INPUT = {np.dtype(np.float16): "float32", np.dtype(np.float32): "float32",
                   np.dtype(np.float64): "float64"}
@@ -95,6 +110,9 @@ class FusedConfig(NamedTuple):
     # columns a thread owns come in runs of `vec` adjacent ones (1: interleaved, G apart), so that
     # it reads each run from shared memory in one vector load of vec * acc bytes (at most 16)
     vec: int = 1
+    # the gradient phase steps over S's rows `jrun` at a time, reading each of its tile rows' jrun
+    # entries in one vector load (a divisor of vec: tile rows are nmax + vec apart)
+    jrun: int = 1
 
 
 def grid_side(threads: int) -> int:
@@ -121,7 +139,7 @@ def _valid(cfg: FusedConfig) -> bool:
     acc_bytes = 4 if cfg.acc == "float32" else 8
     return (cfg.nmax % side == 0 and cfg.tile_rows % side == 0 and cfg.tile_rows > 0
             and cfg.vec in VECS and cfg.vec * acc_bytes <= 16 and (cfg.nmax // side) % cfg.vec == 0
-            and shared_bytes(cfg) <= SHARED_LIMIT)
+            and cfg.jrun in VECS and cfg.vec % cfg.jrun == 0 and shared_bytes(cfg) <= SHARED_LIMIT)
 
 
 def _widest_vec(nmax: int, side: int, acc: str) -> int:
@@ -130,12 +148,16 @@ def _widest_vec(nmax: int, side: int, acc: str) -> int:
     return max(v for v in VECS if (nmax // side) % v == 0 and v * acc_bytes <= 16)
 
 
+def _default_vec(nmax: int, side: int, acc: str) -> int:
+    return _widest_vec(nmax, side, acc) if nmax // side > VEC_FROM_SIDE else 1
+
+
 def _max_n(acc: str) -> int:
     n = 0
     while True:
         side = _default_side(n + 1, acc)
         nmax = -(-(n + 1) // side) * side
-        cfg = FusedConfig(nmax, side, side * side, acc, _widest_vec(nmax, side, acc))
+        cfg = FusedConfig(nmax, side, side * side, acc, _default_vec(nmax, side, acc))
         if nmax // side > TMAX[acc] or not _valid(cfg):
             return n
         n += 1
@@ -151,14 +173,17 @@ def fits(n: int, dtype) -> bool:
     return acc is not None and 1 <= n <= N_MAX[np.dtype(dtype)]
 
 
-def fused_config(l: int, n: int, dtype, threads: int | None = None, vec: int | None = None) -> FusedConfig | None:
+def fused_config(l: int, n: int, dtype, threads: int | None = None, vec: int | None = None,
+                 jrun: int | None = None) -> FusedConfig | None:
     """The kernel config for (l, n) slices of `dtype`, or None when they do not fit.
 
     threads: force the block size (one of THREADS; tests under the simulator use small grids).
     Default: an 8 x 8 grid up to n = 8 * TMAX, else 16 x 16. Rows per tile: TMAX per thread row
-    (register-bound), fewer when l is short or shared memory is short. vec: force the run length
-    of the columns a thread owns (one of VECS, dividing the micro-tile side; 1 is the layout of the
-    kernel the H200 run measured); default the longest that one 16-byte load reads.
+    (register-bound; GRAD_ROWS_AT_FULL_TILE where the micro-tile side is TMAX with a float32
+    accumulator), fewer when l is short or shared memory is short. vec: force the run length of the
+    columns a thread owns (one of VECS, dividing the micro-tile side); default the longest that one
+    16-byte load reads where the micro-tile side is above VEC_FROM_SIDE, else 1. jrun: force the
+    gradient phase's step over S's rows (a divisor of vec); default vec.
     """
     if not fits(n, dtype):
         return None
@@ -166,12 +191,17 @@ def fused_config(l: int, n: int, dtype, threads: int | None = None, vec: int | N
     side = _default_side(n, acc) if threads is None else grid_side(threads)
     nmax = -(-n // side) * side
     if vec is None:
-        vec = _widest_vec(nmax, side, acc)
+        vec = _default_vec(nmax, side, acc)
     elif vec not in VECS or (nmax // side) % vec or vec * (4 if acc == "float32" else 8) > 16:
         raise ValueError(f"vec must be one of {VECS}, divide the micro-tile side {nmax // side} and read "
                          f"at most 16 bytes, got {vec}")
-    rows = max(1, min(TMAX[acc], -(-l // side)))  # rows per thread in the gradient phase
-    cfg = FusedConfig(nmax, rows * side, side * side, acc, vec)
+    if jrun is None:
+        jrun = vec
+    elif jrun not in VECS or vec % jrun:
+        raise ValueError(f"jrun must be one of {VECS} and divide vec={vec}, got {jrun}")
+    top = GRAD_ROWS_AT_FULL_TILE if acc == "float32" and nmax // side == TMAX[acc] else TMAX[acc]
+    rows = max(1, min(top, -(-l // side)))  # rows per thread in the gradient phase
+    cfg = FusedConfig(nmax, rows * side, side * side, acc, vec, jrun)
     while not _valid(cfg) and rows > 1:
         rows -= 1
         cfg = cfg._replace(tile_rows=rows * side)
@@ -197,7 +227,7 @@ def _load_tile(tile, phi, i, a0, cnt, n, ty, tx, side, rows_per_thread, ld, cols
             tile[r * ld + c] = vals[b] if (r < cnt and c < n) else 0
 
 
-def _make_kernel(nmax, tile_rows, tpb, acc_name, vec):
+def _make_kernel(nmax, tile_rows, tpb, acc_name, vec, jrun):
     ACC = _ACC[acc_name]
     G = math.isqrt(tpb)
     T = nmax // G  # Gram micro-tile side
@@ -210,6 +240,7 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name, vec):
     LD = nmax + V
     TILE = tile_rows * LD
     NN = nmax * nmax
+    J = jrun
     # vector loads need 16-byte aligned rows (numba takes multiples of 8); the simulator takes no
     # alignment at all, and has no vector loads to align for
     ALIGN = None if numba_config.ENABLE_CUDASIM else 16 if V > 1 else 8
@@ -283,13 +314,16 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name, vec):
                         sg = 1.0
                     elif x < 0.0:
                         sg = -1.0
-                s[j * uint64(nmax) + k] = sg  # NaN gets 0: the slice is then all NaN anyway
+                # column k at (k % G) * T + k // G: the T columns tx + G * b the gradient phase
+                # gives thread tx sit side by side, read in vector loads. NaN gets 0: the slice is
+                # then all NaN anyway
+                s[j * uint64(nmax) + (k % uint64(G)) * uint64(T) + k // uint64(G)] = sg
         total = block_sum(red, acc, t, tpb)  # its barriers also publish S
         # |.|-sums never hold Inf - Inf: a non-finite slice shows as NaN or +Inf here
         finite = math.isfinite(total)
         if t == 0:
             losses[loss_offset + i] = total if finite else math.nan
-        if not write_grad:
+        if not write_grad or l == 0:
             return
         if not finite:
             r = ty
@@ -303,29 +337,34 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name, vec):
 
         scale = ACC(alpha)
         o = cuda.local.array((RT, T), ACC)
-        vr = cuda.local.array(RT, ACC)
-        restage = l > tile_rows  # else the one tile is still in shared memory
-        a0 = 0
-        while a0 < l:
+        vr = cuda.local.array((RT, J), ACC)
+        vs = cuda.local.array((J, T), ACC)
+        # columns of S (and of the tile) past n are zeros: stepping J at a time up to jend is exact
+        jend = (nu + uint64(J - 1)) // uint64(J) * uint64(J)
+        # tiles in reverse order: the last one the Gram phase staged is still in shared memory
+        last = (l - 1) // tile_rows * tile_rows
+        a0 = last
+        while True:
             cnt = min(tile_rows, l - a0)
-            if restage:
+            if a0 != last:
                 _load_tile(tile, phi, iu, uint64(a0), uint64(cnt), nu, ty, tx, G, RT, ld, T)
                 cuda.syncthreads()
             for a in range(RT):
                 for b in range(T):
                     o[a, b] = 0
             j = uint64(0)
-            srow = uint64(0)  # j * nmax
-            while j < nu:
+            while j < jend:
                 for a in range(RT):
-                    vr[a] = tile[(ty + uint64(G * a)) * ld + j]
-                for b in range(T):
-                    vb[b] = s[srow + tx + uint64(G * b)]
-                for a in range(RT):
+                    for e in range(J):
+                        vr[a, e] = tile[(ty + uint64(G * a)) * ld + j + uint64(e)]
+                for e in range(J):
                     for b in range(T):
-                        o[a, b] += vr[a] * vb[b]
-                j += uint64(1)
-                srow += uint64(nmax)
+                        vs[e, b] = s[(j + uint64(e)) * uint64(nmax) + tx * uint64(T) + uint64(b)]
+                for e in range(J):  # the same order over j as one row at a time
+                    for a in range(RT):
+                        for b in range(T):
+                            o[a, b] += vr[a, e] * vs[e, b]
+                j += uint64(J)
             for a in range(RT):
                 r = ty + uint64(G * a)
                 if r < uint64(cnt):
@@ -336,9 +375,10 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name, vec):
                             if accumulate:
                                 v += ACC(out[iu, uint64(a0) + r, k])
                             out[iu, uint64(a0) + r, k] = v
-            if restage:
-                cuda.syncthreads()  # the next tile overwrites what others may still read
-            a0 += tile_rows
+            if a0 == 0:
+                break
+            cuda.syncthreads()  # the next tile overwrites what others may still read
+            a0 -= tile_rows
 
     return fused_ortho_l1
 
@@ -355,7 +395,7 @@ def get_fused_kernel(cfg: FusedConfig):
     if not _valid(cfg):
         raise ValueError(f"{cfg}: nmax and tile_rows must be multiples of the grid side "
                          f"{math.isqrt(cfg.threads)}, vec one of {VECS} dividing nmax / side in at most "
-                         f"16 bytes, and the block needs {shared_bytes(cfg)} bytes of shared memory "
+                         f"16 bytes, jrun one of {VECS} dividing vec, and the block needs {shared_bytes(cfg)} bytes of shared memory "
                          f"(at most {SHARED_LIMIT})")
     kern = _kernels.get(cfg)
     if kern is None:

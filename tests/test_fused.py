@@ -151,9 +151,10 @@ def test_matches_reference(target, rng, dtype, case):
 @pytest.mark.parametrize("l, m, n, n_card, threads, rows", [(11, 3, 7, 29, 4, 2), (13, 2, 14, 61, 16, 1),
                                                            (3, 2, 16, 32, 16, 2)])
 def test_column_runs(target, rng, dtype, l, m, n, n_card, threads, rows):
-    """Every run length a micro-tile of side 4 or 8 takes (1, 2, and 4 for float32 accumulators):
-    the same Gram entries, summed in the same order, so the same S and bit-identical gradients; the
-    loss's per-thread partial sums group entries differently, so it may differ in the last bits.
+    """Every run length a micro-tile of side 4 or 8 takes (1, 2, and 4 for float32 accumulators),
+    with every gradient step over S's rows (jrun) that divides it: the same Gram entries, summed in
+    the same order, so the same S and bit-identical gradients; the loss's per-thread partial sums
+    group entries differently, so it may differ in the last bits. (l, rows): one tile, or several.
     (n_card: on a card's 8 x 8 grid, an n whose micro-tile side is 4 or 8 in float32.)"""
     n = n if target == "sim" else min(n_card, fs.N_MAX[np.dtype(dtype)])
     phi = random_phi(rng, (l, m, n), dtype)
@@ -163,14 +164,14 @@ def test_column_runs(target, rng, dtype, l, m, n, n_card, threads, rows):
     runs = [v for v in fs.VECS if v * acc_bytes <= 16 and (base.nmax // fs.grid_side(base.threads)) % v == 0]
     assert len(runs) >= 2
     first = None
-    for vec in runs:
-        losses, grad, buf = _run(phi, base._replace(vec=vec), phi_layout="gaps", out_layout="gaps")
+    for vec, jrun in ((v, j) for v in runs for j in runs if v % j == 0):
+        losses, grad, buf = _run(phi, base._replace(vec=vec, jrun=jrun), phi_layout="gaps", out_layout="gaps")
         check(phi, losses, grad, reduction="none")
         assert np.all(buf[_gap_mask(phi.shape)] == SENTINEL), "wrote outside the view"
         if first is None:
             first = (losses, grad)
         else:
-            assert np.array_equal(grad, first[1]), f"vec={vec} changed the gradient's bits"
+            assert np.array_equal(grad, first[1]), f"vec={vec}, jrun={jrun} changed the gradient's bits"
             np.testing.assert_allclose(losses, first[0], rtol=1e-12 if base.acc == "float64" else 1e-6)
 
 
@@ -305,12 +306,22 @@ def test_bounds_and_configs():
                 assert cfg.tile_rows % side == 0 and side <= cfg.tile_rows <= fs.TMAX[acc] * side
                 assert cfg.tile_rows == side or cfg.tile_rows < l + side, "no rows reserved past l"
                 assert cfg.acc == acc and fs.shared_bytes(cfg) <= fs.SHARED_LIMIT
-    assert fs.fused_config(64, 64, np.float32) == fs.FusedConfig(64, 64, 64, "float32", 4)  # one tile
-    # the longest run of columns one 16-byte load reads that divides the micro-tile side
-    assert fs.fused_config(64, 16, np.float32).vec == 2 and fs.fused_config(64, 8, np.float32).vec == 1
-    assert fs.fused_config(64, 96, np.float32).vec == 2 and fs.fused_config(64, 32, np.float64).vec == 2
+    # a full float32 micro-tile (side 8) takes half the gradient rows: two tiles for 64 rows
+    assert fs.fused_config(64, 64, np.float32) == fs.FusedConfig(64, 32, 64, "float32", 4, 4)
+    assert fs.fused_config(64, 57, np.float16).tile_rows == 32 and fs.fused_config(64, 56, np.float32).tile_rows == 64
+    assert fs.fused_config(64, 32, np.float64).tile_rows == 32  # float64's full tile (side 4) keeps its rows
+    # the longest run of columns one 16-byte load reads that divides the micro-tile side, where the
+    # side is above 4; shorter sides keep interleaved columns
+    assert fs.fused_config(64, 96, np.float32).vec == 2 and fs.fused_config(64, 64, np.float32).vec == 4
     assert fs.fused_config(64, 48, np.float32).vec == 2 and fs.fused_config(64, 40, np.float32).vec == 1
-    assert fs.fused_config(64, 64, np.float32, vec=1).vec == 1
+    for n, dtype in ((8, np.float32), (16, np.float32), (32, np.float32), (32, np.float64), (64, np.float64)):
+        assert fs.fused_config(64, n, dtype).vec == 1, (n, dtype)
+    assert fs.fused_config(64, 16, np.float32, vec=2).vec == 2 and fs.fused_config(64, 64, np.float32, vec=1).vec == 1
+    # the gradient phase's step over S's rows: vec unless forced to a divisor of it
+    assert fs.fused_config(64, 64, np.float32, jrun=2).jrun == 2 and fs.fused_config(64, 16, np.float32).jrun == 1
+    for vec, bad in ((4, 3), (2, 4), (1, 2)):
+        with pytest.raises(ValueError, match="jrun must be one of"):
+            fs.fused_config(64, 64, np.float32, vec=vec, jrun=bad)
     for dtype, n, bad in ((np.float32, 64, 3), (np.float64, 32, 4), (np.float32, 40, 2), (np.float32, 64, 8)):
         with pytest.raises(ValueError, match="vec must be one of"):
             fs.fused_config(64, n, dtype, vec=bad)

@@ -39,9 +39,10 @@ def plan(phi: Any, beta: float = 1.0, *, axis: int = 1, reduction: Reduction = "
 
     kernel: the GPU path. "gemm" (two cuBLAS GEMMs around the elementwise pass), "fused" (one
     launch per call for slices up to n=96 in float16/float32, 64 in float64: the Gram never leaves
-    the chip), "auto" ("fused" where it measured faster on an H200: float16/float32, precision
-    "highest", n <= 32 up to l = 512 and n <= 96 up to l = 64, for the default penalty, no
-    workspace cap and a layout BLAS reads in place; "gemm" elsewhere; the environment variable
+    the chip), "auto" ("fused" where it measured faster on an H100: precision "highest";
+    float16/float32 with n <= 16 up to l = 1024, n <= 32 up to l = 512, n <= 64 up to l = 256,
+    n <= 96 up to l = 128; float64 with n <= 32 up to l = 64; for the default penalty, no workspace
+    cap and a layout BLAS reads in place; "gemm" elsewhere; the environment variable
     GPU_ORTHOL1_KERNEL=fused|gemm overrides it). The CPU backend has one path.
 
     penalty, diagonal, normalize: which member of the penalty family (see `loss`)."""

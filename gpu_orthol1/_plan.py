@@ -198,24 +198,33 @@ def self_overlapping(a) -> bool:
     return False
 
 
-# Where kernel="auto" takes the fused kernel on a GPU: (largest n, largest l) pairs. Measured on an
-# H200 (bench/results/gpu-h200-fused-plans.json, `bench/bench_gpu_plans.py --quick`, float32, cupyx
-# benchmark, host and device time per call, the larger of the two). Fused / two-GEMM time at 2^22
-# elements per call: l = 64: 0.54, 0.50, 0.52, 0.76, 0.89 at n = 8, 16, 32, 64, 96; l = 512: 0.65,
-# 0.72, 0.82 at n = 8, 16, 32, but 1.71 and 1.72 at n = 64 and 96 (a slice taller than one 64-row
-# tile is read twice, and 16 x 16 grids hold one row per thread). (64, 4096, 64), 2^24 elements:
-# 0.286 against 0.308 ms in float32, 0.261 against 0.288 in float16. Not measured: l between 64 and
-# 512 at n > 32, l > 512, float64 (fused_wins says no there), and accumulate=True (read-modify-write
-# of the gradient). precision="tf32" keeps the GEMMs: it asks for tensor cores, which the fused
-# kernel does not use.
-FUSED_RULE = ((32, 512), (96, 64))
+# Where kernel="auto" takes the fused kernel on a GPU: (largest n, largest l) pairs per input dtype.
+# Measured on an H100 (bench/results/gpu-h100-jrun-plans.json, `bench/bench_gpu_plans.py --quick`,
+# the kernel of commit 79001ba; cupyx benchmark, the larger of host and device time per call).
+# Fused / two-GEMM time per call, float32, 2^22 elements (sweep) unless a shape is given (rule_gaps):
+#   l = 64:   0.35, 0.42, 0.37, 0.47, 0.61 at n = 8, 16, 32, 64, 96; (64, 4096, 64): 0.66
+#   l = 128:  0.74 at n = 64 (128, 1024, 64), 0.95 at n = 96 (128, 682, 96)
+#   l = 256:  0.94 at n = 64 (256, 512, 64)
+#   l = 512:  0.43, 0.53, 0.79 at n = 8, 16, 32, but 1.47 at n = 64 and 1.02 at n = 96
+#   l = 1024: 0.89 at n = 16 (1024, 256, 16), 1.25 at n = 32 (1024, 128, 32)
+#   l = 2048: 1.06 at n = 8 (2048, 256, 8), 1.20 at n = 16 (2048, 128, 16)
+# float16 (64, 4096, 64): 0.88. float64 at l = 64: 0.84 at n = 32 (64, 2048, 32), 1.09 at n = 64
+# (64, 1024, 64). The plan decides before it sees `accumulate`; with accumulate=True (a read of
+# the gradient before each write) the fused kernel measured 1.04 at (64, 4096, 64) float32, 0.91
+# in float16, 0.70 at (64, 2048, 32). Not measured: l between 256 and 512 at n > 32, l between 128
+# and 512 at n > 64, float64 past l = 64. precision="tf32" keeps the GEMMs: it asks for tensor
+# cores, which the fused kernel does not use.
+FUSED_RULE = ((16, 1024), (32, 512), (64, 256), (96, 128))
+FUSED_RULE_FLOAT64 = ((32, 64),)
 
 
 def fused_wins(l: int, n: int, dtype, precision: str) -> bool:
     """Whether kernel="auto" picks the fused kernel for (l, n) slices of `dtype` on a GPU."""
-    if precision != "highest" or np.dtype(dtype) not in (np.dtype(np.float16), np.dtype(np.float32)):
+    dt = np.dtype(dtype)
+    if precision != "highest" or dt not in (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)):
         return False
-    return any(1 <= n <= n_top and l <= l_top for n_top, l_top in FUSED_RULE)
+    rule = FUSED_RULE_FLOAT64 if dt == np.dtype(np.float64) else FUSED_RULE
+    return any(1 <= n <= n_top and l <= l_top for n_top, l_top in rule)
 
 
 class Plan:

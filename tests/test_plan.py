@@ -222,9 +222,10 @@ def test_kernel_choice_errors(rng, monkeypatch):
 
 @pytest.mark.cudasim
 def test_auto_takes_the_fused_kernel_where_it_measured_faster(rng, monkeypatch):
-    """kernel="auto" on a GPU device follows `fused_wins` (n <= 32 up to l = 512, n <= 96 up to
-    l = 64; float16/float32, precision="highest"), for the default penalty, no workspace cap and a
-    layout BLAS reads in place; everything else keeps the two-GEMM path."""
+    """kernel="auto" on a GPU device follows `fused_wins` (float16/float32: n <= 16 up to l = 1024,
+    32 up to 512, 64 up to 256, 96 up to 128; float64: n <= 32 up to l = 64; precision="highest"),
+    for the default penalty, no workspace cap and a layout BLAS reads in place; everything else
+    keeps the two-GEMM path."""
     from gpu_orthol1.testing import EmulatedGpuDevice
 
     class RuleDevice(EmulatedGpuDevice):
@@ -235,9 +236,10 @@ def test_auto_takes_the_fused_kernel_where_it_measured_faster(rng, monkeypatch):
         return _plan.Plan(phi, backend="numpy", axis=axis, _device=RuleDevice(), **kw).kernel
 
     assert pick((64, 8, 32)) == pick((512, 3, 32), np.float16) == pick((64, 3, 96)) == pick((1, 2, 1)) == "fused"
+    assert pick((1024, 2, 16)) == pick((256, 3, 64)) == pick((128, 3, 96)) == pick((64, 3, 32), np.float64) == "fused"
     assert pick((64, 3, 32), layout="F") == "fused"  # any layout BLAS reads in place
-    assert pick((65, 3, 33)) == pick((513, 3, 8)) == pick((64, 3, 97)) == "gemm"  # past the measured wins
-    assert pick((64, 8, 32), np.float64) == "gemm"  # not measured
+    assert pick((257, 3, 33)) == pick((1025, 3, 8)) == pick((129, 3, 65)) == pick((64, 3, 97)) == "gemm"  # past the wins
+    assert pick((64, 8, 33), np.float64) == pick((65, 8, 32), np.float64) == "gemm"
     assert pick((64, 8, 32), precision="tf32") == "gemm"  # asks for tensor cores
     assert pick((64, 8, 32), penalty="l2") == pick((64, 8, 32), normalize=True) == "gemm"
     assert pick((64, 8, 32), workspace_bytes=1 << 20) == "gemm"  # a cap of the GEMM path's workspace
@@ -248,7 +250,7 @@ def test_auto_takes_the_fused_kernel_where_it_measured_faster(rng, monkeypatch):
     monkeypatch.setenv("GPU_ORTHOL1_KERNEL", "gemm")
     assert pick((64, 8, 32)) == "gemm"
     monkeypatch.setenv("GPU_ORTHOL1_KERNEL", "fused")
-    assert pick((65, 3, 33)) == "fused"
+    assert pick((257, 3, 33)) == "fused"
     monkeypatch.delenv("GPU_ORTHOL1_KERNEL")
     assert _plan.Plan(make(np, rng, (64, 8, 32), np.float32, "C", 1), backend="numpy",
                       _device=EmulatedGpuDevice()).kernel == "gemm"
@@ -266,9 +268,13 @@ def test_auto_takes_the_fused_kernel_where_it_measured_faster(rng, monkeypatch):
 def test_fused_rule_function():
     fw = _plan.fused_wins
     assert fw(64, 32, np.float32, "highest") and fw(512, 1, np.float16, "highest") and fw(64, 96, "float32", "highest")
-    assert not fw(513, 32, np.float32, "highest") and not fw(65, 33, np.float32, "highest")
+    assert fw(1024, 16, np.float32, "highest") and fw(256, 64, np.float32, "highest") and fw(128, 96, np.float16, "highest")
+    assert not fw(1025, 16, np.float32, "highest") and not fw(513, 32, np.float32, "highest")
+    assert not fw(257, 33, np.float32, "highest") and not fw(129, 65, np.float32, "highest")
     assert not fw(64, 97, np.float32, "highest") and not fw(64, 0, np.float32, "highest")
-    assert not fw(64, 32, np.float64, "highest") and not fw(64, 32, np.float32, "tf32")
+    assert fw(64, 32, np.float64, "highest") and fw(1, 1, "float64", "highest")
+    assert not fw(65, 32, np.float64, "highest") and not fw(64, 33, np.float64, "highest")
+    assert not fw(64, 32, np.float32, "tf32") and not fw(64, 32, np.int32, "highest")
 
 
 @pytest.mark.cudasim

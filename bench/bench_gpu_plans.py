@@ -45,35 +45,30 @@ def _bench(fn, n_repeat):
 
 
 def host_costs(quick):
+    """Per-call cost at (64, 8, 32) float32, where `auto` takes the fused kernel: the functional API
+    as users call it, and each path forced (functional API, reused plan, graph replay)."""
     import cupy
 
     import gpu_orthol1 as ol1
-
-    phi = cupy.random.standard_normal((64, 8, 32), dtype=cupy.float32) / 8
-    p = ol1.plan(phi, 1e-3)
-    g = p.graph(phi)
-    pf = ol1.plan(phi, 1e-3, kernel="fused")
-    gf = pf.graph(phi)
-    n = 50 if quick else 200
     from gpu_orthol1 import _plan
 
-    before = os.environ.get(_plan.ENV_KERNEL)
-    os.environ[_plan.ENV_KERNEL] = "fused"  # the functional API on the fused path, whatever the rule says
-    try:
-        fused_auto = _bench(lambda: ol1.loss_and_grad(phi, 1e-3), n)
-    finally:
-        if before is None:
-            del os.environ[_plan.ENV_KERNEL]
-        else:
-            os.environ[_plan.ENV_KERNEL] = before
-    return {
-        "loss_and_grad": _bench(lambda: ol1.loss_and_grad(phi, 1e-3), n),
-        "loss_and_grad_fused": fused_auto,
-        "plan": _bench(lambda: p(phi), n),
-        "graph_replay": _bench(g.replay, n),
-        "plan_fused": _bench(lambda: pf(phi), n),
-        "graph_replay_fused": _bench(gf.replay, n),
-    }
+    phi = cupy.random.standard_normal((64, 8, 32), dtype=cupy.float32) / 8
+    n = 50 if quick else 200
+    out = {"loss_and_grad": _bench(lambda: ol1.loss_and_grad(phi, 1e-3), n)}
+    for kernel in ("fused", "gemm"):
+        before = os.environ.get(_plan.ENV_KERNEL)
+        os.environ[_plan.ENV_KERNEL] = kernel  # the functional API on this path, whatever the rule says
+        try:
+            out[f"loss_and_grad_{kernel}"] = _bench(lambda: ol1.loss_and_grad(phi, 1e-3), n)
+        finally:
+            if before is None:
+                del os.environ[_plan.ENV_KERNEL]
+            else:
+                os.environ[_plan.ENV_KERNEL] = before
+        p = ol1.plan(phi, 1e-3, kernel=kernel)
+        out[f"plan_{kernel}"] = _bench(lambda: p(phi), n)
+        out[f"graph_replay_{kernel}"] = _bench(p.graph(phi).replay, n)
+    return out
 
 
 def _synced(fn, n_repeat):
@@ -166,9 +161,10 @@ def sweep(quick):
 
 
 def rule_gaps(quick):
-    """Per-call time of both paths where `fused_wins` has no measurement yet (the comment above
-    FUSED_RULE in gpu_orthol1/_plan.py lists them): l between 64 and 512 at n > 32, l > 512, float64,
-    and accumulate=True (the fused kernel then reads each gradient element before writing it)."""
+    """Per-call time of both paths at the shapes that set `fused_wins`'s bounds besides the sweep
+    (the comment above FUSED_RULE in gpu_orthol1/_plan.py quotes them): l = 128 and 256 at n = 64
+    and 96, l = 1024 and 2048 at n <= 32, float64, and accumulate=True (the fused kernel then reads
+    each gradient element before writing it)."""
     import cupy
 
     import gpu_orthol1 as ol1

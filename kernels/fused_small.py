@@ -9,7 +9,7 @@ One launch does the whole computation, one block per slice, from register micro-
    rows at a time (zero-padded to nmax columns; rows nmax + vec apart, 16-byte aligned for
    vec > 1), and per row a thread reads each of its 2 * T / vec runs in one vector load of at
    most 16 bytes and does T*T FMAs: at n = 64, float32, 4 loads per 64 FMAs (16 with vec = 1),
-   77 instructions per row in the SASS ptxas makes for sm_90 (89 with vec = 1). Accumulation is
+   78 instructions per row in the SASS ptxas makes for sm_90. Accumulation is
    float32 for float16/float32 input (a product of two float16 values is exact in float32) and
    float64 for float64 input.
 2. Each thread subtracts I from its entries and sums |G - I| in float64 in a fixed order; the

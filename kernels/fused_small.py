@@ -92,7 +92,8 @@ VECS = (1, 2, 4)
 #   0.409 against 0.375; n = 32, T = 4: 0.445 against 0.428), so runs start above this side;
 VEC_FROM_SIDE = 4
 # - gradient rows per thread: at T = TMAX (n = 57..64, float32 accumulator) 8 rows need 160
-#   registers (6 blocks per SM), 4 rows 125 (8 blocks): 0.686 against 0.756 ms, and at (64, 4096, 64)
+#   registers (6 blocks per SM), 4 rows 125 (8 blocks; ptxas offline, cpu-offline-fused-sass.md;
+#   127 with the gradient phase since, on the card): 0.686 against 0.756 ms, and at (64, 4096, 64)
 #   0.189 against 0.224 (float16: 0.183 against 0.217), although a 64-row slice is then read twice.
 #   At n = 8, 16, 32 halving the rows lost (0.495 against 0.451, 0.419 against 0.409, 0.456 against 0.445).
 GRAD_ROWS_AT_FULL_TILE = 4
@@ -395,7 +396,8 @@ def get_fused_kernel(cfg: FusedConfig):
     if not _valid(cfg):
         raise ValueError(f"{cfg}: nmax and tile_rows must be multiples of the grid side "
                          f"{math.isqrt(cfg.threads)}, vec one of {VECS} dividing nmax / side in at most "
-                         f"16 bytes, jrun one of {VECS} dividing vec, and the block needs {shared_bytes(cfg)} bytes of shared memory "
+                         f"16 bytes, jrun one of {VECS} dividing vec, and the block needs {shared_bytes(cfg)} "
+                         f"bytes of shared memory "
                          f"(at most {SHARED_LIMIT})")
     kern = _kernels.get(cfg)
     if kern is None:

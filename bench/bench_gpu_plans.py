@@ -162,9 +162,9 @@ def sweep(quick):
 
 def rule_gaps(quick):
     """Per-call time of both paths at the shapes that set `fused_wins`'s bounds besides the sweep
-    (the comment above FUSED_RULE in gpu_orthol1/_plan.py quotes them): l = 128 and 256 at n = 64
-    and 96, l = 1024 and 2048 at n <= 32, float64, and accumulate=True (the fused kernel then reads
-    each gradient element before writing it)."""
+    (the comment above FUSED_RULE in gpu_orthol1/_plan.py quotes them): l = 128 and 256 at n = 64,
+    l = 128 at n = 96, l = 1024 and 2048 at n <= 32, float64, and accumulate=True (the fused kernel
+    then reads each gradient element before writing it)."""
     import cupy
 
     import gpu_orthol1 as ol1

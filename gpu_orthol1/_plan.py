@@ -202,7 +202,7 @@ def self_overlapping(a) -> bool:
 # Measured on an H100 (bench/results/gpu-h100-jrun-plans.json, `bench/bench_gpu_plans.py --quick`,
 # the kernel of commit 79001ba; cupyx benchmark, the larger of host and device time per call).
 # Fused / two-GEMM time per call, float32, 2^22 elements (sweep) unless a shape is given (rule_gaps):
-#   l = 64:   0.35, 0.42, 0.37, 0.47, 0.61 at n = 8, 16, 32, 64, 96; (64, 4096, 64): 0.66
+#   l = 64:   0.35, 0.42, 0.37, 0.47, 0.61 at n = 8, 16, 32, 64, 96; (64, 4096, 64): 0.67
 #   l = 128:  0.74 at n = 64 (128, 1024, 64), 0.95 at n = 96 (128, 682, 96)
 #   l = 256:  0.94 at n = 64 (256, 512, 64)
 #   l = 512:  0.43, 0.53, 0.79 at n = 8, 16, 32, but 1.47 at n = 64 and 1.02 at n = 96
@@ -211,9 +211,11 @@ def self_overlapping(a) -> bool:
 # float16 (64, 4096, 64): 0.88. float64 at l = 64: 0.84 at n = 32 (64, 2048, 32), 1.09 at n = 64
 # (64, 1024, 64). The plan decides before it sees `accumulate`; with accumulate=True (a read of
 # the gradient before each write) the fused kernel measured 1.04 at (64, 4096, 64) float32, 0.91
-# in float16, 0.70 at (64, 2048, 32). Not measured: l between 256 and 512 at n > 32, l between 128
-# and 512 at n > 64, float64 past l = 64. precision="tf32" keeps the GEMMs: it asks for tensor
-# cores, which the fused kernel does not use.
+# in float16, 0.70 at (64, 2048, 32). Not measured, left to the GEMMs: l between 256 and 512 at
+# n > 32, l between 128 and 512 at n > 64, float64 past l = 64. Taken without a measurement of
+# their own, between measured points that won: n = 33 to 63 past l = 64, n = 65 to 95 at l = 128,
+# n <= 8 at l = 513 to 1024, float64 below n = 32, float16 except at (64, 4096, 64).
+# precision="tf32" keeps the GEMMs: it asks for tensor cores, which the fused kernel does not use.
 FUSED_RULE = ((16, 1024), (32, 512), (64, 256), (96, 128))
 FUSED_RULE_FLOAT64 = ((32, 64),)
 

@@ -20,11 +20,12 @@ One launch does the whole computation, one block per slice, from register micro-
 3. grad_i = alpha * Phi_i S_i: thread (ty, tx) computes rows ty + G*a (a < tile_rows / G) and
    columns tx + G*b of each staged row tile (interleaved, so that a warp's stores of a row are
    adjacent), again in registers, and writes them (or adds them) straight into `out`. S is stored
-   with its columns permuted so that a thread's T columns of one row are adjacent (vector loads),
-   and the phase steps over S's rows `jrun` at a time, reading each of its tile rows' jrun entries
-   in one vector load. The rows a warp reads, consecutive ones nmax + vec apart, fall in distinct
-   banks. The tiles go in reverse order, so that the last one the Gram phase staged is used again
-   where it is: a slice of k tiles is read from device memory 2k - 1 times (once if it fits one).
+   with its columns permuted so that a thread's T columns of one row are adjacent (vector loads as
+   wide as S's alignment allows: 8 bytes when vec = 1), and the phase steps over S's rows `jrun` at
+   a time, reading each of its tile rows' jrun entries in one vector load. The rows a warp reads,
+   consecutive ones nmax + vec apart, fall in distinct banks. The tiles go in reverse order, so
+   that the last one the Gram phase staged is used again where it is: a slice of k tiles takes
+   2k - 1 tile loads (one if it fits one tile).
    There is no Gram workspace in device memory.
 
 The loss is the same quantity as the cuBLAS path's but not bit-identical to it (different
@@ -94,7 +95,8 @@ VEC_FROM_SIDE = 4
 # - gradient rows per thread: at T = TMAX (n = 57..64, float32 accumulator) 8 rows need 160
 #   registers (6 blocks per SM), 4 rows 125 (8 blocks; ptxas offline, cpu-offline-fused-sass.md;
 #   127 with the gradient phase since, on the card): 0.686 against 0.756 ms, and at (64, 4096, 64)
-#   0.189 against 0.224 (float16: 0.183 against 0.217), although a 64-row slice is then read twice.
+#   0.189 against 0.224 (float16: 0.183 against 0.217), although that kernel then read a 64-row
+#   slice twice (4 tile loads; the reverse tile order since takes 3).
 #   At n = 8, 16, 32 halving the rows lost (0.495 against 0.451, 0.419 against 0.409, 0.456 against 0.445).
 GRAD_ROWS_AT_FULL_TILE = 4
 
@@ -340,7 +342,7 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name, vec, jrun):
         o = cuda.local.array((RT, T), ACC)
         vr = cuda.local.array((RT, J), ACC)
         vs = cuda.local.array((J, T), ACC)
-        # columns of S (and of the tile) past n are zeros: stepping J at a time up to jend is exact
+        # rows of S and columns of the tile past n are zeros: stepping J at a time up to jend is exact
         jend = (nu + uint64(J - 1)) // uint64(J) * uint64(J)
         # tiles in reverse order: the last one the Gram phase staged is still in shared memory
         last = (l - 1) // tile_rows * tile_rows

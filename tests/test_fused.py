@@ -175,6 +175,17 @@ def test_column_runs(target, rng, dtype, l, m, n, n_card, threads, rows):
             np.testing.assert_allclose(losses, first[0], rtol=1e-12 if base.acc == "float64" else 1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_slices_without_rows(target, dtype):
+    """l = 0: every Gram is zero, so a slice's loss is |0 - I| summed, n; the gradient has no rows
+    and the launch reaches no row of out (the gradient phase's first tile would start at row
+    -tile_rows)."""
+    m, n = 3, 5
+    losses, grad, _ = _run(np.empty((0, m, n), dtype), _cfg(target, 0, n, dtype))
+    np.testing.assert_array_equal(losses, np.full(m, float(n)))
+    assert grad.shape == (0, m, n)
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_accumulate_mean_scale(target, rng, dtype):
     """alpha = 2 beta / m (reduction="mean"), added to what out held."""

@@ -221,12 +221,16 @@ class CupyDevice:
                                       [_gemm.Ref(("o", k), 0) for k in range(cc)], 0, l, n, alpha, beta)
             self._pointers(call, bufs, src.addrs)
 
-    def fused(self, cfg, V, Vout, losses, alpha, accumulate, write_grad):
-        """The one-launch small-slice kernel over (m, l, n) views of any strides: no workspace."""
+    def fused_launcher(self, cfg, V, Vout, losses, write_grad):
+        """The one-launch small-slice kernel (no workspace) for (m, l, n) views of any strides shaped,
+        strided and typed like V and Vout, and per-slice `losses` like these: a function
+        go(phi_addr, out_addr, losses_addr, alpha, accumulate) that launches it on the stream bound
+        last, packing only the addresses and the two scalars (`_ptx.BoundLaunch`). Vout is not
+        touched when write_grad is false (pass phi's address as out_addr)."""
         from .kernels import fused_small
 
         m = V.shape[0]
-        out = Vout if write_grad else V  # loss only: out is not touched
+        out = Vout if write_grad else V
         key = ("fused", cfg, _dtype(V), _dtype(out))
         kern = self._launch.get(key)
         if kern is None:
@@ -234,7 +238,12 @@ class CupyDevice:
             sig = (A(_dtype(V), 3, "A"), A(_dtype(out), 3, "A"), A(np.float64, 1), self._i64, _ptx_float(cfg.acc),
                    self._bool, self._bool)
             kern = self._launch[key] = _ptx.kernel(fused_small.get_fused_kernel(cfg), sig)
-        kern.launch(self._stream_ptr, m, cfg.threads, V, out, losses, 0, alpha, accumulate, write_grad)
+        bound = _ptx.BoundLaunch(kern, m, cfg.threads, (V, out, losses, 0, 0.0, False, bool(write_grad)),
+                                 variable=(0, 1, 2, 4, 5))
+
+        def go(phi_addr, out_addr, losses_addr, alpha, accumulate):
+            bound.launch(self._stream_ptr, phi_addr, out_addr, losses_addr, alpha, accumulate)
+        return go
 
     def sign_parts(self, n, variant):
         return self._mod.split(n, variant.flags()[2], self._max_block)[1]

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from . import _backends, _driver, _gemm, _penalty
+from ._cupy import _addr
 
 REDUCTIONS = ("sum", "mean", "none")
 PRECISIONS = ("highest", "tf32")
@@ -284,6 +285,7 @@ class Plan:
         self.kernel, self.fused_cfg = self._pick_kernel(kernel)
         self.ldt = np.float64 if phi.dtype == np.float64 else np.float32
         self._sizes: dict = {}
+        self._fused_go: dict = {}  # (gradient strides, losses strides, want_grad) -> the fused kernel's launcher
         self._lock = threading.Lock()
         self._kept: dict | None = None  # the CPU's small workspace, kept between calls
         cpu = self.xp is np and not getattr(self.dev, "emulates_gpu", False)
@@ -441,7 +443,6 @@ class Plan:
         every allocation in torch's allocator, as a CUDA graph capture needs."""
         xp = self.xp
         p = xp.asarray(phi) if self.host_in else phi
-        V = self._view(p)
         grad = None
         if want_grad:
             if out is not None and not self.host_in:
@@ -467,9 +468,9 @@ class Plan:
                 alpha = 2.0 * beta / (m if self.reduction == "mean" else 1)
                 with self._lock:
                     self.dev.bind(cublas=False)
-                    Vo = self._view(grad) if want_grad else None
-                    self.dev.fused(self.fused_cfg, V, Vo, losses, alpha, bool(accumulate), want_grad)
+                    self._fused_call(p, grad, losses, alpha, bool(accumulate), want_grad)
             return self._finish(losses, beta, raw, want_grad, grad, out)
+        V = self._view(p)
         if m == 0 or n == 0 or l == 0:  # nothing for BLAS to read: any layout will do
             Vout = self._view(grad) if want_grad else None
             lay_phi = lay_out = _gemm.Layout("T", n, 0)
@@ -506,6 +507,19 @@ class Plan:
                     wsb = _driver.workspace(alloc or self._alloc, sz, l, n, self.dtype)
                     _driver.run(self.dev, batch, wsb, sz.chunk, losses, **kw)
         return self._finish(losses, beta, raw, want_grad, grad, out)
+
+    def _fused_call(self, p, grad, losses, alpha, accumulate, want_grad):
+        """Launch the fused kernel through a launcher kept per layout of the gradient and losses (phi's
+        is the plan's): per call only the addresses and scalars are packed."""
+        key = (grad.strides if want_grad else None, losses.strides, want_grad)
+        go = self._fused_go.get(key)
+        if go is None:
+            if len(self._fused_go) >= 8:  # a caller cycling through out= layouts: keep the newest
+                self._fused_go.clear()
+            go = self._fused_go[key] = self.dev.fused_launcher(
+                self.fused_cfg, self._view(p), self._view(grad) if want_grad else None, losses, want_grad)
+        pa = _addr(p)
+        go(pa, _addr(grad) if want_grad else pa, _addr(losses), alpha, accumulate)
 
     def _finish(self, losses, beta, raw, want_grad, grad, out):
         xp = self.xp

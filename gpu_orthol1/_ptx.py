@@ -91,17 +91,23 @@ def _packer(ty):
                 raise ValueError(f"kernel argument has {len(a)} members, the kernel {count}")
             flat += a
         return pack_tuple
-    if isinstance(ty, types.Boolean):
-        conv = bool
-    elif isinstance(ty, types.Float):
-        # float32 through NumPy: a value beyond its range becomes inf, as a NumPy scalar argument did
-        conv = float if ty.bitwidth == 64 else (lambda a: float(np.float32(a)))
-    else:
-        conv = int
+    conv = _scalar_conv(ty)
 
     def pack_scalar(a, flat):
         flat.append(conv(a))
     return pack_scalar
+
+
+def _scalar_conv(ty):
+    """The Python value a scalar argument of Numba type `ty` is packed as."""
+    from numba import types
+
+    if isinstance(ty, types.Boolean):
+        return bool
+    if isinstance(ty, types.Float):
+        # float32 through NumPy: a value beyond its range becomes inf, as a NumPy scalar argument did
+        return float if ty.bitwidth == 64 else (lambda a: float(np.float32(a)))
+    return int
 
 
 def flatten(argtypes, args, packers=None) -> tuple:
@@ -154,7 +160,6 @@ class PtxKernel:
     threads launching the same kernel from packing into it together."""
 
     def __init__(self, dispatcher, argtypes, device_cc):
-        import ctypes
         import struct
 
         import cupy
@@ -174,11 +179,7 @@ class PtxKernel:
         self._packers = [_packer(t) for t in self.argtypes]
         self.ptx = ptx
         self._struct = struct.Struct(param_format(self.argtypes))
-        nparams = self._struct.size // 8
-        self._block = ctypes.create_string_buffer(max(8, self._struct.size))
-        base = ctypes.addressof(self._block)
-        self._params = (ctypes.c_void_p * max(1, nparams))(*(base + 8 * i for i in range(nparams)))
-        self._params_ptr = ctypes.addressof(self._params)
+        self._block, self._params, self._params_ptr = param_block(self._struct.size)
         self._fptr = self._function.ptr
         self._driver_launch = driver.launchKernel
         self._lock = threading.Lock()
@@ -187,13 +188,76 @@ class PtxKernel:
         vals = flatten(self.argtypes, args, self._packers)
         with self._lock:
             self._struct.pack_into(self._block, 0, *vals)
-            self._driver_launch(self._fptr, grid, 1, 1, block, 1, 1, 0, stream_ptr, self._params_ptr, 0)
+            self.launch_params(stream_ptr, grid, block, self._params_ptr)
+
+    def launch_params(self, stream_ptr, grid, block, params_ptr):
+        """Launch with a parameter block packed elsewhere (`BoundLaunch`): `params_ptr` is the
+        address of its array of slot addresses."""
+        self._driver_launch(self._fptr, grid, 1, 1, block, 1, 1, 0, stream_ptr, params_ptr, 0)
 
     def __call__(self, grid, block, *args):
         """Launch on CuPy's current stream."""
         import cupy
 
         self.launch(cupy.cuda.get_current_stream().ptr, int(grid), int(block), *args)
+
+
+def param_block(size: int):
+    """(block, slot address array, its address): `size` bytes of 8-byte slots and the array of
+    their addresses that cuLaunchKernel's kernelParams takes."""
+    import ctypes
+
+    nparams = size // 8
+    block = ctypes.create_string_buffer(max(8, size))
+    base = ctypes.addressof(block)
+    params = (ctypes.c_void_p * max(1, nparams))(*(base + 8 * i for i in range(nparams)))
+    return block, params, ctypes.addressof(params)
+
+
+class BoundLaunch:
+    """A kernel's launch with every parameter fixed but the arguments at positions `variable` (an
+    array's data address, or a scalar): a parameter block of its own, packed per call from a kept
+    list with only those slots replaced. What a plan keeps for the fused kernel, whose arrays keep
+    their shapes, strides and dtypes from call to call and change only their addresses: packing
+    three arrays' fields per launch (`flatten`) was most of the launch's host time.
+
+    `kern` is a `PtxKernel` (or anything with its `argtypes` and `launch_params`); `args` are the
+    arguments of a first launch, `grid` and `block` its sizes."""
+
+    def __init__(self, kern, grid: int, block: int, args, variable):
+        import struct
+
+        from numba import types
+
+        argtypes = kern.argtypes
+        if len(args) != len(argtypes):
+            raise ValueError(f"{len(args)} arguments for a kernel of {len(argtypes)}")
+        self.kern, self.grid, self.block = kern, int(grid), int(block)
+        self._vals = list(flatten(argtypes, args))
+        starts = np.cumsum([0] + [len(_codes(t)) for t in argtypes]).tolist()
+        self._slots, self._convs = [], []
+        for k in variable:
+            ty = argtypes[k]
+            if isinstance(ty, types.Array):  # (meminfo, parent, nitems, itemsize, data, ...)
+                self._slots.append(starts[k] + 4)
+                self._convs.append(int)
+            elif isinstance(ty, types.UniTuple):
+                raise TypeError("a tuple argument cannot vary in a bound launch")
+            else:
+                self._slots.append(starts[k])
+                self._convs.append(_scalar_conv(ty))
+        self._struct = struct.Struct(param_format(argtypes))
+        self._block, self._params, self.params_ptr = param_block(self._struct.size)
+        self._lock = threading.Lock()
+
+    def launch(self, stream_ptr, *values):
+        """Launch with the `variable` arguments set to `values` (addresses for arrays), in order."""
+        with self._lock:
+            vals = self._vals
+            for slot, conv, v in zip(self._slots, self._convs, values):
+                vals[slot] = conv(v)
+            self._struct.pack_into(self._block, 0, *vals)
+            self.kern.launch_params(stream_ptr, self.grid, self.block, self.params_ptr)
 
 
 def kernel(dispatcher, argtypes) -> PtxKernel:

@@ -202,7 +202,17 @@ class EmulatedGpuDevice(CupyDevice):
         if grid:
             self._mod.get_total_kernel(tpb, each)[grid, tpb](losses, count, scale, out)
 
-    def fused(self, cfg, V, Vout, losses, alpha, accumulate, write_grad):
+    def fused_launcher(self, cfg, V, Vout, losses, write_grad):
+        """CupyDevice.fused_launcher's contract on host memory: go() gets addresses, and finds the
+        arrays at them from the shapes, strides and dtypes given here (as the kernel would)."""
+        specs = [(a.shape, a.strides, a.dtype) for a in (V, Vout if write_grad else V, losses)]
+
+        def go(phi_addr, out_addr, losses_addr, alpha, accumulate):
+            v, o, ls = (host_view(addr, *spec) for addr, spec in zip((phi_addr, out_addr, losses_addr), specs))
+            self._fused(cfg, v, o, ls, alpha, accumulate, write_grad)
+        return go
+
+    def _fused(self, cfg, V, Vout, losses, alpha, accumulate, write_grad):
         from .kernels import fused_small
 
         self.gemm_calls.append(("fused", V.shape[0]))
@@ -216,3 +226,17 @@ class EmulatedGpuDevice(CupyDevice):
             v, o, losses, 0, scal(alpha), bool(accumulate), bool(write_grad))
         if write_grad and o is not Vout:
             Vout[...] = o
+
+
+def host_view(addr: int, shape, strides, dtype) -> np.ndarray:
+    """The NumPy array at host address `addr` (its first element) with these shape, byte strides and
+    dtype: how a kernel sees an array it gets as (address, shape, strides)."""
+    import ctypes
+
+    dtype = np.dtype(dtype)
+    if not all(shape):
+        return np.empty(shape, dtype)
+    lo = sum(min(0, (d - 1) * st) for d, st in zip(shape, strides))
+    hi = sum(max(0, (d - 1) * st) for d, st in zip(shape, strides)) + dtype.itemsize
+    buf = (ctypes.c_char * (hi - lo)).from_address(addr + lo)
+    return np.ndarray(shape, dtype, buffer=buf, offset=-lo, strides=strides)

@@ -189,6 +189,33 @@ class _CheckedLaunch:
     def __call__(self, grid, block, *args):
         self.launch(0, int(grid), int(block), *args)
 
+    def launch_params(self, stream_ptr, grid, block, params_ptr):
+        """A `_ptx.BoundLaunch`'s launch: read the arguments back out of its parameter block, as
+        the kernel would (arrays from their address, shape and strides), then run the kernel."""
+        import ctypes
+        import struct
+
+        from gpu_orthol1.testing import host_view
+
+        assert isinstance(stream_ptr, int) and isinstance(grid, int) and isinstance(block, int)
+        fmt = _ptx.param_format(self.argtypes)
+        slots = (ctypes.c_void_p * (struct.calcsize(fmt) // 8)).from_address(params_ptr)
+        vals = list(struct.unpack(fmt, b"".join(ctypes.string_at(a, 8) for a in slots)))
+        args = []
+        for ty in self.argtypes:
+            if isinstance(ty, types.Array):
+                meminfo, parent, size, isz, data = vals[:5]
+                shape, strides = tuple(vals[5:5 + ty.ndim]), tuple(vals[5 + ty.ndim:5 + 2 * ty.ndim])
+                del vals[:5 + 2 * ty.ndim]
+                dt = np.dtype(str(ty.dtype))
+                assert meminfo == parent == 0 and size == int(np.prod(shape)) and isz == dt.itemsize
+                args.append(host_view(data, shape, strides, dt))
+            else:
+                args.append(vals.pop(0))
+        assert not vals
+        self.launches.append((self.dispatcher, grid, block))
+        self.dispatcher[grid, block](*args)
+
 
 @pytest.mark.cudasim
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
@@ -243,7 +270,7 @@ def test_cupy_devices_fused_launch_on_the_simulator(monkeypatch, rng):
     from .reference import check
 
     class RealFused(EmulatedGpuDevice):
-        fused = CupyDevice.fused
+        fused_launcher = CupyDevice.fused_launcher
 
         def __init__(self):
             super().__init__()
@@ -258,4 +285,41 @@ def test_cupy_devices_fused_launch_on_the_simulator(monkeypatch, rng):
         p = _plan.Plan(phi, 0.4, axis=0, backend="numpy", kernel="fused", _device=RealFused())
         loss, grad = p(phi)
         check(phi, loss, grad, 0.4, 0, "sum", dt)
-    assert [d.py_func.__name__ for d, _, _ in _CheckedLaunch.launches].count("fused_ortho_l1") == 2
+        # the kept launcher again: new addresses and contents, only those repacked
+        phi[...] = make(np, rng, phi.shape, dt, "C", 0)
+        out = make(np, rng, phi.shape, dt, "C", 0)
+        loss, grad = p(phi, out=out)
+        assert grad is out
+        check(phi, loss, grad, 0.4, 0, "sum", dt)
+        assert len(p._fused_go) == 1
+    assert [d.py_func.__name__ for d, _, _ in _CheckedLaunch.launches].count("fused_ortho_l1") == 4
+
+
+def test_bound_launch_repacks_only_what_varies():
+    """A `BoundLaunch`'s parameter block after a call equals the one `flatten` packs for the new
+    arguments: addresses and scalars replaced in their slots, everything else as first bound."""
+    import ctypes
+    import struct
+
+    sig = (_ptx.array_type(np.float32, 3, "A"), _ptx.array_type(np.float64, 1), types.int64, types.float32,
+           types.boolean)
+    a = np.zeros((3, 4, 5), np.float32)[:, ::-1]  # negative strides
+    ls = np.zeros(3)
+    seen = []
+
+    class Kern:
+        argtypes = sig
+
+        def launch_params(self, stream_ptr, grid, block, params_ptr):
+            n = struct.calcsize(_ptx.param_format(sig)) // 8
+            slots = (ctypes.c_void_p * n).from_address(params_ptr)
+            seen.append((stream_ptr, grid, block, b"".join(ctypes.string_at(p, 8) for p in slots)))
+
+    bound = _ptx.BoundLaunch(Kern(), 3, 64, (a, ls, 9, 0.0, False), variable=(0, 1, 3, 4))
+    b, ls2 = np.ones((3, 4, 5), np.float32)[:, ::-1], np.ones(3)
+    bound.launch(7, b.ctypes.data, ls2.ctypes.data, 0.1, np.True_)
+    want = struct.pack(_ptx.param_format(sig), *_ptx.flatten(sig, (b, ls2, 9, 0.1, True)))
+    assert seen == [(7, 3, 64, want)]
+    assert struct.unpack("<f", want[-16:-12])[0] == np.float32(0.1)  # float32 packing, as flatten's
+    with pytest.raises(ValueError, match="3 arguments"):
+        _ptx.BoundLaunch(Kern(), 1, 1, (a, ls, 9), variable=(0,))

@@ -20,8 +20,11 @@ One launch does the whole computation, one block per slice, from register micro-
 3. grad_i = alpha * Phi_i S_i: thread (ty, tx) computes rows ty + G*a (a < tile_rows / G) and
    columns tx + G*b of each staged row tile (interleaved, so that a warp's stores of a row are
    adjacent), again in registers, and writes them (or adds them) straight into `out`. S is stored
-   with its columns permuted so that a thread's T columns of one row are adjacent (vector loads as
-   wide as S's alignment allows: 8 bytes when vec = 1), and the phase steps over S's rows `jrun` at
+   with its columns permuted so that a thread's T columns of one row come in runs of `srun`
+   adjacent ones, each read in one vector load of at most 16 bytes, and a warp's runs of one
+   vector load side by side (adjacent bytes: no bank conflict); the thread columns XOR-swizzled
+   per run of vec rows (`swizzle`: the sign phase's writes, rows of several ty at once, then
+   spread over the banks; at n = 64 float32 conflict-free, 8-way without), and the phase steps over S's rows `jrun` at
    a time, reading each of its tile rows' jrun entries in one vector load. The rows a warp reads,
    consecutive ones nmax + vec apart, fall in distinct banks. The tiles go in reverse order, so
    that the last one the Gram phase staged is used again where it is: a slice of k tiles takes
@@ -116,6 +119,15 @@ class FusedConfig(NamedTuple):
     # the gradient phase steps over S's rows `jrun` at a time, reading each of its tile rows' jrun
     # entries in one vector load (a divisor of vec: tile rows are nmax + vec apart)
     jrun: int = 1
+    # S's row layout for the gradient phase, where thread column tx owns the T columns tx + G * b:
+    # in runs of `srun` adjacent columns (a divisor of T), a warp's runs side by side, so that each
+    # vector load of one run across the warp reads adjacent bytes (srun = T: a thread's T columns in
+    # one block, tx * T)
+    srun: int = 1
+    # those runs XOR-swizzled among the thread columns per run of vec rows, so that the rows a
+    # warp writes at once in the sign phase fall in other banks (its reads, one row at a time,
+    # keep their pattern)
+    swizzle: bool = True
 
 
 def grid_side(threads: int) -> int:
@@ -142,7 +154,8 @@ def _valid(cfg: FusedConfig) -> bool:
     acc_bytes = 4 if cfg.acc == "float32" else 8
     return (cfg.nmax % side == 0 and cfg.tile_rows % side == 0 and cfg.tile_rows > 0
             and cfg.vec in VECS and cfg.vec * acc_bytes <= 16 and (cfg.nmax // side) % cfg.vec == 0
-            and cfg.jrun in VECS and cfg.vec % cfg.jrun == 0 and shared_bytes(cfg) <= SHARED_LIMIT)
+            and cfg.jrun in VECS and cfg.vec % cfg.jrun == 0 and cfg.srun >= 1
+            and (cfg.nmax // side) % cfg.srun == 0 and shared_bytes(cfg) <= SHARED_LIMIT)
 
 
 def _widest_vec(nmax: int, side: int, acc: str) -> int:
@@ -177,7 +190,7 @@ def fits(n: int, dtype) -> bool:
 
 
 def fused_config(l: int, n: int, dtype, threads: int | None = None, vec: int | None = None,
-                 jrun: int | None = None) -> FusedConfig | None:
+                 jrun: int | None = None, srun: int | None = None) -> FusedConfig | None:
     """The kernel config for (l, n) slices of `dtype`, or None when they do not fit.
 
     threads: force the block size (one of THREADS; tests under the simulator use small grids).
@@ -186,7 +199,8 @@ def fused_config(l: int, n: int, dtype, threads: int | None = None, vec: int | N
     accumulator), fewer when l is short or shared memory is short. vec: force the run length of the
     columns a thread owns (one of VECS, dividing the micro-tile side); default the longest that one
     16-byte load reads where the micro-tile side is above VEC_FROM_SIDE, else 1. jrun: force the
-    gradient phase's step over S's rows (a divisor of vec); default vec.
+    gradient phase's step over S's rows (a divisor of vec); default vec. srun: force the run length
+    of S's columns (a divisor of the micro-tile side); default the longest one 16-byte load reads.
     """
     if not fits(n, dtype):
         return None
@@ -202,9 +216,13 @@ def fused_config(l: int, n: int, dtype, threads: int | None = None, vec: int | N
         jrun = vec
     elif jrun not in VECS or vec % jrun:
         raise ValueError(f"jrun must be one of {VECS} and divide vec={vec}, got {jrun}")
+    if srun is None:
+        srun = _widest_vec(nmax, side, acc)
+    elif not isinstance(srun, int) or srun < 1 or (nmax // side) % srun:
+        raise ValueError(f"srun must divide the micro-tile side {nmax // side}, got {srun}")
     top = GRAD_ROWS_AT_FULL_TILE if acc == "float32" and nmax // side == TMAX[acc] else TMAX[acc]
     rows = max(1, min(top, -(-l // side)))  # rows per thread in the gradient phase
-    cfg = FusedConfig(nmax, rows * side, side * side, acc, vec, jrun)
+    cfg = FusedConfig(nmax, rows * side, side * side, acc, vec, jrun, srun)
     while not _valid(cfg) and rows > 1:
         rows -= 1
         cfg = cfg._replace(tile_rows=rows * side)
@@ -230,7 +248,7 @@ def _load_tile(tile, phi, i, a0, cnt, n, ty, tx, side, rows_per_thread, ld, cols
             tile[r * ld + c] = vals[b] if (r < cnt and c < n) else 0
 
 
-def _make_kernel(nmax, tile_rows, tpb, acc_name, vec, jrun):
+def _make_kernel(nmax, tile_rows, tpb, acc_name, vec, jrun, srun, swizzle):
     ACC = _ACC[acc_name]
     G = math.isqrt(tpb)
     T = nmax // G  # Gram micro-tile side
@@ -244,9 +262,11 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name, vec, jrun):
     TILE = tile_rows * LD
     NN = nmax * nmax
     J = jrun
-    # vector loads need 16-byte aligned rows (numba takes multiples of 8); the simulator takes no
-    # alignment at all, and has no vector loads to align for
-    ALIGN = None if numba_config.ENABLE_CUDASIM else 16 if V > 1 else 8
+    R = srun
+    SWZ = G - 1 if swizzle else 0  # mask of the row-dependent XOR on S's thread columns (G: a power of two)
+    # vector loads need 16-byte aligned rows (tile rows for vec > 1, S's runs); the simulator takes
+    # no alignment at all, and has no vector loads to align for
+    ALIGN = None if numba_config.ENABLE_CUDASIM else 16
 
     @cuda.jit(device=True)
     def own(t, a):
@@ -317,10 +337,12 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name, vec, jrun):
                         sg = 1.0
                     elif x < 0.0:
                         sg = -1.0
-                # column k at (k % G) * T + k // G: the T columns tx + G * b the gradient phase
-                # gives thread tx sit side by side, read in vector loads. NaN gets 0: the slice is
-                # then all NaN anyway
-                s[j * uint64(nmax) + (k % uint64(G)) * uint64(T) + k // uint64(G)] = sg
+                # column k = c + G * b (thread column c of the gradient phase, its b-th): run
+                # b // R, thread column c XOR the row's run of V, position b % R in the run.
+                # NaN gets 0: the slice is then all NaN anyway
+                c = (k % uint64(G)) ^ ((j // uint64(V)) & uint64(SWZ))
+                b2 = k // uint64(G)
+                s[j * uint64(nmax) + (b2 // uint64(R)) * uint64(G * R) + c * uint64(R) + b2 % uint64(R)] = sg
         total = block_sum(red, acc, t, tpb)  # its barriers also publish S
         # |.|-sums never hold Inf - Inf: a non-finite slice shows as NaN or +Inf here
         finite = math.isfinite(total)
@@ -360,9 +382,11 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name, vec, jrun):
                 for a in range(RT):
                     for e in range(J):
                         vr[a, e] = tile[(ty + uint64(G * a)) * ld + j + uint64(e)]
+                # rows j .. j + J - 1 share one run of V (J divides V), so one swizzle
+                col = (tx ^ ((j // uint64(V)) & uint64(SWZ))) * uint64(R)
                 for e in range(J):
                     for b in range(T):
-                        vs[e, b] = s[(j + uint64(e)) * uint64(nmax) + tx * uint64(T) + uint64(b)]
+                        vs[e, b] = s[(j + uint64(e)) * uint64(nmax) + uint64((b // R) * G * R + b % R) + col]
                 for e in range(J):  # the same order over j as one row at a time
                     for a in range(RT):
                         for b in range(T):

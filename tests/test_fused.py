@@ -152,7 +152,8 @@ def test_matches_reference(target, rng, dtype, case):
                                                            (3, 2, 16, 32, 16, 2)])
 def test_column_runs(target, rng, dtype, l, m, n, n_card, threads, rows):
     """Every run length a micro-tile of side 4 or 8 takes (1, 2, and 4 for float32 accumulators),
-    with every gradient step over S's rows (jrun) that divides it: the same Gram entries, summed in
+    with every gradient step over S's rows (jrun) that divides it, S in runs of any length, swizzled
+    or not: the same Gram entries, summed in
     the same order, so the same S and bit-identical gradients; the loss's per-thread partial sums
     group entries differently, so it may differ in the last bits. (l, rows): one tile, or several.
     (n_card: on a card's 8 x 8 grid, an n whose micro-tile side is 4 or 8 in float32.)"""
@@ -164,14 +165,20 @@ def test_column_runs(target, rng, dtype, l, m, n, n_card, threads, rows):
     runs = [v for v in fs.VECS if v * acc_bytes <= 16 and (base.nmax // fs.grid_side(base.threads)) % v == 0]
     assert len(runs) >= 2
     first = None
-    for vec, jrun in ((v, j) for v in runs for j in runs if v % j == 0):
-        losses, grad, buf = _run(phi, base._replace(vec=vec, jrun=jrun), phi_layout="gaps", out_layout="gaps")
+    # S in its default runs and swizzled, for every pair; then S's other run lengths (the whole
+    # micro-tile side, one column) and unswizzled
+    side = base.nmax // fs.grid_side(base.threads)
+    combos = [(v, j, base.srun, True) for v in runs for j in runs if v % j == 0]
+    combos += [(runs[-1], runs[-1], side, True), (runs[-1], runs[-1], 1, False), (1, 1, side, False)]
+    for vec, jrun, srun, swizzle in combos:
+        cfg = base._replace(vec=vec, jrun=jrun, srun=srun, swizzle=swizzle)
+        losses, grad, buf = _run(phi, cfg, phi_layout="gaps", out_layout="gaps")
         check(phi, losses, grad, reduction="none")
         assert np.all(buf[_gap_mask(phi.shape)] == SENTINEL), "wrote outside the view"
         if first is None:
             first = (losses, grad)
         else:
-            assert np.array_equal(grad, first[1]), f"vec={vec}, jrun={jrun} changed the gradient's bits"
+            assert np.array_equal(grad, first[1]), f"{cfg} changed the gradient's bits"
             np.testing.assert_allclose(losses, first[0], rtol=1e-12 if base.acc == "float64" else 1e-6)
 
 
@@ -318,7 +325,7 @@ def test_bounds_and_configs():
                 assert cfg.tile_rows == side or cfg.tile_rows < l + side, "no rows reserved past l"
                 assert cfg.acc == acc and fs.shared_bytes(cfg) <= fs.SHARED_LIMIT
     # a full float32 micro-tile (side 8) takes half the gradient rows: two tiles for 64 rows
-    assert fs.fused_config(64, 64, np.float32) == fs.FusedConfig(64, 32, 64, "float32", 4, 4)
+    assert fs.fused_config(64, 64, np.float32) == fs.FusedConfig(64, 32, 64, "float32", 4, 4, 4)
     assert fs.fused_config(64, 57, np.float16).tile_rows == 32 and fs.fused_config(64, 56, np.float32).tile_rows == 64
     assert fs.fused_config(64, 32, np.float64).tile_rows == 32  # float64's full tile (side 4) keeps its rows
     # the longest run of columns one 16-byte load reads that divides the micro-tile side, where the
@@ -336,6 +343,14 @@ def test_bounds_and_configs():
     for dtype, n, bad in ((np.float32, 64, 3), (np.float64, 32, 4), (np.float32, 40, 2), (np.float32, 64, 8)):
         with pytest.raises(ValueError, match="vec must be one of"):
             fs.fused_config(64, n, dtype, vec=bad)
+    # S's runs: the longest one 16-byte load reads that divides the micro-tile side, whatever vec
+    assert fs.fused_config(64, 64, np.float32, vec=1).srun == 4 and fs.fused_config(64, 96, np.float32).srun == 2
+    assert fs.fused_config(64, 16, np.float32).srun == 2 and fs.fused_config(64, 64, np.float64).srun == 2
+    assert fs.fused_config(64, 20, np.float32).srun == 1  # side 3
+    assert fs.fused_config(64, 64, np.float32, srun=8).srun == 8
+    for bad in (3, 0, 16):
+        with pytest.raises(ValueError, match="srun must divide"):
+            fs.fused_config(64, 64, np.float32, srun=bad)
     assert not fs.fits(8, np.int32) and not fs.fits(8, np.complex64)
     # a forced grid keeps the rows per thread and pads n to its side
     assert fs.fused_config(40, 17, np.float32, threads=16) == fs.FusedConfig(20, 32, 16, "float32")

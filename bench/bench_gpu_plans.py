@@ -112,6 +112,10 @@ def shapes(quick):
             t = _bench(lambda: pl(phi), 20 if quick else 50)
             row[f"{kernel}_ms"] = max(t["device_ms"], t["host_ms"])
             row[f"{kernel}_x_limit"] = row[f"{kernel}_ms"] / row["limit_cublas_ms"]
+            if prec == "highest":  # the same call replayed from a CUDA graph (`plan.graph`): no host work
+                g = pl.graph(phi)
+                row[f"{kernel}_graph_ms"] = _bench(g.replay, 20 if quick else 50)["device_ms"]
+                del g
             if prec == "highest":
                 row[f"{kernel}_synced_ms"] = _synced(lambda: pl(phi), 20 if quick else 50)
         if prec == "highest":  # peers, timed with a device-wide wait like ours' _synced_ms
@@ -225,7 +229,7 @@ def fused_resources(quick):
 
 
 def fused_kernel(quick):
-    """Device time of the fused kernel's launch alone (`CupyDevice.fused`, the plan's own launcher;
+    """Device time of the fused kernel's launch alone (`CupyDevice.fused_launcher`, the plan's own;
     no allocation, no loss reduction) per config variant, against the memory roofline (read phi +
     write the gradient at the measured copy bandwidth) and as an FMA rate (two n x n products over
     l rows per slice: 4 l n^2 flops)."""
@@ -251,10 +255,11 @@ def fused_kernel(quick):
         base = fs.fused_config(l, n, np.dtype(dt))
         roof = 2 * phi.nbytes / bw * 1e3
         side = fs.grid_side(base.threads)
-        # the default against a gradient phase one S row at a time (jrun = 1) and every other run
+        # the default against S unswizzled (4-way bank conflicts on its writes at n = 64), a
+        # gradient phase one S row at a time (jrun = 1) and every other run
         # length, and at n = 64 (where the register budget decides) twice and half the gradient rows
         # and the 16 x 16 grid (1 to 3.5 % faster than the default on an H100, gpu-h100-jrun-kernel.json)
-        variants = [base, base._replace(jrun=1)]
+        variants = [base, base._replace(jrun=1), base._replace(swizzle=False)]
         for v in fs.VECS:
             try:
                 variants.append(fs.fused_config(l, n, np.dtype(dt), vec=v))
@@ -267,10 +272,16 @@ def fused_kernel(quick):
                     variants.append(cfg)
             for v in (None, 4):  # the 16 x 16 grid: micro-tile side 4, interleaved or in one run
                 variants.append(fs.fused_config(l, n, np.dtype(dt), threads=256, vec=v))
+            # S as the H100 runs of 2026-11-27 had it (a thread's 8 columns in one block, unswizzled:
+            # 8-way conflicts on its writes, 2-way on its reads), and that block swizzled
+            variants += [base._replace(srun=base.nmax // side, swizzle=False),
+                         base._replace(srun=base.nmax // side)]
+        addrs = (phi.data.ptr, out.data.ptr, losses.data.ptr)
         for cfg in dict.fromkeys(variants):
             row = {"l": l, "m": m, "n": n, "dtype": dt, "config": cfg._asdict(), "roofline_ms": roof}
             try:
-                t = _bench(lambda: dev.fused(cfg, V, Vo, losses, 2e-3, False, True), 10 if quick else 30)
+                go = dev.fused_launcher(cfg, V, Vo, losses, True)
+                t = _bench(lambda: go(*addrs, 2e-3, False), 10 if quick else 30)
                 row.update(kernel_ms=t["device_ms"], host_ms=t["host_ms"], x_roofline=t["device_ms"] / roof,
                            roofline_fraction=roof / t["device_ms"], tflops=4 * l * m * n * n / t["device_ms"] / 1e9)
             except Exception as e:
@@ -420,11 +431,35 @@ def main(argv=None) -> int:
     ap.add_argument("--dry", action="store_true", help="CPU machine: check the script imports, then exit")
     ap.add_argument("--sweep-from", metavar="JSON", help="print the n-sweep table of a results file (any machine)")
     ap.add_argument("--plot", metavar="PNG", help="with --sweep-from: also plot the sweep")
+    ap.add_argument("--only", metavar="NAMES", help="comma-separated sections to run (host, phases, shapes, "
+                    "sweep, fused_resources, rule_gaps); default all")
     ap.add_argument("--kernel-only", action="store_true",
                     help="only the fused kernel's launch per config variant (section 7), into --json")
     ap.add_argument("--one-call", metavar="KERNEL", choices=("gemm", "fused"),
                     help="one warm call on (64, 4096, 64) float32 and exit: the target for an ncu profile")
+    ap.add_argument("--ncu-variants", action="store_true",
+                    help="one launch each of the fused kernel's default config at (64, 4096, 64) float32, "
+                         "S as in the H100 runs of 2026-11-27, and the 16 x 16 grid (runs of 4), and exit: for ncu")
     a = ap.parse_args(argv)
+    if a.ncu_variants:
+        import cupy
+        import numpy as np
+
+        from gpu_orthol1._cupy import CupyDevice
+        from gpu_orthol1.kernels import fused_small as fs
+
+        phi = cupy.random.standard_normal((64, 4096, 64), dtype=cupy.float32) / 8
+        out, losses = cupy.empty_like(phi), cupy.empty(4096, dtype=cupy.float64)
+        dev = CupyDevice()
+        dev.bind(cublas=False)
+        base = fs.fused_config(64, 64, np.float32)
+        old = base._replace(srun=8, swizzle=False)  # S as the H100 runs of 2026-11-27 had it
+        for cfg in (base, old, fs.fused_config(64, 64, np.float32, threads=256, vec=4)):
+            print(cfg, flush=True)
+            dev.fused_launcher(cfg, phi.transpose(1, 0, 2), out.transpose(1, 0, 2), losses, True)(
+                phi.data.ptr, out.data.ptr, losses.data.ptr, 2e-3, False)
+            cupy.cuda.Device().synchronize()
+        return 0
     if a.one_call:
         import cupy
 
@@ -455,6 +490,8 @@ def main(argv=None) -> int:
     sections = (("fused_kernel", fused_kernel),) if a.kernel_only else (
         ("host", host_costs), ("phases", phases), ("shapes", shapes), ("sweep", sweep),
         ("fused_resources", fused_resources), ("rule_gaps", rule_gaps))
+    if a.only:
+        sections = tuple(x for x in sections if x[0] in a.only.split(","))
     for name, fn in sections:
         try:
             doc[name] = fn(a.quick)

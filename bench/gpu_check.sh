@@ -8,6 +8,8 @@
 # steps up to `bench` took 368 s (the gpu tests 192), and the deadline cut the sanitizers short. A
 # second call in the same session runs what is left, e.g.
 #   GPU_CHECK_STEPS="gpu_tests fused_kernel plans sanitize ncu_fused" GPU_CHECK_DEADLINE=340 bash bench/gpu_check.sh
+# and GPU_TESTS="tests/test_fused.py ..." narrows the gpu tests, GPU_PLANS_ONLY=host,shapes the plans
+# bench's sections.
 set -u
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
@@ -89,25 +91,29 @@ step sanitize 80 env OUT="$OUT" PY="$PY" GPU_CHECK_DRY="$DRY" SANITIZE_TIMEOUT=3
 # graph replay, fused vs two-GEMM vs limit, JAX and torch, the n sweep vs the roofline, and a
 # torch.profiler kernel table
 if [ "$DRY" != 1 ]; then
-  step plans 150 $PY bench/bench_gpu_plans.py --quick --json "$OUT/gpu_plans.json" --profile-txt "$OUT/gpu_profile.txt"
+  step plans 150 $PY bench/bench_gpu_plans.py --quick --json "$OUT/gpu_plans.json" --profile-txt "$OUT/gpu_profile.txt" \
+    ${GPU_PLANS_ONLY:+--only $GPU_PLANS_ONLY}
 else
   step plans 30 $PY bench/bench_gpu_plans.py --dry
 fi
 # issue 9: the fused kernel's launch alone per config variant (the default; a gradient phase one S
 # row at a time; every run length; at n = 64 twice and half the tile rows and the 16 x 16 grid)
 if [ "$DRY" != 1 ]; then
-  step fused_kernel 90 $PY bench/bench_gpu_plans.py --kernel-only --json "$OUT/gpu_fused_kernel.json"
+  step fused_kernel 120 $PY bench/bench_gpu_plans.py --kernel-only --json "$OUT/gpu_fused_kernel.json"
 fi
 TDEV=cpu; [ "$DEV" = gpu ] && TDEV=cuda
 step bench_torch 70 $PY bench/bench_torch.py --device $TDEV --quick --threads 1 --json "$OUT/bench_torch_$TDEV.json"
 step bench 90 $PY -m gpu_orthol1.cli bench --quick --device $DEV --time-limit 60 --no-progress \
   --csv "$OUT/bench_$DEV.csv" --json "$OUT/bench_$DEV.json" --plot "$OUT/bench_$DEV.png"
-# the fused kernel's own counters (its second launch: the first one compiles): speed of light,
-# occupancy, launch stats, shared-memory and memory traffic
+# the fused kernel's own counters, one launch per config (the default at (64, 4096, 64) float32, S
+# laid out as before 2026-11-27's swizzle, the 16 x 16 grid): speed of light, occupancy, launch stats, warp stalls, issue, and the
+# shared-memory table (wavefronts, bank conflicts). Clocks left alone (--clock-control none).
 if [ "$DRY" != 1 ] && command -v ncu >/dev/null; then
-  step ncu_fused 60 ncu -k regex:fused --launch-skip 1 --launch-count 1 --section SpeedOfLight --section Occupancy \
-    --section LaunchStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
-    $PY bench/bench_gpu_plans.py --one-call fused
+  step ncu_fused 90 ncu --clock-control none -k regex:fused_ortho --launch-count 3 --section SpeedOfLight \
+    --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+    --section InstructionStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+    --section MemoryWorkloadAnalysis_Tables --print-details all \
+    $PY bench/bench_gpu_plans.py --ncu-variants
 fi
 step bench_core 50 $PY bench/bench_core.py --device $DEV --repeat 7 --json "$OUT/bench_core_$DEV.json"
 echo "=== steps (name exit seconds):"; cat "$OUT/steps.txt"

@@ -22,9 +22,9 @@ One launch does the whole computation, one block per slice, from register micro-
    adjacent), again in registers, and writes them (or adds them) straight into `out`. S is stored
    with its columns permuted so that a thread's T columns of one row come in runs of `srun`
    adjacent ones, each read in one vector load of at most 16 bytes, and a warp's runs of one
-   vector load side by side (adjacent bytes: no bank conflict); the thread columns XOR-swizzled
-   per run of vec rows (`swizzle`: the sign phase's writes, rows of several ty at once, then
-   spread over the banks; at n = 64 float32 conflict-free, 8-way without), and the phase steps over S's rows `jrun` at
+   vector load side by side (adjacent bytes: no bank conflict; optionally the thread columns
+   XOR-swizzled per run of vec rows, `swizzle`, which spreads the sign phase's writes over the
+   banks but costs more index arithmetic than it saves), and the phase steps over S's rows `jrun` at
    a time, reading each of its tile rows' jrun entries in one vector load. The rows a warp reads,
    consecutive ones nmax + vec apart, fall in distinct banks. The tiles go in reverse order, so
    that the last one the Gram phase staged is used again where it is: a slice of k tiles takes
@@ -126,8 +126,15 @@ class FusedConfig(NamedTuple):
     srun: int = 1
     # those runs XOR-swizzled among the thread columns per run of vec rows, so that the rows a
     # warp writes at once in the sign phase fall in other banks (its reads, one row at a time,
-    # keep their pattern)
-    swizzle: bool = True
+    # keep their pattern). Off by default: the index arithmetic costs more than the conflicts
+    # (H100, bench/results/gpu-h100-srun-kernel.json, kernel ms at 2^26 elements, l = 64: n = 64
+    # 0.612 unswizzled against 0.647; n = 32 0.411 against 0.432; n = 96 1.341 against 1.355; n = 8
+    # and 16 within 2 %, the other way)
+    swizzle: bool = False
+    # a cap on registers per thread (the PTX's .maxnreg), for more blocks per SM: at n = 64 float32
+    # 112 registers give 9 blocks of 64 threads where 128 give 8, ptxas spilling only outside the
+    # two inner loops (offline, sm_90); 0: as many as ptxas likes
+    maxreg: int = 0
 
 
 def grid_side(threads: int) -> int:
@@ -154,7 +161,7 @@ def _valid(cfg: FusedConfig) -> bool:
     acc_bytes = 4 if cfg.acc == "float32" else 8
     return (cfg.nmax % side == 0 and cfg.tile_rows % side == 0 and cfg.tile_rows > 0
             and cfg.vec in VECS and cfg.vec * acc_bytes <= 16 and (cfg.nmax // side) % cfg.vec == 0
-            and cfg.jrun in VECS and cfg.vec % cfg.jrun == 0 and cfg.srun >= 1
+            and cfg.jrun in VECS and cfg.vec % cfg.jrun == 0 and cfg.srun >= 1 and cfg.maxreg >= 0
             and (cfg.nmax // side) % cfg.srun == 0 and shared_bytes(cfg) <= SHARED_LIMIT)
 
 
@@ -248,7 +255,7 @@ def _load_tile(tile, phi, i, a0, cnt, n, ty, tx, side, rows_per_thread, ld, cols
             tile[r * ld + c] = vals[b] if (r < cnt and c < n) else 0
 
 
-def _make_kernel(nmax, tile_rows, tpb, acc_name, vec, jrun, srun, swizzle):
+def _make_kernel(nmax, tile_rows, tpb, acc_name, vec, jrun, srun, swizzle, maxreg):
     ACC = _ACC[acc_name]
     G = math.isqrt(tpb)
     T = nmax // G  # Gram micro-tile side
@@ -263,6 +270,7 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name, vec, jrun, srun, swizzle):
     NN = nmax * nmax
     J = jrun
     R = srun
+    PAIRS = T >= 6  # the Gram loop takes two rows per trip
     SWZ = G - 1 if swizzle else 0  # mask of the row-dependent XOR on S's thread columns (G: a power of two)
     # vector loads need 16-byte aligned rows (tile rows for vec > 1, S's runs); the simulator takes
     # no alignment at all, and has no vector loads to align for
@@ -273,7 +281,21 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name, vec, jrun, srun, swizzle):
         # the a-th Gram row (or column) of the thread at grid coordinate t: runs of V, VG apart
         return t * uint64(V) + uint64((a // V) * VG + a % V)
 
-    @cuda.jit
+    @cuda.jit(device=True)
+    def gram_row(tile, base, g, va, vb, ty, tx):
+        # one staged row (at `base`) into the thread's T x T Gram entries
+        for a in range(T):
+            va[a] = tile[base + own(ty, a)]
+        for b in range(T):
+            vb[b] = tile[base + own(tx, b)]
+        for a in range(T):
+            for b in range(T):
+                g[a, b] += va[a] * vb[b]
+
+    # the simulator has no registers to cap (and its jit takes no such option)
+    cap = {} if numba_config.ENABLE_CUDASIM or not maxreg else {"max_registers": maxreg}
+
+    @cuda.jit(**cap)
     def fused_ortho_l1(phi, out, losses, loss_offset, alpha, accumulate, write_grad):
         i = cuda.blockIdx.x
         t = cuda.threadIdx.x
@@ -307,18 +329,22 @@ def _make_kernel(nmax, tile_rows, tpb, acc_name, vec, jrun, srun, swizzle):
             cuda.syncthreads()
             # unsigned while loops, here and in the gradient phase: numba's range() costs ~8
             # instructions per row (signed 64-bit trip-count bookkeeping), as much as the loads at
-            # small n; a unit step lets LLVM unroll
+            # small n. A unit step lets LLVM unroll where the body is small (8 or 16 rows per trip
+            # at T <= 4, in the SASS ptxas makes for sm_90); from T = 6 on it does not, so two
+            # rows per trip there: the 64-bit counter, compare and address arithmetic (10
+            # instructions at n = 64) then come once per two rows (78 -> 73.5 per row)
             r = uint64(0)
-            while r < uint64(cnt):
-                base = r * ld
-                for a in range(T):
-                    va[a] = tile[base + own(ty, a)]
-                for b in range(T):
-                    vb[b] = tile[base + own(tx, b)]
-                for a in range(T):
-                    for b in range(T):
-                        g[a, b] += va[a] * vb[b]
-                r += uint64(1)
+            if PAIRS:
+                while r + uint64(1) < uint64(cnt):
+                    gram_row(tile, r * ld, g, va, vb, ty, tx)
+                    gram_row(tile, (r + uint64(1)) * ld, g, va, vb, ty, tx)
+                    r += uint64(2)
+                if r < uint64(cnt):
+                    gram_row(tile, r * ld, g, va, vb, ty, tx)
+            else:
+                while r < uint64(cnt):
+                    gram_row(tile, r * ld, g, va, vb, ty, tx)
+                    r += uint64(1)
             cuda.syncthreads()  # the next tile overwrites what others may still read
             a0 += tile_rows
 

@@ -165,11 +165,12 @@ def test_column_runs(target, rng, dtype, l, m, n, n_card, threads, rows):
     runs = [v for v in fs.VECS if v * acc_bytes <= 16 and (base.nmax // fs.grid_side(base.threads)) % v == 0]
     assert len(runs) >= 2
     first = None
-    # S in its default runs and swizzled, for every pair; then S's other run lengths (the whole
-    # micro-tile side, one column) and unswizzled
+    # S in its default runs, unswizzled, for every pair; then S's other run lengths (the whole
+    # micro-tile side, one column) and swizzled
     side = base.nmax // fs.grid_side(base.threads)
-    combos = [(v, j, base.srun, True) for v in runs for j in runs if v % j == 0]
-    combos += [(runs[-1], runs[-1], side, True), (runs[-1], runs[-1], 1, False), (1, 1, side, False)]
+    combos = [(v, j, base.srun, False) for v in runs for j in runs if v % j == 0]
+    combos += [(runs[-1], runs[-1], side, False), (runs[-1], runs[-1], 1, True), (1, 1, side, True),
+               (runs[-1], runs[-1], base.srun, True)]
     for vec, jrun, srun, swizzle in combos:
         cfg = base._replace(vec=vec, jrun=jrun, srun=srun, swizzle=swizzle)
         losses, grad, buf = _run(phi, cfg, phi_layout="gaps", out_layout="gaps")
@@ -180,6 +181,27 @@ def test_column_runs(target, rng, dtype, l, m, n, n_card, threads, rows):
         else:
             assert np.array_equal(grad, first[1]), f"{cfg} changed the gradient's bits"
             np.testing.assert_allclose(losses, first[0], rtol=1e-12 if base.acc == "float64" else 1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_register_cap(rng):
+    """maxreg caps the registers of the kernel the package launches (the PTX's .maxnreg) and changes
+    no bit of the results."""
+    from numba import types
+
+    from gpu_orthol1 import _ptx
+
+    phi = random_phi(rng, (70, 5, 64), np.float32)
+    base = fs.fused_config(70, 64, np.float32)
+    capped = base._replace(maxreg=112)
+    first, again = _run(phi, base), _run(phi, capped)
+    check(phi, again[0], again[1], reduction="none")
+    assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
+    A = _ptx.array_type
+    sig = (A(np.float32, 3, "A"), A(np.float32, 3, "A"), A(np.float64, 1), types.int64, types.float32,
+           types.boolean, types.boolean)
+    regs = [_ptx.kernel(fs.get_fused_kernel(c), sig)._fn.num_regs for c in (base, capped)]
+    assert regs[1] <= 112 < regs[0], regs
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -27,7 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from . import _backends, _driver, _gemm, _penalty
-from ._cupy import _addr
 
 REDUCTIONS = ("sum", "mean", "none")
 PRECISIONS = ("highest", "tf32")
@@ -286,6 +285,9 @@ class Plan:
         self.ldt = np.float64 if phi.dtype == np.float64 else np.float32
         self._sizes: dict = {}
         self._fused_go: dict = {}  # (gradient strides, losses strides, want_grad) -> the fused kernel's launcher
+        # a call's arrays are the device's own kind (torch tensors come as CuPy views): their address
+        # without _addr's checks for other kinds
+        self._addr = (lambda a: a.ctypes.data) if self.xp is np else (lambda a: a.data.ptr)
         self._lock = threading.Lock()
         self._kept: dict | None = None  # the CPU's small workspace, kept between calls
         cpu = self.xp is np and not getattr(self.dev, "emulates_gpu", False)
@@ -518,8 +520,9 @@ class Plan:
                 self._fused_go.clear()
             go = self._fused_go[key] = self.dev.fused_launcher(
                 self.fused_cfg, self._view(p), self._view(grad) if want_grad else None, losses, want_grad)
-        pa = _addr(p)
-        go(pa, _addr(grad) if want_grad else pa, _addr(losses), alpha, accumulate)
+        addr = self._addr
+        pa = addr(p)
+        go(pa, addr(grad) if want_grad else pa, addr(losses), alpha, accumulate)
 
     def _finish(self, losses, beta, raw, want_grad, grad, out):
         xp = self.xp

@@ -167,6 +167,7 @@ class PtxKernel:
         from numba import cuda
 
         ptx, _ = cuda.compile_ptx(dispatcher.py_func, tuple(argtypes), cc=_cc(device_cc))
+        ptx = cap_registers(ptx, getattr(dispatcher, "targetoptions", {}).get("max_registers"))
         name = re.search(r"\.visible\s+\.entry\s+(\S+?)\s*\(", ptx).group(1)
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "kernel.ptx")
@@ -200,6 +201,18 @@ class PtxKernel:
         import cupy
 
         self.launch(cupy.cuda.get_current_stream().ptr, int(grid), int(block), *args)
+
+
+def cap_registers(ptx: str, count: int | None) -> str:
+    """The PTX with its kernel entry capped at `count` registers per thread (a .maxnreg directive:
+    cuda.jit(max_registers=...) applies at Numba's own link step, which this launcher skips, so it
+    goes into the PTX the driver compiles); unchanged for None or 0."""
+    if not count:
+        return ptx
+    head = re.search(r"\.visible\s+\.entry\s+\S+\s*\(.*?\)", ptx, re.S)
+    if head is None:
+        raise ValueError("no kernel entry in this PTX")
+    return f"{ptx[:head.end()]}\n.maxnreg {int(count)}\n{ptx[head.end():]}"
 
 
 def param_block(size: int):

@@ -295,6 +295,16 @@ def test_cupy_devices_fused_launch_on_the_simulator(monkeypatch, rng):
     assert [d.py_func.__name__ for d, _, _ in _CheckedLaunch.launches].count("fused_ortho_l1") == 4
 
 
+def test_cap_registers_goes_after_the_entrys_parameters():
+    ptx = ".version 8.5\n.visible .entry k(\n\t.param .u64 a,\n\t.param .f32 b\n)\n{\n\tret;\n}\n"
+    capped = _ptx.cap_registers(ptx, 112)
+    assert capped == ptx.replace("\t.param .f32 b\n)\n", "\t.param .f32 b\n)\n.maxnreg 112\n\n")
+    assert _ptx.entry_params(capped) == [".u64", ".f32"]
+    assert _ptx.cap_registers(ptx, None) == _ptx.cap_registers(ptx, 0) == ptx
+    with pytest.raises(ValueError, match="no kernel entry"):
+        _ptx.cap_registers(".version 8.5\n", 96)
+
+
 def test_bound_launch_repacks_only_what_varies():
     """A `BoundLaunch`'s parameter block after a call equals the one `flatten` packs for the new
     arguments: addresses and scalars replaced in their slots, everything else as first bound."""

@@ -7,7 +7,8 @@
 All in one run on one card, each ratio against a baseline timed in the same run:
 
 1. host: host (CPU) and device time per call, `cupyx.profiler.benchmark`, CuPy (64, 8, 32) float32:
-   `ol1.loss_and_grad` (warm plan cache), a reused plan, a replayed CUDA graph (`plan.graph`).
+   `ol1.loss_and_grad` (warm plan cache), a reused plan, a replayed CUDA graph (`plan.graph`); and
+   host_breakdown: the host time of each step of a fused plan call at (64, 4096, 64) float32.
 2. shapes: the reference shapes in float32 / tf32 / float16 through the two-GEMM path and (where
    n fits) the fused kernel, against `limit-cublas` (the raw two-GEMM bound: the bench's own method).
 3. sweep: l*m*n fixed (2^24 elements) over n in {8, 16, 32, 64, 96, 128} and l in {64, 512}: fused vs
@@ -68,6 +69,48 @@ def host_costs(quick):
         p = ol1.plan(phi, 1e-3, kernel=kernel)
         out[f"plan_{kernel}"] = _bench(lambda: p(phi), n)
         out[f"graph_replay_{kernel}"] = _bench(p.graph(phi).replay, n)
+    return out
+
+
+def host_breakdown(quick):
+    """Host time of each step before and after the fused kernel's launch in a plan call at
+    (64, 4096, 64) float32 (median microseconds, time.perf_counter, no device wait inside): where the
+    per-call cost above the kernel goes when the device waits for the host."""
+    import time
+
+    import cupy
+    import numpy as np
+
+    import gpu_orthol1 as ol1
+
+    phi = cupy.random.standard_normal((64, 4096, 64), dtype=cupy.float32) / 8
+    pl = ol1.plan(phi, 1e-3, kernel="fused")
+    pl(phi)
+    go = next(iter(pl._fused_go.values()))
+    grad, losses = cupy.empty_like(phi), cupy.empty(pl.m, dtype=np.float64)
+    addrs = (phi.data.ptr, grad.data.ptr, losses.data.ptr)
+    steps = {
+        "plan_call": lambda: pl(phi),
+        "check_phi": lambda: pl._mismatch(phi),
+        "empty_grad": lambda: cupy.empty(phi.shape, phi.dtype),
+        "empty_losses": lambda: cupy.empty(pl.m, dtype=np.float64),
+        "bind": lambda: pl.dev.bind(cublas=False),
+        "fused_call": lambda: pl._fused_call(phi, grad, losses, 2e-3, False, True),
+        "bound_launch": lambda: go(*addrs, 2e-3, False),
+        "reduce": lambda: pl._reduce(losses, 1e-3),
+    }
+    n = 100 if quick else 400
+    out = {}
+    for name, fn in steps.items():
+        times = []
+        for k in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+            if k % 50 == 49:  # keep the launch queue short
+                cupy.cuda.Device().synchronize()
+        cupy.cuda.Device().synchronize()
+        out[name + "_us"] = float(np.median(times) * 1e6)
     return out
 
 
@@ -255,11 +298,11 @@ def fused_kernel(quick):
         base = fs.fused_config(l, n, np.dtype(dt))
         roof = 2 * phi.nbytes / bw * 1e3
         side = fs.grid_side(base.threads)
-        # the default against S unswizzled (4-way bank conflicts on its writes at n = 64), a
+        # the default against S swizzled (conflict-free writes at n = 64, 4-way unswizzled), a
         # gradient phase one S row at a time (jrun = 1) and every other run
         # length, and at n = 64 (where the register budget decides) twice and half the gradient rows
         # and the 16 x 16 grid (1 to 3.5 % faster than the default on an H100, gpu-h100-jrun-kernel.json)
-        variants = [base, base._replace(jrun=1), base._replace(swizzle=False)]
+        variants = [base, base._replace(jrun=1), base._replace(swizzle=True)]
         for v in fs.VECS:
             try:
                 variants.append(fs.fused_config(l, n, np.dtype(dt), vec=v))
@@ -272,10 +315,10 @@ def fused_kernel(quick):
                     variants.append(cfg)
             for v in (None, 4):  # the 16 x 16 grid: micro-tile side 4, interleaved or in one run
                 variants.append(fs.fused_config(l, n, np.dtype(dt), threads=256, vec=v))
-            # S as the H100 runs of 2026-11-27 had it (a thread's 8 columns in one block, unswizzled:
-            # 8-way conflicts on its writes, 2-way on its reads), and that block swizzled
-            variants += [base._replace(srun=base.nmax // side, swizzle=False),
-                         base._replace(srun=base.nmax // side)]
+            # S as the H100 runs before 2026-11-27 02:10 UTC had it (a thread's 8 columns in one
+            # block: 8-way conflicts on its writes, 2-way on its reads); registers capped at 112
+            # (9 blocks per SM, not 8)
+            variants += [base._replace(srun=base.nmax // side), base._replace(maxreg=112)]
         addrs = (phi.data.ptr, out.data.ptr, losses.data.ptr)
         for cfg in dict.fromkeys(variants):
             row = {"l": l, "m": m, "n": n, "dtype": dt, "config": cfg._asdict(), "roofline_ms": roof}
@@ -431,15 +474,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dry", action="store_true", help="CPU machine: check the script imports, then exit")
     ap.add_argument("--sweep-from", metavar="JSON", help="print the n-sweep table of a results file (any machine)")
     ap.add_argument("--plot", metavar="PNG", help="with --sweep-from: also plot the sweep")
-    ap.add_argument("--only", metavar="NAMES", help="comma-separated sections to run (host, phases, shapes, "
-                    "sweep, fused_resources, rule_gaps); default all")
+    ap.add_argument("--only", metavar="NAMES", help="comma-separated sections to run (host, host_breakdown, "
+                    "phases, shapes, sweep, fused_resources, rule_gaps); default all")
     ap.add_argument("--kernel-only", action="store_true",
                     help="only the fused kernel's launch per config variant (section 7), into --json")
     ap.add_argument("--one-call", metavar="KERNEL", choices=("gemm", "fused"),
                     help="one warm call on (64, 4096, 64) float32 and exit: the target for an ncu profile")
     ap.add_argument("--ncu-variants", action="store_true",
                     help="one launch each of the fused kernel's default config at (64, 4096, 64) float32, "
-                         "S as in the H100 runs of 2026-11-27, and the 16 x 16 grid (runs of 4), and exit: for ncu")
+                         "that config at 112 registers, and the 16 x 16 grid, and exit: for ncu")
     a = ap.parse_args(argv)
     if a.ncu_variants:
         import cupy
@@ -453,8 +496,7 @@ def main(argv=None) -> int:
         dev = CupyDevice()
         dev.bind(cublas=False)
         base = fs.fused_config(64, 64, np.float32)
-        old = base._replace(srun=8, swizzle=False)  # S as the H100 runs of 2026-11-27 had it
-        for cfg in (base, old, fs.fused_config(64, 64, np.float32, threads=256, vec=4)):
+        for cfg in (base, base._replace(maxreg=112), fs.fused_config(64, 64, np.float32, threads=256)):
             print(cfg, flush=True)
             dev.fused_launcher(cfg, phi.transpose(1, 0, 2), out.transpose(1, 0, 2), losses, True)(
                 phi.data.ptr, out.data.ptr, losses.data.ptr, 2e-3, False)
@@ -488,7 +530,8 @@ def main(argv=None) -> int:
     doc = {"command": "python3 bench/bench_gpu_plans.py " + " ".join(argv or sys.argv[1:]), "gpu": gpu_name(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(), "cupy": cupy.__version__}
     sections = (("fused_kernel", fused_kernel),) if a.kernel_only else (
-        ("host", host_costs), ("phases", phases), ("shapes", shapes), ("sweep", sweep),
+        ("host", host_costs), ("host_breakdown", host_breakdown), ("phases", phases), ("shapes", shapes),
+        ("sweep", sweep),
         ("fused_resources", fused_resources), ("rule_gaps", rule_gaps))
     if a.only:
         sections = tuple(x for x in sections if x[0] in a.only.split(","))

@@ -105,9 +105,10 @@ TDEV=cpu; [ "$DEV" = gpu ] && TDEV=cuda
 step bench_torch 70 $PY bench/bench_torch.py --device $TDEV --quick --threads 1 --json "$OUT/bench_torch_$TDEV.json"
 step bench 90 $PY -m gpu_orthol1.cli bench --quick --device $DEV --time-limit 60 --no-progress \
   --csv "$OUT/bench_$DEV.csv" --json "$OUT/bench_$DEV.json" --plot "$OUT/bench_$DEV.png"
-# the fused kernel's own counters, one launch per config (the default at (64, 4096, 64) float32, S
-# laid out as before 2026-11-27's swizzle, the 16 x 16 grid): speed of light, occupancy, launch stats, warp stalls, issue, and the
-# shared-memory table (wavefronts, bank conflicts). Clocks left alone (--clock-control none).
+# the fused kernel's own counters, one launch per config (the default at (64, 4096, 64) float32,
+# that config at 112 registers, the 16 x 16 grid): speed of light, occupancy, launch stats, warp
+# stalls, issue, and the shared-memory table (wavefronts, bank conflicts). Clocks left alone
+# (--clock-control none).
 if [ "$DRY" != 1 ] && command -v ncu >/dev/null; then
   step ncu_fused 90 ncu --clock-control none -k regex:fused_ortho --launch-count 3 --section SpeedOfLight \
     --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \

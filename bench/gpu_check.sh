@@ -84,9 +84,6 @@ step gpu_tests 220 $PY -m pytest -q -m gpu -rs -p no:cacheprovider --junitxml="$
 if [ "$DRY" != 1 ] && [ -f "$OUT/gpu_tests.log" ] && grep -q "skipped" "$OUT/gpu_tests.log"; then
   echo "!!! gpu tests were skipped on the GPU machine"; status=1
 fi
-# the kernels under compute-sanitizer (memcheck, racecheck): right after the tests, before the
-# benchmarks, so that a deadline never cuts it
-step sanitize 80 env OUT="$OUT" PY="$PY" GPU_CHECK_DRY="$DRY" SANITIZE_TIMEOUT=35 bash bench/gpu_sanitize.sh
 # issue 8/9 figures: host vs device time per call and per phase (cupyx.profiler.benchmark), plan and
 # graph replay, fused vs two-GEMM vs limit, JAX and torch, the n sweep vs the roofline, and a
 # torch.profiler kernel table
@@ -96,6 +93,9 @@ if [ "$DRY" != 1 ]; then
 else
   step plans 30 $PY bench/bench_gpu_plans.py --dry
 fi
+# the kernels under compute-sanitizer (memcheck, racecheck): after the tests and the per-call
+# figures (what a rerun could not replace when device time runs out), before the variants
+step sanitize 80 env OUT="$OUT" PY="$PY" GPU_CHECK_DRY="$DRY" SANITIZE_TIMEOUT=35 bash bench/gpu_sanitize.sh
 # issue 9: the fused kernel's launch alone per config variant (the default; a gradient phase one S
 # row at a time; every run length; at n = 64 twice and half the tile rows and the 16 x 16 grid)
 if [ "$DRY" != 1 ]; then

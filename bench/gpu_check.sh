@@ -4,12 +4,14 @@
 #   GPU_CHECK_DRY=1 bash bench/gpu_check.sh   (here, on a CPU: same steps, GPU parts skipped/CPU-only)
 # It installs the package without dependencies, runs the `gpu` tests, the GPU benchmarks and the
 # sanitizers, and writes everything under $OUT (default: a temp dir). Keep it under ~7 minutes:
-# give the device call timeout_s ~470. The full list no longer fits: on an H100 (2026-11-27) the
-# steps up to `bench` took 368 s (the gpu tests 192), and the deadline cut the sanitizers short. A
-# second call in the same session runs what is left, e.g.
-#   GPU_CHECK_STEPS="gpu_tests fused_kernel plans sanitize ncu_fused" GPU_CHECK_DEADLINE=340 bash bench/gpu_check.sh
-# and GPU_TESTS="tests/test_fused.py ..." narrows the gpu tests, GPU_PLANS_ONLY=host,shapes the plans
-# bench's sections.
+# give the device call timeout_s ~470. The full list no longer fits one session's 15 minutes: on an
+# H100 (2026-11-27) the gpu tests took 170-190 s, the plans bench 45-80, the kernel variants 50-60,
+# the sanitizers 47, ncu 16, and each machine start about 30 s more. Split it over calls, e.g.
+#   GPU_CHECK_STEPS="info gpu_tests plans fused_kernel ncu_fused" GPU_TESTS="tests/test_fused.py
+#     tests/test_ptx_launch.py" GPU_PLANS_ONLY=host,host_breakdown,shapes GPU_CHECK_DEADLINE=250
+# then the rest of the tests (GPU_TESTS="tests/ --ignore=tests/test_fused.py ..."), the plans
+# bench and the sanitizers (bench/results/gpu-h100-call-check.md has the three calls of one session).
+# GPU_TESTS narrows the gpu tests, GPU_PLANS_ONLY the plans bench's sections.
 set -u
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"

@@ -9,8 +9,8 @@ One launch does the whole computation, one block per slice, from register micro-
    rows at a time (zero-padded to nmax columns; rows nmax + vec apart, 16-byte aligned for
    vec > 1), and per row a thread reads each of its 2 * T / vec runs in one vector load of at
    most 16 bytes and does T*T FMAs: at n = 64, float32, 4 loads per 64 FMAs (16 with vec = 1),
-   78 instructions per row in the SASS ptxas makes for sm_90. Accumulation is
-   float32 for float16/float32 input (a product of two float16 values is exact in float32) and
+   73.5 instructions per row (two rows per loop trip) in the SASS ptxas makes for sm_90.
+   Accumulation is float32 for float16/float32 input (a product of two float16 values is exact in float32) and
    float64 for float64 input.
 2. Each thread subtracts I from its entries and sums |G - I| in float64 in a fixed order; the
    block sums the threads' totals in a fixed tree (no atomics: the loss is bit-identical from call
@@ -122,18 +122,21 @@ class FusedConfig(NamedTuple):
     # S's row layout for the gradient phase, where thread column tx owns the T columns tx + G * b:
     # in runs of `srun` adjacent columns (a divisor of T), a warp's runs side by side, so that each
     # vector load of one run across the warp reads adjacent bytes (srun = T: a thread's T columns in
-    # one block, tx * T)
+    # one block, tx * T). The default, the longest run one 16-byte load reads, against srun = T on an
+    # H100 at (64, 4096, 64) float32: 0.170 against 0.205 ms (bench/results/gpu-h100-srun-kernel.json)
     srun: int = 1
     # those runs XOR-swizzled among the thread columns per run of vec rows, so that the rows a
     # warp writes at once in the sign phase fall in other banks (its reads, one row at a time,
     # keep their pattern). Off by default: the index arithmetic costs more than the conflicts
     # (H100, bench/results/gpu-h100-srun-kernel.json, kernel ms at 2^26 elements, l = 64: n = 64
-    # 0.612 unswizzled against 0.647; n = 32 0.411 against 0.432; n = 96 1.341 against 1.355; n = 8
+    # 0.612 unswizzled against 0.647; n = 32 0.411 against 0.432; n = 96 1.341 against 1.354; n = 8
     # and 16 within 2 %, the other way)
     swizzle: bool = False
-    # a cap on registers per thread (the PTX's .maxnreg), for more blocks per SM: at n = 64 float32
-    # 112 registers give 9 blocks of 64 threads where 128 give 8, ptxas spilling only outside the
-    # two inner loops (offline, sm_90); 0: as many as ptxas likes
+    # a cap on registers per thread (the PTX's .maxnreg); 0: as many as ptxas likes. Tried at n = 64
+    # float32 for more blocks per SM: 112 registers (ptxas spills only outside the inner loops) kept
+    # 8 blocks on an H100, where shared memory (25.6 KB a block) and the register file's split over
+    # the 4 schedulers both allow 8, and ran 22 % slower (0.195 against 0.170 ms at (64, 4096, 64),
+    # bench/results/gpu-h100-unroll-kernel.json); left at 0
     maxreg: int = 0
 
 

@@ -411,12 +411,10 @@ def test_readme_gpu_table_is_one_unflagged_run():
 
 
 def test_readme_gpu_per_call_tables_are_their_file():
-    doc = json.loads((ROOT / "bench/results/gpu-h100-jrun-plans.json").read_text())
+    doc = json.loads((ROOT / "bench/results/gpu-h100-call-plans.json").read_text())
     table = _readme_table("**GPU per call and per path: NVIDIA H100**")
-    # in this run the host-cost keys without "_fused" were kernel="auto", which takes the fused
-    # kernel at (64, 8, 32): the two-GEMM call is the `phases` row's whole call
-    gemm_call = next(r for r in doc["phases"] if r["shape"] == [64, 8, 32])["call"]
-    rows = (doc["host"]["loss_and_grad"], doc["host"]["plan_fused"], gemm_call, doc["host"]["graph_replay_fused"])
+    host = doc["host"]
+    rows = (host["loss_and_grad"], host["plan_fused"], host["plan_gemm"], host["graph_replay_fused"])
     assert len(table) == len(rows)
     for cells, t in zip(table, rows):  # microseconds
         _printed(cells[1], 1e3 * t["host_ms"])
@@ -429,15 +427,15 @@ def test_readme_gpu_per_call_tables_are_their_file():
         shape = [int(x) for x in _shape(cells[0]).split("x")]
         r = next(r for r in doc["shapes"] if r["shape"] == shape and r["dtype"] == dt and r["precision"] == prec)
         _printed(cells[1], r["limit_cublas_ms"])
-        for col, kernel in ((2, "gemm"), (3, "fused")):
+        for col, key in ((2, "gemm"), (3, "fused"), (4, "fused_graph")):
             if cells[col] in ("", "-"):
-                assert f"{kernel}_ms" not in r, cells
+                assert f"{key}_ms" not in r, cells
                 continue
             ms, ratio = cells[col].rstrip(")").split(" (")
-            _printed(ms, r[f"{kernel}_ms"])
-            _printed(ratio, r[f"{kernel}_x_limit"])
-        if cells[4]:
-            _printed(cells[4], r["jax-jit_synced_ms"])
+            _printed(ms, r[f"{key}_ms"])
+            _printed(ratio, r[f"{key}_ms"] / r["limit_cublas_ms"])
+        if cells[5]:
+            _printed(cells[5], r["jax-jit_synced_ms"])
         else:
             assert prec == "tf32"
 

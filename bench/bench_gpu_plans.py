@@ -467,6 +467,11 @@ def sweep_table_and_plot(doc: dict, png: str | None) -> str:
     return "\n".join(lines)
 
 
+# the sections of a run without --kernel-only, in order: name -> the function that measures it
+SECTIONS = {"host": "host_costs", "host_breakdown": "host_breakdown", "phases": "phases", "shapes": "shapes",
+            "sweep": "sweep", "fused_resources": "fused_resources", "rule_gaps": "rule_gaps"}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json")
@@ -475,8 +480,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dry", action="store_true", help="CPU machine: check the script imports, then exit")
     ap.add_argument("--sweep-from", metavar="JSON", help="print the n-sweep table of a results file (any machine)")
     ap.add_argument("--plot", metavar="PNG", help="with --sweep-from: also plot the sweep")
-    ap.add_argument("--only", metavar="NAMES", help="comma-separated sections to run (host, host_breakdown, "
-                    "phases, shapes, sweep, fused_resources, rule_gaps); default all")
+    ap.add_argument("--only", metavar="NAMES", help=f"comma-separated sections to run ({', '.join(SECTIONS)}); "
+                    "default all")
     ap.add_argument("--kernel-only", action="store_true",
                     help="only the fused kernel's launch per config variant (section 7), into --json")
     ap.add_argument("--one-call", metavar="KERNEL", choices=("gemm", "fused"),
@@ -485,6 +490,10 @@ def main(argv=None) -> int:
                     help="one launch each of the fused kernel's default config at (64, 4096, 64) float32, "
                          "that config at 112 registers, and the 16 x 16 grid, and exit: for ncu")
     a = ap.parse_args(argv)
+    if a.only:
+        unknown = sorted(set(a.only.split(",")) - set(SECTIONS))
+        if unknown:
+            ap.error(f"--only: no section {', '.join(unknown)}; the sections: {', '.join(SECTIONS)}")
     if a.ncu_variants:
         import cupy
         import numpy as np
@@ -530,10 +539,8 @@ def main(argv=None) -> int:
 
     doc = {"command": "python3 bench/bench_gpu_plans.py " + " ".join(argv or sys.argv[1:]), "gpu": gpu_name(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(), "cupy": cupy.__version__}
-    sections = (("fused_kernel", fused_kernel),) if a.kernel_only else (
-        ("host", host_costs), ("host_breakdown", host_breakdown), ("phases", phases), ("shapes", shapes),
-        ("sweep", sweep),
-        ("fused_resources", fused_resources), ("rule_gaps", rule_gaps))
+    sections = (("fused_kernel", fused_kernel),) if a.kernel_only else tuple(
+        (name, globals()[fn]) for name, fn in SECTIONS.items())
     if a.only:
         sections = tuple(x for x in sections if x[0] in a.only.split(","))
     for name, fn in sections:

@@ -287,7 +287,7 @@ class Plan:
         self.kernel, self.fused_cfg = self._pick_kernel(kernel)
         self.ldt = np.float64 if phi.dtype == np.float64 else np.float32
         self._sizes: dict = {}
-        self._fused_go: dict = {}  # (gradient strides, losses strides, want_grad) -> the fused kernel's launcher
+        self._fused_go: dict = {}  # (phi and gradient layouts, losses strides, want_grad) -> fused launcher
         # a call's arrays are the device's own kind (torch tensors come as CuPy views): their address
         # without _addr's checks for other kinds
         self._addr = (lambda a: a.ctypes.data) if self.xp is np else (lambda a: a.data.ptr)
@@ -514,9 +514,11 @@ class Plan:
         return self._finish(losses, beta, raw, want_grad, grad, out)
 
     def _fused_call(self, p, grad, losses, alpha, accumulate, want_grad):
-        """Launch the fused kernel through a launcher kept per layout of the gradient and losses (phi's
-        is the plan's): per call only the addresses and scalars are packed."""
-        key = (grad.strides if want_grad else None, losses.strides, want_grad)
+        """Launch the fused kernel through a launcher kept per layout of phi, the gradient and the
+        losses: per call only the addresses and scalars are packed."""
+        # phi's layout is the plan's, but execute() is also called directly (torch, ranks): key on it too
+        key = (p.strides, grad.dtype if want_grad else None, grad.strides if want_grad else None, losses.strides,
+               want_grad)
         go = self._fused_go.get(key)
         if go is None:
             if len(self._fused_go) >= 8:  # a caller cycling through out= layouts: keep the newest

@@ -212,7 +212,11 @@ def cap_registers(ptx: str, count: int | None) -> str:
     head = re.search(r"\.visible\s+\.entry\s+\S+\s*\(.*?\)", ptx, re.S)
     if head is None:
         raise ValueError("no kernel entry in this PTX")
-    return f"{ptx[:head.end()]}\n.maxnreg {int(count)}\n{ptx[head.end():]}"
+    rest = ptx[head.end():]
+    body = rest.index("{") if "{" in rest else len(rest)
+    if ".maxnreg" in rest[:body]:  # one directive per entry (ptxas refuses two): replace it
+        return ptx[:head.end()] + re.sub(r"\.maxnreg\s+\d+", f".maxnreg {int(count)}", rest, count=1)
+    return f"{ptx[:head.end()]}\n.maxnreg {int(count)}\n{rest}"
 
 
 def param_block(size: int):
@@ -246,6 +250,8 @@ class BoundLaunch:
         if len(args) != len(argtypes):
             raise ValueError(f"{len(args)} arguments for a kernel of {len(argtypes)}")
         self.kern, self.grid, self.block = kern, int(grid), int(block)
+        if len(set(variable)) != len(variable):
+            raise ValueError(f"an argument is named twice in variable={tuple(variable)}")
         self._vals = list(flatten(argtypes, args))
         starts = np.cumsum([0] + [len(_codes(t)) for t in argtypes]).tolist()
         self._slots, self._convs = [], []
@@ -265,6 +271,8 @@ class BoundLaunch:
 
     def launch(self, stream_ptr, *values):
         """Launch with the `variable` arguments set to `values` (addresses for arrays), in order."""
+        if len(values) != len(self._slots):
+            raise ValueError(f"{len(values)} values for {len(self._slots)} variable arguments")
         with self._lock:
             vals = self._vals
             for slot, conv, v in zip(self._slots, self._convs, values):

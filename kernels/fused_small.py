@@ -64,6 +64,7 @@ running under the simulator.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -126,16 +127,17 @@ class FusedConfig(NamedTuple):
     # H100 at (64, 4096, 64) float32: 0.170 against 0.205 ms (bench/results/gpu-h100-srun-kernel.json)
     srun: int = 1
     # those runs XOR-swizzled among the thread columns per run of vec rows, so that the rows a
-    # warp writes at once in the sign phase fall in other banks (its reads, one row at a time,
-    # keep their pattern). Off by default: the index arithmetic costs more than the conflicts
-    # (H100, bench/results/gpu-h100-srun-kernel.json, kernel ms at 2^26 elements, l = 64: n = 64
-    # 0.612 unswizzled against 0.647; n = 32 0.411 against 0.432; n = 96 1.341 against 1.354; n = 8
-    # and 16 within 2 %, the other way)
+    # warp writes at once in the sign phase fall in other banks where vec > 1 (at vec = 1 the
+    # swizzle permutes the same banks; the reads, one row at a time, keep their pattern). Off by
+    # default: the index arithmetic costs more than the conflicts (H100,
+    # bench/results/gpu-h100-srun-kernel.json, kernel ms at 2^26 elements, l = 64: n = 64 0.612
+    # unswizzled against 0.647; n = 32 0.411 against 0.432; n = 96 1.341 against 1.354; n = 8 and
+    # 16 within 2 %, the other way)
     swizzle: bool = False
     # a cap on registers per thread (the PTX's .maxnreg); 0: as many as ptxas likes. Tried at n = 64
     # float32 for more blocks per SM: 112 registers (ptxas spills only outside the inner loops) kept
     # 8 blocks on an H100, where shared memory (25.6 KB a block) and the register file's split over
-    # the 4 schedulers both allow 8, and ran 22 % slower (0.195 against 0.170 ms at (64, 4096, 64),
+    # the 4 schedulers both allow 8, and ran 14 % slower (0.195 against 0.170 ms at (64, 4096, 64),
     # bench/results/gpu-h100-unroll-kernel.json); left at 0
     maxreg: int = 0
 
@@ -228,8 +230,10 @@ def fused_config(l: int, n: int, dtype, threads: int | None = None, vec: int | N
         raise ValueError(f"jrun must be one of {VECS} and divide vec={vec}, got {jrun}")
     if srun is None:
         srun = _widest_vec(nmax, side, acc)
-    elif not isinstance(srun, int) or srun < 1 or (nmax // side) % srun:
-        raise ValueError(f"srun must divide the micro-tile side {nmax // side}, got {srun}")
+    elif isinstance(srun, bool) or not isinstance(srun, numbers.Integral) or srun < 1 or (nmax // side) % srun:
+        raise ValueError(f"srun must divide the micro-tile side {nmax // side}, got {srun!r}")
+    else:
+        srun = int(srun)
     top = GRAD_ROWS_AT_FULL_TILE if acc == "float32" and nmax // side == TMAX[acc] else TMAX[acc]
     rows = max(1, min(top, -(-l // side)))  # rows per thread in the gradient phase
     cfg = FusedConfig(nmax, rows * side, side * side, acc, vec, jrun, srun)
@@ -451,8 +455,8 @@ def get_fused_kernel(cfg: FusedConfig):
     if not _valid(cfg):
         raise ValueError(f"{cfg}: nmax and tile_rows must be multiples of the grid side "
                          f"{math.isqrt(cfg.threads)}, vec one of {VECS} dividing nmax / side in at most "
-                         f"16 bytes, jrun one of {VECS} dividing vec, and the block needs {shared_bytes(cfg)} "
-                         f"bytes of shared memory "
+                         f"16 bytes, jrun one of {VECS} dividing vec, srun >= 1 dividing nmax / side, maxreg "
+                         f">= 0, and the block needs {shared_bytes(cfg)} bytes of shared memory "
                          f"(at most {SHARED_LIMIT})")
     kern = _kernels.get(cfg)
     if kern is None:

@@ -127,6 +127,7 @@ CASES = [
     (40, 3, 8, 3, 4, "gaps", "nlm"),
     (5, 4, 9, 1, 16, "nlm", "mln"),
     (3, 2, 17, 2, 16, "fortran", "lmn"),
+    (9, 2, 11, 1, 4, "gaps", "lmn"),  # micro-tile side 6 here: the Gram loop's two rows per trip, odd tail
 ]
 
 
@@ -149,9 +150,10 @@ def test_matches_reference(target, rng, dtype, case):
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("l, m, n, n_card, threads, rows", [(11, 3, 7, 29, 4, 2), (13, 2, 14, 61, 16, 1),
-                                                           (3, 2, 16, 32, 16, 2)])
+                                                           (3, 2, 16, 32, 16, 2), (7, 2, 16, 64, 4, 1)])
 def test_column_runs(target, rng, dtype, l, m, n, n_card, threads, rows):
-    """Every run length a micro-tile of side 4 or 8 takes (1, 2, and 4 for float32 accumulators),
+    """Every run length a micro-tile of side 4 or 8 takes (1, 2, and 4 for float32 accumulators;
+    side 8 also runs the Gram loop two rows per trip, with an odd last row at l = 7),
     with every gradient step over S's rows (jrun) that divides it, S in runs of any length, swizzled
     or not: the same Gram entries, summed in
     the same order, so the same S and bit-identical gradients; the loss's per-thread partial sums
@@ -370,7 +372,8 @@ def test_bounds_and_configs():
     assert fs.fused_config(64, 16, np.float32).srun == 2 and fs.fused_config(64, 64, np.float64).srun == 2
     assert fs.fused_config(64, 20, np.float32).srun == 1  # side 3
     assert fs.fused_config(64, 64, np.float32, srun=8).srun == 8
-    for bad in (3, 0, 16):
+    assert fs.fused_config(64, 64, np.float32, srun=np.int64(2)).srun == 2
+    for bad in (3, 0, 16, True, 2.0):
         with pytest.raises(ValueError, match="srun must divide"):
             fs.fused_config(64, 64, np.float32, srun=bad)
     assert not fs.fits(8, np.int32) and not fs.fits(8, np.complex64)
@@ -388,6 +391,9 @@ def test_bounds_and_configs():
             fs.get_fused_kernel(bad)
     with pytest.raises(ValueError, match="vec one of"):  # 3 = nmax / side: no run of 2 divides it
         fs.get_fused_kernel(fs.FusedConfig(12, 4, 16, "float32", 2))
+    for bad in (dict(srun=3), dict(srun=0), dict(maxreg=-1)):
+        with pytest.raises(ValueError, match="srun >= 1 dividing nmax / side, maxreg >= 0"):
+            fs.get_fused_kernel(_vec_cfg(1)._replace(**bad))
 
 
 def _vec_cfg(vec, acc="float32"):

@@ -285,14 +285,21 @@ def test_cupy_devices_fused_launch_on_the_simulator(monkeypatch, rng):
         p = _plan.Plan(phi, 0.4, axis=0, backend="numpy", kernel="fused", _device=RealFused())
         loss, grad = p(phi)
         check(phi, loss, grad, 0.4, 0, "sum", dt)
-        # the kept launcher again: new addresses and contents, only those repacked
-        phi[...] = make(np, rng, phi.shape, dt, "C", 0)
+        # the kept launcher again: new arrays (other addresses, same layouts), only those repacked
+        phi2 = make(np, rng, phi.shape, dt, "C", 0)
+        assert phi2.ctypes.data != phi.ctypes.data
         out = make(np, rng, phi.shape, dt, "C", 0)
-        loss, grad = p(phi, out=out)
+        loss, grad = p(phi2, out=out)
         assert grad is out
-        check(phi, loss, grad, 0.4, 0, "sum", dt)
+        check(phi2, loss, grad, 0.4, 0, "sum", dt)
         assert len(p._fused_go) == 1
-    assert [d.py_func.__name__ for d, _, _ in _CheckedLaunch.launches].count("fused_ortho_l1") == 4
+        # out in another layout: a launcher of its own, the first one kept
+        fout = np.asfortranarray(make(np, rng, phi.shape, dt, "C", 0))
+        loss, grad = p(phi, out=fout)
+        assert grad is fout
+        check(phi, loss, grad, 0.4, 0, "sum", dt)
+        assert len(p._fused_go) == 2
+    assert [d.py_func.__name__ for d, _, _ in _CheckedLaunch.launches].count("fused_ortho_l1") == 6
 
 
 def test_cap_registers_goes_after_the_entrys_parameters():
@@ -301,6 +308,7 @@ def test_cap_registers_goes_after_the_entrys_parameters():
     assert capped == ptx.replace("\t.param .f32 b\n)\n", "\t.param .f32 b\n)\n.maxnreg 112\n\n")
     assert _ptx.entry_params(capped) == [".u64", ".f32"]
     assert _ptx.cap_registers(ptx, None) == _ptx.cap_registers(ptx, 0) == ptx
+    assert _ptx.cap_registers(capped, 96) == capped.replace(".maxnreg 112", ".maxnreg 96")  # one directive
     with pytest.raises(ValueError, match="no kernel entry"):
         _ptx.cap_registers(".version 8.5\n", 96)
 
@@ -333,3 +341,8 @@ def test_bound_launch_repacks_only_what_varies():
     assert struct.unpack("<f", want[-16:-12])[0] == np.float32(0.1)  # float32 packing, as flatten's
     with pytest.raises(ValueError, match="3 arguments"):
         _ptx.BoundLaunch(Kern(), 1, 1, (a, ls, 9), variable=(0,))
+    with pytest.raises(ValueError, match="3 values for 4 variable arguments"):
+        bound.launch(7, b.ctypes.data, ls2.ctypes.data, 0.1)
+    with pytest.raises(ValueError, match="twice"):
+        _ptx.BoundLaunch(Kern(), 1, 1, (a, ls, 9, 0.0, False), variable=(0, 0))
+    assert len(seen) == 1

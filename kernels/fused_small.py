@@ -10,8 +10,8 @@ One launch does the whole computation, one block per slice, from register micro-
    vec > 1), and per row a thread reads each of its 2 * T / vec runs in one vector load of at
    most 16 bytes and does T*T FMAs: at n = 64, float32, 4 loads per 64 FMAs (16 with vec = 1),
    73.5 instructions per row (two rows per loop trip) in the SASS ptxas makes for sm_90.
-   Accumulation is float32 for float16/float32 input (a product of two float16 values is exact in float32) and
-   float64 for float64 input.
+   Accumulation is float32 for float16/float32 input (a product of two float16 values is exact
+   in float32) and float64 for float64 input.
 2. Each thread subtracts I from its entries and sums |G - I| in float64 in a fixed order; the
    block sums the threads' totals in a fixed tree (no atomics: the loss is bit-identical from call
    to call for a given config and n), and S = sign(G - I) (sign(0) = 0) goes to shared memory.
@@ -24,8 +24,8 @@ One launch does the whole computation, one block per slice, from register micro-
    adjacent ones, each read in one vector load of at most 16 bytes, and a warp's runs of one
    vector load side by side (adjacent bytes: no bank conflict; optionally the thread columns
    XOR-swizzled per run of vec rows, `swizzle`, which spreads the sign phase's writes over the
-   banks but costs more index arithmetic than it saves), and the phase steps over S's rows `jrun` at
-   a time, reading each of its tile rows' jrun entries in one vector load. The rows a warp reads,
+   banks but costs more index arithmetic than it saves), and the phase steps over S's rows `jrun`
+   at a time, reading each of its tile rows' jrun entries in one vector load. The rows a warp reads,
    consecutive ones nmax + vec apart, fall in distinct banks. The tiles go in reverse order, so
    that the last one the Gram phase staged is used again where it is: a slice of k tiles takes
    2k - 1 tile loads (one if it fits one tile).

@@ -175,15 +175,21 @@ def make_device(resolved, precision):
     return CupyDevice(precision)
 
 
-def _extent(a):
-    lo = hi = a.data.ptr
-    for s, st in zip(a.shape, a.strides):
+def byte_span(addr: int, shape, strides, itemsize: int) -> tuple[int, int]:
+    """[lo, hi): the bytes an array with its first element at `addr` reaches (strides in bytes, any
+    sign; the array has at least one element)."""
+    lo = hi = addr
+    for s, st in zip(shape, strides):
         if s > 1:
             if st < 0:
                 lo += (s - 1) * st
             else:
                 hi += (s - 1) * st
-    return lo, hi + a.itemsize
+    return lo, hi + itemsize
+
+
+def _extent(a):
+    return byte_span(a.data.ptr, a.shape, a.strides, a.itemsize)
 
 
 def self_overlapping(a) -> bool:

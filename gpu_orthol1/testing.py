@@ -233,10 +233,11 @@ def host_view(addr: int, shape, strides, dtype) -> np.ndarray:
     dtype: how a kernel sees an array it gets as (address, shape, strides)."""
     import ctypes
 
+    from ._plan import byte_span
+
     dtype = np.dtype(dtype)
     if not all(shape):
         return np.empty(shape, dtype)
-    lo = sum(min(0, (d - 1) * st) for d, st in zip(shape, strides))
-    hi = sum(max(0, (d - 1) * st) for d, st in zip(shape, strides)) + dtype.itemsize
-    buf = (ctypes.c_char * (hi - lo)).from_address(addr + lo)
-    return np.ndarray(shape, dtype, buffer=buf, offset=-lo, strides=strides)
+    lo, hi = byte_span(addr, shape, strides, dtype.itemsize)
+    buf = (ctypes.c_char * (hi - lo)).from_address(lo)
+    return np.ndarray(shape, dtype, buffer=memoryview(buf), offset=addr - lo, strides=strides)

@@ -93,7 +93,8 @@ def host_breakdown(quick):
         "plan_call": lambda: pl(phi),
         "check_phi": lambda: pl._mismatch(phi),
         "empty_grad": lambda: cupy.empty(phi.shape, phi.dtype),
-        "empty_losses": lambda: cupy.empty(pl.m, dtype=np.float64),
+        "empty_losses": lambda: cupy.empty(pl.m, dtype=np.float64),  # what a call allocated before it kept them
+        "kept_losses": lambda: pl._kept_losses(cupy.cuda.get_current_stream()),
         "bind": lambda: pl.dev.bind(cublas=False),
         "fused_call": lambda: pl._fused_call(phi, grad, losses, 2e-3, False, True),
         "bound_launch": lambda: go(*addrs, 2e-3, False),
@@ -129,6 +130,10 @@ def _synced(fn, n_repeat):
     return float(sorted(r.cpu_times)[len(r.cpu_times) // 2] * 1e3)
 
 
+# rounds of the paired fused / limit-cublas ratio in `shapes`
+ROUNDS = 7
+
+
 def shapes(quick):
     import cupy
     import numpy as np
@@ -161,6 +166,16 @@ def shapes(quick):
                 del g
             if prec == "highest":
                 row[f"{kernel}_synced_ms"] = _synced(lambda: pl(phi), 20 if quick else 50)
+            if kernel == "fused":
+                # the ratio again in alternating rounds (the limit, then the call, each a median of
+                # its own), so that a drift of the card or the host over the run falls on both
+                ratios = []
+                for _ in range(ROUNDS):
+                    base = _bench(lambda: lim.call(0), 20)["device_ms"]
+                    t = _bench(lambda: pl(phi), 20)
+                    ratios.append(max(t["device_ms"], t["host_ms"]) / base)
+                row["fused_x_limit_rounds"] = ratios
+                row["fused_x_limit_median"] = float(np.median(ratios))
         if prec == "highest":  # peers, timed with a device-wide wait like ours' _synced_ms
             for meth in (bm._jax("gpu"), bm._torch("gpu", False)):
                 try:

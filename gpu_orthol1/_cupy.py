@@ -80,17 +80,19 @@ class CupyDevice:
 
     def bind(self, cublas=True):
         """Bind cuBLAS to CuPy's current stream (the kernels launch there too); once per plan call.
-        cublas=False: only pick up the stream, for a call that makes no cuBLAS call (the fused kernel)."""
+        cublas=False: only pick up the stream, for a call that makes no cuBLAS call (the fused kernel).
+        Returns that stream."""
         cupy = self.xp
         stream = cupy.cuda.get_current_stream()
         self._stream_ptr = stream.ptr
         if not cublas:
-            return
+            return stream
         self._handle = cupy.cuda.device.get_cublas_handle()
         cb = self._cublas
         cb.setStream(self._handle, stream.ptr)
         if cb.getPointerMode(self._handle) != self._cb.CUBLAS_POINTER_MODE_HOST:
             cb.setPointerMode(self._handle, self._cb.CUBLAS_POINTER_MODE_HOST)
+        return stream
 
     def set_blas_workspace(self, buf):
         """cuBLAS works in `buf` (a buffer of this call's workspace; its default pool may allocate

@@ -294,6 +294,7 @@ class Plan:
         self.ldt = np.float64 if phi.dtype == np.float64 else np.float32
         self._sizes: dict = {}
         self._fused_go: dict = {}  # (phi and gradient layouts, losses strides, want_grad) -> fused launcher
+        self._losses: dict = {}  # stream address -> (per-slice losses kept there, the stream)
         # a call's arrays are the device's own kind (torch tensors come as CuPy views): their address
         # without _addr's checks for other kinds
         self._addr = (lambda a: a.ctypes.data) if self.xp is np else (lambda a: a.data.ptr)
@@ -470,17 +471,24 @@ class Plan:
                 grad = xp.empty_like(p)
         m, l, n = self.m, self.l, self.n
         raw = losses is not None
-        if not raw:
+        # a GPU call with something to launch keeps its per-slice losses per stream (`_kept_losses`)
+        # and then launches its loss reduction under the plan's lock, so that no other thread's call
+        # of this plan writes them in between on the same stream
+        keep = not raw and m and n and alloc is None and xp is not np
+        if not raw and not keep:
             losses = xp.zeros(m, dtype=np.float64) if n == 0 else xp.empty(m, dtype=np.float64)
         elif n == 0:
             losses[...] = 0
         if self.kernel == "fused" and gram_hook is None:
-            if m and n:
-                alpha = 2.0 * beta / (m if self.reduction == "mean" else 1)
-                with self._lock:
-                    self.dev.bind(cublas=False)
-                    self._fused_call(p, grad, losses, alpha, bool(accumulate), want_grad)
-            return self._finish(losses, beta, raw, want_grad, grad, out)
+            if not (m and n):
+                return self._finish(losses, beta, raw, want_grad, grad, out)
+            alpha = 2.0 * beta / (m if self.reduction == "mean" else 1)
+            with self._lock:
+                stream = self.dev.bind(cublas=False)
+                if keep:
+                    losses = self._kept_losses(stream)
+                self._fused_call(p, grad, losses, alpha, bool(accumulate), want_grad)
+                return self._finish(losses, beta, raw, want_grad, grad, out)
         V = self._view(p)
         if m == 0 or n == 0 or l == 0:  # nothing for BLAS to read: any layout will do
             Vout = self._view(grad) if want_grad else None
@@ -514,10 +522,32 @@ class Plan:
                 self._run_cpu(batch, sz, losses, kw, threads)
             else:
                 with self._lock:
-                    self.dev.bind()
+                    stream = self.dev.bind()
+                    if keep:
+                        losses = self._kept_losses(stream)
                     wsb = _driver.workspace(alloc or self._alloc, sz, l, n, self.dtype)
                     _driver.run(self.dev, batch, wsb, sz.chunk, losses, **kw)
+                    return self._finish(losses, beta, raw, want_grad, grad, out)
         return self._finish(losses, beta, raw, want_grad, grad, out)
+
+    def _kept_losses(self, stream):
+        """The per-slice losses of a GPU call on `stream` (CuPy's current one, as the device bound
+        it): an array kept per stream (calls on one stream run in order, so they may share it; the
+        plan's lock keeps a call's launches together), made on the first call there. While the
+        stream captures a graph, a fresh one: a graph replayed on another stream would share the
+        kept one with calls there."""
+        xp = self.xp
+        key = stream.ptr
+        # the legacy default stream (0) cannot capture (and asking fails while another stream does)
+        if key and stream.is_capturing():
+            return xp.empty(self.m, dtype=np.float64)
+        hit = self._losses.get(key)
+        if hit is None:
+            if len(self._losses) >= 8:  # a caller cycling through streams: keep the newest
+                self._losses.clear()
+            # kept with its stream: while that lives, no other stream has its address
+            hit = self._losses[key] = (xp.empty(self.m, dtype=np.float64), stream)
+        return hit[0]
 
     def _fused_call(self, p, grad, losses, alpha, accumulate, want_grad):
         """Launch the fused kernel through a launcher kept per layout of phi, the gradient and the

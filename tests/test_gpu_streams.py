@@ -91,6 +91,53 @@ def test_streams_in_threads_do_not_race(cp, rng):
         check(cp.asnumpy(p), loss, grad, 1.1, 1, "none", p.dtype)
 
 
+@pytest.mark.parametrize("kernel", ["fused", "gemm"])
+def test_one_plan_on_streams_and_threads_keeps_each_calls_losses(cp, rng, kernel):
+    """One plan shared by calls on four streams back to back (no synchronization in between) and by
+    four threads at once on one stream: each call returns its own loss, bit for bit its serial one.
+    A plan keeps its per-slice losses per stream (`Plan._kept_losses`) and launches the loss
+    reduction under its lock: a race would hand one call another's loss."""
+    phis = [make(cp, rng, (64, 300, 32), np.float32, "C", 1) for _ in range(4)]
+    p = ol1.plan(phis[0], 0.7, kernel=kernel)
+    serial = [tuple(cp.asnumpy(a) for a in p(x)) for x in phis]
+    check(cp.asnumpy(phis[0]), serial[0][0], serial[0][1], 0.7, 1, "sum", np.float32)
+    assert len({s[0].tobytes() for s in serial}) == 4  # distinct losses: a swap would show
+    streams = [cp.cuda.Stream(non_blocking=True) for _ in phis]
+    for _ in range(3):
+        results = []
+        for s, x in zip(streams, phis):
+            with s:
+                results.append(p(x))
+    for s in streams:
+        s.synchronize()
+    for (l0, g0), (l1, g1) in zip(serial, results):
+        assert cp.asnumpy(l1).tobytes() == l0.tobytes()
+        assert np.array_equal(cp.asnumpy(g1), g0)
+    assert len(p._losses) == 5  # the default stream's and one per stream
+
+    start = threading.Barrier(len(phis))
+    got, errors = [[] for _ in phis], []
+
+    def worker(i):  # every thread on the default stream
+        try:
+            start.wait()
+            for _ in range(10):
+                got[i].append(p(phis[i])[0])
+        except Exception as e:  # surfaced below with the thread's index
+            errors.append((i, e))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(phis))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    cp.cuda.Device().synchronize()
+    assert not errors, errors
+    for (l0, _), losses in zip(serial, got):
+        assert all(cp.asnumpy(x).tobytes() == l0.tobytes() for x in losses)
+    assert len(p._losses) == 5
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_tiny_budget_chunks_equal_unchunked(cp, rng, dtype):
     phi = make(cp, rng, (64, 300, 24), dtype, "C", 1)

@@ -137,6 +137,50 @@ def test_one_plan_shared_by_threads(rng):
         np.testing.assert_array_equal(G, wg)
 
 
+class _Streams:
+    """Stand-in for CuPy as `Plan._kept_losses` uses it: streams with an address and a capture
+    state, and `empty`. Asking the default stream (address 0) whether it captures fails,
+    as the driver's query may while another stream captures."""
+
+    class Stream:
+        def __init__(self, ptr, capturing=False):
+            self.ptr, self.capturing = ptr, capturing
+
+        def is_capturing(self):
+            if self.ptr == 0:
+                raise AssertionError("the default stream was asked whether it captures")
+            return self.capturing
+
+    def __init__(self):
+        self.current = self.Stream(0)
+        self.empty = np.empty
+
+
+def test_kept_losses_one_array_per_stream_fresh_while_capturing(rng):
+    """The per-slice losses a GPU call keeps: one array per stream, the same on every call there; a
+    fresh one on each call while the stream captures a graph (kept arrays would then be shared with
+    the graph's replays on other streams); at most 8 streams' arrays kept."""
+    p = ol1.plan(random_phi(rng, (6, 5, 4), np.float32), 1.0)
+    xp = p.xp = _Streams()
+    first = p._kept_losses(xp.current)
+    assert first.shape == (5,) and first.dtype == np.float64
+    assert p._kept_losses(xp.current) is first
+    xp.current = xp.Stream(0x100)
+    other = p._kept_losses(xp.current)
+    assert other is not first and p._kept_losses(xp.current) is other
+    xp.current = xp.Stream(0x100, capturing=True)
+    fresh = p._kept_losses(xp.current)
+    assert fresh is not other and p._kept_losses(xp.current) is not fresh and len(p._losses) == 2
+    for k in range(2, 8):  # six more streams: eight in all
+        xp.current = xp.Stream(0x100 * k)
+        p._kept_losses(xp.current)
+    assert len(p._losses) == 8
+    xp.current = xp.Stream(0x1000)  # a ninth stream: the kept ones are let go, this one kept
+    ninth = p._kept_losses(xp.current)
+    assert len(p._losses) == 1 and p._kept_losses(xp.current) is ninth
+    assert p._losses[0x1000][1] is xp.current  # its stream kept alive with it
+
+
 def test_cpu_thread_split_equals_one_thread(rng, monkeypatch):
     phi = random_phi(rng, (64, 600, 16), np.float32)  # many small slices: the thread split applies
     p = ol1.plan(phi, 0.2)

@@ -26,6 +26,20 @@ import numpy as np
 
 _cache: dict = {}
 _lock = threading.Lock()
+_thread = threading.local()  # `ready`: this thread has a current CUDA context for the driver's launch
+
+
+def ensure_context():
+    """Make the primary context of CuPy's current device current in this thread, where none is:
+    cuLaunchKernel launches into the thread's current context, and a thread that has made no CUDA
+    runtime call yet has none (CUDA_ERROR_INVALID_CONTEXT; CuPy's own launches set it up, ours go
+    to the driver directly). cudaSetDevice (`Device.use`) makes it current since CUDA 12."""
+    import cupy
+    from cupy.cuda import driver
+
+    if driver.ctxGetCurrent() == 0:
+        cupy.cuda.Device().use()
+    _thread.ready = True
 
 
 def array_type(dtype, ndim: int, layout: str = "C"):
@@ -194,6 +208,8 @@ class PtxKernel:
     def launch_params(self, stream_ptr, grid, block, params_ptr):
         """Launch with a parameter block packed elsewhere (`BoundLaunch`): `params_ptr` is the
         address of its array of slot addresses."""
+        if not getattr(_thread, "ready", False):  # once per thread
+            ensure_context()
         self._driver_launch(self._fptr, grid, 1, 1, block, 1, 1, 0, stream_ptr, params_ptr, 0)
 
     def __call__(self, grid, block, *args):

@@ -138,6 +138,34 @@ def test_one_plan_on_streams_and_threads_keeps_each_calls_losses(cp, rng, kernel
     assert len(p._losses) == 5
 
 
+def test_fused_call_in_a_thread_without_a_context(cp, rng):
+    """A fresh thread whose first CUDA work is a fused plan's call (out= given, the loss's buffer
+    from CuPy's pool: no CUDA runtime call before the launch) has no current context; the launch,
+    straight to the driver, sets one up instead of failing with CUDA_ERROR_INVALID_CONTEXT."""
+    phi = make(cp, rng, (64, 300, 32), np.float32, "C", 1)
+    p = ol1.plan(phi, 0.7, kernel="fused")
+    want = tuple(cp.asnumpy(a) for a in p(phi))
+    out = cp.empty_like(phi)
+    cp.cuda.Device().synchronize()
+    seen: dict = {}
+
+    def worker():
+        try:
+            seen["context_before"] = cp.cuda.driver.ctxGetCurrent()
+            loss, grad = p(phi, out=out)
+            cp.cuda.get_current_stream().synchronize()
+            seen["got"] = (cp.asnumpy(loss), cp.asnumpy(grad))
+        except Exception as e:  # surfaced below
+            seen["error"] = e
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert "error" not in seen, seen["error"]
+    assert seen["context_before"] == 0  # the case this test is for
+    assert seen["got"][0].tobytes() == want[0].tobytes() and np.array_equal(seen["got"][1], want[1])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_tiny_budget_chunks_equal_unchunked(cp, rng, dtype):
     phi = make(cp, rng, (64, 300, 24), dtype, "C", 1)

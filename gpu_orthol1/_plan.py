@@ -205,26 +205,28 @@ def self_overlapping(a) -> bool:
 
 
 # Where kernel="auto" takes the fused kernel on a GPU: (largest n, largest l) pairs per input dtype.
-# Measured on an H100 (bench/results/gpu-h100-jrun-plans.json, `bench/bench_gpu_plans.py --quick`,
-# the kernel of commit 79001ba; cupyx benchmark, the larger of host and device time per call).
-# Fused / two-GEMM time per call, float32, 2^22 elements (sweep) unless a shape is given (rule_gaps):
-#   l = 64:   0.35, 0.42, 0.37, 0.47, 0.61 at n = 8, 16, 32, 64, 96; (64, 4096, 64): 0.67
-#   l = 128:  0.74 at n = 64 (128, 1024, 64), 0.95 at n = 96 (128, 682, 96)
-#   l = 256:  0.94 at n = 64 (256, 512, 64)
-#   l = 512:  0.43, 0.53, 0.79 at n = 8, 16, 32, but 1.47 at n = 64 and 1.02 at n = 96
-#   l = 1024: 0.89 at n = 16 (1024, 256, 16), 1.25 at n = 32 (1024, 128, 32)
-#   l = 2048: 1.06 at n = 8 (2048, 256, 8), 1.20 at n = 16 (2048, 128, 16)
-# float16 (64, 4096, 64): 0.88. float64 at l = 64: 0.84 at n = 32 (64, 2048, 32), 1.09 at n = 64
-# (64, 1024, 64). The plan decides before it sees `accumulate`; with accumulate=True (a read of
-# the gradient before each write) the fused kernel measured 1.04 at (64, 4096, 64) float32, 0.91
-# in float16, 0.70 at (64, 2048, 32). Not measured, left to the GEMMs: l between 256 and 512 at
-# n > 32, l between 128 and 512 at n > 64, float64 past l = 64. Taken without a measurement of
-# their own, between measured points that won: n = 33 to 63 past l = 64, n = 65 to 95 at l = 128,
-# n <= 8 at l = 513 to 1024, float64 below n = 32, float16 except at (64, 4096, 64).
+# Set on an H100 (bench/results/gpu-h100-jrun-plans.json, the kernel of commit 79001ba) and checked
+# on the kernel as it is now (bench/results/gpu-h100-kept-plans.json, 2026-11-27 03:51 UTC,
+# `bench/bench_gpu_plans.py --quick`; cupyx benchmark, the larger of host and device time per call).
+# Fused / two-GEMM time per call, float32, 2^22 elements (sweep) unless a shape is given (rule_gaps),
+# now (then):
+#   l = 64:   0.31, 0.28, 0.43, 0.50, 0.79 at n = 8, 16, 32, 64, 96 (0.35, 0.42, 0.37, 0.47, 0.61)
+#   l = 128:  0.65 at n = 64 (128, 1024, 64) (0.74), 0.90 at n = 96 (128, 682, 96) (0.95)
+#   l = 256:  0.83 at n = 64 (256, 512, 64) (0.94)
+#   l = 512:  0.43, 0.52, 0.62 at n = 8, 16, 32, but 1.06 at n = 64 and 1.18 at n = 96
+#             (0.43, 0.53, 0.79; 1.47, 1.02)
+#   l = 1024: 0.81 at n = 16 (1024, 256, 16) (0.89), 1.19 at n = 32 (1024, 128, 32) (1.25)
+#   l = 2048: 0.96 at n = 8 (2048, 256, 8) (1.06; the rule stops at l = 1024 all the same: a 4 %
+#             margin is within run-to-run spread), 1.18 at n = 16 (2048, 128, 16) (1.20)
+# float64 at l = 64: 0.56 at n = 32 (64, 2048, 32) (0.84), 0.84 at n = 64 (64, 1024, 64) (1.09: the
+# float64 bound could now go to n = 64; left at 32 until the gpu tests have run on that path). The
+# plan decides before it sees `accumulate`; with accumulate=True (a read of the gradient before each
+# write) the fused kernel measured 0.98 at (64, 4096, 64) float32 (1.04), 0.83 in float16 (0.91),
+# 0.88 at (64, 2048, 32) (0.70). Not measured, left to the GEMMs: l between 256 and 512 at n > 32,
+# l between 128 and 512 at n > 64, float64 past l = 64. Taken without a measurement of their own,
+# between measured points that won: n = 33 to 63 past l = 64, n = 65 to 95 at l = 128, n <= 8 at
+# l = 513 to 1024, float64 below n = 32, float16 except at (64, 4096, 64).
 # precision="tf32" keeps the GEMMs: it asks for tensor cores, which the fused kernel does not use.
-# The kernel has since got faster at micro-tile side 6 and 8 (S in runs, two Gram rows per trip: at
-# (64, 4096, 64) 0.67 -> 0.56 of the two-GEMM call, gpu-h100-call-plans.json), so the bounds at
-# n = 64 and 96 may be conservative; the sweep and rule_gaps were not rerun on it.
 FUSED_RULE = ((16, 1024), (32, 512), (64, 256), (96, 128))
 FUSED_RULE_FLOAT64 = ((32, 64),)
 

@@ -411,7 +411,7 @@ def test_readme_gpu_table_is_one_unflagged_run():
 
 
 def test_readme_gpu_per_call_tables_are_their_file():
-    doc = json.loads((ROOT / "bench/results/gpu-h100-call-plans.json").read_text())
+    doc = json.loads((ROOT / "bench/results/gpu-h100-ctx-plans.json").read_text())
     table = _readme_table("**GPU per call and per path: NVIDIA H100**")
     host = doc["host"]
     rows = (host["loss_and_grad"], host["plan_fused"], host["plan_gemm"], host["graph_replay_fused"])
@@ -427,15 +427,19 @@ def test_readme_gpu_per_call_tables_are_their_file():
         shape = [int(x) for x in _shape(cells[0]).split("x")]
         r = next(r for r in doc["shapes"] if r["shape"] == shape and r["dtype"] == dt and r["precision"] == prec)
         _printed(cells[1], r["limit_cublas_ms"])
-        for col, key in ((2, "gemm"), (3, "fused"), (4, "fused_graph")):
+        for col, key in ((2, "gemm"), (3, "fused"), (5, "fused_graph")):
             if cells[col] in ("", "-"):
                 assert f"{key}_ms" not in r, cells
                 continue
             ms, ratio = cells[col].rstrip(")").split(" (")
             _printed(ms, r[f"{key}_ms"])
             _printed(ratio, r[f"{key}_ms"] / r["limit_cublas_ms"])
-        if cells[5]:
-            _printed(cells[5], r["jax-jit_synced_ms"])
+        if cells[4] in ("", "-"):
+            assert "fused_x_limit_median" not in r, cells
+        else:
+            _printed(cells[4], r["fused_x_limit_median"])
+        if cells[6]:
+            _printed(cells[6], r["jax-jit_synced_ms"])
         else:
             assert prec == "tf32"
 

@@ -5,8 +5,9 @@
 # It installs the package without dependencies, runs the `gpu` tests, the GPU benchmarks and the
 # sanitizers, and writes everything under $OUT (default: a temp dir). Keep it under ~7 minutes:
 # give the device call timeout_s ~470. The full list no longer fits one session's 15 minutes: on an
-# H100 (2026-11-27) the gpu tests took 170-190 s (over 220 s with the tests added at 03:45 UTC), the plans bench 45-80, the kernel variants 50-60,
-# the sanitizers 47, ncu 16, and each machine start about 30 s more. Split it over calls, e.g.
+# H100 (2026-11-27) the gpu tests took 170-190 s (over 220 s with the tests added at 03:45 UTC),
+# the plans bench 45-80, the kernel variants 50-60, the sanitizers 47, ncu 16, and each machine
+# start about 30 s more. Split it over calls, e.g.
 #   GPU_CHECK_STEPS="info gpu_tests plans fused_kernel ncu_fused" GPU_TESTS="tests/test_fused.py
 #     tests/test_ptx_launch.py" GPU_PLANS_ONLY=host,host_breakdown,shapes GPU_CHECK_DEADLINE=250
 # then the rest of the tests (GPU_TESTS="tests/ --ignore=tests/test_fused.py ..."), the plans

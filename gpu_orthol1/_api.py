@@ -39,7 +39,7 @@ def plan(phi: Any, beta: float = 1.0, *, axis: int = 1, reduction: Reduction = "
 
     kernel: the GPU path. "gemm" (two cuBLAS GEMMs around the elementwise pass), "fused" (one
     launch per call for slices up to n=96 in float16/float32, 64 in float64: the Gram never leaves
-    the chip), "auto" ("fused" where it measured faster on an H100: precision "highest";
+    the chip), "auto" ("fused" by a rule set from H100 measurements: precision "highest";
     float16/float32 with n <= 16 up to l = 1024, n <= 32 up to l = 512, n <= 64 up to l = 256,
     n <= 96 up to l = 128; float64 with n <= 32 up to l = 64; for the default penalty, no workspace
     cap and a layout BLAS reads in place; "gemm" elsewhere; the environment variable

@@ -63,29 +63,41 @@ def test_streams_in_one_thread_do_not_race(cp, rng):
         np.testing.assert_allclose(cp.asnumpy(l1), cp.asnumpy(l0), rtol=tol)
 
 
-def test_streams_in_threads_do_not_race(cp, rng):
-    """Four threads, each on its own stream (CuPy keeps a cuBLAS handle per thread), at once."""
-    phis = _inputs(cp, rng, 4, shape=(40, 120, 20))
-    cp.cuda.Device().synchronize()
-    start = threading.Barrier(len(phis))
-    results, errors = [None] * len(phis), []
+def _at_once(count, body):
+    """Run body(i) for i < count, each in its own thread, released together by a barrier; the
+    exceptions raised, with their thread's index."""
+    start = threading.Barrier(count)
+    errors: list = []
 
-    def worker(i):
+    def run(i):
         try:
-            with cp.cuda.Stream(non_blocking=True) as s:
-                start.wait()
-                for _ in range(4):
-                    out = ol1.loss_and_grad(phis[i], 1.1, reduction="none", workspace_bytes=(None, 30000)[i % 2])
-                s.synchronize()
-                results[i] = (cp.asnumpy(out[0]), cp.asnumpy(out[1]))
-        except Exception as e:  # surfaced below with the thread's index
+            start.wait()
+            body(i)
+        except Exception as e:  # returned with the thread's index
             errors.append((i, e))
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(phis))]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return errors
+
+
+def test_streams_in_threads_do_not_race(cp, rng):
+    """Four threads, each on its own stream (CuPy keeps a cuBLAS handle per thread), at once."""
+    phis = _inputs(cp, rng, 4, shape=(40, 120, 20))
+    cp.cuda.Device().synchronize()
+    results: list = [None] * len(phis)
+
+    def worker(i):
+        with cp.cuda.Stream(non_blocking=True) as s:
+            for _ in range(4):
+                out = ol1.loss_and_grad(phis[i], 1.1, reduction="none", workspace_bytes=(None, 30000)[i % 2])
+            s.synchronize()
+            results[i] = (cp.asnumpy(out[0]), cp.asnumpy(out[1]))
+
+    errors = _at_once(len(phis), worker)
     assert not errors, errors
     for p, (loss, grad) in zip(phis, results):
         check(cp.asnumpy(p), loss, grad, 1.1, 1, "none", p.dtype)
@@ -115,22 +127,13 @@ def test_one_plan_on_streams_and_threads_keeps_each_calls_losses(cp, rng, kernel
         assert np.array_equal(cp.asnumpy(g1), g0)
     assert len(p._losses) == 5  # the default stream's and one per stream
 
-    start = threading.Barrier(len(phis))
-    got, errors = [[] for _ in phis], []
+    got: list = [[] for _ in phis]
 
     def worker(i):  # every thread on the default stream
-        try:
-            start.wait()
-            for _ in range(10):
-                got[i].append(p(phis[i])[0])
-        except Exception as e:  # surfaced below with the thread's index
-            errors.append((i, e))
+        for _ in range(10):
+            got[i].append(p(phis[i])[0])
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(phis))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = _at_once(len(phis), worker)
     cp.cuda.Device().synchronize()
     assert not errors, errors
     for (l0, _), losses in zip(serial, got):

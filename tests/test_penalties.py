@@ -455,8 +455,9 @@ def _keras_formula(w, factor, mode):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_keras_preset_matches_keras_formula(dtype, tseed):
-    from gpu_orthol1.torch import OrthoL1, keras_orthogonal
+def test_keras_orthogonal_matches_keras_formula(dtype, tseed):
+    """keras_orthogonal(w, factor, mode): Keras's rule on w as given, value and gradient."""
+    from gpu_orthol1.torch import keras_orthogonal
 
     for shape, mode in (((6, 4), "rows"), ((6, 4), "columns"), ((3, 8), "rows"), ((2, 9), "columns")):
         w = torch.randn(*shape, dtype=dtype, requires_grad=True)
@@ -468,21 +469,59 @@ def test_keras_preset_matches_keras_formula(dtype, tseed):
         tol = dict(rtol=1e-12, atol=1e-15) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-8)
         torch.testing.assert_close(got, want.detach(), **tol)
         torch.testing.assert_close(w.grad, w2.grad, **tol)
-    # the model-wide preset: the sum of the per-layer Keras values
-    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3)).to(dtype)
-    reg = OrthoL1.keras(model, 0.02, "columns")
+
+
+def _keras_kernel(w, embedding=False):
+    """The kernel Keras keeps for the layer a torch weight belongs to: Dense (in, out) = the Linear
+    weight (out, in) transposed; Conv{1,2,3}D (*k, in, out) = the torch (out, in, *k) permuted, and
+    Conv2DTranspose (*k, out, in) = the torch (in, out, *k) permuted the same way, reshaped to
+    (prod(k) * in, out) (Keras's regularizer takes 2-D only: the preset's documented extension);
+    Embedding (input_dim, output_dim) as torch stores it."""
+    if embedding:
+        return w
+    if w.dim() == 2:
+        return w.T
+    return w.permute(*range(2, w.dim()), 1, 0).reshape(-1, w.shape[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["rows", "columns"])
+def test_keras_model_preset_mode_is_keras_layout(mode, dtype, tseed):
+    """OrthoL1.keras(model, factor, mode) on a torch model = the sum of Keras's regularizer with the
+    same mode on each layer's Keras-layout kernel, value and gradient (not the torch weight as stored:
+    that is the other mode for a Linear)."""
+    from gpu_orthol1.torch import OrthoL1, keras_orthogonal
+
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3), nn.Conv2d(2, 3, (2, 3)), nn.ConvTranspose2d(3, 4, 2),
+                          nn.Conv1d(3, 5, 2), nn.Embedding(6, 4)).to(dtype)
+    emb = model[5].weight
+    weights = [m.weight for m in model]
+    factor = float(tseed.uniform(0.01, 0.5))
+    reg = OrthoL1.keras(model, factor, mode)
+    assert [t.param for t in reg.targets] == weights
     model.zero_grad(set_to_none=True)
     loss = reg.loss()
     loss.backward()
-    got = [p.grad.clone() for p in (model[0].weight, model[1].weight)]
+    got = [p.grad.clone() for p in weights]
     model.zero_grad(set_to_none=True)
-    want = sum(_keras_formula(p, 0.02, "columns") for p in (model[0].weight, model[1].weight))
+    want = sum(_keras_formula(_keras_kernel(p.double(), p is emb), factor, mode) for p in weights)
     want.backward()
     tol = dict(rtol=1e-12, atol=1e-15) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-8)
-    torch.testing.assert_close(loss, want.detach(), **tol)
-    for g, p in zip(got, (model[0].weight, model[1].weight)):
-        torch.testing.assert_close(g, p.grad, **tol)
-    assert "normalize=True" in repr(reg)
+    torch.testing.assert_close(loss, want.detach().to(dtype), **tol)
+    for g, p in zip(got, weights):
+        # float32: normalizing a row divides its rounding error by its norm, so an entry's error
+        # scales with the largest gradient entry, not with its own size
+        gtol = tol if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5 * p.grad.abs().max().item())
+        torch.testing.assert_close(g, p.grad, **gtol)
+    assert f"mode='keras {mode}'" in repr(reg) and "normalize=True" in repr(reg)
+    # add_grad_ and the per-tensor function agree with it; keras_orthogonal takes the tensor as given
+    model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(reg.add_grad_(), loss.detach(), **tol)
+    for g, p in zip(got, weights):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)  # the same computation, the same bits
+    one = OrthoL1.keras(model[0].weight, factor, mode)  # a tensor without its module: an (out, in) weight
+    torch.testing.assert_close(one.loss(), keras_orthogonal(model[0].weight.T, factor, mode), **tol)
 
 
 def test_keras_preset_against_keras_itself(tseed, monkeypatch):

@@ -270,7 +270,7 @@ def ortho_l1(weight, beta=1.0, *, axis=1, reduction="sum", mode=None, penalty="l
     return _ortho_l1_op(weight, _plan.check_beta(beta), reduction, how, m_axis, transpose, want_grad, *variant)[0]
 
 
-def keras_orthogonal(w, factor=0.01, mode="rows"):
+def keras_orthogonal(w: torch.Tensor, factor: float = 0.01, mode: str = "rows") -> torch.Tensor:
     """Keras 3's `OrthogonalRegularizer(factor, mode)(w)` on the 2-D tensor w as given, with autograd.
 
     Keras normalizes the rows (mode="rows") or columns ("columns") of w to unit L2 norm, forms their
@@ -490,7 +490,7 @@ class OrthoL1:
     # -- presets ---------------------------------------------------------------------------------
 
     @classmethod
-    def keras(cls, params_or_module, factor=0.01, mode="rows", **kw):
+    def keras(cls, params_or_module, factor: float = 0.01, mode: str = "rows", **kw) -> OrthoL1:
         """Keras 3's `OrthogonalRegularizer(factor, mode)` on the Keras kernel of every selected weight,
         so that a model ported from Keras gets the penalty Keras gives it under the same mode name.
 

@@ -598,18 +598,78 @@ def test_bench_penalties_runs(tmp_path):
     assert "| 9 x 6 x 5 | l2-offdiag |" in (tmp_path / "p.md").read_text()
 
 
-def test_pointnet_recipe(tseed):
-    """docs/penalties.md's PointNet line: l2reg * sum over the batch of (x x^T - I)^2, value and gradient."""
+def _pointnet_fxia22(trans):
+    """fxia22/pointnet.pytorch, models/pointnet.py feature_transform_regularizer (dtype added):
+    the batch mean of the Frobenius norms (not squared) of T T^T - I."""
+    d = trans.size()[1]
+    I = torch.eye(d, dtype=trans.dtype)[None, :, :]
+    loss = torch.mean(torch.norm(torch.bmm(trans, trans.transpose(2, 1)) - I, dim=(1, 2)))
+    return loss
+
+
+def _pointnet_tf(transform, reg_weight):
+    """charlesq34/pointnet (the official TensorFlow code), models/pointnet_cls.py get_loss:
+    mat_diff = T T^T - I, reg_weight * tf.nn.l2_loss(mat_diff), tf.nn.l2_loss(t) = sum(t ** 2) / 2."""
+    K = transform.shape[1]
+    mat_diff = torch.matmul(transform, transform.transpose(1, 2))
+    mat_diff = mat_diff - torch.eye(K, dtype=transform.dtype)
+    return reg_weight * (mat_diff ** 2).sum() / 2
+
+
+def _value_and_grad(f, x):
+    x = x.detach().clone().requires_grad_(True)
+    v = f(x)
+    (g,) = torch.autograd.grad(v, x)
+    return v.detach(), g
+
+
+def test_pointnet_recipes_match_upstream(tseed):
+    """README/docs/penalties.md's PointNet lines, value and gradient in float64: the official
+    TensorFlow regularizer reg_weight * l2_loss(T T^T - I) is ortho_l1(x, reg_weight / 2, axis=0,
+    mode="rows", penalty="l2"); fxia22's batch mean of the unsquared norms is the per-slice
+    reduction="none" losses at beta 1, square-rooted and averaged."""
     from gpu_orthol1.torch import ortho_l1
 
-    x = torch.randn(6, 5, 5, dtype=torch.float64, requires_grad=True)
-    got = ortho_l1(x, 0.01, axis=0, mode="rows", penalty="l2")
-    got.backward()
-    x2 = x.detach().clone().requires_grad_(True)
-    want = 0.01 * ((x2 @ x2.transpose(1, 2) - torch.eye(5, dtype=x2.dtype)) ** 2).sum()
-    want.backward()
-    torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=0)
-    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-10, atol=1e-14)
-    loss, grad = ol1.loss_and_grad(x.detach().numpy(), 0.01, axis=0, penalty="l2")  # the core's column Gram
-    np.testing.assert_allclose(loss, want.item(), rtol=1e-12)
-    np.testing.assert_allclose(grad, x2.grad.numpy(), rtol=1e-10, atol=1e-14)
+    def tf_ours(x, reg_weight):
+        return ortho_l1(x, reg_weight / 2, axis=0, mode="rows", penalty="l2")
+
+    def fxia22_ours(x):
+        return ortho_l1(x, 1.0, axis=0, mode="rows", penalty="l2", reduction="none").sqrt().mean()
+
+    # 1.1 I and 0.9 I: T T^T - I = 0.21 I and -0.19 I, Frobenius norms 0.21 sqrt(3) and 0.19 sqrt(3)
+    eye = torch.eye(3, dtype=torch.float64)
+    trans = torch.stack([1.1 * eye, 0.9 * eye])
+    np.testing.assert_allclose(_pointnet_fxia22(trans).item(), 0.2 * 3 ** 0.5, rtol=1e-15)
+    np.testing.assert_allclose(fxia22_ours(trans).item(), 0.2 * 3 ** 0.5, rtol=1e-15)
+    np.testing.assert_allclose(_pointnet_tf(trans, 1e-3).item(), 1e-3 * 3 * (0.21 ** 2 + 0.19 ** 2) / 2,
+                               rtol=1e-14)
+    base = torch.randn(4, 9, 9, dtype=torch.float64)
+    cases = [torch.randn(2, 3, 3, dtype=torch.float64),  # PointNet's input transform size
+             torch.eye(16, dtype=torch.float64) + 0.1 * torch.randn(5, 16, 16, dtype=torch.float64),
+             torch.randn(3, 7, 7, dtype=torch.float64),
+             base.transpose(1, 2)]  # a non-contiguous batch
+    reg_weight = float(tseed.uniform(1e-4, 1e-2))
+    for x in cases:
+        v, g = _value_and_grad(lambda t: _pointnet_tf(t, reg_weight), x)
+        w, h = _value_and_grad(lambda t: tf_ours(t, reg_weight), x)
+        torch.testing.assert_close(w, v, rtol=1e-12, atol=0)
+        torch.testing.assert_close(h, g, rtol=1e-10, atol=1e-14)
+        v, g = _value_and_grad(_pointnet_fxia22, x)
+        w, h = _value_and_grad(fxia22_ours, x)
+        torch.testing.assert_close(w, v, rtol=1e-12, atol=0)
+        torch.testing.assert_close(h, g, rtol=1e-10, atol=1e-14)
+        # the core on arrays: for square x the column Gram's sum (x^T x - I)^2 is the same value
+        loss, grad = ol1.loss_and_grad(x.numpy(), reg_weight / 2, axis=0, penalty="l2")
+        v, g = _value_and_grad(lambda t: _pointnet_tf(t, reg_weight), x)
+        np.testing.assert_allclose(loss, v.item(), rtol=1e-12)
+        np.testing.assert_allclose(grad, g.numpy(), rtol=1e-10, atol=1e-14)
+    # a slice with x x^T = I exactly (a permutation): torch.norm's gradient there is 0, the square
+    # root's 0 * inf = NaN; the documented clamp gives 0 and leaves the other slices' gradient alone
+    x = torch.stack([torch.eye(5, dtype=torch.float64)[[2, 0, 4, 1, 3]], 1.1 + torch.randn(5, 5, dtype=torch.float64)])
+    v, g = _value_and_grad(_pointnet_fxia22, x)
+    assert torch.isnan(_value_and_grad(fxia22_ours, x)[1][0]).all()
+    w, h = _value_and_grad(lambda t: ortho_l1(t, 1.0, axis=0, mode="rows", penalty="l2",
+                                              reduction="none").clamp_min(1e-37).sqrt().mean(), x)
+    torch.testing.assert_close(w, v, rtol=1e-12, atol=1e-18)
+    assert (g[0] == 0).all()
+    torch.testing.assert_close(h, g, rtol=1e-10, atol=1e-14)

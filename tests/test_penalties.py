@@ -528,13 +528,26 @@ def test_keras_preset_against_keras_itself(tseed, monkeypatch):
     if "keras" not in sys.modules:  # Keras reads its backend once, at import
         monkeypatch.setenv("KERAS_BACKEND", os.environ.get("KERAS_BACKEND", "torch"))
     keras = pytest.importorskip("keras")
-    from gpu_orthol1.torch import keras_orthogonal
+    from gpu_orthol1.torch import OrthoL1, keras_orthogonal
 
     for mode in ("rows", "columns"):
         w = np.random.default_rng(int(tseed.integers(2**31))).standard_normal((6, 4)).astype(np.float32)
         want = float(keras.regularizers.OrthogonalRegularizer(0.05, mode)(keras.ops.convert_to_tensor(w)))
         got = float(keras_orthogonal(torch.from_numpy(w), 0.05, mode))
         np.testing.assert_allclose(got, want, rtol=1e-5)
+    # the model preset on a torch model against Keras on the ported one (Dense kernel = W^T): the
+    # same mode name, the same penalty
+    nn = torch.nn
+    tm = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 9), nn.Linear(9, 3))
+    for mode in ("rows", "columns"):
+        km = keras.Sequential([keras.Input((5,))] + [
+            keras.layers.Dense(t.out_features, kernel_regularizer=keras.regularizers.OrthogonalRegularizer(0.05, mode))
+            for t in tm])
+        for kl, tl in zip(km.layers, tm):
+            kl.set_weights([tl.weight.detach().numpy().T, tl.bias.detach().numpy()])
+        km(np.zeros((1, 5), np.float32))
+        want = sum(float(v) for v in km.losses)
+        np.testing.assert_allclose(float(OrthoL1.keras(tm, 0.05, mode).loss()), want, rtol=1e-5)
 
 
 def _biggan_ortho_update(model, strength):

@@ -270,17 +270,37 @@ def ortho_l1(weight, beta=1.0, *, axis=1, reduction="sum", mode=None, penalty="l
     return _ortho_l1_op(weight, _plan.check_beta(beta), reduction, how, m_axis, transpose, want_grad, *variant)[0]
 
 
-def keras_orthogonal(w, factor=0.01, mode="rows"):
-    """Keras 3's `OrthogonalRegularizer(factor, mode)(w)` for a 2-D weight, with autograd.
+def keras_orthogonal(w: torch.Tensor, factor: float = 0.01, mode: str = "rows") -> torch.Tensor:
+    """Keras 3's `OrthogonalRegularizer(factor, mode)(w)` on the 2-D tensor w as given, with autograd.
 
     Keras normalizes the rows (mode="rows") or columns ("columns") of w to unit L2 norm, forms their
     Gram P (size x size) and returns factor * 0.5 * sum |P * (1 - I)| / (size * (size - 1) / 2), i.e.
     factor * sum |P * (1 - I)| / (size * (size - 1)): factor times the mean |off-diagonal entry|.
     Here that is `ortho_l1(w, factor / (size * (size - 1)), mode=mode, penalty="l1", diagonal=False,
-    normalize=True)`. Keras takes w as stored (a Keras Dense kernel is (in, out); a torch Linear weight
-    is (out, in), its transpose). Differences, both outside the usual range: Keras scales a row of norm
-    below its epsilon 1e-7 by 1e7 instead of normalizing it (here every non-zero row is normalized, a
-    zero row stays zero), and for size 1 Keras returns NaN (0 / 0) where this returns 0.
+    normalize=True)`.
+
+    The mode applies to w as given, as Keras applies it to the kernel it is handed. A Keras Dense
+    kernel is (in, out) and a torch Linear weight (out, in), its transpose: for the penalty Keras
+    puts on the matching Dense layer pass `layer.weight.T`, or use `OrthoL1.keras(model, ...)`, whose
+    mode is in Keras's layout. Differences, both outside the usual range: Keras scales a row of norm
+    below its epsilon 1e-7 by 1e7 instead of normalizing it (here every non-zero row is normalized,
+    a zero row stays zero), and for size 1 Keras returns NaN (0 / 0) where this returns 0.
+
+    Args:
+        w: a 2-D float tensor (CPU or CUDA).
+        factor: Keras's `factor`, finite and >= 0.
+        mode: "rows" (Keras's default) or "columns" of w.
+
+    Returns:
+        A 0-D tensor (float64 for float64 w, float32 otherwise) with autograd.
+
+    Raises:
+        TypeError: w is not a dense real float tensor.
+        ValueError: w is not 2-D, mode is not "rows" or "columns", or factor is negative or not finite.
+
+    Example:
+        >>> lin = torch.nn.Linear(8, 4)
+        >>> loss = keras_orthogonal(lin.weight.T, 0.01, "rows")  # Keras's Dense(4) kernel regularizer
     """
     _check_tensor(w, "w")
     if w.dim() != 2:
@@ -470,20 +490,58 @@ class OrthoL1:
     # -- presets ---------------------------------------------------------------------------------
 
     @classmethod
-    def keras(cls, params_or_module, factor=0.01, mode="rows", **kw):
-        """Keras 3's `OrthogonalRegularizer(factor, mode)` on every selected matrix: per matrix,
-        factor * mean |off-diagonal entry| of the Gram of its L2-normalized rows (mode="rows") or
-        columns ("columns"), as `keras_orthogonal`; the loss is the sum over matrices (Keras adds
-        each layer's penalty to the model's loss). Other keywords as for OrthoL1 (not penalty,
-        diagonal, normalize). Keras takes 2-D kernels only; here Conv weights are flattened to
-        (out, -1) and 3-D parameters follow `three_d`, each matrix (slice) averaged over its own
-        size * (size - 1) off-diagonal entries; a 1-row Gram (size 1) adds 0."""
+    def keras(cls, params_or_module, factor: float = 0.01, mode: str = "rows", **kw) -> OrthoL1:
+        """Keras 3's `OrthogonalRegularizer(factor, mode)` on the Keras kernel of every selected weight,
+        so that a model ported from Keras gets the penalty Keras gives it under the same mode name.
+
+        Per matrix: factor * mean |off-diagonal entry| of the Gram of the L2-normalized rows
+        (mode="rows") or columns ("columns") of the Keras kernel; the loss is the sum over matrices
+        (Keras adds each layer's penalty to the model's loss). The Keras kernel of a torch weight:
+        a Linear weight (out, in) is read as the Dense kernel W^T (in, out), so Keras's rows are the
+        weight's columns; a Conv (and ConvTranspose) weight (out, in, *k) as Keras's conv kernel
+        (*k, in, out) reshaped to (prod(k) * in, out), i.e. W viewed as (out, -1) and transposed
+        (Keras's regularizer itself takes 2-D kernels only; the order of the flattened rows changes
+        nothing); each slice of a 3-D stack likewise as an (out, in) weight; an Embedding weight
+        (num, dim), when the module is passed, as stored, Keras's Embedding layout. Parameters
+        passed without their module are read as (out, in) weights. A 1-row Gram (size 1) adds 0.
+        `keras_orthogonal(w, ...)` applies Keras's rule to one tensor as given instead.
+
+        Args:
+            params_or_module: as for OrthoL1.
+            factor: Keras's `factor`, finite and >= 0.
+            mode: "rows" (Keras's default) or "columns", of the Keras kernel.
+            **kw: other OrthoL1 keywords (not mode, penalty, diagonal, normalize).
+
+        Returns:
+            An OrthoL1 whose `loss()` is that sum; `add_grad_()` and `step_()` as for OrthoL1.
+
+        Raises:
+            ValueError: mode is not "rows" or "columns", factor is negative or not finite, or
+                OrthoL1 refuses the selection.
+            TypeError: as for OrthoL1.
+
+        Example:
+            >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+            >>> # as Dense layers with kernel_regularizer=OrthogonalRegularizer(0.01, "rows")
+            >>> reg = OrthoL1.keras(model, 0.01, "rows")
+            >>> penalty = reg.loss()  # add to the task loss
+        """
         if mode not in ("rows", "columns"):
             raise ValueError(f"mode must be 'rows' or 'columns' (Keras's modes), got {mode!r}")
-        reg = cls(params_or_module, factor, mode, penalty="l1", diagonal=False, normalize=True, **kw)
+        reg = cls(params_or_module, factor, "rows", penalty="l1", diagonal=False, normalize=True, **kw)
+        as_stored = set()  # Keras's Embedding table is (input_dim, output_dim), torch's layout
+        if isinstance(params_or_module, torch.nn.Module):
+            for mod in params_or_module.modules():
+                if isinstance(mod, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+                    as_stored.add(id(mod.weight))
         for t in reg.targets:
+            # transpose=True makes the core's Gram the torch matrix's row Gram; Keras's kernel is the
+            # transpose of torch's (out, in) weight, so Keras's rows are its columns
+            t.transpose = (mode == "rows") == (id(t.param) in as_stored)
+            t._cached = None
             size = t.view(t.param.detach()).shape[2]
             t.scale = 1.0 / (size * (size - 1)) if size > 1 else 0.0
+        reg.mode = f"keras {mode}"  # the repr's mode; not one of OrthoL1's (torch-layout) modes
         return reg
 
     @classmethod

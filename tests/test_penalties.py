@@ -455,8 +455,9 @@ def _keras_formula(w, factor, mode):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_keras_preset_matches_keras_formula(dtype, tseed):
-    from gpu_orthol1.torch import OrthoL1, keras_orthogonal
+def test_keras_orthogonal_matches_keras_formula(dtype, tseed):
+    """keras_orthogonal(w, factor, mode): Keras's rule on w as given, value and gradient."""
+    from gpu_orthol1.torch import keras_orthogonal
 
     for shape, mode in (((6, 4), "rows"), ((6, 4), "columns"), ((3, 8), "rows"), ((2, 9), "columns")):
         w = torch.randn(*shape, dtype=dtype, requires_grad=True)
@@ -468,34 +469,85 @@ def test_keras_preset_matches_keras_formula(dtype, tseed):
         tol = dict(rtol=1e-12, atol=1e-15) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-8)
         torch.testing.assert_close(got, want.detach(), **tol)
         torch.testing.assert_close(w.grad, w2.grad, **tol)
-    # the model-wide preset: the sum of the per-layer Keras values
-    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3)).to(dtype)
-    reg = OrthoL1.keras(model, 0.02, "columns")
+
+
+def _keras_kernel(w, embedding=False):
+    """The kernel Keras keeps for the layer a torch weight belongs to: Dense (in, out) = the Linear
+    weight (out, in) transposed; Conv{1,2,3}D (*k, in, out) = the torch (out, in, *k) permuted, and
+    Conv2DTranspose (*k, out, in) = the torch (in, out, *k) permuted the same way, reshaped to
+    (prod(k) * in, out) (Keras's regularizer takes 2-D only: the preset's documented extension);
+    Embedding (input_dim, output_dim) as torch stores it."""
+    if embedding:
+        return w
+    if w.dim() == 2:
+        return w.T
+    return w.permute(*range(2, w.dim()), 1, 0).reshape(-1, w.shape[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["rows", "columns"])
+def test_keras_model_preset_mode_is_keras_layout(mode, dtype, tseed):
+    """OrthoL1.keras(model, factor, mode) on a torch model = the sum of Keras's regularizer with the
+    same mode on each layer's Keras-layout kernel, value and gradient (not the torch weight as stored:
+    that is the other mode for a Linear)."""
+    from gpu_orthol1.torch import OrthoL1, keras_orthogonal
+
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3), nn.Conv2d(2, 3, (2, 3)), nn.ConvTranspose2d(3, 4, 2),
+                          nn.Conv1d(3, 5, 2), nn.Embedding(6, 4)).to(dtype)
+    emb = model[5].weight
+    weights = [m.weight for m in model]
+    factor = float(tseed.uniform(0.01, 0.5))
+    reg = OrthoL1.keras(model, factor, mode)
+    assert [t.param for t in reg.targets] == weights
     model.zero_grad(set_to_none=True)
     loss = reg.loss()
     loss.backward()
-    got = [p.grad.clone() for p in (model[0].weight, model[1].weight)]
+    got = [p.grad.clone() for p in weights]
     model.zero_grad(set_to_none=True)
-    want = sum(_keras_formula(p, 0.02, "columns") for p in (model[0].weight, model[1].weight))
+    want = sum(_keras_formula(_keras_kernel(p.double(), p is emb), factor, mode) for p in weights)
     want.backward()
     tol = dict(rtol=1e-12, atol=1e-15) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-8)
-    torch.testing.assert_close(loss, want.detach(), **tol)
-    for g, p in zip(got, (model[0].weight, model[1].weight)):
-        torch.testing.assert_close(g, p.grad, **tol)
-    assert "normalize=True" in repr(reg)
+    torch.testing.assert_close(loss, want.detach().to(dtype), **tol)
+    for g, p in zip(got, weights):
+        # float32: normalizing a row divides its rounding error by its norm, so an entry's error
+        # scales with the largest gradient entry, not with its own size
+        gtol = tol if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5 * p.grad.abs().max().item())
+        torch.testing.assert_close(g, p.grad, **gtol)
+    assert f"mode='keras {mode}'" in repr(reg) and "normalize=True" in repr(reg)
+    # add_grad_ and the per-tensor function agree with it; keras_orthogonal takes the tensor as given
+    model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(reg.add_grad_(), loss.detach(), **tol)
+    for g, p in zip(got, weights):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)  # the same computation, the same bits
+    one = OrthoL1.keras(model[0].weight, factor, mode)  # a tensor without its module: an (out, in) weight
+    torch.testing.assert_close(one.loss(), keras_orthogonal(model[0].weight.T, factor, mode), **tol)
 
 
 def test_keras_preset_against_keras_itself(tseed, monkeypatch):
     if "keras" not in sys.modules:  # Keras reads its backend once, at import
         monkeypatch.setenv("KERAS_BACKEND", os.environ.get("KERAS_BACKEND", "torch"))
     keras = pytest.importorskip("keras")
-    from gpu_orthol1.torch import keras_orthogonal
+    from gpu_orthol1.torch import OrthoL1, keras_orthogonal
 
     for mode in ("rows", "columns"):
         w = np.random.default_rng(int(tseed.integers(2**31))).standard_normal((6, 4)).astype(np.float32)
         want = float(keras.regularizers.OrthogonalRegularizer(0.05, mode)(keras.ops.convert_to_tensor(w)))
         got = float(keras_orthogonal(torch.from_numpy(w), 0.05, mode))
         np.testing.assert_allclose(got, want, rtol=1e-5)
+    # the model preset on a torch model against Keras on the ported one (Dense kernel = W^T): the
+    # same mode name, the same penalty
+    nn = torch.nn
+    tm = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 9), nn.Linear(9, 3))
+    for mode in ("rows", "columns"):
+        km = keras.Sequential([keras.Input((5,))] + [
+            keras.layers.Dense(t.out_features, kernel_regularizer=keras.regularizers.OrthogonalRegularizer(0.05, mode))
+            for t in tm])
+        for kl, tl in zip(km.layers, tm):
+            kl.set_weights([tl.weight.detach().numpy().T, tl.bias.detach().numpy()])
+        km(np.zeros((1, 5), np.float32))
+        want = sum(float(keras.ops.stop_gradient(v)) for v in km.losses)
+        np.testing.assert_allclose(OrthoL1.keras(tm, 0.05, mode).loss().item(), want, rtol=1e-5)
 
 
 def _biggan_ortho_update(model, strength):
@@ -559,18 +611,78 @@ def test_bench_penalties_runs(tmp_path):
     assert "| 9 x 6 x 5 | l2-offdiag |" in (tmp_path / "p.md").read_text()
 
 
-def test_pointnet_recipe(tseed):
-    """docs/penalties.md's PointNet line: l2reg * sum over the batch of (x x^T - I)^2, value and gradient."""
+def _pointnet_fxia22(trans):
+    """fxia22/pointnet.pytorch, models/pointnet.py feature_transform_regularizer (dtype added):
+    the batch mean of the Frobenius norms (not squared) of T T^T - I."""
+    d = trans.size()[1]
+    I = torch.eye(d, dtype=trans.dtype)[None, :, :]
+    loss = torch.mean(torch.norm(torch.bmm(trans, trans.transpose(2, 1)) - I, dim=(1, 2)))
+    return loss
+
+
+def _pointnet_tf(transform, reg_weight):
+    """charlesq34/pointnet (the official TensorFlow code), models/pointnet_cls.py get_loss:
+    mat_diff = T T^T - I, reg_weight * tf.nn.l2_loss(mat_diff), tf.nn.l2_loss(t) = sum(t ** 2) / 2."""
+    K = transform.shape[1]
+    mat_diff = torch.matmul(transform, transform.transpose(1, 2))
+    mat_diff = mat_diff - torch.eye(K, dtype=transform.dtype)
+    return reg_weight * (mat_diff ** 2).sum() / 2
+
+
+def _value_and_grad(f, x):
+    x = x.detach().clone().requires_grad_(True)
+    v = f(x)
+    (g,) = torch.autograd.grad(v, x)
+    return v.detach(), g
+
+
+def test_pointnet_recipes_match_upstream(tseed):
+    """README/docs/penalties.md's PointNet lines, value and gradient in float64: the official
+    TensorFlow regularizer reg_weight * l2_loss(T T^T - I) is ortho_l1(x, reg_weight / 2, axis=0,
+    mode="rows", penalty="l2"); fxia22's batch mean of the unsquared norms is the per-slice
+    reduction="none" losses at beta 1, square-rooted and averaged."""
     from gpu_orthol1.torch import ortho_l1
 
-    x = torch.randn(6, 5, 5, dtype=torch.float64, requires_grad=True)
-    got = ortho_l1(x, 0.01, axis=0, mode="rows", penalty="l2")
-    got.backward()
-    x2 = x.detach().clone().requires_grad_(True)
-    want = 0.01 * ((x2 @ x2.transpose(1, 2) - torch.eye(5, dtype=x2.dtype)) ** 2).sum()
-    want.backward()
-    torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=0)
-    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-10, atol=1e-14)
-    loss, grad = ol1.loss_and_grad(x.detach().numpy(), 0.01, axis=0, penalty="l2")  # the core's column Gram
-    np.testing.assert_allclose(loss, want.item(), rtol=1e-12)
-    np.testing.assert_allclose(grad, x2.grad.numpy(), rtol=1e-10, atol=1e-14)
+    def tf_ours(x, reg_weight):
+        return ortho_l1(x, reg_weight / 2, axis=0, mode="rows", penalty="l2")
+
+    def fxia22_ours(x):
+        return ortho_l1(x, 1.0, axis=0, mode="rows", penalty="l2", reduction="none").sqrt().mean()
+
+    # 1.1 I and 0.9 I: T T^T - I = 0.21 I and -0.19 I, Frobenius norms 0.21 sqrt(3) and 0.19 sqrt(3)
+    eye = torch.eye(3, dtype=torch.float64)
+    trans = torch.stack([1.1 * eye, 0.9 * eye])
+    np.testing.assert_allclose(_pointnet_fxia22(trans).item(), 0.2 * 3 ** 0.5, rtol=1e-15)
+    np.testing.assert_allclose(fxia22_ours(trans).item(), 0.2 * 3 ** 0.5, rtol=1e-15)
+    np.testing.assert_allclose(_pointnet_tf(trans, 1e-3).item(), 1e-3 * 3 * (0.21 ** 2 + 0.19 ** 2) / 2,
+                               rtol=1e-14)
+    base = torch.randn(4, 9, 9, dtype=torch.float64)
+    cases = [torch.randn(2, 3, 3, dtype=torch.float64),  # PointNet's input transform size
+             torch.eye(16, dtype=torch.float64) + 0.1 * torch.randn(5, 16, 16, dtype=torch.float64),
+             torch.randn(3, 7, 7, dtype=torch.float64),
+             base.transpose(1, 2)]  # a non-contiguous batch
+    reg_weight = float(tseed.uniform(1e-4, 1e-2))
+    for x in cases:
+        v, g = _value_and_grad(lambda t: _pointnet_tf(t, reg_weight), x)
+        w, h = _value_and_grad(lambda t: tf_ours(t, reg_weight), x)
+        torch.testing.assert_close(w, v, rtol=1e-12, atol=0)
+        torch.testing.assert_close(h, g, rtol=1e-10, atol=1e-14)
+        v, g = _value_and_grad(_pointnet_fxia22, x)
+        w, h = _value_and_grad(fxia22_ours, x)
+        torch.testing.assert_close(w, v, rtol=1e-12, atol=0)
+        torch.testing.assert_close(h, g, rtol=1e-10, atol=1e-14)
+        # the core on arrays: for square x the column Gram's sum (x^T x - I)^2 is the same value
+        loss, grad = ol1.loss_and_grad(x.numpy(), reg_weight / 2, axis=0, penalty="l2")
+        v, g = _value_and_grad(lambda t: _pointnet_tf(t, reg_weight), x)
+        np.testing.assert_allclose(loss, v.item(), rtol=1e-12)
+        np.testing.assert_allclose(grad, g.numpy(), rtol=1e-10, atol=1e-14)
+    # a slice with x x^T = I exactly (a permutation): torch.norm's gradient there is 0, the square
+    # root's 0 * inf = NaN; the documented clamp gives 0 and leaves the other slices' gradient alone
+    x = torch.stack([torch.eye(5, dtype=torch.float64)[[2, 0, 4, 1, 3]], 1.1 + torch.randn(5, 5, dtype=torch.float64)])
+    v, g = _value_and_grad(_pointnet_fxia22, x)
+    assert torch.isnan(_value_and_grad(fxia22_ours, x)[1][0]).all()
+    w, h = _value_and_grad(lambda t: ortho_l1(t, 1.0, axis=0, mode="rows", penalty="l2",
+                                              reduction="none").clamp_min(1e-37).sqrt().mean(), x)
+    torch.testing.assert_close(w, v, rtol=1e-12, atol=1e-18)
+    assert (g[0] == 0).all()
+    torch.testing.assert_close(h, g, rtol=1e-10, atol=1e-14)

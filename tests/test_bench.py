@@ -343,7 +343,7 @@ def test_slow_is_the_cpu_promise_only():
 
 def test_slow_points_reach_the_json_and_csv(tmp_path):
     """The field is in every row the command writes (its value depends on the timings: not asserted)."""
-    rc, doc, rows, _ = _run(tmp_path, "--shapes", "20x3x4", "--sweep-m", "16x4:2", "--sweep-n", "none",
+    rc, doc, rows, _ = _run(tmp_path, "--shapes", "20x3x4", "--sweep-m", "16x4:2", "--sweep-n", "16x2:3",
                             "--dtypes", "float32", "--methods", "gpu_orthol1,numpy-naive")
     assert rc == 0
     for r in [*rows, *doc["rows"]]:

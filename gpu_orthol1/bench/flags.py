@@ -135,7 +135,7 @@ def slow_rows(rows: list[dict]) -> list[dict]:
             why.append(f"{float(rb):.2f}x the BLAS limit > {SLOW_RATIO:g}")
         peer = naive.get(_case_key(r))
         if peer is not None and peer.get("p50_ms") not in ("", None) and float(r["p50_ms"]) > float(peer["p50_ms"]):
-            why.append(f"slower than {SLOW_PEER} ({float(r['p50_ms']):.3g} > {float(peer['p50_ms']):.3g} ms)")
+            why.append(f"slower than {SLOW_PEER} ({float(r['p50_ms']):.4g} > {float(peer['p50_ms']):.4g} ms)")
         r["slow"] = "; ".join(why)
     return rows
 

@@ -32,7 +32,8 @@ import numpy as np
 
 import gpu_orthol1 as ol1
 from gpu_orthol1 import _plan
-from gpu_orthol1.bench import FLOOR_RATIO, SPREAD_MAX, cpu_name, loadavg
+from gpu_orthol1.bench.env import cpu_name, loadavg
+from gpu_orthol1.bench.flags import FLOOR_RATIO, SPREAD_MAX
 from gpu_orthol1.reference import check, random_phi, reference
 
 SHAPES = [(4096, 32, 128), (64, 4096, 64), (512, 64, 512)]
@@ -120,7 +121,7 @@ def bench_cpu(repeat):
 def bench_gpu(repeat):
     import cupy
 
-    from gpu_orthol1.cli import gpu_name
+    from gpu_orthol1.bench.env import gpu_name
 
     sync = cupy.cuda.get_current_stream().synchronize
     rows = []
@@ -153,7 +154,7 @@ def bench_gpu(repeat):
             before = pool.used_bytes()
             fn(inputs[0])
             sync()
-            rows.append(dict(method=name, shape=list(shape), dtype="float32", device=gpu_name(),
+            rows.append(dict(method=name, shape=list(shape), dtype="float32", device=gpu_name(with_device=True),
                              p20_ms=p20, p50_ms=med, p80_ms=p80, limit_ms=limit[0],
                              ratio_to_limit=med / limit[0], pool_total_mb=pool.total_bytes() / 2**20,
                              pool_before_mb=before / 2**20))
@@ -171,7 +172,7 @@ def _naive_cupy(cupy, phi):
 
 
 def flags(row, device, start_load):
-    """Why a row is not a figure to publish (see gpu_orthol1.bench.flag_rows for the reasons)."""
+    """Why a row is not a figure to publish (see gpu_orthol1.bench.flags.flag_rows for the reasons)."""
     out = []
     if row["p20_ms"] > 0 and row["p80_ms"] / row["p20_ms"] > SPREAD_MAX:
         out.append(f"spread p80/p20 {row['p80_ms'] / row['p20_ms']:.2f} > {SPREAD_MAX}")

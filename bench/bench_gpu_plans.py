@@ -120,7 +120,7 @@ def _synced(fn, n_repeat):
     (JAX, torch) costs per call, and ours measured the same way for the ratio."""
     from cupyx.profiler import benchmark
 
-    from gpu_orthol1._bench_methods import gpu_sync
+    from gpu_orthol1.bench.base import gpu_sync
 
     def call():
         fn()
@@ -139,7 +139,8 @@ def shapes(quick):
     import numpy as np
 
     import gpu_orthol1 as ol1
-    from gpu_orthol1 import _bench_methods as bm
+    from gpu_orthol1.bench import base as bench_base
+    from gpu_orthol1.bench import methods as bm
     from gpu_orthol1.kernels import fused_small
 
     rows = []
@@ -149,7 +150,7 @@ def shapes(quick):
     for shape, dt, prec in cases:
         host = (np.random.default_rng(0).standard_normal(shape) / np.sqrt(shape[0])).astype(dt)
         phi = cupy.asarray(host)
-        case = bm.Case(shape[0], shape[1], shape[2], np.dtype(dt), "ref", [host, host.copy()])
+        case = bench_base.Case(shape[0], shape[1], shape[2], np.dtype(dt), "ref", [host, host.copy()])
         lim = bm._limit("gpu", prec).prepare(case)
         row = {"shape": shape, "dtype": dt, "precision": prec,
                "limit_cublas_ms": _bench(lambda: lim.call(0), 20 if quick else 50)["device_ms"]}
@@ -197,10 +198,10 @@ def sweep(quick):
     import cupy
 
     import gpu_orthol1 as ol1
-    from gpu_orthol1 import _bench_methods as bm
+    from gpu_orthol1.bench import base as bench_base
     from gpu_orthol1.kernels import fused_small
 
-    bw = bm.d2d_bandwidth()
+    bw = bench_base.d2d_bandwidth()
     total = 1 << (22 if quick else 24)
     rows = []
     for l in (64, 512):
@@ -294,11 +295,11 @@ def fused_kernel(quick):
     import cupy
     import numpy as np
 
-    from gpu_orthol1 import _bench_methods as bm
+    from gpu_orthol1.bench import base as bench_base
     from gpu_orthol1._cupy import CupyDevice
     from gpu_orthol1.kernels import fused_small as fs
 
-    bw = bm.d2d_bandwidth()
+    bw = bench_base.d2d_bandwidth()
     dev = CupyDevice()  # what a plan with kernel="fused" launches through
     dev.bind(cublas=False)
     big = 1 << (24 if quick else 26)
@@ -550,7 +551,7 @@ def main(argv=None) -> int:
         return 0
     import cupy
 
-    from gpu_orthol1.bench import gpu_name, versions
+    from gpu_orthol1.bench.env import gpu_name, versions
 
     doc = {"command": "python3 bench/bench_gpu_plans.py " + " ".join(argv or sys.argv[1:]), "gpu": gpu_name(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(), "cupy": cupy.__version__}

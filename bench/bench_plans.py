@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, here)
-    from gpu_orthol1.bench import cpu_name, loadavg
+    from gpu_orthol1.bench.env import cpu_name, loadavg
 
     load0 = loadavg()
     checkouts = {"now": here} | ({"base": os.path.abspath(a.base)} if a.base else {})

@@ -6,7 +6,7 @@ For every device (CPU model or GPU card), each run that measured it gives
 the headline table: gpu_orthol1's median on the reference shapes, its ratio to
 the BLAS/cuBLAS (and, on GPUs, memory) limit, and how many times faster it is
 than each peer. Figures are copied from the JSON files, never typed in, and
-every row is judged by gpu_orthol1.bench.flag_rows: a value from a disturbed
+every row is judged by gpu_orthol1.bench.flags.flag_rows: a value from a disturbed
 measurement is marked, not published. Runs moved to RESULTS_DIR/disturbed/ are
 listed with what disturbed them, without a table.
 """
@@ -17,7 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from gpu_orthol1.bench import FLOOR_RATIO, SPREAD_MAX, cpu_count_of, flag_rows, headline_markdown, run_flags
+from gpu_orthol1.bench.flags import FLOOR_RATIO, SPREAD_MAX, cpu_count_of, flag_rows, run_flags
+from gpu_orthol1.bench.report import headline_markdown
 
 RERUN = """\
 ## Re-running

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import sys
@@ -10,14 +11,19 @@ import time
 
 import numpy as np
 
+from ._cliargs import dims_of, unwritable
+from .bench import main as bench_main
+from .bench.env import cpu_name, gpu_name
+
 DEFAULT_SHAPE = (4096, 32, 128)
 
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
-        dims = tuple(int(t) for t in text.split(","))
+        dims = dims_of(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--shape wants comma-separated integers like 4096,32,128, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--shape wants integers like 4096,32,128 or 4096x32x128, got {text!r}") from None
     if len(dims) not in (2, 3) or min(dims) < 0:
         raise argparse.ArgumentTypeError(f"--shape wants 2 or 3 non-negative sizes, got {text!r}")
     return dims
@@ -31,26 +37,6 @@ def _count(text: str) -> int:
     if k < 0:
         raise argparse.ArgumentTypeError(f"wants a count (0 or more), got {text!r}")
     return k
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-
-
-def gpu_name() -> str:
-    import cupy
-
-    dev = cupy.cuda.Device()
-    props = cupy.cuda.runtime.getDeviceProperties(dev.id)
-    name = props["name"]
-    return (name.decode() if isinstance(name, bytes) else name) + f" (device {dev.id})"
 
 
 class CliError(Exception):
@@ -105,19 +91,6 @@ def _load_phi(path: str, convert: bool) -> np.ndarray:
         raise CliError(f"{path}: cannot read its data ({type(e).__name__}: {e})") from None
 
 
-def unwritable(opt: str, path: str) -> str | None:
-    """Why the output file `path` (given as option `opt`) cannot be written, or None: checked before
-    any computing, so a bad path never costs a run."""
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        return f"{opt} {path!r} is a directory; give a file name"
-    if not os.path.isdir(parent):
-        return f"{opt} {path!r}: directory {parent!r} does not exist"
-    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        return f"{opt} {path!r} is not writable"
-    return None
-
-
 def _grad_out_path(path: str) -> str:
     """The file numpy.save will write (it appends .npy), checked for writability before any computing."""
     real = path if path.endswith(".npy") else path + ".npy"
@@ -165,7 +138,7 @@ def _cmd_run(args) -> int:
         loss, grad = ol1.loss_and_grad(phi, args.beta, axis=args.axis, backend=args.backend,
                                        precision=args.precision)
         times.append(time.perf_counter() - t0)
-    device = gpu_name() if resolved == "cupy" else cpu_name()
+    device = gpu_name(with_device=True) if resolved == "cupy" else cpu_name()
     gnorm = float(np.linalg.norm(grad.astype(np.float64).ravel()))
     print(f"input     {source}, dtype {phi.dtype}, axis {args.axis}: m={m} slices of {l} x {n}")
     print(f"loss      {float(loss):.9g}   (beta {args.beta:g}, reduction sum)")
@@ -181,6 +154,14 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _installed(module: str) -> bool:
+    """Whether `module` can be found, without importing it (CuPy's import can fail on a broken install)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _cmd_info(args) -> int:
     import gpu_orthol1 as ol1
 
@@ -188,10 +169,14 @@ def _cmd_info(args) -> int:
     print(f"gpu_orthol1 {ol1.__version__}, numpy {np.__version__}, python {platform.python_version()}")
     for name in ("cupy", "numpy"):
         if name in av:
-            where = gpu_name() if name == "cupy" else cpu_name()
+            where = gpu_name(with_device=True) if name == "cupy" else cpu_name()
             print(f"  {name:6s} available   {where}")
         else:
-            print(f"  {name:6s} missing     {av.reasons.get(name, '')}")
+            # installed but not working (no driver, no device, broken libraries) is not "missing":
+            # the fix is a different one
+            state = "unusable" if _installed(name) else "missing"
+            why = " ".join(av.reasons.get(name, "").split())  # one line, whatever the exception held
+            print(f"  {name:6s} {state:11s} {why}")
     env = os.environ.get("GPU_ORTHOL1_BACKEND")
     print(f"  backend='auto' picks: {'GPU_ORTHOL1_BACKEND=' + env if env else 'cupy for CuPy input; for NumPy input cupy above the crossover when available, else numpy'}")
     return 0
@@ -200,22 +185,26 @@ def _cmd_info(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
-        from gpu_orthol1.bench import main as bench_main
-
         return bench_main(argv[1:])
     p = argparse.ArgumentParser(prog="gpu-orthol1", description="L1 orthogonality loss and gradient.")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="loss and gradient of a tensor (.npy) or of a random one")
     r.add_argument("phi", nargs="?", help="a .npy file; without it a random tensor of --shape")
-    r.add_argument("--shape", type=_shape, help="l,m,n (or l,n) of the random tensor; default 4096,32,128")
-    r.add_argument("--axis", type=int, default=1)
-    r.add_argument("--beta", type=float, default=1e-3)
+    r.add_argument("--shape", type=_shape, help="l,m,n or lxmxn (or l,n / lxn) of the random tensor; "
+                   "default 4096,32,128")
+    r.add_argument("--axis", type=int, default=1,
+                   help="the axis of a 3-D tensor that indexes the m matrices (default: %(default)s)")
+    r.add_argument("--beta", type=float, default=1e-3,
+                   help="the penalty's weight: loss = beta * sum_i |Phi_i^T Phi_i - I|_1 (default: %(default)g)")
     r.add_argument("--dtype", choices=["float16", "float32", "float64"], default=None,
                    help="default: float32 for random input, the file's dtype otherwise")
-    r.add_argument("--backend", choices=["auto", "numpy", "cupy"], default="auto")
-    r.add_argument("--precision", choices=["highest", "tf32"], default="highest")
-    r.add_argument("--repeat", type=_count, default=3, help="warm calls to time after the first")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--backend", choices=["auto", "numpy", "cupy"], default="auto",
+                   help="where to compute (default: %(default)s: see `gpu-orthol1 info`)")
+    r.add_argument("--precision", choices=["highest", "tf32"], default="highest",
+                   help="float32 GEMMs on the GPU: full precision or TF32 (default: %(default)s)")
+    r.add_argument("--repeat", type=_count, default=3,
+                   help="warm calls to time after the first (default: %(default)s)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the random tensor (default: %(default)s)")
     r.add_argument("--grad-out", help="save the gradient to this .npy file")
     sub.add_parser("info", help="which backends are available here, and why not")
     sub.add_parser("bench", help="benchmarks against peers and limits (gpu-orthol1 bench --help)")

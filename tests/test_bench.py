@@ -1,4 +1,4 @@
-"""`gpu-orthol1 bench` (gpu_orthol1/bench.py): its correctness gate, its flags for disturbed timings,
+"""`gpu-orthol1 bench` (gpu_orthol1/bench/): its correctness gate, its flags for disturbed timings,
 bench/summarize.py, and the command on tiny shapes.
 
 Timings are never asserted here (team rule): only that the command checks every
@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from gpu_orthol1 import _bench_methods, bench
+from gpu_orthol1.bench import base, command, flags, methods, report, runner
 from gpu_orthol1.reference import TOL, Reference, random_phi
 
 
@@ -52,7 +52,7 @@ def test_reference_shape_slices_run_with_default_arguments(dtype, rng):
 
 def _run(tmp_path, *args):
     csv_p, json_p, png_p = tmp_path / "r.csv", tmp_path / "r.json", tmp_path / "r.png"
-    rc = bench.main(["--device", "cpu", "--no-progress", "--csv", str(csv_p), "--json", str(json_p),
+    rc = command.main(["--device", "cpu", "--no-progress", "--csv", str(csv_p), "--json", str(json_p),
                      "--plot", str(png_p), *args])
     doc = json.loads(json_p.read_text())
     with open(csv_p) as f:
@@ -94,6 +94,7 @@ def test_bench_command_cpu_smoke(tmp_path, capsys):
     assert "gpu_orthol1[numpy]" in out and "| device | shape" in out
 
 
+
 def test_missing_peers_are_skipped_with_a_note(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
     monkeypatch.setitem(sys.modules, "jax", None)
@@ -109,7 +110,7 @@ def test_missing_peers_are_skipped_with_a_note(tmp_path, capsys, monkeypatch):
 
 
 def test_wrong_method_is_reported_not_timed(tmp_path, monkeypatch):
-    real = _bench_methods.all_methods
+    real = methods.all_methods
 
     def with_a_wrong_one():
         ms = real()
@@ -120,11 +121,11 @@ def test_wrong_method_is_reported_not_timed(tmp_path, monkeypatch):
             p.result = lambda r: (r[0], r[1] * 1.01)  # 1% off: must fail the float32 gradient check
             return p
 
-        wrong = _bench_methods.Method("wrong-peer", "peer", "cpu", "numpy", "highest", prepare,
+        wrong = base.Method("wrong-peer", "peer", "cpu", "numpy", "highest", prepare,
                                       lambda: (True, ""))
         return [*ms, wrong]
 
-    monkeypatch.setattr(_bench_methods, "all_methods", with_a_wrong_one)
+    monkeypatch.setattr(methods, "all_methods", with_a_wrong_one)
     rc, _doc, rows, _ = _run(tmp_path, "--shapes", "30x4x6", "--sweep-m", "none", "--sweep-n", "none",
                              "--dtypes", "float32", "--methods", "gpu_orthol1,wrong")
     assert rc == 0  # a wrong peer is a finding, not a failure of the command
@@ -142,8 +143,8 @@ def test_crossover_flops_picks_the_start_of_the_gpu_winning_tail():
         return out
 
     # the GPU wins at 0.1 by noise, loses at 1, then wins from 10 on
-    assert bench.crossover_flops(rows({0.1: (1, 0.5), 1.0: (2, 3), 10.0: (20, 5), 100.0: (200, 9)})) == 10e9
-    assert bench.crossover_flops(rows({1.0: (1, 2), 10.0: (2, 3)})) is None
+    assert report.crossover_flops(rows({0.1: (1, 0.5), 1.0: (2, 3), 10.0: (20, 5), 100.0: (200, 9)})) == 10e9
+    assert report.crossover_flops(rows({1.0: (1, 2), 10.0: (2, 3)})) is None
 
 
 def _usage_error(capsys, monkeypatch, *argv) -> str:
@@ -151,9 +152,9 @@ def _usage_error(capsys, monkeypatch, *argv) -> str:
     def no_run(self):
         raise AssertionError("the bench started measuring before reporting a usage error")
 
-    monkeypatch.setattr(bench.Bench, "run", no_run)
+    monkeypatch.setattr(runner.Bench, "run", no_run)
     with pytest.raises(SystemExit) as e:
-        bench.main(list(argv))
+        command.main(list(argv))
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith("gpu-orthol1 bench: error: ")
@@ -201,7 +202,7 @@ def test_usage_errors_leave_no_traceback(tmp_path):
 
 def _row(method, family, p20, p50, p80, *, limit_ms=None, shape="64x8x16", dtype="float32", sweep="ref",
          precision="highest", load="0.50 0.40 0.30", device="cpu"):
-    r = {k: "" for k in bench.RESULT_FIELDS}
+    r = {k: "" for k in base.RESULT_FIELDS}
     r.update(method=method, family=family, device=device, device_name="Test CPU (2 CPUs)", precision=precision,
              sweep=sweep, shape=shape, dtype=dtype, status="ok", runs=5, p20_ms=p20, p50_ms=p50, p80_ms=p80,
              loadavg=load, timestamp="2026-01-01T00:00:00+00:00")
@@ -219,31 +220,31 @@ def _case(ours_p50=10.0, limit=(9.8, 10.0, 10.2), peer=(19.0, 20.0, 21.0), **kw)
 
 
 def test_clean_rows_are_not_flagged():
-    rows = bench.flag_rows(_case(), cpu_count=2)
+    rows = flags.flag_rows(_case(), cpu_count=2)
     assert [r["flags"] for r in rows] == ["", "", ""]
-    h = bench.headline(rows)[0]
+    h = report.headline(rows)[0]
     assert h["flags"] == {}
-    md = bench.headline_markdown(rows)
+    md = report.headline_markdown(rows)
     assert "?" not in md and "| 10.00 | 1.00 |" in md
 
 
 @pytest.mark.parametrize("ratio, flagged", [(0.74, True), (0.5, True), (0.39, True), (0.75, False), (1.03, False)])
 def test_a_method_below_the_floor_flags_the_row(ratio, flagged):
-    rows = bench.flag_rows(_case(ours_p50=10.0 * ratio), cpu_count=2)
+    rows = flags.flag_rows(_case(ours_p50=10.0 * ratio), cpu_count=2)
     ours = rows[0]
     assert bool(ours["flags"]) == flagged
     if flagged:
         assert f"{ratio:.2f}x the BLAS limit < 0.75" in ours["flags"]
-        md = bench.headline_markdown(rows)
+        md = report.headline_markdown(rows)
         assert f"{10.0 * ratio:.2f}?" in md and f"{ratio:.2f}?" in md  # the time and the ratio are marked
         assert "vs torch-eager" in md.splitlines()[-1]  # a speedup over a peer needs our time too
     assert rows[2]["flags"] == ""  # the limit's ratio to itself is 1
 
 
 def test_the_floor_applies_to_peers_but_not_to_limits():
-    rows = bench.flag_rows(_case(peer=(5.0, 5.0, 5.0)), cpu_count=2)
+    rows = flags.flag_rows(_case(peer=(5.0, 5.0, 5.0)), cpu_count=2)
     assert rows[0]["flags"] == "" and "BLAS limit <" in rows[1]["flags"]
-    h = bench.headline(rows)[0]
+    h = report.headline(rows)[0]
     assert set(h["flags"]) == {"torch-eager"}
 
 
@@ -251,48 +252,104 @@ def test_the_floor_applies_to_peers_but_not_to_limits():
 def test_wide_spread_flags_the_row(p20, p80, flagged):
     rows = _case()
     rows[1].update(p20_ms=p20, p80_ms=p80)
-    bench.flag_rows(rows, cpu_count=2)
+    flags.flag_rows(rows, cpu_count=2)
     assert ("spread p80/p20" in rows[1]["flags"]) == flagged
     assert rows[0]["flags"] == ""
 
 
 def test_a_disturbed_limit_flags_the_ratios_that_use_it():
-    rows = bench.flag_rows(_case(limit=(9.0, 10.0, 13.0)), cpu_count=2)
+    rows = flags.flag_rows(_case(limit=(9.0, 10.0, 13.0)), cpu_count=2)
     ours, peer, lim = rows
     assert "spread" in lim["flags"]
     assert ours["flags"].startswith("limit spread")
-    h = bench.headline(rows)[0]
+    h = report.headline(rows)[0]
     assert set(h["flags"]) == {"x_limit"}  # our time and the peer ratio do not depend on the limit
 
 
 def test_load_above_the_cpu_count_flags_rows_and_runs():
     rows = _case(load="2.50 1.00 1.00")
-    bench.flag_rows(rows, cpu_count=2)
+    flags.flag_rows(rows, cpu_count=2)
     assert all("load 2.50 > 2 CPUs" in r["flags"] for r in rows)
-    assert bench.flag_rows(_case(load="2.50 1.00 1.00"), cpu_count=4)[0]["flags"] == ""
+    assert flags.flag_rows(_case(load="2.50 1.00 1.00"), cpu_count=4)[0]["flags"] == ""
     # a run that started loaded: every row, however quiet later
     rows = _case(load="1.00 1.00 1.00")
-    bench.flag_rows(rows, cpu_count=2, start_load="3.10 2.00 1.00")
+    flags.flag_rows(rows, cpu_count=2, start_load="3.10 2.00 1.00")
     assert all("run started at load 3.10 > 2 CPUs" in r["flags"] for r in rows)
-    assert bench.run_flags(rows, 2, "1.90 1.00 1.00") == []
+    assert flags.run_flags(rows, 2, "1.90 1.00 1.00") == []
     # unknown CPU count: a start at load <= 1 passes whatever the count, above 1 is unknown, so flagged
-    assert bench.run_flags(rows, None, "0.91 0.32 0.12") == []
-    assert bench.run_flags(rows, None, "1.38 0.44 0.16") != []
-    assert bench.flag_rows(_case(load="4.85 1.00 1.00"), cpu_count=None, start_load="0.5")[0]["flags"] == ""
+    assert flags.run_flags(rows, None, "0.91 0.32 0.12") == []
+    assert flags.run_flags(rows, None, "1.38 0.44 0.16") != []
+    assert flags.flag_rows(_case(load="4.85 1.00 1.00"), cpu_count=None, start_load="0.5")[0]["flags"] == ""
 
 
 def test_cpu_count_is_read_from_the_results():
-    assert bench.cpu_count_of({"cpu_count": 16, "devices": {"gpu": "NVIDIA H200"}}) == 16
-    assert bench.cpu_count_of({"devices": {"cpu": "AMD EPYC (2 CPUs)"}}) == 2
-    assert bench.cpu_count_of({"devices": {"gpu": "NVIDIA H200"}}) is None
+    assert flags.cpu_count_of({"cpu_count": 16, "devices": {"gpu": "NVIDIA H200"}}) == 16
+    assert flags.cpu_count_of({"devices": {"cpu": "AMD EPYC (2 CPUs)"}}) == 2
+    assert flags.cpu_count_of({"devices": {"gpu": "NVIDIA H200"}}) is None
 
 
 def test_failed_rows_are_not_flagged():
     rows = _case()
     rows[1].update(status="wrong", p20_ms="", p50_ms="", p80_ms="", ratio_blas="", note="gradient off")
-    bench.flag_rows(rows, cpu_count=2)
+    flags.flag_rows(rows, cpu_count=2)
     assert rows[1]["flags"] == ""
-    assert "| wrong |" in bench.headline_markdown(rows)
+    assert "| wrong |" in report.headline_markdown(rows)
+
+
+# ---------------------------------------------------------------- the CPU promise: slow points
+
+def _sweep_point(ours_ms, limit_ms=10.0, naive_ms=20.0, *, shape="512x1024x64", sweep="m", device="cpu",
+                 precision="highest"):
+    """gpu_orthol1, numpy-naive and the limit on one sweep point, as the runner leaves them."""
+    kw = dict(shape=shape, sweep=sweep, device=device)
+    lim = _row("limit-blas", "limit", limit_ms, limit_ms, limit_ms, limit_ms=limit_ms, **kw)
+    ours = _row("gpu_orthol1[numpy]", "ours", ours_ms, ours_ms, ours_ms, limit_ms=limit_ms, precision=precision,
+                **kw)
+    naive = _row("numpy-naive", "peer", naive_ms, naive_ms, naive_ms, limit_ms=limit_ms, **kw)
+    return [ours, naive, lim]
+
+
+@pytest.mark.parametrize("ours_ms, naive_ms, want", [
+    (10.0, 20.0, []),
+    (11.0, 20.0, []),  # 1.10x the limit exactly keeps the promise
+    (11.2, 20.0, ["1.12x the BLAS limit > 1.1"]),
+    (10.5, 10.0, ["slower than numpy-naive (10.5 > 10 ms)"]),
+    # the issue's (512, 1024, 64) point: 198 ms against a 154 ms limit, naive NumPy 168 ms
+    (198 / 154 * 10, 168 / 154 * 10, ["1.29x the BLAS limit > 1.1", "slower than numpy-naive (12.86 > 10.91 ms)"]),
+])
+def test_slow_points_are_marked(ours_ms, naive_ms, want):
+    rows = flags.slow_rows(_sweep_point(ours_ms, naive_ms=naive_ms))
+    assert flags.split_flags(rows[0]["slow"]) == want
+    assert rows[1]["slow"] == "" and rows[2]["slow"] == ""  # a peer or a limit promises nothing
+    line = next(ln for ln in report.table(rows, sweeps=("m",)).splitlines() if ln.startswith("gpu_orthol1"))
+    assert ("SLOW: " + "; ".join(want) in line) if want else "SLOW" not in line
+
+
+def test_slow_is_the_cpu_promise_only():
+    # a GPU row or a TF32 row far above the limit is not judged by the CPU promise
+    for kw in ({"device": "gpu"}, {"precision": "tf32"}):
+        assert flags.slow_rows(_sweep_point(30.0, naive_ms=5.0, **kw))[0]["slow"] == ""
+    # naive NumPy is compared on the same point only, never on another shape or sweep
+    rows = _sweep_point(10.0, naive_ms=20.0) + _sweep_point(10.0, naive_ms=5.0, shape="1024x16x32", sweep="n")[1:]
+    assert flags.slow_rows(rows)[0]["slow"] == ""
+    # without a naive row (--methods left it out) only the limit is checked
+    ours, _naive, lim = _sweep_point(10.5, naive_ms=1.0)
+    assert flags.slow_rows([ours, lim])[0]["slow"] == ""
+    # a row that failed its check has no time to judge
+    ours, naive, lim = _sweep_point(30.0)
+    ours.update(status="wrong", p50_ms="", ratio_blas="")
+    assert flags.slow_rows([ours, naive, lim])[0]["slow"] == ""
+
+
+def test_slow_points_reach_the_json_and_csv(tmp_path):
+    """The field is in every row the command writes (its value depends on the timings: not asserted)."""
+    rc, doc, rows, _ = _run(tmp_path, "--shapes", "20x3x4", "--sweep-m", "16x4:2", "--sweep-n", "16x2:3",
+                            "--dtypes", "float32", "--methods", "gpu_orthol1,numpy-naive")
+    assert rc == 0
+    for r in [*rows, *doc["rows"]]:
+        assert "slow" in r
+        if r["family"] != "ours":
+            assert r["slow"] == ""
 
 
 def test_summarize_marks_flagged_values_and_lists_disturbed_runs(tmp_path):
@@ -330,7 +387,7 @@ def test_summarize_marks_flagged_values_and_lists_disturbed_runs(tmp_path):
 def test_bench_command_gpu_smoke(tmp_path):
     """The GPU half on tiny shapes (torch.compile left out: its compile time belongs to the bench step)."""
     csv_p = tmp_path / "g.csv"
-    rc = bench.main(["--device", "gpu", "--no-progress", "--quick", "--csv", str(csv_p), "--shapes", "40x6x8",
+    rc = command.main(["--device", "gpu", "--no-progress", "--quick", "--csv", str(csv_p), "--shapes", "40x6x8",
                      "--dtypes", "float32,float16", "--sweep-m", "24x4:2,5", "--sweep-n", "none",
                      "--methods", "gpu_orthol1,cupy-naive,torch-eager,jax-jit"])
     assert rc == 0
@@ -377,8 +434,8 @@ def _shape(cell: str) -> str:
 
 def _published(doc_path):
     doc = json.loads((ROOT / doc_path).read_text())
-    rows = bench.flag_rows(doc["rows"], bench.cpu_count_of(doc), doc.get("loadavg_start"))
-    return rows, bench.headline(rows)
+    rows = flags.flag_rows(doc["rows"], flags.cpu_count_of(doc), doc.get("loadavg_start"))
+    return rows, report.headline(rows)
 
 
 def _check_cells(cells, cols, h, rows):
@@ -387,7 +444,7 @@ def _check_cells(cells, cols, h, rows):
             name = col.split(":", 1)[1]
             r = next((r for r in rows if r["sweep"] == "ref" and r["shape"] == h["shape"]
                       and r["dtype"] == h["dtype"] and r["method"] == name), None)
-            flagged, value = (False, "") if r is None else (bool(bench._own(r["flags"])), r["p50_ms"])
+            flagged, value = (False, "") if r is None else (bool(flags.own_flags(r["flags"])), r["p50_ms"])
         else:
             flagged, value = col in h["flags"], h[col]
         if cell == "flagged":
@@ -464,7 +521,7 @@ def test_readme_cpu_core_table_is_its_file():
         ours, naive = (next(r for r in doc["rows"] if r["shape"] == shape and r["method"] == m)
                        for m in ("gpu_orthol1", "naive_numpy"))
         for r in (ours, naive):  # what flag_rows would say of them: no spread, not below the floor
-            assert r["p80_ms"] / r["p20_ms"] <= bench.SPREAD_MAX and r["ratio_to_limit"] >= bench.FLOOR_RATIO
+            assert r["p80_ms"] / r["p20_ms"] <= flags.SPREAD_MAX and r["ratio_to_limit"] >= flags.FLOOR_RATIO
         _printed(cells[1], ours["p50_ms"])
         _printed(cells[2], ours["limit_ms"])
         _printed(cells[3], ours["ratio_to_limit"])

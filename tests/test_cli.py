@@ -7,9 +7,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import gpu_orthol1 as ol1
 from gpu_orthol1 import cli
+from gpu_orthol1._backends import BackendList
+from gpu_orthol1.bench import command
 
 from .reference import check, random_phi
 
@@ -41,7 +44,58 @@ def test_info_lists_both_backends(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^\s+numpy\s+available", out, re.M)
-    assert re.search(r"^\s+cupy\s+(available|missing\s+\S)", out, re.M)
+    assert re.search(r"^\s+cupy\s+(available|missing\s+\S|unusable\s+\S)", out, re.M)
+    if "cupy" not in ol1.available_backends():  # here: "missing" only where CuPy is not installed at all
+        state = "unusable" if cli._installed("cupy") else "missing"
+        assert re.search(rf"^\s+cupy\s+{state}\s+\S", out, re.M), out
+
+
+def test_info_says_unusable_and_why_when_cupy_is_installed_but_cannot_run(capsys, monkeypatch):
+    why = ("cupy is installed but finds no usable CUDA driver or device: cudaErrorInsufficientDriver: "
+           "CUDA driver version is insufficient\n  for CUDA runtime version")
+    monkeypatch.setattr(ol1, "available_backends", lambda: BackendList(["numpy"], {"cupy": why}))
+    monkeypatch.setattr(cli, "_installed", lambda module: True)
+    assert cli.main(["info"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.split()[:1] == ["cupy"])
+    assert line.split()[1] == "unusable"
+    assert line.endswith("cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version")
+    monkeypatch.setattr(cli, "_installed", lambda module: False)
+    assert cli.main(["info"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.split()[:1] == ["cupy"])
+    assert line.split()[1] == "missing"
+
+
+def test_run_help_explains_axis_and_beta_with_their_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps at the terminal width
+    text = text[text.rindex("--shape SHAPE"):]  # the option list, after the usage line
+    axis = text[text.index("--axis AXIS"):text.index("--beta BETA")]
+    beta = text[text.index("--beta BETA"):text.index("--dtype")]
+    assert "axis" in axis[len("--axis AXIS"):] and "(default: 1)" in axis
+    assert "weight" in beta and "(default: 0.001)" in beta
+    for opt, default in (("--backend", "auto"), ("--precision", "highest"), ("--repeat", "3"), ("--seed", "0")):
+        assert f"(default: {default}" in text[text.index(opt + " "):], opt
+
+
+def test_shapes_take_both_separators_in_run_and_bench(capsys):
+    assert cli.main(["run", "--shape", "3x7x5", "--axis", "0", "--backend", "numpy", "--repeat", "0"]) == 0
+    assert "m=3 slices of 7 x 5" in capsys.readouterr().out
+    assert cli.main(["run", "--shape", "6X4", "--repeat", "0", "--backend", "numpy"]) == 0
+    assert "random (6, 4)" in capsys.readouterr().out
+    want = [(40, 6, 8), (17, 3, 5)]
+    for text in ("40x6x8,17x3x5", "40,6,8;17,3,5", "40,6,8 17,3,5", "40X6X8;17,3,5"):
+        assert command._parse_shapes(text) == want, text
+    assert command._parse_shapes("64,8,16") == [(64, 8, 16)]
+    assert command._parse_sweep("24,4:2,5") == command._parse_sweep("24x4:2,5") == ((24, 4), (2, 5))
+
+
+def test_a_shape_that_mixes_separators_is_a_clear_error():
+    rc, err, out = _cli("run", "--shape", "3,7x5")
+    assert rc == 2 and "Traceback" not in err and "4096,32,128 or 4096x32x128" in err.strip().splitlines()[-1]
+    rc, err, out = _cli("bench", "--device", "cpu", "--shapes", "40x6,8")
+    assert rc == 2 and "Traceback" not in err and "is not LxMxN (or L,M,N)" in err.strip().splitlines()[-1]
 
 
 def test_bad_input_exits_2_with_message(tmp_path, capsys):

@@ -1,8 +1,10 @@
-"""The built wheel installs kernels/ as gpu_orthol1.kernels and never as a top-level `kernels`."""
+"""The built wheel installs kernels/ as gpu_orthol1.kernels and never as a top-level `kernels`, and carries
+every subpackage (the `gpu-orthol1 bench` harness in gpu_orthol1/bench/)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,7 +16,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_wheel_has_no_top_level_kernels(tmp_path):
     pytest.importorskip("build")
-    r = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), ROOT],
+    # from a clean copy: a --no-isolation build in the checkout reuses its build/lib, where a module
+    # that the package list no longer names (or never named) survives from an earlier build
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", "results"))
+    r = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(src)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     (wheel,) = [p for p in os.listdir(tmp_path) if p.endswith(".whl")]
@@ -23,6 +30,12 @@ def test_wheel_has_no_top_level_kernels(tmp_path):
     assert "kernels" not in tops
     assert "gpu_orthol1/kernels/sign_abs.py" in names and "gpu_orthol1/kernels/sign_abs_cpu.py" in names
     assert "gpu_orthol1/kernels/addresses.py" in names
+    # every module of every subpackage in the source tree, so a package left out of pyproject's list fails here
+    src = os.path.join(ROOT, "gpu_orthol1")
+    for sub in sorted(d for d in os.listdir(src) if os.path.isfile(os.path.join(src, d, "__init__.py"))):
+        for mod in sorted(f for f in os.listdir(os.path.join(src, sub)) if f.endswith(".py")):
+            assert f"gpu_orthol1/{sub}/{mod}" in names, f"the wheel lacks gpu_orthol1/{sub}/{mod}"
+    assert "gpu_orthol1/bench/command.py" in names and "gpu_orthol1/bench/__main__.py" in names
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
     entry = [n for n in names if n.endswith("entry_points.txt")]
     assert entry and "gpu-orthol1 = gpu_orthol1.cli:main" in zipfile.ZipFile(tmp_path / wheel).read(entry[0]).decode()

@@ -1,11 +1,8 @@
 """The methods `gpu-orthol1 bench` times: gpu_orthol1 itself, what a user would write instead, the limits.
 
-Each method is a `Method` whose `prepare(case)` returns a `Prepared`: a
-`call(k)` that computes loss and gradient of input copy k (held on the method's
-device), `result(r)` turning its output into (loss, gradient) on the host for the
-correctness check, `sync()` for the timer, and `peak()` that measures the extra
-memory of one call. Peers are imported lazily; one that is missing makes
-`available()` return a one-line reason and the bench skips it.
+Each is a `base.Method`; `all_methods()` lists them in the order the bench runs them.
+Peers are imported lazily; one that is missing makes `available()` return a
+one-line reason and the bench skips it.
 
 Every peer computes the same loss, beta * sum |P_i^T P_i - I|, on the same
 (l, m, n) C-contiguous input, the way a user would write it in that library.
@@ -13,184 +10,26 @@ Every peer computes the same loss, beta * sum |P_i^T P_i - I|, on the same
 
 from __future__ import annotations
 
-import gc
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-BETA = 0.5
-
-
-@dataclass
-class Case:
-    l: int
-    m: int
-    n: int
-    dtype: np.dtype
-    sweep: str  # "ref", "m", "n"
-    host: list[np.ndarray]  # input copies (l, m, n), C-contiguous, rotated between runs
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.l, self.m, self.n)
-
-    @property
-    def label(self) -> str:
-        return f"{self.l}x{self.m}x{self.n}"
-
-    @property
-    def nbytes(self) -> int:
-        return self.host[0].nbytes
-
-
-@dataclass
-class Prepared:
-    call: Callable[[int], Any]
-    result: Callable[[Any], tuple[Any, Any]]
-    sync: Callable[[], None]
-    peak: Callable[[], tuple[float, str]]  # (bytes, how measured)
-    keep: list = field(default_factory=list)  # device copies of the inputs, freed with this object
-
-
-@dataclass
-class Method:
-    name: str
-    family: str  # "ours", "peer", "limit"
-    device: str  # "cpu" or "gpu"
-    backend: str
-    precision: str  # "highest" or "tf32"
-    prepare: Callable[[Case], Prepared]
-    available: Callable[[], tuple[bool, str]]
-    dtypes: tuple = ("float16", "float32", "float64")
-
-    def tol_class(self, dtype) -> str:
-        name = np.dtype(dtype).name
-        if self.precision == "tf32" and name == "float32":
-            return "lowp"
-        if name == "float16" and self.family != "ours":
-            return "lowp"  # the naive float16 expression rounds G itself to float16
-        return name
-
-
-# ---------------------------------------------------------------- memory probes (CPU)
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def rss_probe_works() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        _status_kb("VmHWM")
-        return True
-    except OSError:
-        return False
-
-
-_MMAP_STEADY = 32 << 20  # glibc's dynamic mmap threshold ends here once a program frees large blocks
-_MMAP_PROBE = 128 << 10
-
-
-def _mallopt(mmap_threshold: int) -> bool:
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and \
-        bool(libc.mallopt(M_TRIM_THRESHOLD, 2 * mmap_threshold))
-
-
-def malloc_steady() -> bool:
-    """Fix glibc's thresholds where a long-running program's dynamic ones settle (mmap 32 MiB, trim
-    64 MiB), for every CPU timing: all methods then see the same allocator, and the switch to the
-    probe setting and back (cpu_peak) changes nothing for the timings that follow."""
-    return _mallopt(_MMAP_STEADY)
-
-
-def cpu_peak(fn: Callable[[], Any]) -> tuple[float, str]:
-    """Peak extra memory of fn(): resident-set high-water mark (reset through /proc/self/clear_refs)
-    above the resident set before the call; tracemalloc where /proc can't be used. During the probe
-    glibc returns every block over 128 KiB to the OS when freed, so a block reused from the heap
-    can't hide in memory that was already resident."""
-    gc.collect()
-    if rss_probe_works() and _mallopt(_MMAP_PROBE):
-        try:
-            gc.collect()
-            base = _status_kb("VmRSS")
-            r = fn()
-            peak = _status_kb("VmHWM")
-            del r
-        finally:
-            malloc_steady()
-        return max(0, peak - base) * 1024.0, "rss-hwm"
-    import tracemalloc
-
-    tracemalloc.start()
-    try:
-        r = fn()
-        _cur, peak = tracemalloc.get_traced_memory()
-        del r
-    finally:
-        tracemalloc.stop()
-    return float(peak), "tracemalloc"
-
-
-# ---------------------------------------------------------------- GPU helpers
-
-def _cupy():
-    import cupy
-
-    return cupy
-
-
-def gpu_sync():
-    _cupy().cuda.runtime.deviceSynchronize()
-
-
-def cupy_pool_peak(fn: Callable[[], Any]) -> tuple[float, str]:
-    """Bytes a fresh CuPy pool holds after fn(): freed blocks are reused, not returned, so this is
-    the high-water mark of the call's live allocations (rounded to the pool's 512 B blocks)."""
-    cp = _cupy()
-    pool = cp.cuda.MemoryPool()
-    gpu_sync()
-    with cp.cuda.using_allocator(pool.malloc):
-        r = fn()
-        gpu_sync()
-        peak = pool.total_bytes()
-        del r
-    pool.free_all_blocks()
-    return float(peak), "cupy-pool"
-
-
-def _cpu_peak_of(call):
-    return lambda: cpu_peak(lambda: call(0))
-
-
-def _gpu_peak_of(call):
-    return lambda: cupy_pool_peak(lambda: call(0))
-
-
-def _gpu_ok() -> tuple[bool, str]:
-    from . import _backends
-
-    ok, why = _backends.gpu_status()
-    return ok, ("" if ok else f"no usable GPU: {why}")
-
-
-def _device_copies(case: Case):
-    cp = _cupy()
-    return [cp.asarray(h) for h in case.host]
+from .base import (
+    BETA,
+    Case,
+    Method,
+    Prepared,
+    cpu_peak_of,
+    cupy_module,
+    device_copies,
+    gpu_ok,
+    gpu_peak_of,
+    to_host,
+    noop,
+    cpu_peak,
+    gpu_sync,
+)
 
 
 # ---------------------------------------------------------------- gpu_orthol1
@@ -203,34 +42,24 @@ def _ours(device: str, precision: str) -> Method:
 
         if device == "cpu":
             xs = case.host
-            sync = _noop
+            sync = noop
         else:
-            xs = _device_copies(case)
+            xs = device_copies(case)
             sync = gpu_sync
 
         def call(k):
             return ol1.loss_and_grad(xs[k], BETA, backend=backend, precision=precision)
 
         def result(r):
-            return _host(r[0]), _host(r[1])
+            return to_host(r[0]), to_host(r[1])
 
-        peak = _cpu_peak_of(call) if device == "cpu" else _gpu_peak_of(call)
+        peak = cpu_peak_of(call) if device == "cpu" else gpu_peak_of(call)
         return Prepared(call, result, sync, peak, [xs])
 
     name = f"gpu_orthol1[{backend}{',tf32' if precision == 'tf32' else ''}]"
-    avail = (lambda: (True, "")) if device == "cpu" else _gpu_ok
+    avail = (lambda: (True, "")) if device == "cpu" else gpu_ok
     return Method(name, "ours", device, backend, precision, prepare, avail,
                   ("float32",) if precision == "tf32" else ("float16", "float32", "float64"))
-
-
-def _noop():
-    pass
-
-
-def _host(x):
-    if type(x).__module__.split(".")[0] == "cupy":
-        return x.get()
-    return np.asarray(x)
 
 
 # ---------------------------------------------------------------- naive NumPy / CuPy
@@ -251,22 +80,22 @@ def _numpy_naive() -> Method:
         def call(k):
             return _naive(np, xs[k], BETA)
 
-        return Prepared(call, lambda r: (r[0], r[1]), _noop, _cpu_peak_of(call), [xs])
+        return Prepared(call, lambda r: (r[0], r[1]), noop, cpu_peak_of(call), [xs])
 
     return Method("numpy-naive", "peer", "cpu", "numpy", "highest", prepare, lambda: (True, ""))
 
 
 def _cupy_naive() -> Method:
     def prepare(case):
-        xs = _device_copies(case)
-        cp = _cupy()
+        xs = device_copies(case)
+        cp = cupy_module()
 
         def call(k):
             return _naive(cp, xs[k], BETA)
 
-        return Prepared(call, lambda r: (_host(r[0]), _host(r[1])), gpu_sync, _gpu_peak_of(call), [xs])
+        return Prepared(call, lambda r: (to_host(r[0]), to_host(r[1])), gpu_sync, gpu_peak_of(call), [xs])
 
-    return Method("cupy-naive", "peer", "gpu", "cupy", "highest", prepare, _gpu_ok)
+    return Method("cupy-naive", "peer", "gpu", "cupy", "highest", prepare, gpu_ok)
 
 
 # ---------------------------------------------------------------- PyTorch
@@ -278,7 +107,7 @@ def _torch_avail(device: str, compiled: bool):
         except Exception as e:  # noqa: BLE001 - ImportError, or a broken install: both mean "skip"
             return False, f"torch is not installed ({type(e).__name__}: {e})"
         if device == "gpu":
-            ok, why = _gpu_ok()
+            ok, why = gpu_ok()
             if not ok:
                 return False, why
             if not torch.cuda.is_available():
@@ -321,10 +150,10 @@ def _torch(device: str, compiled: bool) -> Method:
 
         if device == "cpu":
             base = [torch.from_numpy(h) for h in case.host]
-            sync = _noop
+            sync = noop
             keep: list = [base]
         else:
-            cps = _device_copies(case)
+            cps = device_copies(case)
             base = [torch.from_dlpack(c) for c in cps]  # same device memory, no copy
             sync = gpu_sync
             keep = [cps, base]
@@ -340,7 +169,7 @@ def _torch(device: str, compiled: bool) -> Method:
             return r[0].cpu().double().numpy(), r[1].cpu().double().numpy()
 
         if device == "cpu":
-            peak = _cpu_peak_of(call)
+            peak = cpu_peak_of(call)
         else:
             def peak():
                 gpu_sync()
@@ -375,7 +204,7 @@ def _jax_avail(device: str):
         except Exception as e:  # noqa: BLE001 - ImportError, or a broken install: both mean "skip"
             return False, f"jax is not installed ({type(e).__name__}: {e})"
         if device == "gpu":
-            ok, why = _gpu_ok()
+            ok, why = gpu_ok()
             if not ok:
                 return False, why
             try:
@@ -442,19 +271,19 @@ def _limit(device: str, precision: str) -> Method:
     cannot beat with BLAS doing the arithmetic."""
 
     def prepare(case):
-        from . import _driver, _plan
+        from .. import _driver, _plan
 
         if device == "cpu":
-            from ._numpy_dev import NumpyDevice
+            from .._numpy_dev import NumpyDevice
 
             dev: Any = NumpyDevice()
             xp: Any = np
-            sync = _noop
+            sync = noop
         else:
-            from ._cupy import CupyDevice
+            from .._cupy import CupyDevice
 
             dev = CupyDevice(precision)
-            xp = _cupy()
+            xp = cupy_module()
             sync = gpu_sync
         m, n = case.m, case.n
         dt = case.dtype
@@ -481,12 +310,12 @@ def _limit(device: str, precision: str) -> Method:
             _plan.run_split(part, m, threads)
             return out
 
-        peak = _cpu_peak_of(call) if device == "cpu" else _gpu_peak_of(call)
+        peak = cpu_peak_of(call) if device == "cpu" else gpu_peak_of(call)
         return Prepared(call, lambda r: (None, None), sync, peak, [A, G, S])
 
     lib = "blas" if device == "cpu" else "cublas"
     name = f"limit-{lib}{'-tf32' if precision == 'tf32' else ''}"
-    avail = (lambda: (True, "")) if device == "cpu" else _gpu_ok
+    avail = (lambda: (True, "")) if device == "cpu" else gpu_ok
     return Method(name, "limit", device, lib, precision, prepare, avail,
                   ("float32",) if precision == "tf32" else ("float16", "float32", "float64"))
 
@@ -498,20 +327,3 @@ def all_methods() -> list[Method]:
         _ours("gpu", "highest"), _ours("gpu", "tf32"), _cupy_naive(), _torch("gpu", False),
         _torch("gpu", True), _jax("gpu"), _limit("gpu", "highest"), _limit("gpu", "tf32"),
     ]
-
-
-def d2d_bandwidth(nbytes: int = 256 << 20, runs: int = 7) -> float:
-    """Device-to-device copy bandwidth in bytes/s counting read + write (2 * nbytes per copy)."""
-    cp = _cupy()
-    a = cp.random.random_sample(nbytes // 8)  # float64, never zeros
-    b = cp.empty_like(a)
-    ts = []
-    start, stop = cp.cuda.Event(), cp.cuda.Event()
-    for i in range(runs + 2):
-        start.record()
-        b.data.copy_from_device_async(a.data, a.nbytes)
-        stop.record()
-        stop.synchronize()
-        if i >= 2:
-            ts.append(cp.cuda.get_elapsed_time(start, stop) / 1e3)
-    return 2.0 * a.nbytes / float(np.median(ts))

@@ -1,0 +1,226 @@
+"""What the bench's parts share: a case, a prepared method, a method, the result row's fields, and
+the probes every method uses (peak memory on the CPU and GPU, GPU sync, copy bandwidth).
+
+Each method (methods.py) is a `Method` whose `prepare(case)` returns a `Prepared`: a
+`call(k)` that computes loss and gradient of input copy k (held on the method's
+device), `result(r)` turning its output into (loss, gradient) on the host for the
+correctness check, `sync()` for the timer, and `peak()` that measures the extra
+memory of one call.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+BETA = 0.5
+PEERS = ("numpy-naive", "torch-eager", "torch-compile", "jax-jit", "cupy-naive")
+# One row per (method, case): the CSV's columns and the JSON rows' keys, in this order. "slow" is
+# set by flags.slow_rows, "flags" by flags.flag_rows.
+RESULT_FIELDS = [
+    "method", "family", "device", "device_name", "backend", "precision", "sweep", "shape", "l", "m", "n",
+    "dtype", "status", "note", "runs", "p20_ms", "p50_ms", "p80_ms", "limit_blas_ms", "limit_mem_ms",
+    "ratio_blas", "ratio_mem", "ratio_limit", "ours_speedup", "peak_mb", "peak_how", "loss_err", "grad_err",
+    "gflops", "v_gpu_orthol1", "v_numpy", "v_cupy", "v_torch", "v_jax", "host", "loadavg", "timestamp",
+    "flags", "slow",
+]
+
+
+@dataclass
+class Case:
+    l: int
+    m: int
+    n: int
+    dtype: np.dtype
+    sweep: str  # "ref", "m", "n"
+    host: list[np.ndarray]  # input copies (l, m, n), C-contiguous, rotated between runs
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.l, self.m, self.n)
+
+    @property
+    def label(self) -> str:
+        return f"{self.l}x{self.m}x{self.n}"
+
+    @property
+    def nbytes(self) -> int:
+        return self.host[0].nbytes
+
+
+@dataclass
+class Prepared:
+    call: Callable[[int], Any]
+    result: Callable[[Any], tuple[Any, Any]]
+    sync: Callable[[], None]
+    peak: Callable[[], tuple[float, str]]  # (bytes, how measured)
+    keep: list = field(default_factory=list)  # device copies of the inputs, freed with this object
+
+
+@dataclass
+class Method:
+    name: str
+    family: str  # "ours", "peer", "limit"
+    device: str  # "cpu" or "gpu"
+    backend: str
+    precision: str  # "highest" or "tf32"
+    prepare: Callable[[Case], Prepared]
+    available: Callable[[], tuple[bool, str]]
+    dtypes: tuple = ("float16", "float32", "float64")
+
+    def tol_class(self, dtype) -> str:
+        name = np.dtype(dtype).name
+        if self.precision == "tf32" and name == "float32":
+            return "lowp"
+        if name == "float16" and self.family != "ours":
+            return "lowp"  # the naive float16 expression rounds G itself to float16
+        return name
+
+
+# ---------------------------------------------------------------- memory probes (CPU)
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def rss_probe_works() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _status_kb("VmHWM")
+        return True
+    except OSError:
+        return False
+
+
+_MMAP_STEADY = 32 << 20  # glibc's dynamic mmap threshold ends here once a program frees large blocks
+_MMAP_PROBE = 128 << 10
+
+
+def _mallopt(mmap_threshold: int) -> bool:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and \
+        bool(libc.mallopt(M_TRIM_THRESHOLD, 2 * mmap_threshold))
+
+
+def malloc_steady() -> bool:
+    """Fix glibc's thresholds where a long-running program's dynamic ones settle (mmap 32 MiB, trim
+    64 MiB), for every CPU timing: all methods then see the same allocator, and the switch to the
+    probe setting and back (cpu_peak) changes nothing for the timings that follow."""
+    return _mallopt(_MMAP_STEADY)
+
+
+def cpu_peak(fn: Callable[[], Any]) -> tuple[float, str]:
+    """Peak extra memory of fn(): resident-set high-water mark (reset through /proc/self/clear_refs)
+    above the resident set before the call; tracemalloc where /proc can't be used. During the probe
+    glibc returns every block over 128 KiB to the OS when freed, so a block reused from the heap
+    can't hide in memory that was already resident."""
+    gc.collect()
+    if rss_probe_works() and _mallopt(_MMAP_PROBE):
+        try:
+            gc.collect()
+            base = _status_kb("VmRSS")
+            r = fn()
+            peak = _status_kb("VmHWM")
+            del r
+        finally:
+            malloc_steady()
+        return max(0, peak - base) * 1024.0, "rss-hwm"
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        r = fn()
+        _cur, peak = tracemalloc.get_traced_memory()
+        del r
+    finally:
+        tracemalloc.stop()
+    return float(peak), "tracemalloc"
+
+
+# ---------------------------------------------------------------- GPU helpers
+
+def cupy_module():
+    import cupy
+
+    return cupy
+
+
+def gpu_sync():
+    cupy_module().cuda.runtime.deviceSynchronize()
+
+
+def cupy_pool_peak(fn: Callable[[], Any]) -> tuple[float, str]:
+    """Bytes a fresh CuPy pool holds after fn(): freed blocks are reused, not returned, so this is
+    the high-water mark of the call's live allocations (rounded to the pool's 512 B blocks)."""
+    cp = cupy_module()
+    pool = cp.cuda.MemoryPool()
+    gpu_sync()
+    with cp.cuda.using_allocator(pool.malloc):
+        r = fn()
+        gpu_sync()
+        peak = pool.total_bytes()
+        del r
+    pool.free_all_blocks()
+    return float(peak), "cupy-pool"
+
+
+def cpu_peak_of(call):
+    return lambda: cpu_peak(lambda: call(0))
+
+
+def gpu_peak_of(call):
+    return lambda: cupy_pool_peak(lambda: call(0))
+
+
+def gpu_ok() -> tuple[bool, str]:
+    from .. import _backends
+
+    ok, why = _backends.gpu_status()
+    return ok, ("" if ok else f"no usable GPU: {why}")
+
+
+def device_copies(case: Case):
+    cp = cupy_module()
+    return [cp.asarray(h) for h in case.host]
+
+
+def noop():
+    pass
+
+
+def to_host(x):
+    if type(x).__module__.split(".")[0] == "cupy":
+        return x.get()
+    return np.asarray(x)
+
+
+def d2d_bandwidth(nbytes: int = 256 << 20, runs: int = 7) -> float:
+    """Device-to-device copy bandwidth in bytes/s counting read + write (2 * nbytes per copy)."""
+    cp = cupy_module()
+    a = cp.random.random_sample(nbytes // 8)  # float64, never zeros
+    b = cp.empty_like(a)
+    ts = []
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    for i in range(runs + 2):
+        start.record()
+        b.data.copy_from_device_async(a.data, a.nbytes)
+        stop.record()
+        stop.synchronize()
+        if i >= 2:
+            ts.append(cp.cuda.get_elapsed_time(start, stop) / 1e3)
+    return 2.0 * a.nbytes / float(np.median(ts))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import gpu_orthol1 as ol1
-from gpu_orthol1 import _plan
+from gpu_orthol1 import _cache, _device, _plan
 
 from .helpers import make
 from .reference import check, random_phi
@@ -77,7 +77,7 @@ def test_plan_mismatch_names_what_differs_and_writes_nothing(rng):
 
 
 def test_functional_api_reuses_plans(rng, monkeypatch):
-    _plan.clear_cache()
+    _cache.clear_cache()
     made = []
     real = _plan.Plan.__init__
 
@@ -98,9 +98,9 @@ def test_functional_api_reuses_plans(rng, monkeypatch):
     monkeypatch.setenv("GPU_ORTHOL1_WORKSPACE_BYTES", str(1 << 16))  # the environment is part of the key
     ol1.loss_and_grad(phi)
     assert len(made) == 4
-    for i in range(_plan.CACHE_SIZE + 4):  # bounded
+    for i in range(_cache.CACHE_SIZE + 4):  # bounded
         ol1.loss(random_phi(rng, (3, 2, i + 1), np.float32))
-    assert len(_plan._cache) <= _plan.CACHE_SIZE
+    assert len(_cache._cache) <= _cache.CACHE_SIZE
 
 
 def test_unhashable_arguments_give_the_usual_errors(rng):
@@ -138,7 +138,7 @@ def test_one_plan_shared_by_threads(rng):
 
 
 class _Streams:
-    """Stand-in for CuPy as `Plan._kept_losses` uses it: streams with an address and a capture
+    """Stand-in for CuPy as `_plan.StreamLosses` uses it: streams with an address and a capture
     state, and `empty`. Asking the default stream (address 0) whether it captures fails,
     as the driver's query may while another stream captures."""
 
@@ -160,25 +160,25 @@ def test_kept_losses_one_array_per_stream_fresh_while_capturing(rng):
     """The per-slice losses a GPU call keeps: one array per stream, the same on every call there; a
     fresh one on each call while the stream captures a graph (kept arrays would then be shared with
     the graph's replays on other streams); at most 8 streams' arrays kept."""
-    p = ol1.plan(random_phi(rng, (6, 5, 4), np.float32), 1.0)
-    xp = p.xp = _Streams()
-    first = p._kept_losses(xp.current)
+    xp = _Streams()
+    kept = _plan.StreamLosses(xp, 5)
+    first = kept.get(xp.current)
     assert first.shape == (5,) and first.dtype == np.float64
-    assert p._kept_losses(xp.current) is first
+    assert kept.get(xp.current) is first
     xp.current = xp.Stream(0x100)
-    other = p._kept_losses(xp.current)
-    assert other is not first and p._kept_losses(xp.current) is other
+    other = kept.get(xp.current)
+    assert other is not first and kept.get(xp.current) is other
     xp.current = xp.Stream(0x100, capturing=True)
-    fresh = p._kept_losses(xp.current)
-    assert fresh is not other and p._kept_losses(xp.current) is not fresh and len(p._losses) == 2
+    fresh = kept.get(xp.current)
+    assert fresh is not other and kept.get(xp.current) is not fresh and len(kept) == 2
     for k in range(2, 8):  # six more streams: eight in all
         xp.current = xp.Stream(0x100 * k)
-        p._kept_losses(xp.current)
-    assert len(p._losses) == 8
+        kept.get(xp.current)
+    assert len(kept) == 8
     xp.current = xp.Stream(0x1000)  # a ninth stream: the kept ones are let go, this one kept
-    ninth = p._kept_losses(xp.current)
-    assert len(p._losses) == 1 and p._kept_losses(xp.current) is ninth
-    assert p._losses[0x1000][1] is xp.current  # its stream kept alive with it
+    ninth = kept.get(xp.current)
+    assert len(kept) == 1 and kept.get(xp.current) is ninth
+    assert kept.stream_of(0x1000) is xp.current  # its stream kept alive with it
 
 
 def test_cpu_thread_split_equals_one_thread(rng, monkeypatch):
@@ -204,14 +204,14 @@ def test_gram_hook_and_chunk(rng):
         seen.append(ws.shape[0])
         ws *= 2.0  # the pass then works on 2 G: what a sum of two equal partial Grams gives
 
-    loss, grad = p.execute(phi, None, False, 0.4, True, gram_hook=hook, chunk=4)
+    loss, grad = _plan.execute(p, phi, None, False, 0.4, True, gram_hook=hook, chunk=4)
     assert seen == [4, 4, 1]
     phi2 = phi * np.sqrt(2.0)  # G(phi2) = 2 G(phi)
     ref_loss = ol1.loss(phi2, 0.4)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-13)
     # the gradient is 2 beta Phi sign(2G - I): phi's rows with phi2's signs
     np.testing.assert_allclose(grad * np.sqrt(2.0), ol1.grad(phi2, 0.4), rtol=1e-12, atol=1e-14)
-    assert p.chunk_for(True) >= 9
+    assert _plan.chunk_for(p, True) >= 9
 
 
 @pytest.mark.cudasim
@@ -310,7 +310,7 @@ def test_auto_takes_the_fused_kernel_where_it_measured_faster(rng, monkeypatch):
 
 
 def test_fused_rule_function():
-    fw = _plan.fused_wins
+    fw = _device.fused_wins
     assert fw(64, 32, np.float32, "highest") and fw(512, 1, np.float16, "highest") and fw(64, 96, "float32", "highest")
     assert fw(1024, 16, np.float32, "highest") and fw(256, 64, np.float32, "highest") and fw(128, 96, np.float16, "highest")
     assert not fw(1025, 16, np.float32, "highest") and not fw(513, 32, np.float32, "highest")

@@ -27,9 +27,20 @@ if TYPE_CHECKING:
 class Device(Protocol):
     """The primitives of the chunk loop over a chunk of a `Strided` or `Pointers` batch."""
 
-    xp: Any  # the array module of the device's buffers (numpy or cupy)
-    folds_alpha: bool  # the sign pass scales S by alpha (else the gradient GEMM does)
-    blas_workspace_bytes: int  # 0: the BLAS manages its own workspace
+    @property
+    def xp(self) -> Any:
+        """The array module of the device's buffers (numpy or cupy)."""
+        ...
+
+    @property
+    def folds_alpha(self) -> bool:
+        """Whether the sign pass scales S by alpha (else the gradient GEMM does)."""
+        ...
+
+    @property
+    def blas_workspace_bytes(self) -> int:
+        """The BLAS's workspace per call (0: it manages its own)."""
+        ...
 
     def acc_dtype(self, dtype: np.dtype) -> np.dtype:
         """The dtype the Grams accumulate in for inputs of `dtype`."""
@@ -172,11 +183,12 @@ def make_device(resolved: str, precision: str) -> Device:
     global _cpu_device
     if resolved == "numpy":
         with _cpu_lock:
-            if _cpu_device is None:
+            dev = _cpu_device
+            if dev is None:
                 from ._numpy_dev import NumpyDevice
 
-                _cpu_device = NumpyDevice()
-            return _cpu_device
+                dev = _cpu_device = NumpyDevice()
+            return dev
     from ._cupy import CupyDevice
 
     return CupyDevice(precision)

@@ -346,14 +346,15 @@ def test_bench_command_gpu_smoke(tmp_path):
             assert float(r["limit_mem_ms"]) > 0 and r["peak_how"] and not r["peak_how"].startswith("failed")
 
 
-# ---------------------------------------------------------------- the README's figures are the results files'
+# ------------------------------------- the figures of docs/performance.md and README.md are the results files'
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+PERFORMANCE = "docs/performance.md"
 
 
-def _readme_table(starts_with: str) -> list[list[str]]:
-    """The body rows of the first Markdown table after the README paragraph that starts with `starts_with`."""
-    text = (ROOT / "README.md").read_text()
+def _readme_table(starts_with: str, doc: str = PERFORMANCE) -> list[list[str]]:
+    """The body rows of the first Markdown table after the paragraph of `doc` that starts with `starts_with`."""
+    text = (ROOT / doc).read_text()
     after = text[text.index(starts_with):]
     rows = []
     for line in after.splitlines():
@@ -395,7 +396,7 @@ def _check_cells(cells, cols, h, rows):
         elif cell in ("", "(not run)"):
             assert value == "", (h["shape"], col)
         else:
-            assert not flagged, f"{h['shape']} {col}: the README quotes a flagged value"
+            assert not flagged, f"{h['shape']} {col}: the docs quote a flagged value"
             _printed(cell, value)
 
 
@@ -472,9 +473,31 @@ def test_readme_cpu_core_table_is_its_file():
         _printed(cells[5].split(" MB")[0], ours["peak_extra_mb"])
 
 
+def test_readme_speed_table_is_two_unflagged_runs():
+    """README's "How fast" table: each row's figures from the one results file the row names."""
+    table = _readme_table("| machine (results file) |", "README.md")
+    assert len(table) == 5
+    cols = ["ms", "naive", "torch-eager", "torch-compile", "jax-jit"]
+    for cells in table:
+        path = cells[0].split("`")[1]
+        rows, hl = _published(path)
+        h = next(h for h in hl if h["shape"] == _shape(cells[1]) and h["dtype"] == "float32")
+        assert cells[0].split(" (")[0].split(": ", 1)[1].startswith(h["device_name"].split(" (")[0])
+        naive = "numpy-naive" if "numpy-naive" in h else "cupy-naive"
+        _check_cells(cells[2:], [naive if c == "naive" else c for c in cols], h, rows)
+
+
+def test_readme_torch_figure_is_its_file():
+    doc = json.loads((ROOT / "bench/results/gpu-h200-fused-torch.json").read_text())
+    text = (ROOT / "README.md").read_text()
+    ratio = text.split("ran ")[1].split("x faster than the per-layer autograd loop")[0]
+    _printed(ratio, doc["results"]["loss"]["ratio_vs_naive"])
+    assert doc["device_name"] == "NVIDIA H200" and doc["agreement_ok"]
+
+
 def test_no_published_figure_comes_from_a_disturbed_run():
-    readme = (ROOT / "README.md").read_text() + (ROOT / "bench/results/README.md").read_text().split(
-        "## Disturbed runs")[0]
+    readme = (ROOT / "README.md").read_text() + (ROOT / PERFORMANCE).read_text() + (
+        ROOT / "bench/results/README.md").read_text().split("## Disturbed runs")[0]
     for p in (ROOT / "bench/results/disturbed").glob("*.json"):
         assert not (ROOT / "bench/results" / p.name).exists()
         assert f"results/{p.name}" not in readme and f"`{p.stem}`" not in readme.replace("`cpu-quick`", "")

@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -490,7 +491,7 @@ class OrthoL1:
     # -- presets ---------------------------------------------------------------------------------
 
     @classmethod
-    def keras(cls, params_or_module, factor: float = 0.01, mode: str = "rows", **kw) -> OrthoL1:
+    def keras(cls, params_or_module: Any, factor: float = 0.01, mode: str = "rows", **kw: Any) -> OrthoL1:
         """Keras 3's `OrthogonalRegularizer(factor, mode)` on the Keras kernel of every selected weight,
         so that a model ported from Keras gets the penalty Keras gives it under the same mode name.
 

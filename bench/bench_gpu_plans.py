@@ -376,7 +376,7 @@ def _phase_row(cupy, ol1, _driver, shape, dt, quick):
     l, m, n = shape
     phi = (cupy.random.standard_normal(shape, dtype=cupy.float32) / l ** 0.5).astype(dt)
     p = ol1.plan(phi, 1e-3, kernel="gemm")
-    sz = p._sizes_for(True, False, False, False, 1)[0]
+    sz = p._chunks.sizes_for(True, False, False, False, 1)[0]
     if sz.chunk < m:
         return {"shape": shape, "dtype": dt, "skipped": f"{m} slices need {sz.chunk}-slice chunks"}
     wsb = _driver.workspace(p._alloc, sz, l, n, phi.dtype)

@@ -26,11 +26,27 @@ from typing import Any
 
 import numpy as np
 
-from . import _backends, _checks, _cpu_pool, _driver, _gemm, _penalty
+from . import _backends, _checks, _cpu_pool, _driver, _penalty
 from ._device import Device, GpuDevice, make_device, pick_kernel
+from ._slices import Chunking, Slices
 
 Alloc = Callable[[tuple, Any], Any]
 GramHook = Callable[[Any], object]
+
+def _new_grad(xp: Any, host_in: bool, p: Any, out: Any, accumulate: Any, alloc: Alloc | None) -> Any:
+    """Where a call's gradient goes: out, or a new array like p (host_in: a NumPy phi the GPU computes)."""
+    if out is not None and not host_in:
+        return out
+    if out is not None and accumulate:
+        return xp.asarray(out)
+    if alloc is not None:
+        return alloc(p.shape, p.dtype)
+    if p.flags.c_contiguous:
+        # the common case without empty_like: CuPy's works out the layout in Python, about 7 us
+        # per call under cProfile on the H100 machine's host (bench/results/gpu-h100-vec-profile.txt)
+        return xp.empty(p.shape, p.dtype)
+    return xp.empty_like(p)
+
 
 class StreamLosses:
     """The per-slice losses of a plan's GPU calls, one array kept per stream (calls on one stream run
@@ -120,7 +136,6 @@ class Plan:
                  normalize: Any = False, _device: Device | None = None):
         self._is_cupy = _checks.check_phi(phi)
         axis = _checks.check_axis(axis, phi.ndim)
-        self._squeeze = phi.ndim == 2  # one slice; axis has nothing to index
         self._beta = _checks.check_beta(beta)
         self._reduction = _checks.check_choice("reduction", reduction, _checks.REDUCTIONS)
         self._precision = _checks.check_choice("precision", precision, _checks.PRECISIONS)
@@ -128,31 +143,27 @@ class Plan:
         workspace_bytes = _checks.check_workspace_bytes(workspace_bytes)
         self._variant = _penalty.check(penalty, diagonal, normalize)  # the family member, fixed here
         name = _backends.check_name(backend)
-        shape3 = phi.shape if not self._squeeze else (phi.shape[0], 1, phi.shape[1])
-        self._perm = {0: (0, 1, 2), 1: (1, 0, 2), 2: (2, 0, 1)}[axis]
-        self._m, self._l, self._n = (int(shape3[i]) for i in self._perm)
         self._axis = axis
         self._shape, self._dtype, self._strides = phi.shape, phi.dtype, phi.strides
         self._device_id = phi.device.id if self._is_cupy else None
         self._array_type = type(phi)
+        sl = self._slices = Slices(phi, axis)
+        self._m, self._l, self._n = sl.m, sl.l, sl.n
         self._resolved = _backends.resolve(name, self._is_cupy, 4.0 * self._l * self._m * self._n * self._n)
         self._dev: Device = _device if _device is not None else make_device(self._resolved, self._precision)
         self._xp = self._dev.xp
         self._host_in = not self._is_cupy and self._xp is not np  # a NumPy input computed on the GPU
         self._budget = _checks.workspace_budget(workspace_bytes, "numpy" if self._xp is np else "cupy", self._xp)
-        # the layout of phi's slice view is fixed by its strides; when the GPU computes a NumPy input
-        # it reads a C-contiguous device copy
-        self._lay_phi = None if self._host_in else _driver.layout_of(self._view(phi))
+        cpu = self._xp is np and not getattr(self._dev, "emulates_gpu", False)
+        lay_phi = sl.fix_layout(phi, self._host_in, cpu)
         self._kernel, self._fused_cfg = pick_kernel(
             kernel, self._dev, self._variant, isinstance(self._budget, _driver.DefaultBudget),
-            self._host_in or self._lay_phi is not None, self._l, self._n, self._dtype, self._precision)
+            self._host_in or lay_phi is not None, self._l, self._n, self._dtype, self._precision)
         self._ldt = np.float64 if phi.dtype == np.float64 else np.float32
-        self._sizes: dict[tuple, tuple[_driver.Sizes, int]] = {}
+        self._chunks = Chunking(self._dev, sl, self._dtype, self._variant, self._budget)
         self._gpu = GpuCalls(self._dev, self._m, self._fused_cfg)
-        cpu = self._xp is np and not getattr(self._dev, "emulates_gpu", False)
         self._cpu = _cpu_pool.CpuRunner(self._dev, self._m, self._l, self._n, self._dtype)
         self._threads = _cpu_pool.cpu_threads(self._m, self._l, self._n) if cpu else 1
-        self._stage_far_rows = cpu
 
     # -- read-only attributes ----------------------------------------------------------------------
 
@@ -181,10 +192,7 @@ class Plan:
     # -- checks ------------------------------------------------------------------------------------
 
     def _view(self, a: Any) -> Any:
-        """The (m, l, n) slices-first view of an array shaped like phi."""
-        if self._squeeze:
-            a = a[:, None, :]
-        return a.transpose(self._perm)
+        return self._slices.view(a)
 
     def _mismatch(self, phi: Any) -> str | None:
         if type(phi) is not self._array_type:
@@ -232,70 +240,8 @@ class Plan:
             return grad
         return loss, grad
 
-    def _sizes_for(self, want_grad: bool, accumulate: bool, stage_phi: bool, stage_out: bool,
-                   threads: int) -> tuple[_driver.Sizes, int]:
-        """(sizes, threads): the chunking of a call, and how many threads share the slices."""
-        key = (want_grad, accumulate, stage_phi, stage_out, threads)
-        hit = self._sizes.get(key)
-        if hit is None:
-            def sizes(budget: int) -> _driver.Sizes:
-                return _driver.sizes(self._dev, self._m, self._l, self._n, self._dtype, want_grad=want_grad,
-                                     accumulate=accumulate, stage_phi=stage_phi, stage_out=stage_out,
-                                     budget=budget, variant=self._variant)
-
-            if threads > 1:  # the budget bounds the call: each thread's chunk gets its share
-                try:
-                    hit = (sizes(type(self._budget)(max(1, self._budget // threads))), threads)
-                except MemoryError:  # a share holds no slice: the whole budget, one thread
-                    pass
-            if hit is None:
-                hit = (sizes(self._budget), 1)
-            self._sizes[key] = hit
-        return hit
-
     def _chunk_for(self, want_grad: bool, accumulate: bool = False) -> int:
-        return self._sizes_for(want_grad, bool(accumulate), False, False, 1)[0].chunk
-
-    def _new_grad(self, p: Any, out: Any, accumulate: Any, alloc: Alloc | None) -> Any:
-        """Where the gradient goes: out, or a new array like p."""
-        xp = self._xp
-        if out is not None and not self._host_in:
-            return out
-        if out is not None and accumulate:
-            return xp.asarray(out)
-        if alloc is not None:
-            return alloc(p.shape, p.dtype)
-        if p.flags.c_contiguous:
-            # the common case without empty_like: CuPy's works out the layout in Python, about 7 us
-            # per call under cProfile on the H100 machine's host (bench/results/gpu-h100-vec-profile.txt)
-            return xp.empty(p.shape, p.dtype)
-        return xp.empty_like(p)
-
-    def _batch(self, p: Any, grad: Any, out: Any, want_grad: bool) -> _driver.Strided:
-        """The strided batch of a GEMM-path call: views and the layouts BLAS reads (None: staged)."""
-        V = self._view(p)
-        lay_phi: _gemm.Layout | None
-        lay_out: _gemm.Layout | None
-        if self._m == 0 or self._n == 0 or self._l == 0:  # nothing for BLAS to read: any layout will do
-            Vout = self._view(grad) if want_grad else None
-            lay_phi = lay_out = _gemm.Layout("T", self._n, 0)
-        elif want_grad:
-            Vout = self._view(grad)
-            if out is None and self._lay_phi is not None:
-                lay_out = self._lay_phi if grad.strides == p.strides else _driver.layout_of(Vout)
-                lay_phi = self._lay_phi
-            else:
-                lay_phi, lay_out = _driver.staging(V, Vout, True, 5)
-            if lay_out is not None and self._stage_far_rows and \
-                    _cpu_pool.far_rows(lay_out, self._n, grad.dtype.itemsize):
-                lay_out = None  # written through the chunk buffer: faster here, and no CopyWarning
-        else:
-            Vout = None
-            lay_phi = self._lay_phi
-            if lay_phi is None:
-                lay_phi, _ = _driver.staging(V, None, False, 5)
-            lay_out = None
-        return _driver.Strided(V, Vout, lay_phi, lay_out)
+        return self._chunks.chunk_for(want_grad, accumulate)
 
     def _execute(self, phi: Any, out: Any, accumulate: Any, beta: float, want_grad: bool, *,
                  gram_hook: GramHook | None = None, chunk: int | None = None, alloc: Alloc | None = None,
@@ -303,7 +249,7 @@ class Plan:
         """(loss, grad) for an array that matches the plan, arguments already checked (see `execute`)."""
         xp = self._xp
         p = xp.asarray(phi) if self._host_in else phi
-        grad = self._new_grad(p, out, accumulate, alloc) if want_grad else None
+        grad = _new_grad(xp, self._host_in, p, out, accumulate, alloc) if want_grad else None
         m, n = self._m, self._n
         raw = losses is not None
         # a GPU call with something to launch keeps its per-slice losses per stream (`GpuCalls`)
@@ -324,9 +270,9 @@ class Plan:
                     losses = self._gpu.losses.get(stream)
                 self._gpu.fused(self._view, p, grad, losses, alpha, bool(accumulate), want_grad)
                 return self._finish(losses, beta, raw, want_grad, grad, out)
-        batch = self._batch(p, grad, out, want_grad)
+        batch = self._slices.batch(p, grad, out, want_grad)
         threads = self._threads if gram_hook is None else 1  # a hook sees the chunks in order
-        sz, threads = self._sizes_for(want_grad, bool(accumulate), batch.lay_phi is None,
+        sz, threads = self._chunks.sizes_for(want_grad, bool(accumulate), batch.lay_phi is None,
                                       want_grad and batch.lay_out is None, threads)
         if chunk is not None and chunk < sz.chunk:
             sz = dataclasses.replace(sz, chunk=max(1, int(chunk)))

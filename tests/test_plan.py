@@ -188,7 +188,7 @@ def test_cpu_thread_split_equals_one_thread(rng, monkeypatch):
         assert p._threads > 1
     L, G = p(phi)
     monkeypatch.setattr(p, "_threads", 1)
-    p._sizes.clear()
+    p._chunks.sizes.clear()
     L1, G1 = p(phi)
     np.testing.assert_array_equal(G, G1)
     np.testing.assert_allclose(L, L1, rtol=1e-6)  # per-chunk float64 sums: the same slices, other chunks
@@ -349,20 +349,20 @@ def test_cpu_writes_far_apart_gradient_rows_through_a_buffer(rng, monkeypatch):
         loss, grad = p(phi)
         out = base.copy()
         p(phi, out=out, accumulate=True)
-    assert any(sz.stage_out for sz, _ in p._sizes.values())
+    assert any(sz.stage_out for sz, _ in p._chunks.sizes.values())
     check(phi, loss, grad, 0.3, 1, "sum", np.float32)
     check(phi, loss, out, 0.3, 1, "sum", np.float32, grad_base=base)
     inplace = _plan.Plan(phi, 0.3, backend="numpy", workspace_bytes=40 * 1024)
-    monkeypatch.setattr(inplace, "_stage_far_rows", False)
+    monkeypatch.setattr(inplace._slices, "_stage_far_rows", False)
     l2, g2 = inplace(phi)
-    assert not any(sz.stage_out for sz, _ in inplace._sizes.values())
+    assert not any(sz.stage_out for sz, _ in inplace._chunks.sizes.values())
     np.testing.assert_array_equal(g2, grad)
     assert l2 == loss
     near = make(np, rng, (5, 64, 16), np.float32, "C", 1)  # rows 4 KiB apart
     pn = _plan.Plan(near, 0.3, backend="numpy")
     pn(near)
-    assert not any(sz.stage_out for sz, _ in pn._sizes.values())
+    assert not any(sz.stage_out for sz, _ in pn._chunks.sizes.values())
     fort = make(np, rng, (5, 1024, 16), np.float32, "F", 1)  # columns contiguous: BLAS kind "N"
     pf = _plan.Plan(fort, 0.3, backend="numpy")
     check(fort, *pf(fort), 0.3, 1, "sum", np.float32)
-    assert not any(sz.stage_out for sz, _ in pf._sizes.values())
+    assert not any(sz.stage_out for sz, _ in pf._chunks.sizes.values())

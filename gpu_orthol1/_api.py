@@ -16,8 +16,9 @@ Kernel = Literal["auto", "gemm", "fused"]
 Penalty = Literal["l1", "l2"]
 
 
-def _run(phi, beta, axis, reduction, out, accumulate, backend, precision, workspace_bytes, want_grad,
-         penalty="l1", diagonal=True, normalize=False):
+def _run(phi: Any, beta: Any, axis: Any, reduction: Any, out: Any, accumulate: Any, backend: Any, precision: Any,
+         workspace_bytes: Any, want_grad: bool, penalty: Any = "l1", diagonal: Any = True,
+         normalize: Any = False) -> tuple[Any, Any]:
     p = _cache.cached(phi, axis, reduction, precision, backend, workspace_bytes, penalty, diagonal, normalize)
     b = _checks.check_beta(beta)
     if want_grad:

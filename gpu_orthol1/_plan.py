@@ -277,7 +277,7 @@ class Plan:
         if chunk is not None and chunk < sz.chunk:
             sz = dataclasses.replace(sz, chunk=max(1, int(chunk)))
         alpha = 2.0 * beta / (m if self._reduction == "mean" and m else 1)
-        kw = dict(alpha=alpha, beta_gemm=1.0 if accumulate else 0.0, want_grad=want_grad, gram_hook=gram_hook,
+        kw: dict[str, Any] = dict(alpha=alpha, beta_gemm=1.0 if accumulate else 0.0, want_grad=want_grad, gram_hook=gram_hook,
                   variant=self._variant)
         if m and n:
             if xp is np:

@@ -135,9 +135,31 @@ def _call(xs, cfg, want_grad):
         shapes += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in xs]
     f = buffer_callback(_callback(leaves, reduction, variant, precision, want_grad), tuple(shapes),
                         vmap_method="sequential")
-    out = f(*xs)
+    out = _varying_like(f(*xs), xs)
     n = len(xs)
     return tuple(out[:n]), (tuple(out[n:]) if want_grad else None)
+
+
+def _varying(x) -> frozenset:
+    """The manual mesh axes x varies over (its type's `.vma` in JAX 0.7-0.9, `.mat.varying` in 0.10)."""
+    aval = jax.typeof(x)
+    v = getattr(aval, "vma", None)
+    if v is None:
+        v = getattr(getattr(aval, "mat", None), "varying", None)
+    return frozenset(v or ())
+
+
+def _varying_like(outs, xs):
+    """Inside shard_map, the callback's results vary over the mesh axes its inputs vary over (XLA
+    types them as invariant), so that psum of a loss and the custom_vjp's cotangents type-check."""
+    vma = frozenset().union(*(_varying(x) for x in xs))
+    if not vma:
+        return outs
+    res = []
+    for o in outs:
+        missing = tuple(sorted(vma - _varying(o), key=str))
+        res.append(jax.lax.pcast(o, missing, to="varying") if missing else o)
+    return res
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))

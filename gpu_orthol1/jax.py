@@ -102,16 +102,19 @@ def _run_gpu(ctx, outs, ins, leaves, reduction, variant, precision, want_grad):
     # UNVERIFIED on a card: XLA's buffers as CuPy views, the core's cuBLAS path on XLA's stream
     import cupy
 
-    stream = cupy.cuda.ExternalStream(int(ctx.stream))
-    with stream:
-        for j, (x, (m_axis, transpose, beta)) in enumerate(zip(ins, leaves)):
-            a = cupy.asarray(x)
-            V = _np_slices(a, m_axis, transpose)
-            Vo = _np_slices(cupy.asarray(outs[len(ins) + j]), m_axis, transpose) if want_grad else None
-            p = _plan.cached(V, 0, reduction, precision, "cupy", None, *variant)
-            loss, _ = p.execute(V, Vo, False, beta, want_grad)
-            lo = cupy.asarray(outs[j])
-            lo[...] = loss.reshape(lo.shape)  # a device-to-device write on the stream, no host sync
+    first = cupy.asarray(ins[0])  # the device the buffers live on, from the pointer's attributes
+    with cupy.cuda.Device(first.device.id):
+        # CuPy 14 deprecates ExternalStream for objects with __cuda_stream__; XLA hands a raw pointer
+        stream = cupy.cuda.ExternalStream(int(ctx.stream))
+        with stream:
+            for j, (x, (m_axis, transpose, beta)) in enumerate(zip(ins, leaves)):
+                a = first if j == 0 else cupy.asarray(x)
+                V = _np_slices(a, m_axis, transpose)
+                Vo = _np_slices(cupy.asarray(outs[len(ins) + j]), m_axis, transpose) if want_grad else None
+                p = _plan.cached(V, 0, reduction, precision, "cupy", None, *variant)
+                loss, _ = p.execute(V, Vo, False, beta, want_grad)
+                lo = cupy.asarray(outs[j])
+                lo[...] = loss.reshape(lo.shape)  # a device-to-device write on the stream, no host sync
 
 
 def _callback(leaves, reduction, variant, precision, want_grad):

@@ -133,7 +133,7 @@ def _slices(x, how: str, axis: int, transpose: bool):
             raise ValueError(f"a {tuple(x.shape)} parameter with strides {x.stride()} cannot be flattened "
                              "to (out, -1) without a copy") from None
     else:
-        v = x.movedim(axis, 0)
+        v = x if axis == 0 else x.movedim(axis, 0)  # movedim costs a dispatch even as a no-op
     return v.transpose(1, 2) if transpose else v
 
 
@@ -160,7 +160,12 @@ def _run_core(V, Vo, beta, reduction, want_grad, device, accumulate=False, varia
         o = _to_array(Vo) if want_grad else None
         p = _plan.cached(a, 0, reduction, "highest", "cupy" if cuda else "numpy", None, *variant)
         if not cuda:
-            loss, _ = p.execute(a, o, accumulate, beta, want_grad)
+            if o is not None and o.strides == a.strides:
+                # handed over as the plan's own allocation: given as out=, the plan works out both
+                # layouts again on every call; its own allocation with phi's strides reuses its plan's
+                loss, _ = p.execute(a, None, accumulate, beta, want_grad, alloc=lambda _shape, _dt: o)
+            else:
+                loss, _ = p.execute(a, o, accumulate, beta, want_grad)
             return torch.from_numpy(np.asarray(loss))
         import cupy
 
@@ -292,10 +297,15 @@ _ortho_l1_op.register_autograd(_ortho_l1_backward, setup_context=_ortho_l1_setup
 
 
 class _OrthoL1Fn(torch.autograd.Function):
-    """`_ortho_l1_op` for eager calls: the same function, setup and backward."""
+    """`_ortho_l1_op` for eager calls: the same function, setup and backward. (A forward with ctx: with
+    a separate setup_context, apply() binds the arguments through inspect.signature, ~40 us a call.)"""
 
-    forward = staticmethod(_ortho_l1_impl)
-    setup_context = staticmethod(_ortho_l1_setup)
+    @staticmethod
+    def forward(ctx, *args):
+        out = _ortho_l1_impl(*args)
+        _ortho_l1_setup(ctx, args, out)
+        return out
+
     backward = staticmethod(_ortho_l1_backward)
 
 
@@ -325,6 +335,18 @@ def ortho_l1(weight, beta=1.0, *, axis=1, reduction="sum", mode=None, penalty="l
     otherwise. The backward returns the gradient formed in the forward pass (one pass, no recomputation)
     times grad_output. CPU tensors use the NumPy backend on zero-copy views; CUDA tensors the cuBLAS
     backend on torch's current stream.
+
+    Double backward (torch.autograd.grad(..., create_graph=True), gradient penalties, MAML): when the
+    backward runs with grad mode on, it forms the gradient again from the saved weight as torch ops
+    (the same loss written out: Gram, mask, |.| or square, normalization), which autograd then
+    differentiates, so second derivatives are exact (for penalty="l1", 2 beta dW sign(E) with the sign
+    held constant, as autograd holds it for |x|). Only that backward pays for it; the first-order one
+    is unchanged. Under torch.compile a double backward raises torch's own error ("aot_autograd does
+    not currently support double backward"). In-place changes to the weight between the forward and
+    the backward raise autograd's usual error (the weight is saved, without a copy, for this).
+
+    Eager calls run through a plain autograd.Function; torch.compile, dispatch modes, functorch
+    transforms and CUDA graph capture see the custom op `gpu_orthol1::ortho_l1` (the same function).
 
     penalty ("l1" | "l2"), diagonal (False: the diagonal is free) and normalize (True: the Gram of
     the unit-normalized rows or columns that `mode` picks) choose the member of the penalty family,
@@ -767,7 +789,11 @@ class OrthoL1:
     def loss(self):
         """beta * sum over all matrices of sum |Gram - I|, a torch scalar with autograd (float64 when every
         parameter is float64, float32 otherwise). Add it to the task loss; its backward hands each
-        parameter the gradient formed in this same forward pass."""
+        parameter the gradient formed in this same forward pass. A double backward (create_graph=True)
+        is exact, as for `ortho_l1` (the backward then forms the gradients from the saved parameters
+        as torch ops, for autograd to differentiate); under torch.compile torch refuses it with its
+        own error. Over DTensor (sharded) parameters the backward is first-order only: a double
+        backward there lacks the second-order term (not yet refused)."""
         if torch.compiler.is_compiling():  # one custom op to dynamo: no graph break
             active = self._active()
             if not active:

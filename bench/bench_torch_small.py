@@ -112,22 +112,23 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     load0 = loadavg()
     rows = [measure(s, args.rounds, args.calls, rng) for s in SHAPES]
+    load1 = loadavg()
+    if args.out:
+        res = {"cpu": cpu_name(), "cpus": os.cpu_count(), "torch": torch.__version__, "numpy": np.__version__,
+               "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "load_before": load0, "load_after": load1, "rounds": args.rounds, "calls": args.calls,
+               "beta": BETA, "dtype": "float32", "rows": rows}
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
     print(f"{'shape':>12} {'upstream us':>12} {'ortho_l1 us':>12} {'ratio':>7} {'fwd us':>9} {'plan us':>9} "
           f"{'fwd/plan':>9}")
     for r in rows:
         m = r["median_us"]
         print(f"{'x'.join(map(str, r['shape'])):>12} {m['upstream']:12.1f} {m['ortho_l1']:12.1f} "
               f"{r['ortho_l1_over_upstream']:7.2f} {m['fwd']:9.1f} {m['plan']:9.1f} {r['fwd_over_plan']:9.2f}")
-    print(f"targets: ortho_l1/upstream <= 1.0, fwd/plan <= 1.3; load average {load0} -> {loadavg()} "
+    print(f"targets: ortho_l1/upstream <= 1.0, fwd/plan <= 1.3; load average {load0} -> {load1} "
           f"on {os.cpu_count()} CPUs")
-    if args.out:
-        res = {"cpu": cpu_name(), "cpus": os.cpu_count(), "torch": torch.__version__, "numpy": np.__version__,
-               "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "load_before": load0, "load_after": loadavg(), "rounds": args.rounds, "calls": args.calls,
-               "beta": BETA, "dtype": "float32", "rows": rows}
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
     return 0
 
 

@@ -36,9 +36,10 @@ def warn_caller(message: str, category: type[Warning]) -> None:
     our frames): the user's line, whichever entry point and call depth led here. A fixed stacklevel
     cannot be right for all of them (the functional API, a plan call, the torch layer)."""
     skip = [_PKG_DIR]
-    torch = sys.modules.get("torch")  # a custom op's impl runs below torch's dispatch frames
-    if torch is not None and getattr(torch, "__file__", None):
-        skip.append(os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+    # torch's frames too: a custom op's implementation runs below torch's dispatch
+    torch_file = getattr(sys.modules.get("torch"), "__file__", None)
+    if torch_file:
+        skip.append(os.path.dirname(os.path.abspath(torch_file)) + os.sep)
     prefixes = tuple(skip)
     level, f = 2, sys._getframe(1)  # stacklevel 2 is our caller's frame
     while f.f_back is not None and f.f_code.co_filename.startswith(prefixes):

@@ -23,6 +23,7 @@ import itertools
 import math
 import numbers
 import re
+import sys
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -344,6 +345,13 @@ def _dtensor_compile_refused(like: torch.Tensor) -> torch.Tensor:
 @_dtensor_compile_refused.register_fake
 def _(like):
     return torch.empty_like(like)
+
+
+def _dtensor_class():
+    """torch's DTensor class when torch.distributed.tensor is loaded (else no parameter can be one).
+    Dynamo traces this and the isinstance test on it, unlike `_is_dtensor`'s module-name test."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return None if mod is None else getattr(mod, "DTensor", None)
 
 
 
@@ -712,9 +720,10 @@ class OrthoL1:
             active = self._active()
             if not active:
                 return torch.zeros((), dtype=self._loss_dtype())
-            if self._sharded(active):  # refused before the loss op sees a DTensor (see _dtensor_compile_refused)
-                return _dtensor_compile_refused(torch.zeros((), dtype=self._loss_dtype()))
             params = [self.targets[j].param for j in active]
+            dt = _dtensor_class()
+            if dt is not None and any(isinstance(p, dt) for p in params):  # before the loss op sees a DTensor
+                return _dtensor_compile_refused(torch.zeros((), dtype=self._loss_dtype()))
             return _orthol1_op(params, self._op_key, active, torch.is_grad_enabled())[0]
         self._check_devices()
         active = self._active()

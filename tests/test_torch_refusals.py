@@ -1,5 +1,6 @@
-"""What gpu_orthol1.torch refuses with its own one-line error: a torch older than the custom-op API,
-a negative penalty weight in every entry point, DTensor parameters in a compiled OrthoL1.loss()."""
+"""What gpu_orthol1.torch refuses with its own one-line error (a torch older than the custom-op API,
+a negative penalty weight in every entry point, DTensor parameters in a compiled OrthoL1.loss()), and
+where its warnings point."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
+
+import gpu_orthol1 as ol1
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -40,6 +44,18 @@ def test_import_refuses_an_old_torch_by_its_version():
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("ImportError: gpu_orthol1.torch needs torch >= 2.4"), r.stdout
     assert "found torch 2.3.1" in r.stdout
+
+
+def test_copy_warning_points_at_the_callers_line():
+    """A weight BLAS cannot read in place (every other column) is copied with a CopyWarning attributed
+    to the user's line, through torch's custom-op dispatch."""
+    w = torch.randn(3, 6, 8, dtype=torch.float64)[:, :, ::2].requires_grad_(True)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        ortho_l1(w, 0.1, axis=0).backward()
+        line = sys._getframe().f_lineno - 1
+    where = {(x.filename, x.lineno) for x in got if issubclass(x.category, ol1.CopyWarning)}
+    assert where == {(__file__, line)}
 
 
 def _model():

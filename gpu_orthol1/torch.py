@@ -22,6 +22,8 @@ import fnmatch
 import itertools
 import math
 import numbers
+import re
+import sys
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -39,7 +41,22 @@ except ImportError as _e:  # torch is an optional extra
         f"then import gpu_orthol1.torch again ({_e})"
     ) from _e
 
-from . import _driver, _gemm, _penalty, _plan
+# torch.library.custom_op, the op behind ortho_l1 and OrthoL1.loss (eager, torch.compile, CUDA graphs),
+# came in torch 2.4; an older torch would fail at the decorator below with an AttributeError
+TORCH_MIN = (2, 4)
+
+
+def _check_torch_version(version: str) -> None:
+    """ImportError naming `version` (a torch.__version__) when it is older than TORCH_MIN."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m is not None and (int(m[1]), int(m[2])) < TORCH_MIN:
+        raise ImportError(f"gpu_orthol1.torch needs torch >= {TORCH_MIN[0]}.{TORCH_MIN[1]} (for torch.library."
+                          f"custom_op), found torch {version}; upgrade it: pip install 'torch>=2.4'")
+
+
+_check_torch_version(str(torch.__version__))
+
+from . import _driver, _gemm, _penalty, _plan  # noqa: E402 - after the torch checks above
 
 __all__ = ["OrthoL1", "ortho_l1", "keras_orthogonal", "biggan_ortho"]
 
@@ -417,7 +434,7 @@ def keras_orthogonal(w: torch.Tensor, factor: float = 0.01, mode: str = "rows") 
         raise ValueError(f"keras_orthogonal takes a 2-D weight, as Keras does, got shape {tuple(w.shape)}")
     if mode not in ("rows", "columns"):
         raise ValueError(f"mode must be 'rows' or 'columns' (Keras's modes), got {mode!r}")
-    factor = _plan.check_beta(factor)
+    factor = _plan.check_beta(factor, "factor")
     size = w.shape[0] if mode == "rows" else w.shape[1]
     beta = factor / (size * (size - 1)) if size > 1 else 0.0
     return ortho_l1(w, beta, mode=mode, penalty="l1", diagonal=False, normalize=True)
@@ -432,7 +449,7 @@ def biggan_ortho(w, strength=1e-4):
     if w.dim() < 2:
         raise ValueError(f"biggan_ortho takes a weight of 2 or more dims (viewed as (out, -1)), got shape "
                          f"{tuple(w.shape)}")
-    beta = _plan.check_beta(strength) / 2
+    beta = _plan.check_beta(strength, "strength") / 2
     how = "matrix" if w.dim() == 2 else "flatten"
     want_grad = torch.is_grad_enabled() and w.requires_grad
     return _ortho_l1_call(w, beta, "sum", how, 0, True, want_grad, "l2", False, False)
@@ -440,6 +457,32 @@ def biggan_ortho(w, strength=1e-4):
 
 # ---------------------------------------------------------------------------------------------
 # OrthoL1: every matrix of a model, grouped by slice shape
+
+_DTENSOR_COMPILED = ("OrthoL1.loss() under torch.compile takes plain tensors, and some parameters are DTensors "
+                     "(a sharded model, e.g. after fully_shard): call reg.loss() outside the compiled function "
+                     "(the sharded loss runs eagerly)")
+
+
+# Why an op, not a `raise` in loss(): under fullgraph=True dynamo turns an exception raised in traced
+# code into its own Unsupported("Observed exception"), and letting it reach the loss op with DTensor
+# inputs fails in DTensor's dispatch ("no sharding strategy"). This op traces like any other (a plain
+# tensor in, no DTensor) and raises our ValueError when the compiled code first runs.
+@torch.library.custom_op("gpu_orthol1::dtensor_compile_refused", mutates_args=())
+def _dtensor_compile_refused(like: torch.Tensor) -> torch.Tensor:
+    raise ValueError(_DTENSOR_COMPILED)
+
+
+@_dtensor_compile_refused.register_fake
+def _(like):
+    return torch.empty_like(like)
+
+
+def _dtensor_class():
+    """torch's DTensor class when torch.distributed.tensor is loaded (else no parameter can be one).
+    Dynamo traces this and the isinstance test on it, unlike `_is_dtensor`'s module-name test."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return None if mod is None else getattr(mod, "DTensor", None)
+
 
 
 @dataclass
@@ -638,7 +681,7 @@ class OrthoL1:
         """
         if mode not in ("rows", "columns"):
             raise ValueError(f"mode must be 'rows' or 'columns' (Keras's modes), got {mode!r}")
-        reg = cls(params_or_module, factor, "rows", penalty="l1", diagonal=False, normalize=True, **kw)
+        reg = cls(params_or_module, _plan.check_beta(factor, "factor"), "rows", penalty="l1", diagonal=False, normalize=True, **kw)
         as_stored = set()  # Keras's Embedding table is (input_dim, output_dim), torch's layout
         if isinstance(params_or_module, torch.nn.Module):
             for mod in params_or_module.modules():
@@ -662,7 +705,8 @@ class OrthoL1:
         `add_grad_()` where BigGAN calls `utils.ortho`. 3-D parameters are flattened like Conv1d
         weights unless three_d= says otherwise; other keywords as for OrthoL1."""
         kw.setdefault("three_d", "flatten")
-        return cls(params_or_module, _plan.check_beta(strength) / 2, "rows", penalty="l2", diagonal=False, **kw)
+        return cls(params_or_module, _plan.check_beta(strength, "strength") / 2, "rows", penalty="l2",
+                   diagonal=False, **kw)
 
     # -- planning --------------------------------------------------------------------------------
 
@@ -858,6 +902,9 @@ class OrthoL1:
             if not active:
                 return torch.zeros((), dtype=self._loss_dtype())
             params = [self.targets[j].param for j in active]
+            dt = _dtensor_class()
+            if dt is not None and any(isinstance(p, dt) for p in params):  # before the loss op sees a DTensor
+                return _dtensor_compile_refused(torch.zeros((), dtype=self._loss_dtype()))
             return _orthol1_op(params, self._op_key, active, torch.is_grad_enabled())[0]
         self._check_devices()
         active = self._active()

@@ -75,22 +75,24 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
-def check_beta(beta: Any) -> float:
-    """beta as a finite float; ValueError for anything else (bools, arrays of more than 0 dims)."""
-    if type(beta) is float and math.isfinite(beta):  # the common case, without the checks below
+def check_beta(beta: Any, what: str = "beta") -> float:
+    """beta (or a preset's factor or strength, named by `what`) as a float; ValueError unless finite and >= 0."""
+    if type(beta) is float and math.isfinite(beta) and beta >= 0.0:  # the common case, without the checks below
         return beta
     if isinstance(beta, (bool, np.bool_)) or not isinstance(beta, (numbers.Real, np.ndarray)):
-        raise ValueError(f"beta must be a finite real number, got {beta!r}")
+        raise ValueError(f"{what} must be a finite real number, got {beta!r}")
     if isinstance(beta, np.ndarray):
         if beta.ndim != 0 or beta.dtype.kind not in "fiu":
-            raise ValueError(f"beta must be a finite real number, got an array of shape {beta.shape}")
+            raise ValueError(f"{what} must be a finite real number, got an array of shape {beta.shape}")
         beta = beta.item()
     try:
         b = float(beta)
     except OverflowError:  # an int or Fraction beyond float range: not finite as a float
         b = math.inf
     if not math.isfinite(b):
-        raise ValueError(f"beta must be a finite real number, got {beta!r}")
+        raise ValueError(f"{what} must be a finite real number, got {beta!r}")
+    if b < 0:  # the penalty's weight: a negative one would reward the matrices for leaving orthogonality
+        raise ValueError(f"{what} must be >= 0, got {beta!r} (a negative weight rewards non-orthogonal matrices)")
     return b
 
 

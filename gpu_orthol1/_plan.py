@@ -196,6 +196,7 @@ class Plan:
 
     def _mismatch(self, phi: Any) -> str | None:
         if type(phi) is not self._array_type:
+            _checks.check_array(phi)  # not an array at all: the TypeError the functional API raises (docs/errors.md)
             return f"phi is a {type(phi).__module__}.{type(phi).__name__}, the plan's a " \
                    f"{self._array_type.__module__}.{self._array_type.__name__}"
         if phi.shape != self._shape:

@@ -42,7 +42,6 @@ class Slices:
         V = self.view(p)
         lay_phi: _gemm.Layout | None
         lay_out: _gemm.Layout | None
-        # staging()'s warning names the caller of loss()/grad()/loss_and_grad(): 6 frames up from here
         if self.m == 0 or self.n == 0 or self.l == 0:  # nothing for BLAS to read: any layout will do
             Vout = self.view(grad) if want_grad else None
             lay_phi = lay_out = _gemm.Layout("T", self.n, 0)
@@ -52,7 +51,7 @@ class Slices:
                 lay_out = self.lay_phi if grad.strides == p.strides else _driver.layout_of(Vout)
                 lay_phi = self.lay_phi
             else:
-                lay_phi, lay_out = _driver.staging(V, Vout, True, 6)
+                lay_phi, lay_out = _driver.staging(V, Vout, True)
             if lay_out is not None and self._stage_far_rows and \
                     _cpu_pool.far_rows(lay_out, self.n, grad.dtype.itemsize):
                 lay_out = None  # written through the chunk buffer: faster here, and no CopyWarning
@@ -60,7 +59,7 @@ class Slices:
             Vout = None
             lay_phi = self.lay_phi
             if lay_phi is None:
-                lay_phi, _ = _driver.staging(V, None, False, 6)
+                lay_phi, _ = _driver.staging(V, None, False)
             lay_out = None
         return _driver.Strided(V, Vout, lay_phi, lay_out)
 

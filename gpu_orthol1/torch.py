@@ -22,6 +22,8 @@ import fnmatch
 import itertools
 import math
 import numbers
+import re
+import sys
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -39,7 +41,22 @@ except ImportError as _e:  # torch is an optional extra
         f"then import gpu_orthol1.torch again ({_e})"
     ) from _e
 
-from . import _cache, _checks, _device, _driver, _gemm, _penalty, _plan
+# torch.library.custom_op, the op behind ortho_l1 and OrthoL1.loss (eager, torch.compile, CUDA graphs),
+# came in torch 2.4; an older torch would fail at the decorator below with an AttributeError
+TORCH_MIN = (2, 4)
+
+
+def _check_torch_version(version: str) -> None:
+    """ImportError naming `version` (a torch.__version__) when it is older than TORCH_MIN."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m is not None and (int(m[1]), int(m[2])) < TORCH_MIN:
+        raise ImportError(f"gpu_orthol1.torch needs torch >= {TORCH_MIN[0]}.{TORCH_MIN[1]} (for torch.library."
+                          f"custom_op), found torch {version}; upgrade it: pip install 'torch>=2.4'")
+
+
+_check_torch_version(str(torch.__version__))
+
+from . import _cache, _checks, _device, _driver, _gemm, _penalty, _plan  # noqa: E402 - after the torch checks above
 
 __all__ = ["OrthoL1", "ortho_l1", "keras_orthogonal", "biggan_ortho"]
 
@@ -134,7 +151,7 @@ def _slices(x, how: str, axis: int, transpose: bool):
             raise ValueError(f"a {tuple(x.shape)} parameter with strides {x.stride()} cannot be flattened "
                              "to (out, -1) without a copy") from None
     else:
-        v = x.movedim(axis, 0)
+        v = x if axis == 0 else x.movedim(axis, 0)  # movedim costs a dispatch even as a no-op
     return v.transpose(1, 2) if transpose else v
 
 
@@ -152,20 +169,28 @@ def _pick_transpose(mode, l, n):
 
 def _run_core(V, Vo, beta, reduction, want_grad, device, accumulate=False, variant=_penalty.DEFAULT):
     """The core on (m, l, n) slice views of tensors (no copy): the cached plan for their layout.
-    Every allocation (workspaces, the per-slice losses) comes from torch's allocator and the loss is
-    reduced by torch, so the call can be captured by torch.cuda.graph."""
-    losses = torch.empty(V.shape[0], dtype=torch.float64, device=device)
-    with _on_torch_stream(device) if device.type == "cuda" else nullcontext():
+    CUDA: every allocation (workspaces, the per-slice losses) comes from torch's allocator and the
+    loss is reduced by torch, so the call can be captured by torch.cuda.graph. CPU: the plan forms
+    and reduces the losses itself (NumPy), which costs less per call than torch ops on small inputs."""
+    cuda = device.type == "cuda"
+    with _on_torch_stream(device) if cuda else nullcontext():
         a = _to_array(V)
         o = _to_array(Vo) if want_grad else None
-        if device.type == "cuda":
-            import cupy
+        p = _cache.cached(a, 0, reduction, "highest", "cupy" if cuda else "numpy", None, *variant)
+        if not cuda:
+            if o is not None and o.strides == a.strides:
+                # handed over as the plan's own allocation: given as out=, the plan works out both
+                # layouts again on every call; its own allocation with phi's strides reuses its plan's
+                loss, _ = _plan.execute(p, a, None, accumulate, beta, want_grad, alloc=lambda _shape, _dt: o)
+            else:
+                loss, _ = _plan.execute(p, a, o, accumulate, beta, want_grad)
+            return torch.from_numpy(np.asarray(loss))
+        import cupy
 
-            def alloc(shape, dt):
-                return cupy.from_dlpack(torch.empty(tuple(shape), dtype=_TORCH_DTYPE[np.dtype(dt)], device=device))
-        else:
-            alloc = None
-        p = _cache.cached(a, 0, reduction, "highest", "cupy" if device.type == "cuda" else "numpy", None, *variant)
+        def alloc(shape, dt):
+            return cupy.from_dlpack(torch.empty(tuple(shape), dtype=_TORCH_DTYPE[np.dtype(dt)], device=device))
+
+        losses = torch.empty(V.shape[0], dtype=torch.float64, device=device)
         _plan.execute(p, a, o, accumulate, beta, want_grad, alloc=alloc, losses=_to_array(losses))
     ldt = torch.float64 if V.dtype == torch.float64 else torch.float32
     if reduction == "none":
@@ -182,12 +207,54 @@ def _loss_shape(weight, how, m_axis, reduction):
     return (weight.shape[m_axis],) if how == "stack" else (1,)
 
 
-@torch.library.custom_op("gpu_orthol1::ortho_l1", mutates_args=())
-def _ortho_l1_op(weight: torch.Tensor, beta: float, reduction: str, how: str, m_axis: int, transpose: bool,
-                 want_grad: bool, penalty: str = "l1", diagonal: bool = True,
-                 normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, gradient) of one tensor; the gradient is an empty (0,) tensor when not wanted. One op to
-    torch.compile and autograd: the forward pass forms the gradient (one pass, no recomputation)."""
+# -- double backward ------------------------------------------------------------------------------
+#
+# The first-order backward hands out the gradient formed in the forward pass, a constant to autograd.
+# When the backward itself runs with grad mode on (create_graph=True: gradient penalties, MAML), the
+# gradient is instead formed again from the saved weight by this torch expression of the same loss,
+# differentiated by autograd with create_graph=True, so that its own derivative (the Hessian-vector
+# product) is right: for penalty="l1" that is 2 beta dW sign(E), the sign held constant, as autograd
+# holds it for |x|; l2 and normalize follow from their expressions.
+
+
+def _penalty_expr(V, variant):
+    """Per-slice losses sum f(E) (beta not included) of (m, l, n) slices V, as differentiable torch ops:
+    the core's formula (docs/penalties.md), including its zero-column rule when normalizing."""
+    eye = torch.eye(V.shape[2], dtype=V.dtype, device=V.device)
+    if variant.normalize:
+        d = (V * V).sum(dim=1)
+        nz = d > 0
+        # a zero column stays zero with a zero gradient (the inner where keeps rsqrt(0) out of autograd)
+        r = torch.where(nz, torch.where(nz, d, 1.0).rsqrt(), 0.0)
+        U = V * r.unsqueeze(1)
+        # the diagonal of the normalized Gram is 1 exactly (-1 in E for a zero column), not 1 + rounding
+        E = (U.transpose(1, 2) @ U) * (1 - eye) - eye * (~nz).unsqueeze(1).to(V.dtype)
+    else:
+        E = V.transpose(1, 2) @ V - eye
+    if not variant.diagonal:
+        E = E * (1 - eye)
+    return (E.abs() if variant.penalty == "l1" else E * E).sum(dim=(1, 2))
+
+
+def _expr_dtype(x):
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # the core's precision
+
+
+def _grad_with_graph(loss_fn, inputs, go):
+    """d(loss_fn(*inputs))/d(inputs) . go as tensors with an autograd graph (for create_graph=True)."""
+    with torch.enable_grad():
+        loss = loss_fn(*inputs)
+        return torch.autograd.grad(loss.to(go.dtype), inputs, go, create_graph=True, allow_unused=True)
+
+
+# -- ortho_l1: one computation, two entries (the custom op for tracing, an autograd.Function eagerly)
+
+
+def _ortho_l1_impl(weight: torch.Tensor, beta: float, reduction: str, how: str, m_axis: int, transpose: bool,
+                   want_grad: bool, penalty: str = "l1", diagonal: bool = True,
+                   normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, gradient) of one tensor; the gradient is an empty (0,) tensor when not wanted. The
+    forward pass forms the gradient (one pass, no recomputation)."""
     w = weight.detach()
     bf16 = w.dtype == torch.bfloat16
     wc = w.float() if bf16 else w  # bfloat16: float32 copy (documented)
@@ -201,6 +268,12 @@ def _ortho_l1_op(weight: torch.Tensor, beta: float, reduction: str, how: str, m_
     return loss, grad.to(torch.bfloat16) if bf16 else grad
 
 
+# torch.compile, dispatch modes (fake tensors, functionalization), functorch transforms and CUDA graph
+# capture see this op; eager calls take `_OrthoL1Fn`, which runs the same function without the op's
+# dispatch (about 0.2 ms a call on the CPU, more than the computation itself on PointNet-sized input)
+_ortho_l1_op = torch.library.custom_op("gpu_orthol1::ortho_l1", mutates_args=())(_ortho_l1_impl)
+
+
 @_ortho_l1_op.register_fake
 def _(weight, beta, reduction, how, m_axis, transpose, want_grad, penalty="l1", diagonal=True, normalize=False):
     ldt = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -209,23 +282,64 @@ def _(weight, beta, reduction, how, m_axis, transpose, want_grad, penalty="l1", 
 
 
 def _ortho_l1_setup(ctx, inputs, output):
-    weight, beta, reduction, how, m_axis, transpose, want_grad = inputs[:7]
-    ctx.save_for_backward(output[1])
+    # the weight is kept for a double backward only (no copy: it is the input itself)
+    ctx.save_for_backward(inputs[0], output[1])
     ctx.mark_non_differentiable(output[1])
-    ctx.m_axis, ctx.ndim, ctx.reduction, ctx.ninputs = m_axis, weight.dim(), reduction, len(inputs)
+    ctx.args = inputs[1:]
+    ctx.ndim = inputs[0].dim()
 
 
 def _ortho_l1_backward(ctx, go, _go_grad):
-    (g,) = ctx.saved_tensors
-    if ctx.reduction == "none" and ctx.ndim == 3:
+    w, g = ctx.saved_tensors
+    beta, reduction, how, m_axis, transpose, _want, *variant = ctx.args
+    nones = (None,) * len(ctx.args)
+    if torch.is_grad_enabled():  # create_graph=True: a gradient autograd can differentiate again
+        variant = _penalty.Variant(*variant)
+
+        def loss_fn(x):
+            per = _penalty_expr(_slices(_expr_dtype(x), how, m_axis, transpose), variant) * beta
+            if reduction == "none":
+                return per
+            return per.sum() / (per.shape[0] if reduction == "mean" and per.shape[0] else 1)
+
+        return _grad_with_graph(loss_fn, (w,), go) + nones
+    if reduction == "none" and ctx.ndim == 3:
         shape = [1, 1, 1]
-        shape[ctx.m_axis] = -1
+        shape[m_axis] = -1
         go = go.reshape(shape)
     # the gradient of the same forward pass, scaled by grad_output (out of place: backward may run twice)
-    return (g * go.to(g.dtype),) + (None,) * (ctx.ninputs - 1)
+    return (g * go.to(g.dtype),) + nones
 
 
 _ortho_l1_op.register_autograd(_ortho_l1_backward, setup_context=_ortho_l1_setup)
+
+
+class _OrthoL1Fn(torch.autograd.Function):
+    """`_ortho_l1_op` for eager calls: the same function, setup and backward. (A forward with ctx: with
+    a separate setup_context, apply() binds the arguments through inspect.signature, ~40 us a call.)"""
+
+    @staticmethod
+    def forward(ctx, *args):
+        out = _ortho_l1_impl(*args)
+        _ortho_l1_setup(ctx, args, out)
+        return out
+
+    backward = staticmethod(_ortho_l1_backward)
+
+
+def _traced(t) -> bool:
+    """Whether a call on t must go through the custom op: something traces or transforms it
+    (torch.compile, a dispatch or torch-function mode, functorch, a tensor subclass) or a CUDA
+    graph is being captured. Each test is one attribute or C call."""
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()
+            or (type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter)
+            or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
+
+
+def _ortho_l1_call(weight, *args):
+    fn = _ortho_l1_op if _traced(weight) else _OrthoL1Fn.apply
+    return fn(weight, *args)[0]
 
 
 def ortho_l1(weight, beta=1.0, *, axis=1, reduction="sum", mode=None, penalty="l1", diagonal=True,
@@ -239,6 +353,18 @@ def ortho_l1(weight, beta=1.0, *, axis=1, reduction="sum", mode=None, penalty="l
     otherwise. The backward returns the gradient formed in the forward pass (one pass, no recomputation)
     times grad_output. CPU tensors use the NumPy backend on zero-copy views; CUDA tensors the cuBLAS
     backend on torch's current stream.
+
+    Double backward (torch.autograd.grad(..., create_graph=True), gradient penalties, MAML): when the
+    backward runs with grad mode on, it forms the gradient again from the saved weight as torch ops
+    (the same loss written out: Gram, mask, |.| or square, normalization), which autograd then
+    differentiates, so second derivatives are exact (for penalty="l1", 2 beta dW sign(E) with the sign
+    held constant, as autograd holds it for |x|). Only that backward pays for it; the first-order one
+    is unchanged. Under torch.compile a double backward raises torch's own error ("aot_autograd does
+    not currently support double backward"). In-place changes to the weight between the forward and
+    the backward raise autograd's usual error (the weight is saved, without a copy, for this).
+
+    Eager calls run through a plain autograd.Function; torch.compile, dispatch modes, functorch
+    transforms and CUDA graph capture see the custom op `gpu_orthol1::ortho_l1` (the same function).
 
     penalty ("l1" | "l2"), diagonal (False: the diagonal is free) and normalize (True: the Gram of
     the unit-normalized rows or columns that `mode` picks) choose the member of the penalty family,
@@ -268,7 +394,7 @@ def ortho_l1(weight, beta=1.0, *, axis=1, reduction="sum", mode=None, penalty="l
         raise ValueError(f"reduction must be one of {_checks.REDUCTIONS}, got {reduction!r}")
     transpose = _pick_transpose(mode, l, n)
     want_grad = torch.is_grad_enabled() and weight.requires_grad
-    return _ortho_l1_op(weight, _checks.check_beta(beta), reduction, how, m_axis, transpose, want_grad, *variant)[0]
+    return _ortho_l1_call(weight, _checks.check_beta(beta), reduction, how, m_axis, transpose, want_grad, *variant)
 
 
 def keras_orthogonal(w: torch.Tensor, factor: float = 0.01, mode: str = "rows") -> torch.Tensor:
@@ -308,7 +434,7 @@ def keras_orthogonal(w: torch.Tensor, factor: float = 0.01, mode: str = "rows") 
         raise ValueError(f"keras_orthogonal takes a 2-D weight, as Keras does, got shape {tuple(w.shape)}")
     if mode not in ("rows", "columns"):
         raise ValueError(f"mode must be 'rows' or 'columns' (Keras's modes), got {mode!r}")
-    factor = _checks.check_beta(factor)
+    factor = _checks.check_beta(factor, "factor")
     size = w.shape[0] if mode == "rows" else w.shape[1]
     beta = factor / (size * (size - 1)) if size > 1 else 0.0
     return ortho_l1(w, beta, mode=mode, penalty="l1", diagonal=False, normalize=True)
@@ -323,14 +449,40 @@ def biggan_ortho(w, strength=1e-4):
     if w.dim() < 2:
         raise ValueError(f"biggan_ortho takes a weight of 2 or more dims (viewed as (out, -1)), got shape "
                          f"{tuple(w.shape)}")
-    beta = _checks.check_beta(strength) / 2
+    beta = _checks.check_beta(strength, "strength") / 2
     how = "matrix" if w.dim() == 2 else "flatten"
     want_grad = torch.is_grad_enabled() and w.requires_grad
-    return _ortho_l1_op(w, beta, "sum", how, 0, True, want_grad, "l2", False, False)[0]
+    return _ortho_l1_call(w, beta, "sum", how, 0, True, want_grad, "l2", False, False)
 
 
 # ---------------------------------------------------------------------------------------------
 # OrthoL1: every matrix of a model, grouped by slice shape
+
+_DTENSOR_COMPILED = ("OrthoL1.loss() under torch.compile takes plain tensors, and some parameters are DTensors "
+                     "(a sharded model, e.g. after fully_shard): call reg.loss() outside the compiled function "
+                     "(the sharded loss runs eagerly)")
+
+
+# Why an op, not a `raise` in loss(): under fullgraph=True dynamo turns an exception raised in traced
+# code into its own Unsupported("Observed exception"), and letting it reach the loss op with DTensor
+# inputs fails in DTensor's dispatch ("no sharding strategy"). This op traces like any other (a plain
+# tensor in, no DTensor) and raises our ValueError when the compiled code first runs.
+@torch.library.custom_op("gpu_orthol1::dtensor_compile_refused", mutates_args=())
+def _dtensor_compile_refused(like: torch.Tensor) -> torch.Tensor:
+    raise ValueError(_DTENSOR_COMPILED)
+
+
+@_dtensor_compile_refused.register_fake
+def _(like):
+    return torch.empty_like(like)
+
+
+def _dtensor_class():
+    """torch's DTensor class when torch.distributed.tensor is loaded (else no parameter can be one).
+    Dynamo traces this and the isinstance test on it, unlike `_is_dtensor`'s module-name test."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return None if mod is None else getattr(mod, "DTensor", None)
+
 
 
 @dataclass
@@ -529,7 +681,7 @@ class OrthoL1:
         """
         if mode not in ("rows", "columns"):
             raise ValueError(f"mode must be 'rows' or 'columns' (Keras's modes), got {mode!r}")
-        reg = cls(params_or_module, factor, "rows", penalty="l1", diagonal=False, normalize=True, **kw)
+        reg = cls(params_or_module, _checks.check_beta(factor, "factor"), "rows", penalty="l1", diagonal=False, normalize=True, **kw)
         as_stored = set()  # Keras's Embedding table is (input_dim, output_dim), torch's layout
         if isinstance(params_or_module, torch.nn.Module):
             for mod in params_or_module.modules():
@@ -553,7 +705,8 @@ class OrthoL1:
         `add_grad_()` where BigGAN calls `utils.ortho`. 3-D parameters are flattened like Conv1d
         weights unless three_d= says otherwise; other keywords as for OrthoL1."""
         kw.setdefault("three_d", "flatten")
-        return cls(params_or_module, _checks.check_beta(strength) / 2, "rows", penalty="l2", diagonal=False, **kw)
+        return cls(params_or_module, _checks.check_beta(strength, "strength") / 2, "rows", penalty="l2",
+                   diagonal=False, **kw)
 
     # -- planning --------------------------------------------------------------------------------
 
@@ -724,17 +877,34 @@ class OrthoL1:
             return next(iter(totals.values())).to(dt)
         return {d: v.to(dt) for d, v in totals.items()}
 
+    def _loss_expr(self, active, params):
+        """The loss of targets `active` with parameters `params` as differentiable torch ops (what a
+        double backward differentiates; see `_penalty_expr`)."""
+        total = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)
+        for j, p in zip(active, params):
+            t = self.targets[j]
+            per = _penalty_expr(_slices(_expr_dtype(p), t.how, t.axis, t.transpose), self.variant)
+            total = total + (self.beta * t.scale) * per.sum()
+        return total
+
     # -- public methods --------------------------------------------------------------------------
 
     def loss(self):
         """beta * sum over all matrices of sum |Gram - I|, a torch scalar with autograd (float64 when every
         parameter is float64, float32 otherwise). Add it to the task loss; its backward hands each
-        parameter the gradient formed in this same forward pass."""
+        parameter the gradient formed in this same forward pass. A double backward (create_graph=True)
+        is exact, as for `ortho_l1` (the backward then forms the gradients from the saved parameters
+        as torch ops, for autograd to differentiate); under torch.compile torch refuses it with its
+        own error. Over DTensor (sharded) parameters the backward is first-order only: a double
+        backward there lacks the second-order term (not yet refused)."""
         if torch.compiler.is_compiling():  # one custom op to dynamo: no graph break
             active = self._active()
             if not active:
                 return torch.zeros((), dtype=self._loss_dtype())
             params = [self.targets[j].param for j in active]
+            dt = _dtensor_class()
+            if dt is not None and any(isinstance(p, dt) for p in params):  # before the loss op sees a DTensor
+                return _dtensor_compile_refused(torch.zeros((), dtype=self._loss_dtype()))
             return _orthol1_op(params, self._op_key, active, torch.is_grad_enabled())[0]
         self._check_devices()
         active = self._active()
@@ -879,17 +1049,21 @@ class _OrthoL1ModelFn(torch.autograd.Function):
                 outs[j] = torch.empty_like(p)
         totals = reg._execute(outs, beta_gemm=0.0, want_grad=want)
         if want:
-            ctx.save_for_backward(*[outs[j] for j in active])  # type: ignore[index]
+            # the parameters are kept for a double backward only (no copy: they are the inputs)
+            ctx.save_for_backward(*params, *[outs[j] for j in active])  # type: ignore[index]
+            ctx.reg, ctx.active = reg, active
         ctx.want = want
         ctx.nparams = len(params)
         return reg._result(totals)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, go):
         if not ctx.want:
             return (None,) * (2 + ctx.nparams)
-        grads = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        params, grads = saved[:ctx.nparams], saved[ctx.nparams:]
+        if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate again
+            return (None, None) + _grad_with_graph(lambda *ps: ctx.reg._loss_expr(ctx.active, ps), params, go)
         return (None, None) + tuple(g * go.to(g.dtype) for g in grads)
 
 
@@ -950,15 +1124,24 @@ def _(params, key, active, want_grad):
 
 
 def _orthol1_setup(ctx, inputs, output):
-    ctx.save_for_backward(*output[1])
+    ctx.save_for_backward(*inputs[0], *output[1])  # the parameters: for a double backward only
     ctx.mark_non_differentiable(*output[1])
     ctx.nparams = len(inputs[0])
+    ctx.key, ctx.active = inputs[1], inputs[2]
 
 
 def _orthol1_backward(ctx, go, _go_grads):
-    grads = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    params, grads = saved[:ctx.nparams], saved[ctx.nparams:]
     if not grads:  # the forward ran without gradients (torch.no_grad)
         return [None] * ctx.nparams, None, None, None
+    if torch.is_grad_enabled():  # create_graph=True (eager; compiled graphs refuse a double backward)
+        ref = _registry.get(ctx.key)
+        reg = ref() if ref is not None else None
+        if reg is None:
+            raise RuntimeError("gpu_orthol1: a double backward through OrthoL1.loss() needs the OrthoL1 "
+                               "that made the loss, and it no longer exists")
+        return list(_grad_with_graph(lambda *ps: reg._loss_expr(ctx.active, ps), params, go)), None, None, None
     return [g * go.to(g.dtype) for g in grads], None, None, None
 
 

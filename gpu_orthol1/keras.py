@@ -44,13 +44,13 @@ MODES = ("rows", "columns", "auto")
 
 def _backend_fn(backend: str):
     if backend == "jax":
-        from .jax import ortho_l1 as jax_ortho_l1
+        from . import jax as jax_frontend
 
-        return jax_ortho_l1
+        return jax_frontend.ortho_l1
     if backend == "torch":
-        from .torch import ortho_l1 as torch_ortho_l1
+        from . import torch as torch_frontend
 
-        return torch_ortho_l1
+        return torch_frontend.ortho_l1
     raise TypeError(f"gpu_orthol1.keras runs on the Keras backends 'jax' and 'torch', not {backend!r}; "
                     "set KERAS_BACKEND=jax or torch before importing keras")
 

@@ -34,7 +34,7 @@ __all__ = ["add_ortho_l1", "AddOrthoL1State"]
 class AddOrthoL1State(NamedTuple):
     """The step count that a beta schedule reads (0-d int32)."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # Optax's name for it (tuple.count is shadowed, as in optax's own states)
 
 
 def add_ortho_l1(beta: Any, *, mask: Any = None, mode: str = "auto", axis: int = 1, three_d: str = "auto",

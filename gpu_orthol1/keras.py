@@ -63,13 +63,14 @@ class OrthoL1Regularizer(keras.regularizers.Regularizer):
         beta: the weight (a non-negative real number).
         mode: "columns" (out x out Gram of the output units), "rows" (in x in), "auto" (default, the
             smaller Gram), of the kernel flattened to (prod(other dims), out).
-        penalty, diagonal, normalize: the member of the penalty family (docs/penalties.md).
+        penalty: "l1" (sum of |G - I|) or "l2" (sum of squares); docs/penalties.md.
+        diagonal: False leaves the Gram's diagonal free (only off-diagonal entries count).
+        normalize: True uses the Gram of the unit-normalized rows or columns.
         keras_scale: divide each kernel's penalty by size * (size - 1) (Keras's mean over the
             off-diagonal entries; `orthogonal()` sets it).
 
-    Returns:
-        Called on a kernel, the penalty: a 0-d tensor of the backend (float64 for float64 kernels,
-        float32 otherwise), differentiable by the backend's autodiff.
+    Called on a kernel, it returns the penalty: a 0-d tensor of the backend (float64 for float64
+    kernels, float32 otherwise), differentiable by the backend's autodiff.
 
     Raises:
         ValueError: a wrong mode, penalty keyword or beta; a kernel of fewer than 2 dims.

@@ -84,7 +84,7 @@ def time_shape(shape, dtype, runs, rng) -> dict:
     med = {k: float(np.median(v)) * 1e3 for k, v in ts.items()}
     return {
         "shape": list(shape), "dtype": np.dtype(dtype).name, "runs": runs,
-        "slice_threads": ol1._plan.cpu_threads(shape[1], shape[0], shape[2]),
+        "slice_threads": ol1._cpu_pool.cpu_threads(shape[1], shape[0], shape[2]),
         "ms": med, "ms_all": {k: [round(t * 1e3, 3) for t in v] for k, v in ts.items()},
         "ours_over_limit": med["ours"] / med["limit"], "ours_over_naive": med["ours"] / med["naive"],
     }

@@ -52,13 +52,13 @@ except ImportError as _e:  # torch is an optional extra
         f"(pip install 'torch==2.*' for your platform, see https://pytorch.org/get-started/) ({_e})"
     ) from _e
 
-from . import _driver, _penalty, _plan
+from . import _cache, _checks, _driver, _penalty, _plan
 from .torch import _from_array, _on_torch_stream, _to_array  # one zero-copy bridge for torch <-> NumPy/CuPy
 
 __all__ = ["loss_and_grad", "loss", "dtensor_ortho_l1", "orthol1_dtensor_execute", "orthol1_dtensor_loss",
            "orthol1_dtensor_add_grad_", "orthol1_dtensor_step_"]
 
-REDUCTIONS = _plan.REDUCTIONS
+REDUCTIONS = _checks.REDUCTIONS
 MODES = ("rows", "columns", "auto")
 _DTYPES = (torch.float16, torch.float32, torch.float64, torch.bfloat16)
 _NP = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
@@ -215,12 +215,12 @@ def _inspect(local, beta, axis, shard_dim, reduction, want_grad, transpose, work
     if row[_F_RED] < 0:
         return fail(_E_RED)
     try:
-        b = _plan.check_beta(beta)
+        b = _checks.check_beta(beta)
     except ValueError:
         return fail(_E_BETA)
     row[_F_BETA] = _beta_bits(b)
     try:
-        ws = _plan.check_workspace_bytes(workspace_bytes)
+        ws = _checks.check_workspace_bytes(workspace_bytes)
     except ValueError:
         return fail(_E_WS)
     try:
@@ -240,9 +240,9 @@ def _inspect(local, beta, axis, shard_dim, reduction, want_grad, transpose, work
                 ws = _default_workspace(local.device, V.shape[1], V.shape[2])
             with _stream_ctx(local.device):
                 a = _to_array(V)
-                out.plan = _plan.cached(a, 0, _plan.REDUCTIONS[row[_F_RED]], "highest",
+                out.plan = _cache.cached(a, 0, _checks.REDUCTIONS[row[_F_RED]], "highest",
                                         "numpy" if local.device.type == "cpu" else "cupy", ws, *v)
-                row[_F_CHUNK] = int(out.plan.chunk_for(bool(want_grad)))
+                row[_F_CHUNK] = int(_plan.chunk_for(out.plan, bool(want_grad)))
         except Exception as e:  # noqa: BLE001 - reported to every rank through the metadata, not raised here
             return fail(_E_PLAN, f"{type(e).__name__}: {e}")
     out.V = V
@@ -423,10 +423,10 @@ def _core(V, beta, reduction, want_grad, device, *, hook=None, chunk=None, plan=
         G = torch.empty(V.shape, dtype=V.dtype, device=V.device)
     with _stream_ctx(device):
         a = _to_array(V)
-        p = plan if plan is not None else _plan.cached(
+        p = plan if plan is not None else _cache.cached(
             a, 0, reduction, "highest", "numpy" if device.type == "cpu" else "cupy", ws, *variant)
-        loss, _ = p.execute(a, _to_array(G) if G is not None else None, False, beta, want_grad,
-                            gram_hook=hook, chunk=chunk)
+        loss, _ = _plan.execute(p, a, _to_array(G) if G is not None else None, False, beta, want_grad,
+                                gram_hook=hook, chunk=chunk)
         return _from_array(loss, device), G
 
 
@@ -490,9 +490,9 @@ def _columns_via_rows(V, b, red, want_grad, device, sizes, g, rank, world, works
     plan, chunk, err = None, 0, None
     try:
         with _stream_ctx(device):
-            plan = _plan.cached(_to_array(Vrow), 0, red, "highest", "numpy" if device.type == "cpu" else "cupy",
+            plan = _cache.cached(_to_array(Vrow), 0, red, "highest", "numpy" if device.type == "cpu" else "cupy",
                                 ws, *variant)
-            chunk = int(plan.chunk_for(bool(want_grad)))
+            chunk = int(_plan.chunk_for(plan, bool(want_grad)))
     except Exception as e:  # noqa: BLE001 - told to every rank by the MIN below
         err = e
     agreed = torch.tensor([chunk], dtype=torch.int64, device=device)
@@ -716,7 +716,7 @@ def _local_run(t, beta, axis, reduction, want_grad, transpose, variant=_penalty.
                          "float64")
     ax = int(axis) % 3 if nd == 3 else 0
     V = _compute_view(_slice_view(t.detach(), nd, ax, transpose))
-    lt, G = _core(V, _plan.check_beta(beta), reduction, want_grad, t.device, variant=_penalty.check(*variant))
+    lt, G = _core(V, _checks.check_beta(beta), reduction, want_grad, t.device, variant=_penalty.check(*variant))
     lt = lt.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
     if not want_grad:
         return lt, None
@@ -749,7 +749,7 @@ def dtensor_ortho_l1(w: Any, beta: float = 1.0, axis: int = 1, reduction: str = 
     transpose = _transpose_for(mode, w.dim(), tuple(w.shape), axis if w.dim() == 3 else 0)
     want_grad = torch.is_grad_enabled() and w.requires_grad
     variant = _penalty.check(penalty, diagonal, normalize)
-    return _DTensorOrthoL1.apply(w, _plan.check_beta(beta), int(axis), reduction, transpose, want_grad, variant)
+    return _DTensorOrthoL1.apply(w, _checks.check_beta(beta), int(axis), reduction, transpose, want_grad, variant)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -871,7 +871,7 @@ def orthol1_dtensor_execute(targets: Sequence[tuple], beta: float, *,
     for row splits, one all-gather of the stacked shards for column splits. A 48-matrix group is then
     a handful of collectives instead of a hundred. Collective: every rank passes the same targets in
     the same order (checked: one small all-gather first); replicated and plain targets run locally."""
-    b = _plan.check_beta(beta)
+    b = _checks.check_beta(beta)
     variant = _penalty.check(penalty, diagonal, normalize)
     if outs is not None and len(outs) != len(targets):
         raise ValueError(f"outs has {len(outs)} entries for {len(targets)} targets")
@@ -883,7 +883,7 @@ def orthol1_dtensor_execute(targets: Sequence[tuple], beta: float, *,
         if not 4 <= len(t) <= 5:
             raise ValueError(f"target {j}: expected (param, how, axis, transpose[, scale]), got {len(t)} items")
         w, how, axis, tr = t[:4]
-        scale = _plan.check_beta(t[4]) if len(t) == 5 else 1.0
+        scale = _checks.check_beta(t[4]) if len(t) == 5 else 1.0
         try:
             members.append(_member(j, w, how, axis, tr, scale))
         except ValueError:  # an argument error: decided by placements, modes and dtypes, alike on all ranks
@@ -1013,7 +1013,7 @@ def orthol1_dtensor_loss(targets: Sequence[tuple], beta: float, *,
     spec = [(t[1], t[2], bool(t[3])) + tuple(t[4:5]) for t in targets]
     params = [t[0] for t in targets]
     kw = dict(workspace_bytes=workspace_bytes, penalty=penalty, diagonal=diagonal, normalize=normalize)
-    return _TargetsLoss.apply(spec, _plan.check_beta(beta), kw, *params)
+    return _TargetsLoss.apply(spec, _checks.check_beta(beta), kw, *params)
 
 
 @torch.no_grad()

@@ -56,7 +56,7 @@ def _check_torch_version(version: str) -> None:
 
 _check_torch_version(str(torch.__version__))
 
-from . import _driver, _gemm, _penalty, _plan  # noqa: E402 - after the torch checks above
+from . import _cache, _checks, _device, _driver, _gemm, _penalty, _plan  # noqa: E402 - after the torch checks above
 
 __all__ = ["OrthoL1", "ortho_l1", "keras_orthogonal", "biggan_ortho"]
 
@@ -108,7 +108,7 @@ def _core_device(device):
     for CUDA: `bind()` picks up the current stream at each call)."""
     dev = _devices.get(device)
     if dev is None:
-        dev = _devices[device] = _plan.make_device("numpy" if device.type == "cpu" else "cupy", "highest")
+        dev = _devices[device] = _device.make_device("numpy" if device.type == "cpu" else "cupy", "highest")
     return dev
 
 
@@ -176,14 +176,14 @@ def _run_core(V, Vo, beta, reduction, want_grad, device, accumulate=False, varia
     with _on_torch_stream(device) if cuda else nullcontext():
         a = _to_array(V)
         o = _to_array(Vo) if want_grad else None
-        p = _plan.cached(a, 0, reduction, "highest", "cupy" if cuda else "numpy", None, *variant)
+        p = _cache.cached(a, 0, reduction, "highest", "cupy" if cuda else "numpy", None, *variant)
         if not cuda:
             if o is not None and o.strides == a.strides:
                 # handed over as the plan's own allocation: given as out=, the plan works out both
                 # layouts again on every call; its own allocation with phi's strides reuses its plan's
-                loss, _ = p.execute(a, None, accumulate, beta, want_grad, alloc=lambda _shape, _dt: o)
+                loss, _ = _plan.execute(p, a, None, accumulate, beta, want_grad, alloc=lambda _shape, _dt: o)
             else:
-                loss, _ = p.execute(a, o, accumulate, beta, want_grad)
+                loss, _ = _plan.execute(p, a, o, accumulate, beta, want_grad)
             return torch.from_numpy(np.asarray(loss))
         import cupy
 
@@ -191,7 +191,7 @@ def _run_core(V, Vo, beta, reduction, want_grad, device, accumulate=False, varia
             return cupy.from_dlpack(torch.empty(tuple(shape), dtype=_TORCH_DTYPE[np.dtype(dt)], device=device))
 
         losses = torch.empty(V.shape[0], dtype=torch.float64, device=device)
-        p.execute(a, o, accumulate, beta, want_grad, alloc=alloc, losses=_to_array(losses))
+        _plan.execute(p, a, o, accumulate, beta, want_grad, alloc=alloc, losses=_to_array(losses))
     ldt = torch.float64 if V.dtype == torch.float64 else torch.float32
     if reduction == "none":
         return (losses * beta).to(ldt)
@@ -390,11 +390,11 @@ def ortho_l1(weight, beta=1.0, *, axis=1, reduction="sum", mode=None, penalty="l
         raise ValueError("weight must be 2-D (l, n) or 3-D (slices along axis), got shape "
                          f"{tuple(weight.shape)}; "
                          "use OrthoL1 for Conv weights (flattened to (out, -1))")
-    if not isinstance(reduction, str) or reduction not in _plan.REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_plan.REDUCTIONS}, got {reduction!r}")
+    if not isinstance(reduction, str) or reduction not in _checks.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_checks.REDUCTIONS}, got {reduction!r}")
     transpose = _pick_transpose(mode, l, n)
     want_grad = torch.is_grad_enabled() and weight.requires_grad
-    return _ortho_l1_call(weight, _plan.check_beta(beta), reduction, how, m_axis, transpose, want_grad, *variant)
+    return _ortho_l1_call(weight, _checks.check_beta(beta), reduction, how, m_axis, transpose, want_grad, *variant)
 
 
 def keras_orthogonal(w: torch.Tensor, factor: float = 0.01, mode: str = "rows") -> torch.Tensor:
@@ -434,7 +434,7 @@ def keras_orthogonal(w: torch.Tensor, factor: float = 0.01, mode: str = "rows") 
         raise ValueError(f"keras_orthogonal takes a 2-D weight, as Keras does, got shape {tuple(w.shape)}")
     if mode not in ("rows", "columns"):
         raise ValueError(f"mode must be 'rows' or 'columns' (Keras's modes), got {mode!r}")
-    factor = _plan.check_beta(factor, "factor")
+    factor = _checks.check_beta(factor, "factor")
     size = w.shape[0] if mode == "rows" else w.shape[1]
     beta = factor / (size * (size - 1)) if size > 1 else 0.0
     return ortho_l1(w, beta, mode=mode, penalty="l1", diagonal=False, normalize=True)
@@ -449,7 +449,7 @@ def biggan_ortho(w, strength=1e-4):
     if w.dim() < 2:
         raise ValueError(f"biggan_ortho takes a weight of 2 or more dims (viewed as (out, -1)), got shape "
                          f"{tuple(w.shape)}")
-    beta = _plan.check_beta(strength, "strength") / 2
+    beta = _checks.check_beta(strength, "strength") / 2
     how = "matrix" if w.dim() == 2 else "flatten"
     want_grad = torch.is_grad_enabled() and w.requires_grad
     return _ortho_l1_call(w, beta, "sum", how, 0, True, want_grad, "l2", False, False)
@@ -575,8 +575,8 @@ class OrthoL1:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if three_d not in THREE_D:
             raise ValueError(f"three_d must be one of {THREE_D}, got {three_d!r}")
-        self.beta = _plan.check_beta(beta)
-        self.workspace_bytes = _plan.check_workspace_bytes(workspace_bytes)
+        self.beta = _checks.check_beta(beta)
+        self.workspace_bytes = _checks.check_workspace_bytes(workspace_bytes)
         self.mode = mode
         self._device_factory: Callable | None = None  # tests: a core device for CPU tensors
         conv = set()
@@ -681,7 +681,7 @@ class OrthoL1:
         """
         if mode not in ("rows", "columns"):
             raise ValueError(f"mode must be 'rows' or 'columns' (Keras's modes), got {mode!r}")
-        reg = cls(params_or_module, _plan.check_beta(factor, "factor"), "rows", penalty="l1", diagonal=False, normalize=True, **kw)
+        reg = cls(params_or_module, _checks.check_beta(factor, "factor"), "rows", penalty="l1", diagonal=False, normalize=True, **kw)
         as_stored = set()  # Keras's Embedding table is (input_dim, output_dim), torch's layout
         if isinstance(params_or_module, torch.nn.Module):
             for mod in params_or_module.modules():
@@ -705,7 +705,7 @@ class OrthoL1:
         `add_grad_()` where BigGAN calls `utils.ortho`. 3-D parameters are flattened like Conv1d
         weights unless three_d= says otherwise; other keywords as for OrthoL1."""
         kw.setdefault("three_d", "flatten")
-        return cls(params_or_module, _plan.check_beta(strength, "strength") / 2, "rows", penalty="l2",
+        return cls(params_or_module, _checks.check_beta(strength, "strength") / 2, "rows", penalty="l2",
                    diagonal=False, **kw)
 
     # -- planning --------------------------------------------------------------------------------
@@ -748,11 +748,11 @@ class OrthoL1:
         b = self._budgets.get(device)
         if b is None:
             if device.type == "cpu":
-                b = _plan.workspace_budget(self.workspace_bytes, "numpy", np)
+                b = _checks.workspace_budget(self.workspace_bytes, "numpy", np)
             else:
                 import cupy
 
-                b = _plan.workspace_budget(self.workspace_bytes, "cupy", cupy)
+                b = _checks.workspace_budget(self.workspace_bytes, "cupy", cupy)
             self._budgets[device] = b
         return b
 

@@ -297,7 +297,7 @@ def _limit(device: str, precision: str) -> Method:
     cannot beat with BLAS doing the arithmetic."""
 
     def prepare(case):
-        from .. import _driver, _plan
+        from .. import _cpu_pool, _driver
 
         if device == "cpu":
             from .._numpy_dev import NumpyDevice
@@ -323,7 +323,7 @@ def _limit(device: str, precision: str) -> Method:
             dev.bind()
 
         # on the CPU the slices are split over threads exactly as gpu_orthol1 splits them
-        threads = _plan.cpu_threads(m, case.l, n) if device == "cpu" else 1
+        threads = _cpu_pool.cpu_threads(m, case.l, n) if device == "cpu" else 1
 
         def call(k):
             out = xp.empty_like(A[k])
@@ -333,7 +333,7 @@ def _limit(device: str, precision: str) -> Method:
                 dev.gram(src, b - a, G[a:b])
                 dev.grad(src, _driver.StridedChunk(out, lay, a), b - a, S[a:b], 1.0, 0.0)
 
-            _plan.run_split(part, m, threads)
+            _cpu_pool.run_split(part, m, threads)
             return out
 
         peak = cpu_peak_of(call) if device == "cpu" else gpu_peak_of(call)

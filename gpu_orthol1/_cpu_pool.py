@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -62,16 +63,40 @@ _blas_ctl: Any = None
 _blas_ctl_lock = threading.Lock()
 
 
-def _blas_controller() -> Any:
-    """threadpoolctl's controller of the loaded BLAS libraries, found once (finding them walks the
-    process's shared objects: about 1.4 ms a call; NumPy's BLAS is loaded with NumPy, before any plan)."""
+def _blas_controller_locked() -> Any:
+    """threadpoolctl's controller of the loaded BLAS libraries, found once; the caller holds
+    _blas_ctl_lock. (Finding them walks the process's shared objects: about 1.4 ms a call; NumPy's
+    BLAS is loaded with NumPy, before any plan.)"""
     global _blas_ctl
-    with _blas_ctl_lock:
-        if _blas_ctl is None:
-            from threadpoolctl import ThreadpoolController
+    if _blas_ctl is None:
+        from threadpoolctl import ThreadpoolController
 
-            _blas_ctl = ThreadpoolController().select(user_api="blas")
-        return _blas_ctl
+        _blas_ctl = ThreadpoolController().select(user_api="blas")
+    return _blas_ctl
+
+
+_one_thread_depth = 0  # run_split calls (from any user thread) inside the one-thread BLAS limit
+_one_thread_limiter: Any = None
+
+
+@contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """BLAS on one thread while any run_split call runs: the first call in sets the limit, the last
+    one out restores BLAS's own setting. (Each call setting and restoring its own limit would let two
+    user threads' overlapping calls restore each other's 1, leaving BLAS on one thread for good.)"""
+    global _one_thread_depth, _one_thread_limiter
+    with _blas_ctl_lock:
+        if _one_thread_depth == 0:
+            _one_thread_limiter = _blas_controller_locked().limit(limits=1)
+        _one_thread_depth += 1
+    try:
+        yield
+    finally:
+        with _blas_ctl_lock:
+            _one_thread_depth -= 1
+            if _one_thread_depth == 0:
+                _one_thread_limiter.restore_original_limits()
+                _one_thread_limiter = None
 
 
 def run_split(fn: Callable[[int, int], object], m: int, threads: int) -> None:
@@ -80,13 +105,13 @@ def run_split(fn: Callable[[int, int], object], m: int, threads: int) -> None:
     While the parts run, BLAS runs one thread per call: each pool thread is already a core's worth
     of work, and BLAS's own threads on top of it oversubscribe the cores (on (512, 1024, 64) float32,
     AMD EPYC, 2 CPUs: 213 ms with OpenBLAS's default two threads, 91 ms with one; issue 26). The
-    limit is process-wide while it lasts (threadpoolctl's; from a thread other than the one that
-    holds threadpoolctl's OpenBLAS control it does nothing, which costs speed, never correctness)."""
+    limit is process-wide while it lasts (threadpoolctl's), shared by overlapping calls from several
+    user threads (`_one_blas_thread`); it costs speed, never correctness, where it does not apply."""
     if threads <= 1:
         fn(0, m)
         return
     parts = np.linspace(0, m, threads + 1).astype(int)
-    with _blas_controller().limit(limits=1):
+    with _one_blas_thread():
         futs = [_thread_pool().submit(fn, int(a), int(b)) for a, b in zip(parts[:-1], parts[1:]) if b > a]
         wait(futs)  # every part done before BLAS gets its threads back, even when one part failed
     for f in futs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -420,3 +421,49 @@ def test_cpu_pool_float64_equals_serial_to_the_bit(rng):
     np.testing.assert_array_equal(G, G1)
     assert L == L1  # per-slice float64 losses, summed in slice order either way
     check(phi, L, G, 0.3, 1, "sum", np.float64)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs a pool of two threads")
+def test_overlapping_pool_calls_give_blas_its_threads_back():
+    # two user threads' run_split calls overlap and the first one in leaves first: the one-thread
+    # limit must last while the second runs, and BLAS's own setting come back after both (each call
+    # restoring its own limit would restore 2 under the second call and then the second's saved 1,
+    # leaving BLAS on one thread for good)
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    entered = [threading.Event(), threading.Event()]
+    release = [threading.Event(), threading.Event()]
+    seen = []
+
+    def part(a, b, k):
+        if a == 0:  # one part of each call holds it open until the test lets it go
+            entered[k].set()
+            assert release[k].wait(timeout=60)
+        seen.append(blas_threads())
+
+    def call(k):
+        _cpu_pool.run_split(lambda a, b: part(a, b, k), 10, 2)
+
+    before = blas_threads()  # BLAS's own default: one thread per core (threadpool_limits would pin it)
+    if not before or max(before) < 2:
+        pytest.skip("BLAS runs one thread here already")
+    ts = [threading.Thread(target=call, args=(k,)) for k in (0, 1)]
+    try:
+        ts[0].start()
+        assert entered[0].wait(timeout=60)
+        ts[1].start()
+        assert entered[1].wait(timeout=60)
+        release[0].set()
+        ts[0].join(timeout=60)
+        assert blas_threads() == [1] * len(before)  # the second call still runs: the limit holds
+    finally:  # never leave a pool thread waiting
+        for r in release:
+            r.set()
+        for t in ts:
+            if t.is_alive():
+                t.join(timeout=60)
+    assert blas_threads() == before
+    assert len(seen) == 4 and all(t == [1] * len(before) for t in seen)

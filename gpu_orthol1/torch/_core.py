@@ -1,0 +1,48 @@
+"""The one door from the framework layers (gpu_orthol1.torch, gpu_orthol1.distributed) into the core.
+
+Every call the torch and distributed code makes into the plan layer goes through these functions, so
+that the core's internal interface (issue 24: the checks, the plan cache and the plan hooks moving to
+modules of their own) is named in one place. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import _plan
+
+REDUCTIONS = _plan.REDUCTIONS
+
+
+def cached(phi: Any, axis: int, reduction: str, precision: str, backend: str, workspace_bytes: int | None,
+           penalty: str = "l1", diagonal: bool = True, normalize: bool = False) -> Any:
+    """The functional API's cached plan for phi's layout."""
+    return _plan.cached(phi, axis, reduction, precision, backend, workspace_bytes, penalty, diagonal, normalize)
+
+
+def check_beta(beta: Any) -> float:
+    return _plan.check_beta(beta)
+
+
+def check_workspace_bytes(workspace_bytes: Any) -> int | None:
+    return _plan.check_workspace_bytes(workspace_bytes)
+
+
+def workspace_budget(workspace_bytes: int | None, resolved: str, xp: Any) -> int:
+    return _plan.workspace_budget(workspace_bytes, resolved, xp)
+
+
+def make_device(resolved: str, precision: str) -> Any:
+    return _plan.make_device(resolved, precision)
+
+
+def execute(plan: Any, phi: Any, out: Any, accumulate: bool, beta: float, want_grad: bool, *,
+            gram_hook: Any = None, chunk: int | None = None, alloc: Any = None, losses: Any = None) -> Any:
+    """The plan's run on phi with the framework layers' hooks (workspaces from their allocator, the
+    per-slice losses into their buffer, a Gram hook for the distributed all-reduce)."""
+    return plan.execute(phi, out, accumulate, beta, want_grad, gram_hook=gram_hook, chunk=chunk, alloc=alloc,
+                        losses=losses)
+
+
+def chunk_for(plan: Any, want_grad: bool, accumulate: bool = False) -> int:
+    return plan.chunk_for(want_grad, accumulate)

@@ -119,7 +119,29 @@ def dtensor_ortho_l1(w: Any, beta: float = 1.0, axis: int = 1, reduction: str = 
     3-D w: slices along axis, the mode per slice. Collective: every rank of the sharding mesh dim
     calls it. Which split moves what: see the module docstring (Shard of the penalized Gram's row dim
     sums n x n Grams; of its column dim reshards w to that and back). penalty, diagonal, normalize: the
-    member of the penalty family, as in ortho_l1."""
+    member of the penalty family, as in ortho_l1.
+
+    Args:
+        w: the DTensor (2-D or 3-D, float16, bfloat16, float32 or float64).
+        beta: the loss's factor, finite and >= 0.
+        axis: the slice axis of a 3-D w.
+        reduction: "sum", "mean" or "none".
+        mode: None, "rows", "columns" or "auto".
+        penalty: "l1" or "l2".
+        diagonal: False leaves the Gram's diagonal free.
+        normalize: True takes the Gram of the unit-normalized rows or columns.
+
+    Returns:
+        The loss (a plain tensor, the same on every rank) with autograd.
+
+    Raises:
+        ValueError: w is not a DTensor, its placements are not supported, or an argument is out of
+            range (on every rank alike).
+
+    Example:
+        >>> # w = distribute_tensor(torch.randn(64, 16), mesh, [Shard(0)])
+        >>> loss = dtensor_ortho_l1(w, 1e-3, mode="columns")
+    """
     from torch.distributed.tensor import DTensor
 
     if not isinstance(w, DTensor):

@@ -116,6 +116,7 @@ def _columns_via_rows(V: torch.Tensor, b: float, red: str, want_grad: bool, devi
                          chunk=int(agreed.item()), plan=plan)
     if not want_grad:
         return lt, None
+    assert Grow is not None
     back = _all_to_all([Grow[:, :, c0[q]:c0[q] + sizes[q]] for q in range(world)],
                        [m * rows[p] * n_me for p in range(world)], Grow.dtype, g)
     return lt, torch.cat([p.view(m, rows[q], n_me) for q, p in enumerate(back)], dim=1)
@@ -163,6 +164,7 @@ def _run(local: Any, beta: Any, axis: Any, shard_dim: Any, reduction: Any, group
         loss_t = lt
         G = None
         if want_grad:
+            assert Gf is not None
             off = sum(sizes[:rank])
             G = Gf.narrow(2, off, sizes[rank]).clone()  # its own columns; the full buffer is freed
     loss_t = loss_t.to(ldt)

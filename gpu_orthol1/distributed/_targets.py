@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .. import _penalty
 from ..torch import _core
 from ._dtensor import _dtensor_split
 from ._meta import _DTYPES, _compute_view, _from_slice_view, _kind_of, _meta_device, _slice_view
@@ -138,7 +139,31 @@ def orthol1_dtensor_execute(targets: Sequence[tuple], beta: float, *,
     `loss_and_grad`: one metadata all-gather and one all-reduce of packed Grams per workspace chunk
     for row splits, one all-gather of the stacked shards for column splits. A 48-matrix group is then
     a handful of collectives instead of a hundred. Collective: every rank passes the same targets in
-    the same order (checked: one small all-gather first); replicated and plain targets run locally."""
+    the same order (checked: one small all-gather first); replicated and plain targets run locally.
+
+    Args:
+        targets: per parameter (param, how, axis, transpose[, scale]).
+        beta: the loss's factor, finite and >= 0.
+        want_grad: form the gradients.
+        outs: None, or per target the local tensor that receives its gradient.
+        accumulate: add into outs instead of writing them.
+        workspace_bytes: the workspace budget per chunk, or None.
+        penalty: "l1" or "l2".
+        diagonal: False leaves the Gram's diagonal free.
+        normalize: True takes the Gram of the unit-normalized rows or columns.
+
+    Returns:
+        (loss, grads): the summed float64 loss, the same on every rank, and the local gradients.
+
+    Raises:
+        ValueError: a target is malformed, outs does not match, or the ranks' targets differ or
+            failed on some rank (on every rank alike).
+
+    Example:
+        >>> # after fully_shard(model): every parameter a Shard(0) DTensor
+        >>> targets = [(p, "matrix", 1, False) for p in model.parameters() if p.dim() == 2]
+        >>> loss, grads = orthol1_dtensor_execute(targets, 1e-3)
+    """
     b = _core.check_beta(beta)
     variant = _penalty.check(penalty, diagonal, normalize)
     if outs is not None and len(outs) != len(targets):
@@ -276,7 +301,26 @@ def orthol1_dtensor_loss(targets: Sequence[tuple], beta: float, *,
                          normalize: bool = False) -> Any:
     """OrthoL1.loss() for (DTensor) targets (see `orthol1_dtensor_execute`): the summed loss as a float64
     0-d tensor with autograd; its backward hands each parameter the gradient formed in the forward pass
-    (a DTensor with the parameter's placements for a DTensor)."""
+    (a DTensor with the parameter's placements for a DTensor).
+
+    Args:
+        targets: as for `orthol1_dtensor_execute`.
+        beta: the loss's factor.
+        workspace_bytes: the workspace budget per chunk, or None.
+        penalty: "l1" or "l2".
+        diagonal: False leaves the Gram's diagonal free.
+        normalize: True takes the Gram of the unit-normalized rows or columns.
+
+    Returns:
+        The summed loss with autograd.
+
+    Raises:
+        ValueError: as for `orthol1_dtensor_execute`.
+
+    Example:
+        >>> loss = orthol1_dtensor_loss(targets, 1e-3)
+        >>> loss.backward()
+    """
     spec = [(t[1], t[2], bool(t[3])) + tuple(t[4:5]) for t in targets]
     params = [t[0] for t in targets]
     kw = dict(workspace_bytes=workspace_bytes, penalty=penalty, diagonal=diagonal, normalize=normalize)
@@ -288,7 +332,26 @@ def orthol1_dtensor_add_grad_(targets: Sequence[tuple], beta: float, *,
                               workspace_bytes: int | None = None, penalty: str = "l1", diagonal: bool = True,
                               normalize: bool = False) -> Any:
     """OrthoL1.add_grad_() for (DTensor) targets: adds the gradient into each parameter's .grad (made as
-    zeros with the parameter's placements when None) through its local tensor; returns the loss."""
+    zeros with the parameter's placements when None) through its local tensor; returns the loss.
+
+    Args:
+        targets: as for `orthol1_dtensor_execute`.
+        beta: the loss's factor.
+        workspace_bytes: the workspace budget per chunk, or None.
+        penalty: "l1" or "l2".
+        diagonal: False leaves the Gram's diagonal free.
+        normalize: True takes the Gram of the unit-normalized rows or columns.
+
+    Returns:
+        The summed loss (float64, detached).
+
+    Raises:
+        ValueError: a .grad's placements or shape differ from its parameter's, or as for
+            `orthol1_dtensor_execute`.
+
+    Example:
+        >>> value = orthol1_dtensor_add_grad_(targets, 1e-3)  # after the task loss's backward
+    """
     outs = []
     for j, p in enumerate(t[0] for t in targets):
         if p.grad is None:
@@ -309,7 +372,26 @@ def orthol1_dtensor_step_(targets: Sequence[tuple], beta: float, lr: float, *,
                           workspace_bytes: int | None = None, penalty: str = "l1", diagonal: bool = True,
                           normalize: bool = False) -> Any:
     """OrthoL1.step_(lr) for (DTensor) targets: W <- W - lr * dL/dW on each rank's shard, every gradient
-    from the weights before the update; returns the loss before the step."""
+    from the weights before the update; returns the loss before the step.
+
+    Args:
+        targets: as for `orthol1_dtensor_execute`.
+        beta: the loss's factor.
+        lr: the step size, a finite real number.
+        workspace_bytes: the workspace budget per chunk, or None.
+        penalty: "l1" or "l2".
+        diagonal: False leaves the Gram's diagonal free.
+        normalize: True takes the Gram of the unit-normalized rows or columns.
+
+    Returns:
+        The summed loss before the step (float64, detached).
+
+    Raises:
+        ValueError: lr is not a finite real number, or as for `orthol1_dtensor_execute`.
+
+    Example:
+        >>> value = orthol1_dtensor_step_(targets, 1e-3, lr=0.1)
+    """
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(float(lr)):
         raise ValueError(f"lr must be a finite real number, got {lr!r}")
     loss, grads = orthol1_dtensor_execute(targets, beta, workspace_bytes=workspace_bytes, penalty=penalty,

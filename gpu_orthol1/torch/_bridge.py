@@ -88,7 +88,8 @@ def _from_array(a: Any, device: torch.device) -> torch.Tensor:
 
 def _flat_order(x: torch.Tensor) -> list[int]:
     """Dims 1.. of x in memory order (outermost first): the column order of its (out, -1) flattening."""
-    return sorted(range(1, x.dim()), key=lambda d: -x.stride(d))
+    strides = x.stride()
+    return sorted(range(1, x.dim()), key=lambda d: -strides[d])
 
 
 def _slices(x: torch.Tensor, how: str, axis: int, transpose: bool) -> torch.Tensor:

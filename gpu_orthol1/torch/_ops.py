@@ -8,6 +8,7 @@ gradient by grad_output. The ops trace under torch.compile (register_fake gives 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
@@ -30,14 +31,13 @@ def _run_core(V: torch.Tensor, Vo: torch.Tensor | None, beta: float, reduction: 
     losses = torch.empty(V.shape[0], dtype=torch.float64, device=device)
     with _on_torch_stream(device) if device.type == "cuda" else nullcontext():
         a = _to_array(V)
-        o = _to_array(Vo) if want_grad else None
+        o = _to_array(Vo) if want_grad and Vo is not None else None
+        alloc: Callable[[Any, Any], Any] | None = None
         if device.type == "cuda":
             import cupy
 
             def alloc(shape, dt):
                 return cupy.from_dlpack(torch.empty(tuple(shape), dtype=_TORCH_DTYPE[np.dtype(dt)], device=device))
-        else:
-            alloc = None
         p = _core.cached(a, 0, reduction, "highest", "cupy" if device.type == "cuda" else "numpy", None, *variant)
         _core.execute(p, a, o, accumulate, beta, want_grad, alloc=alloc, losses=_to_array(losses))
     ldt = torch.float64 if V.dtype == torch.float64 else torch.float32
@@ -66,7 +66,7 @@ def _ortho_l1_op(weight: torch.Tensor, beta: float, reduction: str, how: str, m_
     wc = w.float() if bf16 else w  # bfloat16: float32 copy (documented)
     grad = torch.empty_like(wc) if want_grad else None
     V = _slices(wc, how, m_axis, transpose)
-    Vo = _slices(grad, how, m_axis, transpose) if want_grad else None
+    Vo = _slices(grad, how, m_axis, transpose) if grad is not None else None
     loss = _run_core(V, Vo, beta, reduction, want_grad, w.device,
                      variant=_penalty.Variant(penalty, diagonal, normalize))
     if grad is None:

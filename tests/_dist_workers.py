@@ -468,7 +468,7 @@ def case_fsdp(ctx, stack_bytes=None, counts=None):
 
 
 def case_fsdp_train_step(ctx):
-    """The README's use: FSDP2 model, loss = task loss + sum of dtensor_ortho_l1 over the sharded weights,
+    """docs/sharded.md's first example: FSDP2 model, loss = task loss + sum of dtensor_ortho_l1 over the sharded weights,
     one backward. p.grad (DTensor) must equal the unsharded model's gradient of the same total (the same
     input on every rank, so FSDP's gradient average is the one task gradient)."""
     import copy

@@ -403,14 +403,15 @@ def test_bench_command_gpu_smoke(tmp_path):
             assert float(r["limit_mem_ms"]) > 0 and r["peak_how"] and not r["peak_how"].startswith("failed")
 
 
-# ---------------------------------------------------------------- the README's figures are the results files'
+# ------------------------------------- the figures of docs/performance.md and README.md are the results files'
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+PERFORMANCE = "docs/performance.md"
 
 
-def _readme_table(starts_with: str) -> list[list[str]]:
-    """The body rows of the first Markdown table after the README paragraph that starts with `starts_with`."""
-    text = (ROOT / "README.md").read_text()
+def _readme_table(starts_with: str, doc: str = PERFORMANCE) -> list[list[str]]:
+    """The body rows of the first Markdown table after the paragraph of `doc` that starts with `starts_with`."""
+    text = (ROOT / doc).read_text()
     after = text[text.index(starts_with):]
     rows = []
     for line in after.splitlines():
@@ -452,7 +453,7 @@ def _check_cells(cells, cols, h, rows):
         elif cell in ("", "(not run)"):
             assert value == "", (h["shape"], col)
         else:
-            assert not flagged, f"{h['shape']} {col}: the README quotes a flagged value"
+            assert not flagged, f"{h['shape']} {col}: the docs quote a flagged value"
             _printed(cell, value)
 
 
@@ -529,9 +530,73 @@ def test_readme_cpu_core_table_is_its_file():
         _printed(cells[5].split(" MB")[0], ours["peak_extra_mb"])
 
 
+def test_cpu_intel_core_table_is_its_file():
+    doc = json.loads((ROOT / "bench/results/cpu-core-intel-5.json").read_text())
+    table = _readme_table("**CPU: Intel Xeon, 2 CPUs, float32**")
+    assert len(table) == 3
+    for cells in table:
+        shape = [int(x) for x in _shape(cells[0]).split("x")]
+        ours, naive = (next(r for r in doc["rows"] if r["shape"] == shape and r["method"] == m)
+                       for m in ("gpu_orthol1", "naive_numpy"))
+        _printed(cells[2], ours["limit_ms"])
+        for cell, r, key in ((cells[1], ours, "p50_ms"), (cells[3], ours, "ratio_to_limit"),
+                             (cells[4], naive, "ratio_to_limit")):
+            flagged = r["p80_ms"] / r["p20_ms"] > bench.SPREAD_MAX or r["ratio_to_limit"] < bench.FLOOR_RATIO
+            if cell == "flagged":
+                assert flagged, (cells[0], key)
+            else:
+                assert not flagged, (cells[0], key)
+                _printed(cell, r[key])
+
+
+def test_cpu_plans_tables_are_their_file():
+    res = json.loads((ROOT / "bench/results/cpu-plans.json").read_text())["results"]
+    table = _readme_table("**CPU per-call cost: plans, Intel Xeon, 2 CPUs**")
+    assert len(table) == 2
+    for cells in table:
+        now, base = res["now"]["core"][_shape(cells[0])], res["base"]["core"][_shape(cells[0])]
+        for cell, d, key in ((cells[1], base, "ours"), (cells[2], now, "ours"), (cells[3], now, "plan")):
+            us, ratio = cell.rstrip(")").split(" us (")
+            _printed(us, d[f"{key}_us"])
+            _printed(ratio, d[f"{key}_x_naive"])
+        after, before = cells[4].rstrip(" us").split(" / ")
+        _printed(after, now["naive_us"])
+        _printed(before, base["naive_us"])
+    models = _readme_table("| model, float32 | before | after | loop |")
+    assert len(models) == 2
+    for cells, key in zip(models, ("mlp4x128", "cnn3")):
+        for cell, side in ((cells[1], "base"), (cells[2], "now")):
+            loss, add = cell.split(" / ")
+            _printed(loss, res[side]["orthol1"][key]["loss_x_loop"])
+            _printed(add, res[side]["orthol1"][key]["add_grad_x_loop"])
+        _printed(cells[3].rstrip(" us"), res["now"]["orthol1"][key]["loop_us"])
+
+
+def test_readme_speed_table_is_two_unflagged_runs():
+    """README's "How fast" table: each row's figures from the one results file the row names."""
+    table = _readme_table("| machine (results file) |", "README.md")
+    assert len(table) == 5
+    cols = ["ms", "naive", "torch-eager", "torch-compile", "jax-jit"]
+    for cells in table:
+        path = cells[0].split("`")[1]
+        rows, hl = _published(path)
+        h = next(h for h in hl if h["shape"] == _shape(cells[1]) and h["dtype"] == "float32")
+        assert cells[0].split(" (")[0].split(": ", 1)[1].startswith(h["device_name"].split(" (")[0])
+        naive = "cupy-naive" if cells[0].startswith("GPU") else "numpy-naive"
+        _check_cells(cells[2:], [naive if c == "naive" else c for c in cols], h, rows)
+
+
+def test_readme_torch_figure_is_its_file():
+    doc = json.loads((ROOT / "bench/results/gpu-h200-fused-torch.json").read_text())
+    text = (ROOT / "README.md").read_text()
+    ratio = text.split("ran ")[1].split("x faster than the per-layer autograd loop")[0]
+    _printed(ratio, doc["results"]["loss"]["ratio_vs_naive"])
+    assert doc["device_name"] == "NVIDIA H200" and doc["agreement_ok"]
+
+
 def test_no_published_figure_comes_from_a_disturbed_run():
-    readme = (ROOT / "README.md").read_text() + (ROOT / "bench/results/README.md").read_text().split(
-        "## Disturbed runs")[0]
+    readme = (ROOT / "README.md").read_text() + (ROOT / PERFORMANCE).read_text() + (
+        ROOT / "bench/results/README.md").read_text().split("## Disturbed runs")[0]
     for p in (ROOT / "bench/results/disturbed").glob("*.json"):
         assert not (ROOT / "bench/results" / p.name).exists()
         assert f"results/{p.name}" not in readme and f"`{p.stem}`" not in readme.replace("`cpu-quick`", "")

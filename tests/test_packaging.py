@@ -37,6 +37,10 @@ def test_wheel_has_no_top_level_kernels(tmp_path):
             assert f"gpu_orthol1/{sub}/{mod}" in names, f"the wheel lacks gpu_orthol1/{sub}/{mod}"
     assert "gpu_orthol1/bench/command.py" in names and "gpu_orthol1/bench/__main__.py" in names
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
+    assert "gpu_orthol1/py.typed" in names  # PEP 561: the type hints ship
+    assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in names)
+    from gpu_orthol1 import __version__
+    assert wheel.startswith(f"gpu_orthol1-{__version__}-")  # the version is written once, in __init__.py
     entry = [n for n in names if n.endswith("entry_points.txt")]
     assert entry and "gpu-orthol1 = gpu_orthol1.cli:main" in zipfile.ZipFile(tmp_path / wheel).read(entry[0]).decode()
 

@@ -139,7 +139,7 @@ def dtensor_ortho_l1(w: Any, beta: float = 1.0, axis: int = 1, reduction: str = 
             range (on every rank alike).
 
     Example:
-        >>> # w = distribute_tensor(torch.randn(64, 16), mesh, [Shard(0)])
+        >>> w = distribute_tensor(torch.randn(64, 16), mesh, [Shard(0)])  # collective: every rank
         >>> loss = dtensor_ortho_l1(w, 1e-3, mode="columns")
     """
     from torch.distributed.tensor import DTensor

@@ -222,8 +222,7 @@ def loss_and_grad(local: Any, beta: float = 1.0, *, axis: int = 1, shard_dim: in
             the shards do not form one tensor; also when torch.distributed is not initialized.
 
     Example:
-        >>> # on each rank of an initialized group, its rows of a (64, 16) Phi:
-        >>> local = torch.randn(64 // dist.get_world_size(), 16)
+        >>> local = torch.randn(64 // dist.get_world_size(), 16)  # this rank's rows of a (64, 16) Phi
         >>> loss, grad_local = loss_and_grad(local, 1e-3, shard_dim=0)
     """
     loss_t, grad, _ = _run(local, beta, axis, shard_dim, reduction, group, True, workspace_bytes=workspace_bytes,

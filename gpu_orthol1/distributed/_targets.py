@@ -160,7 +160,7 @@ def orthol1_dtensor_execute(targets: Sequence[tuple], beta: float, *,
             failed on some rank (on every rank alike).
 
     Example:
-        >>> # after fully_shard(model): every parameter a Shard(0) DTensor
+        >>> fully_shard(model)  # every parameter a Shard(0) DTensor
         >>> targets = [(p, "matrix", 1, False) for p in model.parameters() if p.dim() == 2]
         >>> loss, grads = orthol1_dtensor_execute(targets, 1e-3)
     """

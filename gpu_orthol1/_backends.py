@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import warnings
 
@@ -14,6 +15,8 @@ ENV_BACKEND = "GPU_ORTHOL1_BACKEND"
 # needs. Measured by `gpu-orthol1 bench --device gpu` on an H200 machine (16-core
 # host, 2026-11-26): the GPU, copies included, won from 2.68e8 flops on (256x16x64:
 # CPU 0.95 ms, GPU 1.28 ms; 256x64x64: CPU 3.39 ms, GPU 1.72 ms). bench/results/.
+# The host CPU moves it as much as the card: later H100/H200 runs with the current kernels measured
+# 1.7e7 (README, "CPU/GPU crossover"). Kept at the conservative value until re-measured.
 GPU_CROSSOVER_FLOPS = 2.7e8
 
 
@@ -23,6 +26,25 @@ class BackendUnavailableError(RuntimeError):
 
 class GpuFallbackWarning(UserWarning):
     """backend="auto" wanted the GPU, but CuPy is installed and the GPU is not usable."""
+
+
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_caller(message: str, category: type[Warning]) -> None:
+    """warnings.warn attributed to the first frame outside gpu_orthol1 (and torch's dispatch between
+    our frames): the user's line, whichever entry point and call depth led here. A fixed stacklevel
+    cannot be right for all of them (the functional API, a plan call, the torch layer)."""
+    skip = [_PKG_DIR]
+    # torch's frames too: a custom op's implementation runs below torch's dispatch
+    torch_file = getattr(sys.modules.get("torch"), "__file__", None)
+    if torch_file:
+        skip.append(os.path.dirname(os.path.abspath(torch_file)) + os.sep)
+    prefixes = tuple(skip)
+    level, f = 2, sys._getframe(1)  # stacklevel 2 is our caller's frame
+    while f.f_back is not None and f.f_code.co_filename.startswith(prefixes):
+        f, level = f.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 class BackendList(list):
@@ -121,5 +143,5 @@ def resolve(name: str, is_cupy_input: bool, flops: float) -> str:
     global _warned
     if not _warned and not why.startswith("cupy is not installed"):
         _warned = True
-        warnings.warn(f"gpu_orthol1: running on the CPU: {why}", GpuFallbackWarning, stacklevel=4)
+        warn_caller(f"gpu_orthol1: running on the CPU: {why}", GpuFallbackWarning)
     return "numpy"

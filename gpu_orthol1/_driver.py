@@ -27,13 +27,12 @@ simulator, so CI checks the GPU path's logic.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from . import _gemm
+from . import _backends, _gemm
 from ._penalty import DEFAULT
 
 
@@ -120,7 +119,7 @@ class Pointers:
         return (len(self.phis), self.l, self.n)
 
 
-def staging(V, Vout, want_grad, stacklevel):
+def staging(V, Vout, want_grad):
     """(lay_phi, lay_out) of a strided batch, None for an operand BLAS cannot read in place (it is
     then copied chunk by chunk, with one CopyWarning)."""
     m, l, n = V.shape
@@ -130,10 +129,10 @@ def staging(V, Vout, want_grad, stacklevel):
     lay_out = layout_of(Vout) if want_grad else _gemm.Layout("T", n, 0)
     if lay_phi is None or lay_out is None:
         which = " and ".join(w for w, lay in (("phi", lay_phi), ("out", lay_out)) if lay is None)
-        warnings.warn(
+        _backends.warn_caller(
             f"gpu_orthol1: the layout of {which} (strides {V.strides if lay_phi is None else Vout.strides} "
             f"bytes for slices, rows, columns) cannot be read by BLAS in place; copying it chunk by chunk",
-            CopyWarning, stacklevel=stacklevel + 1,
+            CopyWarning,
         )
     return lay_phi, lay_out
 

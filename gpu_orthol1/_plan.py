@@ -78,21 +78,24 @@ def check_array(phi, what="phi") -> bool:
     return False
 
 
-def check_beta(beta) -> float:
-    if type(beta) is float and math.isfinite(beta):  # the common case, without the checks below
+def check_beta(beta, what: str = "beta") -> float:
+    """beta (or a preset's factor or strength, named by `what`) as a float; ValueError unless finite and >= 0."""
+    if type(beta) is float and math.isfinite(beta) and beta >= 0.0:  # the common case, without the checks below
         return beta
     if isinstance(beta, (bool, np.bool_)) or not isinstance(beta, (numbers.Real, np.ndarray)):
-        raise ValueError(f"beta must be a finite real number, got {beta!r}")
+        raise ValueError(f"{what} must be a finite real number, got {beta!r}")
     if isinstance(beta, np.ndarray):
         if beta.ndim != 0 or beta.dtype.kind not in "fiu":
-            raise ValueError(f"beta must be a finite real number, got an array of shape {beta.shape}")
+            raise ValueError(f"{what} must be a finite real number, got an array of shape {beta.shape}")
         beta = beta.item()
     try:
         b = float(beta)
     except OverflowError:  # an int or Fraction beyond float range: not finite as a float
         b = math.inf
     if not math.isfinite(b):
-        raise ValueError(f"beta must be a finite real number, got {beta!r}")
+        raise ValueError(f"{what} must be a finite real number, got {beta!r}")
+    if b < 0:  # the penalty's weight: a negative one would reward the matrices for leaving orthogonality
+        raise ValueError(f"{what} must be >= 0, got {beta!r} (a negative weight rewards non-orthogonal matrices)")
     return b
 
 
@@ -356,6 +359,7 @@ class Plan:
 
     def _mismatch(self, phi) -> str | None:
         if type(phi) is not self.array_type:
+            check_array(phi)  # not an array at all: the TypeError the functional API raises (docs/errors.md)
             return f"phi is a {type(phi).__module__}.{type(phi).__name__}, the plan's a " \
                    f"{self.array_type.__module__}.{self.array_type.__name__}"
         if phi.shape != self.shape:
@@ -501,14 +505,14 @@ class Plan:
                 lay_out = self._lay_phi if grad.strides == p.strides else _driver.layout_of(Vout)
                 lay_phi = self._lay_phi
             else:
-                lay_phi, lay_out = _driver.staging(V, Vout, True, 4)
+                lay_phi, lay_out = _driver.staging(V, Vout, True)
             if lay_out is not None and self._stage_far_rows and _far_rows(lay_out, self.n, grad.dtype.itemsize):
                 lay_out = None  # written through the chunk buffer: faster here, and no CopyWarning
         else:
             Vout = None
             lay_phi = self._lay_phi
             if lay_phi is None:
-                lay_phi, _ = _driver.staging(V, None, False, 4)
+                lay_phi, _ = _driver.staging(V, None, False)
             lay_out = None
         batch = _driver.Strided(V, Vout, lay_phi, lay_out)
         threads = self._threads if gram_hook is None else 1  # a hook sees the chunks in order

@@ -7,6 +7,7 @@ sets executed over NumPy buffers + the CUDA kernel under numba's simulator) and
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import numpy as np
@@ -202,6 +203,22 @@ def test_copy_warning_only_for_unreadable_layouts(kind, rng):
             run(kind, make(xp, rng, (5, 4, 3), np.float32, layout, axis), axis=axis)
     with pytest.warns(ol1.CopyWarning, match="chunk by chunk"):
         run(kind, make(xp, rng, (5, 4, 3), np.float32, "C", 2), axis=2)
+
+
+@pytest.mark.parametrize("kind", ["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def test_copy_warning_points_at_the_callers_line(kind, rng):
+    """CopyWarning is attributed to the line that called gpu_orthol1, from the functional API and from
+    a plan call alike (they reach the staging code at different call depths)."""
+    phi = make(_xp(kind), rng, (5, 4, 3), np.float32, "C", 2)  # axis=2 of a C array: staged
+    p = ol1.plan(phi, axis=2, backend=kind)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        ol1.loss_and_grad(phi, axis=2, backend=kind)
+        lines = [sys._getframe().f_lineno - 1]
+        p(phi)
+        lines.append(sys._getframe().f_lineno - 1)
+    where = [(w.filename, w.lineno) for w in got if issubclass(w.category, ol1.CopyWarning)]
+    assert where == [(__file__, line) for line in lines]
 
 
 @pytest.mark.gpu

@@ -225,6 +225,9 @@ CASES = {
     "beta-string": (ALL, _beta("1")),
     "beta-bool": (ALL, _beta(True)),
     "beta-array": (ALL, lambda w, mp: (w.phi, (w.watch(np.ones(1)),), {})),
+    "beta-negative": (ALL, _beta(-1.0)),
+    "beta-negative-int": (ALL, _beta(-2)),
+    "beta-negative-tiny": (ALL, _beta(-5e-324)),
     "out-shape": (WITH_OUT, _out(lambda w: w.xp.full((5, 4, 2), SENTINEL, np.float32))),
     "out-dtype": (WITH_OUT, _out(lambda w: w.xp.full((5, 4, 3), SENTINEL, np.float64))),
     "out-kind": (WITH_OUT, _out(lambda w: [SENTINEL] * 3)),
@@ -313,6 +316,30 @@ def test_accepted_not_rows(rng):
     ro.flags.writeable = False
     assert float(ol1.loss(ro, 0.5)) == float(ref)
     assert float(ol1.loss(phi.view(np.memmap), 0.5)) == float(ref)
+
+
+@pytest.mark.parametrize("beta", [np.float32(-0.5), np.array(-0.5), -0.5 + 0 * np.ones(()), -1, -(10**400)],
+                         ids=["np-float32", "0d-array", "np-float64", "int", "huge-negative-int"])
+def test_negative_beta_of_every_accepted_kind_and_in_plans(beta, rng):
+    """The beta-negative rows for the other kinds of beta the 'accepted' paragraph lists, and for
+    plan() (which checks beta when made)."""
+    phi = rng.standard_normal((5, 4, 3)).astype(np.float32)
+    for call in (lambda: ol1.loss(phi, beta), lambda: ol1.grad(phi, beta),
+                 lambda: ol1.loss_and_grad(phi, beta), lambda: ol1.plan(phi, beta)):
+        with pytest.raises(ValueError, match="beta must be"):
+            call()
+    from fractions import Fraction
+
+    with pytest.raises(ValueError, match=r"beta must be >= 0, got Fraction\(-1, 2\)"):
+        ol1.plan(phi, Fraction(-1, 2), want="loss")
+
+
+def test_zero_beta_is_accepted(rng):
+    phi = rng.standard_normal((5, 4, 3)).astype(np.float64)
+    for beta in (0.0, -0.0, 0, np.float32(0)):
+        loss, g = ol1.loss_and_grad(phi, beta)
+        assert float(loss) == 0.0 and not g.any()
+        assert float(ol1.plan(phi, beta, want="loss")(phi)) == 0.0
 
 
 def test_blank_env_counts_as_unset(rng, monkeypatch):

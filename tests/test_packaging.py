@@ -50,3 +50,42 @@ def test_import_is_light():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_ci_run_keeps_the_checkouts_venv_and_runs_the_readme_command(tmp_path):
+    """.ci/run makes its own environment (never the checkout's .venv, which the README's commands
+    make) and runs the README's test command in it. python3, pip and python are stubs that log."""
+    import re
+    import shutil
+
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    m = re.search(r"^ +python3 -m venv \.venv && \. \.venv/bin/activate && (pip install -e '\.\[test\]'.*)$",
+                  readme, re.M)
+    assert m, "the README's test command moved"
+    steps = m.group(1).split(" && ")  # after the activate: what CI must run, exactly
+    tree = tmp_path / "checkout"
+    (tree / ".ci").mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, ".ci", "run"), tree / ".ci" / "run")
+    (tree / ".venv").mkdir()
+    (tree / ".venv" / "mine").write_text("the developer's environment")
+    stubs, log = tmp_path / "stubs", tmp_path / "log"
+    stubs.mkdir()
+    # `python3 -m venv DIR` makes DIR/bin/activate, which defines pip and python as loggers
+    (stubs / "python3").write_text(
+        '#!/bin/sh\n[ "$1 $2" = "-m venv" ] || exit 1\nmkdir -p "$3/bin"\n'
+        'printf \'pip() { echo "pip $*" >> "$LOG"; }\\npython() { echo "python $*" >> "$LOG"; }\\n\' '
+        '> "$3/bin/activate"\necho "venv $3" >> "$LOG"\n')
+    (stubs / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "LOG": str(log),
+           "TMPDIR": str(tmp_path)}
+    r = subprocess.run([bash, str(tree / ".ci" / "run")], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tree / ".venv" / "mine").read_text() == "the developer's environment"
+    venv_line, *ran = log.read_text().splitlines()
+    venv_dir = venv_line.split(" ", 1)[1]
+    assert not os.path.abspath(venv_dir).startswith(str(tree))  # nothing of CI's left in the checkout
+    assert not os.path.exists(venv_dir)  # removed when CI ends
+    assert ran == [s.replace("'", "") for s in steps]  # the shell strips the quotes the README has

@@ -260,7 +260,7 @@ _STATUS_TEXT = {
     _E_DTYPE: "its local shard's dtype is not float16, bfloat16, float32 or float64",
     _E_DEVICE: "its local shard is on a device other than cpu or cuda",
     _E_WS: "workspace_bytes must be a positive integer",
-    _E_BETA: "beta must be a finite real number",
+    _E_BETA: "beta must be a finite real number >= 0",
     _E_RED: f"reduction must be one of {REDUCTIONS}",
     _E_PLAN: "it could not plan its part of the call (its own error says why)",
     _E_VARIANT: "penalty must be 'l1' or 'l2', diagonal and normalize True or False",

@@ -22,8 +22,10 @@ forms), `regularizer` (OrthoL1; its grouping and execution in `_groups`).
 
 from __future__ import annotations
 
+import re
+
 try:
-    import torch  # noqa: F401 - the check that the optional extra is there
+    import torch
 except ImportError as _e:  # torch is an optional extra
     raise ImportError(
         "gpu_orthol1.torch needs PyTorch, which is not installed: install it first "
@@ -31,7 +33,23 @@ except ImportError as _e:  # torch is an optional extra
         f"then import gpu_orthol1.torch again ({_e})"
     ) from _e
 
-from .functional import biggan_ortho, keras_orthogonal, ortho_l1
-from .regularizer import OrthoL1
+# torch.library.custom_op, the op behind ortho_l1 and OrthoL1.loss (eager, torch.compile, CUDA graphs),
+# came in torch 2.4; an older torch would fail at the first decorator (in _ops) with an AttributeError
+TORCH_MIN = (2, 4)
+
+
+def _check_torch_version(version: str) -> None:
+    """ImportError naming `version` (a torch.__version__) when it is older than TORCH_MIN."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m is not None and (int(m[1]), int(m[2])) < TORCH_MIN:
+        raise ImportError(f"gpu_orthol1.torch needs torch >= {TORCH_MIN[0]}.{TORCH_MIN[1]} (for torch.library."
+                          f"custom_op), found torch {version}; upgrade it: pip install 'torch>=2.4'")
+
+
+_check_torch_version(str(torch.__version__))
+
+# after the torch checks above: these modules register the custom ops
+from .functional import biggan_ortho, keras_orthogonal, ortho_l1  # noqa: E402
+from .regularizer import OrthoL1  # noqa: E402
 
 __all__ = ["OrthoL1", "ortho_l1", "keras_orthogonal", "biggan_ortho"]

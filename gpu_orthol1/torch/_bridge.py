@@ -107,7 +107,7 @@ def _slices(x: torch.Tensor, how: str, axis: int, transpose: bool) -> torch.Tens
             raise ValueError(f"a {tuple(x.shape)} parameter with strides {x.stride()} cannot be flattened "
                              "to (out, -1) without a copy") from None
     else:
-        v = x.movedim(axis, 0)
+        v = x if axis == 0 else x.movedim(axis, 0)  # movedim costs a dispatch even as a no-op
     return v.transpose(1, 2) if transpose else v
 
 

@@ -20,8 +20,8 @@ def cached(phi: Any, axis: int, reduction: str, precision: str, backend: str, wo
     return _plan.cached(phi, axis, reduction, precision, backend, workspace_bytes, penalty, diagonal, normalize)
 
 
-def check_beta(beta: Any) -> float:
-    return _plan.check_beta(beta)
+def check_beta(beta: Any, what: str = "beta") -> float:
+    return _plan.check_beta(beta, what)
 
 
 def check_workspace_bytes(workspace_bytes: Any) -> int | None:

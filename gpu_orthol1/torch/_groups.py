@@ -17,7 +17,8 @@ import torch
 from .. import _driver
 from . import _core
 from ._bridge import _NP_DTYPE, _check_tensor, _core_device, _flat_order, _on_torch_stream
-from ._ops import _run_core
+from ._bridge import _slices
+from ._ops import _expr_dtype, _penalty_expr, _run_core
 
 if TYPE_CHECKING:
     from .regularizer import OrthoL1
@@ -197,6 +198,17 @@ class _GroupRunner:
         if len(totals) == 1:
             return next(iter(totals.values())).to(dt)
         return {d: v.to(dt) for d, v in totals.items()}
+
+    def loss_expr(self, active: list[int], params: tuple) -> torch.Tensor:
+        """The loss of targets `active` with parameters `params` as differentiable torch ops (what a
+        double backward differentiates; see `_ops._penalty_expr`)."""
+        reg = self.reg
+        total = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)
+        for j, p in zip(active, params):
+            t = reg.targets[j]
+            per = _penalty_expr(_slices(_expr_dtype(p), t.how, t.axis, t.transpose), reg.variant)
+            total = total + (reg.beta * t.scale) * per.sum()
+        return total
 
     def grad_outs(self, active: list[int]) -> tuple[list, list]:
         """add_grad_'s destinations: per target its .grad (made as zeros when None), checked; and the

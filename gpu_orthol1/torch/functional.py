@@ -14,7 +14,7 @@ import torch
 from .. import _penalty
 from . import _core
 from ._bridge import _check_tensor, _is_dtensor, _pick_transpose
-from ._ops import _ortho_l1_op
+from ._ops import _ortho_l1_call
 
 MODES = ("rows", "columns", "auto")
 
@@ -31,6 +31,18 @@ def ortho_l1(weight: torch.Tensor, beta: float = 1.0, *, axis: int = 1, reductio
     otherwise. The backward returns the gradient formed in the forward pass (one pass, no recomputation)
     times grad_output. CPU tensors use the NumPy backend on zero-copy views; CUDA tensors the cuBLAS
     backend on torch's current stream.
+
+    Double backward (torch.autograd.grad(..., create_graph=True), gradient penalties, MAML): when the
+    backward runs with grad mode on, it forms the gradient again from the saved weight as torch ops
+    (the same loss written out: Gram, mask, |.| or square, normalization), which autograd then
+    differentiates, so second derivatives are exact (for penalty="l1", 2 beta dW sign(E) with the sign
+    held constant, as autograd holds it for |x|). Only that backward pays for it; the first-order one
+    is unchanged. Under torch.compile a double backward raises torch's own error ("aot_autograd does
+    not currently support double backward"). In-place changes to the weight between the forward and
+    the backward raise autograd's usual error (the weight is saved, without a copy, for this).
+
+    Eager calls run through a plain autograd.Function; torch.compile, dispatch modes, functorch
+    transforms and CUDA graph capture see the custom op `gpu_orthol1::ortho_l1` (the same function).
 
     penalty ("l1" | "l2"), diagonal (False: the diagonal is free) and normalize (True: the Gram of
     the unit-normalized rows or columns that `mode` picks) choose the member of the penalty family,
@@ -84,7 +96,7 @@ def ortho_l1(weight: torch.Tensor, beta: float = 1.0, *, axis: int = 1, reductio
         raise ValueError(f"reduction must be one of {_core.REDUCTIONS}, got {reduction!r}")
     transpose = _pick_transpose(mode, l, n)
     want_grad = torch.is_grad_enabled() and weight.requires_grad
-    return _ortho_l1_op(weight, _core.check_beta(beta), reduction, how, m_axis, transpose, want_grad, *variant)[0]
+    return _ortho_l1_call(weight, _core.check_beta(beta), reduction, how, m_axis, transpose, want_grad, *variant)
 
 
 def keras_orthogonal(w: torch.Tensor, factor: float = 0.01, mode: str = "rows") -> torch.Tensor:
@@ -124,7 +136,7 @@ def keras_orthogonal(w: torch.Tensor, factor: float = 0.01, mode: str = "rows") 
         raise ValueError(f"keras_orthogonal takes a 2-D weight, as Keras does, got shape {tuple(w.shape)}")
     if mode not in ("rows", "columns"):
         raise ValueError(f"mode must be 'rows' or 'columns' (Keras's modes), got {mode!r}")
-    factor = _core.check_beta(factor)
+    factor = _core.check_beta(factor, "factor")
     size = w.shape[0] if mode == "rows" else w.shape[1]
     beta = factor / (size * (size - 1)) if size > 1 else 0.0
     return ortho_l1(w, beta, mode=mode, penalty="l1", diagonal=False, normalize=True)
@@ -155,7 +167,7 @@ def biggan_ortho(w: torch.Tensor, strength: float = 1e-4) -> torch.Tensor:
     if w.dim() < 2:
         raise ValueError(f"biggan_ortho takes a weight of 2 or more dims (viewed as (out, -1)), got shape "
                          f"{tuple(w.shape)}")
-    beta = _core.check_beta(strength) / 2
+    beta = _core.check_beta(strength, "strength") / 2
     how = "matrix" if w.dim() == 2 else "flatten"
     want_grad = torch.is_grad_enabled() and w.requires_grad
-    return _ortho_l1_op(w, beta, "sum", how, 0, True, want_grad, "l2", False, False)[0]
+    return _ortho_l1_call(w, beta, "sum", how, 0, True, want_grad, "l2", False, False)

@@ -21,7 +21,7 @@ from .. import _gemm, _penalty
 from . import _core
 from ._bridge import _check_tensor, _is_dtensor, _pick_transpose, _slices
 from ._groups import _GroupRunner, _LazyOuts
-from ._ops import _OrthoL1ModelFn, _orthol1_op, _register
+from ._ops import _dtensor_class, _dtensor_compile_refused, _OrthoL1ModelFn, _orthol1_op, _register
 
 MODES = ("rows", "columns", "auto")
 # include= / exclude=: a glob pattern on the parameter's name, a list of them, or a callable (name, param)
@@ -167,7 +167,7 @@ class _Presets:
         if mode not in ("rows", "columns"):
             raise ValueError(f"mode must be 'rows' or 'columns' (Keras's modes), got {mode!r}")
         make: Any = cls  # the subclass: OrthoL1 or a user's subclass of it
-        reg = make(params_or_module, factor, "rows", penalty="l1", diagonal=False, normalize=True, **kw)
+        reg = make(params_or_module, _core.check_beta(factor, "factor"), "rows", penalty="l1", diagonal=False, normalize=True, **kw)
         as_stored = set()  # Keras's Embedding table is (input_dim, output_dim), torch's layout
         if isinstance(params_or_module, torch.nn.Module):
             for mod in params_or_module.modules():
@@ -210,7 +210,7 @@ class _Presets:
         """
         kw.setdefault("three_d", "flatten")
         make: Any = cls  # the subclass: OrthoL1 or a user's subclass of it
-        return make(params_or_module, _core.check_beta(strength) / 2, "rows", penalty="l2", diagonal=False, **kw)
+        return make(params_or_module, _core.check_beta(strength, "strength") / 2, "rows", penalty="l2", diagonal=False, **kw)
 
 
 class OrthoL1(_Presets):
@@ -309,13 +309,17 @@ class OrthoL1(_Presets):
     def loss(self) -> torch.Tensor:
         """beta * sum over all matrices of sum |Gram - I|, a torch scalar with autograd (float64 when every
         parameter is float64, float32 otherwise). Add it to the task loss; its backward hands each
-        parameter the gradient formed in this same forward pass.
+        parameter the gradient formed in this same forward pass. A double backward (create_graph=True)
+        is exact, as for `ortho_l1` (the backward then forms the gradients from the saved parameters
+        as torch ops, for autograd to differentiate); under torch.compile torch refuses it with its
+        own error. Over DTensor (sharded) parameters the backward is first-order only: a double
+        backward there lacks the second-order term (not yet refused).
 
         Returns:
             The loss, a 0-D tensor with autograd.
 
         Raises:
-            ValueError: the parameters are on several devices.
+            ValueError: the parameters are on several devices; under torch.compile, some are DTensors.
             TypeError: a parameter is no longer a dense real float tensor.
 
         Example:
@@ -328,6 +332,9 @@ class OrthoL1(_Presets):
             if not active:
                 return torch.zeros((), dtype=runner.loss_dtype())
             params = [self.targets[j].param for j in active]
+            dt = _dtensor_class()
+            if dt is not None and any(isinstance(p, dt) for p in params):  # before the loss op sees a DTensor
+                return _dtensor_compile_refused(torch.zeros((), dtype=runner.loss_dtype()))
             return _orthol1_op(params, self._op_key, active, torch.is_grad_enabled())[0]
         runner.check_devices()
         active = runner.active()

@@ -48,9 +48,9 @@ def _backend_fn(backend: str):
 
         return ortho_l1
     if backend == "torch":
-        from .torch import ortho_l1
+        from .torch import ortho_l1 as torch_ortho_l1  # typed apart from the jax one (mypy)
 
-        return ortho_l1
+        return torch_ortho_l1
     raise TypeError(f"gpu_orthol1.keras runs on the Keras backends 'jax' and 'torch', not {backend!r}; "
                     "set KERAS_BACKEND=jax or torch before importing keras")
 

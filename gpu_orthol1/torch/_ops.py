@@ -119,7 +119,7 @@ def _ortho_l1_impl(weight: torch.Tensor, beta: float, reduction: str, how: str, 
     wc = w.float() if bf16 else w  # bfloat16: float32 copy (documented)
     grad = torch.empty_like(wc) if want_grad else None
     V = _slices(wc, how, m_axis, transpose)
-    Vo = _slices(grad, how, m_axis, transpose) if want_grad else None
+    Vo = _slices(grad, how, m_axis, transpose) if grad is not None else None
     loss = _run_core(V, Vo, beta, reduction, want_grad, w.device,
                      variant=_penalty.Variant(penalty, diagonal, normalize))
     if grad is None:

@@ -268,7 +268,9 @@ def ortho_l1(x: Any, beta: Any = 1.0, *, axis: int = 1, reduction: str = "sum", 
         reduction: "sum", "mean" (over slices) or "none" (per-slice losses, shape (m,); (1,) for 2-D).
         mode: None or "columns": sum |x^T x - I| (n x n); "rows": sum |x x^T - I| (l x l); "auto": the
             smaller Gram. Per slice for a 3-D x.
-        penalty, diagonal, normalize: the member of the penalty family (docs/penalties.md).
+        penalty: "l1" (sum of |G - I|) or "l2" (sum of squares); docs/penalties.md.
+        diagonal: False leaves the Gram's diagonal free (only off-diagonal entries count).
+        normalize: True uses the Gram of the unit-normalized rows or columns.
         precision: None or "highest"; "tf32" lets the GPU path use TF32 for float32 (no effect on the CPU).
 
     Returns:
@@ -397,7 +399,10 @@ def ortho_l1_tree(params: Any, beta: Any = 1.0, *, mask: Any = None, mode: str =
             (as Optax's `mask`): only leaves marked True are taken.
         mode: "auto" (default, the smaller Gram), "columns" (x^T x of the 2-D view: for out_axis=-1
             the out x out Gram of the output units), "rows".
-        penalty, diagonal, normalize, precision: as for `ortho_l1`.
+        penalty: as for `ortho_l1`.
+        diagonal: as for `ortho_l1`.
+        normalize: as for `ortho_l1`.
+        precision: as for `ortho_l1`.
         keras_scale: multiply each matrix's beta by 1 / (size * (size - 1)) (Keras's mean over the
             off-diagonal entries; used by `gpu_orthol1.keras.orthogonal`).
 

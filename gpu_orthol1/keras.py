@@ -44,13 +44,13 @@ MODES = ("rows", "columns", "auto")
 
 def _backend_fn(backend: str):
     if backend == "jax":
-        from .jax import ortho_l1
+        from . import jax as jax_frontend
 
-        return ortho_l1
+        return jax_frontend.ortho_l1
     if backend == "torch":
-        from .torch import ortho_l1 as torch_ortho_l1  # typed apart from the jax one (mypy)
+        from . import torch as torch_frontend
 
-        return torch_ortho_l1
+        return torch_frontend.ortho_l1
     raise TypeError(f"gpu_orthol1.keras runs on the Keras backends 'jax' and 'torch', not {backend!r}; "
                     "set KERAS_BACKEND=jax or torch before importing keras")
 
@@ -63,13 +63,14 @@ class OrthoL1Regularizer(keras.regularizers.Regularizer):
         beta: the weight (a non-negative real number).
         mode: "columns" (out x out Gram of the output units), "rows" (in x in), "auto" (default, the
             smaller Gram), of the kernel flattened to (prod(other dims), out).
-        penalty, diagonal, normalize: the member of the penalty family (docs/penalties.md).
+        penalty: "l1" (sum of |G - I|) or "l2" (sum of squares); docs/penalties.md.
+        diagonal: False leaves the Gram's diagonal free (only off-diagonal entries count).
+        normalize: True uses the Gram of the unit-normalized rows or columns.
         keras_scale: divide each kernel's penalty by size * (size - 1) (Keras's mean over the
             off-diagonal entries; `orthogonal()` sets it).
 
-    Returns:
-        Called on a kernel, the penalty: a 0-d tensor of the backend (float64 for float64 kernels,
-        float32 otherwise), differentiable by the backend's autodiff.
+    Called on a kernel, it returns the penalty: a 0-d tensor of the backend (float64 for float64
+    kernels, float32 otherwise), differentiable by the backend's autodiff.
 
     Raises:
         ValueError: a wrong mode, penalty keyword or beta; a kernel of fewer than 2 dims.

@@ -34,7 +34,7 @@ __all__ = ["add_ortho_l1", "AddOrthoL1State"]
 class AddOrthoL1State(NamedTuple):
     """The step count that a beta schedule reads (0-d int32)."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # Optax's name for it (tuple.count is shadowed, as in optax's own states)
 
 
 def add_ortho_l1(beta: Any, *, mask: Any = None, mode: str = "auto", axis: int = 1, three_d: str = "auto",
@@ -47,8 +47,14 @@ def add_ortho_l1(beta: Any, *, mask: Any = None, mode: str = "auto", axis: int =
             updates made so far (0 at the first).
         mask: None, a pytree of bools with params' structure, or a callable params -> such a pytree
             (as Optax's masks): only leaves marked True are regularized.
-        mode, axis, three_d, out_axis, penalty, diagonal, normalize, precision: as for
-            `gpu_orthol1.jax.ortho_l1_tree` (conv kernels flattened to (-1, out) by default).
+        mode: as for `gpu_orthol1.jax.ortho_l1_tree`.
+        axis: as for `gpu_orthol1.jax.ortho_l1_tree`.
+        three_d: as for `gpu_orthol1.jax.ortho_l1_tree`.
+        out_axis: as for `gpu_orthol1.jax.ortho_l1_tree` (conv kernels flattened to (-1, out) by default).
+        penalty: as for `gpu_orthol1.jax.ortho_l1_tree`.
+        diagonal: as for `gpu_orthol1.jax.ortho_l1_tree`.
+        normalize: as for `gpu_orthol1.jax.ortho_l1_tree`.
+        precision: as for `gpu_orthol1.jax.ortho_l1_tree`.
 
     Returns:
         An optax.GradientTransformation whose update needs params; leaves that are not taken (biases,

@@ -384,3 +384,41 @@ def test_cpu_writes_far_apart_gradient_rows_through_a_buffer(rng, monkeypatch):
     pf = _plan.Plan(fort, 0.3, backend="numpy")
     check(fort, *pf(fort), 0.3, 1, "sum", np.float32)
     assert not any(sz.stage_out for sz, _ in pf._sizes.values())
+
+
+def test_cpu_pool_runs_blas_single_threaded(rng):
+    # BLAS's threads on top of the slice pool's oversubscribe the cores (issue 26): one BLAS thread
+    # while the parts run, the caller's setting back after
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from gpu_orthol1 import _plan
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    seen = []
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        _plan.run_split(lambda a, b: seen.append(blas_threads()), 10, 2)
+        assert blas_threads() == before
+    assert len(seen) == 2 and all(t == [1] * len(before) for t in seen)
+    assert before and max(before) == 2  # the check above would pass trivially with one thread
+
+
+def test_cpu_pool_float64_equals_serial_to_the_bit(rng):
+    from threadpoolctl import threadpool_limits
+
+    phi = random_phi(rng, (257, 24, 48), np.float64)  # 24 slices of 257 x 48: over the pool's threshold
+    p = ol1.plan(phi, 0.3)
+    if (__import__("os").cpu_count() or 1) > 1:
+        assert p._threads > 1
+    p._threads = 2  # the pooled path even on one core
+    p._sizes.clear()
+    L, G = p(phi)
+    p._threads = 1
+    p._sizes.clear()
+    with threadpool_limits(limits=1, user_api="blas"):  # what each part runs (BLAS's threads round otherwise)
+        L1, G1 = p(phi)
+    np.testing.assert_array_equal(G, G1)
+    assert L == L1  # per-slice float64 losses, summed in slice order either way
+    check(phi, L, G, 0.3, 1, "sum", np.float64)

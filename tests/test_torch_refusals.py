@@ -135,3 +135,23 @@ def test_distributed_functions_refuse_a_negative_beta(one_rank_gloo):
         with pytest.raises(ValueError, match="beta must be >= 0, got -1.0"):
             call()
     np.testing.assert_allclose(float(odist.loss(phi, 0.5, shard_dim=0)), float(odist.loss(phi, 0.5, shard_dim=1)))
+
+
+@pytest.mark.parametrize("entry", ["ortho_l1", "OrthoL1.loss"])
+def test_dtensor_double_backward_raises_at_the_second_backward(one_rank_gloo, entry):
+    """Over DTensor parameters the penalty has no second derivative here: the create_graph=True
+    gradient equals the first-order one, and differentiating it again raises our error instead of
+    silently leaving the penalty's second-order term out (before: a gradient without a graph, so a
+    second-order loss with any other term silently missed the penalty's part)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    w = nn.Parameter(distribute_tensor(torch.randn(6, 4, dtype=torch.float64), one_rank_gloo, [Shard(0)]))
+
+    def penalty():
+        return ortho_l1(w, 0.1) if entry == "ortho_l1" else OrthoL1([("w", w)], beta=0.1).loss()
+
+    (g0,) = torch.autograd.grad(penalty(), w)
+    (g,) = torch.autograd.grad(penalty(), w, create_graph=True)
+    assert torch.equal(g.full_tensor(), g0.full_tensor())
+    with pytest.raises(RuntimeError, match="second derivative .*DTensor"):
+        ((g**2).sum() + (w**2).sum()).backward()

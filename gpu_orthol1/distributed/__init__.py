@@ -51,6 +51,7 @@ except ImportError as _e:  # torch is an optional extra
     ) from _e
 
 from . import _meta, _targets
+from ._dtensor import SECOND_ORDER_REFUSED as SECOND_ORDER_REFUSED  # the message a double backward raises
 from ._dtensor import dtensor_ortho_l1
 from ._targets import (orthol1_dtensor_add_grad_, orthol1_dtensor_execute, orthol1_dtensor_loss,
                        orthol1_dtensor_step_)

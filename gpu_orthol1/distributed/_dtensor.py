@@ -50,6 +50,32 @@ def _transpose_for(mode, ndim, shape, axis):
     return l < n  # "auto": the smaller Gram
 
 
+SECOND_ORDER_REFUSED = (
+    "gpu_orthol1: a second derivative (double backward, create_graph=True) of the penalty over DTensor "
+    "(sharded) parameters is not supported: the sharded path returns the first-order gradient only. "
+    "Differentiate the penalty of the gathered weight (w.full_tensor()) where second derivatives are needed")
+
+
+class _SecondOrderRefused(torch.autograd.Function):
+    """The identity on a first-order gradient, tied to the parameter it came from: differentiating it
+    again raises SECOND_ORDER_REFUSED instead of silently dropping the penalty's second-order term."""
+
+    @staticmethod
+    def forward(ctx, grad, param):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, _gg):
+        raise RuntimeError(SECOND_ORDER_REFUSED)
+
+
+def _first_order(grad: Any, param: Any) -> Any:
+    """grad as the backward returns it: under create_graph=True, marked so a second backward raises."""
+    if torch.is_grad_enabled() and param is not None and param.requires_grad:
+        return _SecondOrderRefused.apply(grad, param)
+    return grad
+
+
 class _DTensorOrthoL1(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, beta, axis, reduction, transpose, want_grad, variant):
@@ -63,20 +89,19 @@ class _DTensorOrthoL1(torch.autograd.Function):
                                   variant=variant)
         ctx.want, ctx.own = want_grad, own
         if want_grad:
-            ctx.save_for_backward(g)
+            ctx.save_for_backward(g, w)
             ctx.mesh, ctx.placements = w.device_mesh, tuple(w.placements)
             ctx.gshape, ctx.gstride = w.shape, w.stride()
             ctx.ndim, ctx.axis, ctx.reduction = w.dim(), axis % 3 if w.dim() == 3 else 0, reduction
         return loss_t
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, go):
         from torch.distributed.tensor import DTensor
 
         if not ctx.want:
             return (None,) * 7
-        (g,) = ctx.saved_tensors
+        g, w = ctx.saved_tensors
         if ctx.reduction == "none" and ctx.ndim == 3:
             if ctx.own is not None:  # the shards split the slices: this rank's part of grad_output
                 go = go.narrow(0, *ctx.own)
@@ -86,7 +111,7 @@ class _DTensorOrthoL1(torch.autograd.Function):
         gl = g * go.to(g.dtype)
         gd = DTensor.from_local(gl, ctx.mesh, ctx.placements, run_check=False, shape=ctx.gshape,
                                 stride=ctx.gstride)
-        return gd, None, None, None, None, None, None
+        return _first_order(gd, w), None, None, None, None, None, None
 
 
 def _local_run(t, beta, axis, reduction, want_grad, transpose, variant=_penalty.DEFAULT):

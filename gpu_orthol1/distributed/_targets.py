@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .. import _penalty
 from ..torch import _core
-from ._dtensor import _dtensor_split
+from ._dtensor import _dtensor_split, _first_order
 from ._meta import _DTYPES, _compute_view, _from_slice_view, _kind_of, _meta_device, _slice_view
 from ._splits import _run, _run_core
 
@@ -285,14 +285,15 @@ class _TargetsLoss(torch.autograd.Function):
         if want:
             ctx.grads = grads  # formed in this forward pass: the backward only scales them
             ctx.metas = [_dtensor_meta(p) for p in params]
+            ctx.save_for_backward(*params)
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, go):
         if not ctx.want:
             return (None,) * len(ctx.needs_input_grad)
-        out = tuple(_wrap_grad(g * go.to(g.dtype), m) for g, m in zip(ctx.grads, ctx.metas))
+        out = tuple(_first_order(_wrap_grad(g * go.to(g.dtype), m), p)
+                    for g, m, p in zip(ctx.grads, ctx.metas, ctx.saved_tensors))
         return (None, None, None) + out
 
 

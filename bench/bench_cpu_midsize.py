@@ -1,0 +1,124 @@
+"""CPU: gpu_orthol1 against naive NumPy and the two-GEMM BLAS limit at the bench's sweep points (issue 26).
+
+Times, interleaved round by round on the same inputs, for each (l, m, n) shape (slices along m, as
+`gpu-orthol1 bench` lays them out):
+
+- ``ours``: ``gpu_orthol1.loss_and_grad(x, beta, backend="numpy")``;
+- ``naive``: what users write, the bench's ``numpy-naive`` (matmul on the transposed views);
+- ``limit``: the bench's ``limit-blas``, the core's Gram and gradient GEMMs alone over contiguous
+  operands, split over threads as gpu_orthol1 splits them.
+
+Writes a JSON file with the medians, the ratios ours/limit and ours/naive, the CPU, NumPy's BLAS
+(threadpoolctl's threadpool_info), the load average before and after, and the date. A shared machine
+disturbs the figures: compare ratios from one run, not times across runs.
+
+    python bench/bench_cpu_midsize.py --out bench/results/cpu-midsize.json
+    python bench/bench_cpu_midsize.py --shapes 512x1024x64,1024x16x32 --runs 9 --out /tmp/x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+
+import gpu_orthol1 as ol1
+from gpu_orthol1 import _bench_methods as bm
+from gpu_orthol1 import bench as B
+
+# the three points issue 26 names, then the bench's --quick sweeps and reference shapes
+ISSUE_SHAPES = ((512, 1024, 64), (1024, 16, 32), (512, 128, 64))
+
+
+def default_shapes(full: bool) -> list[tuple[int, int, int]]:
+    sw = B.SWEEPS["full" if full else "quick"]
+    (l_m, n_m), ms = sw["m"]
+    (l_n, m_n), ns = sw["n"]
+    shapes = list(ISSUE_SHAPES) + [(l_m, m, n_m) for m in ms] + [(l_n, m_n, n) for n in ns] + list(B.REF_SHAPES)
+    return list(dict.fromkeys(shapes))
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def blas_info() -> list[dict]:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return []
+    return threadpool_info()
+
+
+def time_shape(shape, dtype, runs, rng) -> dict:
+    xs = [B.random_phi(rng, shape, dtype) for _ in range(2)]
+    case = bm.Case(*shape, np.dtype(dtype), "ref", xs)
+    limit = bm._limit("cpu", "highest").prepare(case)
+    fns = {
+        "ours": lambda k: ol1.loss_and_grad(xs[k], bm.BETA, backend="numpy"),
+        "naive": lambda k: bm._naive(np, xs[k], bm.BETA),
+        "limit": limit.call,
+    }
+    for f in fns.values():  # warm-up: plans, workspaces, numba's compiled pass
+        f(0)
+    ts: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(runs):
+        order = list(fns) if r % 2 == 0 else list(fns)[::-1]  # no method always runs right after another
+        for k in order:
+            t0 = time.perf_counter()
+            out = fns[k](r % 2)
+            ts[k].append(time.perf_counter() - t0)
+            del out
+    med = {k: float(np.median(v)) * 1e3 for k, v in ts.items()}
+    return {
+        "shape": list(shape), "dtype": np.dtype(dtype).name, "runs": runs,
+        "slice_threads": ol1._plan.cpu_threads(shape[1], shape[0], shape[2]),
+        "ms": med, "ms_all": {k: [round(t * 1e3, 3) for t in v] for k, v in ts.items()},
+        "ours_over_limit": med["ours"] / med["limit"], "ours_over_naive": med["ours"] / med["naive"],
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", type=B._parse_shapes, default=None, help="LxMxN,... (default: issue 26's points, "
+                   "the bench's --quick sweeps and reference shapes)")
+    p.add_argument("--full", action="store_true", help="the bench's full sweeps instead of the --quick ones")
+    p.add_argument("--dtype", default="float32", choices=("float16", "float32", "float64"))
+    p.add_argument("--runs", type=int, default=7, help="timed rounds per shape (default 7)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="JSON file to write")
+    a = p.parse_args(argv)
+    shapes = a.shapes if a.shapes else default_shapes(a.full)
+    rng = np.random.default_rng(a.seed)
+    doc = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(), "numpy": np.__version__, "blas": blas_info(),
+        "gpu_orthol1_file": ol1.__file__, "loadavg_start": os.getloadavg(), "results": [],
+    }
+    for shape in shapes:
+        res = time_shape(shape, a.dtype, a.runs, rng)
+        doc["results"].append(res)
+        ms = res["ms"]
+        print(f"{'x'.join(map(str, shape)):>14} {a.dtype}: ours {ms['ours']:9.2f} ms  naive {ms['naive']:9.2f}  "
+              f"limit {ms['limit']:9.2f}  ours/limit {res['ours_over_limit']:.2f}  "
+              f"ours/naive {res['ours_over_naive']:.2f}", flush=True)
+    doc["loadavg_end"] = os.getloadavg()
+    with open(a.out, "w") as f:
+        json.dump(doc, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -51,21 +51,21 @@ def host_costs(quick):
     import cupy
 
     import gpu_orthol1 as ol1
-    from gpu_orthol1 import _plan
+    from gpu_orthol1 import _checks
 
     phi = cupy.random.standard_normal((64, 8, 32), dtype=cupy.float32) / 8
     n = 50 if quick else 200
     out = {"loss_and_grad": _bench(lambda: ol1.loss_and_grad(phi, 1e-3), n)}
     for kernel in ("fused", "gemm"):
-        before = os.environ.get(_plan.ENV_KERNEL)
-        os.environ[_plan.ENV_KERNEL] = kernel  # the functional API on this path, whatever the rule says
+        before = os.environ.get(_checks.ENV_KERNEL)
+        os.environ[_checks.ENV_KERNEL] = kernel  # the functional API on this path, whatever the rule says
         try:
             out[f"loss_and_grad_{kernel}"] = _bench(lambda: ol1.loss_and_grad(phi, 1e-3), n)
         finally:
             if before is None:
-                del os.environ[_plan.ENV_KERNEL]
+                del os.environ[_checks.ENV_KERNEL]
             else:
-                os.environ[_plan.ENV_KERNEL] = before
+                os.environ[_checks.ENV_KERNEL] = before
         p = ol1.plan(phi, 1e-3, kernel=kernel)
         out[f"plan_{kernel}"] = _bench(lambda: p(phi), n)
         out[f"graph_replay_{kernel}"] = _bench(p.graph(phi).replay, n)
@@ -86,7 +86,7 @@ def host_breakdown(quick):
     phi = cupy.random.standard_normal((64, 4096, 64), dtype=cupy.float32) / 8
     pl = ol1.plan(phi, 1e-3, kernel="fused")
     pl(phi)
-    go = next(iter(pl._fused_go.values()))
+    go = next(iter(pl._gpu.launchers.values()))
     grad, losses = cupy.empty_like(phi), cupy.empty(pl.m, dtype=np.float64)
     addrs = (phi.data.ptr, grad.data.ptr, losses.data.ptr)
     steps = {
@@ -94,9 +94,9 @@ def host_breakdown(quick):
         "check_phi": lambda: pl._mismatch(phi),
         "empty_grad": lambda: cupy.empty(phi.shape, phi.dtype),
         "empty_losses": lambda: cupy.empty(pl.m, dtype=np.float64),  # what a call allocated before it kept them
-        "kept_losses": lambda: pl._kept_losses(cupy.cuda.get_current_stream()),
-        "bind": lambda: pl.dev.bind(cublas=False),
-        "fused_call": lambda: pl._fused_call(phi, grad, losses, 2e-3, False, True),
+        "kept_losses": lambda: pl._gpu.losses.get(cupy.cuda.get_current_stream()),
+        "bind": lambda: pl._gpu.dev.bind(cublas=False),
+        "fused_call": lambda: pl._gpu.fused(pl._view, phi, grad, losses, 2e-3, False, True),
         "bound_launch": lambda: go(*addrs, 2e-3, False),
         "reduce": lambda: pl._reduce(losses, 1e-3),
     }
@@ -225,7 +225,7 @@ def sweep(quick):
 
 def rule_gaps(quick):
     """Per-call time of both paths at the shapes that set `fused_wins`'s bounds besides the sweep
-    (the comment above FUSED_RULE in gpu_orthol1/_plan.py quotes them): l = 128 and 256 at n = 64,
+    (the comment above FUSED_RULE in gpu_orthol1/_device.py quotes them): l = 128 and 256 at n = 64,
     l = 128 at n = 96, l = 1024 and 2048 at n <= 32, float64, and accumulate=True (the fused kernel
     then reads each gradient element before writing it)."""
     import cupy
@@ -376,7 +376,7 @@ def _phase_row(cupy, ol1, _driver, shape, dt, quick):
     l, m, n = shape
     phi = (cupy.random.standard_normal(shape, dtype=cupy.float32) / l ** 0.5).astype(dt)
     p = ol1.plan(phi, 1e-3, kernel="gemm")
-    sz = p._sizes_for(True, False, False, False, 1)[0]
+    sz = p._chunks.sizes_for(True, False, False, False, 1)[0]
     if sz.chunk < m:
         return {"shape": shape, "dtype": dt, "skipped": f"{m} slices need {sz.chunk}-slice chunks"}
     wsb = _driver.workspace(p._alloc, sz, l, n, phi.dtype)
@@ -385,10 +385,10 @@ def _phase_row(cupy, ol1, _driver, shape, dt, quick):
     src = _driver.StridedChunk(V, _driver.layout_of(V), 0)
     dst = _driver.StridedChunk(Vo, _driver.layout_of(Vo), 0)
     losses = cupy.empty(m, cupy.float64)
-    dev = p.dev
+    dev = p._gpu.dev
     dev.bind()
     part = wsb.get("partials")
-    tot = cupy.empty(1, dtype=p.ldt)
+    tot = cupy.empty(1, dtype=p._ldt)
     k = 10 if quick else 30
     row = {"shape": shape, "dtype": dt, "sign_parts": sz.parts,
            "gram": _bench(lambda: dev.gram(src, m, wsb["ws"]), k),

@@ -107,7 +107,7 @@ def main(argv=None):
 
     import torch
 
-    from gpu_orthol1.bench import cpu_name, loadavg
+    from gpu_orthol1.bench.env import cpu_name, loadavg
 
     rng = np.random.default_rng(0)
     load0 = loadavg()

@@ -8,11 +8,15 @@ path are checked by `gpu_orthol1.testing`'s emulator, off the hot path.)
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ._driver import PointerChunk, StridedChunk
 from ._penalty import DEFAULT
+
+if TYPE_CHECKING:
+    from ._device import Device
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
@@ -79,6 +83,10 @@ class NumpyDevice:
                 _matmul_into(a, S[k], o, beta)
 
     @staticmethod
+    def set_blas_workspace(buf):
+        pass  # never asked: blas_workspace_bytes is 0
+
+    @staticmethod
     def sign_parts(n, variant):
         return 1  # one slice, one call of the CPU pass
 
@@ -87,6 +95,10 @@ class NumpyDevice:
             self._kernel(ws, sgn, n, losses, offset, scale, write_s)
         else:
             self._variant_kernel(ws, sgn, n, losses, offset, scale, write_s, *variant.flags())
+
+
+if TYPE_CHECKING:
+    _check: Device = NumpyDevice()  # mypy checks the device interface here
 
 
 def _matmul_into(a, s, o, beta):

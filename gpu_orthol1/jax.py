@@ -47,7 +47,7 @@ except ImportError as _e:  # jax is an optional extra
         f"pip install 'gpu_orthol1[jax]' (or 'jax[cpu]', 'jax[cuda12]'), then import gpu_orthol1.jax again ({_e})"
     ) from _e
 
-from . import _penalty, _plan
+from . import _cache, _checks, _penalty, _plan
 
 __all__ = ["ortho_l1", "ortho_l1_tree", "tree_grads"]
 
@@ -93,8 +93,8 @@ def _run_cpu(outs, ins, leaves, reduction, variant, precision, want_grad):
         a = np.asarray(x)
         V = _np_slices(a, m_axis, transpose)
         Vo = _np_slices(np.asarray(outs[len(ins) + j]), m_axis, transpose) if want_grad else None
-        p = _plan.cached(V, 0, reduction, precision, "numpy", None, *variant)
-        loss, _ = p.execute(V, Vo, False, beta, want_grad)
+        p = _cache.cached(V, 0, reduction, precision, "numpy", None, *variant)
+        loss, _ = _plan.execute(p, V, Vo, False, beta, want_grad)
         np.asarray(outs[j])[...] = loss
 
 
@@ -111,8 +111,8 @@ def _run_gpu(ctx, outs, ins, leaves, reduction, variant, precision, want_grad):
                 a = first if j == 0 else cupy.asarray(x)
                 V = _np_slices(a, m_axis, transpose)
                 Vo = _np_slices(cupy.asarray(outs[len(ins) + j]), m_axis, transpose) if want_grad else None
-                p = _plan.cached(V, 0, reduction, precision, "cupy", None, *variant)
-                loss, _ = p.execute(V, Vo, False, beta, want_grad)
+                p = _cache.cached(V, 0, reduction, precision, "cupy", None, *variant)
+                loss, _ = _plan.execute(p, V, Vo, False, beta, want_grad)
                 lo = cupy.asarray(outs[j])
                 lo[...] = loss.reshape(lo.shape)  # a device-to-device write on the stream, no host sync
 
@@ -210,19 +210,19 @@ def _static_beta(beta):
         if beta.ndim != 0:
             raise ValueError(f"beta must be a scalar, got an array of shape {beta.shape}")
         return None
-    return _plan.check_beta(beta)
+    return _checks.check_beta(beta)
 
 
 def _check_precision(precision):
     p = "highest" if precision is None else precision
-    if not isinstance(p, str) or p not in _plan.PRECISIONS:
-        raise ValueError(f"precision must be None or one of {_plan.PRECISIONS}, got {precision!r}")
+    if not isinstance(p, str) or p not in _checks.PRECISIONS:
+        raise ValueError(f"precision must be None or one of {_checks.PRECISIONS}, got {precision!r}")
     return p
 
 
 def _check_reduction(reduction):
-    if not isinstance(reduction, str) or reduction not in _plan.REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_plan.REDUCTIONS}, got {reduction!r}")
+    if not isinstance(reduction, str) or reduction not in _checks.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_checks.REDUCTIONS}, got {reduction!r}")
     return reduction
 
 

@@ -110,7 +110,7 @@ def case_functional(ctx, shape, axis, shard_dim, red, want_grad=True, dtype="flo
     if uneven_chunks:  # the case is meant to make the ranks' own chunk sizes differ: check it does
         from gpu_orthol1 import _plan
 
-        mine = _plan.Plan(local.numpy(), axis=axis, workspace_bytes=workspace_bytes).chunk_for(True)
+        mine = _plan.chunk_for(_plan.Plan(local.numpy(), axis=axis, workspace_bytes=workspace_bytes), True)
         chunks = [int(x[0]) for x in _same_on_all_ranks(torch.tensor([float(mine)]))]
         if len(set(chunks)) < 2:
             raise Failure(f"the ranks' chunk sizes are all {chunks[0]}: the case does not test the MIN")

@@ -9,6 +9,7 @@ missing peers with a note.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import sys
 
@@ -70,6 +71,8 @@ def test_bench_command_cpu_smoke(tmp_path, capsys):
     assert rc == 0
     have = {r["method"] for r in rows}
     assert {"gpu_orthol1[numpy]", "numpy-naive", "limit-blas"} <= have
+    if importlib.util.find_spec("jax") is not None:  # the test extra has it: the row next to jax-jit
+        assert {"jax-jit", "gpu_orthol1.jax"} <= have
     assert "torch-compile" not in have
     # every (shape, dtype) of the reference set and every sweep point, for each method that ran
     cases = {(r["shape"], r["dtype"], r["sweep"]) for r in rows}
@@ -87,7 +90,7 @@ def test_bench_command_cpu_smoke(tmp_path, capsys):
         assert float(r["ratio_limit"]) > 0 and float(r["limit_blas_ms"]) > 0
         if r["family"] != "limit":  # checked against the float64 reference before it was timed
             assert r["loss_err"] != "" and float(r["loss_err"]) <= TOL[r["dtype"]]["loss"]
-    ours = [r for r in rows if r["family"] == "ours"]
+    ours = [r for r in rows if r["method"] == "gpu_orthol1[numpy]"]
     assert ours and all(float(r["ours_speedup"]) == 1.0 for r in ours)
     assert doc["rows"] and doc["versions"]["gpu_orthol1"] and "cpu" in doc["devices"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

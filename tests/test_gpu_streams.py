@@ -107,7 +107,7 @@ def test_streams_in_threads_do_not_race(cp, rng):
 def test_one_plan_on_streams_and_threads_keeps_each_calls_losses(cp, rng, kernel):
     """One plan shared by calls on four streams back to back (no synchronization in between) and by
     four threads at once on one stream: each call returns its own loss, bit for bit its serial one.
-    A plan keeps its per-slice losses per stream (`Plan._kept_losses`) and launches the loss
+    A plan keeps its per-slice losses per stream (`_plan.StreamLosses`) and launches the loss
     reduction under its lock: a race would hand one call another's loss."""
     phis = [make(cp, rng, (64, 300, 32), np.float32, "C", 1) for _ in range(4)]
     p = ol1.plan(phis[0], 0.7, kernel=kernel)
@@ -125,7 +125,7 @@ def test_one_plan_on_streams_and_threads_keeps_each_calls_losses(cp, rng, kernel
     for (l0, g0), (l1, g1) in zip(serial, results):
         assert cp.asnumpy(l1).tobytes() == l0.tobytes()
         assert np.array_equal(cp.asnumpy(g1), g0)
-    assert len(p._losses) == 5  # the default stream's and one per stream
+    assert len(p._gpu.losses) == 5  # the default stream's and one per stream
 
     got: list = [[] for _ in phis]
 
@@ -138,7 +138,7 @@ def test_one_plan_on_streams_and_threads_keeps_each_calls_losses(cp, rng, kernel
     assert not errors, errors
     for (l0, _), losses in zip(serial, got):
         assert all(cp.asnumpy(x).tobytes() == l0.tobytes() for x in losses)
-    assert len(p._losses) == 5
+    assert len(p._gpu.losses) == 5
 
 
 def test_fused_call_in_a_thread_without_a_context(cp, rng):

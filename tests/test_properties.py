@@ -342,9 +342,9 @@ def strided_views(draw):
 @given(v=strided_views())
 @examples(300)
 def test_self_overlap_check_never_misses(v):
-    """_plan.self_overlapping may refuse an exotic layout that does not overlap (it is conservative),
+    """_checks.self_overlapping may refuse an exotic layout that does not overlap (it is conservative),
     but must flag every view in which two elements share memory: gpu_orthol1 writes through it."""
-    from gpu_orthol1._plan import self_overlapping as _self_overlapping
+    from gpu_orthol1._checks import self_overlapping as _self_overlapping
 
     shape, strides = v
     isz = 4

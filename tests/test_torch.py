@@ -155,13 +155,13 @@ def test_ortho_l1_bfloat16_through_float32(tseed):
 
 def test_ortho_l1_cpu_is_zero_copy_and_one_pass(monkeypatch, tseed):
     seen = []
-    real = _plan.Plan.execute
+    real = _plan.Plan._execute
 
     def spy(self, phi, *a, **k):
         seen.append(phi)
         return real(self, phi, *a, **k)
 
-    monkeypatch.setattr(_plan.Plan, "execute", spy)
+    monkeypatch.setattr(_plan.Plan, "_execute", spy)
     w = _t(tseed, (10, 6), torch.float32).requires_grad_(True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ol1.CopyWarning)  # rows mode reads the transposed view in place
@@ -175,8 +175,8 @@ def test_ortho_l1_cpu_is_zero_copy_and_one_pass(monkeypatch, tseed):
 
 def test_ortho_l1_no_grad_skips_gradient(monkeypatch, tseed):
     flags = []
-    real = _plan.Plan.execute
-    monkeypatch.setattr(_plan.Plan, "execute", lambda *a, **k: (flags.append(a[5]), real(*a, **k))[1])
+    real = _plan.Plan._execute
+    monkeypatch.setattr(_plan.Plan, "_execute", lambda *a, **k: (flags.append(a[5]), real(*a, **k))[1])
     w = _t(tseed, (6, 4), torch.float32).requires_grad_(True)
     with torch.no_grad():
         loss = ortho_l1(w)
@@ -338,8 +338,8 @@ def _spy_batched(monkeypatch):
     monkeypatch.setattr(_numpy_dev.NumpyDevice, "gram", staticmethod(gram))
     monkeypatch.setattr(_numpy_dev.NumpyDevice, "grad", staticmethod(grad))
     single = []
-    real_run = _plan.Plan.execute
-    monkeypatch.setattr(_plan.Plan, "execute", lambda *a, **k: (single.append(1), real_run(*a, **k))[1])
+    real_run = _plan.Plan._execute
+    monkeypatch.setattr(_plan.Plan, "_execute", lambda *a, **k: (single.append(1), real_run(*a, **k))[1])
     return sizes, single
 
 
@@ -678,13 +678,13 @@ def test_gpu_ortho_l1_zero_copy_on_current_stream(monkeypatch, tseed):
     import cupy
 
     seen = []
-    real = _plan.Plan.execute
+    real = _plan.Plan._execute
 
     def spy(self, phi, *a, **k):
         seen.append((phi, cupy.cuda.get_current_stream().ptr))
         return real(self, phi, *a, **k)
 
-    monkeypatch.setattr(_plan.Plan, "execute", spy)
+    monkeypatch.setattr(_plan.Plan, "_execute", spy)
     w = _t(tseed, (12, 7), torch.float32, "cuda").requires_grad_(True)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())

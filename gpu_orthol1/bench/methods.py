@@ -263,6 +263,32 @@ def _jax(device: str) -> Method:
     return Method("jax-jit", "peer", device, "jax", "highest", prepare, _jax_avail(device))
 
 
+def _ours_jax(device: str) -> Method:
+    """gpu_orthol1.jax under jit(value_and_grad) on the JAX peer's device arrays: the same kernels as
+    `_ours`, reached through XLA's buffers (the row next to jax-jit)."""
+
+    def prepare(case):
+        jax = _jax_import()
+        from gpu_orthol1.jax import ortho_l1
+
+        dev = jax.devices("cpu" if device == "cpu" else "gpu")[0]
+        xs = [jax.device_put(h, dev) for h in case.host]
+        f = jax.jit(jax.value_and_grad(lambda x: ortho_l1(x, BETA, axis=1)))
+
+        def result(r):
+            return np.asarray(r[0]), np.asarray(r[1])
+
+        def peak():
+            if device == "cpu":
+                return cpu_peak(lambda: jax.block_until_ready(f(xs[0])))
+            ma = f.lower(xs[0]).compile().memory_analysis()  # the callback's CuPy workspaces are not in it
+            return float(ma.temp_size_in_bytes + ma.output_size_in_bytes), "xla-plan"
+
+        return Prepared(lambda k: jax.block_until_ready(f(xs[k])), result, noop, peak, [xs])
+
+    return Method("gpu_orthol1.jax", "ours", device, "jax", "highest", prepare, _jax_avail(device))
+
+
 # ---------------------------------------------------------------- the limit: the two GEMMs alone
 
 def _limit(device: str, precision: str) -> Method:
@@ -271,7 +297,7 @@ def _limit(device: str, precision: str) -> Method:
     cannot beat with BLAS doing the arithmetic."""
 
     def prepare(case):
-        from .. import _driver, _plan
+        from .. import _cpu_pool, _driver
 
         if device == "cpu":
             from .._numpy_dev import NumpyDevice
@@ -297,7 +323,7 @@ def _limit(device: str, precision: str) -> Method:
             dev.bind()
 
         # on the CPU the slices are split over threads exactly as gpu_orthol1 splits them
-        threads = _plan.cpu_threads(m, case.l, n) if device == "cpu" else 1
+        threads = _cpu_pool.cpu_threads(m, case.l, n) if device == "cpu" else 1
 
         def call(k):
             out = xp.empty_like(A[k])
@@ -307,7 +333,7 @@ def _limit(device: str, precision: str) -> Method:
                 dev.gram(src, b - a, G[a:b])
                 dev.grad(src, _driver.StridedChunk(out, lay, a), b - a, S[a:b], 1.0, 0.0)
 
-            _plan.run_split(part, m, threads)
+            _cpu_pool.run_split(part, m, threads)
             return out
 
         peak = cpu_peak_of(call) if device == "cpu" else gpu_peak_of(call)
@@ -322,8 +348,8 @@ def _limit(device: str, precision: str) -> Method:
 
 def all_methods() -> list[Method]:
     return [
-        _ours("cpu", "highest"), _numpy_naive(), _torch("cpu", False), _torch("cpu", True), _jax("cpu"),
+        _ours("cpu", "highest"), _numpy_naive(), _torch("cpu", False), _torch("cpu", True), _jax("cpu"), _ours_jax("cpu"),
         _limit("cpu", "highest"),
         _ours("gpu", "highest"), _ours("gpu", "tf32"), _cupy_naive(), _torch("gpu", False),
-        _torch("gpu", True), _jax("gpu"), _limit("gpu", "highest"), _limit("gpu", "tf32"),
+        _torch("gpu", True), _jax("gpu"), _ours_jax("gpu"), _limit("gpu", "highest"), _limit("gpu", "tf32"),
     ]

@@ -207,6 +207,7 @@ def case_counts(ctx, results):
     import torch
 
     from gpu_orthol1 import distributed as odist
+    from gpu_orthol1.distributed import _meta, _splits
 
     l, m, n = 64, 6, 16
     full = torch.from_numpy(ctx.phi((l, m, n), l))
@@ -222,7 +223,7 @@ def case_counts(ctx, results):
         finally:
             odist.COLUMN_SPLIT = "reshard"
         out[name] = cc.calls
-        meta = [c for c in cc.calls if c[0] == "all_gather" and c[1] == odist._NFIELDS]
+        meta = [c for c in cc.calls if c[0] == "all_gather" and c[1] == _meta._NFIELDS]
         rest = [c for c in cc.calls if c not in meta]
         if len(meta) != 1:
             raise Failure(f"{name}: expected one metadata all_gather of 15 int64, got {cc.calls}")
@@ -243,7 +244,7 @@ def case_counts(ctx, results):
             n_me = local.shape[2]
             if kinds != ["all_to_all", "all_reduce", "all_reduce", "all_to_all"] or rest[1][1] != 1:
                 raise Failure(f"n split (reshard): got {rest}")
-            rows_me = odist._split_sizes(l, ctx.world)[ctx.rank]
+            rows_me = _splits._split_sizes(l, ctx.world)[ctx.rank]
             if rest[0][1] != m * (l - rows_me) * n_me or rest[3][1] != m * rows_me * (n - n_me):
                 raise Failure(f"n split: sent {rest[0][1]} numbers of phi and {rest[3][1]} of the gradient, "
                               f"expected {m * (l - rows_me) * n_me} and {m * rows_me * (n - n_me)}")
@@ -378,6 +379,7 @@ def case_fsdp(ctx, stack_bytes=None, counts=None):
 
     import gpu_orthol1 as ol1
     from gpu_orthol1 import distributed as odist
+    from gpu_orthol1.distributed import _targets
 
     torch.manual_seed(ctx.seed % (1 << 31))
     model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.Flatten(), nn.Linear(12, 7), nn.Linear(7, 9, bias=False),
@@ -424,21 +426,21 @@ def case_fsdp(ctx, stack_bytes=None, counts=None):
     except ValueError as e:
         mismatch = str(e)
     # a failure on one rank's own shards (here: rank 1 cannot prepare target 2): ValueError everywhere
-    orig = odist._member
+    orig = _targets._member
 
     def broken(j, *a):
         if ctx.rank == 1 and j == 2:
             raise RuntimeError("injected")
         return orig(j, *a)
 
-    odist._member = broken
+    _targets._member = broken
     try:
         odist.orthol1_dtensor_execute(targets, 0.7)
         local_fail = "no error"
     except ValueError as e:
         local_fail = str(e)
     finally:
-        odist._member = orig
+        _targets._member = orig
     want = 0.0
     for (name, _), (p, _how, _ax, tr, sc), gf, of in zip(params, targets, gfull, ofull):
         x = ref[name].reshape(ref[name].shape[0], -1)

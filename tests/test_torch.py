@@ -842,14 +842,14 @@ def test_orthol1_op_finds_its_regularizer_while_it_lives():
 
     from torch import nn
 
-    from gpu_orthol1 import torch as gt
+    from gpu_orthol1.torch import _ops
 
     reg = OrthoL1(nn.Linear(4, 4), 0.1)
     key = reg._op_key
-    assert gt._registry[key]() is reg and OrthoL1(nn.Linear(3, 3))._op_key != key
+    assert _ops._registry[key]() is reg and OrthoL1(nn.Linear(3, 3))._op_key != key
     del reg
     gc.collect()
-    assert key not in gt._registry
+    assert key not in _ops._registry
     with pytest.raises(RuntimeError, match="no longer exists"):
         torch.ops.gpu_orthol1.orthol1_loss([torch.zeros(4, 4)], key, [0], False)
 

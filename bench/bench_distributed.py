@@ -109,9 +109,8 @@ def rank_main(rank, world, store, args, out_path):
     from torch.distributed.tensor import DTensor, Shard
 
     import gpu_orthol1 as ol1
-    from gpu_orthol1.distributed import orthol1_dtensor_execute
-
     import gpu_orthol1.distributed as odist
+    from gpu_orthol1.distributed import orthol1_dtensor_execute
 
     odist.COLUMN_SPLIT = args.column_split
     torch.set_num_threads(1)

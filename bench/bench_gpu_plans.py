@@ -295,8 +295,8 @@ def fused_kernel(quick):
     import cupy
     import numpy as np
 
-    from gpu_orthol1.bench import base as bench_base
     from gpu_orthol1._cupy import CupyDevice
+    from gpu_orthol1.bench import base as bench_base
     from gpu_orthol1.kernels import fused_small as fs
 
     bw = bench_base.d2d_bandwidth()

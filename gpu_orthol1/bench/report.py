@@ -9,6 +9,7 @@ import math
 from .base import PEERS, RESULT_FIELDS
 from .flags import own_flags, split_flags
 
+
 def crossover_flops(rows) -> float | None:
     """Smallest size (in GEMM flops) from which backend="cupy" beats "numpy" at that and every larger size."""
     by: dict[float, dict[str, float]] = {}

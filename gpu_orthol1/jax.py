@@ -370,7 +370,7 @@ def _group_losses(targets, beta, penalty, diagonal, normalize, precision):
     precision = _check_precision(precision)
     b = _static_beta(beta)
     groups: dict = {}
-    for k, (i, x, (m_axis, t, scale)) in enumerate(targets):
+    for k, (_i, x, (m_axis, t, _scale)) in enumerate(targets):
         groups.setdefault((x.shape, np.dtype(x.dtype).name, m_axis, t), []).append(k)
     losses: list = [None] * len(targets)
     for ks in groups.values():
@@ -441,7 +441,7 @@ def tree_grads(params: Any, beta: Any = 1.0, *, mask: Any = None, mode: str = "a
     b = _static_beta(beta)
     bt = None if b is not None else jnp.asarray(beta)
     groups: dict = {}
-    for k, (i, x, (m_axis, t, scale)) in enumerate(targets):
+    for k, (_i, x, (m_axis, t, _scale)) in enumerate(targets):
         groups.setdefault((x.shape, np.dtype(x.dtype).name, m_axis, t), []).append(k)
     grads: list = [None] * len(flat)
     total = []

@@ -440,7 +440,7 @@ def case_fsdp(ctx, stack_bytes=None, counts=None):
     finally:
         odist._member = orig
     want = 0.0
-    for (name, _), (p, _how, _ax, tr, sc), gf, of in zip(params, targets, gfull, ofull):
+    for (name, _), (_p, _how, _ax, tr, sc), gf, of in zip(params, targets, gfull, ofull):
         x = ref[name].reshape(ref[name].shape[0], -1)
         x = x.T if tr else x
         lo, gr = ol1.loss_and_grad(np.ascontiguousarray(x), 0.7 * sc, backend="numpy")

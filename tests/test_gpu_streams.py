@@ -56,7 +56,7 @@ def test_streams_in_one_thread_do_not_race(cp, rng):
                 results.append(ol1.loss_and_grad(p, 0.7, reduction="none", out=o, workspace_bytes=20000))
     for s in streams:
         s.synchronize()
-    for p, (l0, g0), (l1, g1), o in zip(phis, serial, results, outs):
+    for p, (l0, _g0), (l1, g1), o in zip(phis, serial, results, outs):
         assert g1 is o
         _check_against(cp, p, l1, g1, 0.7)
         tol = 2e-3 if p.dtype == np.float16 else 1e-5

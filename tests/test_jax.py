@@ -70,8 +70,8 @@ def test_every_variant_matches_jax_grad_of_naive(variant, shape, axis, mode, rng
     x = jnp.asarray(R.random_phi(rng, shape, np.float64))
     for reduction in ("sum", "mean", "none"):
         kw = dict(axis=axis, reduction=reduction, mode=mode, **variant)
-        loss, g = vjp_sum(jax.jit(lambda x: ortho_l1(x, 0.3, **kw)), x)
-        nloss, ng = vjp_sum(jax.jit(lambda x: naive(x, 0.3, **kw)), x)
+        loss, g = vjp_sum(jax.jit(lambda x, kw=kw: ortho_l1(x, 0.3, **kw)), x)
+        nloss, ng = vjp_sum(jax.jit(lambda x, kw=kw: naive(x, 0.3, **kw)), x)
         np.testing.assert_allclose(np.asarray(loss).ravel(), np.asarray(nloss).ravel(), rtol=1e-12)
         scale = float(jnp.abs(ng).max())
         np.testing.assert_allclose(np.asarray(g), np.asarray(ng), rtol=0, atol=1e-11 * scale)

@@ -665,7 +665,7 @@ def test_cupy_device_pointer_call_arguments(tseed):
             FakeCublas.calls.clear()
             _driver.run(dev, batch, wsb, sz.chunk, losses, alpha=2 * 0.7, beta_gemm=1.0, want_grad=True)
             assert FakeCublas.calls == [3, 3]
-            for j, W in enumerate(Ws):
+            for j in range(len(Ws)):
                 added = outs[j] - base[j]
                 check(phis[j], losses[j] * 0.7, (added.T if rows else added).numpy(), 0.7, 1, "sum", np_dt)
 

@@ -114,7 +114,7 @@ def headline_markdown(rows) -> str:
     for h in hl:
         fl = h["flags"]
 
-        def mark(key, text):
+        def mark(key, text, fl=fl):
             return text + "?" if key in fl and text != "-" else text
 
         cells = [h["device_name"] or h["device"], h["shape"], h["dtype"], mark("ms", _fmt(h["ms"], ".2f")),

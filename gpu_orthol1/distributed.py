@@ -448,7 +448,7 @@ def _gather_along(x, dim, sizes, group, rank):
     if all(s == big for s in sizes):
         full = out.view((len(sizes) * big,) + rest)
     else:
-        full = torch.cat([p[:s * per].view((s,) + rest) for p, s in zip(out.unbind(0), sizes)], 0)
+        full = torch.cat([p[:s * per].view((s,) + rest) for p, s in zip(out.unbind(0), sizes, strict=True)], 0)
     return full.movedim(0, dim)
 
 
@@ -484,7 +484,7 @@ def _columns_via_rows(V, b, red, want_grad, device, sizes, g, rank, world, works
     L = rows[rank]
     pieces = _all_to_all([V[:, r0[q]:r0[q] + rows[q], :] for q in range(world)],
                          [m * L * s for s in sizes], V.dtype, g)
-    Vrow = _compute_view(torch.cat([p.view(m, L, s) for p, s in zip(pieces, sizes)], dim=2))
+    Vrow = _compute_view(torch.cat([p.view(m, L, s) for p, s in zip(pieces, sizes, strict=True)], dim=2))
     # the ranks' slabs may differ by a row: agree on the chunk (the least; 0 = a rank could not plan)
     ws = workspace_bytes if workspace_bytes is not None else _default_workspace(device, L, Vrow.shape[2])
     plan, chunk, err = None, 0, None
@@ -905,7 +905,7 @@ def orthol1_dtensor_execute(targets: Sequence[tuple], beta: float, *,
         for part in _cut(key, ms):
             lt, gs = _run_members(part, b, want_grad, workspace_bytes, variant)
             total = total + lt.to(device=dev, dtype=torch.float64)
-            for m, g in zip(part, gs):
+            for m, g in zip(part, gs, strict=True):
                 grads[m.j] = g
     out_grads: list = []
     for j, g in enumerate(grads):
@@ -986,7 +986,7 @@ class _TargetsLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, beta, kw, *params):
         want = any(ctx.needs_input_grad[3:])
-        targets = [(p,) + sp for p, sp in zip(params, spec)]
+        targets = [(p,) + sp for p, sp in zip(params, spec, strict=True)]
         loss, grads = orthol1_dtensor_execute(targets, beta, want_grad=want, **kw)
         ctx.want = want
         if want:
@@ -1000,7 +1000,7 @@ class _TargetsLoss(torch.autograd.Function):
         if not ctx.want:
             return (None,) * len(ctx.needs_input_grad)
         out = tuple(_first_order(_wrap_grad(g * go.to(g.dtype), m), p)
-                    for g, m, p in zip(ctx.grads, ctx.metas, ctx.saved_tensors))
+                    for g, m, p in zip(ctx.grads, ctx.metas, ctx.saved_tensors, strict=True))
         return (None, None, None) + out
 
 
@@ -1047,6 +1047,6 @@ def orthol1_dtensor_step_(targets: Sequence[tuple], beta: float, lr: float, *,
         raise ValueError(f"lr must be a finite real number, got {lr!r}")
     loss, grads = orthol1_dtensor_execute(targets, beta, workspace_bytes=workspace_bytes, penalty=penalty,
                                           diagonal=diagonal, normalize=normalize)
-    for p, g in zip((t[0] for t in targets), grads):
+    for p, g in zip((t[0] for t in targets), grads, strict=True):
         (p.to_local() if _dtensor_meta(p) is not None else p).sub_(g, alpha=float(lr))
     return loss

@@ -881,7 +881,7 @@ class OrthoL1:
         """The loss of targets `active` with parameters `params` as differentiable torch ops (what a
         double backward differentiates; see `_penalty_expr`)."""
         total = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)
-        for j, p in zip(active, params):
+        for j, p in zip(active, params, strict=True):
             t = self.targets[j]
             per = _penalty_expr(_slices(_expr_dtype(p), t.how, t.axis, t.transpose), self.variant)
             total = total + (self.beta * t.scale) * per.sum()
@@ -1045,7 +1045,7 @@ class _OrthoL1ModelFn(torch.autograd.Function):
         outs: list | None = None
         if want:
             outs = [None] * len(reg.targets)
-            for j, p in zip(active, params):
+            for j, p in zip(active, params, strict=True):
                 outs[j] = torch.empty_like(p)
         totals = reg._execute(outs, beta_gemm=0.0, want_grad=want)
         if want:
@@ -1106,11 +1106,11 @@ def _orthol1_op(params: list[torch.Tensor], key: int, active: list[int],
     outs: list | None = None
     if want_grad:
         outs = [None] * len(reg.targets)
-        for j, p in zip(active, params):
+        for j, p in zip(active, params, strict=True):
             outs[j] = torch.empty_like(p)
     # computed from the tensors the graph hands over (a compiled function may have changed the
     # parameters before calling loss()), through the regularizer's grouping
-    loss = reg._result(reg._execute(outs, beta_gemm=0.0, want_grad=want_grad, params=dict(zip(active, params))))
+    loss = reg._result(reg._execute(outs, beta_gemm=0.0, want_grad=want_grad, params=dict(zip(active, params, strict=True))))
     return loss, ([outs[j] for j in active] if outs is not None else [])
 
 

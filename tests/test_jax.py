@@ -169,7 +169,7 @@ def test_tree_is_the_sum_over_matrices(mode, rng):
     want, gw = jax.value_and_grad(by_hand)(params)
     assert len(mats) == 4
     np.testing.assert_allclose(float(got), float(want), rtol=1e-12)
-    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(gw)):
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(gw), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-11 * (1 + float(jnp.abs(b).max())))
     # tree_grads: the same numbers without autodiff, None for the leaves not taken
     tl, tg = tree_grads(params, 0.3, mode=mode, three_d="stack", **kw)

@@ -51,9 +51,9 @@ def table(rows, sweeps=("ref",)) -> str:
             _fmt(r["peak_mb"], ".1f"), r["status"] + (f" ({r['note']})" if r["note"] else ""),
             f"SLOW: {r['slow']}" if r.get("slow") else "", r.get("flags", ""),
         ])
-    w = [max(len(str(x)) for x in col) for col in zip(head, *lines)] if lines else [len(h) for h in head]
-    out = ["  ".join(h.ljust(k) for h, k in zip(head, w)).rstrip()]
-    out += ["  ".join(str(c).ljust(k) for c, k in zip(ln, w)).rstrip() for ln in lines]
+    w = [max(len(str(x)) for x in col) for col in zip(head, *lines, strict=True)] if lines else [len(h) for h in head]
+    out = ["  ".join(h.ljust(k) for h, k in zip(head, w, strict=True)).rstrip()]
+    out += ["  ".join(str(c).ljust(k) for c, k in zip(ln, w, strict=True)).rstrip() for ln in lines]
     return "\n".join(out)
 
 

@@ -67,7 +67,7 @@ def host_costs(quick):
             else:
                 os.environ[_checks.ENV_KERNEL] = before
         p = ol1.plan(phi, 1e-3, kernel=kernel)
-        out[f"plan_{kernel}"] = _bench(lambda: p(phi), n)
+        out[f"plan_{kernel}"] = _bench(lambda p=p: p(phi), n)
         out[f"graph_replay_{kernel}"] = _bench(p.graph(phi).replay, n)
     return out
 
@@ -153,12 +153,12 @@ def shapes(quick):
         case = bench_base.Case(shape[0], shape[1], shape[2], np.dtype(dt), "ref", [host, host.copy()])
         lim = bm._limit("gpu", prec).prepare(case)
         row = {"shape": shape, "dtype": dt, "precision": prec,
-               "limit_cublas_ms": _bench(lambda: lim.call(0), 20 if quick else 50)["device_ms"]}
+               "limit_cublas_ms": _bench(lambda lim=lim: lim.call(0), 20 if quick else 50)["device_ms"]}
         for kernel in ("gemm", "fused"):
             if kernel == "fused" and (prec != "highest" or not fused_small.fits(shape[2], dt)):
                 continue
             pl = ol1.plan(phi, 1e-3, precision=prec, kernel=kernel)
-            t = _bench(lambda: pl(phi), 20 if quick else 50)
+            t = _bench(lambda pl=pl, phi=phi: pl(phi), 20 if quick else 50)
             row[f"{kernel}_ms"] = max(t["device_ms"], t["host_ms"])
             row[f"{kernel}_x_limit"] = row[f"{kernel}_ms"] / row["limit_cublas_ms"]
             if prec == "highest":  # the same call replayed from a CUDA graph (`plan.graph`): no host work
@@ -166,14 +166,14 @@ def shapes(quick):
                 row[f"{kernel}_graph_ms"] = _bench(g.replay, 20 if quick else 50)["device_ms"]
                 del g
             if prec == "highest":
-                row[f"{kernel}_synced_ms"] = _synced(lambda: pl(phi), 20 if quick else 50)
+                row[f"{kernel}_synced_ms"] = _synced(lambda pl=pl, phi=phi: pl(phi), 20 if quick else 50)
             if kernel == "fused":
                 # the ratio again in alternating rounds (the limit, then the call, each a median of
                 # its own), so that a drift of the card or the host over the run falls on both
                 ratios = []
                 for _ in range(ROUNDS):
-                    base = _bench(lambda: lim.call(0), 20)["device_ms"]
-                    t = _bench(lambda: pl(phi), 20)
+                    base = _bench(lambda lim=lim: lim.call(0), 20)["device_ms"]
+                    t = _bench(lambda pl=pl, phi=phi: pl(phi), 20)
                     ratios.append(max(t["device_ms"], t["host_ms"]) / base)
                 row["fused_x_limit_rounds"] = ratios
                 row["fused_x_limit_median"] = float(np.median(ratios))
@@ -185,7 +185,8 @@ def shapes(quick):
                         row[f"{meth.name}_ms"] = f"unavailable: {why}"
                         continue
                     prep = meth.prepare(case)
-                    row[f"{meth.name}_synced_ms"] = _synced(lambda: prep.call(0), 20 if quick else 50)
+                    row[f"{meth.name}_synced_ms"] = _synced(lambda prep=prep: prep.call(0),
+                                                            20 if quick else 50)
                     del prep
                 except Exception as e:
                     row[f"{meth.name}_ms"] = f"{type(e).__name__}: {e}"
@@ -213,7 +214,7 @@ def sweep(quick):
                 if kernel == "fused" and not fused_small.fits(n, "float32"):
                     continue
                 pl = ol1.plan(phi, 1e-3, kernel=kernel)
-                t = _bench(lambda: pl(phi), 10 if quick else 30)
+                t = _bench(lambda pl=pl, phi=phi: pl(phi), 10 if quick else 30)
                 row[f"{kernel}_ms"] = max(t["device_ms"], t["host_ms"])
                 row[f"{kernel}_host_ms"] = t["host_ms"]  # at small sizes the host cost decides: keep both
                 row[f"{kernel}_device_ms"] = t["device_ms"]
@@ -245,7 +246,8 @@ def rule_gaps(quick):
         for kernel in ("gemm", "fused"):
             try:
                 pl = ol1.plan(phi, 1e-3, kernel=kernel)
-                fn = (lambda: pl(phi, out=out, accumulate=True)) if acc else (lambda: pl(phi))
+                fn = ((lambda pl=pl, phi=phi, out=out: pl(phi, out=out, accumulate=True)) if acc
+                      else (lambda pl=pl, phi=phi: pl(phi)))
                 t = _bench(fn, 10 if quick else 30)
                 row[f"{kernel}_ms"] = max(t["device_ms"], t["host_ms"])
                 row[f"{kernel}_host_ms"], row[f"{kernel}_device_ms"] = t["host_ms"], t["device_ms"]
@@ -295,8 +297,8 @@ def fused_kernel(quick):
     import cupy
     import numpy as np
 
-    from gpu_orthol1.bench import base as bench_base
     from gpu_orthol1._cupy import CupyDevice
+    from gpu_orthol1.bench import base as bench_base
     from gpu_orthol1.kernels import fused_small as fs
 
     bw = bench_base.d2d_bandwidth()
@@ -341,7 +343,7 @@ def fused_kernel(quick):
             row = {"l": l, "m": m, "n": n, "dtype": dt, "config": cfg._asdict(), "roofline_ms": roof}
             try:
                 go = dev.fused_launcher(cfg, V, Vo, losses, True)
-                t = _bench(lambda: go(*addrs, 2e-3, False), 10 if quick else 30)
+                t = _bench(lambda go=go, addrs=addrs: go(*addrs, 2e-3, False), 10 if quick else 30)
                 row.update(kernel_ms=t["device_ms"], host_ms=t["host_ms"], x_roofline=t["device_ms"] / roof,
                            roofline_fraction=roof / t["device_ms"], tflops=4 * l * m * n * n / t["device_ms"] / 1e9)
             except Exception as e:

@@ -130,7 +130,7 @@ def byte_span(addr: int, shape: tuple[int, ...], strides: tuple[int, ...], items
     """[lo, hi): the bytes an array with its first element at `addr` reaches (strides in bytes, any
     sign; the array has at least one element)."""
     lo = hi = addr
-    for s, st in zip(shape, strides):
+    for s, st in zip(shape, strides, strict=True):
         if s > 1:
             if st < 0:
                 lo += (s - 1) * st
@@ -146,7 +146,7 @@ def _extent(a: Any) -> tuple[int, int]:
 def self_overlapping(a: Any) -> bool:
     """Whether two elements of `a` may share memory (conservative: an exotic layout that does not
     overlap may be refused)."""
-    dims = sorted((abs(st), s) for s, st in zip(a.shape, a.strides) if s > 1)
+    dims = sorted((abs(st), s) for s, st in zip(a.shape, a.strides, strict=True) if s > 1)
     if a.size == 0:
         return False
     need = a.itemsize

@@ -112,7 +112,7 @@ def run_split(fn: Callable[[int, int], object], m: int, threads: int) -> None:
         return
     parts = np.linspace(0, m, threads + 1).astype(int)
     with _one_blas_thread():
-        futs = [_thread_pool().submit(fn, int(a), int(b)) for a, b in zip(parts[:-1], parts[1:]) if b > a]
+        futs = [_thread_pool().submit(fn, int(a), int(b)) for a, b in zip(parts[:-1], parts[1:], strict=True) if b > a]
         wait(futs)  # every part done before BLAS gets its threads back, even when one part failed
     for f in futs:
         f.result()

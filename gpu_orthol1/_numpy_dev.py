@@ -79,7 +79,7 @@ class NumpyDevice:
         if isinstance(src, StridedChunk):
             _matmul_into(src.arr[src.first:src.first + cc], S, dst.arr[dst.first:dst.first + cc], beta)
         else:
-            for k, (a, o) in enumerate(zip(src.mats, dst.mats)):
+            for k, (a, o) in enumerate(zip(src.mats, dst.mats, strict=True)):
                 _matmul_into(a, S[k], o, beta)
 
     @staticmethod

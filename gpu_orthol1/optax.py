@@ -25,8 +25,8 @@ except ImportError as _e:  # optax is an optional extra
         f"then import gpu_orthol1.optax again ({_e})"
     ) from _e
 
-from . import jax as _ojax
 from . import _checks
+from . import jax as _ojax
 
 __all__ = ["add_ortho_l1", "AddOrthoL1State"]
 

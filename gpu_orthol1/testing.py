@@ -85,7 +85,7 @@ def _resolver(bufs: dict):
     spans, seen = [], set()
     for key, arr in bufs.items():
         lo = arr.ctypes.data
-        hi = lo + max(0, sum((s - 1) * st for s, st in zip(arr.shape, arr.strides) if s)) + arr.itemsize
+        hi = lo + max(0, sum((s - 1) * st for s, st in zip(arr.shape, arr.strides, strict=True) if s)) + arr.itemsize
         if (lo, hi, arr.itemsize) not in seen:  # "sgn" may be "ws" itself (S written in place)
             seen.add((lo, hi, arr.itemsize))
             spans.append((lo, hi, key, arr.itemsize))
@@ -212,7 +212,7 @@ class EmulatedGpuDevice(CupyDevice):
         specs = [(a.shape, a.strides, a.dtype) for a in (V, Vout if write_grad else V, losses)]
 
         def go(phi_addr, out_addr, losses_addr, alpha, accumulate):
-            v, o, ls = (host_view(addr, *spec) for addr, spec in zip((phi_addr, out_addr, losses_addr), specs))
+            v, o, ls = (host_view(addr, *spec) for addr, spec in zip((phi_addr, out_addr, losses_addr), specs, strict=True))
             self._fused(cfg, v, o, ls, alpha, accumulate, write_grad)
         return go
 

@@ -41,8 +41,8 @@ def make(xp, rng, shape, dtype, layout="C", axis=1):
 def run(kind, phi, beta=1.0, *, want_grad=True, **kw):
     """(loss, grad) from backend `kind`: "numpy", "cupy", or "emulated" (the GPU path's logic on the CPU)."""
     if kind == "emulated":
-        from gpu_orthol1._checks import check_beta
         from gpu_orthol1 import _plan
+        from gpu_orthol1._checks import check_beta
         from gpu_orthol1._plan import Plan
         from gpu_orthol1.testing import EmulatedGpuDevice
 

@@ -151,7 +151,7 @@ def test_one_plan_shared_by_threads(rng):
     for t in ts:
         t.join()
     assert not errors
-    for (L, G), (wl, wg) in zip(got, want):
+    for (L, G), (wl, wg) in zip(got, want, strict=True):
         np.testing.assert_array_equal(L, wl)  # bit-identical: the slices' order is fixed
         np.testing.assert_array_equal(G, wg)
 

@@ -348,11 +348,11 @@ def test_self_overlap_check_never_misses(v):
 
     shape, strides = v
     isz = 4
-    lo = sum((s - 1) * st for s, st in zip(shape, strides) if st < 0 and s > 0)
-    hi = sum((s - 1) * st for s, st in zip(shape, strides) if st > 0 and s > 0)
+    lo = sum((s - 1) * st for s, st in zip(shape, strides, strict=True) if st < 0 and s > 0)
+    hi = sum((s - 1) * st for s, st in zip(shape, strides, strict=True) if st > 0 and s > 0)
     base = np.zeros(hi - lo + 1, np.float32)
     view = np.lib.stride_tricks.as_strided(base[-lo:], shape, tuple(st * isz for st in strides))
-    addrs = {sum(i * st for i, st in zip(idx, strides)) for idx in np.ndindex(*shape)}
+    addrs = {sum(i * st for i, st in zip(idx, strides, strict=True)) for idx in np.ndindex(*shape)}
     overlapping = len(addrs) < view.size
     event("overlapping" if overlapping else "distinct")
     if overlapping:

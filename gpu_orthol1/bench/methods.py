@@ -20,17 +20,16 @@ from .base import (
     Case,
     Method,
     Prepared,
+    cpu_peak,
     cpu_peak_of,
     cupy_module,
     device_copies,
     gpu_ok,
     gpu_peak_of,
-    to_host,
-    noop,
-    cpu_peak,
     gpu_sync,
+    noop,
+    to_host,
 )
-
 
 # ---------------------------------------------------------------- gpu_orthol1
 

@@ -53,14 +53,19 @@ except ImportError as _e:  # torch is an optional extra
 from . import _meta, _targets
 from ._dtensor import SECOND_ORDER_REFUSED as SECOND_ORDER_REFUSED  # the message a double backward raises
 from ._dtensor import dtensor_ortho_l1
-from ._targets import (orthol1_dtensor_add_grad_, orthol1_dtensor_execute, orthol1_dtensor_loss,
-                       orthol1_dtensor_step_)
 from ._gram import pack_grams, unpack_grams
+
 # constants that were module attributes before the split (the accepted values of COLUMN_SPLIT, mode, reduction)
 from ._meta import COLUMN_SPLITS as COLUMN_SPLITS
 from ._meta import MODES as MODES
 from ._meta import REDUCTIONS as REDUCTIONS
 from ._splits import loss, loss_and_grad
+from ._targets import (
+    orthol1_dtensor_add_grad_,
+    orthol1_dtensor_execute,
+    orthol1_dtensor_loss,
+    orthol1_dtensor_step_,
+)
 
 __all__ = ["loss_and_grad", "loss", "dtensor_ortho_l1", "orthol1_dtensor_execute", "orthol1_dtensor_loss",
            "orthol1_dtensor_add_grad_", "orthol1_dtensor_step_", "pack_grams", "unpack_grams"]

@@ -11,7 +11,7 @@ import torch
 
 from .. import _penalty
 from ..torch import _core
-from ._meta import MODES, REDUCTIONS, _DTYPES, _compute_view, _from_slice_view, _slice_view
+from ._meta import _DTYPES, MODES, REDUCTIONS, _compute_view, _from_slice_view, _slice_view
 from ._splits import _run, _run_core
 
 

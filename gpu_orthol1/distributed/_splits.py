@@ -18,9 +18,25 @@ from ..torch import _core
 from ..torch._bridge import _from_array, _to_array
 from . import _meta
 from ._gram import _gram_hook
-from ._meta import (_F_AXIS, _F_BETA, _F_CHUNK, _F_NDIM, _F_RED, REDUCTIONS, _bits_beta, _compute_view,
-                    _default_workspace, _exchange, _from_slice_view, _group_of, _inspect, _meta_device, _readable,
-                    _stream_ctx, _validate)
+from ._meta import (
+    _F_AXIS,
+    _F_BETA,
+    _F_CHUNK,
+    _F_NDIM,
+    _F_RED,
+    REDUCTIONS,
+    _bits_beta,
+    _compute_view,
+    _default_workspace,
+    _exchange,
+    _from_slice_view,
+    _group_of,
+    _inspect,
+    _meta_device,
+    _readable,
+    _stream_ctx,
+    _validate,
+)
 
 
 def _run_core(V: torch.Tensor, beta: float, reduction: str, want_grad: bool, device: torch.device, *,
@@ -57,7 +73,7 @@ def _gather_along(x: torch.Tensor, dim: int, sizes: list[int], group: Any, rank:
     if all(s == big for s in sizes):
         full = out.view((len(sizes) * big,) + rest)
     else:
-        full = torch.cat([p[:s * per].view((s,) + rest) for p, s in zip(out.unbind(0), sizes)], 0)
+        full = torch.cat([p[:s * per].view((s,) + rest) for p, s in zip(out.unbind(0), sizes, strict=True)], 0)
     return full.movedim(0, dim)
 
 
@@ -96,7 +112,7 @@ def _columns_via_rows(V: torch.Tensor, b: float, red: str, want_grad: bool, devi
     L = rows[rank]
     pieces = _all_to_all([V[:, r0[q]:r0[q] + rows[q], :] for q in range(world)],
                          [m * L * s for s in sizes], V.dtype, g)
-    Vrow = _compute_view(torch.cat([p.view(m, L, s) for p, s in zip(pieces, sizes)], dim=2))
+    Vrow = _compute_view(torch.cat([p.view(m, L, s) for p, s in zip(pieces, sizes, strict=True)], dim=2))
     # the ranks' slabs may differ by a row: agree on the chunk (the least; 0 = a rank could not plan)
     ws = workspace_bytes if workspace_bytes is not None else _default_workspace(device, L, Vrow.shape[2])
     plan, chunk, err = None, 0, None

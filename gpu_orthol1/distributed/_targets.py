@@ -20,7 +20,6 @@ from ._dtensor import _dtensor_split, _first_order
 from ._meta import _DTYPES, _compute_view, _from_slice_view, _kind_of, _meta_device, _slice_view
 from ._splits import _run, _run_core
 
-
 # ---------------------------------------------------------------------------------------------
 # many DTensor parameters (OrthoL1 on an FSDP2 model)
 
@@ -198,7 +197,7 @@ def orthol1_dtensor_execute(targets: Sequence[tuple], beta: float, *,
         for part in _cut(key, ms):
             lt, gs = _run_members(part, b, want_grad, workspace_bytes, variant)
             total = total + lt.to(device=dev, dtype=torch.float64)
-            for m, g in zip(part, gs):
+            for m, g in zip(part, gs, strict=True):
                 grads[m.j] = g
     out_grads: list = []
     for j, g in enumerate(grads):
@@ -279,7 +278,7 @@ class _TargetsLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, beta, kw, *params):
         want = any(ctx.needs_input_grad[3:])
-        targets = [(p,) + sp for p, sp in zip(params, spec)]
+        targets = [(p,) + sp for p, sp in zip(params, spec, strict=True)]
         loss, grads = orthol1_dtensor_execute(targets, beta, want_grad=want, **kw)
         ctx.want = want
         if want:
@@ -293,7 +292,7 @@ class _TargetsLoss(torch.autograd.Function):
         if not ctx.want:
             return (None,) * len(ctx.needs_input_grad)
         out = tuple(_first_order(_wrap_grad(g * go.to(g.dtype), m), p)
-                    for g, m, p in zip(ctx.grads, ctx.metas, ctx.saved_tensors))
+                    for g, m, p in zip(ctx.grads, ctx.metas, ctx.saved_tensors, strict=True))
         return (None, None, None) + out
 
 
@@ -397,6 +396,6 @@ def orthol1_dtensor_step_(targets: Sequence[tuple], beta: float, lr: float, *,
         raise ValueError(f"lr must be a finite real number, got {lr!r}")
     loss, grads = orthol1_dtensor_execute(targets, beta, workspace_bytes=workspace_bytes, penalty=penalty,
                                           diagonal=diagonal, normalize=normalize)
-    for p, g in zip((t[0] for t in targets), grads):
+    for p, g in zip((t[0] for t in targets), grads, strict=True):
         (p.to_local() if _dtensor_meta(p) is not None else p).sub_(g, alpha=float(lr))
     return loss

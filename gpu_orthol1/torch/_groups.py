@@ -16,8 +16,7 @@ import torch
 
 from .. import _driver
 from . import _core
-from ._bridge import _NP_DTYPE, _check_tensor, _core_device, _flat_order, _on_torch_stream
-from ._bridge import _slices
+from ._bridge import _NP_DTYPE, _check_tensor, _core_device, _flat_order, _on_torch_stream, _slices
 from ._ops import _expr_dtype, _penalty_expr, _run_core
 
 if TYPE_CHECKING:
@@ -204,7 +203,7 @@ class _GroupRunner:
         double backward differentiates; see `_ops._penalty_expr`)."""
         reg = self.reg
         total = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)
-        for j, p in zip(active, params):
+        for j, p in zip(active, params, strict=True):
             t = reg.targets[j]
             per = _penalty_expr(_slices(_expr_dtype(p), t.how, t.axis, t.transpose), reg.variant)
             total = total + (reg.beta * t.scale) * per.sum()

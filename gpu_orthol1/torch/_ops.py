@@ -241,7 +241,7 @@ class _OrthoL1ModelFn(torch.autograd.Function):
         outs: list | None = None
         if want:
             outs = [None] * len(reg.targets)
-            for j, p in zip(active, params):
+            for j, p in zip(active, params, strict=True):
                 outs[j] = torch.empty_like(p)
         totals = reg._runner.execute(outs, beta_gemm=0.0, want_grad=want)
         if want:
@@ -302,12 +302,12 @@ def _orthol1_op(params: list[torch.Tensor], key: int, active: list[int],
     outs: list | None = None
     if want_grad:
         outs = [None] * len(reg.targets)
-        for j, p in zip(active, params):
+        for j, p in zip(active, params, strict=True):
             outs[j] = torch.empty_like(p)
     # computed from the tensors the graph hands over (a compiled function may have changed the
     # parameters before calling loss()), through the regularizer's grouping
     loss = reg._runner.result(reg._runner.execute(outs, beta_gemm=0.0, want_grad=want_grad,
-                                                  params=dict(zip(active, params))))
+                                                  params=dict(zip(active, params, strict=True))))
     return loss, ([outs[j] for j in active] if outs is not None else [])
 
 

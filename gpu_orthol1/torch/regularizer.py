@@ -13,7 +13,7 @@ import numbers
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -21,11 +21,11 @@ from .. import _gemm, _penalty
 from . import _core
 from ._bridge import _check_tensor, _is_dtensor, _pick_transpose, _slices
 from ._groups import _GroupRunner, _LazyOuts
-from ._ops import _dtensor_class, _dtensor_compile_refused, _OrthoL1ModelFn, _orthol1_op, _register
+from ._ops import _dtensor_class, _dtensor_compile_refused, _orthol1_op, _OrthoL1ModelFn, _register
 
 MODES = ("rows", "columns", "auto")
 # include= / exclude=: a glob pattern on the parameter's name, a list of them, or a callable (name, param)
-Rule = Union[str, Iterable[str], Callable[[str, torch.Tensor], bool]]
+Rule = str | Iterable[str] | Callable[[str, torch.Tensor], bool]
 
 
 @dataclass

@@ -13,7 +13,7 @@ launch (`loss_total`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -42,7 +42,83 @@ def _cuda_enums():
 BLAS_WORKSPACE_BYTES = {True: 32 << 20, False: 4 << 20}
 
 
-class CupyDevice:
+class _ElementwiseLaunches:
+    """The launches of the elementwise pass (kernels/sign_abs.py) and of the loss reduction, kept per
+    (kernel, n, variant, dtypes). CupyDevice's `__init__` sets what they read: `_mod` (the kernel
+    module), `_max_block`, `_launch` (the kept launchers), `_i64`/`_f64`/`_bool` (Numba types) and
+    `_stream_ptr` (the bound stream)."""
+
+    _mod: Any
+    _max_block: int
+    _launch: dict
+    _i64: Any
+    _f64: Any
+    _bool: Any
+    _stream_ptr: int
+
+    def sign_parts(self, n, variant):
+        return self._mod.split(n, variant.flags()[2], self._max_block)[1]
+
+    def _sign_sig(self, ws, sgn):
+        A = _ptx.array_type
+        return A(_dtype(ws), 2), A(_dtype(sgn), 2)
+
+    def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant=DEFAULT, partials=None):
+        grid = ws.shape[0]
+        if partials is not None:
+            self._sign_abs_split(ws, sgn, n, losses, offset, scale, write_s, variant, partials)
+            return
+        key = ("sign", n, variant, _dtype(ws), _dtype(sgn))
+        hit = self._launch.get(key)
+        if hit is None:
+            l2, offdiag, normalize = variant.flags()
+            tpb, ncol = self._mod.launch(n, normalize)
+            g, s = self._sign_sig(ws, sgn)
+            sig = (g, s, self._i64, _ptx.array_type(np.float64, 1), self._i64, self._f64, self._bool)
+            kern = _ptx.kernel(self._mod.get_kernel(tpb, l2, offdiag, normalize, ncol), sig)
+            hit = self._launch[key] = (kern, tpb)
+        kern, tpb = hit
+        # One block per slice (a fixed-order, atomic-free loss): a launch for a few slices has a
+        # small grid by intent.
+        kern.launch(self._stream_ptr, grid, tpb, ws, sgn, n, losses, offset, scale, write_s)
+
+    def _sign_abs_split(self, ws, sgn, n, losses, offset, scale, write_s, variant, partials):
+        """Large slices: `parts` blocks per slice write partial sums, then one block per slice sums
+        them in a fixed order and applies the NaN policy (kernels/sign_abs.py, `split`)."""
+        grid = ws.shape[0]
+        key = ("split", n, variant, _dtype(ws), _dtype(sgn))
+        hit = self._launch.get(key)
+        if hit is None:
+            l2, offdiag, _ = variant.flags()
+            tpb, parts, per = self._mod.split(n, False, self._max_block)
+            kp, kf = self._mod.get_split_kernels(tpb, l2, offdiag)
+            g, s = self._sign_sig(ws, sgn)
+            f64_2d, f64_1d = _ptx.array_type(np.float64, 2), _ptx.array_type(np.float64, 1)
+            i64, f64, b = self._i64, self._f64, self._bool
+            part = _ptx.kernel(kp, (g, s, i64, f64_2d, i64, f64, b))
+            fin = _ptx.kernel(kf, (s, i64, f64_2d, f64_1d, i64, b))
+            hit = self._launch[key] = (part, fin, tpb, parts, per)
+        part, fin, tpb, parts, per = hit
+        part.launch(self._stream_ptr, grid * parts, tpb, ws, sgn, n, partials, per, scale, write_s)
+        fin.launch(self._stream_ptr, grid, tpb, sgn, n, partials, losses, offset, write_s)
+
+    def loss_total(self, losses, count, scale, out, each):
+        """out[0] = scale * sum(losses[:count]) summed in a fixed order, or out[i] = scale * losses[i]
+        when `each`; out is float32 or float64, rounded once. One launch on CuPy's current stream
+        (it replaced a CuPy sum, a multiply and a cast: three launches, two of them cub's)."""
+        key = ("total", bool(each), _dtype(out))
+        kern = self._launch.get(key)
+        if kern is None:
+            sig = (_ptx.array_type(np.float64, 1), self._i64, self._f64, _ptx.array_type(_dtype(out), 1))
+            kern = self._launch[key] = _ptx.kernel(self._mod.get_total_kernel(self._mod.TOTAL_THREADS, each), sig)
+        tpb = self._mod.TOTAL_THREADS
+        grid = -(-count // tpb) if each else 1
+        if grid:
+            kern(grid, tpb, losses, count, scale, out)
+
+
+
+class CupyDevice(_ElementwiseLaunches):
     folds_alpha = False  # alpha goes into the second GEMM: exact, and free
     fills_addresses = True  # pointer-array GEMMs read address arrays from the workspace ("addrs")
     blas_workspace_bytes = 0  # set per card in __init__
@@ -251,66 +327,6 @@ class CupyDevice:
         def go(phi_addr, out_addr, losses_addr, alpha, accumulate):
             bound.launch(self._stream_ptr, phi_addr, out_addr, losses_addr, alpha, accumulate)
         return go
-
-    def sign_parts(self, n, variant):
-        return self._mod.split(n, variant.flags()[2], self._max_block)[1]
-
-    def _sign_sig(self, ws, sgn):
-        A = _ptx.array_type
-        return A(_dtype(ws), 2), A(_dtype(sgn), 2)
-
-    def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant=DEFAULT, partials=None):
-        grid = ws.shape[0]
-        if partials is not None:
-            self._sign_abs_split(ws, sgn, n, losses, offset, scale, write_s, variant, partials)
-            return
-        key = ("sign", n, variant, _dtype(ws), _dtype(sgn))
-        hit = self._launch.get(key)
-        if hit is None:
-            l2, offdiag, normalize = variant.flags()
-            tpb, ncol = self._mod.launch(n, normalize)
-            g, s = self._sign_sig(ws, sgn)
-            sig = (g, s, self._i64, _ptx.array_type(np.float64, 1), self._i64, self._f64, self._bool)
-            kern = _ptx.kernel(self._mod.get_kernel(tpb, l2, offdiag, normalize, ncol), sig)
-            hit = self._launch[key] = (kern, tpb)
-        kern, tpb = hit
-        # One block per slice (a fixed-order, atomic-free loss): a launch for a few slices has a
-        # small grid by intent.
-        kern.launch(self._stream_ptr, grid, tpb, ws, sgn, n, losses, offset, scale, write_s)
-
-    def _sign_abs_split(self, ws, sgn, n, losses, offset, scale, write_s, variant, partials):
-        """Large slices: `parts` blocks per slice write partial sums, then one block per slice sums
-        them in a fixed order and applies the NaN policy (kernels/sign_abs.py, `split`)."""
-        grid = ws.shape[0]
-        key = ("split", n, variant, _dtype(ws), _dtype(sgn))
-        hit = self._launch.get(key)
-        if hit is None:
-            l2, offdiag, _ = variant.flags()
-            tpb, parts, per = self._mod.split(n, False, self._max_block)
-            kp, kf = self._mod.get_split_kernels(tpb, l2, offdiag)
-            g, s = self._sign_sig(ws, sgn)
-            f64_2d, f64_1d = _ptx.array_type(np.float64, 2), _ptx.array_type(np.float64, 1)
-            i64, f64, b = self._i64, self._f64, self._bool
-            part = _ptx.kernel(kp, (g, s, i64, f64_2d, i64, f64, b))
-            fin = _ptx.kernel(kf, (s, i64, f64_2d, f64_1d, i64, b))
-            hit = self._launch[key] = (part, fin, tpb, parts, per)
-        part, fin, tpb, parts, per = hit
-        part.launch(self._stream_ptr, grid * parts, tpb, ws, sgn, n, partials, per, scale, write_s)
-        fin.launch(self._stream_ptr, grid, tpb, sgn, n, partials, losses, offset, write_s)
-
-    def loss_total(self, losses, count, scale, out, each):
-        """out[0] = scale * sum(losses[:count]) summed in a fixed order, or out[i] = scale * losses[i]
-        when `each`; out is float32 or float64, rounded once. One launch on CuPy's current stream
-        (it replaced a CuPy sum, a multiply and a cast: three launches, two of them cub's)."""
-        key = ("total", bool(each), _dtype(out))
-        kern = self._launch.get(key)
-        if kern is None:
-            sig = (_ptx.array_type(np.float64, 1), self._i64, self._f64, _ptx.array_type(_dtype(out), 1))
-            kern = self._launch[key] = _ptx.kernel(self._mod.get_total_kernel(self._mod.TOTAL_THREADS, each), sig)
-        tpb = self._mod.TOTAL_THREADS
-        grid = -(-count // tpb) if each else 1
-        if grid:
-            kern(grid, tpb, losses, count, scale, out)
 
 
 if TYPE_CHECKING:

@@ -142,3 +142,22 @@ def test_layers_contract():
 
     assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True) == 0, \
         "the layers contract in pyproject.toml is broken: run `lint-imports` for the offending import chains"
+
+
+MAX_MODULE_LINES = 500  # outside kernels/ (device code keeps a kernel and its variants together)
+MAX_CLASS_LINES = 250
+
+
+def test_modules_and_classes_stay_small():
+    """The house rules of issue 24 as a reader can repeat them: no module of gpu_orthol1 over 500
+    lines, no class over 250."""
+    big_modules, big_classes = [], []
+    for f in sorted((ROOT / PACKAGE).rglob("*.py")):
+        text = f.read_text()
+        if (n := text.count("\n")) > MAX_MODULE_LINES:
+            big_modules.append(f"{f.relative_to(ROOT)}: {n} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and (n := node.end_lineno - node.lineno + 1) > MAX_CLASS_LINES:
+                big_classes.append(f"{f.relative_to(ROOT)}:{node.name}: {n} lines")
+    assert not big_modules, big_modules
+    assert not big_classes, big_classes

@@ -46,7 +46,39 @@ def plan(phi: Any, beta: float = 1.0, *, axis: int = 1, reduction: Reduction = "
     cap and a layout BLAS reads in place; "gemm" elsewhere; the environment variable
     GPU_ORTHOL1_KERNEL=fused|gemm overrides it). The CPU backend has one path.
 
-    penalty, diagonal, normalize: which member of the penalty family (see `loss`)."""
+    Args:
+        phi: a NumPy or CuPy array: 3-D with the slices along `axis`, or 2-D (one slice (l, n)).
+            float16, float32 or float64.
+        beta: the penalty's weight, a finite real number >= 0.
+        axis: the axis that indexes the slices (default 1: phi is (l, m, n)); ignored for 2-D phi.
+        want: what a call returns: "loss", "grad" or "loss_and_grad".
+        reduction: "sum" (the formula), "mean" (sum / m) or "none" (the m per-slice losses).
+        backend: "auto" (CuPy input on its GPU; NumPy input on the CPU, or on a usable GPU above the
+            crossover), "numpy" or "cupy".
+        precision: "highest", or "tf32" (float32 GEMMs on TF32 tensor cores; GPU only).
+        workspace_bytes: the Gram workspace budget; None: the default (GPU_ORTHOL1_WORKSPACE_BYTES,
+            else 4 MiB on the CPU, a share of free memory on the GPU).
+        penalty: "l1" (sum |G - I|) or "l2" (sum (G - I)^2).
+        diagonal: False leaves the Gram's diagonal free (only off-diagonal entries count).
+        normalize: True uses the Gram of each slice's unit-normalized columns.
+        kernel: the GPU path: "auto", "gemm" or "fused" (above).
+
+    Returns:
+        A `Plan`; call it as ``p(phi2, out=None, accumulate=False)``.
+
+    Raises:
+        TypeError: phi is not a NumPy or CuPy array, or has another dtype.
+        ValueError: a bad axis, reduction, beta, workspace or out (docs/errors.md lists every case),
+            before anything is written.
+        BackendUnavailableError: backend="cupy" without a usable GPU.
+        MemoryError: a workspace_bytes smaller than one slice needs.
+
+    Example:
+        >>> import numpy as np, gpu_orthol1 as ol1
+        >>> phi = np.random.default_rng(0).standard_normal((64, 8, 16), dtype=np.float32) / 8
+        >>> p = ol1.plan(phi, beta=1e-3)
+        >>> loss, grad = p(phi)
+    """
     return Plan(phi, beta, axis=axis, reduction=reduction, want=want, precision=precision, backend=backend,
                 workspace_bytes=workspace_bytes, kernel=kernel, penalty=penalty, diagonal=diagonal,
                 normalize=normalize)
@@ -65,6 +97,36 @@ def loss(phi: Any, beta: float = 1.0, *, axis: int = 1, reduction: Reduction = "
     diagonal=False leaves the diagonal free (only off-diagonal entries count); normalize=True
     uses the Gram of the unit-normalized columns of each slice, D^-1/2 G D^-1/2 with D = diag(G)
     (a zero column stays zero and gets a zero gradient).
+
+    Args:
+        phi: a NumPy or CuPy array: 3-D with the slices along `axis`, or 2-D (one slice (l, n)).
+            float16, float32 or float64.
+        beta: the penalty's weight, a finite real number >= 0.
+        axis: the axis that indexes the slices (default 1: phi is (l, m, n)); ignored for 2-D phi.
+        reduction: "sum" (the formula), "mean" (sum / m) or "none" (the m per-slice losses).
+        backend: "auto" (CuPy input on its GPU; NumPy input on the CPU, or on a usable GPU above the
+            crossover), "numpy" or "cupy".
+        precision: "highest", or "tf32" (float32 GEMMs on TF32 tensor cores; GPU only).
+        workspace_bytes: the Gram workspace budget; None: the default (GPU_ORTHOL1_WORKSPACE_BYTES,
+            else 4 MiB on the CPU, a share of free memory on the GPU).
+        penalty: "l1" (sum |G - I|) or "l2" (sum (G - I)^2).
+        diagonal: False leaves the Gram's diagonal free (only off-diagonal entries count).
+        normalize: True uses the Gram of each slice's unit-normalized columns.
+
+    Returns:
+        The loss: a 0-d array ("sum", "mean") or shape (m,) ("none"), of phi's array kind.
+
+    Raises:
+        TypeError: phi is not a NumPy or CuPy array, or has another dtype.
+        ValueError: a bad axis, reduction, beta, workspace or out (docs/errors.md lists every case),
+            before anything is written.
+        BackendUnavailableError: backend="cupy" without a usable GPU.
+        MemoryError: a workspace_bytes smaller than one slice needs.
+
+    Example:
+        >>> import numpy as np, gpu_orthol1 as ol1
+        >>> phi = np.random.default_rng(0).standard_normal((64, 8, 16), dtype=np.float32) / 8
+        >>> value = float(ol1.loss(phi, 1e-3))
     """
     return _run(phi, beta, axis, reduction, None, False, backend, precision, workspace_bytes, False,
                 penalty, diagonal, normalize)[0]
@@ -75,7 +137,41 @@ def grad(phi: Any, beta: float = 1.0, *, axis: int = 1, reduction: Reduction = "
          workspace_bytes: int | None = None, penalty: Penalty = "l1", diagonal: bool = True,
          normalize: bool = False) -> Any:
     """Gradient of `loss` with respect to phi (phi's shape, dtype and array kind); into `out` if given,
-    added to it when accumulate=True."""
+    added to it when accumulate=True.
+
+    Args:
+        phi: a NumPy or CuPy array: 3-D with the slices along `axis`, or 2-D (one slice (l, n)).
+            float16, float32 or float64.
+        beta: the penalty's weight, a finite real number >= 0.
+        axis: the axis that indexes the slices (default 1: phi is (l, m, n)); ignored for 2-D phi.
+        reduction: "sum" (the formula), "mean" (sum / m) or "none" (the m per-slice losses).
+        backend: "auto" (CuPy input on its GPU; NumPy input on the CPU, or on a usable GPU above the
+            crossover), "numpy" or "cupy".
+        precision: "highest", or "tf32" (float32 GEMMs on TF32 tensor cores; GPU only).
+        workspace_bytes: the Gram workspace budget; None: the default (GPU_ORTHOL1_WORKSPACE_BYTES,
+            else 4 MiB on the CPU, a share of free memory on the GPU).
+        penalty: "l1" (sum |G - I|) or "l2" (sum (G - I)^2).
+        diagonal: False leaves the Gram's diagonal free (only off-diagonal entries count).
+        normalize: True uses the Gram of each slice's unit-normalized columns.
+        out: an array like phi (shape, dtype, kind, device) to write the gradient into; None: a new one.
+        accumulate: add the gradient into `out` instead of overwriting it.
+
+    Returns:
+        The gradient (`out` when given).
+
+    Raises:
+        TypeError: phi is not a NumPy or CuPy array, or has another dtype.
+        ValueError: a bad axis, reduction, beta, workspace or out (docs/errors.md lists every case),
+            before anything is written.
+        BackendUnavailableError: backend="cupy" without a usable GPU.
+        MemoryError: a workspace_bytes smaller than one slice needs.
+
+    Example:
+        >>> import numpy as np, gpu_orthol1 as ol1
+        >>> phi = np.random.default_rng(0).standard_normal((64, 8, 16), dtype=np.float32) / 8
+        >>> g = np.zeros_like(phi)
+        >>> _ = ol1.grad(phi, 1e-3, out=g, accumulate=True)  # g += dL/dphi
+    """
     return _run(phi, beta, axis, reduction, out, accumulate, backend, precision, workspace_bytes, True,
                 penalty, diagonal, normalize)[1]
 
@@ -84,6 +180,39 @@ def loss_and_grad(phi: Any, beta: float = 1.0, *, axis: int = 1, reduction: Redu
                   out: Any = None, accumulate: bool = False, backend: Backend = "auto",
                   precision: Precision = "highest", workspace_bytes: int | None = None, penalty: Penalty = "l1",
                   diagonal: bool = True, normalize: bool = False) -> tuple[Any, Any]:
-    """(loss, grad) from one pass: the Gram matrices are formed once for both."""
+    """(loss, grad) from one pass: the Gram matrices are formed once for both.
+
+    Args:
+        phi: a NumPy or CuPy array: 3-D with the slices along `axis`, or 2-D (one slice (l, n)).
+            float16, float32 or float64.
+        beta: the penalty's weight, a finite real number >= 0.
+        axis: the axis that indexes the slices (default 1: phi is (l, m, n)); ignored for 2-D phi.
+        reduction: "sum" (the formula), "mean" (sum / m) or "none" (the m per-slice losses).
+        backend: "auto" (CuPy input on its GPU; NumPy input on the CPU, or on a usable GPU above the
+            crossover), "numpy" or "cupy".
+        precision: "highest", or "tf32" (float32 GEMMs on TF32 tensor cores; GPU only).
+        workspace_bytes: the Gram workspace budget; None: the default (GPU_ORTHOL1_WORKSPACE_BYTES,
+            else 4 MiB on the CPU, a share of free memory on the GPU).
+        penalty: "l1" (sum |G - I|) or "l2" (sum (G - I)^2).
+        diagonal: False leaves the Gram's diagonal free (only off-diagonal entries count).
+        normalize: True uses the Gram of each slice's unit-normalized columns.
+        out: an array like phi (shape, dtype, kind, device) to write the gradient into; None: a new one.
+        accumulate: add the gradient into `out` instead of overwriting it.
+
+    Returns:
+        (loss, gradient), as `loss` and `grad` return them.
+
+    Raises:
+        TypeError: phi is not a NumPy or CuPy array, or has another dtype.
+        ValueError: a bad axis, reduction, beta, workspace or out (docs/errors.md lists every case),
+            before anything is written.
+        BackendUnavailableError: backend="cupy" without a usable GPU.
+        MemoryError: a workspace_bytes smaller than one slice needs.
+
+    Example:
+        >>> import numpy as np, gpu_orthol1 as ol1
+        >>> phi = np.random.default_rng(0).standard_normal((64, 8, 16), dtype=np.float32) / 8
+        >>> loss, grad = ol1.loss_and_grad(phi, beta=1e-3)
+    """
     return _run(phi, beta, axis, reduction, out, accumulate, backend, precision, workspace_bytes, True,
                 penalty, diagonal, normalize)

@@ -105,6 +105,15 @@ def gpu_status(refresh: bool = False) -> tuple[bool, str]:
 
 
 def available_backends() -> BackendList:
+    """The backends usable here, best first, with why each missing one is not.
+
+    Returns:
+        A list of names ("cupy", "numpy") whose `.reasons` maps each unusable backend to why.
+
+    Example:
+        >>> import gpu_orthol1 as ol1
+        >>> names = ol1.available_backends()  # e.g. ['numpy'], reasons={'cupy': 'no CUDA device'}
+    """
     ok, why = gpu_status()
     return BackendList(["cupy", "numpy"] if ok else ["numpy"], {} if ok else {"cupy": why})
 

@@ -122,6 +122,10 @@ class Plan:
     ``plan(phi, out=None, accumulate=False)`` returns what `want` names, as the functional
     API returns it. A plan may be shared between threads (see the module docstring).
 
+    Args:
+        phi: an array like the ones the plan will be called with (shape, dtype, strides, kind,
+            device); the other arguments are `gpu_orthol1.plan`'s, which is how plans are made.
+
     Example:
         >>> import numpy as np, gpu_orthol1
         >>> phi = np.random.default_rng(0).standard_normal((8, 16, 4)).astype(np.float32)
@@ -133,7 +137,7 @@ class Plan:
     def __init__(self, phi: Any, beta: Any = 1.0, *, axis: Any = 1, reduction: Any = "sum",
                  want: Any = "loss_and_grad", precision: Any = "highest", backend: Any = "auto",
                  workspace_bytes: Any = None, kernel: Any = "auto", penalty: Any = "l1", diagonal: Any = True,
-                 normalize: Any = False, _device: Device | None = None):
+                 normalize: Any = False, _device: Device | None = None) -> None:
         self._is_cupy = _checks.check_phi(phi)
         axis = _checks.check_axis(axis, phi.ndim)
         self._beta = _checks.check_beta(beta)

@@ -32,7 +32,15 @@ __all__ = ["add_ortho_l1", "AddOrthoL1State"]
 
 
 class AddOrthoL1State(NamedTuple):
-    """The step count that a beta schedule reads (0-d int32)."""
+    """add_ortho_l1's state: the step count that a beta schedule reads (0-d int32).
+
+    Args:
+        count: the number of updates made so far.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> state = AddOrthoL1State(count=jnp.zeros((), jnp.int32))
+    """
 
     count: jax.Array  # type: ignore[assignment]  # Optax's name for it (tuple.count is shadowed, as in optax's own states)
 

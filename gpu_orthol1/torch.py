@@ -57,6 +57,7 @@ def _check_torch_version(version: str) -> None:
 _check_torch_version(str(torch.__version__))
 
 from . import _driver, _gemm, _penalty, _plan  # noqa: E402 - after the torch checks above
+from . import torch_training as _tt  # noqa: E402
 
 __all__ = ["OrthoL1", "ortho_l1", "keras_orthogonal", "biggan_ortho"]
 
@@ -569,13 +570,15 @@ class OrthoL1:
 
     def __init__(self, params_or_module, beta=1.0, mode="auto", *, axis=1, include=None, exclude=None,
                  workspace_bytes=None, three_d="auto", allow_empty=False, penalty="l1", diagonal=True,
-                 normalize=False):
+                 normalize=False, every=1, split=None):
+        self._train = _tt.State(1.0, every)
+        self._collect: _tt.MetricsRun | None = None  # set by loss/add_grad_(metrics=True) and metrics()
         self.variant = _penalty.check(penalty, diagonal, normalize)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if three_d not in THREE_D:
             raise ValueError(f"three_d must be one of {THREE_D}, got {three_d!r}")
-        self.beta = _plan.check_beta(beta)
+        self.beta = beta  # a float or a schedule step -> float (checked by the setter)
         self.workspace_bytes = _plan.check_workspace_bytes(workspace_bytes)
         self.mode = mode
         self._device_factory: Callable | None = None  # tests: a core device for CPU tensors
@@ -630,6 +633,7 @@ class OrthoL1:
         self.backend_calls = 0  # batched GEMM calls + per-tensor core calls of the last method call
         self._budgets: dict = {}  # device -> workspace budget, fixed at the first call there
         self._op_key = _register(self)  # how the torch.compile op finds this regularizer
+        self._split = _tt.resolve_split(split, params_or_module, self.targets)
 
     @property
     def names(self) -> list[str]:
@@ -638,7 +642,7 @@ class OrthoL1:
     def __repr__(self):
         fam = "" if self.variant.is_default else (f", penalty={self.variant.penalty!r}, diagonal="
                                                   f"{self.variant.diagonal}, normalize={self.variant.normalize}")
-        return f"OrthoL1({len(self.targets)} matrices, beta={self.beta}, mode={self.mode!r}{fam})"
+        return f"OrthoL1({len(self.targets)} matrices, beta={self._train.describe()}, mode={self.mode!r}{fam})"
 
     # -- presets ---------------------------------------------------------------------------------
 
@@ -712,7 +716,8 @@ class OrthoL1:
 
     def _active(self):
         """Indices of the targets that take part in this call: requires_grad may have been switched off."""
-        return [j for j, t in enumerate(self.targets) if t.param.requires_grad]
+        share = None if self._split is None else self._split.share  # under split=: this rank's matrices
+        return [j for j, t in enumerate(self.targets) if t.param.requires_grad and (share is None or j in share)]
 
     def _groups(self, active, outs, params=None):
         """{key: [(target index, V, Vo)]} for the batched path, and the list of per-tensor fallbacks.
@@ -796,13 +801,15 @@ class OrthoL1:
 
                 nslices = sum(V.shape[0] for _, members in glist for _, V, _ in members)
                 losses = torch.zeros(nslices, dtype=torch.float64, device=device)
+                if self._collect is not None:
+                    self._collect.device(device, nslices, losses)
                 losses_a = buf(losses)
                 weights = torch.ones(nslices, dtype=torch.float64, device=device) if scaled else None
                 budget = None
                 off = 0
                 for key, members in glist:
                     _, dtype, l, n, lay, lay_o, scale = key
-                    alpha = 2.0 * self.beta * scale
+                    alpha = 2.0 * self._applied * scale
                     phis: list = []
                     gouts: list = []
                     for j, V, Vo in members:
@@ -823,18 +830,22 @@ class OrthoL1:
                     wsb = _driver.workspace(alloc, sz, l, n, npdt)
                     counter = _CallCounter(dev)
                     _driver.run(counter, batch, wsb, sz.chunk, losses_a, loss_offset=off, alpha=alpha,
-                                beta_gemm=beta_gemm, want_grad=want_grad, variant=self.variant)
+                                beta_gemm=beta_gemm, want_grad=want_grad, variant=self.variant,
+                                gram_hook=None if self._collect is None else self._collect.hook(device, off, n, members))
                     self.backend_calls += counter.calls
                     if weights is not None:
                         weights[off:off + len(phis)] = scale
                     off += len(phis)
                     if after_group is not None:
                         after_group([j for j, _, _ in members])
-                total = (losses if weights is None else losses * weights).sum() * self.beta
+                total = (losses if weights is None else losses * weights).sum() * self._applied
                 for j, V, Vo in single_by_dev.get(device, []):
                     if want_grad and Vo is None:
                         Vo = self.targets[j].view(outs[j])
-                    total = total + self._single(V, Vo, device, beta_gemm, want_grad, self.targets[j].scale)
+                    one = self._single(V, Vo, device, beta_gemm, want_grad, self.targets[j].scale)
+                    if self._collect is not None:
+                        self._collect.add_single(j, V, one)
+                    total = total + one
                     if after_group is not None:
                         after_group([j])
                 totals[device] = total
@@ -847,7 +858,7 @@ class OrthoL1:
         Vc = V.float() if bf16 else V
         tmp = torch.empty_like(Vc) if want_grad and bf16 else None  # written in float32, rounded below
         o = tmp if tmp is not None else Vo
-        loss = _run_core(Vc, o, self.beta * scale, "sum", want_grad, device,
+        loss = _run_core(Vc, o, self._applied * scale, "sum", want_grad, device,
                          accumulate=bool(beta_gemm) and tmp is None, variant=self.variant)
         if tmp is not None:
             if beta_gemm:
@@ -884,12 +895,243 @@ class OrthoL1:
         for j, p in zip(active, params):
             t = self.targets[j]
             per = _penalty_expr(_slices(_expr_dtype(p), t.how, t.axis, t.transpose), self.variant)
-            total = total + (self.beta * t.scale) * per.sum()
+            total = total + (self._applied * t.scale) * per.sum()
         return total
 
     # -- public methods --------------------------------------------------------------------------
 
-    def loss(self):
+    # -- training-loop state: schedules, lazy application, checkpoints, metrics, the DDP split ----------
+    # (the logic lives in gpu_orthol1.torch_training; these wrap the passes above)
+
+    @property
+    def beta(self) -> float:
+        """beta at the current `step`: the float given, or the schedule's value there (checked)."""
+        return self._train.beta_at(self._train.step)
+
+    @beta.setter
+    def beta(self, value: float | Callable[[int], float]) -> None:
+        self._train.set_beta(value)
+        # the weight a call applies; loss(), add_grad_() and step_() set it per call
+        self._applied = self._train.const if self._train.const is not None else 0.0
+
+    @property
+    def step(self) -> int:
+        """Calls of loss(), add_grad_() and step_() so far (the schedule's argument); settable."""
+        return self._train.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._train.set_step(value)
+
+    @property
+    def every(self) -> int:
+        """The penalty applies on steps with step % every == 0, with every * beta."""
+        return self._train.every
+
+    def _begin(self, metrics) -> float | None:
+        """The weight of this call (None: a step the lazy rule skips), checked before anything runs."""
+        if not isinstance(metrics, (bool, np.bool_)):
+            raise ValueError(f"metrics must be True or False, got {metrics!r}")
+        if metrics and self._sharded(self._active()):
+            raise ValueError("metrics=True is not available over DTensor (sharded) parameters")
+        w = self._train.begin()
+        if w is not None:
+            self._applied = w * (self._split.world if self._split is not None else 1)
+            self._collect = _tt.MetricsRun(1.0 / self._split.world if self._split is not None else 1.0) \
+                if metrics else None
+        return w
+
+    def _skipped(self, metrics):
+        z = torch.zeros((), dtype=self._loss_dtype(), device=self.targets[0].param.device if self.targets else None)
+        return (z, {}) if metrics else z
+
+    def _finish(self, out, metrics, detached):
+        """The full penalty's value under the split (one all-reduce; off the gradient path), and the
+        metrics of this call's pass."""
+        try:
+            m = self._collect.result(self.targets, self._applied) if self._collect is not None else None
+        finally:
+            self._collect = None
+        if self._split is not None:
+            if isinstance(out, dict):
+                raise ValueError("OrthoL1(split=...) needs the parameters on one device per rank")
+            full = _tt.full_value(out, self._split)
+            out = full if detached else out + (full - out.detach())
+        return (out, m) if metrics else out
+
+    def loss(self, metrics: bool = False):
+        """beta * sum over all matrices of sum |Gram - I|, a torch scalar with autograd (float64 when every
+        parameter is float64, float32 otherwise). Add it to the task loss; its backward hands each
+        parameter the gradient formed in this same forward pass. A double backward (create_graph=True)
+        is exact, as for `ortho_l1`. Over DTensor (sharded) parameters the backward is first-order only.
+
+        Each call counts one `step`; with `every=k` the steps where step % k != 0 return a zero tensor
+        without computing anything, the others apply k * beta(step). Under `split=` this rank's
+        share of the matrices is evaluated with world-size times the weight (DDP's gradient averaging
+        then yields the full penalty's gradient); the value returned is the full penalty (one scalar
+        all-reduce, detached from the gradient path). Inside torch.compile, beta must be a float,
+        every=1, no split and no metrics (the step is not counted there).
+
+        Args:
+            metrics: also return `metrics()`'s dict for this pass's matrices (the rank's share under
+                split=; {} on a skipped step), a by-product of the same Grams.
+
+        Returns:
+            The loss tensor, or (loss, metrics dict) when metrics=True.
+
+        Raises:
+            ValueError: a schedule value that is not finite or negative (before anything is computed),
+                parameters on several devices, metrics over DTensor parameters.
+
+        Example:
+            >>> reg = OrthoL1(torch.nn.Linear(8, 4), beta=lambda step: 1e-3 * 0.99 ** step, every=2)
+            >>> penalty, m = reg.loss(metrics=True)
+        """
+        if torch.compiler.is_compiling():  # one custom op to dynamo: no graph break
+            if metrics or self._train.schedule is not None or self._train.every != 1 or self._split is not None:
+                raise ValueError("OrthoL1.loss() inside torch.compile takes a float beta, every=1, no split= "
+                                 "and no metrics=True; call it outside the compiled function for those")
+            return self._loss()
+        if self._begin(metrics) is None:
+            return self._skipped(metrics)
+        try:
+            out = self._loss()
+        except BaseException:
+            self._collect = None
+            raise
+        return self._finish(out, metrics, detached=False)
+
+    def add_grad_(self, metrics: bool = False):
+        """Add d(loss())/dW into each parameter's .grad (created as zeros when None), without an autograd
+        graph, before optimizer.step(). Parameters whose requires_grad is False are skipped. The
+        gradient GEMM accumulates straight into .grad; the only extra memory is the Gram workspace
+        chunk (on CPU also one matrix-sized temporary). Counts one `step` (see `loss` for `every`).
+
+        When to call it: without split=, anywhere between zero_grad() and optimizer.step() (under
+        DDP after backward() too: every rank adds the same full gradient). Under split= call it
+        BEFORE backward(): each rank adds world-size times its share's gradient to .grad, and DDP's
+        all-reduce in backward() averages .grad (what it held before included) over the ranks.
+
+        Args:
+            metrics: also return the metrics dict of this pass (see `loss`).
+
+        Returns:
+            The loss value (detached; the full penalty under split=; {device: loss} when the
+            parameters span several devices), or (loss, metrics dict) when metrics=True.
+
+        Raises:
+            ValueError: a bad schedule value, a .grad that does not match its parameter.
+            TypeError: a sparse .grad.
+
+        Example:
+            >>> reg = OrthoL1(torch.nn.Linear(8, 4), 1e-3)
+            >>> value = reg.add_grad_()
+        """
+        if self._begin(metrics) is None:
+            return self._skipped(metrics)
+        try:
+            out = self._add_grad_()
+        except BaseException:
+            self._collect = None
+            raise
+        return self._finish(out, metrics, detached=True)
+
+    def step_(self, lr: float):
+        """The update rule W <- W - lr * d(loss())/dW in place, decoupled from the optimizer (like AdamW's
+        weight decay), from the weights before the update; parameters whose requires_grad is False are
+        left alone. Counts one `step` (see `loss` for `every`). Not available under split=.
+
+        Args:
+            lr: the step size, a finite real number.
+
+        Returns:
+            The loss value before the step (detached, the dtype rule of `loss()`).
+
+        Raises:
+            ValueError: a bad lr or schedule value, or a regularizer built with split=.
+
+        Example:
+            >>> reg = OrthoL1(torch.nn.Linear(8, 4), 1e-3)
+            >>> value = reg.step_(0.1)
+        """
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(float(lr)):
+            raise ValueError(f"lr must be a finite real number, got {lr!r}")
+        if self._split is not None:
+            raise ValueError("step_() does not take split= (the ranks would update different matrices); "
+                             "use add_grad_() before backward() or loss()")
+        if self._begin(False) is None:
+            return self._skipped(False)
+        return self._step_(lr)
+
+    @torch.no_grad()
+    def metrics(self, flat: bool = False, prefix: str = ""):
+        """How orthogonal each matrix is, from one Gram-only pass per group (no gradient GEMM).
+
+        Per matrix (by name): "penalty" (beta(step) times its loss, without the every factor),
+        "max_cos" (the largest |cosine| between two different rows/columns of the penalized Gram:
+        the worst pair), "fro" (||G - I||_F / sqrt(n)) and "mean_abs" (the mean |G - I| entry); the
+        slices of a stack combine as: penalty summed, max_cos max, fro root mean square, mean_abs
+        mean. Every selected matrix is evaluated, under split= too. Does not count a step.
+
+        Args:
+            flat: return {prefix + name + "/" + key: float} (reads the values: one host sync)
+                instead of {name: {key: 0-d float64 tensor}} (no host sync until read).
+            prefix: put in front of each flat key, e.g. "ortho/".
+
+        Returns:
+            The nested or flat dict described above.
+
+        Raises:
+            ValueError: DTensor (sharded) parameters, a bad schedule value or prefix.
+
+        Example:
+            >>> reg = OrthoL1(torch.nn.Linear(8, 4))
+            >>> logs = reg.metrics(flat=True, prefix="ortho/")  # {"ortho/weight/max_cos": ..., ...}
+        """
+        active = [j for j, t in enumerate(self.targets) if t.param.requires_grad]
+        if self._sharded(active):
+            raise ValueError("metrics() is not available over DTensor (sharded) parameters")
+        beta = self.beta
+        saved, self._applied = self._applied, beta
+        self._collect = run = _tt.MetricsRun()
+        try:
+            self._execute(None, beta_gemm=0.0, want_grad=False, params={j: self.targets[j].param for j in active})
+            m = run.result(self.targets, beta)
+        finally:
+            self._collect, self._applied = None, saved
+        return _tt.flatten(m, prefix) if flat else m
+
+    def state_dict(self) -> dict:
+        """The regularizer's training state: the step (the schedule's position and the lazy counter),
+        every, a float beta (a schedule object's own state_dict() when it has one).
+
+        Returns:
+            A dict of plain Python values, for torch.save next to the model's and optimizer's.
+
+        Example:
+            >>> reg = OrthoL1(torch.nn.Linear(8, 4), beta=lambda s: 1e-3, every=3)
+            >>> ckpt = {"ortho": reg.state_dict()}
+        """
+        return self._train.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`'s state: the run continues as the saved one would have.
+
+        Args:
+            state: a dict from `state_dict()`.
+
+        Raises:
+            ValueError: not such a dict, or saved with another `every`.
+
+        Example:
+            >>> reg = OrthoL1(torch.nn.Linear(8, 4), every=3)
+            >>> reg.load_state_dict({"step": 7, "every": 3, "beta": 1.0})
+        """
+        self._train.load_state_dict(state)
+        if self._train.const is not None:
+            self._applied = self._train.const
+
+    def _loss(self):
         """beta * sum over all matrices of sum |Gram - I|, a torch scalar with autograd (float64 when every
         parameter is float64, float32 otherwise). Add it to the task loss; its backward hands each
         parameter the gradient formed in this same forward pass. A double backward (create_graph=True)
@@ -913,7 +1155,7 @@ class OrthoL1:
         if self._sharded(active):
             from . import distributed
 
-            return distributed.orthol1_dtensor_loss(self._dtensor_targets(active), self.beta,
+            return distributed.orthol1_dtensor_loss(self._dtensor_targets(active), self._applied,
                                                     **self._family_kw()).to(self._loss_dtype())
         return _OrthoL1ModelFn.apply(self, torch.is_grad_enabled(), *[self.targets[j].param for j in active])
 
@@ -930,7 +1172,7 @@ class OrthoL1:
                     diagonal=self.variant.diagonal, normalize=self.variant.normalize)
 
     @torch.no_grad()
-    def add_grad_(self):
+    def _add_grad_(self):
         """Add d(loss())/dW into each parameter's .grad (created as zeros when None), without an autograd
         graph: call after the task loss's backward, before optimizer.step(). Parameters whose
         requires_grad is False are skipped. The gradient GEMM accumulates straight into .grad; the only
@@ -941,7 +1183,7 @@ class OrthoL1:
         if self._sharded(active):
             from . import distributed
 
-            return distributed.orthol1_dtensor_add_grad_(self._dtensor_targets(active), self.beta,
+            return distributed.orthol1_dtensor_add_grad_(self._dtensor_targets(active), self._applied,
                                                          **self._family_kw()).to(self._loss_dtype())
         outs: list = [None] * len(self.targets)
         staged: list = []  # (.grad, temporary in the weight's layout)
@@ -973,7 +1215,7 @@ class OrthoL1:
         return res
 
     @torch.no_grad()
-    def step_(self, lr):
+    def _step_(self, lr):
         """The update rule W <- W - lr * d(loss())/dW in place, decoupled from the optimizer (like AdamW's
         weight decay), from the weights before the update; parameters whose requires_grad is False are
         left alone. A gradient buffer lives per group only. Returns the loss value before the step
@@ -984,7 +1226,7 @@ class OrthoL1:
         if self._sharded(active):
             from . import distributed
 
-            return distributed.orthol1_dtensor_step_(self._dtensor_targets(active), self.beta, lr,
+            return distributed.orthol1_dtensor_step_(self._dtensor_targets(active), self._applied, lr,
                                                      **self._family_kw()).to(self._loss_dtype())
         for t in self.targets:
             _check_tensor(t.param, f"parameter {t.name!r}")

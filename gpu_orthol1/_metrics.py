@@ -26,6 +26,16 @@ KEYS = ("penalty", "max_cos", "fro", "mean_abs")
 def chunk_metrics(xp: Any, ws: Any, n: int, max_cos: Any, fro: Any, mean_abs: Any) -> None:
     """Write the metrics of a chunk of Grams `ws` ((count, n*n), any float dtype) into the (count,)
     float64 arrays `max_cos`, `fro` and `mean_abs` (views of the caller's buffers)."""
+    if xp is np and ws.shape[0] and n and ws.flags.c_contiguous:
+        from .kernels import metrics_cpu  # one pass over the Grams (Numba, compiled on first use)
+
+        metrics_cpu.gram_metrics(ws, n, max_cos, fro, mean_abs)
+        return
+    chunk_metrics_xp(xp, ws, n, max_cos, fro, mean_abs)
+
+
+def chunk_metrics_xp(xp: Any, ws: Any, n: int, max_cos: Any, fro: Any, mean_abs: Any) -> None:
+    """`chunk_metrics` with the array module's own operations (CuPy; NumPy in the tests)."""
     count = ws.shape[0]
     if count == 0:
         return

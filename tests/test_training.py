@@ -85,6 +85,22 @@ def test_core_metrics_penalty_matches_loss(rng):
         _close(got, ol1.loss(phi, 0.3, reduction="none", **kw), 1e-12, str(kw))
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 16])
+def test_chunk_metrics_both_paths_equal_reference(rng, n):
+    """The CPU's one-pass kernel and the array-module path (CuPy's, run here with NumPy)."""
+    from gpu_orthol1 import _metrics
+
+    V = rng.standard_normal((5, 9, n))
+    V[2, :, 0] = 0
+    ws = np.einsum("kli,klj->kij", V, V).reshape(5, n * n)
+    want = ref_metrics(V)
+    for fn in (_metrics.chunk_metrics, _metrics.chunk_metrics_xp):
+        out = [np.full(5, -1.0) for _ in range(3)]
+        fn(np, ws.copy(), n, *out)
+        for k, o in zip(("max_cos", "fro", "mean_abs"), out):
+            _close(o, want[k], 1e-12, f"{fn.__name__} {k} n={n}")
+
+
 # -- OrthoL1 metrics ---------------------------------------------------------------------------------
 
 

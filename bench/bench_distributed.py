@@ -231,6 +231,7 @@ def ddp_rank_main(rank, world, store, args, out_path):
     from gpu_orthol1.torch import OrthoL1
 
     torch.set_num_threads(1)
+    torch.set_default_dtype(getattr(torch, args.ddp_dtype))
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=600))
 
@@ -315,7 +316,8 @@ def run_ddp(world, args):
 
 def ddp_markdown(doc):
     a = doc["args"]
-    lines = [f"# OrthoL1(split=) under DDP on the CPU (gloo): {a['layers']} layers, d_model {a['d_model']}, float32",
+    lines = [f"# OrthoL1(split=) under DDP on the CPU (gloo): {a['layers']} layers, d_model {a['d_model']}, "
+             f"{a.get('ddp_dtype', 'float32')}",
              "",
              f"`{doc['command']}` at {doc['date']} on {doc['cpu_model']} ({doc['cpu_count']} CPUs); load average "
              f"{doc['loadavg_start']} at start, {doc['loadavg_end']} at end.",
@@ -426,6 +428,7 @@ def main(argv=None):
     ap.add_argument("--column-split", choices=("reshard", "gather"), default="reshard",
                     help="gpu_orthol1.distributed.COLUMN_SPLIT for the sharded method")
     ap.add_argument("--ddp", action="store_true", help="OrthoL1(split=) under DDP instead (see the docstring)")
+    ap.add_argument("--ddp-dtype", choices=("float32", "float64"), default="float32")
     ap.add_argument("--note", default="", help="a line for the markdown (e.g. what else loaded the machine)")
     args = ap.parse_args(argv)
     # one BLAS thread per rank (set before the ranks import NumPy): ranks are the parallelism

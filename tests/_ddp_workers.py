@@ -72,7 +72,10 @@ def run_case(torch, rank, world, how, split, seed):
         values.append(float(pen.detach()))
         opt.step()
     share = sorted(reg._active()) if reg._split is not None else None
-    return {"params": {n: p.detach().reshape(-1).tolist() for n, p in model.named_parameters()},
+    every = sorted(reg.metrics())  # every matrix, under split= too
+    _, own = reg.loss(metrics=True)  # this pass's matrices: the rank's share under split=
+    return {"metrics_names": every, "loss_metrics_names": sorted(own),
+            "params": {n: p.detach().reshape(-1).tolist() for n, p in model.named_parameters()},
             "values": values, "share": share, "names": reg.names}
 
 

@@ -367,6 +367,9 @@ def test_ddp_split_equals_unsplit(ddp_run, how):
         for name, p in a["params"].items():
             _close(b["params"][name], p, 1e-12, f"rank {r} {name} after 5 steps (seed {seed})")
         assert b["params"] == ranks[0]["cases"][split]["params"]  # DDP kept the ranks in step
+        names = b["names"]
+        assert b["metrics_names"] == sorted(names)
+        assert b["loss_metrics_names"] == sorted(names[j] for j in b["share"])
     assert a["values"][0] > 0
 
 

@@ -969,8 +969,9 @@ class OrthoL1:
         without computing anything, the others apply k * beta(step). Under `split=` this rank's
         share of the matrices is evaluated with world-size times the weight (DDP's gradient averaging
         then yields the full penalty's gradient); the value returned is the full penalty (one scalar
-        all-reduce, detached from the gradient path). Inside torch.compile, beta must be a float,
-        every=1, no split and no metrics (the step is not counted there).
+        all-reduce, detached from the gradient path). Inside torch.compile, a float beta with every=1,
+        no split and no metrics is one custom op (the step is not counted there); the others break
+        the graph at this call (it runs eagerly and counts the step), and fullgraph=True refuses them.
 
         Args:
             metrics: also return `metrics()`'s dict for this pass's matrices (the rank's share under

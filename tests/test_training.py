@@ -389,3 +389,47 @@ def test_ddp_bad_schedule_raises_on_every_rank(ddp_run):
         for what in ("nan", "negative"):
             msg = res["bad"][what]
             assert msg.startswith("ValueError unchanged=True step=1"), (r, what, msg)
+
+
+class _Stateful:
+    """A schedule object with its own state (a plateau-style factor), saved through state_dict."""
+
+    def __init__(self):
+        self.factor = 1.0
+
+    def __call__(self, step):
+        return 0.1 * self.factor
+
+    def state_dict(self):
+        return {"factor": self.factor}
+
+    def load_state_dict(self, d):
+        self.factor = d["factor"]
+
+
+def test_stateful_schedule_and_repr():
+    s = _Stateful()
+    reg = OrthoL1(_net(7), s, every=2)
+    s.factor = 0.25
+    reg.loss()
+    d = reg.state_dict()
+    assert d == {"step": 1, "every": 2, "schedule": {"factor": 0.25}}
+    s2 = _Stateful()
+    reg2 = OrthoL1(_net(7), s2, every=2)
+    reg2.load_state_dict(d)
+    assert s2.factor == 0.25 and reg2.step == 1 and reg2.beta == pytest.approx(0.025)
+    assert "every=2" in repr(reg2) and "schedule" in repr(reg2)
+
+
+def test_schedule_under_torch_compile_breaks_the_graph_and_counts():
+    net = _net(8)
+    reg = OrthoL1(net, lambda s: 0.1 * (s + 1), every=2)
+    ref = _hand_penalty(net, "auto").item()
+
+    @torch.compile(backend="eager")
+    def f():
+        return reg.loss()
+
+    got = [f().item() for _ in range(4)]
+    assert reg.step == 4
+    _close(got, [2 * 0.1 * ref, 0.0, 2 * 0.3 * ref, 0.0], 1e-12, "compiled loss per step")

@@ -990,8 +990,7 @@ class OrthoL1:
         """
         if torch.compiler.is_compiling():  # one custom op to dynamo: no graph break
             if metrics or self._train.schedule is not None or self._train.every != 1 or self._split is not None:
-                raise ValueError("OrthoL1.loss() inside torch.compile takes a float beta, every=1, no split= "
-                                 "and no metrics=True; call it outside the compiled function for those")
+                return self._loss_eager(metrics)
             return self._loss()
         if self._begin(metrics) is None:
             return self._skipped(metrics)
@@ -1001,6 +1000,12 @@ class OrthoL1:
             self._collect = None
             raise
         return self._finish(out, metrics, detached=False)
+
+    @torch.compiler.disable
+    def _loss_eager(self, metrics):
+        """loss() run eagerly from a compiled function (a graph break; dynamo compiles none of its frames,
+        which would otherwise pin this regularizer's registry key into their guards)."""
+        return self.loss(metrics)
 
     def add_grad_(self, metrics: bool = False):
         """Add d(loss())/dW into each parameter's .grad (created as zeros when None), without an autograd

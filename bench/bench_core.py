@@ -31,7 +31,7 @@ import tracemalloc
 import numpy as np
 
 import gpu_orthol1 as ol1
-from gpu_orthol1 import _plan
+from gpu_orthol1 import _cpu_pool
 from gpu_orthol1.bench.env import cpu_name, loadavg
 from gpu_orthol1.bench.flags import FLOOR_RATIO, SPREAD_MAX
 from gpu_orthol1.reference import check, random_phi, reference
@@ -88,7 +88,7 @@ def cpu_limit(A):  # A: contiguous (m, l, n); the slices split over threads as g
         G = np.matmul(A[a:b].transpose(0, 2, 1), A[a:b])
         np.matmul(A[a:b], G, out=out[a:b])
 
-    _plan.run_split(part, A.shape[0], _plan.cpu_threads(*A.shape))
+    _cpu_pool.run_split(part, A.shape[0], _cpu_pool.cpu_threads(*A.shape))
     return out
 
 

@@ -28,18 +28,18 @@ from datetime import datetime, timezone
 import numpy as np
 
 import gpu_orthol1 as ol1
-from gpu_orthol1 import _bench_methods as bm
-from gpu_orthol1 import bench as B
+from gpu_orthol1 import _cpu_pool
+from gpu_orthol1.bench import base, command, methods, runner
 
 # the three points issue 26 names, then the bench's --quick sweeps and reference shapes
 ISSUE_SHAPES = ((512, 1024, 64), (1024, 16, 32), (512, 128, 64))
 
 
 def default_shapes(full: bool) -> list[tuple[int, int, int]]:
-    sw = B.SWEEPS["full" if full else "quick"]
+    sw = command.SWEEPS["full" if full else "quick"]
     (l_m, n_m), ms = sw["m"]
     (l_n, m_n), ns = sw["n"]
-    shapes = list(ISSUE_SHAPES) + [(l_m, m, n_m) for m in ms] + [(l_n, m_n, n) for n in ns] + list(B.REF_SHAPES)
+    shapes = list(ISSUE_SHAPES) + [(l_m, m, n_m) for m in ms] + [(l_n, m_n, n) for n in ns] + list(command.REF_SHAPES)
     return list(dict.fromkeys(shapes))
 
 
@@ -63,12 +63,12 @@ def blas_info() -> list[dict]:
 
 
 def time_shape(shape, dtype, runs, rng) -> dict:
-    xs = [B.random_phi(rng, shape, dtype) for _ in range(2)]
-    case = bm.Case(*shape, np.dtype(dtype), "ref", xs)
-    limit = bm._limit("cpu", "highest").prepare(case)
+    xs = [runner.random_phi(rng, shape, dtype) for _ in range(2)]
+    case = base.Case(*shape, np.dtype(dtype), "ref", xs)
+    limit = methods._limit("cpu", "highest").prepare(case)
     fns = {
-        "ours": lambda k: ol1.loss_and_grad(xs[k], bm.BETA, backend="numpy"),
-        "naive": lambda k: bm._naive(np, xs[k], bm.BETA),
+        "ours": lambda k: ol1.loss_and_grad(xs[k], base.BETA, backend="numpy"),
+        "naive": lambda k: methods._naive(np, xs[k], base.BETA),
         "limit": limit.call,
     }
     for f in fns.values():  # warm-up: plans, workspaces, numba's compiled pass
@@ -84,7 +84,7 @@ def time_shape(shape, dtype, runs, rng) -> dict:
     med = {k: float(np.median(v)) * 1e3 for k, v in ts.items()}
     return {
         "shape": list(shape), "dtype": np.dtype(dtype).name, "runs": runs,
-        "slice_threads": ol1._plan.cpu_threads(shape[1], shape[0], shape[2]),
+        "slice_threads": _cpu_pool.cpu_threads(shape[1], shape[0], shape[2]),
         "ms": med, "ms_all": {k: [round(t * 1e3, 3) for t in v] for k, v in ts.items()},
         "ours_over_limit": med["ours"] / med["limit"], "ours_over_naive": med["ours"] / med["naive"],
     }
@@ -92,7 +92,7 @@ def time_shape(shape, dtype, runs, rng) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shapes", type=B._parse_shapes, default=None, help="LxMxN,... (default: issue 26's points, "
+    p.add_argument("--shapes", type=command._parse_shapes, default=None, help="LxMxN,... (default: issue 26's points, "
                    "the bench's --quick sweeps and reference shapes)")
     p.add_argument("--full", action="store_true", help="the bench's full sweeps instead of the --quick ones")
     p.add_argument("--dtype", default="float32", choices=("float16", "float32", "float64"))

@@ -117,9 +117,8 @@ def rank_main(rank, world, store, args, out_path):
     from torch.distributed.tensor import DTensor, Shard
 
     import gpu_orthol1 as ol1
-    from gpu_orthol1.distributed import orthol1_dtensor_execute
-
     import gpu_orthol1.distributed as odist
+    from gpu_orthol1.distributed import orthol1_dtensor_execute
 
     odist.COLUMN_SPLIT = args.column_split
     torch.set_num_threads(1)
@@ -165,10 +164,10 @@ def rank_main(rank, world, store, args, out_path):
         la, ga = sharded(KINDS, ms)
         lb, gb = gather(KINDS, ms)
         scale = max(float(y.abs().max()) for y in gb)
-        err = max(float((x - y).abs().max()) for x, y in zip(ga, gb)) / scale
+        err = max(float((x - y).abs().max()) for x, y in zip(ga, gb, strict=True)) / scale
         # float32 rounds the Gram differently in the two methods, so an entry of G - I within ~1e-7 of 0
         # may take the other sign: the entries it touches differ by ~4 beta |phi|; count them
-        off = sum(int(((x - y).abs() > 1e-3 * scale).sum()) for x, y in zip(ga, gb))
+        off = sum(int(((x - y).abs() > 1e-3 * scale).sum()) for x, y in zip(ga, gb, strict=True))
         return {"loss_rel_diff": abs(la - lb) / abs(lb), "grad_max_rel_diff": err,
                 "grad_entries_off": off, "grad_entries": sum(y.numel() for y in gb)}
 
@@ -337,7 +336,7 @@ def ddp_markdown(doc):
 
 def _kind_summary(per_rank):
     """per_rank: each rank's list of step records for one weight kind -> medians (time: slowest rank)."""
-    steps = list(zip(*per_rank))
+    steps = list(zip(*per_rank, strict=True))
     return {"ms": 1e3 * statistics.median(max(x["s"] for x in st) for st in steps),
             "sent_MB_measured": statistics.median(x["wchar"] for st in steps for x in st) / 1e6,
             "sent_MB_payload": statistics.median(x["payload"] for st in steps for x in st) / 1e6,
@@ -347,7 +346,7 @@ def _kind_summary(per_rank):
 def summarize(world, ranks):
     out = {"ranks": world, "check": ranks[0]["check"], "methods": {}}
     for m in ("sharded", "gather"):
-        steps = list(zip(*[r["steps"][m] for r in ranks]))  # per step: every rank's record
+        steps = list(zip(*[r["steps"][m] for r in ranks], strict=True))  # per step: every rank's record
         t = [max(x["s"] for x in st) for st in steps]
         out["methods"][m] = {
             "step_ms_median": 1e3 * statistics.median(t),

@@ -51,23 +51,23 @@ def host_costs(quick):
     import cupy
 
     import gpu_orthol1 as ol1
-    from gpu_orthol1 import _plan
+    from gpu_orthol1 import _checks
 
     phi = cupy.random.standard_normal((64, 8, 32), dtype=cupy.float32) / 8
     n = 50 if quick else 200
     out = {"loss_and_grad": _bench(lambda: ol1.loss_and_grad(phi, 1e-3), n)}
     for kernel in ("fused", "gemm"):
-        before = os.environ.get(_plan.ENV_KERNEL)
-        os.environ[_plan.ENV_KERNEL] = kernel  # the functional API on this path, whatever the rule says
+        before = os.environ.get(_checks.ENV_KERNEL)
+        os.environ[_checks.ENV_KERNEL] = kernel  # the functional API on this path, whatever the rule says
         try:
             out[f"loss_and_grad_{kernel}"] = _bench(lambda: ol1.loss_and_grad(phi, 1e-3), n)
         finally:
             if before is None:
-                del os.environ[_plan.ENV_KERNEL]
+                del os.environ[_checks.ENV_KERNEL]
             else:
-                os.environ[_plan.ENV_KERNEL] = before
+                os.environ[_checks.ENV_KERNEL] = before
         p = ol1.plan(phi, 1e-3, kernel=kernel)
-        out[f"plan_{kernel}"] = _bench(lambda: p(phi), n)
+        out[f"plan_{kernel}"] = _bench(lambda p=p: p(phi), n)
         out[f"graph_replay_{kernel}"] = _bench(p.graph(phi).replay, n)
     return out
 
@@ -86,7 +86,7 @@ def host_breakdown(quick):
     phi = cupy.random.standard_normal((64, 4096, 64), dtype=cupy.float32) / 8
     pl = ol1.plan(phi, 1e-3, kernel="fused")
     pl(phi)
-    go = next(iter(pl._fused_go.values()))
+    go = next(iter(pl._gpu.launchers.values()))
     grad, losses = cupy.empty_like(phi), cupy.empty(pl.m, dtype=np.float64)
     addrs = (phi.data.ptr, grad.data.ptr, losses.data.ptr)
     steps = {
@@ -94,9 +94,9 @@ def host_breakdown(quick):
         "check_phi": lambda: pl._mismatch(phi),
         "empty_grad": lambda: cupy.empty(phi.shape, phi.dtype),
         "empty_losses": lambda: cupy.empty(pl.m, dtype=np.float64),  # what a call allocated before it kept them
-        "kept_losses": lambda: pl._kept_losses(cupy.cuda.get_current_stream()),
-        "bind": lambda: pl.dev.bind(cublas=False),
-        "fused_call": lambda: pl._fused_call(phi, grad, losses, 2e-3, False, True),
+        "kept_losses": lambda: pl._gpu.losses.get(cupy.cuda.get_current_stream()),
+        "bind": lambda: pl._gpu.dev.bind(cublas=False),
+        "fused_call": lambda: pl._gpu.fused(pl._view, phi, grad, losses, 2e-3, False, True),
         "bound_launch": lambda: go(*addrs, 2e-3, False),
         "reduce": lambda: pl._reduce(losses, 1e-3),
     }
@@ -153,12 +153,12 @@ def shapes(quick):
         case = bench_base.Case(shape[0], shape[1], shape[2], np.dtype(dt), "ref", [host, host.copy()])
         lim = bm._limit("gpu", prec).prepare(case)
         row = {"shape": shape, "dtype": dt, "precision": prec,
-               "limit_cublas_ms": _bench(lambda: lim.call(0), 20 if quick else 50)["device_ms"]}
+               "limit_cublas_ms": _bench(lambda lim=lim: lim.call(0), 20 if quick else 50)["device_ms"]}
         for kernel in ("gemm", "fused"):
             if kernel == "fused" and (prec != "highest" or not fused_small.fits(shape[2], dt)):
                 continue
             pl = ol1.plan(phi, 1e-3, precision=prec, kernel=kernel)
-            t = _bench(lambda: pl(phi), 20 if quick else 50)
+            t = _bench(lambda pl=pl, phi=phi: pl(phi), 20 if quick else 50)
             row[f"{kernel}_ms"] = max(t["device_ms"], t["host_ms"])
             row[f"{kernel}_x_limit"] = row[f"{kernel}_ms"] / row["limit_cublas_ms"]
             if prec == "highest":  # the same call replayed from a CUDA graph (`plan.graph`): no host work
@@ -166,14 +166,14 @@ def shapes(quick):
                 row[f"{kernel}_graph_ms"] = _bench(g.replay, 20 if quick else 50)["device_ms"]
                 del g
             if prec == "highest":
-                row[f"{kernel}_synced_ms"] = _synced(lambda: pl(phi), 20 if quick else 50)
+                row[f"{kernel}_synced_ms"] = _synced(lambda pl=pl, phi=phi: pl(phi), 20 if quick else 50)
             if kernel == "fused":
                 # the ratio again in alternating rounds (the limit, then the call, each a median of
                 # its own), so that a drift of the card or the host over the run falls on both
                 ratios = []
                 for _ in range(ROUNDS):
-                    base = _bench(lambda: lim.call(0), 20)["device_ms"]
-                    t = _bench(lambda: pl(phi), 20)
+                    base = _bench(lambda lim=lim: lim.call(0), 20)["device_ms"]
+                    t = _bench(lambda pl=pl, phi=phi: pl(phi), 20)
                     ratios.append(max(t["device_ms"], t["host_ms"]) / base)
                 row["fused_x_limit_rounds"] = ratios
                 row["fused_x_limit_median"] = float(np.median(ratios))
@@ -185,7 +185,8 @@ def shapes(quick):
                         row[f"{meth.name}_ms"] = f"unavailable: {why}"
                         continue
                     prep = meth.prepare(case)
-                    row[f"{meth.name}_synced_ms"] = _synced(lambda: prep.call(0), 20 if quick else 50)
+                    row[f"{meth.name}_synced_ms"] = _synced(lambda prep=prep: prep.call(0),
+                                                            20 if quick else 50)
                     del prep
                 except Exception as e:
                     row[f"{meth.name}_ms"] = f"{type(e).__name__}: {e}"
@@ -213,7 +214,7 @@ def sweep(quick):
                 if kernel == "fused" and not fused_small.fits(n, "float32"):
                     continue
                 pl = ol1.plan(phi, 1e-3, kernel=kernel)
-                t = _bench(lambda: pl(phi), 10 if quick else 30)
+                t = _bench(lambda pl=pl, phi=phi: pl(phi), 10 if quick else 30)
                 row[f"{kernel}_ms"] = max(t["device_ms"], t["host_ms"])
                 row[f"{kernel}_host_ms"] = t["host_ms"]  # at small sizes the host cost decides: keep both
                 row[f"{kernel}_device_ms"] = t["device_ms"]
@@ -225,7 +226,7 @@ def sweep(quick):
 
 def rule_gaps(quick):
     """Per-call time of both paths at the shapes that set `fused_wins`'s bounds besides the sweep
-    (the comment above FUSED_RULE in gpu_orthol1/_plan.py quotes them): l = 128 and 256 at n = 64,
+    (the comment above FUSED_RULE in gpu_orthol1/_device.py quotes them): l = 128 and 256 at n = 64,
     l = 128 at n = 96, l = 1024 and 2048 at n <= 32, float64, and accumulate=True (the fused kernel
     then reads each gradient element before writing it)."""
     import cupy
@@ -245,7 +246,8 @@ def rule_gaps(quick):
         for kernel in ("gemm", "fused"):
             try:
                 pl = ol1.plan(phi, 1e-3, kernel=kernel)
-                fn = (lambda: pl(phi, out=out, accumulate=True)) if acc else (lambda: pl(phi))
+                fn = ((lambda pl=pl, phi=phi, out=out: pl(phi, out=out, accumulate=True)) if acc
+                      else (lambda pl=pl, phi=phi: pl(phi)))
                 t = _bench(fn, 10 if quick else 30)
                 row[f"{kernel}_ms"] = max(t["device_ms"], t["host_ms"])
                 row[f"{kernel}_host_ms"], row[f"{kernel}_device_ms"] = t["host_ms"], t["device_ms"]
@@ -295,8 +297,8 @@ def fused_kernel(quick):
     import cupy
     import numpy as np
 
-    from gpu_orthol1.bench import base as bench_base
     from gpu_orthol1._cupy import CupyDevice
+    from gpu_orthol1.bench import base as bench_base
     from gpu_orthol1.kernels import fused_small as fs
 
     bw = bench_base.d2d_bandwidth()
@@ -341,7 +343,7 @@ def fused_kernel(quick):
             row = {"l": l, "m": m, "n": n, "dtype": dt, "config": cfg._asdict(), "roofline_ms": roof}
             try:
                 go = dev.fused_launcher(cfg, V, Vo, losses, True)
-                t = _bench(lambda: go(*addrs, 2e-3, False), 10 if quick else 30)
+                t = _bench(lambda go=go, addrs=addrs: go(*addrs, 2e-3, False), 10 if quick else 30)
                 row.update(kernel_ms=t["device_ms"], host_ms=t["host_ms"], x_roofline=t["device_ms"] / roof,
                            roofline_fraction=roof / t["device_ms"], tflops=4 * l * m * n * n / t["device_ms"] / 1e9)
             except Exception as e:
@@ -376,7 +378,7 @@ def _phase_row(cupy, ol1, _driver, shape, dt, quick):
     l, m, n = shape
     phi = (cupy.random.standard_normal(shape, dtype=cupy.float32) / l ** 0.5).astype(dt)
     p = ol1.plan(phi, 1e-3, kernel="gemm")
-    sz = p._sizes_for(True, False, False, False, 1)[0]
+    sz = p._chunks.sizes_for(True, False, False, False, 1)[0]
     if sz.chunk < m:
         return {"shape": shape, "dtype": dt, "skipped": f"{m} slices need {sz.chunk}-slice chunks"}
     wsb = _driver.workspace(p._alloc, sz, l, n, phi.dtype)
@@ -385,10 +387,10 @@ def _phase_row(cupy, ol1, _driver, shape, dt, quick):
     src = _driver.StridedChunk(V, _driver.layout_of(V), 0)
     dst = _driver.StridedChunk(Vo, _driver.layout_of(Vo), 0)
     losses = cupy.empty(m, cupy.float64)
-    dev = p.dev
+    dev = p._gpu.dev
     dev.bind()
     part = wsb.get("partials")
-    tot = cupy.empty(1, dtype=p.ldt)
+    tot = cupy.empty(1, dtype=p._ldt)
     k = 10 if quick else 30
     row = {"shape": shape, "dtype": dt, "sign_parts": sz.parts,
            "gram": _bench(lambda: dev.gram(src, m, wsb["ws"]), k),

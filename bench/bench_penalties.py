@@ -215,7 +215,7 @@ def markdown(doc):
             cell = {r["method"]: r for r in doc["rows"] if r["variant"] == vn and r["shape"] == list(shape)}
             o = cell["gpu_orthol1"]
 
-            def ms(name):
+            def ms(name, cell=cell):
                 return f"{cell[name]['p50_ms']:.1f}" if name in cell else ""
 
             star = "*" if o["flag"] else ""

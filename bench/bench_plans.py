@@ -64,7 +64,7 @@ def measure(calls: int) -> dict:
         row = {"naive_us": _per_call_us(naive, calls), "ours_us": _per_call_us(ours, calls)}
         if hasattr(ol1, "plan"):
             p = ol1.plan(phi, BETA, backend="numpy")
-            row["plan_us"] = _per_call_us(lambda: p(phi), calls)
+            row["plan_us"] = _per_call_us(lambda p=p, phi=phi: p(phi), calls)
         row["naive_us"] = min(row["naive_us"], _per_call_us(naive, calls))  # naive again, after ours
         out["core"]["x".join(map(str, shape))] = row
 
@@ -144,12 +144,12 @@ def main(argv=None) -> int:
             runs[k].append(_child(path, a.calls))
             print(f"round {r + 1}/{a.rounds} {k} done", file=sys.stderr)
     result = {k: _median_rows(v) for k, v in runs.items()}
-    for k, res in result.items():
-        for case, row in res["core"].items():
+    for res in result.values():
+        for row in res["core"].values():
             row["ours_x_naive"] = row["ours_us"] / row["naive_us"]
             if "plan_us" in row:
                 row["plan_x_naive"] = row["plan_us"] / row["naive_us"]
-        for case, row in res["orthol1"].items():
+        for row in res["orthol1"].values():
             row["loss_x_loop"] = row["loss_us"] / row["loop_us"]
             row["add_grad_x_loop"] = row["add_grad_us"] / row["loop_us"]
     doc = {"command": "python " + " ".join([os.path.relpath(__file__, here)] + (argv or sys.argv[1:])),

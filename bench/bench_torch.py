@@ -142,7 +142,7 @@ def main(argv=None):
     rel_loss = abs(float(loss) - float(ref)) / abs(float(ref))
 
     def rel(a, b):
-        num = sum(float((x.double() - y.double()).norm() ** 2) for x, y in zip(a, b)) ** 0.5
+        num = sum(float((x.double() - y.double()).norm() ** 2) for x, y in zip(a, b, strict=True)) ** 0.5
         den = sum(float(y.double().norm() ** 2) for y in b) ** 0.5
         return num / den
 

@@ -92,8 +92,8 @@ def measure(shape, rounds, calls, rng):
             per[name].append((time.perf_counter() - t0) / calls)
     med = {k: statistics.median(v) for k, v in per.items()}
     # ratios per round, then the median: drift between rounds cancels
-    r_up = statistics.median(a / b for a, b in zip(per["ortho_l1"], per["upstream"]))
-    r_plan = statistics.median(a / b for a, b in zip(per["fwd"], per["plan"]))
+    r_up = statistics.median(a / b for a, b in zip(per["ortho_l1"], per["upstream"], strict=True))
+    r_plan = statistics.median(a / b for a, b in zip(per["fwd"], per["plan"], strict=True))
     return {"shape": list(shape), "median_us": {k: v * 1e6 for k, v in med.items()},
             "ortho_l1_over_upstream": r_up, "fwd_over_plan": r_plan}
 
@@ -107,7 +107,7 @@ def main(argv=None):
 
     import torch
 
-    from gpu_orthol1.bench import cpu_name, loadavg
+    from gpu_orthol1.bench.env import cpu_name, loadavg
 
     rng = np.random.default_rng(0)
     load0 = loadavg()

@@ -43,7 +43,7 @@ GPU (what bench/gpu_check.sh runs; copy its $OUT/bench_gpu.* here, named after t
 `python -m gpu_orthol1.bench` is the same command without the console script.
 """
 
-LEGEND = """\
+LEGEND = f"""\
 Columns: `gpu_orthol1 ms` is the median of gpu_orthol1.loss_and_grad (backend numpy on CPUs, cupy on GPUs,
 precision="highest"; `tf32 ms` with precision="tf32"); `x limit` its time over the limit (CPU: the same two
 GEMMs through the same BLAS on contiguous operands; GPU: the larger of that through cuBLAS and the memory
@@ -55,12 +55,12 @@ pool / torch max allocated / XLA's buffer plan).
 
 Flagged values (a `?` after the number; the `flagged` column says why) come from a measurement that
 something else on the machine disturbed, and are not figures to quote. A row is flagged when (1) a method
-ran below {floor}x the BLAS limit: every method forms the Gram and the gradient GEMM, and a Gram through
+ran below {FLOOR_RATIO}x the BLAS limit: every method forms the Gram and the gradient GEMM, and a Gram through
 syrk saves at most a quarter of the two GEMMs, so a lower ratio means the limit itself was slowed; (2) its
-p80/p20 spread is above {spread}: runs that far apart make the median luck; (3) the 1-minute load average
+p80/p20 spread is above {SPREAD_MAX}: runs that far apart make the median luck; (3) the 1-minute load average
 was above the machine's CPU count when the run started or when the row was measured. A ratio to the limit
 is also flagged when the limit's own timing is (`limit ...`). A peer's `vs X` is flagged when either side is.
-""".format(floor=FLOOR_RATIO, spread=SPREAD_MAX)
+"""
 
 DISTURBED = """## Disturbed runs (kept, not published)
 

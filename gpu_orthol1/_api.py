@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from . import _plan
+from . import _cache, _checks, _plan
 from ._plan import Plan
 
 # Public signature types. Arrays are NumPy or CuPy (CuPy is optional, hence Any).
@@ -16,13 +16,14 @@ Kernel = Literal["auto", "gemm", "fused"]
 Penalty = Literal["l1", "l2"]
 
 
-def _run(phi, beta, axis, reduction, out, accumulate, backend, precision, workspace_bytes, want_grad,
-         penalty="l1", diagonal=True, normalize=False):
-    p = _plan.cached(phi, axis, reduction, precision, backend, workspace_bytes, penalty, diagonal, normalize)
-    b = _plan.check_beta(beta)
+def _run(phi: Any, beta: Any, axis: Any, reduction: Any, out: Any, accumulate: Any, backend: Any, precision: Any,
+         workspace_bytes: Any, want_grad: bool, penalty: Any = "l1", diagonal: Any = True,
+         normalize: Any = False) -> tuple[Any, Any]:
+    p = _cache.cached(phi, axis, reduction, precision, backend, workspace_bytes, penalty, diagonal, normalize)
+    b = _checks.check_beta(beta)
     if want_grad:
-        p.check_out(out, phi, accumulate)
-    return p.execute(phi, out, accumulate, b, want_grad)
+        _plan.check_out(p, out, phi, accumulate)
+    return _plan.execute(p, phi, out, accumulate, b, want_grad)
 
 
 def plan(phi: Any, beta: float = 1.0, *, axis: int = 1, reduction: Reduction = "sum",

@@ -6,6 +6,8 @@ import os
 import sys
 import threading
 import warnings
+from collections.abc import Iterable
+from typing import Any
 
 BACKENDS = ("auto", "numpy", "cupy")
 ENV_BACKEND = "GPU_ORTHOL1_BACKEND"
@@ -50,11 +52,11 @@ def warn_caller(message: str, category: type[Warning]) -> None:
 class BackendList(list):
     """The usable backends, best first; `.reasons` says why each missing one is missing."""
 
-    def __init__(self, names, reasons):
+    def __init__(self, names: Iterable[str], reasons: Any):
         super().__init__(names)
         self.reasons = dict(reasons)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"BackendList({list(self)!r}, reasons={self.reasons!r})"
 
 
@@ -107,7 +109,7 @@ def available_backends() -> BackendList:
     return BackendList(["cupy", "numpy"] if ok else ["numpy"], {} if ok else {"cupy": why})
 
 
-def check_name(backend) -> str:
+def check_name(backend: Any) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":

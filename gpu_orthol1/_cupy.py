@@ -13,11 +13,16 @@ launch (`loss_total`).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from . import _gemm, _ptx
 from ._driver import StridedChunk
 from ._penalty import DEFAULT
+
+if TYPE_CHECKING:
+    from ._device import GpuDevice
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
@@ -306,6 +311,10 @@ class CupyDevice:
         grid = -(-count // tpb) if each else 1
         if grid:
             kern(grid, tpb, losses, count, scale, out)
+
+
+if TYPE_CHECKING:
+    _check: GpuDevice = CupyDevice()  # mypy checks the device interface here
 
 
 def address_batches(ptrs: np.ndarray, slots: int):

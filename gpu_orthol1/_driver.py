@@ -27,20 +27,25 @@ simulator, so CI checks the GPU path's logic.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import _backends, _gemm
-from ._penalty import DEFAULT
+from ._penalty import DEFAULT, Variant
+
+if TYPE_CHECKING:
+    from ._device import Device
 
 
 class CopyWarning(UserWarning):
     """An operand's memory layout forces gpu_orthol1 to copy data (chunk by chunk)."""
 
 
-def layout_of(arr):
+def layout_of(arr: Any) -> _gemm.Layout | None:
+    """The layout BLAS reads an (m, l, n) view in, or None where it cannot read it in place."""
     es = _gemm.element_strides(arr.dtype.itemsize, arr.strides)
     return None if es is None else _gemm.layout(arr.shape, es)
 
@@ -49,7 +54,8 @@ class DefaultBudget(int):
     """A workspace budget nobody asked for: it may grow to one slice instead of refusing the call."""
 
 
-def plan_chunks(m, l, n, itemsize, acc_itemsize, sgn_itemsize, stage_phi, stage_out, extra, budget):
+def plan_chunks(m: int, l: int, n: int, itemsize: int, acc_itemsize: int, sgn_itemsize: int, stage_phi: bool,
+                stage_out: bool, extra: int, budget: int) -> tuple[int, int]:
     """Slices per chunk and the bytes one slice needs, or MemoryError naming the sizes.
 
     A budget the caller set (workspace_bytes=, the environment) is a hard limit; the default
@@ -101,7 +107,7 @@ class Strided:
     lay_out: _gemm.Layout | None
 
     @property
-    def shape(self):
+    def shape(self) -> tuple[int, int, int]:
         return self.V.shape
 
 
@@ -115,11 +121,11 @@ class Pointers:
     n: int
 
     @property
-    def shape(self):
+    def shape(self) -> tuple[int, int, int]:
         return (len(self.phis), self.l, self.n)
 
 
-def staging(V, Vout, want_grad):
+def staging(V: Any, Vout: Any, want_grad: bool) -> tuple[_gemm.Layout | None, _gemm.Layout | None]:
     """(lay_phi, lay_out) of a strided batch, None for an operand BLAS cannot read in place (it is
     then copied chunk by chunk, with one CopyWarning)."""
     m, l, n = V.shape
@@ -152,8 +158,8 @@ class Sizes:
     addr_slots: int = 0  # uint64 entries of the "addrs" buffer (GPU pointer-array GEMMs: 3 per slice)
 
 
-def sizes(dev, m, l, n, dtype, *, want_grad, accumulate, stage_phi, stage_out, budget, variant=DEFAULT,
-          pointers=False) -> Sizes:
+def sizes(dev: Device, m: int, l: int, n: int, dtype: np.dtype, *, want_grad: bool, accumulate: bool,
+          stage_phi: bool, stage_out: bool, budget: int, variant: Variant = DEFAULT, pointers: bool = False) -> Sizes:
     """`pointers`: the batch is a `Pointers` one (separate matrices)."""
     acc = np.dtype(dev.acc_dtype(dtype))
     sgd = np.dtype(dev.sign_dtype(dtype))
@@ -168,7 +174,7 @@ def sizes(dev, m, l, n, dtype, *, want_grad, accumulate, stage_phi, stage_out, b
                  dev.blas_workspace_bytes, addrs * chunk)
 
 
-def workspace(alloc, sz: Sizes, l, n, dtype) -> dict:
+def workspace(alloc: Callable[..., Any], sz: Sizes, l: int, n: int, dtype: Any) -> dict:
     """The chunk buffers: "ws" (Grams), "sgn" (signs, or ws itself), staging buffers, the sign
     pass's partial sums, the BLAS's workspace and the pointer-array GEMMs' addresses when needed."""
     try:
@@ -192,8 +198,9 @@ def workspace(alloc, sz: Sizes, l, n, dtype) -> dict:
     return bufs
 
 
-def run(dev, batch, wsb: dict, chunk: int, losses, *, loss_offset=0, alpha, beta_gemm, want_grad,
-        gram_hook=None, first=0, count=None, variant=DEFAULT):
+def run(dev: Device, batch: Strided | Pointers, wsb: dict, chunk: int, losses: Any, *, loss_offset: int = 0,
+        alpha: float, beta_gemm: float, want_grad: bool, gram_hook: Callable[[Any], object] | None = None,
+        first: int = 0, count: int | None = None, variant: Variant = DEFAULT) -> None:
     """Unscaled losses of slices first .. first+count-1 into losses[loss_offset + i] (float64), and
     alpha * Phi S (+ beta_gemm * out) into the gradient when want_grad.
 
@@ -217,14 +224,23 @@ def run(dev, batch, wsb: dict, chunk: int, losses, *, loss_offset=0, alpha, beta
         dev.set_blas_workspace(None)
 
 
-def _head(a, count):
+def _buffer_layout(buf: Any) -> _gemm.Layout:
+    """The layout of a C-contiguous staging buffer (BLAS always reads those in place)."""
+    lay = layout_of(buf)
+    assert lay is not None, "a C-contiguous buffer has a BLAS layout"
+    return lay
+
+
+def _head(a: Any, count: int) -> Any:
     """The first `count` rows of a workspace buffer (itself when it has no more: a GPU array's slice
     costs host time on every chunk)."""
     return a if a.shape[0] == count else a[:count]
 
 
-def _loop(dev, batch, wsb, chunk, losses, loss_offset, alpha, beta_gemm, want_grad, gram_hook, first, count,
-          variant):
+def _loop(dev: Device, batch: Any, wsb: dict, chunk: int, losses: Any, loss_offset: int, alpha: float,
+          beta_gemm: float, want_grad: bool, gram_hook: Callable[[Any], object] | None, first: int, count: int,
+          variant: Variant) -> None:
+    # batch: a Strided or Pointers one (Any: the loop tells them apart by a flag, not isinstance)
     m, l, n = batch.shape
     ws, sgn, partials, addrs = wsb["ws"], wsb["sgn"], wsb.get("partials"), wsb.get("addrs")
     if not isinstance(batch, Strided) and addrs is None and getattr(dev, "fills_addresses", False):
@@ -238,10 +254,10 @@ def _loop(dev, batch, wsb, chunk, losses, loss_offset, alpha, beta_gemm, want_gr
     stage_out = strided and want_grad and batch.lay_out is None
     if stage_phi:
         st_phi = wsb["phi_stage"]
-        lay_st_phi = layout_of(st_phi)
+        lay_st_phi = _buffer_layout(st_phi)
     if stage_out:
         st_out = wsb["out_stage"]
-        lay_st_out = layout_of(st_out)
+        lay_st_out = _buffer_layout(st_out)
     src: StridedChunk | PointerChunk
     dst: StridedChunk | PointerChunk
     for s0 in range(first, first + count, chunk):

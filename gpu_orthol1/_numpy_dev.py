@@ -8,11 +8,15 @@ path are checked by `gpu_orthol1.testing`'s emulator, off the hot path.)
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ._driver import PointerChunk, StridedChunk
 from ._penalty import DEFAULT
+
+if TYPE_CHECKING:
+    from ._device import Device
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
@@ -75,8 +79,12 @@ class NumpyDevice:
         if isinstance(src, StridedChunk):
             _matmul_into(src.arr[src.first:src.first + cc], S, dst.arr[dst.first:dst.first + cc], beta)
         else:
-            for k, (a, o) in enumerate(zip(src.mats, dst.mats)):
+            for k, (a, o) in enumerate(zip(src.mats, dst.mats, strict=True)):
                 _matmul_into(a, S[k], o, beta)
+
+    @staticmethod
+    def set_blas_workspace(buf):
+        pass  # never asked: blas_workspace_bytes is 0
 
     @staticmethod
     def sign_parts(n, variant):
@@ -87,6 +95,10 @@ class NumpyDevice:
             self._kernel(ws, sgn, n, losses, offset, scale, write_s)
         else:
             self._variant_kernel(ws, sgn, n, losses, offset, scale, write_s, *variant.flags())
+
+
+if TYPE_CHECKING:
+    _check: Device = NumpyDevice()  # mypy checks the device interface here
 
 
 def _matmul_into(a, s, o, beta):

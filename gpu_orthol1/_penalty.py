@@ -13,7 +13,7 @@ gradient is alpha * Phi M with alpha = 2 beta for all of them. A plan checks the
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -45,14 +45,14 @@ class Variant(NamedTuple):
 DEFAULT = Variant()
 
 
-def _check_bool(name, value) -> bool:
+def _check_bool(name: str, value: Any) -> bool:
     # like accumulate=: bools only (0/1 would also hash like False/True in the plan cache's key)
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name} must be True or False, got {value!r}")
     return bool(value)
 
 
-def check(penalty="l1", diagonal=True, normalize=False) -> Variant:
+def check(penalty: Any = "l1", diagonal: Any = True, normalize: Any = False) -> Variant:
     """The Variant for these keywords, or ValueError naming the one that is wrong."""
     if type(penalty) is str and penalty == "l1" and diagonal is True and normalize is False:
         return DEFAULT  # the common call, without the checks below

@@ -127,7 +127,7 @@ def _scalar_conv(ty):
 def flatten(argtypes, args, packers=None) -> tuple:
     """The kernel parameter values Numba's ABI expects for `args` typed as `argtypes`."""
     flat: list = []
-    for pack, a in zip(packers or [_packer(t) for t in argtypes], args):
+    for pack, a in zip(packers or [_packer(t) for t in argtypes], args, strict=True):
         pack(a, flat)
     return tuple(flat)
 
@@ -291,7 +291,7 @@ class BoundLaunch:
             raise ValueError(f"{len(values)} values for {len(self._slots)} variable arguments")
         with self._lock:
             vals = self._vals
-            for slot, conv, v in zip(self._slots, self._convs, values):
+            for slot, conv, v in zip(self._slots, self._convs, values, strict=True):
                 vals[slot] = conv(v)
             self._struct.pack_into(self._block, 0, *vals)
             self.kern.launch_params(stream_ptr, self.grid, self.block, self.params_ptr)

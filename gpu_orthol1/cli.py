@@ -8,6 +8,7 @@ import os
 import platform
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,7 @@ class CliError(Exception):
     """A user mistake found by the command itself: printed as one line, exit status 2."""
 
 
-def _describe(shape, dtype) -> str:
+def _describe(shape: tuple[int, ...], dtype: Any) -> str:
     return f"a {len(shape)}-D {dtype} array of shape {tuple(shape)}"
 
 
@@ -100,7 +101,7 @@ def _grad_out_path(path: str) -> str:
     return real
 
 
-def _cmd_run(args) -> int:
+def _cmd_run(args: argparse.Namespace) -> int:
     import gpu_orthol1 as ol1
     from gpu_orthol1 import _backends
 
@@ -162,7 +163,7 @@ def _installed(module: str) -> bool:
         return False
 
 
-def _cmd_info(args) -> int:
+def _cmd_info(args: argparse.Namespace) -> int:
     import gpu_orthol1 as ol1
 
     av = ol1.available_backends()

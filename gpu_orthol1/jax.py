@@ -47,7 +47,7 @@ except ImportError as _e:  # jax is an optional extra
         f"pip install 'gpu_orthol1[jax]' (or 'jax[cpu]', 'jax[cuda12]'), then import gpu_orthol1.jax again ({_e})"
     ) from _e
 
-from . import _penalty, _plan
+from . import _cache, _checks, _penalty, _plan
 
 __all__ = ["ortho_l1", "ortho_l1_tree", "tree_grads"]
 
@@ -89,12 +89,12 @@ def _is_gpu_buffer(buf) -> bool:
 
 
 def _run_cpu(outs, ins, leaves, reduction, variant, precision, want_grad):
-    for j, (x, (m_axis, transpose, beta)) in enumerate(zip(ins, leaves)):
+    for j, (x, (m_axis, transpose, beta)) in enumerate(zip(ins, leaves, strict=True)):
         a = np.asarray(x)
         V = _np_slices(a, m_axis, transpose)
         Vo = _np_slices(np.asarray(outs[len(ins) + j]), m_axis, transpose) if want_grad else None
-        p = _plan.cached(V, 0, reduction, precision, "numpy", None, *variant)
-        loss, _ = p.execute(V, Vo, False, beta, want_grad)
+        p = _cache.cached(V, 0, reduction, precision, "numpy", None, *variant)
+        loss, _ = _plan.execute(p, V, Vo, False, beta, want_grad)
         np.asarray(outs[j])[...] = loss
 
 
@@ -107,12 +107,12 @@ def _run_gpu(ctx, outs, ins, leaves, reduction, variant, precision, want_grad):
         # CuPy 14 deprecates ExternalStream for objects with __cuda_stream__; XLA hands a raw pointer
         stream = cupy.cuda.ExternalStream(int(ctx.stream))
         with stream:
-            for j, (x, (m_axis, transpose, beta)) in enumerate(zip(ins, leaves)):
+            for j, (x, (m_axis, transpose, beta)) in enumerate(zip(ins, leaves, strict=True)):
                 a = first if j == 0 else cupy.asarray(x)
                 V = _np_slices(a, m_axis, transpose)
                 Vo = _np_slices(cupy.asarray(outs[len(ins) + j]), m_axis, transpose) if want_grad else None
-                p = _plan.cached(V, 0, reduction, precision, "cupy", None, *variant)
-                loss, _ = p.execute(V, Vo, False, beta, want_grad)
+                p = _cache.cached(V, 0, reduction, precision, "cupy", None, *variant)
+                loss, _ = _plan.execute(p, V, Vo, False, beta, want_grad)
                 lo = cupy.asarray(outs[j])
                 lo[...] = loss.reshape(lo.shape)  # a device-to-device write on the stream, no host sync
 
@@ -133,7 +133,7 @@ def _call(xs, cfg, want_grad):
     """(losses per leaf, grads per leaf or None) of the arrays xs, in one callback."""
     leaves, reduction, variant, precision = cfg
     shapes = [jax.ShapeDtypeStruct(_loss_shape(x.shape, lf[0], reduction), _loss_dtype(x.dtype))
-              for x, lf in zip(xs, leaves)]
+              for x, lf in zip(xs, leaves, strict=True)]
     if want_grad:
         shapes += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in xs]
     f = buffer_callback(_callback(leaves, reduction, variant, precision, want_grad), tuple(shapes),
@@ -178,7 +178,7 @@ def _op_fwd(xs, cfg):
 def _op_bwd(cfg, grads, cts):
     leaves, reduction = cfg[0], cfg[1]
     out = []
-    for g, ct, (m_axis, _t, _b) in zip(grads, cts, leaves):
+    for g, ct, (m_axis, _t, _b) in zip(grads, cts, leaves, strict=True):
         if reduction == "none" and m_axis is not None:
             shape = [1, 1, 1]
             shape[m_axis] = -1
@@ -210,19 +210,19 @@ def _static_beta(beta):
         if beta.ndim != 0:
             raise ValueError(f"beta must be a scalar, got an array of shape {beta.shape}")
         return None
-    return _plan.check_beta(beta)
+    return _checks.check_beta(beta)
 
 
 def _check_precision(precision):
     p = "highest" if precision is None else precision
-    if not isinstance(p, str) or p not in _plan.PRECISIONS:
-        raise ValueError(f"precision must be None or one of {_plan.PRECISIONS}, got {precision!r}")
+    if not isinstance(p, str) or p not in _checks.PRECISIONS:
+        raise ValueError(f"precision must be None or one of {_checks.PRECISIONS}, got {precision!r}")
     return p
 
 
 def _check_reduction(reduction):
-    if not isinstance(reduction, str) or reduction not in _plan.REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_plan.REDUCTIONS}, got {reduction!r}")
+    if not isinstance(reduction, str) or reduction not in _checks.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_checks.REDUCTIONS}, got {reduction!r}")
     return reduction
 
 
@@ -337,7 +337,7 @@ def _targets(params, mask, mode, axis, three_d, out_axis, keras_scale):
     else:
         mflat = [True] * len(flat)
     out, ambiguous = [], []
-    for i, (p, keep) in enumerate(zip(flat, mflat)):
+    for i, (p, keep) in enumerate(zip(flat, mflat, strict=True)):
         if not keep or not hasattr(p, "ndim") or p.ndim < 2 or not jnp.issubdtype(p.dtype, jnp.floating):
             continue
         if p.ndim == 3 and three_d == "auto":
@@ -370,7 +370,7 @@ def _group_losses(targets, beta, penalty, diagonal, normalize, precision):
     precision = _check_precision(precision)
     b = _static_beta(beta)
     groups: dict = {}
-    for k, (i, x, (m_axis, t, scale)) in enumerate(targets):
+    for k, (_i, x, (m_axis, t, _scale)) in enumerate(targets):
         groups.setdefault((x.shape, np.dtype(x.dtype).name, m_axis, t), []).append(k)
     losses: list = [None] * len(targets)
     for ks in groups.values():
@@ -378,7 +378,7 @@ def _group_losses(targets, beta, penalty, diagonal, normalize, precision):
         leaves = tuple(_Leaf((targets[k][2][0], targets[k][2][1], targets[k][2][2] * (1.0 if b is None else b)))
                        for k in ks)
         got = _apply(xs, leaves, "sum", variant, precision, None if b is not None else jnp.asarray(beta))
-        for k, v in zip(ks, got):
+        for k, v in zip(ks, got, strict=True):
             losses[k] = v
     return losses
 
@@ -441,7 +441,7 @@ def tree_grads(params: Any, beta: Any = 1.0, *, mask: Any = None, mode: str = "a
     b = _static_beta(beta)
     bt = None if b is not None else jnp.asarray(beta)
     groups: dict = {}
-    for k, (i, x, (m_axis, t, scale)) in enumerate(targets):
+    for k, (_i, x, (m_axis, t, _scale)) in enumerate(targets):
         groups.setdefault((x.shape, np.dtype(x.dtype).name, m_axis, t), []).append(k)
     grads: list = [None] * len(flat)
     total = []
@@ -450,7 +450,7 @@ def tree_grads(params: Any, beta: Any = 1.0, *, mask: Any = None, mode: str = "a
         leaves = tuple(_Leaf((targets[k][2][0], targets[k][2][1], targets[k][2][2] * (1.0 if b is None else b)))
                        for k in ks)
         losses, gs = _call(tuple(c for c, _ in comp), (leaves, "sum", variant, precision), True)
-        for k, v, g in zip(ks, losses, gs):
+        for k, v, g in zip(ks, losses, gs, strict=True):
             i = targets[k][0]
             p = flat[i]
             if bt is not None:

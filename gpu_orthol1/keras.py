@@ -35,7 +35,7 @@ except ImportError as _e:  # keras is an optional extra
         f"KERAS_BACKEND=jax or torch before importing keras ({_e})"
     ) from _e
 
-from . import _penalty, _plan
+from . import _checks, _penalty
 
 __all__ = ["OrthoL1Regularizer", "orthogonal"]
 
@@ -82,7 +82,7 @@ class OrthoL1Regularizer(keras.regularizers.Regularizer):
 
     def __init__(self, beta: float = 1e-3, mode: str = "auto", penalty: str = "l1", diagonal: bool = True,
                  normalize: bool = False, keras_scale: bool = False):
-        self.beta = _plan.check_beta(beta)
+        self.beta = _checks.check_beta(beta)
         if self.beta < 0:
             raise ValueError(f"beta must be non-negative, got {beta!r}")
         if mode not in MODES:

@@ -25,8 +25,8 @@ except ImportError as _e:  # optax is an optional extra
         f"then import gpu_orthol1.optax again ({_e})"
     ) from _e
 
+from . import _checks
 from . import jax as _ojax
-from . import _plan
 
 __all__ = ["add_ortho_l1", "AddOrthoL1State"]
 
@@ -70,7 +70,7 @@ def add_ortho_l1(beta: Any, *, mask: Any = None, mode: str = "auto", axis: int =
     """
     schedule = callable(beta)
     if not schedule:
-        beta = _plan.check_beta(beta)
+        beta = _checks.check_beta(beta)
     if mode not in _ojax.MODES:
         raise ValueError(f"mode must be one of {_ojax.MODES}, got {mode!r}")
     kw = dict(mask=mask, mode=mode, axis=axis, three_d=three_d, out_axis=out_axis, penalty=penalty,

@@ -22,6 +22,7 @@ Two front ends over the same computation:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +45,7 @@ GRAD_RTOL = {t: TOL[np.dtype(t).name]["grad"] for t in _DTYPES}
 SIGN_RTOL = {t: TOL[np.dtype(t).name]["sign"] for t in _DTYPES}
 
 
-def _slices(P, beta, eye):
+def _slices(P: np.ndarray, beta: float, eye: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(X, per-slice losses, Gamma) for float64 slices P of shape (c, l, n); Gamma is (c, l, n)."""
     X = np.matmul(P.transpose(0, 2, 1), P) - eye
     with np.errstate(invalid="ignore", over="ignore"):
@@ -56,21 +57,22 @@ def _slices(P, beta, eye):
     return X, per, Gamma
 
 
-def _magnitude(A, eye):
+def _magnitude(A: np.ndarray, eye: np.ndarray) -> np.ndarray:
     """|Phi_i|^T |Phi_i| + I for |Phi| slices A (c, l, n): the scale of the rounding in X, entry by entry."""
     return np.matmul(A.transpose(0, 2, 1), A) + eye
 
 
 # ---------------------------------------------------------------- the tests' front end
 
-def to_lmn(phi, axis):
+def to_lmn(phi: Any, axis: int) -> tuple[np.ndarray, bool]:
+    """phi as a float64 (l, m, n) array (a 2-D phi: m = 1), and whether it was 2-D."""
     phi = np.asarray(phi, dtype=np.float64)
     if phi.ndim == 2:
         return phi[:, None, :], True
     return np.moveaxis(phi, axis, 1), False
 
 
-def reference(phi, beta=1.0, axis=1):
+def reference(phi: Any, beta: float = 1.0, axis: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(per-slice losses (m,), gradient of their sum with phi's shape, X (m, n, n)), all float64."""
     P, squeeze = to_lmn(phi, axis)
     X, per, Gamma = _slices(P.transpose(1, 0, 2), beta, np.eye(P.shape[2]))
@@ -79,14 +81,16 @@ def reference(phi, beta=1.0, axis=1):
     return per, grad, X
 
 
-def reduce(per, reduction):
+def reduce(per: np.ndarray, reduction: str) -> Any:
+    """The per-slice losses reduced as `reduction` ("sum", "mean" or "none") says."""
     if reduction == "none":
         return per
     total = per.sum()
     return total / len(per) if reduction == "mean" and len(per) else total
 
 
-def check(phi, loss, grad, beta=1.0, axis=1, reduction="sum", dtype=None, grad_base=None):
+def check(phi: Any, loss: Any, grad: Any, beta: float = 1.0, axis: int = 1, reduction: str = "sum",
+          dtype: Any = None, grad_base: Any = None) -> float:
     """Assert loss/grad (NumPy arrays) match the reference; return the fraction of gradient entries compared.
 
     grad_base: what out held before an accumulate=True call (added to the reference)."""
@@ -134,14 +138,14 @@ def check(phi, loss, grad, beta=1.0, axis=1, reduction="sum", dtype=None, grad_b
     return mask.mean() if mask.size else 1.0
 
 
-def slice_rows(shape, axis=1):
+def slice_rows(shape: tuple[int, ...], axis: int = 1) -> int:
     """l, the row count of each slice, for an input of this shape."""
     if len(shape) == 2:
         return shape[0]
     return [s for i, s in enumerate(shape) if i != axis % 3][0]
 
 
-def random_phi(rng, shape, dtype, l=None):
+def random_phi(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any, l: int | None = None) -> np.ndarray:
     """Random input whose X = G - I has entries of order 1 (never zeros); l sets the scale."""
     l = shape[0] if l is None else l
     x = rng.standard_normal(shape) * (1.3 / np.sqrt(max(l, 1)))
@@ -196,7 +200,7 @@ class Reference:
             bound[:, s0:s1, 0] = 2 * abs(beta) * A.sum(axis=2).T
         return cls(per, grad, close, bound)
 
-    def check(self, loss, grad, tol_class: str) -> CheckResult:
+    def check(self, loss: Any, grad: Any, tol_class: str) -> CheckResult:
         """Whether (loss, grad) is right within TOL[tol_class]; reports instead of raising."""
         tol = TOL[tol_class]
         lref = self.loss

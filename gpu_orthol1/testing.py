@@ -14,6 +14,7 @@ path's arithmetic on every run. Slow: for tests on small shapes.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -22,6 +23,9 @@ from . import _gemm
 from ._cupy import CupyDevice, address_batches
 from ._gemm import OP_N, Gemm, Operand
 from ._penalty import DEFAULT
+
+if TYPE_CHECKING:
+    from ._device import GpuDevice
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
@@ -81,7 +85,7 @@ def _resolver(bufs: dict):
     spans, seen = [], set()
     for key, arr in bufs.items():
         lo = arr.ctypes.data
-        hi = lo + max(0, sum((s - 1) * st for s, st in zip(arr.shape, arr.strides) if s)) + arr.itemsize
+        hi = lo + max(0, sum((s - 1) * st for s, st in zip(arr.shape, arr.strides, strict=True) if s)) + arr.itemsize
         if (lo, hi, arr.itemsize) not in seen:  # "sgn" may be "ws" itself (S written in place)
             seen.add((lo, hi, arr.itemsize))
             spans.append((lo, hi, key, arr.itemsize))
@@ -208,7 +212,7 @@ class EmulatedGpuDevice(CupyDevice):
         specs = [(a.shape, a.strides, a.dtype) for a in (V, Vout if write_grad else V, losses)]
 
         def go(phi_addr, out_addr, losses_addr, alpha, accumulate):
-            v, o, ls = (host_view(addr, *spec) for addr, spec in zip((phi_addr, out_addr, losses_addr), specs))
+            v, o, ls = (host_view(addr, *spec) for addr, spec in zip((phi_addr, out_addr, losses_addr), specs, strict=True))
             self._fused(cfg, v, o, ls, alpha, accumulate, write_grad)
         return go
 
@@ -228,12 +232,16 @@ class EmulatedGpuDevice(CupyDevice):
             Vout[...] = o
 
 
+if TYPE_CHECKING:
+    _check: GpuDevice = EmulatedGpuDevice()  # mypy checks the device interface here
+
+
 def host_view(addr: int, shape, strides, dtype) -> np.ndarray:
     """The NumPy array at host address `addr` (its first element) with these shape, byte strides and
     dtype: how a kernel sees an array it gets as (address, shape, strides)."""
     import ctypes
 
-    from ._plan import byte_span
+    from ._checks import byte_span
 
     dtype = np.dtype(dtype)
     if not all(shape):

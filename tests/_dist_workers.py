@@ -94,7 +94,7 @@ def case_functional(ctx, shape, axis, shard_dim, red, want_grad=True, dtype="flo
     local = torch.tensor_split(ft, ctx.world, dim=shard_dim)[ctx.rank]
     if contiguous:
         local = local.contiguous()
-    vkw = dict(zip(("penalty", "diagonal", "normalize"), variant)) if variant else {}
+    vkw = dict(zip(("penalty", "diagonal", "normalize"), variant, strict=True)) if variant else {}
     odist.COLUMN_SPLIT = column_split
     try:
         if want_grad:
@@ -110,7 +110,7 @@ def case_functional(ctx, shape, axis, shard_dim, red, want_grad=True, dtype="flo
     if uneven_chunks:  # the case is meant to make the ranks' own chunk sizes differ: check it does
         from gpu_orthol1 import _plan
 
-        mine = _plan.Plan(local.numpy(), axis=axis, workspace_bytes=workspace_bytes).chunk_for(True)
+        mine = _plan.chunk_for(_plan.Plan(local.numpy(), axis=axis, workspace_bytes=workspace_bytes), True)
         chunks = [int(x[0]) for x in _same_on_all_ranks(torch.tensor([float(mine)]))]
         if len(set(chunks)) < 2:
             raise Failure(f"the ranks' chunk sizes are all {chunks[0]}: the case does not test the MIN")
@@ -207,6 +207,7 @@ def case_counts(ctx, results):
     import torch
 
     from gpu_orthol1 import distributed as odist
+    from gpu_orthol1.distributed import _meta, _splits
 
     l, m, n = 64, 6, 16
     full = torch.from_numpy(ctx.phi((l, m, n), l))
@@ -222,7 +223,7 @@ def case_counts(ctx, results):
         finally:
             odist.COLUMN_SPLIT = "reshard"
         out[name] = cc.calls
-        meta = [c for c in cc.calls if c[0] == "all_gather" and c[1] == odist._NFIELDS]
+        meta = [c for c in cc.calls if c[0] == "all_gather" and c[1] == _meta._NFIELDS]
         rest = [c for c in cc.calls if c not in meta]
         if len(meta) != 1:
             raise Failure(f"{name}: expected one metadata all_gather of 15 int64, got {cc.calls}")
@@ -243,7 +244,7 @@ def case_counts(ctx, results):
             n_me = local.shape[2]
             if kinds != ["all_to_all", "all_reduce", "all_reduce", "all_to_all"] or rest[1][1] != 1:
                 raise Failure(f"n split (reshard): got {rest}")
-            rows_me = odist._split_sizes(l, ctx.world)[ctx.rank]
+            rows_me = _splits._split_sizes(l, ctx.world)[ctx.rank]
             if rest[0][1] != m * (l - rows_me) * n_me or rest[3][1] != m * rows_me * (n - n_me):
                 raise Failure(f"n split: sent {rest[0][1]} numbers of phi and {rest[3][1]} of the gradient, "
                               f"expected {m * (l - rows_me) * n_me} and {m * rows_me * (n - n_me)}")
@@ -340,7 +341,7 @@ def case_dtensor(ctx, shape, placement, mode, red, axis=1, variant=None):
     full = ctx.phi(shape, shape[0])
     beta = 0.23
     w = distribute_tensor(torch.from_numpy(full), ctx.mesh, [pl]).requires_grad_(True)
-    vkw = dict(zip(("penalty", "diagonal", "normalize"), variant)) if variant else {}
+    vkw = dict(zip(("penalty", "diagonal", "normalize"), variant, strict=True)) if variant else {}
     loss = dtensor_ortho_l1(w, beta, axis=axis, reduction=red, mode=mode, **vkw)
     go = torch.from_numpy(ctx.rng().uniform(0.5, 1.5, size=tuple(loss.shape)))
     (loss * go).sum().backward()
@@ -378,6 +379,7 @@ def case_fsdp(ctx, stack_bytes=None, counts=None):
 
     import gpu_orthol1 as ol1
     from gpu_orthol1 import distributed as odist
+    from gpu_orthol1.distributed import _targets
 
     torch.manual_seed(ctx.seed % (1 << 31))
     model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.Flatten(), nn.Linear(12, 7), nn.Linear(7, 9, bias=False),
@@ -415,8 +417,8 @@ def case_fsdp(ctx, stack_bytes=None, counts=None):
     def full(g, p):
         return DTensor.from_local(g, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
 
-    gfull = [full(g, p) for (_, p), g in zip(params, grads)]
-    ofull = [full(o, p) for (_, p), o in zip(params, outs)]
+    gfull = [full(g, p) for (_, p), g in zip(params, grads, strict=True)]
+    ofull = [full(o, p) for (_, p), o in zip(params, outs, strict=True)]
     # a rank whose list differs (one target short): the same ValueError on every rank
     try:
         odist.orthol1_dtensor_execute(targets[:-1] if ctx.rank == 0 else targets, 0.7)
@@ -424,23 +426,23 @@ def case_fsdp(ctx, stack_bytes=None, counts=None):
     except ValueError as e:
         mismatch = str(e)
     # a failure on one rank's own shards (here: rank 1 cannot prepare target 2): ValueError everywhere
-    orig = odist._member
+    orig = _targets._member
 
     def broken(j, *a):
         if ctx.rank == 1 and j == 2:
             raise RuntimeError("injected")
         return orig(j, *a)
 
-    odist._member = broken
+    _targets._member = broken
     try:
         odist.orthol1_dtensor_execute(targets, 0.7)
         local_fail = "no error"
     except ValueError as e:
         local_fail = str(e)
     finally:
-        odist._member = orig
+        _targets._member = orig
     want = 0.0
-    for (name, _), (p, _how, _ax, tr, sc), gf, of in zip(params, targets, gfull, ofull):
+    for (name, _), (_p, _how, _ax, tr, sc), gf, of in zip(params, targets, gfull, ofull, strict=True):
         x = ref[name].reshape(ref[name].shape[0], -1)
         x = x.T if tr else x
         lo, gr = ol1.loss_and_grad(np.ascontiguousarray(x), 0.7 * sc, backend="numpy")
@@ -497,7 +499,7 @@ def case_fsdp_train_step(ctx):
         return beta * (G - torch.eye(G.shape[0], dtype=G.dtype)).abs().sum()
 
     total(ref, naive).backward()
-    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
         g = p.grad.full_tensor()
         _close(g.numpy(), q.grad.numpy(), 1e-10, f"grad of {name}")
 
@@ -522,7 +524,7 @@ def case_orthol1_helpers(ctx):
     targets = [(p, "flatten" if p.dim() == 3 else "matrix", 1, p.shape[0] < np.prod(p.shape[1:]))
                for _, p in params]
     want, wgrads = 0.0, {}
-    for (name, _), (_, _, _, tr) in zip(params, targets):
+    for (name, _), (_, _, _, tr) in zip(params, targets, strict=True):
         x = ref[name].reshape(ref[name].shape[0], -1)
         lo, g = ol1.loss_and_grad(np.ascontiguousarray(x.T if tr else x), 0.3, backend="numpy")
         want += float(lo)
@@ -577,7 +579,7 @@ def case_orthol1_public(ctx, how):
         return m[:4](x).square().mean() + m[4](xc).square().mean()
 
     losses = []
-    for m, reg in zip((model, ref), regs):
+    for m, reg in zip((model, ref), regs, strict=True):
         opt = torch.optim.SGD(m.parameters(), lr=0.05)
         for _ in range(3):
             opt.zero_grad()
@@ -589,7 +591,7 @@ def case_orthol1_public(ctx, how):
                 total = reg.add_grad_()
             opt.step()
         losses.append(float(reg.loss().detach()))
-    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
         _close(p.full_tensor().detach().numpy(), q.detach().numpy(), 1e-10, f"{how}: weight {name} after 3 steps")
     _close(np.float64(losses[0]), np.float64(losses[1]), 1e-12, f"{how}: loss after 3 steps")
     # ortho_l1 on one sharded weight, through gpu_orthol1.torch

@@ -41,7 +41,9 @@ def make(xp, rng, shape, dtype, layout="C", axis=1):
 def run(kind, phi, beta=1.0, *, want_grad=True, **kw):
     """(loss, grad) from backend `kind`: "numpy", "cupy", or "emulated" (the GPU path's logic on the CPU)."""
     if kind == "emulated":
-        from gpu_orthol1._plan import Plan, check_beta
+        from gpu_orthol1 import _plan
+        from gpu_orthol1._checks import check_beta
+        from gpu_orthol1._plan import Plan
         from gpu_orthol1.testing import EmulatedGpuDevice
 
         args = dict(axis=1, reduction="sum", out=None, accumulate=False, precision="highest",
@@ -51,8 +53,8 @@ def run(kind, phi, beta=1.0, *, want_grad=True, **kw):
                     precision=args["precision"], workspace_bytes=args["workspace_bytes"],
                     want="loss_and_grad" if want_grad else "loss", _device=EmulatedGpuDevice())
         if want_grad:
-            plan.check_out(args["out"], phi, args["accumulate"])
-        return plan.execute(phi, args["out"], args["accumulate"], check_beta(beta), want_grad)
+            _plan.check_out(plan, args["out"], phi, args["accumulate"])
+        return _plan.execute(plan, phi, args["out"], args["accumulate"], check_beta(beta), want_grad)
     if want_grad:
         return ol1.loss_and_grad(phi, beta, backend=kind, **kw)
     return ol1.loss(phi, beta, backend=kind, **kw), None

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import gpu_orthol1 as ol1
-from gpu_orthol1 import _backends, _plan
+from gpu_orthol1 import _backends, _cache
 
 from .reference import check, random_phi
 
@@ -84,7 +84,7 @@ def test_fallback_warning_points_at_the_callers_line(entry, monkeypatch, fresh_p
     inside the package, for each entry point that resolves "auto" (a plan resolves it when made)."""
     monkeypatch.setattr(_backends, "_probe_gpu", lambda: (False, "cupy is installed but (test) finds no device"))
     monkeypatch.setattr(_backends, "GPU_CROSSOVER_FLOPS", 1.0)
-    _plan.clear_cache()  # a cached plan has resolved "auto" already: no warning would come
+    _cache.clear_cache()  # a cached plan has resolved "auto" already: no warning would come
     phi = random_phi(rng, (6, 3, 4), np.float64)
     with warnings.catch_warnings(record=True) as got:
         warnings.simplefilter("always")
@@ -92,7 +92,7 @@ def test_fallback_warning_points_at_the_callers_line(entry, monkeypatch, fresh_p
         line = sys._getframe().f_lineno - 1
     (w,) = [w for w in got if issubclass(w.category, ol1.GpuFallbackWarning)]
     assert (w.filename, w.lineno) == (__file__, line), f"attributed to {w.filename}:{w.lineno}"
-    _plan.clear_cache()  # nor keep the plans resolved under the patched probe
+    _cache.clear_cache()  # nor keep the plans resolved under the patched probe
 
 
 def test_missing_cupy_reason_gives_an_install_command_that_works(monkeypatch, fresh_probe):

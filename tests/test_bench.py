@@ -443,7 +443,7 @@ def _published(doc_path):
 
 
 def _check_cells(cells, cols, h, rows):
-    for cell, col in zip(cells, cols):
+    for cell, col in zip(cells, cols, strict=True):
         if col.startswith("limit:") or col.startswith("method:"):  # a single row's median
             name = col.split(":", 1)[1]
             r = next((r for r in rows if r["sweep"] == "ref" and r["shape"] == h["shape"]
@@ -477,7 +477,7 @@ def test_readme_gpu_per_call_tables_are_their_file():
     host = doc["host"]
     rows = (host["loss_and_grad"], host["plan_fused"], host["plan_gemm"], host["graph_replay_fused"])
     assert len(table) == len(rows)
-    for cells, t in zip(table, rows):  # microseconds
+    for cells, t in zip(table, rows, strict=True):  # microseconds
         _printed(cells[1], 1e3 * t["host_ms"])
         _printed(cells[2], 1e3 * t["device_ms"])
     shapes = _readme_table("| shape, dtype | limit-cublas ms | two-GEMM ms (x limit) | fused ms (x limit) |")
@@ -567,7 +567,7 @@ def test_cpu_plans_tables_are_their_file():
         _printed(before, base["naive_us"])
     models = _readme_table("| model, float32 | before | after | loop |")
     assert len(models) == 2
-    for cells, key in zip(models, ("mlp4x128", "cnn3")):
+    for cells, key in zip(models, ("mlp4x128", "cnn3"), strict=True):
         for cell, side in ((cells[1], "base"), (cells[2], "now")):
             loss, add = cell.split(" / ")
             _printed(loss, res[side]["orthol1"][key]["loss_x_loop"])

@@ -23,6 +23,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from torch.multiprocessing.spawn import ProcessException  # noqa: E402
 
 from gpu_orthol1 import distributed as odist  # noqa: E402
+from gpu_orthol1.distributed import _meta  # noqa: E402
 
 from . import _dist_workers  # noqa: E402
 
@@ -106,7 +107,7 @@ def test_row_split_sends_grams_not_phi(group_run):
     l, m, n = 64, 6, 16
     for name in ("l", "l-chunked"):
         gathered = [c for c in counts[name] if c[0] == "all_gather"]
-        assert [c[1] for c in gathered] == [odist._NFIELDS], f"{name}: only the metadata is gathered: {gathered}"
+        assert [c[1] for c in gathered] == [_meta._NFIELDS], f"{name}: only the metadata is gathered: {gathered}"
         reduced = sum(c[1] for c in counts[name] if c[0] == "all_reduce")
         assert reduced == m * (n // 2 + 1) * n < m * n * n < l * m * n
     # the row and slice splits send the same on every rank (a column split's blocks follow the shard sizes)
@@ -158,25 +159,25 @@ def test_gram_packing_round_trip(n, rng):
 
 
 def _row(**kw):
-    row = [0] * odist._NFIELDS
-    row[odist._F_NDIM], row[odist._F_S0:odist._F_S0 + 3] = 3, [4, 3, 5]
-    row[odist._F_DTYPE], row[odist._F_DEVICE] = 2, 0
+    row = [0] * _meta._NFIELDS
+    row[_meta._F_NDIM], row[_meta._F_S0:_meta._F_S0 + 3] = 3, [4, 3, 5]
+    row[_meta._F_DTYPE], row[_meta._F_DEVICE] = 2, 0
     for k, v in kw.items():
-        row[getattr(odist, "_F_" + k)] = v
+        row[getattr(_meta, "_F_" + k)] = v
     return row
 
 
 def test_validation_table():
     """What every rank checks on the gathered metadata, including a mix of device types (not possible
     to build on this CPU-only machine)."""
-    mine = odist._Local(_row())
-    assert odist._validate([_row(), _row(S0=2)], 0, mine) == [4, 2]
+    mine = _meta._Local(_row())
+    assert _meta._validate([_row(), _row(S0=2)], 0, mine) == [4, 2]
     with pytest.raises(ValueError, match="disagree on the shards' device type: rank 0 cpu, rank 1 cuda"):
-        odist._validate([_row(), _row(DEVICE=1)], 0, mine)
+        _meta._validate([_row(), _row(DEVICE=1)], 0, mine)
     with pytest.raises(ValueError, match="do not form one tensor split along dim 0"):
-        odist._validate([_row(), _row(S2=6)], 1, mine)
+        _meta._validate([_row(), _row(S2=6)], 1, mine)
     with pytest.raises(ValueError, match="rank 1: its local shard has 4 dims"):
-        odist._validate([_row(), _row(STATUS=odist._E_NDIM, NDIM=4)], 0, mine)
+        _meta._validate([_row(), _row(STATUS=_meta._E_NDIM, NDIM=4)], 0, mine)
 
 
 def test_needs_an_initialized_process_group():

@@ -72,7 +72,7 @@ def test_ortho_l1_gradgradcheck(variant, reduction, tseed):
     for shape, axis, mode in LAYOUTS:
         w = stable_input(tseed, shape, variant, axis, mode)
 
-        def f(x):
+        def f(x, axis=axis, mode=mode):
             return ortho_l1(x, 0.7, axis=axis, reduction=reduction, mode=mode, **variant)
 
         assert torch.autograd.gradcheck(f, (w,), eps=1e-6, atol=1e-7)
@@ -87,14 +87,16 @@ def test_second_order_matches_naive_autograd(variant, tseed):
     for shape, axis, mode in LAYOUTS:
         w0 = stable_input(tseed, shape, variant, axis, mode).detach()
 
-        def second(loss_fn):
+        def second(loss_fn, w0=w0):
             w = w0.clone().requires_grad_(True)
             (g,) = torch.autograd.grad(loss_fn(w) + (w ** 3).sum(), w, create_graph=True)
             (g ** 2).sum().backward()
             return g.detach(), w.grad
 
-        g_got, got = second(lambda x: ortho_l1(x, beta, axis=axis, mode=mode, **variant))
-        g_want, want = second(lambda x: naive_slices(_slices(x, axis, mode), beta, **variant).sum())
+        g_got, got = second(
+            lambda x, axis=axis, mode=mode: ortho_l1(x, beta, axis=axis, mode=mode, **variant))
+        g_want, want = second(
+            lambda x, axis=axis, mode=mode: naive_slices(_slices(x, axis, mode), beta, **variant).sum())
         torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
@@ -152,7 +154,8 @@ def test_presets_gradgradcheck(tseed):
     keras_v = dict(penalty="l1", diagonal=False, normalize=True)
     for mode in ("rows", "columns"):
         w = stable_input(tseed, (4, 3), keras_v, 1, mode)
-        assert torch.autograd.gradgradcheck(lambda x: keras_orthogonal(x, 0.5, mode), (w,), eps=1e-6, atol=1e-7)
+        assert torch.autograd.gradgradcheck(lambda x, mode=mode: keras_orthogonal(x, 0.5, mode), (w,),
+                                            eps=1e-6, atol=1e-7)
     for shape in ((3, 5), (3, 2, 2)):
         w = torch.from_numpy(tseed.standard_normal(shape)).requires_grad_(True)
         assert torch.autograd.gradgradcheck(lambda x: biggan_ortho(x, 0.3), (w,), eps=1e-6, atol=1e-7)
@@ -164,7 +167,7 @@ def test_presets_gradgradcheck(tseed):
             break
     params = tuple(m.weight for m in model)
     for reg in (OrthoL1.keras(model, 0.5, "rows"), OrthoL1.biggan(model, 0.3)):
-        assert torch.autograd.gradgradcheck(lambda *_: reg.loss(), params, eps=1e-6, atol=1e-7)
+        assert torch.autograd.gradgradcheck(lambda *_, reg=reg: reg.loss(), params, eps=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))

@@ -18,6 +18,8 @@ except ImportError:  # the reference may have moved into the package
     from gpu_orthol1.reference import check, random_phi, reference
 
 from gpu_orthol1.kernels import fused_small as fs
+
+# isort: split
 from numba import config as _numba_config  # noqa: E402
 from numba import cuda  # after fused_small: it checks NumPy for numba-cuda first
 

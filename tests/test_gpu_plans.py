@@ -195,5 +195,5 @@ def test_orthol1_loss_compiled_on_cuda(rng):
     ref = reg.loss()
     ref.backward()
     torch.testing.assert_close(out, ref, rtol=1e-13, atol=0)
-    for g, lin in zip(got, model):
+    for g, lin in zip(got, model, strict=True):
         torch.testing.assert_close(g, lin.weight.grad, rtol=1e-12, atol=1e-14)

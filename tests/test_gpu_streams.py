@@ -51,12 +51,12 @@ def test_streams_in_one_thread_do_not_race(cp, rng):
     results = []
     for _ in range(3):  # several rounds keep the streams' queues overlapping
         results = []
-        for s, p, o in zip(streams, phis, outs):
+        for s, p, o in zip(streams, phis, outs, strict=True):
             with s:
                 results.append(ol1.loss_and_grad(p, 0.7, reduction="none", out=o, workspace_bytes=20000))
     for s in streams:
         s.synchronize()
-    for p, (l0, g0), (l1, g1), o in zip(phis, serial, results, outs):
+    for p, (l0, _g0), (l1, g1), o in zip(phis, serial, results, outs, strict=True):
         assert g1 is o
         _check_against(cp, p, l1, g1, 0.7)
         tol = 2e-3 if p.dtype == np.float16 else 1e-5
@@ -99,7 +99,7 @@ def test_streams_in_threads_do_not_race(cp, rng):
 
     errors = _at_once(len(phis), worker)
     assert not errors, errors
-    for p, (loss, grad) in zip(phis, results):
+    for p, (loss, grad) in zip(phis, results, strict=True):
         check(cp.asnumpy(p), loss, grad, 1.1, 1, "none", p.dtype)
 
 
@@ -107,7 +107,7 @@ def test_streams_in_threads_do_not_race(cp, rng):
 def test_one_plan_on_streams_and_threads_keeps_each_calls_losses(cp, rng, kernel):
     """One plan shared by calls on four streams back to back (no synchronization in between) and by
     four threads at once on one stream: each call returns its own loss, bit for bit its serial one.
-    A plan keeps its per-slice losses per stream (`Plan._kept_losses`) and launches the loss
+    A plan keeps its per-slice losses per stream (`_plan.StreamLosses`) and launches the loss
     reduction under its lock: a race would hand one call another's loss."""
     phis = [make(cp, rng, (64, 300, 32), np.float32, "C", 1) for _ in range(4)]
     p = ol1.plan(phis[0], 0.7, kernel=kernel)
@@ -117,15 +117,15 @@ def test_one_plan_on_streams_and_threads_keeps_each_calls_losses(cp, rng, kernel
     streams = [cp.cuda.Stream(non_blocking=True) for _ in phis]
     for _ in range(3):
         results = []
-        for s, x in zip(streams, phis):
+        for s, x in zip(streams, phis, strict=True):
             with s:
                 results.append(p(x))
     for s in streams:
         s.synchronize()
-    for (l0, g0), (l1, g1) in zip(serial, results):
+    for (l0, g0), (l1, g1) in zip(serial, results, strict=True):
         assert cp.asnumpy(l1).tobytes() == l0.tobytes()
         assert np.array_equal(cp.asnumpy(g1), g0)
-    assert len(p._losses) == 5  # the default stream's and one per stream
+    assert len(p._gpu.losses) == 5  # the default stream's and one per stream
 
     got: list = [[] for _ in phis]
 
@@ -136,9 +136,9 @@ def test_one_plan_on_streams_and_threads_keeps_each_calls_losses(cp, rng, kernel
     errors = _at_once(len(phis), worker)
     cp.cuda.Device().synchronize()
     assert not errors, errors
-    for (l0, _), losses in zip(serial, got):
+    for (l0, _), losses in zip(serial, got, strict=True):
         assert all(cp.asnumpy(x).tobytes() == l0.tobytes() for x in losses)
-    assert len(p._losses) == 5
+    assert len(p._gpu.losses) == 5
 
 
 def test_fused_call_in_a_thread_without_a_context(cp, rng):

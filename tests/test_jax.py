@@ -70,8 +70,8 @@ def test_every_variant_matches_jax_grad_of_naive(variant, shape, axis, mode, rng
     x = jnp.asarray(R.random_phi(rng, shape, np.float64))
     for reduction in ("sum", "mean", "none"):
         kw = dict(axis=axis, reduction=reduction, mode=mode, **variant)
-        loss, g = vjp_sum(jax.jit(lambda x: ortho_l1(x, 0.3, **kw)), x)
-        nloss, ng = vjp_sum(jax.jit(lambda x: naive(x, 0.3, **kw)), x)
+        loss, g = vjp_sum(jax.jit(lambda x, kw=kw: ortho_l1(x, 0.3, **kw)), x)
+        nloss, ng = vjp_sum(jax.jit(lambda x, kw=kw: naive(x, 0.3, **kw)), x)
         np.testing.assert_allclose(np.asarray(loss).ravel(), np.asarray(nloss).ravel(), rtol=1e-12)
         scale = float(jnp.abs(ng).max())
         np.testing.assert_allclose(np.asarray(g), np.asarray(ng), rtol=0, atol=1e-11 * scale)
@@ -169,7 +169,7 @@ def test_tree_is_the_sum_over_matrices(mode, rng):
     want, gw = jax.value_and_grad(by_hand)(params)
     assert len(mats) == 4
     np.testing.assert_allclose(float(got), float(want), rtol=1e-12)
-    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(gw)):
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(gw), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-11 * (1 + float(jnp.abs(b).max())))
     # tree_grads: the same numbers without autodiff, None for the leaves not taken
     tl, tg = tree_grads(params, 0.3, mode=mode, three_d="stack", **kw)

@@ -2,12 +2,11 @@
 at import): OrthoL1Regularizer against ortho_l1, orthogonal() against keras.regularizers.OrthogonalRegularizer
 itself (float64 on the JAX backend; Keras computes in float32 on torch), conv kernels, training, serialization."""
 
+import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
-
-import importlib.util
 
 import numpy as np
 import pytest

@@ -17,15 +17,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "gpu_orthol1"
 
-# Cycles that exist today and are being removed elsewhere (issue 24, item 1). Each entry is the exact
-# set of modules of one cycle: a cycle that is not listed, or a listed one that grows, fails
-# test_no_import_cycles; a listed one that is gone fails test_known_import_cycle_is_still_there (a
-# strict xfail), so the list is emptied as the fixes land.
-KNOWN_IMPORT_CYCLES: list[frozenset[str]] = [
-    frozenset({"gpu_orthol1.torch", "gpu_orthol1.distributed"}),  # the tensor bridge, both ways
-]
-
-
 def _sources() -> dict[str, tuple[Path, bool]]:
     """Module name -> (file, is a package's __init__), for gpu_orthol1/ and kernels/ (which installs
     as gpu_orthol1.kernels)."""
@@ -138,13 +129,16 @@ def test_cycle_finder_finds_cycles():
 
 
 def test_no_import_cycles():
-    new = [sorted(c) for c in cycles(import_graph()) if c not in KNOWN_IMPORT_CYCLES]
+    new = [sorted(c) for c in cycles(import_graph())]
     assert not new, f"import cycles among gpu_orthol1's modules: {new}; import the shared code from a " \
                     "module below both (see gpu_orthol1/_cliargs.py for an example)"
 
 
-@pytest.mark.xfail(strict=True, reason="a known cycle, being removed (issue 24); once it is gone this "
-                                       "passes, and strict xfail fails: delete its KNOWN_IMPORT_CYCLES entry")
-@pytest.mark.parametrize("known", KNOWN_IMPORT_CYCLES, ids=lambda c: "+".join(sorted(c)))
-def test_known_import_cycle_is_still_there(known):
-    assert known not in cycles(import_graph())
+def test_layers_contract():
+    """pyproject.toml's import-linter "layers" contract (frameworks over plans over the driver over
+    devices over kernels): no module imports one above it, function-level imports included."""
+    pytest.importorskip("importlinter", reason="import-linter comes with the test extra")
+    from importlinter.cli import lint_imports
+
+    assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True) == 0, \
+        "the layers contract in pyproject.toml is broken: run `lint-imports` for the offending import chains"

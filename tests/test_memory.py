@@ -67,7 +67,7 @@ def test_peak_within_gradient_plus_one_chunk(dtype, layout, mode, budget, rng):
         call()  # compile and warm up first: numba's compiler allocates through Python
         peak, (_, g) = _peak(call)
     grad_bytes = g.nbytes if mode == "new" else 0
-    limit = grad_bytes + (budget or ol1._plan.CPU_DEFAULT_WORKSPACE) + _overhead(SHAPE[1])
+    limit = grad_bytes + (budget or ol1._checks.CPU_DEFAULT_WORKSPACE) + _overhead(SHAPE[1])
     assert peak <= limit, (
         f"peak {peak} bytes > gradient {grad_bytes} + workspace {budget} + overhead "
         f"{_overhead(SHAPE[1])} (input {phi.nbytes} bytes)")

@@ -42,7 +42,7 @@ def test_schedule_and_mask(rng):
     step = jax.jit(tx.update)
     for k in range(3):
         upd, state = step(zeros, state, params)
-        want = jax.grad(lambda p: ortho_l1_tree(p, float(sched(k)), mask=mask))(params)
+        want = jax.grad(lambda p, k=k: ortho_l1_tree(p, float(sched(k)), mask=mask))(params)
         # Optax schedules compute in float32: the jitted and the eager value may differ in the last bit
         np.testing.assert_allclose(np.asarray(upd["w1"]), np.asarray(want["w1"]), rtol=1e-6)
         np.testing.assert_allclose(np.asarray(upd["w2"]), np.asarray(want["w2"]), rtol=1e-6)

@@ -406,14 +406,14 @@ def test_orthol1_variants_loss_add_grad_step(variant, tseed):
     ref = naive()
     ref.backward()
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=0)
-    for g, p in zip(got, mats):
+    for g, p in zip(got, mats, strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-13)
     before = [p.detach().clone() for p in mats]
     reg.add_grad_()  # adds the same gradient again
-    for g, p in zip(got, mats):
+    for g, p in zip(got, mats, strict=True):
         torch.testing.assert_close(p.grad, 2 * g, rtol=1e-10, atol=1e-13)
     reg.step_(0.1)
-    for g, b, p in zip(got, before, mats):
+    for g, b, p in zip(got, before, mats, strict=True):
         torch.testing.assert_close(p.detach(), b - 0.1 * g, rtol=1e-10, atol=1e-13)
 
 
@@ -437,7 +437,7 @@ def test_orthol1_variants_emulated_gpu(variant, tseed):
     ref = cpu.loss()
     ref.backward()
     torch.testing.assert_close(loss, ref, rtol=2e-5, atol=1e-7)
-    for g, t in zip(got, cpu.targets):
+    for g, t in zip(got, cpu.targets, strict=True):
         torch.testing.assert_close(g, t.param.grad, rtol=1e-4, atol=1e-6)
 
 
@@ -509,7 +509,7 @@ def test_keras_model_preset_mode_is_keras_layout(mode, dtype, tseed):
     want.backward()
     tol = dict(rtol=1e-12, atol=1e-15) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(loss, want.detach().to(dtype), **tol)
-    for g, p in zip(got, weights):
+    for g, p in zip(got, weights, strict=True):
         # float32: normalizing a row divides its rounding error by its norm, so an entry's error
         # scales with the largest gradient entry, not with its own size
         gtol = tol if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5 * p.grad.abs().max().item())
@@ -518,7 +518,7 @@ def test_keras_model_preset_mode_is_keras_layout(mode, dtype, tseed):
     # add_grad_ and the per-tensor function agree with it; keras_orthogonal takes the tensor as given
     model.zero_grad(set_to_none=True)
     torch.testing.assert_close(reg.add_grad_(), loss.detach(), **tol)
-    for g, p in zip(got, weights):
+    for g, p in zip(got, weights, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=0, atol=0)  # the same computation, the same bits
     one = OrthoL1.keras(model[0].weight, factor, mode)  # a tensor without its module: an (out, in) weight
     torch.testing.assert_close(one.loss(), keras_orthogonal(model[0].weight.T, factor, mode), **tol)
@@ -543,7 +543,7 @@ def test_keras_preset_against_keras_itself(tseed, monkeypatch):
         km = keras.Sequential([keras.Input((5,))] + [
             keras.layers.Dense(t.out_features, kernel_regularizer=keras.regularizers.OrthogonalRegularizer(0.05, mode))
             for t in tm])
-        for kl, tl in zip(km.layers, tm):
+        for kl, tl in zip(km.layers, tm, strict=True):
             kl.set_weights([tl.weight.detach().numpy().T, tl.bias.detach().numpy()])
         km(np.zeros((1, 5), np.float32))
         want = sum(float(keras.ops.stop_gradient(v)) for v in km.losses)
@@ -574,11 +574,11 @@ def test_biggan_preset_matches_its_update_rule(dtype, tseed):
     base = [p.grad.clone() for p in model.parameters()]
     _biggan_ortho_update(model, 1e-3)
     want = [p.grad.clone() for p in model.parameters()]
-    for p, b in zip(model.parameters(), base):
+    for p, b in zip(model.parameters(), base, strict=True):
         p.grad = b.clone()
     reg = OrthoL1.biggan(model, 1e-3)
     reg.add_grad_()
-    for p, w in zip(model.parameters(), want):
+    for p, w in zip(model.parameters(), want, strict=True):
         torch.testing.assert_close(p.grad, w, **tol)
     # the one-weight function: the value whose gradient that is, with autograd
     for p in (model[0].weight, model[3].weight):

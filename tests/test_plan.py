@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
 import pytest
 
 import gpu_orthol1 as ol1
-from gpu_orthol1 import _plan
+from gpu_orthol1 import _cache, _cpu_pool, _device, _plan
 
 from .helpers import make
 from .reference import check, random_phi
@@ -95,7 +96,7 @@ def test_plan_and_functional_api_refuse_a_non_array_alike(rng, bad):
 
 
 def test_functional_api_reuses_plans(rng, monkeypatch):
-    _plan.clear_cache()
+    _cache.clear_cache()
     made = []
     real = _plan.Plan.__init__
 
@@ -116,9 +117,9 @@ def test_functional_api_reuses_plans(rng, monkeypatch):
     monkeypatch.setenv("GPU_ORTHOL1_WORKSPACE_BYTES", str(1 << 16))  # the environment is part of the key
     ol1.loss_and_grad(phi)
     assert len(made) == 4
-    for i in range(_plan.CACHE_SIZE + 4):  # bounded
+    for i in range(_cache.CACHE_SIZE + 4):  # bounded
         ol1.loss(random_phi(rng, (3, 2, i + 1), np.float32))
-    assert len(_plan._cache) <= _plan.CACHE_SIZE
+    assert len(_cache._cache) <= _cache.CACHE_SIZE
 
 
 def test_unhashable_arguments_give_the_usual_errors(rng):
@@ -150,13 +151,13 @@ def test_one_plan_shared_by_threads(rng):
     for t in ts:
         t.join()
     assert not errors
-    for (L, G), (wl, wg) in zip(got, want):
+    for (L, G), (wl, wg) in zip(got, want, strict=True):
         np.testing.assert_array_equal(L, wl)  # bit-identical: the slices' order is fixed
         np.testing.assert_array_equal(G, wg)
 
 
 class _Streams:
-    """Stand-in for CuPy as `Plan._kept_losses` uses it: streams with an address and a capture
+    """Stand-in for CuPy as `_plan.StreamLosses` uses it: streams with an address and a capture
     state, and `empty`. Asking the default stream (address 0) whether it captures fails,
     as the driver's query may while another stream captures."""
 
@@ -178,25 +179,25 @@ def test_kept_losses_one_array_per_stream_fresh_while_capturing(rng):
     """The per-slice losses a GPU call keeps: one array per stream, the same on every call there; a
     fresh one on each call while the stream captures a graph (kept arrays would then be shared with
     the graph's replays on other streams); at most 8 streams' arrays kept."""
-    p = ol1.plan(random_phi(rng, (6, 5, 4), np.float32), 1.0)
-    xp = p.xp = _Streams()
-    first = p._kept_losses(xp.current)
+    xp = _Streams()
+    kept = _plan.StreamLosses(xp, 5)
+    first = kept.get(xp.current)
     assert first.shape == (5,) and first.dtype == np.float64
-    assert p._kept_losses(xp.current) is first
+    assert kept.get(xp.current) is first
     xp.current = xp.Stream(0x100)
-    other = p._kept_losses(xp.current)
-    assert other is not first and p._kept_losses(xp.current) is other
+    other = kept.get(xp.current)
+    assert other is not first and kept.get(xp.current) is other
     xp.current = xp.Stream(0x100, capturing=True)
-    fresh = p._kept_losses(xp.current)
-    assert fresh is not other and p._kept_losses(xp.current) is not fresh and len(p._losses) == 2
+    fresh = kept.get(xp.current)
+    assert fresh is not other and kept.get(xp.current) is not fresh and len(kept) == 2
     for k in range(2, 8):  # six more streams: eight in all
         xp.current = xp.Stream(0x100 * k)
-        p._kept_losses(xp.current)
-    assert len(p._losses) == 8
+        kept.get(xp.current)
+    assert len(kept) == 8
     xp.current = xp.Stream(0x1000)  # a ninth stream: the kept ones are let go, this one kept
-    ninth = p._kept_losses(xp.current)
-    assert len(p._losses) == 1 and p._kept_losses(xp.current) is ninth
-    assert p._losses[0x1000][1] is xp.current  # its stream kept alive with it
+    ninth = kept.get(xp.current)
+    assert len(kept) == 1 and kept.get(xp.current) is ninth
+    assert kept.stream_of(0x1000) is xp.current  # its stream kept alive with it
 
 
 def test_cpu_thread_split_equals_one_thread(rng, monkeypatch):
@@ -206,7 +207,7 @@ def test_cpu_thread_split_equals_one_thread(rng, monkeypatch):
         assert p._threads > 1
     L, G = p(phi)
     monkeypatch.setattr(p, "_threads", 1)
-    p._sizes.clear()
+    p._chunks.sizes.clear()
     L1, G1 = p(phi)
     np.testing.assert_array_equal(G, G1)
     np.testing.assert_allclose(L, L1, rtol=1e-6)  # per-chunk float64 sums: the same slices, other chunks
@@ -222,14 +223,14 @@ def test_gram_hook_and_chunk(rng):
         seen.append(ws.shape[0])
         ws *= 2.0  # the pass then works on 2 G: what a sum of two equal partial Grams gives
 
-    loss, grad = p.execute(phi, None, False, 0.4, True, gram_hook=hook, chunk=4)
+    loss, grad = _plan.execute(p, phi, None, False, 0.4, True, gram_hook=hook, chunk=4)
     assert seen == [4, 4, 1]
     phi2 = phi * np.sqrt(2.0)  # G(phi2) = 2 G(phi)
     ref_loss = ol1.loss(phi2, 0.4)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-13)
     # the gradient is 2 beta Phi sign(2G - I): phi's rows with phi2's signs
     np.testing.assert_allclose(grad * np.sqrt(2.0), ol1.grad(phi2, 0.4), rtol=1e-12, atol=1e-14)
-    assert p.chunk_for(True) >= 9
+    assert _plan.chunk_for(p, True) >= 9
 
 
 @pytest.mark.cudasim
@@ -328,7 +329,7 @@ def test_auto_takes_the_fused_kernel_where_it_measured_faster(rng, monkeypatch):
 
 
 def test_fused_rule_function():
-    fw = _plan.fused_wins
+    fw = _device.fused_wins
     assert fw(64, 32, np.float32, "highest") and fw(512, 1, np.float16, "highest") and fw(64, 96, "float32", "highest")
     assert fw(1024, 16, np.float32, "highest") and fw(256, 64, np.float32, "highest") and fw(128, 96, np.float16, "highest")
     assert not fw(1025, 16, np.float32, "highest") and not fw(513, 32, np.float32, "highest")
@@ -367,23 +368,23 @@ def test_cpu_writes_far_apart_gradient_rows_through_a_buffer(rng, monkeypatch):
         loss, grad = p(phi)
         out = base.copy()
         p(phi, out=out, accumulate=True)
-    assert any(sz.stage_out for sz, _ in p._sizes.values())
+    assert any(sz.stage_out for sz, _ in p._chunks.sizes.values())
     check(phi, loss, grad, 0.3, 1, "sum", np.float32)
     check(phi, loss, out, 0.3, 1, "sum", np.float32, grad_base=base)
     inplace = _plan.Plan(phi, 0.3, backend="numpy", workspace_bytes=40 * 1024)
-    monkeypatch.setattr(inplace, "_stage_far_rows", False)
+    monkeypatch.setattr(inplace._slices, "_stage_far_rows", False)
     l2, g2 = inplace(phi)
-    assert not any(sz.stage_out for sz, _ in inplace._sizes.values())
+    assert not any(sz.stage_out for sz, _ in inplace._chunks.sizes.values())
     np.testing.assert_array_equal(g2, grad)
     assert l2 == loss
     near = make(np, rng, (5, 64, 16), np.float32, "C", 1)  # rows 4 KiB apart
     pn = _plan.Plan(near, 0.3, backend="numpy")
     pn(near)
-    assert not any(sz.stage_out for sz, _ in pn._sizes.values())
+    assert not any(sz.stage_out for sz, _ in pn._chunks.sizes.values())
     fort = make(np, rng, (5, 1024, 16), np.float32, "F", 1)  # columns contiguous: BLAS kind "N"
     pf = _plan.Plan(fort, 0.3, backend="numpy")
     check(fort, *pf(fort), 0.3, 1, "sum", np.float32)
-    assert not any(sz.stage_out for sz, _ in pf._sizes.values())
+    assert not any(sz.stage_out for sz, _ in pf._chunks.sizes.values())
 
 
 def test_cpu_pool_runs_blas_single_threaded(rng):
@@ -391,15 +392,13 @@ def test_cpu_pool_runs_blas_single_threaded(rng):
     # while the parts run, the caller's setting back after
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    from gpu_orthol1 import _plan
-
     def blas_threads():
         return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
 
     seen = []
     with threadpool_limits(limits=2, user_api="blas"):
         before = blas_threads()
-        _plan.run_split(lambda a, b: seen.append(blas_threads()), 10, 2)
+        _cpu_pool.run_split(lambda a, b: seen.append(blas_threads()), 10, 2)
         assert blas_threads() == before
     assert len(seen) == 2 and all(t == [1] * len(before) for t in seen)
     assert before and max(before) == 2  # the check above would pass trivially with one thread
@@ -413,12 +412,58 @@ def test_cpu_pool_float64_equals_serial_to_the_bit(rng):
     if (__import__("os").cpu_count() or 1) > 1:
         assert p._threads > 1
     p._threads = 2  # the pooled path even on one core
-    p._sizes.clear()
+    p._chunks.sizes.clear()
     L, G = p(phi)
     p._threads = 1
-    p._sizes.clear()
+    p._chunks.sizes.clear()
     with threadpool_limits(limits=1, user_api="blas"):  # what each part runs (BLAS's threads round otherwise)
         L1, G1 = p(phi)
     np.testing.assert_array_equal(G, G1)
     assert L == L1  # per-slice float64 losses, summed in slice order either way
     check(phi, L, G, 0.3, 1, "sum", np.float64)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs a pool of two threads")
+def test_overlapping_pool_calls_give_blas_its_threads_back():
+    # two user threads' run_split calls overlap and the first one in leaves first: the one-thread
+    # limit must last while the second runs, and BLAS's own setting come back after both (each call
+    # restoring its own limit would restore 2 under the second call and then the second's saved 1,
+    # leaving BLAS on one thread for good)
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    entered = [threading.Event(), threading.Event()]
+    release = [threading.Event(), threading.Event()]
+    seen = []
+
+    def part(a, b, k):
+        if a == 0:  # one part of each call holds it open until the test lets it go
+            entered[k].set()
+            assert release[k].wait(timeout=60)
+        seen.append(blas_threads())
+
+    def call(k):
+        _cpu_pool.run_split(lambda a, b: part(a, b, k), 10, 2)
+
+    before = blas_threads()  # BLAS's own default: one thread per core (threadpool_limits would pin it)
+    if not before or max(before) < 2:
+        pytest.skip("BLAS runs one thread here already")
+    ts = [threading.Thread(target=call, args=(k,)) for k in (0, 1)]
+    try:
+        ts[0].start()
+        assert entered[0].wait(timeout=60)
+        ts[1].start()
+        assert entered[1].wait(timeout=60)
+        release[0].set()
+        ts[0].join(timeout=60)
+        assert blas_threads() == [1] * len(before)  # the second call still runs: the limit holds
+    finally:  # never leave a pool thread waiting
+        for r in release:
+            r.set()
+        for t in ts:
+            if t.is_alive():
+                t.join(timeout=60)
+    assert blas_threads() == before
+    assert len(seen) == 4 and all(t == [1] * len(before) for t in seen)

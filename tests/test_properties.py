@@ -342,17 +342,17 @@ def strided_views(draw):
 @given(v=strided_views())
 @examples(300)
 def test_self_overlap_check_never_misses(v):
-    """_plan.self_overlapping may refuse an exotic layout that does not overlap (it is conservative),
+    """_checks.self_overlapping may refuse an exotic layout that does not overlap (it is conservative),
     but must flag every view in which two elements share memory: gpu_orthol1 writes through it."""
-    from gpu_orthol1._plan import self_overlapping as _self_overlapping
+    from gpu_orthol1._checks import self_overlapping as _self_overlapping
 
     shape, strides = v
     isz = 4
-    lo = sum((s - 1) * st for s, st in zip(shape, strides) if st < 0 and s > 0)
-    hi = sum((s - 1) * st for s, st in zip(shape, strides) if st > 0 and s > 0)
+    lo = sum((s - 1) * st for s, st in zip(shape, strides, strict=True) if st < 0 and s > 0)
+    hi = sum((s - 1) * st for s, st in zip(shape, strides, strict=True) if st > 0 and s > 0)
     base = np.zeros(hi - lo + 1, np.float32)
     view = np.lib.stride_tricks.as_strided(base[-lo:], shape, tuple(st * isz for st in strides))
-    addrs = {sum(i * st for i, st in zip(idx, strides)) for idx in np.ndindex(*shape)}
+    addrs = {sum(i * st for i, st in zip(idx, strides, strict=True)) for idx in np.ndindex(*shape)}
     overlapping = len(addrs) < view.size
     event("overlapping" if overlapping else "distinct")
     if overlapping:

@@ -134,7 +134,7 @@ def test_each_gemm_call_hands_cublas_a_workspace(rng):
     assert len(got) == 4 and got[1] is None and got[3] is None  # handed over, then released
     assert got[0].nbytes == got[2].nbytes == dev.blas_workspace_bytes
     with pytest.raises(ValueError):  # released on the way out of a failing call too
-        p.execute(phi, None, False, 0.5, True, gram_hook=_fail)
+        _plan.execute(p, phi, None, False, 0.5, True, gram_hook=_fail)
     assert len(got) == 6 and got[5] is None
     fdev = EmulatedGpuDevice()
     pf = _plan.Plan(phi, 0.5, backend="numpy", kernel="fused", _device=fdev)
@@ -292,13 +292,13 @@ def test_cupy_devices_fused_launch_on_the_simulator(monkeypatch, rng):
         loss, grad = p(phi2, out=out)
         assert grad is out
         check(phi2, loss, grad, 0.4, 0, "sum", dt)
-        assert len(p._fused_go) == 1
+        assert len(p._gpu.launchers) == 1
         # out in another layout: a launcher of its own, the first one kept
         fout = np.asfortranarray(make(np, rng, phi.shape, dt, "C", 0))
         loss, grad = p(phi, out=fout)
         assert grad is fout
         check(phi, loss, grad, 0.4, 0, "sum", dt)
-        assert len(p._fused_go) == 2
+        assert len(p._gpu.launchers) == 2
     assert [d.py_func.__name__ for d, _, _ in _CheckedLaunch.launches].count("fused_ortho_l1") == 6
 
 

@@ -68,3 +68,54 @@ def test_public_api_fully_annotated(fn):
     missing = [p.name for p in sig.parameters.values() if p.annotation is inspect.Parameter.empty]
     assert not missing, f"{fn.__name__}: parameters without type hints: {missing}"
     assert sig.return_annotation is not inspect.Signature.empty, f"{fn.__name__}: no return type"
+
+
+FRAMEWORK_MODULES = ("gpu_orthol1.torch", "gpu_orthol1.distributed")
+
+
+def _framework_callables():
+    """(id, callable) for every public function, class and public method of the torch and distributed
+    APIs (their `__all__`); empty where torch is not installed (the import needs it)."""
+    import importlib
+
+    out = []
+    for modname in FRAMEWORK_MODULES:
+        try:
+            mod = importlib.import_module(modname)
+        except ImportError:
+            return []
+        for name in mod.__all__:
+            obj = getattr(mod, name)
+            out.append((f"{modname}.{name}", obj))
+            if inspect.isclass(obj):
+                for mname, member in vars(obj).items():
+                    if mname == "__init__" or not mname.startswith("_"):
+                        fn = member.__func__ if isinstance(member, (classmethod, staticmethod)) else member
+                        if inspect.isfunction(fn):
+                            out.append((f"{modname}.{name}.{mname}", fn))
+    return out
+
+
+_FRAMEWORK = _framework_callables()
+
+
+@pytest.mark.skipif(not _FRAMEWORK, reason="torch is not installed (the torch extra)")
+@pytest.mark.parametrize("what,fn", _FRAMEWORK, ids=[w for w, _ in _FRAMEWORK])
+def test_framework_api_annotated_and_documented(what, fn):
+    """issue 24 item 5: every public callable of gpu_orthol1.torch / .distributed is typed, and the
+    public functions and methods document Args (when they take any), Returns and an Example."""
+    if inspect.isclass(fn):
+        doc = inspect.getdoc(fn) or ""
+        assert "Args:" in doc and "Example:" in doc, f"{what}: the class docstring lacks Args/Example"
+        return
+    sig = inspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.name not in ("self", "cls")]
+    missing = [p.name for p in params if p.annotation is inspect.Parameter.empty]
+    assert not missing, f"{what}: parameters without type hints: {missing}"
+    assert sig.return_annotation is not inspect.Signature.empty, f"{what}: no return type"
+    if fn.__name__ in ("__init__", "__repr__"):
+        return
+    doc = inspect.getdoc(fn) or ""
+    sections = (["Args:"] if params else []) + ["Returns:", "Example:"]
+    lacking = [s for s in sections if s not in doc]
+    assert not lacking, f"{what}: the docstring has no {lacking} section(s)"

@@ -66,7 +66,7 @@ def test_concurrent_calls_match_serial(rng):
     before = [phi.copy() for phi, _, _ in jobs]
     got = _hammer(lambda i: ol1.loss_and_grad(jobs[i][0], jobs[i][1], backend="numpy", **jobs[i][2]),
                   len(jobs))
-    for (phi, beta, kw), (l0, g0), (l1, g1), b in zip(jobs, serial, got, before):
+    for (phi, beta, kw), (l0, g0), (l1, g1), b in zip(jobs, serial, got, before, strict=True):
         assert l0.tobytes() == l1.tobytes() and g0.tobytes() == g1.tobytes(), "a threaded call differs"
         np.testing.assert_array_equal(phi, b)
         check(phi, l1, g1, beta, 1, kw["reduction"], phi.dtype)
@@ -82,7 +82,7 @@ def test_concurrent_calls_share_one_input(rng):
         return ol1.loss_and_grad(phi, 0.5, out=outs[i], accumulate=True, workspace_bytes=(None, 2000)[i % 2])
 
     losses = _hammer(call, THREADS)
-    for (loss, g), out in zip(losses, outs):
+    for (loss, g), out in zip(losses, outs, strict=True):
         assert g is out and loss.tobytes() == ref_loss.tobytes()
         # ROUNDS accumulations of the same gradient, in order, with nothing from other threads
         want = np.zeros_like(phi)

@@ -155,13 +155,13 @@ def test_ortho_l1_bfloat16_through_float32(tseed):
 
 def test_ortho_l1_cpu_is_zero_copy_and_one_pass(monkeypatch, tseed):
     seen = []
-    real = _plan.Plan.execute
+    real = _plan.Plan._execute
 
     def spy(self, phi, *a, **k):
         seen.append(phi)
         return real(self, phi, *a, **k)
 
-    monkeypatch.setattr(_plan.Plan, "execute", spy)
+    monkeypatch.setattr(_plan.Plan, "_execute", spy)
     w = _t(tseed, (10, 6), torch.float32).requires_grad_(True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ol1.CopyWarning)  # rows mode reads the transposed view in place
@@ -175,8 +175,8 @@ def test_ortho_l1_cpu_is_zero_copy_and_one_pass(monkeypatch, tseed):
 
 def test_ortho_l1_no_grad_skips_gradient(monkeypatch, tseed):
     flags = []
-    real = _plan.Plan.execute
-    monkeypatch.setattr(_plan.Plan, "execute", lambda *a, **k: (flags.append(a[5]), real(*a, **k))[1])
+    real = _plan.Plan._execute
+    monkeypatch.setattr(_plan.Plan, "_execute", lambda *a, **k: (flags.append(a[5]), real(*a, **k))[1])
     w = _t(tseed, (6, 4), torch.float32).requires_grad_(True)
     with torch.no_grad():
         loss = ortho_l1(w)
@@ -276,7 +276,7 @@ def test_orthol1_module_loss_add_grad_step(device, mode, name, tseed):
     torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-12, atol=1e-12)
     (1.7 * ref).backward()
     want = [p.grad.clone() for p in params]
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
     for p in model.parameters():
         if p.dim() < 2:
@@ -284,12 +284,12 @@ def test_orthol1_module_loss_add_grad_step(device, mode, name, tseed):
 
     # add_grad_: accumulates into existing .grad, creates missing ones
     base = [torch.randn_like(p) for p in params]
-    for i, (p, b) in enumerate(zip(params, base)):
+    for i, (p, b) in enumerate(zip(params, base, strict=True)):
         p.grad = b.clone() if i % 2 == 0 else None
     val = reg.add_grad_()
     assert not val.requires_grad
     torch.testing.assert_close(val, ref.detach(), rtol=1e-12, atol=1e-12)
-    for i, (p, b, w) in enumerate(zip(params, base, want)):
+    for i, (p, b, w) in enumerate(zip(params, base, want, strict=True)):
         torch.testing.assert_close(p.grad, w / 1.7 + (b if i % 2 == 0 else 0), rtol=1e-10, atol=1e-10)
 
     # step_: W <- W - lr * dL/dW from the weights before the step; .grad untouched
@@ -297,7 +297,7 @@ def test_orthol1_module_loss_add_grad_step(device, mode, name, tseed):
     grads_before = [p.grad.clone() for p in params]
     val = reg.step_(0.05)
     torch.testing.assert_close(val, ref.detach(), rtol=1e-12, atol=1e-12)
-    for p, w0, w, g0 in zip(params, before, want, grads_before):
+    for p, w0, w, g0 in zip(params, before, want, grads_before, strict=True):
         torch.testing.assert_close(p.detach(), w0 - 0.05 * w / 1.7, rtol=1e-10, atol=1e-12)
         assert torch.equal(p.grad, g0)
 
@@ -338,8 +338,8 @@ def _spy_batched(monkeypatch):
     monkeypatch.setattr(_numpy_dev.NumpyDevice, "gram", staticmethod(gram))
     monkeypatch.setattr(_numpy_dev.NumpyDevice, "grad", staticmethod(grad))
     single = []
-    real_run = _plan.Plan.execute
-    monkeypatch.setattr(_plan.Plan, "execute", lambda *a, **k: (single.append(1), real_run(*a, **k))[1])
+    real_run = _plan.Plan._execute
+    monkeypatch.setattr(_plan.Plan, "_execute", lambda *a, **k: (single.append(1), real_run(*a, **k))[1])
     return sizes, single
 
 
@@ -378,7 +378,7 @@ def test_chunked_group_equals_unchunked(tseed):
     assert reg.backend_calls == 8  # 4 chunks x (Gram, gradient)
     loss.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-14, atol=0)
-    for p, w in zip([p for p in model.parameters() if p.dim() == 2], want):
+    for p, w in zip([p for p in model.parameters() if p.dim() == 2], want, strict=True):
         torch.testing.assert_close(p.grad, w, rtol=1e-12, atol=1e-14)
     with pytest.raises(MemoryError, match="workspace"):
         OrthoL1(model, 0.4, workspace_bytes=100).loss()
@@ -464,7 +464,7 @@ def test_gpu_pointer_array_path_emulated(dtype, tseed):
         np.testing.assert_allclose(loss.item(), total, rtol=2e-5)
         before = [t.param.grad.clone() for t in reg.targets]
         reg.add_grad_()
-        for t, b in zip(reg.targets, before):
+        for t, b in zip(reg.targets, before, strict=True):
             np.testing.assert_allclose(t.param.grad.double().numpy(), 2 * b.double().numpy(),
                                        rtol=2e-3 if dtype == torch.float16 else 1e-5, atol=1e-3)
     if dtype == torch.float16:  # the GPU's pointer-array GEMM has no float16: one tensor at a time
@@ -568,7 +568,7 @@ def test_gpu_side_stream_and_float16(tseed):
         grads = [t.param.grad.clone() for t in reg.targets]
     torch.cuda.synchronize()
     total = 0.0
-    for t, g in zip(reg.targets, grads):
+    for t, g in zip(reg.targets, grads, strict=True):
         V = t.view(t.param.detach()).cpu().numpy()
         V64 = V.astype(np.float64)
         per = np.abs(np.einsum("mli,mlj->mij", V64, V64) - np.eye(V.shape[2])).sum() * 0.3
@@ -649,7 +649,7 @@ def test_cupy_device_pointer_call_arguments(tseed):
             base = [o.clone() for o in outs]
             phis = [(W.T if rows else W).numpy() for W in Ws]
             gouts = [(O.T if rows else O).numpy() for O in outs]
-            for j, (V, Vo) in enumerate(zip(phis, gouts)):
+            for j, (V, Vo) in enumerate(zip(phis, gouts, strict=True)):
                 views[("p", j)], views[("o", j)] = V, Vo
             lay = _gemm.slice_layout(*phis[0].shape, *(s // phis[0].itemsize for s in phis[0].strides))
             batch = _driver.Pointers(phis, gouts, lay, lay, phis[0].shape[0], phis[0].shape[1])
@@ -665,7 +665,7 @@ def test_cupy_device_pointer_call_arguments(tseed):
             FakeCublas.calls.clear()
             _driver.run(dev, batch, wsb, sz.chunk, losses, alpha=2 * 0.7, beta_gemm=1.0, want_grad=True)
             assert FakeCublas.calls == [3, 3]
-            for j, W in enumerate(Ws):
+            for j in range(len(Ws)):
                 added = outs[j] - base[j]
                 check(phis[j], losses[j] * 0.7, (added.T if rows else added).numpy(), 0.7, 1, "sum", np_dt)
 
@@ -678,13 +678,13 @@ def test_gpu_ortho_l1_zero_copy_on_current_stream(monkeypatch, tseed):
     import cupy
 
     seen = []
-    real = _plan.Plan.execute
+    real = _plan.Plan._execute
 
     def spy(self, phi, *a, **k):
         seen.append((phi, cupy.cuda.get_current_stream().ptr))
         return real(self, phi, *a, **k)
 
-    monkeypatch.setattr(_plan.Plan, "execute", spy)
+    monkeypatch.setattr(_plan.Plan, "_execute", spy)
     w = _t(tseed, (12, 7), torch.float32, "cuda").requires_grad_(True)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -797,7 +797,7 @@ def test_orthol1_loss_compiles_without_graph_break(tseed):
     ref = f(x)
     ref.backward()
     torch.testing.assert_close(out, ref, rtol=1e-14, atol=0)
-    for g, p in zip(got, model.parameters()):
+    for g, p in zip(got, model.parameters(), strict=True):
         assert (g is None) == (p.grad is None)
         if g is not None:
             torch.testing.assert_close(g, p.grad, rtol=1e-13, atol=1e-15)
@@ -842,14 +842,14 @@ def test_orthol1_op_finds_its_regularizer_while_it_lives():
 
     from torch import nn
 
-    from gpu_orthol1 import torch as gt
+    from gpu_orthol1.torch import _ops
 
     reg = OrthoL1(nn.Linear(4, 4), 0.1)
     key = reg._op_key
-    assert gt._registry[key]() is reg and OrthoL1(nn.Linear(3, 3))._op_key != key
+    assert _ops._registry[key]() is reg and OrthoL1(nn.Linear(3, 3))._op_key != key
     del reg
     gc.collect()
-    assert key not in gt._registry
+    assert key not in _ops._registry
     with pytest.raises(RuntimeError, match="no longer exists"):
         torch.ops.gpu_orthol1.orthol1_loss([torch.zeros(4, 4)], key, [0], False)
 
@@ -871,7 +871,7 @@ def test_orthol1_views_follow_the_parameters_memory(tseed):
 
     torch.testing.assert_close(reg.loss().detach(), expect())
     first = [t.param_view()[0] for t in reg.targets]
-    assert all(a is t.param_view()[0] for a, t in zip(first, reg.targets))  # kept, not remade
+    assert all(a is t.param_view()[0] for a, t in zip(first, reg.targets, strict=True))  # kept, not remade
     with torch.no_grad():
         lin.mul_(1.7)  # in place: the kept view sees it
     torch.testing.assert_close(reg.loss().detach(), expect())

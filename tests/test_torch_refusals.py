@@ -120,8 +120,9 @@ def test_compiled_loss_refuses_dtensor_parameters(one_rank_gloo):
 
 
 def test_distributed_functions_refuse_a_negative_beta(one_rank_gloo):
-    from gpu_orthol1 import distributed as odist
     from torch.distributed.tensor import Shard, distribute_tensor
+
+    from gpu_orthol1 import distributed as odist
 
     phi = torch.randn(3, 4, 5, dtype=torch.float64)
     for fn in (odist.loss_and_grad, odist.loss):

@@ -20,17 +20,16 @@ from .base import (
     Case,
     Method,
     Prepared,
+    cpu_peak,
     cpu_peak_of,
     cupy_module,
     device_copies,
     gpu_ok,
     gpu_peak_of,
-    to_host,
-    noop,
-    cpu_peak,
     gpu_sync,
+    noop,
+    to_host,
 )
-
 
 # ---------------------------------------------------------------- gpu_orthol1
 
@@ -297,7 +296,7 @@ def _limit(device: str, precision: str) -> Method:
     cannot beat with BLAS doing the arithmetic."""
 
     def prepare(case):
-        from .. import _driver, _plan
+        from .. import _cpu_pool, _driver
 
         if device == "cpu":
             from .._numpy_dev import NumpyDevice
@@ -323,7 +322,7 @@ def _limit(device: str, precision: str) -> Method:
             dev.bind()
 
         # on the CPU the slices are split over threads exactly as gpu_orthol1 splits them
-        threads = _plan.cpu_threads(m, case.l, n) if device == "cpu" else 1
+        threads = _cpu_pool.cpu_threads(m, case.l, n) if device == "cpu" else 1
 
         def call(k):
             out = xp.empty_like(A[k])
@@ -333,7 +332,7 @@ def _limit(device: str, precision: str) -> Method:
                 dev.gram(src, b - a, G[a:b])
                 dev.grad(src, _driver.StridedChunk(out, lay, a), b - a, S[a:b], 1.0, 0.0)
 
-            _plan.run_split(part, m, threads)
+            _cpu_pool.run_split(part, m, threads)
             return out
 
         peak = cpu_peak_of(call) if device == "cpu" else gpu_peak_of(call)

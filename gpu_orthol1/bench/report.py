@@ -9,6 +9,7 @@ import math
 from .base import PEERS, RESULT_FIELDS
 from .flags import own_flags, split_flags
 
+
 def crossover_flops(rows) -> float | None:
     """Smallest size (in GEMM flops) from which backend="cupy" beats "numpy" at that and every larger size."""
     by: dict[float, dict[str, float]] = {}
@@ -50,9 +51,9 @@ def table(rows, sweeps=("ref",)) -> str:
             _fmt(r["peak_mb"], ".1f"), r["status"] + (f" ({r['note']})" if r["note"] else ""),
             f"SLOW: {r['slow']}" if r.get("slow") else "", r.get("flags", ""),
         ])
-    w = [max(len(str(x)) for x in col) for col in zip(head, *lines)] if lines else [len(h) for h in head]
-    out = ["  ".join(h.ljust(k) for h, k in zip(head, w)).rstrip()]
-    out += ["  ".join(str(c).ljust(k) for c, k in zip(ln, w)).rstrip() for ln in lines]
+    w = [max(len(str(x)) for x in col) for col in zip(head, *lines, strict=True)] if lines else [len(h) for h in head]
+    out = ["  ".join(h.ljust(k) for h, k in zip(head, w, strict=True)).rstrip()]
+    out += ["  ".join(str(c).ljust(k) for c, k in zip(ln, w, strict=True)).rstrip() for ln in lines]
     return "\n".join(out)
 
 
@@ -113,7 +114,7 @@ def headline_markdown(rows) -> str:
     for h in hl:
         fl = h["flags"]
 
-        def mark(key, text):
+        def mark(key, text, fl=fl):
             return text + "?" if key in fl and text != "-" else text
 
         cells = [h["device_name"] or h["device"], h["shape"], h["dtype"], mark("ms", _fmt(h["ms"], ".2f")),

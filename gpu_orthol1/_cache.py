@@ -1,0 +1,54 @@
+"""The functional API's plan cache: a small LRU of plans keyed by what changes them, so that a
+repeated call pays a lookup, not a re-plan."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from . import _backends, _checks, _penalty
+from ._plan import Plan
+
+CACHE_SIZE = 32
+_cache: OrderedDict[tuple, Plan] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def cached(phi: Any, axis: Any, reduction: Any, precision: Any, backend: Any, workspace_bytes: Any,
+           penalty: Any = "l1", diagonal: Any = True, normalize: Any = False) -> Plan:
+    """The plan for this call from the LRU cache, made on a miss (argument errors are raised then)."""
+    # checked before the lookup: diagonal=1 would otherwise hash like True and find its plan
+    variant = _penalty.check(penalty, diagonal, normalize)
+    key: tuple | None
+    try:
+        tp = type(phi)
+        key = (tp, phi.shape, phi.strides, phi.dtype, phi.device.id if tp is not np.ndarray else None,
+               axis, reduction, precision, backend, workspace_bytes, variant,
+               os.environ.get(_backends.ENV_BACKEND), os.environ.get(_checks.ENV_WORKSPACE),
+               os.environ.get(_checks.ENV_KERNEL))
+        with _cache_lock:
+            p = _cache.get(key)
+            if p is not None:
+                _cache.move_to_end(key)
+                return p
+    except (AttributeError, TypeError):  # not an array, or an unhashable argument: Plan() says which
+        key = None
+    p = Plan(phi, 1.0, axis=axis, reduction=reduction, precision=precision, backend=backend,
+             workspace_bytes=workspace_bytes, penalty=variant.penalty, diagonal=variant.diagonal,
+             normalize=variant.normalize)
+    if key is not None:
+        with _cache_lock:
+            _cache[key] = p
+            if len(_cache) > CACHE_SIZE:
+                _cache.popitem(last=False)
+    return p
+
+
+def clear_cache() -> None:
+    """Forget every cached plan."""
+    with _cache_lock:
+        _cache.clear()

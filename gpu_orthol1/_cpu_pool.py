@@ -1,0 +1,149 @@
+"""The CPU's side of a plan call: the thread pool that shares a call's slices, and the small
+workspace a plan keeps between calls."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from . import _driver, _gemm
+
+CPU_KEEP_WORKSPACE = 1 << 20  # a plan keeps a workspace this small between calls (small shapes' hot path)
+# The CPU splits the slice range over a thread pool, one part per core, and runs BLAS single-threaded
+# meanwhile (`run_split`): NumPy's batched matmul runs the slices one after another, and BLAS's own
+# threads pay a synchronization per GEMM that the slices' independence makes needless. Measured on
+# the AMD EPYC (2 CPUs, loaded by other jobs), float32, against OpenBLAS threading each slice GEMM:
+# (1024, 16, 128) 103 vs 500 ms, (512, 64, 512) 2.0 vs 8.1 s, (1024, 16, 32) 10.8 vs 140 ms.
+CPU_PARALLEL_MIN_FLOPS = 1 << 24  # below this a call is too short to pay for handing work to threads
+CPU_PARALLEL_MAX_IMBALANCE = 1.25  # the largest part at most this many times the mean one (else BLAS threads)
+
+# The CPU's BLAS writes each slice's gradient rows where they lie in the output. When the rows are
+# short and far apart (the slices of a C-contiguous (l, m, n) array: rows m*n elements apart), those
+# scattered writes cost more than writing a chunk buffer and copying it out: on (64, 4096, 64)
+# float32 (Intel Xeon, 2 CPUs, quiet) the call took 44.6 ms in place against 39.4 ms through the
+# buffer, with the bench's BLAS limit at 38.6 ms (the phase alone: 22 ms against 13 + 3 ms of copy).
+CPU_STAGE_ROW_STRIDE = 1 << 16  # bytes between a slice's rows, at least
+CPU_STAGE_ROW_BYTES = 512  # bytes of one slice row, at most
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def far_rows(lay: _gemm.Layout, n: int, itemsize: int) -> bool:
+    """Whether gradient slices of this layout have short rows far apart (see CPU_STAGE_ROW_STRIDE)."""
+    return lay.kind == "T" and lay.ld * itemsize >= CPU_STAGE_ROW_STRIDE and n * itemsize <= CPU_STAGE_ROW_BYTES
+
+
+def _thread_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="gpu_orthol1")
+        return _pool
+
+
+def cpu_threads(m: int, l: int, n: int) -> int:
+    """Threads that share the slices of a CPU call (the bench's BLAS limit splits its GEMMs alike)."""
+    cores = os.cpu_count() or 1
+    threads = min(cores, m)
+    if threads <= 1 or 4.0 * l * n * n * m < CPU_PARALLEL_MIN_FLOPS:
+        return 1
+    if -(-m // threads) * threads > CPU_PARALLEL_MAX_IMBALANCE * m:  # a few large slices: BLAS splits each
+        return 1
+    return threads
+
+
+_blas_ctl: Any = None
+_blas_ctl_lock = threading.Lock()
+
+
+def _blas_controller_locked() -> Any:
+    """threadpoolctl's controller of the loaded BLAS libraries, found once; the caller holds
+    _blas_ctl_lock. (Finding them walks the process's shared objects: about 1.4 ms a call; NumPy's
+    BLAS is loaded with NumPy, before any plan.)"""
+    global _blas_ctl
+    if _blas_ctl is None:
+        from threadpoolctl import ThreadpoolController
+
+        _blas_ctl = ThreadpoolController().select(user_api="blas")
+    return _blas_ctl
+
+
+_one_thread_depth = 0  # run_split calls (from any user thread) inside the one-thread BLAS limit
+_one_thread_limiter: Any = None
+
+
+@contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """BLAS on one thread while any run_split call runs: the first call in sets the limit, the last
+    one out restores BLAS's own setting. (Each call setting and restoring its own limit would let two
+    user threads' overlapping calls restore each other's 1, leaving BLAS on one thread for good.)"""
+    global _one_thread_depth, _one_thread_limiter
+    with _blas_ctl_lock:
+        if _one_thread_depth == 0:
+            _one_thread_limiter = _blas_controller_locked().limit(limits=1)
+        _one_thread_depth += 1
+    try:
+        yield
+    finally:
+        with _blas_ctl_lock:
+            _one_thread_depth -= 1
+            if _one_thread_depth == 0:
+                _one_thread_limiter.restore_original_limits()
+                _one_thread_limiter = None
+
+
+def run_split(fn: Callable[[int, int], object], m: int, threads: int) -> None:
+    """fn(first, last) over `threads` contiguous parts of range(m), on the shared pool.
+
+    While the parts run, BLAS runs one thread per call: each pool thread is already a core's worth
+    of work, and BLAS's own threads on top of it oversubscribe the cores (on (512, 1024, 64) float32,
+    AMD EPYC, 2 CPUs: 213 ms with OpenBLAS's default two threads, 91 ms with one; issue 26). The
+    limit is process-wide while it lasts (threadpoolctl's), shared by overlapping calls from several
+    user threads (`_one_blas_thread`); it costs speed, never correctness, where it does not apply."""
+    if threads <= 1:
+        fn(0, m)
+        return
+    parts = np.linspace(0, m, threads + 1).astype(int)
+    with _one_blas_thread():
+        futs = [_thread_pool().submit(fn, int(a), int(b)) for a, b in zip(parts[:-1], parts[1:], strict=True) if b > a]
+        wait(futs)  # every part done before BLAS gets its threads back, even when one part failed
+    for f in futs:
+        f.result()
+
+
+class CpuRunner:
+    """A plan's CPU calls: the chunk loop over parts of the slices on the pool, each part in the
+    plan's small kept workspace when it fits and no other thread holds it, else in its own."""
+
+    def __init__(self, dev: Any, m: int, l: int, n: int, dtype: np.dtype):
+        self._dev, self._m, self._l, self._n, self._dtype = dev, m, l, n, dtype
+        self._lock = threading.Lock()
+        self._kept: dict | None = None
+
+    def run(self, batch: _driver.Strided, sz: _driver.Sizes, losses: Any, kw: dict, threads: int) -> None:
+        """The call's losses (and gradient, per `kw`) over `threads` parts of the slices."""
+        run_split(lambda a, b: self._run_part(batch, sz, losses, kw, a, b), self._m, threads)
+
+    def _run_part(self, batch: _driver.Strided, sz: _driver.Sizes, losses: Any, kw: dict, first: int,
+                  last: int) -> None:
+        nbytes = sz.chunk * sz.per_slice
+        if nbytes <= CPU_KEEP_WORKSPACE and self._lock.acquire(blocking=False):
+            try:
+                if self._kept is None or self._kept.get("_sizes") != sz:
+                    self._kept = _driver.workspace(np.empty, sz, self._l, self._n, self._dtype)
+                    self._kept["_sizes"] = sz
+                _driver.run(self._dev, batch, self._kept, sz.chunk, losses, first=first, count=last - first,
+                            loss_offset=first, **kw)
+            finally:
+                self._lock.release()
+            return
+        wsb = _driver.workspace(np.empty, sz, self._l, self._n, self._dtype)
+        _driver.run(self._dev, batch, wsb, sz.chunk, losses, first=first, count=last - first,
+                    loss_offset=first, **kw)

@@ -1,0 +1,120 @@
+"""The tensor bridge shared by gpu_orthol1.torch and gpu_orthol1.distributed: argument checks on
+tensors, zero-copy conversion between torch tensors and NumPy/CuPy arrays, torch's current CUDA stream
+for CuPy, the core device per torch device, and the (m, l, n) slice views of a parameter.
+
+Imports nothing above the core (gpu_orthol1.torch._core): both framework packages build on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _core
+
+_NP_DTYPE = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+# what the core may ask torch's allocator for: the operand dtypes, and bytes (the cuBLAS workspace)
+_TORCH_DTYPE = {np.dtype(v): k for k, v in _NP_DTYPE.items()} | {np.dtype(np.uint8): torch.uint8}
+_OK_DTYPES = (torch.float16, torch.float32, torch.float64, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# checks and zero-copy conversion
+
+
+def _is_dtensor(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and type(t).__module__.startswith("torch.distributed")
+
+
+def _check_tensor(t: Any, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{what} is a {t.layout} tensor; gpu_orthol1 needs a dense (strided) tensor "
+                        "(call .to_dense() first if that is what you mean)")
+    if t.is_complex():
+        raise TypeError(f"{what} is complex ({t.dtype}); the L1 orthogonality loss here is for real matrices")
+    if t.dtype not in _OK_DTYPES:
+        raise TypeError(f"{what} has dtype {t.dtype}; expected float16, bfloat16, float32 or float64")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{what} is on device {t.device}; gpu_orthol1 runs on CPU and CUDA tensors only")
+
+
+@contextmanager
+def _on_torch_stream(device: torch.device) -> Iterator[None]:
+    """CuPy (and the core's cuBLAS handle and Numba launches) on torch's current stream of `device`."""
+    import cupy
+
+    with cupy.cuda.Device(device.index if device.index is not None else torch.cuda.current_device()):
+        # Stream.from_external reads torch's __cuda_stream__ (CuPy 14 deprecates ExternalStream)
+        with cupy.cuda.Stream.from_external(torch.cuda.current_stream(device)):
+            yield
+
+
+_devices: dict[torch.device, Any] = {}
+
+
+def _core_device(device: torch.device) -> Any:
+    """The core device for tensors on `device`, made once per device (call inside `_on_torch_stream`
+    for CUDA: `bind()` picks up the current stream at each call)."""
+    dev = _devices.get(device)
+    if dev is None:
+        dev = _devices[device] = _core.make_device("numpy" if device.type == "cpu" else "cupy", "highest")
+    return dev
+
+
+def _to_array(t: torch.Tensor) -> Any:
+    """The NumPy (CPU) or CuPy (CUDA) array on t's memory: no copy. t must be detached."""
+    if t.device.type == "cpu":
+        return t.numpy()
+    import cupy
+
+    return cupy.from_dlpack(t)
+
+
+def _from_array(a: Any, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return torch.from_numpy(np.asarray(a))
+    return torch.from_dlpack(a)
+
+
+# ---------------------------------------------------------------------------------------------
+# the (m, l, n) slice view of a parameter (core convention: the Gram is Phi_i^T Phi_i, n x n)
+
+
+def _flat_order(x: torch.Tensor) -> list[int]:
+    """Dims 1.. of x in memory order (outermost first): the column order of its (out, -1) flattening."""
+    strides = x.stride()
+    return sorted(range(1, x.dim()), key=lambda d: -strides[d])
+
+
+def _slices(x: torch.Tensor, how: str, axis: int, transpose: bool) -> torch.Tensor:
+    """(m, l, n) view of x without copying: how is "matrix" (2-D), "flatten" (Conv: (out, -1)) or
+    "stack" (3-D, slices along axis); transpose puts the rows' Gram (l x l) in the core's place."""
+    if how == "matrix":
+        v = x.unsqueeze(0)
+    elif how == "flatten":
+        # flatten dims 1.. in memory order: the loss and the row Gram do not depend on the order of the
+        # flattened columns, and this keeps channels_last weights a view
+        xp = x.permute(0, *_flat_order(x))
+        try:
+            v = xp.view(x.shape[0], -1).unsqueeze(0)
+        except RuntimeError:
+            raise ValueError(f"a {tuple(x.shape)} parameter with strides {x.stride()} cannot be flattened "
+                             "to (out, -1) without a copy") from None
+    else:
+        v = x if axis == 0 else x.movedim(axis, 0)  # movedim costs a dispatch even as a no-op
+    return v.transpose(1, 2) if transpose else v
+
+
+def _pick_transpose(mode: str | None, l: int, n: int) -> bool:
+    if mode in (None, "columns"):
+        return False
+    if mode == "rows":
+        return True
+    return l < n  # "auto": the smaller Gram
+

@@ -1,0 +1,49 @@
+"""The one door from the framework layers (gpu_orthol1.torch, gpu_orthol1.distributed) into the core.
+
+Every call the torch and distributed code makes into the core goes through these functions: the
+argument checks (`_checks`), the plan cache (`_cache`), the core devices (`_device`) and the plan
+hooks of the internal interface (`_plan.execute`, `_plan.chunk_for`), so that what the framework
+layers need from the core is named in one place. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import _cache, _checks, _device, _plan
+
+REDUCTIONS = _checks.REDUCTIONS
+
+
+def cached(phi: Any, axis: int, reduction: str, precision: str, backend: str, workspace_bytes: int | None,
+           penalty: str = "l1", diagonal: bool = True, normalize: bool = False) -> Any:
+    """The functional API's cached plan for phi's layout."""
+    return _cache.cached(phi, axis, reduction, precision, backend, workspace_bytes, penalty, diagonal, normalize)
+
+
+def check_beta(beta: Any, what: str = "beta") -> float:
+    return _checks.check_beta(beta, what)
+
+
+def check_workspace_bytes(workspace_bytes: Any) -> int | None:
+    return _checks.check_workspace_bytes(workspace_bytes)
+
+
+def workspace_budget(workspace_bytes: int | None, resolved: str, xp: Any) -> int:
+    return _checks.workspace_budget(workspace_bytes, resolved, xp)
+
+
+def make_device(resolved: str, precision: str) -> Any:
+    return _device.make_device(resolved, precision)
+
+
+def execute(plan: Any, phi: Any, out: Any, accumulate: bool, beta: float, want_grad: bool, *,
+            gram_hook: Any = None, chunk: int | None = None, alloc: Any = None, losses: Any = None) -> Any:
+    """The plan's run on phi with the framework layers' hooks (workspaces from their allocator, the
+    per-slice losses into their buffer, a Gram hook for the distributed all-reduce)."""
+    return _plan.execute(plan, phi, out, accumulate, beta, want_grad, gram_hook=gram_hook, chunk=chunk,
+                         alloc=alloc, losses=losses)
+
+
+def chunk_for(plan: Any, want_grad: bool, accumulate: bool = False) -> int:
+    return _plan.chunk_for(plan, want_grad, accumulate)

@@ -262,13 +262,13 @@ def ddp_rank_main(rank, world, store, args, out_path):
             task(m, x).backward()
             opt.step()
         params[split] = [p.detach().clone() for p in m.parameters()]
-    rel = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(params["auto"], params[None]))
+    rel = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(params["auto"], params[None], strict=True))
 
     regs = {}
     for split in (None, "auto"):
         m = DDP(model())
         regs["split" if split else "whole"] = OrthoL1(m, 1e-3, split=split)
-    share = sorted(regs["split"]._active())
+    share = sorted(regs["split"]._runner.active())
     times: dict = {k: [] for k in regs}
 
     def once(reg):
@@ -277,7 +277,7 @@ def ddp_rank_main(rank, world, store, args, out_path):
         reg.add_grad_()
         return time.perf_counter() - t0
 
-    for k, reg in regs.items():  # warm-up
+    for reg in regs.values():  # warm-up
         once(reg)
     for _ in range(args.steps):
         for k, reg in regs.items():

@@ -9,7 +9,7 @@ Per slice with Gram G = Phi^T Phi (n x n) and E = G - I:
 - ``penalty``: the slice's share of the loss, beta times its unscaled loss (which the pass's own
   sign pass computes, so every member of the penalty family reports its own value).
 
-`Collector.hook` is a `gram_hook` for `_driver.run` / `Plan.execute`: it sees each chunk of Grams
+`Collector.hook` is a `gram_hook` for `_driver.run` / `_plan.execute`: it sees each chunk of Grams
 before the sign pass overwrites them, so the metrics cost a few elementwise passes over the Grams
 and no GEMM of their own. Everything stays in the array module `xp` (NumPy or CuPy): no host sync.
 """
@@ -117,17 +117,17 @@ def metrics(phi: Any, beta: float = 1.0, *, axis: int = 1, precision: str = "hig
         >>> float(ol1.metrics(q[:, :8])["max_cos"]) < 1e-12
         True
     """
-    from . import _plan
+    from . import _cache, _checks, _plan
 
-    p = _plan.cached(phi, axis, "none", precision, backend, workspace_bytes, penalty, diagonal, normalize)
-    b = _plan.check_beta(beta)
-    xp = p.xp
+    p = _cache.cached(phi, axis, "none", precision, backend, workspace_bytes, penalty, diagonal, normalize)
+    b = _checks.check_beta(beta)
+    xp, host_in, squeeze = _plan.io(p)
     col = Collector(xp, p.m, p.n)
     losses = xp.empty(p.m, dtype=np.float64)  # the unscaled per-slice losses, float64 for every dtype
-    p.execute(phi, None, False, b, False, gram_hook=col.hook, losses=losses)
+    _plan.execute(p, phi, None, False, b, False, gram_hook=col.hook, losses=losses)
     out = {"penalty": losses * b, **col.bufs}
-    if p.host_in:  # a NumPy input computed on the GPU: hand back NumPy arrays, like `loss`
+    if host_in:  # a NumPy input computed on the GPU: hand back NumPy arrays, like `loss`
         out = {k: xp.asnumpy(v) for k, v in out.items()}
-    if p.squeeze:
+    if squeeze:
         out = {k: v.reshape(()) for k, v in out.items()}
     return out

@@ -71,7 +71,7 @@ def run_case(torch, rank, world, how, split, seed):
             pen = reg.add_grad_()
         values.append(float(pen.detach()))
         opt.step()
-    share = sorted(reg._active()) if reg._split is not None else None
+    share = sorted(reg._runner.active()) if reg._split is not None else None
     every = sorted(reg.metrics())  # every matrix, under split= too
     _, own = reg.loss(metrics=True)  # this pass's matrices: the rank's share under split=
     return {"metrics_names": every, "loss_metrics_names": sorted(own),

@@ -97,7 +97,7 @@ def test_chunk_metrics_both_paths_equal_reference(rng, n):
     for fn in (_metrics.chunk_metrics, _metrics.chunk_metrics_xp):
         out = [np.full(5, -1.0) for _ in range(3)]
         fn(np, ws.copy(), n, *out)
-        for k, o in zip(("max_cos", "fro", "mean_abs"), out):
+        for k, o in zip(("max_cos", "fro", "mean_abs"), out, strict=True):
             _close(o, want[k], 1e-12, f"{fn.__name__} {k} n={n}")
 
 
@@ -215,7 +215,7 @@ def test_schedule_and_every_equal_hand_loop(how, every):
             loss = loss + every * sched(s) * _hand_penalty(b, "auto")
         loss.backward()
         ob.step()
-    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         _close(pa.detach().numpy(), pb.detach().numpy(), 1e-11, n)
 
 
@@ -265,14 +265,14 @@ def test_resume_is_bit_identical():
     reg2.load_state_dict(ck["ortho"])
     assert reg2.step == 7
     _train(net2, reg2, opt2, xs, 7, 15)
-    for (n, p), q in zip(net.named_parameters(), net2.parameters()):
+    for (n, p), q in zip(net.named_parameters(), net2.parameters(), strict=True):
         assert torch.equal(p, q), n
     # without the regularizer's state the resumed run differs (the test can fail)
     net3, reg3, opt3 = fresh()
     net3.load_state_dict(ck["model"])
     opt3.load_state_dict(ck["opt"])
     _train(net3, reg3, opt3, xs, 7, 15)
-    assert not all(torch.equal(p, q) for p, q in zip(net.parameters(), net3.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(net.parameters(), net3.parameters(), strict=True))
 
 
 # -- bad inputs -------------------------------------------------------------------------------------
@@ -287,7 +287,7 @@ def test_bad_schedule_value_raises_before_writing(bad):
     with pytest.raises(ValueError, match="schedule returned .* at step 1"):
         reg.add_grad_()
     assert [p.grad for p in net.parameters() if p.grad is not None] and all(
-        torch.equal(a, p.grad) for a, p in zip(before, (p for p in net.parameters() if p.grad is not None)))
+        torch.equal(a, p.grad) for a, p in zip(before, (p for p in net.parameters() if p.grad is not None), strict=True))
     assert reg.step == 1  # not advanced: the call can be retried after fixing the schedule
     with pytest.raises(ValueError, match="schedule"):
         reg.loss()

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from . import _metrics
+from . import _core
 
-KEYS = _metrics.KEYS
+KEYS = _core.METRIC_KEYS
 
 
 def check_every(every: Any) -> int:
@@ -58,14 +59,12 @@ class State:
         self.set_beta(beta)
 
     def set_beta(self, beta: Any) -> None:
-        from . import _plan
-
         if callable(beta) and not isinstance(beta, (numbers.Real, np.ndarray, torch.Tensor)):
             self.schedule: Callable[[int], float] | None = beta
             self.const = None
         else:
             self.schedule = None
-            self.const = _plan.check_beta(beta)
+            self.const = _core.check_beta(beta)
 
     def set_step(self, step: Any) -> None:
         if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
@@ -174,7 +173,7 @@ def full_value(local: torch.Tensor, sp: Split) -> torch.Tensor:
 
 
 class MetricsRun:
-    """Per-slice metric buffers filled by the `gram_hook` of each group of `OrthoL1._execute`, and
+    """Per-slice metric buffers filled by the `gram_hook` of each group of `_GroupRunner.execute`, and
     the per-matrix dict built from them with torch ops (no host sync). `factor`: the reported
     penalty over the weight the pass applies (1 / world under the split)."""
 
@@ -196,9 +195,9 @@ class MetricsRun:
         if device.type == "cuda":
             import cupy
 
-            col = _metrics.Collector(cupy, 0, n, off, {k: cupy.asarray(b) for k, b in bufs.items()})
+            col = _core.metrics_collector(cupy, 0, n, off, {k: cupy.asarray(b) for k, b in bufs.items()})
             return lambda ws: col.hook(cupy.asarray(ws))
-        col = _metrics.Collector(np, 0, n, off, {k: b.numpy() for k, b in bufs.items()})
+        col = _core.metrics_collector(np, 0, n, off, {k: b.numpy() for k, b in bufs.items()})
 
         def hook(ws):
             col.hook(ws.numpy() if isinstance(ws, torch.Tensor) else ws)
@@ -215,10 +214,10 @@ class MetricsRun:
         if V.device.type == "cuda":
             import cupy
 
-            _metrics.chunk_metrics(cupy, cupy.asarray(G.reshape(s, n * n)), n,
+            _core.chunk_metrics(cupy, cupy.asarray(G.reshape(s, n * n)), n,
                                    *(cupy.asarray(bufs[k]) for k in KEYS[1:]))
         else:
-            _metrics.chunk_metrics(np, G.reshape(s, n * n).numpy(), n, *(bufs[k].numpy() for k in KEYS[1:]))
+            _core.chunk_metrics(np, G.reshape(s, n * n).numpy(), n, *(bufs[k].numpy() for k in KEYS[1:]))
         self.single[j] = (bufs, loss.detach())
 
     def result(self, targets: list, weight: float) -> dict:

@@ -80,12 +80,23 @@ class _TrainingLoop:
         return w
 
     def _skipped(self, metrics: bool) -> Any:
-        z = torch.zeros((), dtype=self._runner.loss_dtype(), device=self.targets[0].param.device if self.targets else None)
+        dev = self.targets[0].param.device if self.targets else None
+        z = torch.zeros((), dtype=self._runner.loss_dtype(), device=dev)
         return (z, {}) if metrics else z
 
+    def _run(self, pass_: Callable[[], Any], metrics: bool, detached: bool) -> Any:
+        """One counted call of `pass_` (loss's or add_grad_'s) at this step's weight."""
+        if self._begin(metrics) is None:
+            return self._skipped(metrics)
+        try:
+            out = pass_()
+        except BaseException:
+            self._collect = None  # a failed pass leaves no half-filled metrics for the next call
+            raise
+        return self._finish(out, metrics, detached)
+
     def _finish(self, out: Any, metrics: bool, detached: bool) -> Any:
-        """The full penalty's value under the split (one all-reduce; off the gradient path), and the
-        metrics of this call's pass."""
+        """The full penalty's value under the split (one all-reduce, off the gradient path) and the metrics."""
         try:
             m = self._collect.result(self.targets, self._applied) if self._collect is not None else None
         finally:
@@ -130,19 +141,11 @@ class _TrainingLoop:
             if metrics or self._train.schedule is not None or self._train.every != 1 or self._split is not None:
                 return self._loss_eager(metrics)
             return self._loss()
-        if self._begin(metrics) is None:
-            return self._skipped(metrics)
-        try:
-            out = self._loss()
-        except BaseException:
-            self._collect = None
-            raise
-        return self._finish(out, metrics, detached=False)
+        return self._run(self._loss, metrics, detached=False)
 
     @torch.compiler.disable
     def _loss_eager(self, metrics: bool) -> Any:
-        """loss() run eagerly from a compiled function (a graph break; dynamo compiles none of its frames,
-        which would otherwise pin this regularizer's registry key into their guards)."""
+        # a graph break whose frames dynamo compiles none of: they would pin the registry key into guards
         return self.loss(metrics)
 
     def add_grad_(self, metrics: bool = False) -> Loss | tuple[Loss, dict]:
@@ -171,14 +174,7 @@ class _TrainingLoop:
             >>> reg = OrthoL1(torch.nn.Linear(8, 4), 1e-3)
             >>> value = reg.add_grad_()
         """
-        if self._begin(metrics) is None:
-            return self._skipped(metrics)
-        try:
-            out = self._add_grad_()
-        except BaseException:
-            self._collect = None
-            raise
-        return self._finish(out, metrics, detached=True)
+        return self._run(self._add_grad_, metrics, detached=True)
 
     def step_(self, lr: float) -> Loss:
         """The update rule W <- W - lr * d(loss())/dW in place, decoupled from the optimizer (like AdamW's

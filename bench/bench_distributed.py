@@ -2,6 +2,14 @@
 
     python bench/bench_distributed.py                                  # 2 and 4 ranks, d_model 512, 12 layers
     python bench/bench_distributed.py --ranks 2 --layers 1 --d-model 64 --steps 1 --out /tmp/x   # smoke
+    python bench/bench_distributed.py --ddp --ranks 2 3                # OrthoL1(split=) under DDP
+
+--ddp: the same matrices, replicated (a DistributedDataParallel model), float32. Per rank, the time
+of `OrthoL1.add_grad_()` with split="auto" (this rank's flop-balanced share, world-scaled, plus the
+scalar all-reduce of the value) against split=None (every rank the whole penalty), interleaved, after
+one warm-up each; the ratio split / unsplit per rank (target: <= 1/world + 0.15). Before timing, 5 SGD
+steps of each (add_grad_ before backward, a task loss on rank-local data) are compared: the split
+run's parameters against the unsplit run's (float32: relative difference).
 
 Weights: per layer the 4 attention projections (d x d) and the 2 MLP matrices (4d x d, d x 4d),
 float32, each split along dim 0 over the ranks (Shard(0), as FSDP2 does), mode "auto" (the smaller
@@ -214,6 +222,118 @@ def _spawn_entry(rank, world, store, args, outs):
     os._exit(0)
 
 
+def ddp_rank_main(rank, world, store, args, out_path):
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from gpu_orthol1.torch import OrthoL1
+
+    torch.set_num_threads(1)
+    torch.set_default_dtype(getattr(torch, args.ddp_dtype))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=600))
+
+    class Mats(torch.nn.Module):
+        def forward(self, x):  # a task loss that touches every parameter (through DDP's forward)
+            return sum((p[:, : x.shape[1]] @ x.T).square().mean() for p in self.parameters())
+
+    def model():
+        gen = torch.Generator().manual_seed(args.seed)
+        m = Mats()
+        for name, _kind, (o, i) in shapes(args.d_model, args.layers):
+            m.register_parameter(name.replace(".", "_"), torch.nn.Parameter(torch.randn(o, i, generator=gen) / o ** 0.5))
+        return m
+
+    def task(m, x):
+        return m(x)
+
+    # correctness: 5 SGD steps, split against unsplit
+    params = {}
+    for split in (None, "auto"):
+        m = DDP(model())
+        reg = OrthoL1(m, 1e-3, split=split)
+        opt = torch.optim.SGD(m.parameters(), lr=1e-2)
+        gen = torch.Generator().manual_seed(args.seed + 1 + rank)
+        for _ in range(5):
+            x = torch.randn(4, 64, generator=gen)
+            opt.zero_grad()
+            reg.add_grad_()  # before backward: DDP's all-reduce carries it
+            task(m, x).backward()
+            opt.step()
+        params[split] = [p.detach().clone() for p in m.parameters()]
+    rel = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(params["auto"], params[None], strict=True))
+
+    regs = {}
+    for split in (None, "auto"):
+        m = DDP(model())
+        regs["split" if split else "whole"] = OrthoL1(m, 1e-3, split=split)
+    share = sorted(regs["split"]._runner.active())
+    times: dict = {k: [] for k in regs}
+
+    def once(reg):
+        dist.barrier()
+        t0 = time.perf_counter()
+        reg.add_grad_()
+        return time.perf_counter() - t0
+
+    for reg in regs.values():  # warm-up
+        once(reg)
+    for _ in range(args.steps):
+        for k, reg in regs.items():
+            times[k].append(once(reg))
+    with open(out_path, "w") as f:
+        json.dump({"rank": rank, "params_max_rel_diff": rel, "share": share, "times": times}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _ddp_entry(rank, world, store, args, outs):
+    ddp_rank_main(rank, world, store, argparse.Namespace(**args), outs[rank])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def run_ddp(world, args):
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [os.path.join(tmp, f"rank{r}.json") for r in range(world)]
+        mp.start_processes(_ddp_entry, args=(world, os.path.join(tmp, "store"), vars(args), outs),
+                           nprocs=world, join=True, start_method="spawn")
+        ranks = [json.loads(Path(p).read_text()) for p in outs]
+    per_rank = []
+    for r in ranks:
+        w, s = statistics.median(r["times"]["whole"]), statistics.median(r["times"]["split"])
+        per_rank.append({"rank": r["rank"], "whole_ms": 1e3 * w, "split_ms": 1e3 * s, "ratio": s / w,
+                         "matrices": len(r["share"]), "params_max_rel_diff": r["params_max_rel_diff"],
+                         "whole_ms_all": [round(1e3 * x, 1) for x in r["times"]["whole"]],
+                         "split_ms_all": [round(1e3 * x, 1) for x in r["times"]["split"]]})
+    return {"ranks": world, "target_ratio": 1 / world + 0.15, "per_rank": per_rank}
+
+
+def ddp_markdown(doc):
+    a = doc["args"]
+    lines = [f"# OrthoL1(split=) under DDP on the CPU (gloo): {a['layers']} layers, d_model {a['d_model']}, "
+             f"{a.get('ddp_dtype', 'float32')}",
+             "",
+             f"`{doc['command']}` at {doc['date']} on {doc['cpu_model']} ({doc['cpu_count']} CPUs); load average "
+             f"{doc['loadavg_start']} at start, {doc['loadavg_end']} at end.",
+             "",
+             f"Per rank: median of {a['steps']} interleaved `add_grad_()` calls (one BLAS thread per rank).",
+             "",
+             "| ranks | rank | matrices | unsplit ms | split ms | split / unsplit | target | params rel diff after 5 SGD steps |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in doc["results"]:
+        for x in r["per_rank"]:
+            lines.append(f"| {r['ranks']} | {x['rank']} | {x['matrices']} | {x['whole_ms']:.0f} | {x['split_ms']:.0f} "
+                         f"| {x['ratio']:.2f} | {r['target_ratio']:.2f} | {x['params_max_rel_diff']:.1e} |")
+    if doc.get("note"):
+        lines += ["", doc["note"]]
+    return "\n".join(lines) + "\n"
+
+
 def _kind_summary(per_rank):
     """per_rank: each rank's list of step records for one weight kind -> medians (time: slowest rank)."""
     steps = list(zip(*per_rank, strict=True))
@@ -306,6 +426,8 @@ def main(argv=None):
     ap.add_argument("--out", default="bench/results/cpu-distributed", help="writes OUT.json and OUT.md")
     ap.add_argument("--column-split", choices=("reshard", "gather"), default="reshard",
                     help="gpu_orthol1.distributed.COLUMN_SPLIT for the sharded method")
+    ap.add_argument("--ddp", action="store_true", help="OrthoL1(split=) under DDP instead (see the docstring)")
+    ap.add_argument("--ddp-dtype", choices=("float32", "float64"), default="float32")
     ap.add_argument("--note", default="", help="a line for the markdown (e.g. what else loaded the machine)")
     args = ap.parse_args(argv)
     # one BLAS thread per rank (set before the ranks import NumPy): ranks are the parallelism
@@ -326,6 +448,18 @@ def main(argv=None):
         "note": args.note,
         "results": [],
     }
+    if args.ddp:
+        for w in args.ranks:
+            res = run_ddp(w, args)
+            doc["results"].append(res)
+            print(json.dumps(res["per_rank"]), flush=True)
+        doc["loadavg_end"] = loadavg()
+        out = Path(args.out + "-ddp" if args.out == ap.get_default("out") else args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+        out.with_suffix(".md").write_text(ddp_markdown(doc))
+        print(ddp_markdown(doc))
+        return
     for w in args.ranks:
         t0 = time.time()
         res = summarize(w, run_world(w, args))

@@ -9,6 +9,7 @@ on a CPU-only machine.
 from ._api import grad, loss, loss_and_grad, plan
 from ._backends import BackendUnavailableError, GpuFallbackWarning, available_backends
 from ._driver import CopyWarning
+from ._metrics import metrics
 from ._plan import Plan
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ __all__ = [
     "loss",
     "grad",
     "loss_and_grad",
+    "metrics",
     "plan",
     "Plan",
     "available_backends",

@@ -455,3 +455,9 @@ def reduce_into(plan: Plan, losses: Any, beta: float, buf: Any) -> None:
 def check_out(plan: Plan, out: Any, phi: Any, accumulate: Any) -> None:
     """ValueError unless `out` (or None) can take the gradient of `phi`, an array like the plan's."""
     plan._check_out(out, phi, accumulate)
+
+
+def io(plan: Plan) -> tuple[Any, bool, bool]:
+    """(array module the plan computes with, whether a NumPy input runs on the GPU, whether phi is
+    2-D): what a caller of `execute(losses=...)` needs to hand back per-slice results like a call."""
+    return plan._xp, plan._host_in, plan._slices.squeeze

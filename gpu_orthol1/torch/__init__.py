@@ -17,7 +17,8 @@ gradient in float32, the gradient rounded to bfloat16 when written back), one te
 
 Layout: `_bridge` (checks, tensor <-> array, streams, slice views; shared with gpu_orthol1.distributed),
 `_ops` (the custom ops and autograd Functions), `functional` (ortho_l1 and the presets' one-tensor
-forms), `regularizer` (OrthoL1; its grouping and execution in `_groups`).
+forms), `regularizer` (OrthoL1; its grouping and execution in `_groups`, its training-loop methods in
+`_loop` over the schedules, metrics and DDP split of `_training`).
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import _cache, _checks, _device, _plan
+from .. import _cache, _checks, _device, _metrics, _plan
 
 REDUCTIONS = _checks.REDUCTIONS
+METRIC_KEYS = _metrics.KEYS
 
 
 def cached(phi: Any, axis: int, reduction: str, precision: str, backend: str, workspace_bytes: int | None,
@@ -47,3 +48,13 @@ def execute(plan: Any, phi: Any, out: Any, accumulate: bool, beta: float, want_g
 
 def chunk_for(plan: Any, want_grad: bool, accumulate: bool = False) -> int:
     return _plan.chunk_for(plan, want_grad, accumulate)
+
+
+def metrics_collector(xp: Any, m: int, n: int, first: int = 0, bufs: dict | None = None) -> Any:
+    """A `gram_hook` filling per-slice metric buffers (`_metrics.Collector`), for OrthoL1's metrics."""
+    return _metrics.Collector(xp, m, n, first, bufs)
+
+
+def chunk_metrics(xp: Any, ws: Any, n: int, max_cos: Any, fro: Any, mean_abs: Any) -> None:
+    """The metrics of a chunk of Grams into the given buffers (`_metrics.chunk_metrics`)."""
+    _metrics.chunk_metrics(xp, ws, n, max_cos, fro, mean_abs)

@@ -32,7 +32,9 @@ class _GroupRunner:
 
     def active(self) -> list[int]:
         """Indices of the targets that take part in this call: requires_grad may have been switched off."""
-        return [j for j, t in enumerate(self.reg.targets) if t.param.requires_grad]
+        split = self.reg._split
+        share = None if split is None else split.share  # under split=: this rank's matrices
+        return [j for j, t in enumerate(self.reg.targets) if t.param.requires_grad and (share is None or j in share)]
 
     def _groups(self, active, outs, params=None):
         """{key: [(target index, V, Vo)]} for the batched path, and the list of per-tensor fallbacks.
@@ -117,13 +119,16 @@ class _GroupRunner:
 
                 nslices = sum(V.shape[0] for _, members in glist for _, V, _ in members)
                 losses = torch.zeros(nslices, dtype=torch.float64, device=device)
+                collect = self.reg._collect  # metrics=True / metrics(): read the Grams on the way
+                if collect is not None:
+                    collect.device(device, nslices, losses)
                 losses_a = buf(losses)
                 weights = torch.ones(nslices, dtype=torch.float64, device=device) if scaled else None
                 budget = None
                 off = 0
                 for key, members in glist:
                     _, dtype, l, n, lay, lay_o, scale = key
-                    alpha = 2.0 * self.reg.beta * scale
+                    alpha = 2.0 * self.reg._applied * scale
                     phis: list = []
                     gouts: list = []
                     for j, V, Vo in members:
@@ -144,18 +149,22 @@ class _GroupRunner:
                     wsb = _driver.workspace(alloc, sz, l, n, npdt)
                     counter = _CallCounter(dev)
                     _driver.run(counter, batch, wsb, sz.chunk, losses_a, loss_offset=off, alpha=alpha,
-                                beta_gemm=beta_gemm, want_grad=want_grad, variant=self.reg.variant)
+                                beta_gemm=beta_gemm, want_grad=want_grad, variant=self.reg.variant,
+                                gram_hook=None if collect is None else collect.hook(device, off, n, members))
                     self.reg.backend_calls += counter.calls
                     if weights is not None:
                         weights[off:off + len(phis)] = scale
                     off += len(phis)
                     if after_group is not None:
                         after_group([j for j, _, _ in members])
-                total = (losses if weights is None else losses * weights).sum() * self.reg.beta
+                total = (losses if weights is None else losses * weights).sum() * self.reg._applied
                 for j, V, Vo in single_by_dev.get(device, []):
                     if want_grad and Vo is None:
                         Vo = self.reg.targets[j].view(outs[j])
-                    total = total + self._single(V, Vo, device, beta_gemm, want_grad, self.reg.targets[j].scale)
+                    one = self._single(V, Vo, device, beta_gemm, want_grad, self.reg.targets[j].scale)
+                    if collect is not None:
+                        collect.add_single(j, V, one)
+                    total = total + one
                     if after_group is not None:
                         after_group([j])
                 totals[device] = total
@@ -168,7 +177,7 @@ class _GroupRunner:
         Vc = V.float() if bf16 else V
         tmp = torch.empty_like(Vc) if want_grad and bf16 else None  # written in float32, rounded below
         o = tmp if tmp is not None else Vo
-        loss = _run_core(Vc, o, self.reg.beta * scale, "sum", want_grad, device,
+        loss = _run_core(Vc, o, self.reg._applied * scale, "sum", want_grad, device,
                          accumulate=bool(beta_gemm) and tmp is None, variant=self.reg.variant)
         if tmp is not None:
             if beta_gemm:
@@ -206,7 +215,7 @@ class _GroupRunner:
         for j, p in zip(active, params, strict=True):
             t = reg.targets[j]
             per = _penalty_expr(_slices(_expr_dtype(p), t.how, t.axis, t.transpose), reg.variant)
-            total = total + (reg.beta * t.scale) * per.sum()
+            total = total + (reg._applied * t.scale) * per.sum()
         return total
 
     def grad_outs(self, active: list[int]) -> tuple[list, list]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -18,9 +17,10 @@ from typing import Any
 import torch
 
 from .. import _gemm, _penalty
-from . import _core
+from . import _core, _training
 from ._bridge import _check_tensor, _is_dtensor, _pick_transpose, _slices
 from ._groups import _GroupRunner, _LazyOuts
+from ._loop import _TrainingLoop
 from ._ops import _dtensor_class, _dtensor_compile_refused, _orthol1_op, _OrthoL1ModelFn, _register
 
 MODES = ("rows", "columns", "auto")
@@ -213,7 +213,7 @@ class _Presets:
         return make(params_or_module, _core.check_beta(strength, "strength") / 2, "rows", penalty="l2", diagonal=False, **kw)
 
 
-class OrthoL1(_Presets):
+class OrthoL1(_Presets, _TrainingLoop):
     """The L1 orthogonality regularizer over every matrix-shaped parameter of a model.
 
     params_or_module: an nn.Module, one tensor, or an iterable of parameters or of (name, parameter)
@@ -245,7 +245,8 @@ class OrthoL1(_Presets):
 
     Args:
         params_or_module: an nn.Module, one tensor, or an iterable of parameters or (name, parameter).
-        beta: the loss's factor, finite and >= 0.
+        beta: the loss's factor, finite and >= 0, or a schedule: a callable step -> beta (see `step`),
+            checked at each call before anything is computed.
         mode: "rows", "columns" or "auto".
         axis: the slice axis of 3-D parameters taken as stacks.
         include: which parameters to take (glob pattern(s) on the name, or a callable (name, param)).
@@ -256,6 +257,9 @@ class OrthoL1(_Presets):
         penalty: "l1" or "l2".
         diagonal: False leaves the Gram's diagonal free.
         normalize: True takes the Gram of the unit-normalized rows or columns.
+        every: apply the penalty every k-th step only, with k * beta (lazy regularization).
+        split: None, "auto" (under DDP: the default process group) or a process group: each rank
+            evaluates its flop-balanced share of the matrices (docs/guide.md, training loops).
 
     Raises:
         TypeError: a selected parameter is not a dense real float tensor, or an entry is not a tensor.
@@ -270,13 +274,16 @@ class OrthoL1(_Presets):
     def __init__(self, params_or_module: Any, beta: float = 1.0, mode: str = "auto", *, axis: int = 1,
                  include: Rule | None = None, exclude: Rule | None = None, workspace_bytes: int | None = None,
                  three_d: str = "auto", allow_empty: bool = False, penalty: str = "l1", diagonal: bool = True,
-                 normalize: bool = False) -> None:
+                 normalize: bool = False, every: int = 1, split: Any = None) -> None:
+        self._train = _training.State(1.0, every)
+        self._collect = None
+        self._split = None  # set below, once the targets are known
         self.variant = _penalty.check(penalty, diagonal, normalize)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if three_d not in THREE_D:
             raise ValueError(f"three_d must be one of {THREE_D}, got {three_d!r}")
-        self.beta = _core.check_beta(beta)
+        self.beta = beta  # a float or a schedule step -> float (checked by the setter)
         self.workspace_bytes = _core.check_workspace_bytes(workspace_bytes)
         self.mode = mode
         self._device_factory: Callable | None = None  # tests: a core device for CPU tensors
@@ -291,10 +298,9 @@ class OrthoL1(_Presets):
                 "the module or three_d='flatten' (three_d='stack' silences this warning)",
                 UserWarning, stacklevel=2)
         self.backend_calls = 0  # batched GEMM calls + per-tensor core calls of the last method call
-        self._budgets: dict = {}  # device -> workspace budget, fixed at the first call there
-        self.backend_calls = 0  # batched GEMM calls + per-tensor core calls of the last method call
         self._runner = _GroupRunner(self)  # the grouping and the workspace budgets
         self._op_key = _register(self)  # how the torch.compile op finds this regularizer
+        self._split = _training.resolve_split(split, params_or_module, self.targets)
 
     @property
     def names(self) -> list[str]:
@@ -304,28 +310,10 @@ class OrthoL1(_Presets):
     def __repr__(self) -> str:
         fam = "" if self.variant.is_default else (f", penalty={self.variant.penalty!r}, diagonal="
                                                   f"{self.variant.diagonal}, normalize={self.variant.normalize}")
-        return f"OrthoL1({len(self.targets)} matrices, beta={self.beta}, mode={self.mode!r}{fam})"
+        return f"OrthoL1({len(self.targets)} matrices, beta={self._train.describe()}, mode={self.mode!r}{fam})"
 
-    def loss(self) -> torch.Tensor:
-        """beta * sum over all matrices of sum |Gram - I|, a torch scalar with autograd (float64 when every
-        parameter is float64, float32 otherwise). Add it to the task loss; its backward hands each
-        parameter the gradient formed in this same forward pass. A double backward (create_graph=True)
-        is exact, as for `ortho_l1` (the backward then forms the gradients from the saved parameters
-        as torch ops, for autograd to differentiate); under torch.compile torch refuses it with its
-        own error. Over DTensor (sharded) parameters the backward is first-order only: a double
-        backward there lacks the second-order term (not yet refused).
-
-        Returns:
-            The loss, a 0-D tensor with autograd.
-
-        Raises:
-            ValueError: the parameters are on several devices; under torch.compile, some are DTensors.
-            TypeError: a parameter is no longer a dense real float tensor.
-
-        Example:
-            >>> reg = OrthoL1(torch.nn.Linear(8, 4), beta=1e-3)
-            >>> reg.loss().backward()
-        """
+    def _loss(self) -> torch.Tensor:
+        """`loss()`'s pass at the weight `_applied` (the custom op under torch.compile, else eager)."""
         runner = self._runner
         if torch.compiler.is_compiling():  # one custom op to dynamo: no graph break
             active = runner.active()
@@ -343,7 +331,7 @@ class OrthoL1(_Presets):
         if self._sharded(active):
             from .. import distributed
 
-            return distributed.orthol1_dtensor_loss(self._dtensor_targets(active), self.beta,
+            return distributed.orthol1_dtensor_loss(self._dtensor_targets(active), self._applied,
                                                     **self._family_kw()).to(runner.loss_dtype())
         return _OrthoL1ModelFn.apply(self, torch.is_grad_enabled(), *[self.targets[j].param for j in active])
 
@@ -360,30 +348,13 @@ class OrthoL1(_Presets):
                     diagonal=self.variant.diagonal, normalize=self.variant.normalize)
 
     @torch.no_grad()
-    def add_grad_(self) -> torch.Tensor | dict[torch.device, torch.Tensor]:
-        """Add d(loss())/dW into each parameter's .grad (created as zeros when None), without an autograd
-        graph: call after the task loss's backward, before optimizer.step(). Parameters whose
-        requires_grad is False are skipped. The gradient GEMM accumulates straight into .grad; the only
-        extra memory is the Gram workspace chunk (on CPU also one matrix-sized temporary: NumPy's matmul
-        cannot add).
-
-        Returns:
-            The loss value (detached, the dtype rule of `loss()`): {device: loss} when the parameters
-            span several devices.
-
-        Raises:
-            TypeError: a .grad is not dense, or a parameter is not a dense real float tensor.
-            ValueError: a .grad's dtype, shape or device differs from its parameter's.
-
-        Example:
-            >>> reg = OrthoL1(torch.nn.Linear(8, 4), beta=1e-3)
-            >>> value = reg.add_grad_()  # then optimizer.step()
-        """
+    def _add_grad_(self) -> torch.Tensor | dict[torch.device, torch.Tensor]:
+        """`add_grad_()`'s pass at the weight `_applied`."""
         active = self._runner.active()
         if self._sharded(active):
             from .. import distributed
 
-            return distributed.orthol1_dtensor_add_grad_(self._dtensor_targets(active), self.beta,
+            return distributed.orthol1_dtensor_add_grad_(self._dtensor_targets(active), self._applied,
                                                          **self._family_kw()).to(self._runner.loss_dtype())
         outs, staged = self._runner.grad_outs(active)
         res = self._runner.result(self._runner.execute(outs, beta_gemm=1.0, want_grad=True))
@@ -392,32 +363,13 @@ class OrthoL1(_Presets):
         return res
 
     @torch.no_grad()
-    def step_(self, lr: float) -> torch.Tensor | dict[torch.device, torch.Tensor]:
-        """The update rule W <- W - lr * d(loss())/dW in place, decoupled from the optimizer (like AdamW's
-        weight decay), from the weights before the update; parameters whose requires_grad is False are
-        left alone. A gradient buffer lives per group only.
-
-        Args:
-            lr: the step size, a finite real number.
-
-        Returns:
-            The loss value before the step (detached, the dtype rule of `loss()`).
-
-        Raises:
-            ValueError: lr is not a finite real number.
-            TypeError: a parameter is not a dense real float tensor.
-
-        Example:
-            >>> reg = OrthoL1(torch.nn.Linear(8, 4), beta=1e-3)
-            >>> value = reg.step_(0.1)
-        """
-        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(float(lr)):
-            raise ValueError(f"lr must be a finite real number, got {lr!r}")
+    def _step_(self, lr: float) -> torch.Tensor | dict[torch.device, torch.Tensor]:
+        """`step_()`'s pass at the weight `_applied` (`lr` checked by `step_`)."""
         active = self._runner.active()
         if self._sharded(active):
             from .. import distributed
 
-            return distributed.orthol1_dtensor_step_(self._dtensor_targets(active), self.beta, lr,
+            return distributed.orthol1_dtensor_step_(self._dtensor_targets(active), self._applied, lr,
                                                      **self._family_kw()).to(self._runner.loss_dtype())
         for t in self.targets:
             _check_tensor(t.param, f"parameter {t.name!r}")

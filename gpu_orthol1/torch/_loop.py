@@ -112,7 +112,8 @@ class _TrainingLoop:
         """beta * sum over all matrices of sum |Gram - I|, a torch scalar with autograd (float64 when every
         parameter is float64, float32 otherwise). Add it to the task loss; its backward hands each
         parameter the gradient formed in this same forward pass. A double backward (create_graph=True)
-        is exact, as for `ortho_l1`. Over DTensor (sharded) parameters the backward is first-order only.
+        is exact, as for `ortho_l1` (torch.compile refuses it with torch's error; over DTensor
+        (sharded) parameters the second backward raises).
 
         Each call counts one `step`; with `every=k` the steps where step % k != 0 return a zero tensor
         without computing anything, the others apply k * beta(step). Under `split=` this rank's

@@ -102,7 +102,9 @@ def bench_cpu(repeat):
         for fn in methods.values():
             loss, grad = fn(inputs[0])
             check(inputs[0], loss, grad, BETA, 1, "sum", np.float32)
-        ts = _in_turns_ms({"limit": (cpu_limit, contig), **{k: (f, inputs) for k, f in methods.items()}}, repeat)
+        ts = _in_turns_ms(
+            {"limit": (cpu_limit, contig), **{k: (f, inputs) for k, f in methods.items()}}, repeat
+        )
         limit_ms = float(np.median(ts["limit"]) * 1e3)
         for name, fn in methods.items():
             t = ts[name]
@@ -111,10 +113,21 @@ def bench_cpu(repeat):
             fn(inputs[0])
             _, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()
-            rows.append(dict(method=name, shape=list(shape), dtype="float32", device="cpu",
-                             p20_ms=p20, p50_ms=med, p80_ms=p80, limit_ms=limit_ms,
-                             ratio_to_limit=float(np.median(t / ts["limit"])), peak_extra_mb=peak / 2**20,
-                             grad_mb=inputs[0].nbytes / 2**20))
+            rows.append(
+                dict(
+                    method=name,
+                    shape=list(shape),
+                    dtype="float32",
+                    device="cpu",
+                    p20_ms=p20,
+                    p50_ms=med,
+                    p80_ms=p80,
+                    limit_ms=limit_ms,
+                    ratio_to_limit=float(np.median(t / ts["limit"])),
+                    peak_extra_mb=peak / 2**20,
+                    grad_mb=inputs[0].nbytes / 2**20,
+                )
+            )
     return rows
 
 
@@ -131,7 +144,9 @@ def bench_gpu(repeat):
         host = [random_phi(rng, shape, np.float32) for _ in range(2)]
         inputs = [cupy.asarray(x) for x in host]
         contig = [cupy.ascontiguousarray(x.transpose(1, 0, 2)) for x in inputs]
-        limit = _median_ms(lambda A: cupy.matmul(A, cupy.matmul(A.transpose(0, 2, 1), A)), contig, repeat, sync)
+        limit = _median_ms(
+            lambda A: cupy.matmul(A, cupy.matmul(A.transpose(0, 2, 1), A)), contig, repeat, sync
+        )
         methods = {
             "gpu_orthol1": lambda p: ol1.loss_and_grad(p, BETA, backend="cupy"),
             "gpu_orthol1_tf32": lambda p: ol1.loss_and_grad(p, BETA, backend="cupy", precision="tf32"),
@@ -154,10 +169,21 @@ def bench_gpu(repeat):
             before = pool.used_bytes()
             fn(inputs[0])
             sync()
-            rows.append(dict(method=name, shape=list(shape), dtype="float32", device=gpu_name(with_device=True),
-                             p20_ms=p20, p50_ms=med, p80_ms=p80, limit_ms=limit[0],
-                             ratio_to_limit=med / limit[0], pool_total_mb=pool.total_bytes() / 2**20,
-                             pool_before_mb=before / 2**20))
+            rows.append(
+                dict(
+                    method=name,
+                    shape=list(shape),
+                    dtype="float32",
+                    device=gpu_name(with_device=True),
+                    p20_ms=p20,
+                    p50_ms=med,
+                    p80_ms=p80,
+                    limit_ms=limit[0],
+                    ratio_to_limit=med / limit[0],
+                    pool_total_mb=pool.total_bytes() / 2**20,
+                    pool_before_mb=before / 2**20,
+                )
+            )
     return rows
 
 
@@ -198,18 +224,36 @@ def main(argv=None):
     print(f"{'method':18s} {'shape':>16s} {'p50 ms':>9s} {'limit ms':>9s} {'ratio':>6s}  extra")
     for r in rows:
         r["flags"] = flags(r, args.device, start)
-        extra = (f"peak +{r['peak_extra_mb']:.1f} MB (grad {r['grad_mb']:.1f} MB)" if "peak_extra_mb" in r
-                 else f"pool {r['pool_total_mb']:.0f} MB")
-        print(f"{r['method']:18s} {str(tuple(r['shape'])):>16s} {r['p50_ms']:9.2f} {r['limit_ms']:9.2f} "
-              f"{r['ratio_to_limit']:6.2f}  {extra}" + (f"  FLAGGED: {r['flags']}" if r["flags"] else ""))
+        extra = (
+            f"peak +{r['peak_extra_mb']:.1f} MB (grad {r['grad_mb']:.1f} MB)"
+            if "peak_extra_mb" in r
+            else f"pool {r['pool_total_mb']:.0f} MB"
+        )
+        print(
+            f"{r['method']:18s} {str(tuple(r['shape'])):>16s} {r['p50_ms']:9.2f} {r['limit_ms']:9.2f} "
+            f"{r['ratio_to_limit']:6.2f}  {extra}" + (f"  FLAGGED: {r['flags']}" if r["flags"] else "")
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(rows=rows, numpy=np.__version__, gpu_orthol1=ol1.__version__,
-                           date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), cpu=cpu_name(),
-                           cpu_count=os.cpu_count(), loadavg_start=start, loadavg_end=loadavg(),
-                           limit=("numpy matmul on contiguous copies" if args.device == "cpu" else
-                                  "cupy.matmul on contiguous copies (copies A^T again: not the raw cuBLAS bound)")),
-                      f, indent=1)
+            json.dump(
+                dict(
+                    rows=rows,
+                    numpy=np.__version__,
+                    gpu_orthol1=ol1.__version__,
+                    date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                    cpu=cpu_name(),
+                    cpu_count=os.cpu_count(),
+                    loadavg_start=start,
+                    loadavg_end=loadavg(),
+                    limit=(
+                        "numpy matmul on contiguous copies"
+                        if args.device == "cpu"
+                        else "cupy.matmul on contiguous copies (copies A^T again: not the raw cuBLAS bound)"
+                    ),
+                ),
+                f,
+                indent=1,
+            )
     return 0
 
 

@@ -39,7 +39,12 @@ def default_shapes(full: bool) -> list[tuple[int, int, int]]:
     sw = command.SWEEPS["full" if full else "quick"]
     (l_m, n_m), ms = sw["m"]
     (l_n, m_n), ns = sw["n"]
-    shapes = list(ISSUE_SHAPES) + [(l_m, m, n_m) for m in ms] + [(l_n, m_n, n) for n in ns] + list(command.REF_SHAPES)
+    shapes = (
+        list(ISSUE_SHAPES)
+        + [(l_m, m, n_m) for m in ms]
+        + [(l_n, m_n, n) for n in ns]
+        + list(command.REF_SHAPES)
+    )
     return list(dict.fromkeys(shapes))
 
 
@@ -83,17 +88,25 @@ def time_shape(shape, dtype, runs, rng) -> dict:
             del out
     med = {k: float(np.median(v)) * 1e3 for k, v in ts.items()}
     return {
-        "shape": list(shape), "dtype": np.dtype(dtype).name, "runs": runs,
+        "shape": list(shape),
+        "dtype": np.dtype(dtype).name,
+        "runs": runs,
         "slice_threads": _cpu_pool.cpu_threads(shape[1], shape[0], shape[2]),
-        "ms": med, "ms_all": {k: [round(t * 1e3, 3) for t in v] for k, v in ts.items()},
-        "ours_over_limit": med["ours"] / med["limit"], "ours_over_naive": med["ours"] / med["naive"],
+        "ms": med,
+        "ms_all": {k: [round(t * 1e3, 3) for t in v] for k, v in ts.items()},
+        "ours_over_limit": med["ours"] / med["limit"],
+        "ours_over_naive": med["ours"] / med["naive"],
     }
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shapes", type=command._parse_shapes, default=None, help="LxMxN,... (default: issue 26's points, "
-                   "the bench's --quick sweeps and reference shapes)")
+    p.add_argument(
+        "--shapes",
+        type=command._parse_shapes,
+        default=None,
+        help="LxMxN,... (default: issue 26's points, the bench's --quick sweeps and reference shapes)",
+    )
     p.add_argument("--full", action="store_true", help="the bench's full sweeps instead of the --quick ones")
     p.add_argument("--dtype", default="float32", choices=("float16", "float32", "float64"))
     p.add_argument("--runs", type=int, default=7, help="timed rounds per shape (default 7)")
@@ -103,17 +116,25 @@ def main(argv=None) -> int:
     shapes = a.shapes if a.shapes else default_shapes(a.full)
     rng = np.random.default_rng(a.seed)
     doc = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(), "numpy": np.__version__, "blas": blas_info(),
-        "gpu_orthol1_file": ol1.__file__, "loadavg_start": os.getloadavg(), "results": [],
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "numpy": np.__version__,
+        "blas": blas_info(),
+        "gpu_orthol1_file": ol1.__file__,
+        "loadavg_start": os.getloadavg(),
+        "results": [],
     }
     for shape in shapes:
         res = time_shape(shape, a.dtype, a.runs, rng)
         doc["results"].append(res)
         ms = res["ms"]
-        print(f"{'x'.join(map(str, shape)):>14} {a.dtype}: ours {ms['ours']:9.2f} ms  naive {ms['naive']:9.2f}  "
-              f"limit {ms['limit']:9.2f}  ours/limit {res['ours_over_limit']:.2f}  "
-              f"ours/naive {res['ours_over_naive']:.2f}", flush=True)
+        print(
+            f"{'x'.join(map(str, shape)):>14} {a.dtype}: ours {ms['ours']:9.2f} ms  naive {ms['naive']:9.2f}  "
+            f"limit {ms['limit']:9.2f}  ours/limit {res['ours_over_limit']:.2f}  "
+            f"ours/naive {res['ours_over_naive']:.2f}",
+            flush=True,
+        )
     doc["loadavg_end"] = os.getloadavg()
     with open(a.out, "w") as f:
         json.dump(doc, f, indent=1)

@@ -122,16 +122,23 @@ def rank_main(rank, world, store, args, out_path):
 
     odist.COLUMN_SPLIT = args.column_split
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=600))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=600),
+    )
     mesh = init_device_mesh("cpu", (world,))
     beta = 1e-3
     mats = []  # (name, kind, DTensor weight, transpose)
     gen = torch.Generator().manual_seed(args.seed)
     for name, kind, (o, i) in shapes(args.d_model, args.layers):
-        full = torch.randn(o, i, generator=gen) / (o ** 0.5)  # the same full weight on every rank
-        local = torch.chunk(full, world, 0)[rank].clone()   # DTensor's Shard(0) split
-        w = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=full.shape, stride=full.stride())
+        full = torch.randn(o, i, generator=gen) / (o**0.5)  # the same full weight on every rank
+        local = torch.chunk(full, world, 0)[rank].clone()  # DTensor's Shard(0) split
+        w = DTensor.from_local(
+            local, mesh, [Shard(0)], run_check=False, shape=full.shape, stride=full.stride()
+        )
         mats.append((name, kind, w, o < i))  # mode "auto": rows when the row Gram is the smaller
         del full
 
@@ -154,7 +161,7 @@ def rank_main(rank, world, store, args, out_path):
             lo, g = ol1.loss_and_grad(x, beta, backend="numpy")
             g = g.T if tr else g
             r0 = sum(p.shape[0] for p in parts[:rank])
-            grads.append(torch.from_numpy(np.ascontiguousarray(g[r0:r0 + local.shape[0]])))
+            grads.append(torch.from_numpy(np.ascontiguousarray(g[r0 : r0 + local.shape[0]])))
             total += float(lo)
         return total, grads
 
@@ -168,12 +175,25 @@ def rank_main(rank, world, store, args, out_path):
         # float32 rounds the Gram differently in the two methods, so an entry of G - I within ~1e-7 of 0
         # may take the other sign: the entries it touches differ by ~4 beta |phi|; count them
         off = sum(int(((x - y).abs() > 1e-3 * scale).sum()) for x, y in zip(ga, gb, strict=True))
-        return {"loss_rel_diff": abs(la - lb) / abs(lb), "grad_max_rel_diff": err,
-                "grad_entries_off": off, "grad_entries": sum(y.numel() for y in gb)}
+        return {
+            "loss_rel_diff": abs(la - lb) / abs(lb),
+            "grad_max_rel_diff": err,
+            "grad_entries_off": off,
+            "grad_entries": sum(y.numel() for y in gb),
+        }
 
     # the two agree: exactly in float64 (the same weights, converted); in float32 up to sign flips at the kink
-    mats64 = [(nm, k, DTensor.from_local(w.to_local().double(), mesh, [Shard(0)], run_check=False,
-                                          shape=w.shape, stride=w.stride()), tr) for nm, k, w, tr in mats]
+    mats64 = [
+        (
+            nm,
+            k,
+            DTensor.from_local(
+                w.to_local().double(), mesh, [Shard(0)], run_check=False, shape=w.shape, stride=w.stride()
+            ),
+            tr,
+        )
+        for nm, k, w, tr in mats
+    ]
     check = {"float64": compare(mats64), "float32": compare(mats)}
     del mats64
 
@@ -208,8 +228,13 @@ def run_world(world, args):
 
     with tempfile.TemporaryDirectory() as tmp:
         outs = [os.path.join(tmp, f"rank{r}.json") for r in range(world)]
-        mp.start_processes(_spawn_entry, args=(world, os.path.join(tmp, "store"), vars(args), outs),
-                           nprocs=world, join=True, start_method="spawn")
+        mp.start_processes(
+            _spawn_entry,
+            args=(world, os.path.join(tmp, "store"), vars(args), outs),
+            nprocs=world,
+            join=True,
+            start_method="spawn",
+        )
         return [json.loads(Path(p).read_text()) for p in outs]
 
 
@@ -231,8 +256,13 @@ def ddp_rank_main(rank, world, store, args, out_path):
 
     torch.set_num_threads(1)
     torch.set_default_dtype(getattr(torch, args.ddp_dtype))
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=600))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=600),
+    )
 
     class Mats(torch.nn.Module):
         def forward(self, x):  # a task loss that touches every parameter (through DDP's forward)
@@ -242,7 +272,9 @@ def ddp_rank_main(rank, world, store, args, out_path):
         gen = torch.Generator().manual_seed(args.seed)
         m = Mats()
         for name, _kind, (o, i) in shapes(args.d_model, args.layers):
-            m.register_parameter(name.replace(".", "_"), torch.nn.Parameter(torch.randn(o, i, generator=gen) / o ** 0.5))
+            m.register_parameter(
+                name.replace(".", "_"), torch.nn.Parameter(torch.randn(o, i, generator=gen) / o**0.5)
+            )
         return m
 
     def task(m, x):
@@ -262,7 +294,9 @@ def ddp_rank_main(rank, world, store, args, out_path):
             task(m, x).backward()
             opt.step()
         params[split] = [p.detach().clone() for p in m.parameters()]
-    rel = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(params["auto"], params[None], strict=True))
+    rel = max(
+        float((a - b).abs().max() / b.abs().max()) for a, b in zip(params["auto"], params[None], strict=True)
+    )
 
     regs = {}
     for split in (None, "auto"):
@@ -300,35 +334,52 @@ def run_ddp(world, args):
 
     with tempfile.TemporaryDirectory() as tmp:
         outs = [os.path.join(tmp, f"rank{r}.json") for r in range(world)]
-        mp.start_processes(_ddp_entry, args=(world, os.path.join(tmp, "store"), vars(args), outs),
-                           nprocs=world, join=True, start_method="spawn")
+        mp.start_processes(
+            _ddp_entry,
+            args=(world, os.path.join(tmp, "store"), vars(args), outs),
+            nprocs=world,
+            join=True,
+            start_method="spawn",
+        )
         ranks = [json.loads(Path(p).read_text()) for p in outs]
     per_rank = []
     for r in ranks:
         w, s = statistics.median(r["times"]["whole"]), statistics.median(r["times"]["split"])
-        per_rank.append({"rank": r["rank"], "whole_ms": 1e3 * w, "split_ms": 1e3 * s, "ratio": s / w,
-                         "matrices": len(r["share"]), "params_max_rel_diff": r["params_max_rel_diff"],
-                         "whole_ms_all": [round(1e3 * x, 1) for x in r["times"]["whole"]],
-                         "split_ms_all": [round(1e3 * x, 1) for x in r["times"]["split"]]})
+        per_rank.append(
+            {
+                "rank": r["rank"],
+                "whole_ms": 1e3 * w,
+                "split_ms": 1e3 * s,
+                "ratio": s / w,
+                "matrices": len(r["share"]),
+                "params_max_rel_diff": r["params_max_rel_diff"],
+                "whole_ms_all": [round(1e3 * x, 1) for x in r["times"]["whole"]],
+                "split_ms_all": [round(1e3 * x, 1) for x in r["times"]["split"]],
+            }
+        )
     return {"ranks": world, "target_ratio": 1 / world + 0.15, "per_rank": per_rank}
 
 
 def ddp_markdown(doc):
     a = doc["args"]
-    lines = [f"# OrthoL1(split=) under DDP on the CPU (gloo): {a['layers']} layers, d_model {a['d_model']}, "
-             f"{a.get('ddp_dtype', 'float32')}",
-             "",
-             f"`{doc['command']}` at {doc['date']} on {doc['cpu_model']} ({doc['cpu_count']} CPUs); load average "
-             f"{doc['loadavg_start']} at start, {doc['loadavg_end']} at end.",
-             "",
-             f"Per rank: median of {a['steps']} interleaved `add_grad_()` calls (one BLAS thread per rank).",
-             "",
-             "| ranks | rank | matrices | unsplit ms | split ms | split / unsplit | target | params rel diff after 5 SGD steps |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# OrthoL1(split=) under DDP on the CPU (gloo): {a['layers']} layers, d_model {a['d_model']}, "
+        f"{a.get('ddp_dtype', 'float32')}",
+        "",
+        f"`{doc['command']}` at {doc['date']} on {doc['cpu_model']} ({doc['cpu_count']} CPUs); load average "
+        f"{doc['loadavg_start']} at start, {doc['loadavg_end']} at end.",
+        "",
+        f"Per rank: median of {a['steps']} interleaved `add_grad_()` calls (one BLAS thread per rank).",
+        "",
+        "| ranks | rank | matrices | unsplit ms | split ms | split / unsplit | target | params rel diff after 5 SGD steps |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in doc["results"]:
         for x in r["per_rank"]:
-            lines.append(f"| {r['ranks']} | {x['rank']} | {x['matrices']} | {x['whole_ms']:.0f} | {x['split_ms']:.0f} "
-                         f"| {x['ratio']:.2f} | {r['target_ratio']:.2f} | {x['params_max_rel_diff']:.1e} |")
+            lines.append(
+                f"| {r['ranks']} | {x['rank']} | {x['matrices']} | {x['whole_ms']:.0f} | {x['split_ms']:.0f} "
+                f"| {x['ratio']:.2f} | {r['target_ratio']:.2f} | {x['params_max_rel_diff']:.1e} |"
+            )
     if doc.get("note"):
         lines += ["", doc["note"]]
     return "\n".join(lines) + "\n"
@@ -337,10 +388,12 @@ def ddp_markdown(doc):
 def _kind_summary(per_rank):
     """per_rank: each rank's list of step records for one weight kind -> medians (time: slowest rank)."""
     steps = list(zip(*per_rank, strict=True))
-    return {"ms": 1e3 * statistics.median(max(x["s"] for x in st) for st in steps),
-            "sent_MB_measured": statistics.median(x["wchar"] for st in steps for x in st) / 1e6,
-            "sent_MB_payload": statistics.median(x["payload"] for st in steps for x in st) / 1e6,
-            "collectives": per_rank[0][0]["calls"]}
+    return {
+        "ms": 1e3 * statistics.median(max(x["s"] for x in st) for st in steps),
+        "sent_MB_measured": statistics.median(x["wchar"] for st in steps for x in st) / 1e6,
+        "sent_MB_payload": statistics.median(x["payload"] for st in steps for x in st) / 1e6,
+        "collectives": per_rank[0][0]["calls"],
+    }
 
 
 def summarize(world, ranks):
@@ -386,7 +439,8 @@ def markdown(doc):
         "",
         f"`{doc['command']}` at {doc['date']} on {doc['cpu_model']} ({doc['cpu_count']} CPUs); load average "
         f"{doc['loadavg_start']} at start, {doc['loadavg_end']} at end. Versions: "
-        + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()) + ".",
+        + ", ".join(f"{k} {v}" for k, v in doc["versions"].items())
+        + ".",
         "",
         "Per step, every weight of the model (mode auto), weights split along dim 0 (Shard(0)). Time: median "
         f"of {a['steps']} steps, the slowest rank's; bytes: sent per rank per step, measured (socket writes).",
@@ -398,19 +452,24 @@ def markdown(doc):
     for r in doc["results"]:
         for m in ("sharded", "gather"):
             x = r["methods"][m]
-            pk = " | ".join(f"{x['per_kind'][k]['ms']:.0f} / {x['per_kind'][k]['sent_MB_measured']:.2f}"
-                            for k in KINDS)
-            lines.append(f"| {r['ranks']} | {m} | {x['step_ms_median']:.0f} | {x['sent_MB_per_rank_measured']:.2f} "
-                         f"| {x['collectives_per_step']} | {pk} |")
+            pk = " | ".join(
+                f"{x['per_kind'][k]['ms']:.0f} / {x['per_kind'][k]['sent_MB_measured']:.2f}" for k in KINDS
+            )
+            lines.append(
+                f"| {r['ranks']} | {m} | {x['step_ms_median']:.0f} | {x['sent_MB_per_rank_measured']:.2f} "
+                f"| {x['collectives_per_step']} | {pk} |"
+            )
     lines.append("")
     for r in doc["results"]:
         c64, c32 = r["check"]["float64"], r["check"]["float32"]
-        lines.append(f"- {r['ranks']} ranks: sharded is {r['speedup']:.2f}x the gather approach's speed and "
-                     f"sends {r['bytes_ratio']:.2f}x its bytes. The two agree in float64 to "
-                     f"{c64['loss_rel_diff']:.1e} (loss) and {c64['grad_max_rel_diff']:.1e} (gradient, relative to "
-                     f"its largest entry); in float32 the loss to {c32['loss_rel_diff']:.1e}, and "
-                     f"{c32['grad_entries_off']} of {c32['grad_entries']} gradient entries differ by more than "
-                     "1e-3 of the largest (signs of G - I entries within rounding of 0).")
+        lines.append(
+            f"- {r['ranks']} ranks: sharded is {r['speedup']:.2f}x the gather approach's speed and "
+            f"sends {r['bytes_ratio']:.2f}x its bytes. The two agree in float64 to "
+            f"{c64['loss_rel_diff']:.1e} (loss) and {c64['grad_max_rel_diff']:.1e} (gradient, relative to "
+            f"its largest entry); in float32 the loss to {c32['loss_rel_diff']:.1e}, and "
+            f"{c32['grad_entries_off']} of {c32['grad_entries']} gradient entries differ by more than "
+            "1e-3 of the largest (signs of G - I entries within rounding of 0)."
+        )
     if doc.get("note"):
         lines += ["", doc["note"]]
     return "\n".join(lines) + "\n"
@@ -424,9 +483,15 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5, help="timed steps per method (median)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/results/cpu-distributed", help="writes OUT.json and OUT.md")
-    ap.add_argument("--column-split", choices=("reshard", "gather"), default="reshard",
-                    help="gpu_orthol1.distributed.COLUMN_SPLIT for the sharded method")
-    ap.add_argument("--ddp", action="store_true", help="OrthoL1(split=) under DDP instead (see the docstring)")
+    ap.add_argument(
+        "--column-split",
+        choices=("reshard", "gather"),
+        default="reshard",
+        help="gpu_orthol1.distributed.COLUMN_SPLIT for the sharded method",
+    )
+    ap.add_argument(
+        "--ddp", action="store_true", help="OrthoL1(split=) under DDP instead (see the docstring)"
+    )
     ap.add_argument("--ddp-dtype", choices=("float32", "float64"), default="float32")
     ap.add_argument("--note", default="", help="a line for the markdown (e.g. what else loaded the machine)")
     args = ap.parse_args(argv)
@@ -438,13 +503,23 @@ def main(argv=None):
     import gpu_orthol1
 
     doc = {
-        "command": " ".join(["python", "bench/bench_distributed.py"] + (argv if argv is not None else sys.argv[1:])),
+        "command": " ".join(
+            ["python", "bench/bench_distributed.py"] + (argv if argv is not None else sys.argv[1:])
+        ),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+        "host": platform.node(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
         "loadavg_start": loadavg(),
-        "versions": {"gpu_orthol1": getattr(gpu_orthol1, "__version__", "?"), "torch": torch.__version__,
-                     "numpy": numpy.__version__, "python": platform.python_version()},
-        "args": vars(args), "threads_per_rank": 1, "backend": "gloo (TCP, localhost)",
+        "versions": {
+            "gpu_orthol1": getattr(gpu_orthol1, "__version__", "?"),
+            "torch": torch.__version__,
+            "numpy": numpy.__version__,
+            "python": platform.python_version(),
+        },
+        "args": vars(args),
+        "threads_per_rank": 1,
+        "backend": "gloo (TCP, localhost)",
         "note": args.note,
         "results": [],
     }
@@ -464,9 +539,14 @@ def main(argv=None):
         t0 = time.time()
         res = summarize(w, run_world(w, args))
         doc["results"].append(res)
-        print(f"{w} ranks ({time.time() - t0:.0f} s): " + ", ".join(
-            f"{m} {x['step_ms_median']:.0f} ms {x['sent_MB_per_rank_measured']:.2f} MB"
-            for m, x in res["methods"].items()), flush=True)
+        print(
+            f"{w} ranks ({time.time() - t0:.0f} s): "
+            + ", ".join(
+                f"{m} {x['step_ms_median']:.0f} ms {x['sent_MB_per_rank_measured']:.2f} MB"
+                for m, x in res["methods"].items()
+            ),
+            flush=True,
+        )
     doc["loadavg_end"] = loadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -93,7 +93,9 @@ def host_breakdown(quick):
         "plan_call": lambda: pl(phi),
         "check_phi": lambda: pl._mismatch(phi),
         "empty_grad": lambda: cupy.empty(phi.shape, phi.dtype),
-        "empty_losses": lambda: cupy.empty(pl.m, dtype=np.float64),  # what a call allocated before it kept them
+        "empty_losses": lambda: cupy.empty(
+            pl.m, dtype=np.float64
+        ),  # what a call allocated before it kept them
         "kept_losses": lambda: pl._gpu.losses.get(cupy.cuda.get_current_stream()),
         "bind": lambda: pl._gpu.dev.bind(cublas=False),
         "fused_call": lambda: pl._gpu.fused(pl._view, phi, grad, losses, 2e-3, False, True),
@@ -144,16 +146,25 @@ def shapes(quick):
     from gpu_orthol1.kernels import fused_small
 
     rows = []
-    cases = [((4096, 32, 128), "float32", "highest"), ((64, 4096, 64), "float32", "highest"),
-             ((512, 64, 512), "float32", "highest"), ((4096, 32, 128), "float32", "tf32"),
-             ((4096, 32, 128), "float16", "highest"), ((64, 4096, 64), "float16", "highest")]
+    cases = [
+        ((4096, 32, 128), "float32", "highest"),
+        ((64, 4096, 64), "float32", "highest"),
+        ((512, 64, 512), "float32", "highest"),
+        ((4096, 32, 128), "float32", "tf32"),
+        ((4096, 32, 128), "float16", "highest"),
+        ((64, 4096, 64), "float16", "highest"),
+    ]
     for shape, dt, prec in cases:
         host = (np.random.default_rng(0).standard_normal(shape) / np.sqrt(shape[0])).astype(dt)
         phi = cupy.asarray(host)
         case = bench_base.Case(shape[0], shape[1], shape[2], np.dtype(dt), "ref", [host, host.copy()])
         lim = bm._limit("gpu", prec).prepare(case)
-        row = {"shape": shape, "dtype": dt, "precision": prec,
-               "limit_cublas_ms": _bench(lambda lim=lim: lim.call(0), 20 if quick else 50)["device_ms"]}
+        row = {
+            "shape": shape,
+            "dtype": dt,
+            "precision": prec,
+            "limit_cublas_ms": _bench(lambda lim=lim: lim.call(0), 20 if quick else 50)["device_ms"],
+        }
         for kernel in ("gemm", "fused"):
             if kernel == "fused" and (prec != "highest" or not fused_small.fits(shape[2], dt)):
                 continue
@@ -185,8 +196,9 @@ def shapes(quick):
                         row[f"{meth.name}_ms"] = f"unavailable: {why}"
                         continue
                     prep = meth.prepare(case)
-                    row[f"{meth.name}_synced_ms"] = _synced(lambda prep=prep: prep.call(0),
-                                                            20 if quick else 50)
+                    row[f"{meth.name}_synced_ms"] = _synced(
+                        lambda prep=prep: prep.call(0), 20 if quick else 50
+                    )
                     del prep
                 except Exception as e:
                     row[f"{meth.name}_ms"] = f"{type(e).__name__}: {e}"
@@ -208,7 +220,7 @@ def sweep(quick):
     for l in (64, 512):
         for n in (8, 16, 32, 64, 96, 128):
             m = max(1, total // (l * n))
-            phi = cupy.random.standard_normal((l, m, n), dtype=cupy.float32) / l ** 0.5
+            phi = cupy.random.standard_normal((l, m, n), dtype=cupy.float32) / l**0.5
             row = {"l": l, "m": m, "n": n, "roofline_ms": 2 * phi.nbytes / bw * 1e3}
             for kernel in ("gemm", "fused"):
                 if kernel == "fused" and not fused_small.fits(n, "float32"):
@@ -233,21 +245,33 @@ def rule_gaps(quick):
 
     import gpu_orthol1 as ol1
 
-    cases = [(128, 1024, 64, "float32", False), (256, 512, 64, "float32", False), (128, 682, 96, "float32", False),
-             (1024, 256, 16, "float32", False), (1024, 128, 32, "float32", False),
-             (2048, 256, 8, "float32", False), (2048, 128, 16, "float32", False),
-             (64, 2048, 32, "float64", False), (64, 1024, 64, "float64", False),
-             (64, 4096, 64, "float32", True), (64, 2048, 32, "float32", True), (64, 4096, 64, "float16", True)]
+    cases = [
+        (128, 1024, 64, "float32", False),
+        (256, 512, 64, "float32", False),
+        (128, 682, 96, "float32", False),
+        (1024, 256, 16, "float32", False),
+        (1024, 128, 32, "float32", False),
+        (2048, 256, 8, "float32", False),
+        (2048, 128, 16, "float32", False),
+        (64, 2048, 32, "float64", False),
+        (64, 1024, 64, "float64", False),
+        (64, 4096, 64, "float32", True),
+        (64, 2048, 32, "float32", True),
+        (64, 4096, 64, "float16", True),
+    ]
     rows = []
     for l, m, n, dt, acc in cases:
-        phi = (cupy.random.standard_normal((l, m, n), dtype=cupy.float64) / l ** 0.5).astype(dt)
+        phi = (cupy.random.standard_normal((l, m, n), dtype=cupy.float64) / l**0.5).astype(dt)
         out = cupy.random.standard_normal(phi.shape, dtype=cupy.float64).astype(dt)
         row = {"l": l, "m": m, "n": n, "dtype": dt, "accumulate": acc}
         for kernel in ("gemm", "fused"):
             try:
                 pl = ol1.plan(phi, 1e-3, kernel=kernel)
-                fn = ((lambda pl=pl, phi=phi, out=out: pl(phi, out=out, accumulate=True)) if acc
-                      else (lambda pl=pl, phi=phi: pl(phi)))
+                fn = (
+                    (lambda pl=pl, phi=phi, out=out: pl(phi, out=out, accumulate=True))
+                    if acc
+                    else (lambda pl=pl, phi=phi: pl(phi))
+                )
                 t = _bench(fn, 10 if quick else 30)
                 row[f"{kernel}_ms"] = max(t["device_ms"], t["host_ms"])
                 row[f"{kernel}_host_ms"], row[f"{kernel}_device_ms"] = t["host_ms"], t["device_ms"]
@@ -269,13 +293,27 @@ def fused_resources(quick):
 
     ctx = cuda.current_context()
     rows = []
-    for n, dt, vec in ((8, "float32", None), (16, "float32", None), (32, "float32", None), (64, "float32", None),
-                       (64, "float32", 1), (96, "float32", None), (64, "float16", None), (32, "float64", None),
-                       (64, "float64", None)):
+    for n, dt, vec in (
+        (8, "float32", None),
+        (16, "float32", None),
+        (32, "float32", None),
+        (64, "float32", None),
+        (64, "float32", 1),
+        (96, "float32", None),
+        (64, "float16", None),
+        (32, "float64", None),
+        (64, "float64", None),
+    ):
         cfg = fs.fused_config(64, n, dt, vec=vec)
         kern = fs.get_fused_kernel(cfg)
         sig = f"void({dt}[:, :, :], {dt}[:, :, :], float64[:], int64, {cfg.acc}, boolean, boolean)"
-        row = {"n": n, "dtype": dt, "l": 64, "config": cfg._asdict(), "shared_bytes_formula": fs.shared_bytes(cfg)}
+        row = {
+            "n": n,
+            "dtype": dt,
+            "l": 64,
+            "config": cfg._asdict(),
+            "shared_bytes_formula": fs.shared_bytes(cfg),
+        }
         try:
             row.update(fs.resource_usage(kern, sig))
             cufunc = kern.compile(sig)._codelibrary.get_cufunc()
@@ -309,7 +347,7 @@ def fused_kernel(quick):
     cases += [(64, big // (64 * n), n, "float32") for n in (8, 16, 32, 64, 96)]
     rows = []
     for l, m, n, dt in cases:
-        phi = (cupy.random.standard_normal((l, m, n), dtype=cupy.float32) / l ** 0.5).astype(dt)
+        phi = (cupy.random.standard_normal((l, m, n), dtype=cupy.float32) / l**0.5).astype(dt)
         out = cupy.empty_like(phi)
         losses = cupy.empty(m, dtype=cupy.float64)
         V, Vo = phi.transpose(1, 0, 2), out.transpose(1, 0, 2)
@@ -344,8 +382,13 @@ def fused_kernel(quick):
             try:
                 go = dev.fused_launcher(cfg, V, Vo, losses, True)
                 t = _bench(lambda go=go, addrs=addrs: go(*addrs, 2e-3, False), 10 if quick else 30)
-                row.update(kernel_ms=t["device_ms"], host_ms=t["host_ms"], x_roofline=t["device_ms"] / roof,
-                           roofline_fraction=roof / t["device_ms"], tflops=4 * l * m * n * n / t["device_ms"] / 1e9)
+                row.update(
+                    kernel_ms=t["device_ms"],
+                    host_ms=t["host_ms"],
+                    x_roofline=t["device_ms"] / roof,
+                    roofline_fraction=roof / t["device_ms"],
+                    tflops=4 * l * m * n * n / t["device_ms"] / 1e9,
+                )
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"
             rows.append(row)
@@ -363,8 +406,13 @@ def phases(quick):
     from gpu_orthol1 import _driver
 
     rows = []
-    for shape, dt in (((64, 8, 32), "float32"), ((64, 4096, 64), "float32"), ((4096, 32, 128), "float32"),
-                      ((4096, 32, 128), "float16"), ((512, 64, 512), "float32")):
+    for shape, dt in (
+        ((64, 8, 32), "float32"),
+        ((64, 4096, 64), "float32"),
+        ((4096, 32, 128), "float32"),
+        ((4096, 32, 128), "float16"),
+        ((512, 64, 512), "float32"),
+    ):
         try:
             rows.append(_phase_row(cupy, ol1, _driver, shape, dt, quick))
         except Exception as e:  # keep the other shapes
@@ -376,7 +424,7 @@ def phases(quick):
 def _phase_row(cupy, ol1, _driver, shape, dt, quick):
     """One row of `phases`: the phases apart (the plan's own device, workspace and layouts)."""
     l, m, n = shape
-    phi = (cupy.random.standard_normal(shape, dtype=cupy.float32) / l ** 0.5).astype(dt)
+    phi = (cupy.random.standard_normal(shape, dtype=cupy.float32) / l**0.5).astype(dt)
     p = ol1.plan(phi, 1e-3, kernel="gemm")
     sz = p._chunks.sizes_for(True, False, False, False, 1)[0]
     if sz.chunk < m:
@@ -392,12 +440,18 @@ def _phase_row(cupy, ol1, _driver, shape, dt, quick):
     part = wsb.get("partials")
     tot = cupy.empty(1, dtype=p._ldt)
     k = 10 if quick else 30
-    row = {"shape": shape, "dtype": dt, "sign_parts": sz.parts,
-           "gram": _bench(lambda: dev.gram(src, m, wsb["ws"]), k),
-           "sign": _bench(lambda: dev.sign_abs(wsb["ws"], wsb["sgn"], n, losses, 0, 1.0, True, partials=part), k),
-           "grad": _bench(lambda: dev.grad(src, dst, m, wsb["sgn"], 2e-3, 0.0), k),
-           "reduce": _bench(lambda: dev.loss_total(losses, m, 1e-3, tot, False), k),
-           "call": _bench(lambda: p(phi), k)}
+    row = {
+        "shape": shape,
+        "dtype": dt,
+        "sign_parts": sz.parts,
+        "gram": _bench(lambda: dev.gram(src, m, wsb["ws"]), k),
+        "sign": _bench(
+            lambda: dev.sign_abs(wsb["ws"], wsb["sgn"], n, losses, 0, 1.0, True, partials=part), k
+        ),
+        "grad": _bench(lambda: dev.grad(src, dst, m, wsb["sgn"], 2e-3, 0.0), k),
+        "reduce": _bench(lambda: dev.loss_total(losses, m, 1e-3, tot, False), k),
+        "call": _bench(lambda: p(phi), k),
+    }
     return row
 
 
@@ -423,7 +477,10 @@ def host_profile(n_calls=300):
     cupy.cuda.Device().synchronize()
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
-    return f"== cProfile, {n_calls} warm calls of loss_and_grad on (64, 8, 32) float32, by tottime\n" + buf.getvalue()
+    return (
+        f"== cProfile, {n_calls} warm calls of loss_and_grad on (64, 8, 32) float32, by tottime\n"
+        + buf.getvalue()
+    )
 
 
 def profile_table():
@@ -434,9 +491,13 @@ def profile_table():
     import gpu_orthol1 as ol1
 
     out = []
-    for shape, dt, kernel in (((64, 4096, 64), "float32", "gemm"), ((64, 4096, 64), "float32", "fused"),
-                              ((4096, 32, 128), "float32", "gemm"), ((4096, 32, 128), "float16", "gemm"),
-                              ((512, 64, 512), "float32", "gemm")):
+    for shape, dt, kernel in (
+        ((64, 4096, 64), "float32", "gemm"),
+        ((64, 4096, 64), "float32", "fused"),
+        ((4096, 32, 128), "float32", "gemm"),
+        ((4096, 32, 128), "float16", "gemm"),
+        ((512, 64, 512), "float32", "gemm"),
+    ):
         phi = (cupy.random.standard_normal(shape, dtype=cupy.float32) / shape[0] ** 0.5).astype(dt)
         pl = ol1.plan(phi, 1e-3, kernel=kernel)
         pl(phi)
@@ -446,20 +507,28 @@ def profile_table():
                 pl(phi)
             torch.cuda.synchronize()
             cupy.cuda.Device().synchronize()
-        out.append(f"== kernel={kernel}, {shape} {dt}, 5 calls\n"
-                   + prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+        out.append(
+            f"== kernel={kernel}, {shape} {dt}, 5 calls\n"
+            + prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+        )
     return "\n".join(out)
 
 
 def sweep_table_and_plot(doc: dict, png: str | None) -> str:
     """The n sweep of a results file as a Markdown table (fused / two-GEMM / roofline), and the plot."""
     sw = doc["sweep"]
-    lines = [f"copy bandwidth {sw['copy_bandwidth_GBps']:.0f} GB/s (read + write); times in ms, l*m*n fixed",
-             "", "| l | m | n | roofline ms | two-GEMM ms | fused ms | fused / two-GEMM |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"copy bandwidth {sw['copy_bandwidth_GBps']:.0f} GB/s (read + write); times in ms, l*m*n fixed",
+        "",
+        "| l | m | n | roofline ms | two-GEMM ms | fused ms | fused / two-GEMM |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in sw["rows"]:
         f = r.get("fused_ms")
-        lines.append(f"| {r['l']} | {r['m']} | {r['n']} | {r['roofline_ms']:.4f} | {r['gemm_ms']:.3f} | "
-                     + (f"{f:.3f} | {f / r['gemm_ms']:.2f} |" if f is not None else "- | - |"))
+        lines.append(
+            f"| {r['l']} | {r['m']} | {r['n']} | {r['roofline_ms']:.4f} | {r['gemm_ms']:.3f} | "
+            + (f"{f:.3f} | {f / r['gemm_ms']:.2f} |" if f is not None else "- | - |")
+        )
     if png:
         import matplotlib
 
@@ -472,8 +541,20 @@ def sweep_table_and_plot(doc: dict, png: str | None) -> str:
             ns = [r["n"] for r in rows]
             ax.plot(ns, [r["gemm_ms"] for r in rows], "-" + mark, color="C0", label=f"two-GEMM, l={l}")
             fr = [r for r in rows if "fused_ms" in r]
-            ax.plot([r["n"] for r in fr], [r["fused_ms"] for r in fr], "--" + mark, color="C1", label=f"fused, l={l}")
-            ax.plot(ns, [r["roofline_ms"] for r in rows], ":", color="k", label="memory roofline" if l == 64 else None)
+            ax.plot(
+                [r["n"] for r in fr],
+                [r["fused_ms"] for r in fr],
+                "--" + mark,
+                color="C1",
+                label=f"fused, l={l}",
+            )
+            ax.plot(
+                ns,
+                [r["roofline_ms"] for r in rows],
+                ":",
+                color="k",
+                label="memory roofline" if l == 64 else None,
+            )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("n (l*m*n fixed)")
@@ -486,8 +567,15 @@ def sweep_table_and_plot(doc: dict, png: str | None) -> str:
 
 
 # the sections of a run without --kernel-only, in order: name -> the function that measures it
-SECTIONS = {"host": "host_costs", "host_breakdown": "host_breakdown", "phases": "phases", "shapes": "shapes",
-            "sweep": "sweep", "fused_resources": "fused_resources", "rule_gaps": "rule_gaps"}
+SECTIONS = {
+    "host": "host_costs",
+    "host_breakdown": "host_breakdown",
+    "phases": "phases",
+    "shapes": "shapes",
+    "sweep": "sweep",
+    "fused_resources": "fused_resources",
+    "rule_gaps": "rule_gaps",
+}
 
 
 def main(argv=None) -> int:
@@ -496,17 +584,32 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-txt")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dry", action="store_true", help="CPU machine: check the script imports, then exit")
-    ap.add_argument("--sweep-from", metavar="JSON", help="print the n-sweep table of a results file (any machine)")
+    ap.add_argument(
+        "--sweep-from", metavar="JSON", help="print the n-sweep table of a results file (any machine)"
+    )
     ap.add_argument("--plot", metavar="PNG", help="with --sweep-from: also plot the sweep")
-    ap.add_argument("--only", metavar="NAMES", help=f"comma-separated sections to run ({', '.join(SECTIONS)}); "
-                    "default all")
-    ap.add_argument("--kernel-only", action="store_true",
-                    help="only the fused kernel's launch per config variant (section 7), into --json")
-    ap.add_argument("--one-call", metavar="KERNEL", choices=("gemm", "fused"),
-                    help="one warm call on (64, 4096, 64) float32 and exit: the target for an ncu profile")
-    ap.add_argument("--ncu-variants", action="store_true",
-                    help="one launch each of the fused kernel's default config at (64, 4096, 64) float32, "
-                         "that config at 112 registers, and the 16 x 16 grid, and exit: for ncu")
+    ap.add_argument(
+        "--only",
+        metavar="NAMES",
+        help=f"comma-separated sections to run ({', '.join(SECTIONS)}); default all",
+    )
+    ap.add_argument(
+        "--kernel-only",
+        action="store_true",
+        help="only the fused kernel's launch per config variant (section 7), into --json",
+    )
+    ap.add_argument(
+        "--one-call",
+        metavar="KERNEL",
+        choices=("gemm", "fused"),
+        help="one warm call on (64, 4096, 64) float32 and exit: the target for an ncu profile",
+    )
+    ap.add_argument(
+        "--ncu-variants",
+        action="store_true",
+        help="one launch each of the fused kernel's default config at (64, 4096, 64) float32, "
+        "that config at 112 registers, and the 16 x 16 grid, and exit: for ncu",
+    )
     a = ap.parse_args(argv)
     if a.only:
         unknown = sorted(set(a.only.split(",")) - set(SECTIONS))
@@ -527,7 +630,8 @@ def main(argv=None) -> int:
         for cfg in (base, base._replace(maxreg=112), fs.fused_config(64, 64, np.float32, threads=256)):
             print(cfg, flush=True)
             dev.fused_launcher(cfg, phi.transpose(1, 0, 2), out.transpose(1, 0, 2), losses, True)(
-                phi.data.ptr, out.data.ptr, losses.data.ptr, 2e-3, False)
+                phi.data.ptr, out.data.ptr, losses.data.ptr, 2e-3, False
+            )
             cupy.cuda.Device().synchronize()
         return 0
     if a.one_call:
@@ -555,10 +659,18 @@ def main(argv=None) -> int:
 
     from gpu_orthol1.bench.env import gpu_name, versions
 
-    doc = {"command": "python3 bench/bench_gpu_plans.py " + " ".join(argv or sys.argv[1:]), "gpu": gpu_name(),
-           "date": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(), "cupy": cupy.__version__}
-    sections = (("fused_kernel", fused_kernel),) if a.kernel_only else tuple(
-        (name, globals()[fn]) for name, fn in SECTIONS.items())
+    doc = {
+        "command": "python3 bench/bench_gpu_plans.py " + " ".join(argv or sys.argv[1:]),
+        "gpu": gpu_name(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "versions": versions(),
+        "cupy": cupy.__version__,
+    }
+    sections = (
+        (("fused_kernel", fused_kernel),)
+        if a.kernel_only
+        else tuple((name, globals()[fn]) for name, fn in SECTIONS.items())
+    )
     if a.only:
         sections = tuple(x for x in sections if x[0] in a.only.split(","))
     for name, fn in sections:

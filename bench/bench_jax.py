@@ -56,8 +56,11 @@ def methods(phi):
     x = jnp.asarray(phi)
 
     def naive(x):
-        G = jnp.matmul(jnp.swapaxes(jnp.moveaxis(x, 1, 0), 1, 2), jnp.moveaxis(x, 1, 0),
-                       precision=jax.lax.Precision.HIGHEST)
+        G = jnp.matmul(
+            jnp.swapaxes(jnp.moveaxis(x, 1, 0), 1, 2),
+            jnp.moveaxis(x, 1, 0),
+            precision=jax.lax.Precision.HIGHEST,
+        )
         return BETA * jnp.abs(G - jnp.eye(x.shape[2], dtype=x.dtype)).sum()
 
     ours = jax.jit(jax.value_and_grad(lambda x: ortho_l1(x, BETA)))
@@ -89,8 +92,11 @@ def bench_shape(shape, repeat, rng):
     row = {"shape": list(shape), "dtype": "float32"}
     for name, ts in times.items():
         a = np.array(ts) * 1e3
-        row[name] = {"median_ms": float(np.median(a)), "p20_ms": float(np.percentile(a, 20)),
-                     "p80_ms": float(np.percentile(a, 80))}
+        row[name] = {
+            "median_ms": float(np.median(a)),
+            "p20_ms": float(np.percentile(a, 20)),
+            "p80_ms": float(np.percentile(a, 80)),
+        }
     base = np.array(times["gpu_orthol1.jax"])
     row["jax_over_ol1"] = float(np.median(base / np.array(times["ol1"])))
     row["naive_over_jax"] = float(np.median(np.array(times["jax naive"]) / base))
@@ -111,14 +117,28 @@ def main(argv=None):
     for s in args.shapes:
         row = bench_shape(tuple(int(v) for v in s.split(",")), args.repeat, rng)
         rows.append(row)
-        print(f"{tuple(row['shape'])}: ol1 {row['ol1']['median_ms']:.2f} ms, gpu_orthol1.jax "
-              f"{row['gpu_orthol1.jax']['median_ms']:.2f} ms, jax naive {row['jax naive']['median_ms']:.2f} ms; "
-              f"jax/ol1 {row['jax_over_ol1']:.3f}x, naive/jax {row['naive_over_jax']:.2f}x", flush=True)
-    doc = {"command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
-           "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-           "versions": {"jax": jax.__version__, "numpy": np.__version__, "gpu_orthol1": ol1.__version__,
-                        "python": platform.python_version()},
-           "load_start": load0, "load_end": os.getloadavg()[0], "disturbed": load0 > 2.0, "rows": rows}
+        print(
+            f"{tuple(row['shape'])}: ol1 {row['ol1']['median_ms']:.2f} ms, gpu_orthol1.jax "
+            f"{row['gpu_orthol1.jax']['median_ms']:.2f} ms, jax naive {row['jax naive']['median_ms']:.2f} ms; "
+            f"jax/ol1 {row['jax_over_ol1']:.3f}x, naive/jax {row['naive_over_jax']:.2f}x",
+            flush=True,
+        )
+    doc = {
+        "command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "versions": {
+            "jax": jax.__version__,
+            "numpy": np.__version__,
+            "gpu_orthol1": ol1.__version__,
+            "python": platform.python_version(),
+        },
+        "load_start": load0,
+        "load_end": os.getloadavg()[0],
+        "disturbed": load0 > 2.0,
+        "rows": rows,
+    }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)

@@ -39,8 +39,10 @@ import gpu_orthol1 as ol1
 
 SHAPES = [(4096, 32, 128), (64, 4096, 64), (512, 64, 512)]
 BETA = 1e-3
-VARIANTS = [dict(penalty=p, diagonal=d, normalize=z)
-            for p, d, z in itertools.product(("l1", "l2"), (True, False), (False, True))]
+VARIANTS = [
+    dict(penalty=p, diagonal=d, normalize=z)
+    for p, d, z in itertools.product(("l1", "l2"), (True, False), (False, True))
+]
 LOAD_MAX = 2.0
 PAUSE_S = 0.2
 SPREAD_MAX = 1.25  # p80/p20 above this: the row's times are too scattered to quote (as gpu_orthol1.bench)
@@ -153,8 +155,13 @@ def versions():
     import numba
     import torch
 
-    return dict(python=platform.python_version(), numpy=np.__version__, numba=numba.__version__,
-                torch=torch.__version__, gpu_orthol1=ol1.__version__)
+    return dict(
+        python=platform.python_version(),
+        numpy=np.__version__,
+        numba=numba.__version__,
+        torch=torch.__version__,
+        gpu_orthol1=ol1.__version__,
+    )
 
 
 def bench_shape(shape, repeat, log, pause=PAUSE_S):
@@ -184,9 +191,19 @@ def bench_shape(shape, repeat, log, pause=PAUSE_S):
     for (vn, name), ts in times.items():
         med = float(np.median(ts))
         p20, p80 = float(np.percentile(ts, 20)), float(np.percentile(ts, 80))
-        rows.append(dict(shape=list(shape), variant=vn, method=name, p50_ms=med * 1e3, p20_ms=p20 * 1e3,
-                         p80_ms=p80 * 1e3, runs=len(ts), times_ms=[t * 1e3 for t in ts],
-                         flag=f"spread p80/p20 {p80 / p20:.2f} > {SPREAD_MAX}" if p80 / p20 > SPREAD_MAX else ""))
+        rows.append(
+            dict(
+                shape=list(shape),
+                variant=vn,
+                method=name,
+                p50_ms=med * 1e3,
+                p20_ms=p20 * 1e3,
+                p80_ms=p80 * 1e3,
+                runs=len(ts),
+                times_ms=[t * 1e3 for t in ts],
+                flag=f"spread p80/p20 {p80 / p20:.2f} > {SPREAD_MAX}" if p80 / p20 > SPREAD_MAX else "",
+            )
+        )
     for r in rows:
         if r["method"] == "gpu_orthol1":
             # the median of the per-round ratios: a drift in load moves both runs of a round
@@ -199,16 +216,22 @@ def bench_shape(shape, repeat, log, pause=PAUSE_S):
 
 
 def markdown(doc):
-    lines = [f"CPU penalties benchmark: {doc['cpu']}, {doc['date']}, load average at start "
-             f"{doc['loadavg_start']}{' (FLAGGED: above ' + str(LOAD_MAX) + ')' if doc['flagged_load'] else ''}.",
-             "", f"Command: `{doc['command']}`", "",
-             f"Load average at the end {doc['loadavg_end']}. float32, loss and gradient, median of "
-             f"{doc['repeat']} interleaved rounds (ms). x L1: the median over rounds of the variant's time "
-             "over the default L1 loss's in the same round; vs naive: how many times faster than the "
-             f"fastest naive expression measured for that variant. *: p80/p20 above {SPREAD_MAX} for "
-             "gpu_orthol1's row (scattered times: treat with care).", "",
-             "| shape (l, m, n) | variant | gpu_orthol1 ms | x L1 | naive torch ms | naive numpy ms | BigGAN loop ms "
-             "| vs naive |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"CPU penalties benchmark: {doc['cpu']}, {doc['date']}, load average at start "
+        f"{doc['loadavg_start']}{' (FLAGGED: above ' + str(LOAD_MAX) + ')' if doc['flagged_load'] else ''}.",
+        "",
+        f"Command: `{doc['command']}`",
+        "",
+        f"Load average at the end {doc['loadavg_end']}. float32, loss and gradient, median of "
+        f"{doc['repeat']} interleaved rounds (ms). x L1: the median over rounds of the variant's time "
+        "over the default L1 loss's in the same round; vs naive: how many times faster than the "
+        f"fastest naive expression measured for that variant. *: p80/p20 above {SPREAD_MAX} for "
+        "gpu_orthol1's row (scattered times: treat with care).",
+        "",
+        "| shape (l, m, n) | variant | gpu_orthol1 ms | x L1 | naive torch ms | naive numpy ms | BigGAN loop ms "
+        "| vs naive |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for shape in doc["shapes"]:
         for v in VARIANTS:
             vn = vname(v)
@@ -219,9 +242,11 @@ def markdown(doc):
                 return f"{cell[name]['p50_ms']:.1f}" if name in cell else ""
 
             star = "*" if o["flag"] else ""
-            lines.append(f"| {' x '.join(map(str, shape))} | {vn} | {o['p50_ms']:.1f}{star} | {o['x_l1']:.2f} | "
-                         f"{ms('naive torch')} | {ms('naive numpy')} | {ms('BigGAN loop')} | "
-                         f"{o['speedup_vs_fastest_naive']:.1f}x |")
+            lines.append(
+                f"| {' x '.join(map(str, shape))} | {vn} | {o['p50_ms']:.1f}{star} | {o['x_l1']:.2f} | "
+                f"{ms('naive torch')} | {ms('naive numpy')} | {ms('BigGAN loop')} | "
+                f"{o['speedup_vs_fastest_naive']:.1f}x |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -247,11 +272,22 @@ def main(argv=None):
     rows = []
     for shape in shapes:
         rows.extend(bench_shape(shape, args.repeat, log, args.pause))
-    doc = dict(command="python bench/bench_penalties.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               cpu=lscpu_model(), cpu_count=os.cpu_count(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-               versions=versions(), loadavg_start=" ".join(f"{x:.2f}" for x in start),
-               loadavg_end=" ".join(f"{x:.2f}" for x in os.getloadavg()), flagged_load=start[0] > LOAD_MAX,
-               repeat=args.repeat, pause_s=args.pause, shapes=[list(s) for s in shapes], beta=BETA, dtype="float32", rows=rows)
+    doc = dict(
+        command="python bench/bench_penalties.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        cpu=lscpu_model(),
+        cpu_count=os.cpu_count(),
+        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        versions=versions(),
+        loadavg_start=" ".join(f"{x:.2f}" for x in start),
+        loadavg_end=" ".join(f"{x:.2f}" for x in os.getloadavg()),
+        flagged_load=start[0] > LOAD_MAX,
+        repeat=args.repeat,
+        pause_s=args.pause,
+        shapes=[list(s) for s in shapes],
+        beta=BETA,
+        dtype="float32",
+        rows=rows,
+    )
     md = markdown(doc)
     print(md)
     if args.json:

@@ -76,8 +76,9 @@ def measure(calls: int) -> dict:
     torch.manual_seed(0)
     models = {
         "mlp4x128": nn.Sequential(*[nn.Linear(128, 128) for _ in range(4)]),
-        "cnn3": nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(),
-                              nn.Conv2d(32, 64, 3)),
+        "cnn3": nn.Sequential(
+            nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3)
+        ),
     }
     for name, model in models.items():
         mats = [p for p in model.parameters() if p.dim() >= 2]
@@ -98,19 +99,25 @@ def measure(calls: int) -> dict:
             reg.add_grad_()
 
         n = max(20, calls // 20)
-        row = {"loop_us": _per_call_us(loop, n), "loss_us": _per_call_us(reg_loss, n),
-               "add_grad_us": _per_call_us(reg_add, n)}
+        row = {
+            "loop_us": _per_call_us(loop, n),
+            "loss_us": _per_call_us(reg_loss, n),
+            "add_grad_us": _per_call_us(reg_add, n),
+        }
         row["loop_us"] = min(row["loop_us"], _per_call_us(loop, n))
         out["orthol1"][name] = row
     return out
 
 
 def _child(path: str, calls: int) -> dict:
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=path)
-    code = (f"import sys, json, torch; torch.set_num_threads(1); sys.path.insert(0, {path!r}); "
-            f"sys.path.insert(1, {os.path.dirname(os.path.abspath(__file__))!r}); import bench_plans; "
-            f"print(json.dumps(bench_plans.measure({calls})))")
+    env = dict(
+        os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=path
+    )
+    code = (
+        f"import sys, json, torch; torch.set_num_threads(1); sys.path.insert(0, {path!r}); "
+        f"sys.path.insert(1, {os.path.dirname(os.path.abspath(__file__))!r}); import bench_plans; "
+        f"print(json.dumps(bench_plans.measure({calls})))"
+    )
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -152,10 +159,16 @@ def main(argv=None) -> int:
         for row in res["orthol1"].values():
             row["loss_x_loop"] = row["loss_us"] / row["loop_us"]
             row["add_grad_x_loop"] = row["add_grad_us"] / row["loop_us"]
-    doc = {"command": "python " + " ".join([os.path.relpath(__file__, here)] + (argv or sys.argv[1:])),
-           "cpu": cpu_name(), "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "loadavg_start": load0, "loadavg_end": loadavg(), "threads": "1 BLAS thread, 1 torch thread",
-           "results": result}
+    doc = {
+        "command": "python " + " ".join([os.path.relpath(__file__, here)] + (argv or sys.argv[1:])),
+        "cpu": cpu_name(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "loadavg_start": load0,
+        "loadavg_end": loadavg(),
+        "threads": "1 BLAS thread, 1 torch thread",
+        "results": result,
+    }
     text = json.dumps(doc, indent=1)
     print(text)
     if a.json:

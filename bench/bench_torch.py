@@ -96,9 +96,13 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16"])
     ap.add_argument("--repeat", type=int, default=None, help="timed runs (>= 5; default 7, 5 with --quick)")
     ap.add_argument("--beta", type=float, default=1e-4)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="CPU threads for torch AND NumPy's BLAS (OpenBLAS), which the CPU path uses "
-                         "(default: each library's own choice)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch AND NumPy's BLAS (OpenBLAS), which the CPU path uses "
+        "(default: each library's own choice)",
+    )
     ap.add_argument("--json", default=None, help="write the results to this path")
     args = ap.parse_args(argv)
     if args.threads:
@@ -148,8 +152,12 @@ def main(argv=None):
 
     # float32 vs float32: the two sum in different orders, and an entry of G - I that lands on the
     # other side of 0 flips a sign: a small relative difference in the gradient is expected
-    agree = {"loss_rel": rel_loss, "add_grad_loss_rel": abs(float(val) - float(ref)) / abs(float(ref)),
-             "grad_rel_loss": rel(g_loss, g_ref), "grad_rel_add_grad": rel(g_add, g_ref)}
+    agree = {
+        "loss_rel": rel_loss,
+        "add_grad_loss_rel": abs(float(val) - float(ref)) / abs(float(ref)),
+        "grad_rel_loss": rel(g_loss, g_ref),
+        "grad_rel_add_grad": rel(g_add, g_ref),
+    }
     # Losses must agree to rounding. Gradients differ by the flipped signs: on an H200 at d_model=768
     # float32 gave a relative gradient difference of 2.0e-3 while float64 agreed to 9e-16, so the
     # float32 gradient tolerance is 1e-2 (an error in the method itself shows at O(1)).
@@ -182,8 +190,11 @@ def main(argv=None):
             try:
                 replay = capture(fn, mats)
                 med, times = timeit(replay, repeat, warm, sync)
-                res[name] = {"median_s": med, "times_s": times,
-                             "grad_rel": rel([p.grad for p in mats], g_ref)}
+                res[name] = {
+                    "median_s": med,
+                    "times_s": times,
+                    "grad_rel": rel([p.grad for p in mats], g_ref),
+                }
             except Exception as e:  # report it; the eager rows stand
                 res[name] = {"error": f"{type(e).__name__}: {e}"}
     # the baseline again at the end: the machine's load may drift during the run
@@ -193,11 +204,15 @@ def main(argv=None):
 
     shapes = sorted({tuple(p.shape) for p in mats})
     dev_name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
-    print(f"# bench_torch: {len(mats)} matrices {shapes} of a {args.layers}-layer transformer, d_model={d}, "
-          f"{args.dtype}, device={args.device} ({dev_name}), torch {torch.__version__}, "
-          f"threads={torch.get_num_threads()}, median of {repeat}")
-    print(f"# agreement with the naive loop: {', '.join(f'{k}={v:.1e}' for k, v in agree.items())} "
-          f"({'ok' if ok else 'MISMATCH'})")
+    print(
+        f"# bench_torch: {len(mats)} matrices {shapes} of a {args.layers}-layer transformer, d_model={d}, "
+        f"{args.dtype}, device={args.device} ({dev_name}), torch {torch.__version__}, "
+        f"threads={torch.get_num_threads()}, median of {repeat}"
+    )
+    print(
+        f"# agreement with the naive loop: {', '.join(f'{k}={v:.1e}' for k, v in agree.items())} "
+        f"({'ok' if ok else 'MISMATCH'})"
+    )
     print(f"{'method':<34}{'median ms':>12}{'ratio (naive/this)':>22}")
     print(f"{'naive per-layer autograd loop':<34}{1e3 * base:>12.3f}{1.0:>22.2f}")
     for name, label in (("loss", "OrthoL1.loss() + backward"), ("add_grad_", "OrthoL1.add_grad_()")):
@@ -206,23 +221,39 @@ def main(argv=None):
         print(f"{label:<34}{1e3 * m:>12.3f}{base / m:>22.2f}")
     if "naive_graph" in res:  # captured rows: each against the captured loop
         gbase = res["naive_graph"].get("median_s")
-        for name, label in (("naive_graph", "naive loop, CUDA graph replay"),
-                            ("loss_graph", "loss()+backward, graph replay"),
-                            ("add_grad_graph", "add_grad_(), graph replay")):
+        for name, label in (
+            ("naive_graph", "naive loop, CUDA graph replay"),
+            ("loss_graph", "loss()+backward, graph replay"),
+            ("add_grad_graph", "add_grad_(), graph replay"),
+        ):
             r = res[name]
             if "error" in r or gbase is None:
                 print(f"{label:<34}  {r.get('error', 'no captured baseline')}")
                 continue
             r["ratio_vs_naive_graph"] = gbase / r["median_s"]
-            print(f"{label:<34}{1e3 * r['median_s']:>12.3f}{gbase / r['median_s']:>22.2f}"
-                  f"   (grad rel. diff {r['grad_rel']:.1e})")
+            print(
+                f"{label:<34}{1e3 * r['median_s']:>12.3f}{gbase / r['median_s']:>22.2f}"
+                f"   (grad rel. diff {r['grad_rel']:.1e})"
+            )
     out = {
-        "bench": "bench_torch", "device": args.device, "device_name": dev_name, "dtype": args.dtype,
-        "layers": args.layers, "d_model": d, "matrices": len(mats), "shapes": [list(s) for s in shapes],
-        "repeat": repeat, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "bench": "bench_torch",
+        "device": args.device,
+        "device_name": dev_name,
+        "dtype": args.dtype,
+        "layers": args.layers,
+        "d_model": d,
+        "matrices": len(mats),
+        "shapes": [list(s) for s in shapes],
+        "repeat": repeat,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
         # at the end of the run; with the CPU count, what judging the run later needs (see summarize.py)
-        "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None, "cpu_count": os.cpu_count(),
-        "naive_median_s": base, "agreement": agree, "agreement_ok": ok, "results": res,
+        "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "cpu_count": os.cpu_count(),
+        "naive_median_s": base,
+        "agreement": agree,
+        "agreement_ok": ok,
+        "results": res,
     }
     if args.json:
         with open(args.json, "w") as f:

@@ -49,7 +49,9 @@ def methods(shape, rng):
     import gpu_orthol1 as ol1
     from gpu_orthol1.torch import ortho_l1
 
-    x = torch.from_numpy((rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)).requires_grad_(True)
+    x = torch.from_numpy((rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)).requires_grad_(
+        True
+    )
     xt = x.detach().numpy().transpose(0, 2, 1)  # the core's convention: Gram of the columns of each slice
     p = ol1.plan(xt, BETA, axis=0)
 
@@ -94,8 +96,12 @@ def measure(shape, rounds, calls, rng):
     # ratios per round, then the median: drift between rounds cancels
     r_up = statistics.median(a / b for a, b in zip(per["ortho_l1"], per["upstream"], strict=True))
     r_plan = statistics.median(a / b for a, b in zip(per["fwd"], per["plan"], strict=True))
-    return {"shape": list(shape), "median_us": {k: v * 1e6 for k, v in med.items()},
-            "ortho_l1_over_upstream": r_up, "fwd_over_plan": r_plan}
+    return {
+        "shape": list(shape),
+        "median_us": {k: v * 1e6 for k, v in med.items()},
+        "ortho_l1_over_upstream": r_up,
+        "fwd_over_plan": r_plan,
+    }
 
 
 def main(argv=None):
@@ -114,21 +120,38 @@ def main(argv=None):
     rows = [measure(s, args.rounds, args.calls, rng) for s in SHAPES]
     load1 = loadavg()
     if args.out:
-        res = {"cpu": cpu_name(), "cpus": os.cpu_count(), "torch": torch.__version__, "numpy": np.__version__,
-               "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "load_before": load0, "load_after": load1, "rounds": args.rounds, "calls": args.calls,
-               "beta": BETA, "dtype": "float32", "rows": rows}
+        res = {
+            "cpu": cpu_name(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+            "torch_threads": torch.get_num_threads(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "load_before": load0,
+            "load_after": load1,
+            "rounds": args.rounds,
+            "calls": args.calls,
+            "beta": BETA,
+            "dtype": "float32",
+            "rows": rows,
+        }
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
-    print(f"{'shape':>12} {'upstream us':>12} {'ortho_l1 us':>12} {'ratio':>7} {'fwd us':>9} {'plan us':>9} "
-          f"{'fwd/plan':>9}")
+    print(
+        f"{'shape':>12} {'upstream us':>12} {'ortho_l1 us':>12} {'ratio':>7} {'fwd us':>9} {'plan us':>9} "
+        f"{'fwd/plan':>9}"
+    )
     for r in rows:
         m = r["median_us"]
-        print(f"{'x'.join(map(str, r['shape'])):>12} {m['upstream']:12.1f} {m['ortho_l1']:12.1f} "
-              f"{r['ortho_l1_over_upstream']:7.2f} {m['fwd']:9.1f} {m['plan']:9.1f} {r['fwd_over_plan']:9.2f}")
-    print(f"targets: ortho_l1/upstream <= 1.0, fwd/plan <= 1.3; load average {load0} -> {load1} "
-          f"on {os.cpu_count()} CPUs")
+        print(
+            f"{'x'.join(map(str, r['shape'])):>12} {m['upstream']:12.1f} {m['ortho_l1']:12.1f} "
+            f"{r['ortho_l1_over_upstream']:7.2f} {m['fwd']:9.1f} {m['plan']:9.1f} {r['fwd_over_plan']:9.2f}"
+        )
+    print(
+        f"targets: ortho_l1/upstream <= 1.0, fwd/plan <= 1.3; load average {load0} -> {load1} "
+        f"on {os.cpu_count()} CPUs"
+    )
     return 0
 
 

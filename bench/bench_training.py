@@ -44,8 +44,10 @@ def main(argv=None):
     from gpu_orthol1.torch import OrthoL1
 
     gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter((torch.randn(o, i, generator=gen) / o ** 0.5).to(args.device))
-              for _name, _kind, (o, i) in shapes(args.d_model, args.layers)]
+    params = [
+        torch.nn.Parameter((torch.randn(o, i, generator=gen) / o**0.5).to(args.device))
+        for _name, _kind, (o, i) in shapes(args.d_model, args.layers)
+    ]
     reg = OrthoL1(params, 1e-3)
     cuda = args.device.startswith("cuda")
 
@@ -97,34 +99,52 @@ def main(argv=None):
     hooks = []
     names = list(methods)
     for r in range(args.reps):
-        for k in (names if r % 2 == 0 else names[::-1]):  # A B C D, then D C B A: no method always follows another
+        for k in (
+            names if r % 2 == 0 else names[::-1]
+        ):  # A B C D, then D C B A: no method always follows another
             hook_s[0] = 0.0
             times[k].append(once(methods[k]))
             if k == "loss+metrics":
                 hooks.append(hook_s[0])
     med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     doc = {
-        "command": " ".join(["python", "bench/bench_training.py"] + (argv if argv is not None else sys.argv[1:])),
+        "command": " ".join(
+            ["python", "bench/bench_training.py"] + (argv if argv is not None else sys.argv[1:])
+        ),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "device": args.device,
-        "torch_threads": torch.get_num_threads(), "loadavg_start": start, "loadavg_end": loadavg(),
-        "args": vars(args), "median_ms": med, "all_ms": {k: [round(1e3 * x, 1) for x in v] for k, v in times.items()},
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "device": args.device,
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_start": start,
+        "loadavg_end": loadavg(),
+        "args": vars(args),
+        "median_ms": med,
+        "all_ms": {k: [round(1e3 * x, 1) for x in v] for k, v in times.items()},
         "metrics_over_loss_backward": med["metrics"] / med["loss+backward"],
         "loss_metrics_over_loss": med["loss+metrics"] / med["loss"],
         "metrics_hook_ms_in_loss": 1e3 * statistics.median(hooks),
         "metrics_hook_share_of_loss": statistics.median(hooks) / statistics.median(times["loss"]),
         "note": args.note,
     }
-    md = [f"# OrthoL1 metrics cost: {args.layers} layers, d_model {args.d_model}, float32, {args.device}", "",
-          f"`{doc['command']}` at {doc['date']} on {doc['cpu_model']} ({doc['cpu_count']} CPUs, torch threads "
-          f"{doc['torch_threads']}); load average {start} at start, {doc['loadavg_end']} at end. "
-          f"Median of {args.reps} interleaved runs.", "",
-          "| method | ms |", "|---|---|"]
+    md = [
+        f"# OrthoL1 metrics cost: {args.layers} layers, d_model {args.d_model}, float32, {args.device}",
+        "",
+        f"`{doc['command']}` at {doc['date']} on {doc['cpu_model']} ({doc['cpu_count']} CPUs, torch threads "
+        f"{doc['torch_threads']}); load average {start} at start, {doc['loadavg_end']} at end. "
+        f"Median of {args.reps} interleaved runs.",
+        "",
+        "| method | ms |",
+        "|---|---|",
+    ]
     md += [f"| {k} | {v:.0f} |" for k, v in med.items()]
-    md += ["", f"- metrics() / (loss() + backward): {doc['metrics_over_loss_backward']:.2f} (target <= 0.6)",
-           f"- loss(metrics=True) / loss(): {doc['loss_metrics_over_loss']:.3f} (target <= 1.05)",
-           f"- inside loss(metrics=True), the metrics' own pass over the Grams took {doc['metrics_hook_ms_in_loss']:.0f} ms "
-           f"({100 * doc['metrics_hook_share_of_loss']:.1f} % of loss()'s median)"]
+    md += [
+        "",
+        f"- metrics() / (loss() + backward): {doc['metrics_over_loss_backward']:.2f} (target <= 0.6)",
+        f"- loss(metrics=True) / loss(): {doc['loss_metrics_over_loss']:.3f} (target <= 1.05)",
+        f"- inside loss(metrics=True), the metrics' own pass over the Grams took {doc['metrics_hook_ms_in_loss']:.0f} ms "
+        f"({100 * doc['metrics_hook_share_of_loss']:.1f} % of loss()'s median)",
+    ]
     if args.note:
         md += ["", args.note]
     out = Path(args.out)

@@ -25,8 +25,10 @@ from gpu_orthol1.optax import add_ortho_l1
 
 def defects(model) -> list[float]:
     """sum |W W^T - I| for each Linear weight of the MLP (out x out Gram)."""
-    return [float(jnp.abs(layer.weight @ layer.weight.T - jnp.eye(layer.weight.shape[0])).sum())
-            for layer in model.layers]
+    return [
+        float(jnp.abs(layer.weight @ layer.weight.T - jnp.eye(layer.weight.shape[0])).sum())
+        for layer in model.layers
+    ]
 
 
 def train(beta: float, steps: int, seed: int = 0):
@@ -67,8 +69,10 @@ def main(argv=None):
         d = defects(model)
         pen = float(ortho_l1_tree(eqx.filter(model, eqx.is_array), 1.0))
         out[name] = dict(task_loss=loss, defects=d, penalty=pen)
-        print(f"{name:9s} task loss {loss:.4f}  defect per layer {np.round(d, 2).tolist()}  "
-              f"ortho_l1_tree (beta=1) {pen:.2f}")
+        print(
+            f"{name:9s} task loss {loss:.4f}  defect per layer {np.round(d, 2).tolist()}  "
+            f"ortho_l1_tree (beta=1) {pen:.2f}"
+        )
     return out
 
 

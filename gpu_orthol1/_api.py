@@ -16,9 +16,21 @@ Kernel = Literal["auto", "gemm", "fused"]
 Penalty = Literal["l1", "l2"]
 
 
-def _run(phi: Any, beta: Any, axis: Any, reduction: Any, out: Any, accumulate: Any, backend: Any, precision: Any,
-         workspace_bytes: Any, want_grad: bool, penalty: Any = "l1", diagonal: Any = True,
-         normalize: Any = False) -> tuple[Any, Any]:
+def _run(
+    phi: Any,
+    beta: Any,
+    axis: Any,
+    reduction: Any,
+    out: Any,
+    accumulate: Any,
+    backend: Any,
+    precision: Any,
+    workspace_bytes: Any,
+    want_grad: bool,
+    penalty: Any = "l1",
+    diagonal: Any = True,
+    normalize: Any = False,
+) -> tuple[Any, Any]:
     p = _cache.cached(phi, axis, reduction, precision, backend, workspace_bytes, penalty, diagonal, normalize)
     b = _checks.check_beta(beta)
     if want_grad:
@@ -26,10 +38,21 @@ def _run(phi: Any, beta: Any, axis: Any, reduction: Any, out: Any, accumulate: A
     return _plan.execute(p, phi, out, accumulate, b, want_grad)
 
 
-def plan(phi: Any, beta: float = 1.0, *, axis: int = 1, reduction: Reduction = "sum",
-         want: Want = "loss_and_grad", precision: Precision = "highest", backend: Backend = "auto",
-         workspace_bytes: int | None = None, kernel: Kernel = "auto", penalty: Penalty = "l1",
-         diagonal: bool = True, normalize: bool = False) -> Plan:
+def plan(
+    phi: Any,
+    beta: float = 1.0,
+    *,
+    axis: int = 1,
+    reduction: Reduction = "sum",
+    want: Want = "loss_and_grad",
+    precision: Precision = "highest",
+    backend: Backend = "auto",
+    workspace_bytes: int | None = None,
+    kernel: Kernel = "auto",
+    penalty: Penalty = "l1",
+    diagonal: bool = True,
+    normalize: bool = False,
+) -> Plan:
     """A reusable `Plan` for arrays like `phi` (same shape, dtype, strides, array kind and device).
 
     ``plan(phi2, out=None, accumulate=False)`` returns what `want` names ("loss", "grad" or
@@ -79,15 +102,35 @@ def plan(phi: Any, beta: float = 1.0, *, axis: int = 1, reduction: Reduction = "
         >>> p = ol1.plan(phi, beta=1e-3)
         >>> loss, grad = p(phi)
     """
-    return Plan(phi, beta, axis=axis, reduction=reduction, want=want, precision=precision, backend=backend,
-                workspace_bytes=workspace_bytes, kernel=kernel, penalty=penalty, diagonal=diagonal,
-                normalize=normalize)
+    return Plan(
+        phi,
+        beta,
+        axis=axis,
+        reduction=reduction,
+        want=want,
+        precision=precision,
+        backend=backend,
+        workspace_bytes=workspace_bytes,
+        kernel=kernel,
+        penalty=penalty,
+        diagonal=diagonal,
+        normalize=normalize,
+    )
 
 
-def loss(phi: Any, beta: float = 1.0, *, axis: int = 1, reduction: Reduction = "sum",
-         backend: Backend = "auto", precision: Precision = "highest",
-         workspace_bytes: int | None = None, penalty: Penalty = "l1", diagonal: bool = True,
-         normalize: bool = False) -> Any:
+def loss(
+    phi: Any,
+    beta: float = 1.0,
+    *,
+    axis: int = 1,
+    reduction: Reduction = "sum",
+    backend: Backend = "auto",
+    precision: Precision = "highest",
+    workspace_bytes: int | None = None,
+    penalty: Penalty = "l1",
+    diagonal: bool = True,
+    normalize: bool = False,
+) -> Any:
     """L1 orthogonality loss beta * sum_i sum_jk |Phi_i^T Phi_i - I|_jk of the slices of phi along `axis`.
 
     Returns a 0-d array ("sum", "mean") or the per-slice losses of shape (m,) ("none"), of phi's
@@ -128,14 +171,38 @@ def loss(phi: Any, beta: float = 1.0, *, axis: int = 1, reduction: Reduction = "
         >>> phi = np.random.default_rng(0).standard_normal((64, 8, 16), dtype=np.float32) / 8
         >>> value = float(ol1.loss(phi, 1e-3))
     """
-    return _run(phi, beta, axis, reduction, None, False, backend, precision, workspace_bytes, False,
-                penalty, diagonal, normalize)[0]
+    return _run(
+        phi,
+        beta,
+        axis,
+        reduction,
+        None,
+        False,
+        backend,
+        precision,
+        workspace_bytes,
+        False,
+        penalty,
+        diagonal,
+        normalize,
+    )[0]
 
 
-def grad(phi: Any, beta: float = 1.0, *, axis: int = 1, reduction: Reduction = "sum", out: Any = None,
-         accumulate: bool = False, backend: Backend = "auto", precision: Precision = "highest",
-         workspace_bytes: int | None = None, penalty: Penalty = "l1", diagonal: bool = True,
-         normalize: bool = False) -> Any:
+def grad(
+    phi: Any,
+    beta: float = 1.0,
+    *,
+    axis: int = 1,
+    reduction: Reduction = "sum",
+    out: Any = None,
+    accumulate: bool = False,
+    backend: Backend = "auto",
+    precision: Precision = "highest",
+    workspace_bytes: int | None = None,
+    penalty: Penalty = "l1",
+    diagonal: bool = True,
+    normalize: bool = False,
+) -> Any:
     """Gradient of `loss` with respect to phi (phi's shape, dtype and array kind); into `out` if given,
     added to it when accumulate=True.
 
@@ -172,14 +239,38 @@ def grad(phi: Any, beta: float = 1.0, *, axis: int = 1, reduction: Reduction = "
         >>> g = np.zeros_like(phi)
         >>> _ = ol1.grad(phi, 1e-3, out=g, accumulate=True)  # g += dL/dphi
     """
-    return _run(phi, beta, axis, reduction, out, accumulate, backend, precision, workspace_bytes, True,
-                penalty, diagonal, normalize)[1]
+    return _run(
+        phi,
+        beta,
+        axis,
+        reduction,
+        out,
+        accumulate,
+        backend,
+        precision,
+        workspace_bytes,
+        True,
+        penalty,
+        diagonal,
+        normalize,
+    )[1]
 
 
-def loss_and_grad(phi: Any, beta: float = 1.0, *, axis: int = 1, reduction: Reduction = "sum",
-                  out: Any = None, accumulate: bool = False, backend: Backend = "auto",
-                  precision: Precision = "highest", workspace_bytes: int | None = None, penalty: Penalty = "l1",
-                  diagonal: bool = True, normalize: bool = False) -> tuple[Any, Any]:
+def loss_and_grad(
+    phi: Any,
+    beta: float = 1.0,
+    *,
+    axis: int = 1,
+    reduction: Reduction = "sum",
+    out: Any = None,
+    accumulate: bool = False,
+    backend: Backend = "auto",
+    precision: Precision = "highest",
+    workspace_bytes: int | None = None,
+    penalty: Penalty = "l1",
+    diagonal: bool = True,
+    normalize: bool = False,
+) -> tuple[Any, Any]:
     """(loss, grad) from one pass: the Gram matrices are formed once for both.
 
     Args:
@@ -214,5 +305,18 @@ def loss_and_grad(phi: Any, beta: float = 1.0, *, axis: int = 1, reduction: Redu
         >>> phi = np.random.default_rng(0).standard_normal((64, 8, 16), dtype=np.float32) / 8
         >>> loss, grad = ol1.loss_and_grad(phi, beta=1e-3)
     """
-    return _run(phi, beta, axis, reduction, out, accumulate, backend, precision, workspace_bytes, True,
-                penalty, diagonal, normalize)
+    return _run(
+        phi,
+        beta,
+        axis,
+        reduction,
+        out,
+        accumulate,
+        backend,
+        precision,
+        workspace_bytes,
+        True,
+        penalty,
+        diagonal,
+        normalize,
+    )

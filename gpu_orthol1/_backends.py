@@ -71,8 +71,10 @@ def _probe_gpu() -> tuple[bool, str]:
     try:
         import cupy
     except ImportError as e:
-        return False, (f"cupy is not installed ({e}); from the repository root: pip install -e '.[gpu]' "
-                       "(or pip install 'cupy-cuda12x[ctk]' 'numba-cuda[cu12]' 'numpy<2.5')")
+        return False, (
+            f"cupy is not installed ({e}); from the repository root: pip install -e '.[gpu]' "
+            "(or pip install 'cupy-cuda12x[ctk]' 'numba-cuda[cu12]' 'numpy<2.5')"
+        )
     except Exception as e:  # a broken CUDA install can raise anything at import
         return False, f"cupy failed to import: {type(e).__name__}: {e}"
     try:
@@ -84,7 +86,10 @@ def _probe_gpu() -> tuple[bool, str]:
     try:
         from cupy_backends.cuda.libs import cublas  # noqa: F401
     except Exception as e:
-        return False, f"the cuBLAS libraries are missing ({e}); pip install 'cupy-cuda12x[ctk]' or a CUDA toolkit"
+        return (
+            False,
+            f"the cuBLAS libraries are missing ({e}); pip install 'cupy-cuda12x[ctk]' or a CUDA toolkit",
+        )
     try:
         from numba import cuda
 

@@ -18,18 +18,39 @@ _cache: OrderedDict[tuple, Plan] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def cached(phi: Any, axis: Any, reduction: Any, precision: Any, backend: Any, workspace_bytes: Any,
-           penalty: Any = "l1", diagonal: Any = True, normalize: Any = False) -> Plan:
+def cached(
+    phi: Any,
+    axis: Any,
+    reduction: Any,
+    precision: Any,
+    backend: Any,
+    workspace_bytes: Any,
+    penalty: Any = "l1",
+    diagonal: Any = True,
+    normalize: Any = False,
+) -> Plan:
     """The plan for this call from the LRU cache, made on a miss (argument errors are raised then)."""
     # checked before the lookup: diagonal=1 would otherwise hash like True and find its plan
     variant = _penalty.check(penalty, diagonal, normalize)
     key: tuple | None
     try:
         tp = type(phi)
-        key = (tp, phi.shape, phi.strides, phi.dtype, phi.device.id if tp is not np.ndarray else None,
-               axis, reduction, precision, backend, workspace_bytes, variant,
-               os.environ.get(_backends.ENV_BACKEND), os.environ.get(_checks.ENV_WORKSPACE),
-               os.environ.get(_checks.ENV_KERNEL))
+        key = (
+            tp,
+            phi.shape,
+            phi.strides,
+            phi.dtype,
+            phi.device.id if tp is not np.ndarray else None,
+            axis,
+            reduction,
+            precision,
+            backend,
+            workspace_bytes,
+            variant,
+            os.environ.get(_backends.ENV_BACKEND),
+            os.environ.get(_checks.ENV_WORKSPACE),
+            os.environ.get(_checks.ENV_KERNEL),
+        )
         with _cache_lock:
             p = _cache.get(key)
             if p is not None:
@@ -37,9 +58,18 @@ def cached(phi: Any, axis: Any, reduction: Any, precision: Any, backend: Any, wo
                 return p
     except (AttributeError, TypeError):  # not an array, or an unhashable argument: Plan() says which
         key = None
-    p = Plan(phi, 1.0, axis=axis, reduction=reduction, precision=precision, backend=backend,
-             workspace_bytes=workspace_bytes, penalty=variant.penalty, diagonal=variant.diagonal,
-             normalize=variant.normalize)
+    p = Plan(
+        phi,
+        1.0,
+        axis=axis,
+        reduction=reduction,
+        precision=precision,
+        backend=backend,
+        workspace_bytes=workspace_bytes,
+        penalty=variant.penalty,
+        diagonal=variant.diagonal,
+        normalize=variant.normalize,
+    )
     if key is not None:
         with _cache_lock:
             _cache[key] = p

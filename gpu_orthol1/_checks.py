@@ -77,7 +77,9 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
 
 def check_beta(beta: Any, what: str = "beta") -> float:
     """beta (or a preset's factor or strength, named by `what`) as a float; ValueError unless finite and >= 0."""
-    if type(beta) is float and math.isfinite(beta) and beta >= 0.0:  # the common case, without the checks below
+    if (
+        type(beta) is float and math.isfinite(beta) and beta >= 0.0
+    ):  # the common case, without the checks below
         return beta
     if isinstance(beta, (bool, np.bool_)) or not isinstance(beta, (numbers.Real, np.ndarray)):
         raise ValueError(f"{what} must be a finite real number, got {beta!r}")
@@ -92,7 +94,9 @@ def check_beta(beta: Any, what: str = "beta") -> float:
     if not math.isfinite(b):
         raise ValueError(f"{what} must be a finite real number, got {beta!r}")
     if b < 0:  # the penalty's weight: a negative one would reward the matrices for leaving orthogonality
-        raise ValueError(f"{what} must be >= 0, got {beta!r} (a negative weight rewards non-orthogonal matrices)")
+        raise ValueError(
+            f"{what} must be >= 0, got {beta!r} (a negative weight rewards non-orthogonal matrices)"
+        )
     return b
 
 
@@ -100,8 +104,11 @@ def check_workspace_bytes(workspace_bytes: Any) -> int | None:
     """None, or a positive int; ValueError for anything else."""
     if workspace_bytes is None:
         return None
-    if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, numbers.Integral) \
-            or workspace_bytes <= 0:
+    if (
+        isinstance(workspace_bytes, bool)
+        or not isinstance(workspace_bytes, numbers.Integral)
+        or workspace_bytes <= 0
+    ):
         raise ValueError(f"workspace_bytes must be a positive integer, got {workspace_bytes!r}")
     return int(workspace_bytes)
 
@@ -171,7 +178,9 @@ def check_out(out: Any, phi: Any, accumulate: Any, phi_is_cupy: bool) -> None:
         raise ValueError(str(e)) from None
     if out_cupy != phi_is_cupy:
         kind = "CuPy" if phi_is_cupy else "NumPy"
-        raise ValueError(f"out must be a {kind} array like phi, got {type(out).__module__}.{type(out).__name__}")
+        raise ValueError(
+            f"out must be a {kind} array like phi, got {type(out).__module__}.{type(out).__name__}"
+        )
     if out.shape != phi.shape:
         raise ValueError(f"out has shape {out.shape}, phi has shape {phi.shape}")
     if out.dtype != phi.dtype:
@@ -190,5 +199,6 @@ def check_out(out: Any, phi: Any, accumulate: Any, phi_is_cupy: bool) -> None:
         if out.size and phi.size and np.shares_memory(out, phi):
             raise ValueError("out overlaps phi's memory; pass a separate array")
     if self_overlapping(out):
-        raise ValueError(f"out has overlapping elements (strides {out.strides}); "
-                         "pass a writable array of its own")
+        raise ValueError(
+            f"out has overlapping elements (strides {out.strides}); pass a writable array of its own"
+        )

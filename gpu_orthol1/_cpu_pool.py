@@ -37,7 +37,9 @@ _pool_lock = threading.Lock()
 
 def far_rows(lay: _gemm.Layout, n: int, itemsize: int) -> bool:
     """Whether gradient slices of this layout have short rows far apart (see CPU_STAGE_ROW_STRIDE)."""
-    return lay.kind == "T" and lay.ld * itemsize >= CPU_STAGE_ROW_STRIDE and n * itemsize <= CPU_STAGE_ROW_BYTES
+    return (
+        lay.kind == "T" and lay.ld * itemsize >= CPU_STAGE_ROW_STRIDE and n * itemsize <= CPU_STAGE_ROW_BYTES
+    )
 
 
 def _thread_pool() -> ThreadPoolExecutor:
@@ -112,7 +114,11 @@ def run_split(fn: Callable[[int, int], object], m: int, threads: int) -> None:
         return
     parts = np.linspace(0, m, threads + 1).astype(int)
     with _one_blas_thread():
-        futs = [_thread_pool().submit(fn, int(a), int(b)) for a, b in zip(parts[:-1], parts[1:], strict=True) if b > a]
+        futs = [
+            _thread_pool().submit(fn, int(a), int(b))
+            for a, b in zip(parts[:-1], parts[1:], strict=True)
+            if b > a
+        ]
         wait(futs)  # every part done before BLAS gets its threads back, even when one part failed
     for f in futs:
         f.result()
@@ -131,19 +137,30 @@ class CpuRunner:
         """The call's losses (and gradient, per `kw`) over `threads` parts of the slices."""
         run_split(lambda a, b: self._run_part(batch, sz, losses, kw, a, b), self._m, threads)
 
-    def _run_part(self, batch: _driver.Strided, sz: _driver.Sizes, losses: Any, kw: dict, first: int,
-                  last: int) -> None:
+    def _run_part(
+        self, batch: _driver.Strided, sz: _driver.Sizes, losses: Any, kw: dict, first: int, last: int
+    ) -> None:
         nbytes = sz.chunk * sz.per_slice
         if nbytes <= CPU_KEEP_WORKSPACE and self._lock.acquire(blocking=False):
             try:
                 if self._kept is None or self._kept.get("_sizes") != sz:
                     self._kept = _driver.workspace(np.empty, sz, self._l, self._n, self._dtype)
                     self._kept["_sizes"] = sz
-                _driver.run(self._dev, batch, self._kept, sz.chunk, losses, first=first, count=last - first,
-                            loss_offset=first, **kw)
+                _driver.run(
+                    self._dev,
+                    batch,
+                    self._kept,
+                    sz.chunk,
+                    losses,
+                    first=first,
+                    count=last - first,
+                    loss_offset=first,
+                    **kw,
+                )
             finally:
                 self._lock.release()
             return
         wsb = _driver.workspace(np.empty, sz, self._l, self._n, self._dtype)
-        _driver.run(self._dev, batch, wsb, sz.chunk, losses, first=first, count=last - first,
-                    loss_offset=first, **kw)
+        _driver.run(
+            self._dev, batch, wsb, sz.chunk, losses, first=first, count=last - first, loss_offset=first, **kw
+        )

@@ -50,8 +50,9 @@ class Device(Protocol):
         """The dtype of the matrix S the gradient GEMM multiplies."""
         ...
 
-    def extra_bytes_per_slice(self, l: int, n: int, dtype: np.dtype, want_grad: bool,
-                              accumulate: bool) -> int:
+    def extra_bytes_per_slice(
+        self, l: int, n: int, dtype: np.dtype, want_grad: bool, accumulate: bool
+    ) -> int:
         """Workspace bytes per slice beyond the Gram and S (conversions, products)."""
         ...
 
@@ -75,8 +76,18 @@ class Device(Protocol):
         """alpha * Phi S (+ beta * dst) into the chunk's gradient."""
         ...
 
-    def sign_abs(self, ws: Any, sgn: Any, n: int, losses: Any, offset: int, scale: float, write_s: bool,
-                 variant: Variant = ..., partials: Any = None) -> None:
+    def sign_abs(
+        self,
+        ws: Any,
+        sgn: Any,
+        n: int,
+        losses: Any,
+        offset: int,
+        scale: float,
+        write_s: bool,
+        variant: Variant = ...,
+        partials: Any = None,
+    ) -> None:
         """The fused elementwise pass: the slices' losses, and S when write_s."""
         ...
 
@@ -134,8 +145,17 @@ def fused_wins(l: int, n: int, dtype: Any, precision: str) -> bool:
     return any(1 <= n <= n_top and l <= l_top for n_top, l_top in rule)
 
 
-def pick_kernel(kernel: Any, dev: Device, variant: _penalty.Variant, default_budget: bool, in_place: bool,
-                 l: int, n: int, dtype: np.dtype, precision: str) -> tuple[str, Any]:
+def pick_kernel(
+    kernel: Any,
+    dev: Device,
+    variant: _penalty.Variant,
+    default_budget: bool,
+    in_place: bool,
+    l: int,
+    n: int,
+    dtype: np.dtype,
+    precision: str,
+) -> tuple[str, Any]:
     """("gemm", None) or ("fused", its config): the GPU path, decided once.
 
     "auto" takes the fused kernel on a GPU where `fused_wins` says so, for the default penalty,
@@ -149,7 +169,9 @@ def pick_kernel(kernel: Any, dev: Device, variant: _penalty.Variant, default_bud
     if kernel == "auto":
         env = os.environ.get(_checks.ENV_KERNEL, "").strip()
         if env and env not in _checks.KERNELS:
-            raise ValueError(f"environment variable {_checks.ENV_KERNEL}={env!r} is not one of {_checks.KERNELS}")
+            raise ValueError(
+                f"environment variable {_checks.ENV_KERNEL}={env!r} is not one of {_checks.KERNELS}"
+            )
         if not gpu:
             return "gemm", None
         if not env:
@@ -162,14 +184,18 @@ def pick_kernel(kernel: Any, dev: Device, variant: _penalty.Variant, default_bud
     if not gpu:
         raise ValueError("kernel='fused' runs on the GPU backend only; the CPU backend has one path")
     if not variant.is_default:
-        raise ValueError(f"kernel='fused' computes the default penalty (l1, diagonal=True, normalize=False) "
-                         f"only, not {variant}; use kernel='gemm'")
+        raise ValueError(
+            f"kernel='fused' computes the default penalty (l1, diagonal=True, normalize=False) "
+            f"only, not {variant}; use kernel='gemm'"
+        )
     from .kernels import fused_small
 
     cfg = fused_small.fused_config(l, n, dtype, threads=getattr(dev, "fused_threads", None))
     if cfg is None:
-        raise ValueError(f"kernel='fused' takes slices up to n={fused_small.N_MAX[dtype]} for "
-                         f"{dtype}, got n={n}; use kernel='gemm'")
+        raise ValueError(
+            f"kernel='fused' takes slices up to n={fused_small.N_MAX[dtype]} for "
+            f"{dtype}, got n={n}; use kernel='gemm'"
+        )
     return "fused", cfg
 
 

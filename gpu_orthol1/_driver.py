@@ -54,8 +54,18 @@ class DefaultBudget(int):
     """A workspace budget nobody asked for: it may grow to one slice instead of refusing the call."""
 
 
-def plan_chunks(m: int, l: int, n: int, itemsize: int, acc_itemsize: int, sgn_itemsize: int, stage_phi: bool,
-                stage_out: bool, extra: int, budget: int) -> tuple[int, int]:
+def plan_chunks(
+    m: int,
+    l: int,
+    n: int,
+    itemsize: int,
+    acc_itemsize: int,
+    sgn_itemsize: int,
+    stage_phi: bool,
+    stage_out: bool,
+    extra: int,
+    budget: int,
+) -> tuple[int, int]:
     """Slices per chunk and the bytes one slice needs, or MemoryError naming the sizes.
 
     A budget the caller set (workspace_bytes=, the environment) is a hard limit; the default
@@ -158,20 +168,55 @@ class Sizes:
     addr_slots: int = 0  # uint64 entries of the "addrs" buffer (GPU pointer-array GEMMs: 3 per slice)
 
 
-def sizes(dev: Device, m: int, l: int, n: int, dtype: np.dtype, *, want_grad: bool, accumulate: bool,
-          stage_phi: bool, stage_out: bool, budget: int, variant: Variant = DEFAULT, pointers: bool = False) -> Sizes:
+def sizes(
+    dev: Device,
+    m: int,
+    l: int,
+    n: int,
+    dtype: np.dtype,
+    *,
+    want_grad: bool,
+    accumulate: bool,
+    stage_phi: bool,
+    stage_out: bool,
+    budget: int,
+    variant: Variant = DEFAULT,
+    pointers: bool = False,
+) -> Sizes:
     """`pointers`: the batch is a `Pointers` one (separate matrices)."""
     acc = np.dtype(dev.acc_dtype(dtype))
     sgd = np.dtype(dev.sign_dtype(dtype))
     separate = want_grad and sgd != acc
     parts = dev.sign_parts(n, variant)
     addrs = 3 if pointers and getattr(dev, "fills_addresses", False) else 0  # uint64 A, B, C per slice
-    extra = dev.extra_bytes_per_slice(l, n, dtype, want_grad, accumulate) + (8 * parts if parts > 1 else 0) \
+    extra = (
+        dev.extra_bytes_per_slice(l, n, dtype, want_grad, accumulate)
+        + (8 * parts if parts > 1 else 0)
         + 8 * addrs
-    chunk, per_slice = plan_chunks(m, l, n, dtype.itemsize, acc.itemsize, sgd.itemsize if separate else 0,
-                                   stage_phi, stage_out, extra, budget)
-    return Sizes(chunk, per_slice, acc, sgd if separate else None, stage_phi, stage_out, parts,
-                 dev.blas_workspace_bytes, addrs * chunk)
+    )
+    chunk, per_slice = plan_chunks(
+        m,
+        l,
+        n,
+        dtype.itemsize,
+        acc.itemsize,
+        sgd.itemsize if separate else 0,
+        stage_phi,
+        stage_out,
+        extra,
+        budget,
+    )
+    return Sizes(
+        chunk,
+        per_slice,
+        acc,
+        sgd if separate else None,
+        stage_phi,
+        stage_out,
+        parts,
+        dev.blas_workspace_bytes,
+        addrs * chunk,
+    )
 
 
 def workspace(alloc: Callable[..., Any], sz: Sizes, l: int, n: int, dtype: Any) -> dict:
@@ -198,9 +243,22 @@ def workspace(alloc: Callable[..., Any], sz: Sizes, l: int, n: int, dtype: Any) 
     return bufs
 
 
-def run(dev: Device, batch: Strided | Pointers, wsb: dict, chunk: int, losses: Any, *, loss_offset: int = 0,
-        alpha: float, beta_gemm: float, want_grad: bool, gram_hook: Callable[[Any], object] | None = None,
-        first: int = 0, count: int | None = None, variant: Variant = DEFAULT) -> None:
+def run(
+    dev: Device,
+    batch: Strided | Pointers,
+    wsb: dict,
+    chunk: int,
+    losses: Any,
+    *,
+    loss_offset: int = 0,
+    alpha: float,
+    beta_gemm: float,
+    want_grad: bool,
+    gram_hook: Callable[[Any], object] | None = None,
+    first: int = 0,
+    count: int | None = None,
+    variant: Variant = DEFAULT,
+) -> None:
     """Unscaled losses of slices first .. first+count-1 into losses[loss_offset + i] (float64), and
     alpha * Phi S (+ beta_gemm * out) into the gradient when want_grad.
 
@@ -213,13 +271,39 @@ def run(dev: Device, batch: Strided | Pointers, wsb: dict, chunk: int, losses: A
         return
     blas = wsb.get("blas")
     if blas is None:
-        _loop(dev, batch, wsb, chunk, losses, loss_offset, alpha, beta_gemm, want_grad, gram_hook, first, count,
-              variant)
+        _loop(
+            dev,
+            batch,
+            wsb,
+            chunk,
+            losses,
+            loss_offset,
+            alpha,
+            beta_gemm,
+            want_grad,
+            gram_hook,
+            first,
+            count,
+            variant,
+        )
         return
     dev.set_blas_workspace(blas)
     try:
-        _loop(dev, batch, wsb, chunk, losses, loss_offset, alpha, beta_gemm, want_grad, gram_hook, first, count,
-              variant)
+        _loop(
+            dev,
+            batch,
+            wsb,
+            chunk,
+            losses,
+            loss_offset,
+            alpha,
+            beta_gemm,
+            want_grad,
+            gram_hook,
+            first,
+            count,
+            variant,
+        )
     finally:  # the buffer goes back to its allocator: the BLAS must not keep it
         dev.set_blas_workspace(None)
 
@@ -237,14 +321,28 @@ def _head(a: Any, count: int) -> Any:
     return a if a.shape[0] == count else a[:count]
 
 
-def _loop(dev: Device, batch: Any, wsb: dict, chunk: int, losses: Any, loss_offset: int, alpha: float,
-          beta_gemm: float, want_grad: bool, gram_hook: Callable[[Any], object] | None, first: int, count: int,
-          variant: Variant) -> None:
+def _loop(
+    dev: Device,
+    batch: Any,
+    wsb: dict,
+    chunk: int,
+    losses: Any,
+    loss_offset: int,
+    alpha: float,
+    beta_gemm: float,
+    want_grad: bool,
+    gram_hook: Callable[[Any], object] | None,
+    first: int,
+    count: int,
+    variant: Variant,
+) -> None:
     # batch: a Strided or Pointers one (Any: the loop tells them apart by a flag, not isinstance)
     m, l, n = batch.shape
     ws, sgn, partials, addrs = wsb["ws"], wsb["sgn"], wsb.get("partials"), wsb.get("addrs")
     if not isinstance(batch, Strided) and addrs is None and getattr(dev, "fills_addresses", False):
-        raise ValueError("a Pointers batch on this device needs its workspace sized with sizes(..., pointers=True)")
+        raise ValueError(
+            "a Pointers batch on this device needs its workspace sized with sizes(..., pointers=True)"
+        )
     if dev.folds_alpha:  # scale S in the sign pass (CPU: saves a pass over the gradient)
         scale, gemm_alpha = alpha, 1.0
     else:  # scale in the GEMM (GPU: free, and exact for float16 S)
@@ -264,17 +362,20 @@ def _loop(dev: Device, batch: Any, wsb: dict, chunk: int, losses: Any, loss_offs
         cc = min(chunk, first + count - s0)
         if strided:
             if stage_phi:
-                st_phi[:cc] = batch.V[s0:s0 + cc]
+                st_phi[:cc] = batch.V[s0 : s0 + cc]
                 src = StridedChunk(st_phi, lay_st_phi, 0)
             else:
                 src = StridedChunk(batch.V, batch.lay_phi, s0)
             if want_grad:
-                dst = StridedChunk(st_out, lay_st_out, 0) if stage_out else StridedChunk(
-                    batch.Vout, batch.lay_out, s0)
+                dst = (
+                    StridedChunk(st_out, lay_st_out, 0)
+                    if stage_out
+                    else StridedChunk(batch.Vout, batch.lay_out, s0)
+                )
         else:
-            src = PointerChunk(tuple(batch.phis[s0:s0 + cc]), batch.lay, addrs)
+            src = PointerChunk(tuple(batch.phis[s0 : s0 + cc]), batch.lay, addrs)
             if want_grad:
-                dst = PointerChunk(tuple(batch.outs[s0:s0 + cc]), batch.lay_out, addrs)
+                dst = PointerChunk(tuple(batch.outs[s0 : s0 + cc]), batch.lay_out, addrs)
         if l == 0:
             ws[:cc] = 0
         else:
@@ -283,15 +384,24 @@ def _loop(dev: Device, batch: Any, wsb: dict, chunk: int, losses: Any, loss_offs
         ws_c = _head(ws, cc)
         if gram_hook is not None:
             gram_hook(ws_c)
-        dev.sign_abs(ws_c, ws_c if sgn is ws else _head(sgn, cc), n, losses, loss_offset + s0 - first, scale,
-                     want_grad, variant, None if partials is None else _head(partials, cc))
+        dev.sign_abs(
+            ws_c,
+            ws_c if sgn is ws else _head(sgn, cc),
+            n,
+            losses,
+            loss_offset + s0 - first,
+            scale,
+            want_grad,
+            variant,
+            None if partials is None else _head(partials, cc),
+        )
         if not want_grad or l == 0:
             continue
         if stage_out:
             dev.grad(src, dst, cc, sgn, gemm_alpha, 0.0)
             if beta_gemm:
-                batch.Vout[s0:s0 + cc] += st_out[:cc]
+                batch.Vout[s0 : s0 + cc] += st_out[:cc]
             else:
-                batch.Vout[s0:s0 + cc] = st_out[:cc]
+                batch.Vout[s0 : s0 + cc] = st_out[:cc]
         else:
             dev.grad(src, dst, cc, sgn, gemm_alpha, beta_gemm)

@@ -99,8 +99,17 @@ def gram_call(phi: Layout, first: int, count: int, l: int, n: int) -> Gemm:
     return Gemm(ta, tb, n, n, l, 1.0, src, src, 0.0, ws, count)
 
 
-def grad_call(phi: Layout, phi_first: int, out: Layout, out_first: int, count: int, l: int, n: int,
-              alpha: float, beta: float) -> Gemm:
+def grad_call(
+    phi: Layout,
+    phi_first: int,
+    out: Layout,
+    out_first: int,
+    count: int,
+    l: int,
+    n: int,
+    alpha: float,
+    beta: float,
+) -> Gemm:
     """Out_b = alpha * Phi_b @ S_b + beta * Out_b, S_b symmetric (n x n) in the sgn buffer.
 
     phi_first / out_first differ when one side is staged through a chunk buffer."""
@@ -162,19 +171,30 @@ def gram_batched(lay: Layout, phi: Sequence[Ref], ws_first: int, l: int, n: int)
     return BatchedGemm(t, tuple(phi), tuple(phi), ws)
 
 
-def grad_batched(lay: Layout, phi: Sequence[Ref], lay_out: Layout, out: Sequence[Ref],
-                 sgn_first: int, l: int, n: int, alpha: float, beta: float) -> BatchedGemm:
+def grad_batched(
+    lay: Layout,
+    phi: Sequence[Ref],
+    lay_out: Layout,
+    out: Sequence[Ref],
+    sgn_first: int,
+    l: int,
+    n: int,
+    alpha: float,
+    beta: float,
+) -> BatchedGemm:
     """Out_e = alpha * Phi_e @ S_e + beta * Out_e, S_e in sgn row sgn_first + e."""
-    t = grad_call(Layout(lay.kind, lay.ld, 0), 0, Layout(lay_out.kind, lay_out.ld, 0), 0,
-                  1, l, n, alpha, beta)
+    t = grad_call(
+        Layout(lay.kind, lay.ld, 0), 0, Layout(lay_out.kind, lay_out.ld, 0), 0, 1, l, n, alpha, beta
+    )
     sgn = tuple(Ref("sgn", (sgn_first + e) * n * n) for e in range(len(phi)))
     if t.a.buf == "sgn":  # out kind "T": Out^T = S Phi^T, S is operand A
         return BatchedGemm(t, sgn, tuple(phi), tuple(out))
     return BatchedGemm(t, tuple(phi), sgn, tuple(out))
 
 
-def pointer_arrays(call: BatchedGemm, addr: Callable[[Any], int],
-                   itemsize: Callable[[Any], int]) -> np.ndarray:
+def pointer_arrays(
+    call: BatchedGemm, addr: Callable[[Any], int], itemsize: Callable[[Any], int]
+) -> np.ndarray:
     """(3, batch) uint64: the A, B and C address arrays cuBLAS's pointer-array GEMM reads.
 
     addr(key) is the address of buffer key's first element, itemsize(key) its element size."""

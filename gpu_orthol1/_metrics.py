@@ -84,9 +84,18 @@ class Collector:
         self.pos += c
 
 
-def metrics(phi: Any, beta: float = 1.0, *, axis: int = 1, precision: str = "highest", backend: str = "auto",
-            workspace_bytes: int | None = None, penalty: str = "l1", diagonal: bool = True,
-            normalize: bool = False) -> dict:
+def metrics(
+    phi: Any,
+    beta: float = 1.0,
+    *,
+    axis: int = 1,
+    precision: str = "highest",
+    backend: str = "auto",
+    workspace_bytes: int | None = None,
+    penalty: str = "l1",
+    diagonal: bool = True,
+    normalize: bool = False,
+) -> dict:
     """Per-slice orthogonality metrics of phi's slices along `axis`, from one Gram-only pass.
 
     Args:

@@ -53,7 +53,7 @@ class NumpyDevice:
         if isinstance(src, StridedChunk):
             if src.arr.dtype.itemsize != 2:
                 return src
-            return StridedChunk(src.arr[src.first:src.first + cc].astype(_F32), src.lay, 0)
+            return StridedChunk(src.arr[src.first : src.first + cc].astype(_F32), src.lay, 0)
         if src.mats[0].dtype.itemsize != 2:
             return src
         return replace(src, mats=tuple(a.astype(_F32) for a in src.mats))
@@ -63,7 +63,7 @@ class NumpyDevice:
         if isinstance(src, StridedChunk):
             n = src.arr.shape[2]
             G = ws[:cc].reshape(cc, n, n)
-            V = src.arr[src.first:src.first + cc]
+            V = src.arr[src.first : src.first + cc]
             np.matmul(V.transpose(0, 2, 1), V, out=G)
         else:
             n = src.mats[0].shape[1]
@@ -77,7 +77,7 @@ class NumpyDevice:
         n = dst.mats[0].shape[1] if isinstance(dst, PointerChunk) else dst.arr.shape[2]
         S = sgn[:cc].reshape(cc, n, n)
         if isinstance(src, StridedChunk):
-            _matmul_into(src.arr[src.first:src.first + cc], S, dst.arr[dst.first:dst.first + cc], beta)
+            _matmul_into(src.arr[src.first : src.first + cc], S, dst.arr[dst.first : dst.first + cc], beta)
         else:
             for k, (a, o) in enumerate(zip(src.mats, dst.mats, strict=True)):
                 _matmul_into(a, S[k], o, beta)

@@ -63,8 +63,15 @@ def _fields(a):
 
 # One 8-byte slot per parameter (kernelParams points at each): the struct code of each kind of
 # scalar, padded to its slot. Numba passes an integer or a pointer as 64 bits, a boolean as a byte.
-_SLOT = {"int64": "q", "uint64": "Q", "int32": "i4x", "uint32": "I4x", "float64": "d", "float32": "f4x",
-         "bool": "?7x"}
+_SLOT = {
+    "int64": "q",
+    "uint64": "Q",
+    "int32": "i4x",
+    "uint32": "I4x",
+    "float64": "d",
+    "float32": "f4x",
+    "bool": "?7x",
+}
 
 
 def _codes(ty) -> list[str]:
@@ -96,6 +103,7 @@ def _packer(ty):
             flat += (0, 0, size, isz, ptr)
             flat += shape
             flat += strides
+
         return pack
     if isinstance(ty, types.UniTuple):
         count = ty.count
@@ -104,11 +112,13 @@ def _packer(ty):
             if len(a) != count:
                 raise ValueError(f"kernel argument has {len(a)} members, the kernel {count}")
             flat += a
+
         return pack_tuple
     conv = _scalar_conv(ty)
 
     def pack_scalar(a, flat):
         flat.append(conv(a))
+
     return pack_scalar
 
 
@@ -228,11 +238,11 @@ def cap_registers(ptx: str, count: int | None) -> str:
     head = re.search(r"\.visible\s+\.entry\s+\S+\s*\(.*?\)", ptx, re.S)
     if head is None:
         raise ValueError("no kernel entry in this PTX")
-    rest = ptx[head.end():]
+    rest = ptx[head.end() :]
     body = rest.index("{") if "{" in rest else len(rest)
     if ".maxnreg" in rest[:body]:  # one directive per entry (ptxas refuses two): replace it
-        return ptx[:head.end()] + re.sub(r"\.maxnreg\s+\d+", f".maxnreg {int(count)}", rest, count=1)
-    return f"{ptx[:head.end()]}\n.maxnreg {int(count)}\n{rest}"
+        return ptx[: head.end()] + re.sub(r"\.maxnreg\s+\d+", f".maxnreg {int(count)}", rest, count=1)
+    return f"{ptx[: head.end()]}\n.maxnreg {int(count)}\n{rest}"
 
 
 def param_block(size: int):

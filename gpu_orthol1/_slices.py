@@ -52,8 +52,11 @@ class Slices:
                 lay_phi = self.lay_phi
             else:
                 lay_phi, lay_out = _driver.staging(V, Vout, True)
-            if lay_out is not None and self._stage_far_rows and \
-                    _cpu_pool.far_rows(lay_out, self.n, grad.dtype.itemsize):
+            if (
+                lay_out is not None
+                and self._stage_far_rows
+                and _cpu_pool.far_rows(lay_out, self.n, grad.dtype.itemsize)
+            ):
                 lay_out = None  # written through the chunk buffer: faster here, and no CopyWarning
         else:
             Vout = None
@@ -71,8 +74,9 @@ class Chunking:
         self._dev, self._s, self._dtype, self._variant, self._budget = dev, slices, dtype, variant, budget
         self.sizes: dict[tuple, tuple[_driver.Sizes, int]] = {}
 
-    def sizes_for(self, want_grad: bool, accumulate: bool, stage_phi: bool, stage_out: bool,
-                  threads: int) -> tuple[_driver.Sizes, int]:
+    def sizes_for(
+        self, want_grad: bool, accumulate: bool, stage_phi: bool, stage_out: bool, threads: int
+    ) -> tuple[_driver.Sizes, int]:
         """(sizes, threads): the chunking of a call, and how many threads share the slices."""
         key = (want_grad, accumulate, stage_phi, stage_out, threads)
         hit = self.sizes.get(key)
@@ -80,9 +84,19 @@ class Chunking:
             s = self._s
 
             def sizes(budget: int) -> _driver.Sizes:
-                return _driver.sizes(self._dev, s.m, s.l, s.n, self._dtype, want_grad=want_grad,
-                                     accumulate=accumulate, stage_phi=stage_phi, stage_out=stage_out,
-                                     budget=budget, variant=self._variant)
+                return _driver.sizes(
+                    self._dev,
+                    s.m,
+                    s.l,
+                    s.n,
+                    self._dtype,
+                    want_grad=want_grad,
+                    accumulate=accumulate,
+                    stage_phi=stage_phi,
+                    stage_out=stage_out,
+                    budget=budget,
+                    variant=self._variant,
+                )
 
             if threads > 1:  # the budget bounds the call: each thread's chunk gets its share
                 try:

@@ -24,7 +24,8 @@ def _shape(text: str) -> tuple[int, ...]:
         dims = dims_of(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--shape wants integers like 4096,32,128 or 4096x32x128, got {text!r}") from None
+            f"--shape wants integers like 4096,32,128 or 4096x32x128, got {text!r}"
+        ) from None
     if len(dims) not in (2, 3) or min(dims) < 0:
         raise argparse.ArgumentTypeError(f"--shape wants 2 or 3 non-negative sizes, got {text!r}")
     return dims
@@ -64,14 +65,19 @@ def _load_phi(path: str, convert: bool) -> np.ndarray:
                         names = ", ".join(z.files) or "none"
                 except Exception:  # noqa: BLE001 - a damaged zip raises zipfile's own errors; the names are a courtesy
                     names = "unreadable"
-                raise CliError(f"{path} is a .npz archive (arrays: {names}); expected {want}: "
-                               "save the one array with numpy.save")
+                raise CliError(
+                    f"{path} is a .npz archive (arrays: {names}); expected {want}: "
+                    "save the one array with numpy.save"
+                )
             if magic != b"\x93NUMPY":
                 raise CliError(f"{path} is not a .npy file (no NumPy header); expected {want}")
             f.seek(0)
             version = np.lib.format.read_magic(f)
-            shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0(f))
+            shape, _, dtype = (
+                np.lib.format.read_array_header_1_0(f)
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0(f)
+            )
     except CliError:
         raise
     except (OSError, ValueError, EOFError) as e:  # unreadable, truncated, a damaged header
@@ -118,14 +124,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         rng = np.random.default_rng(args.seed)
         # the scale only; an out-of-range axis is reported by the first call below, as the API words it
         l = shape[0] if len(shape) == 2 else next(s for i, s in enumerate(shape) if i != args.axis % 3)
-        phi = (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(max(l, 1))).astype(args.dtype or "float32")
+        phi = (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(max(l, 1))).astype(
+            args.dtype or "float32"
+        )
         source = f"random {phi.shape} (seed {args.seed})"
 
     # the first call validates phi and axis (the API's own checks and messages), so it comes before
     # anything below indexes the shape with axis
     t0 = time.perf_counter()
-    loss, grad = ol1.loss_and_grad(phi, args.beta, axis=args.axis, backend=args.backend,
-                                   precision=args.precision)
+    loss, grad = ol1.loss_and_grad(
+        phi, args.beta, axis=args.axis, backend=args.backend, precision=args.precision
+    )
     first = time.perf_counter() - t0
     if phi.ndim == 3:
         m = phi.shape[args.axis]
@@ -136,8 +145,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     times = []
     for _ in range(args.repeat):
         t0 = time.perf_counter()
-        loss, grad = ol1.loss_and_grad(phi, args.beta, axis=args.axis, backend=args.backend,
-                                       precision=args.precision)
+        loss, grad = ol1.loss_and_grad(
+            phi, args.beta, axis=args.axis, backend=args.backend, precision=args.precision
+        )
         times.append(time.perf_counter() - t0)
     device = gpu_name(with_device=True) if resolved == "cupy" else cpu_name()
     gnorm = float(np.linalg.norm(grad.astype(np.float64).ravel()))
@@ -179,7 +189,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
             why = " ".join(av.reasons.get(name, "").split())  # one line, whatever the exception held
             print(f"  {name:6s} {state:11s} {why}")
     env = os.environ.get("GPU_ORTHOL1_BACKEND")
-    print(f"  backend='auto' picks: {'GPU_ORTHOL1_BACKEND=' + env if env else 'cupy for CuPy input; for NumPy input cupy above the crossover when available, else numpy'}")
+    print(
+        f"  backend='auto' picks: {'GPU_ORTHOL1_BACKEND=' + env if env else 'cupy for CuPy input; for NumPy input cupy above the crossover when available, else numpy'}"
+    )
     return 0
 
 
@@ -191,20 +203,42 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="loss and gradient of a tensor (.npy) or of a random one")
     r.add_argument("phi", nargs="?", help="a .npy file; without it a random tensor of --shape")
-    r.add_argument("--shape", type=_shape, help="l,m,n or lxmxn (or l,n / lxn) of the random tensor; "
-                   "default 4096,32,128")
-    r.add_argument("--axis", type=int, default=1,
-                   help="the axis of a 3-D tensor that indexes the m matrices (default: %(default)s)")
-    r.add_argument("--beta", type=float, default=1e-3,
-                   help="the penalty's weight: loss = beta * sum_i |Phi_i^T Phi_i - I|_1 (default: %(default)g)")
-    r.add_argument("--dtype", choices=["float16", "float32", "float64"], default=None,
-                   help="default: float32 for random input, the file's dtype otherwise")
-    r.add_argument("--backend", choices=["auto", "numpy", "cupy"], default="auto",
-                   help="where to compute (default: %(default)s: see `gpu-orthol1 info`)")
-    r.add_argument("--precision", choices=["highest", "tf32"], default="highest",
-                   help="float32 GEMMs on the GPU: full precision or TF32 (default: %(default)s)")
-    r.add_argument("--repeat", type=_count, default=3,
-                   help="warm calls to time after the first (default: %(default)s)")
+    r.add_argument(
+        "--shape", type=_shape, help="l,m,n or lxmxn (or l,n / lxn) of the random tensor; default 4096,32,128"
+    )
+    r.add_argument(
+        "--axis",
+        type=int,
+        default=1,
+        help="the axis of a 3-D tensor that indexes the m matrices (default: %(default)s)",
+    )
+    r.add_argument(
+        "--beta",
+        type=float,
+        default=1e-3,
+        help="the penalty's weight: loss = beta * sum_i |Phi_i^T Phi_i - I|_1 (default: %(default)g)",
+    )
+    r.add_argument(
+        "--dtype",
+        choices=["float16", "float32", "float64"],
+        default=None,
+        help="default: float32 for random input, the file's dtype otherwise",
+    )
+    r.add_argument(
+        "--backend",
+        choices=["auto", "numpy", "cupy"],
+        default="auto",
+        help="where to compute (default: %(default)s: see `gpu-orthol1 info`)",
+    )
+    r.add_argument(
+        "--precision",
+        choices=["highest", "tf32"],
+        default="highest",
+        help="float32 GEMMs on the GPU: full precision or TF32 (default: %(default)s)",
+    )
+    r.add_argument(
+        "--repeat", type=_count, default=3, help="warm calls to time after the first (default: %(default)s)"
+    )
     r.add_argument("--seed", type=int, default=0, help="seed of the random tensor (default: %(default)s)")
     r.add_argument("--grad-out", help="save the gradient to this .npy file")
     sub.add_parser("info", help="which backends are available here, and why not")

@@ -132,12 +132,15 @@ def _callback(leaves, reduction, variant, precision, want_grad):
 def _call(xs, cfg, want_grad):
     """(losses per leaf, grads per leaf or None) of the arrays xs, in one callback."""
     leaves, reduction, variant, precision = cfg
-    shapes = [jax.ShapeDtypeStruct(_loss_shape(x.shape, lf[0], reduction), _loss_dtype(x.dtype))
-              for x, lf in zip(xs, leaves, strict=True)]
+    shapes = [
+        jax.ShapeDtypeStruct(_loss_shape(x.shape, lf[0], reduction), _loss_dtype(x.dtype))
+        for x, lf in zip(xs, leaves, strict=True)
+    ]
     if want_grad:
         shapes += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in xs]
-    f = buffer_callback(_callback(leaves, reduction, variant, precision, want_grad), tuple(shapes),
-                        vmap_method="sequential")
+    f = buffer_callback(
+        _callback(leaves, reduction, variant, precision, want_grad), tuple(shapes), vmap_method="sequential"
+    )
     out = _varying_like(f(*xs), xs)
     n = len(xs)
     return tuple(out[:n]), (tuple(out[n:]) if want_grad else None)
@@ -254,9 +257,18 @@ def _apply(xs, leaves, reduction, variant, precision, beta_traced):
 # public API
 
 
-def ortho_l1(x: Any, beta: Any = 1.0, *, axis: int = 1, reduction: str = "sum", mode: str | None = None,
-             penalty: str = "l1", diagonal: bool = True, normalize: bool = False,
-             precision: str | None = None) -> jax.Array:
+def ortho_l1(
+    x: Any,
+    beta: Any = 1.0,
+    *,
+    axis: int = 1,
+    reduction: str = "sum",
+    mode: str | None = None,
+    penalty: str = "l1",
+    diagonal: bool = True,
+    normalize: bool = False,
+    precision: str | None = None,
+) -> jax.Array:
     """L1 orthogonality loss of a 2-D array or of the slices of a 3-D one, differentiable in JAX.
 
     Args:
@@ -303,11 +315,15 @@ def ortho_l1(x: Any, beta: Any = 1.0, *, axis: int = 1, reduction: str = "sum", 
         m_axis = int(axis) % 3
         l, n = (s for i, s in enumerate(x.shape) if i != m_axis)
     else:
-        raise ValueError(f"x must be 2-D (l, n) or 3-D (slices along axis), got shape {tuple(x.shape)}; "
-                         "use ortho_l1_tree for conv kernels (flattened to (-1, out))")
+        raise ValueError(
+            f"x must be 2-D (l, n) or 3-D (slices along axis), got shape {tuple(x.shape)}; "
+            "use ortho_l1_tree for conv kernels (flattened to (-1, out))"
+        )
     b = _static_beta(beta)
     leaf = _Leaf((m_axis, _pick_transpose(mode, l, n), 1.0 if b is None else b))
-    return _apply((x,), (leaf,), reduction, variant, precision, None if b is not None else jnp.asarray(beta))[0]
+    return _apply((x,), (leaf,), reduction, variant, precision, None if b is not None else jnp.asarray(beta))[
+        0
+    ]
 
 
 def _mask_tree(mask, params):
@@ -323,8 +339,10 @@ def _targets(params, mask, mode, axis, three_d, out_axis, keras_scale):
     if three_d not in THREE_D:
         raise ValueError(f"three_d must be one of {THREE_D}, got {three_d!r}")
     if out_axis not in (0, -1):
-        raise ValueError(f"out_axis must be -1 (Flax/Keras/Haiku kernels, out last) or 0 (Equinox/PyTorch), "
-                         f"got {out_axis!r}")
+        raise ValueError(
+            f"out_axis must be -1 (Flax/Keras/Haiku kernels, out last) or 0 (Equinox/PyTorch), "
+            f"got {out_axis!r}"
+        )
     if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral) or not -3 <= axis < 3:
         raise ValueError(f"axis must be an integer in [-3, 3), got {axis!r}")
     flat, treedef = jax.tree_util.tree_flatten(params)
@@ -333,7 +351,9 @@ def _targets(params, mask, mode, axis, three_d, out_axis, keras_scale):
         try:
             mflat = treedef.flatten_up_to(m)
         except (ValueError, TypeError) as e:
-            raise ValueError(f"mask must have the structure of params (or be a callable returning one): {e}") from None
+            raise ValueError(
+                f"mask must have the structure of params (or be a callable returning one): {e}"
+            ) from None
     else:
         mflat = [True] * len(flat)
     out, ambiguous = [], []
@@ -360,7 +380,10 @@ def _targets(params, mask, mode, axis, three_d, out_axis, keras_scale):
         warnings.warn(
             f"ortho_l1_tree: 3-D leaves {ambiguous} (flat indices) are treated as stacks of matrices along "
             f"axis={int(axis) % 3} (three_d='auto'); if they are Conv1D kernels pass three_d='flatten' "
-            "(three_d='stack' silences this warning)", UserWarning, stacklevel=3)
+            "(three_d='stack' silences this warning)",
+            UserWarning,
+            stacklevel=3,
+        )
     return flat, treedef, out
 
 
@@ -375,17 +398,31 @@ def _group_losses(targets, beta, penalty, diagonal, normalize, precision):
     losses: list = [None] * len(targets)
     for ks in groups.values():
         xs = tuple(targets[k][1] for k in ks)
-        leaves = tuple(_Leaf((targets[k][2][0], targets[k][2][1], targets[k][2][2] * (1.0 if b is None else b)))
-                       for k in ks)
+        leaves = tuple(
+            _Leaf((targets[k][2][0], targets[k][2][1], targets[k][2][2] * (1.0 if b is None else b)))
+            for k in ks
+        )
         got = _apply(xs, leaves, "sum", variant, precision, None if b is not None else jnp.asarray(beta))
         for k, v in zip(ks, got, strict=True):
             losses[k] = v
     return losses
 
 
-def ortho_l1_tree(params: Any, beta: Any = 1.0, *, mask: Any = None, mode: str = "auto", axis: int = 1,
-                  three_d: str = "auto", out_axis: int = -1, penalty: str = "l1", diagonal: bool = True,
-                  normalize: bool = False, precision: str | None = None, keras_scale: bool = False) -> jax.Array:
+def ortho_l1_tree(
+    params: Any,
+    beta: Any = 1.0,
+    *,
+    mask: Any = None,
+    mode: str = "auto",
+    axis: int = 1,
+    three_d: str = "auto",
+    out_axis: int = -1,
+    penalty: str = "l1",
+    diagonal: bool = True,
+    normalize: bool = False,
+    precision: str | None = None,
+    keras_scale: bool = False,
+) -> jax.Array:
     """The penalty summed over every matrix leaf of a pytree (a model's parameters), differentiable.
 
     Args:
@@ -425,10 +462,21 @@ def ortho_l1_tree(params: Any, beta: Any = 1.0, *, mask: Any = None, mode: str =
     return sum((v.astype(dt) for v in losses[1:]), losses[0].astype(dt))
 
 
-def tree_grads(params: Any, beta: Any = 1.0, *, mask: Any = None, mode: str = "auto", axis: int = 1,
-               three_d: str = "auto", out_axis: int = -1, penalty: str = "l1", diagonal: bool = True,
-               normalize: bool = False, precision: str | None = None,
-               keras_scale: bool = False) -> tuple[jax.Array, Any]:
+def tree_grads(
+    params: Any,
+    beta: Any = 1.0,
+    *,
+    mask: Any = None,
+    mode: str = "auto",
+    axis: int = 1,
+    three_d: str = "auto",
+    out_axis: int = -1,
+    penalty: str = "l1",
+    diagonal: bool = True,
+    normalize: bool = False,
+    precision: str | None = None,
+    keras_scale: bool = False,
+) -> tuple[jax.Array, Any]:
     """(loss, gradient pytree) of `ortho_l1_tree` from one core call per group, without autodiff.
 
     Args: as for `ortho_l1_tree`. Returns: the total loss and a pytree like params whose untaken
@@ -447,8 +495,10 @@ def tree_grads(params: Any, beta: Any = 1.0, *, mask: Any = None, mode: str = "a
     total = []
     for ks in groups.values():
         comp = [_computed(targets[k][1]) for k in ks]
-        leaves = tuple(_Leaf((targets[k][2][0], targets[k][2][1], targets[k][2][2] * (1.0 if b is None else b)))
-                       for k in ks)
+        leaves = tuple(
+            _Leaf((targets[k][2][0], targets[k][2][1], targets[k][2][2] * (1.0 if b is None else b)))
+            for k in ks
+        )
         losses, gs = _call(tuple(c for c, _ in comp), (leaves, "sum", variant, precision), True)
         for k, v, g in zip(ks, losses, gs, strict=True):
             i = targets[k][0]
@@ -460,5 +510,6 @@ def tree_grads(params: Any, beta: Any = 1.0, *, mask: Any = None, mode: str = "a
     if not total:
         return jnp.zeros((), jnp.float32), jax.tree_util.tree_unflatten(treedef, grads)
     dt = jnp.float64 if all(v.dtype == jnp.float64 for v in total) else jnp.float32
-    return sum((v.astype(dt) for v in total[1:]), total[0].astype(dt)), jax.tree_util.tree_unflatten(treedef, grads)
-
+    return sum((v.astype(dt) for v in total[1:]), total[0].astype(dt)), jax.tree_util.tree_unflatten(
+        treedef, grads
+    )

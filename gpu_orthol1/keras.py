@@ -51,8 +51,10 @@ def _backend_fn(backend: str):
         from . import torch as torch_frontend
 
         return torch_frontend.ortho_l1
-    raise TypeError(f"gpu_orthol1.keras runs on the Keras backends 'jax' and 'torch', not {backend!r}; "
-                    "set KERAS_BACKEND=jax or torch before importing keras")
+    raise TypeError(
+        f"gpu_orthol1.keras runs on the Keras backends 'jax' and 'torch', not {backend!r}; "
+        "set KERAS_BACKEND=jax or torch before importing keras"
+    )
 
 
 @keras.saving.register_keras_serializable(package="gpu_orthol1")
@@ -80,8 +82,15 @@ class OrthoL1Regularizer(keras.regularizers.Regularizer):
         >>> layer = keras.layers.Dense(16, kernel_regularizer=OrthoL1Regularizer(1e-3, mode="columns"))
     """
 
-    def __init__(self, beta: float = 1e-3, mode: str = "auto", penalty: str = "l1", diagonal: bool = True,
-                 normalize: bool = False, keras_scale: bool = False):
+    def __init__(
+        self,
+        beta: float = 1e-3,
+        mode: str = "auto",
+        penalty: str = "l1",
+        diagonal: bool = True,
+        normalize: bool = False,
+        keras_scale: bool = False,
+    ):
         self.beta = _checks.check_beta(beta)
         if self.beta < 0:
             raise ValueError(f"beta must be non-negative, got {beta!r}")
@@ -94,7 +103,9 @@ class OrthoL1Regularizer(keras.regularizers.Regularizer):
     def __call__(self, x: Any) -> Any:
         x = keras.ops.convert_to_tensor(x)  # a keras.Variable -> the backend's array (traced under jit)
         if len(x.shape) < 2:
-            raise ValueError(f"OrthoL1Regularizer takes kernels of 2 or more dims, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"OrthoL1Regularizer takes kernels of 2 or more dims, got shape {tuple(x.shape)}"
+            )
         if len(x.shape) > 2:  # conv kernel (..., in, out): the output units are the columns
             x = x.reshape(-1, x.shape[-1])
         l, n = x.shape
@@ -104,13 +115,24 @@ class OrthoL1Regularizer(keras.regularizers.Regularizer):
             size = l if mode == "rows" else n
             beta = beta / (size * (size - 1)) if size > 1 else 0.0
         fn = _backend_fn(keras.backend.backend())
-        return fn(x, beta, mode=mode, penalty=self.variant.penalty, diagonal=self.variant.diagonal,
-                  normalize=self.variant.normalize)
+        return fn(
+            x,
+            beta,
+            mode=mode,
+            penalty=self.variant.penalty,
+            diagonal=self.variant.diagonal,
+            normalize=self.variant.normalize,
+        )
 
     def get_config(self) -> dict:
-        return {"beta": self.beta, "mode": self.mode, "penalty": self.variant.penalty,
-                "diagonal": self.variant.diagonal, "normalize": self.variant.normalize,
-                "keras_scale": self.keras_scale}
+        return {
+            "beta": self.beta,
+            "mode": self.mode,
+            "penalty": self.variant.penalty,
+            "diagonal": self.variant.diagonal,
+            "normalize": self.variant.normalize,
+            "keras_scale": self.keras_scale,
+        }
 
 
 def orthogonal(factor: float = 0.01, mode: str = "rows") -> OrthoL1Regularizer:

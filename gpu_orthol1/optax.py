@@ -45,9 +45,19 @@ class AddOrthoL1State(NamedTuple):
     count: jax.Array  # type: ignore[assignment]  # Optax's name for it (tuple.count is shadowed, as in optax's own states)
 
 
-def add_ortho_l1(beta: Any, *, mask: Any = None, mode: str = "auto", axis: int = 1, three_d: str = "auto",
-                 out_axis: int = -1, penalty: str = "l1", diagonal: bool = True, normalize: bool = False,
-                 precision: str | None = None) -> optax.GradientTransformation:
+def add_ortho_l1(
+    beta: Any,
+    *,
+    mask: Any = None,
+    mode: str = "auto",
+    axis: int = 1,
+    three_d: str = "auto",
+    out_axis: int = -1,
+    penalty: str = "l1",
+    diagonal: bool = True,
+    normalize: bool = False,
+    precision: str | None = None,
+) -> optax.GradientTransformation:
     """A GradientTransformation that adds d(ortho_l1_tree(params, beta))/d(params) to the updates.
 
     Args:
@@ -81,8 +91,17 @@ def add_ortho_l1(beta: Any, *, mask: Any = None, mode: str = "auto", axis: int =
         beta = _checks.check_beta(beta)
     if mode not in _ojax.MODES:
         raise ValueError(f"mode must be one of {_ojax.MODES}, got {mode!r}")
-    kw = dict(mask=mask, mode=mode, axis=axis, three_d=three_d, out_axis=out_axis, penalty=penalty,
-              diagonal=diagonal, normalize=normalize, precision=precision)
+    kw = dict(
+        mask=mask,
+        mode=mode,
+        axis=axis,
+        three_d=three_d,
+        out_axis=out_axis,
+        penalty=penalty,
+        diagonal=diagonal,
+        normalize=normalize,
+        precision=precision,
+    )
     _ojax._check_precision(precision)
     _ojax._penalty.check(penalty, diagonal, normalize)
 
@@ -95,8 +114,9 @@ def add_ortho_l1(beta: Any, *, mask: Any = None, mode: str = "auto", axis: int =
             raise ValueError("add_ortho_l1 needs the params: call update(updates, state, params)")
         b = beta(state.count) if schedule else beta
         _loss, g = _ojax.tree_grads(params, b, **kw)
-        new = jax.tree_util.tree_map(lambda u, gi: u if gi is None else u + gi.astype(u.dtype),
-                                     updates, g, is_leaf=lambda x: x is None)
+        new = jax.tree_util.tree_map(
+            lambda u, gi: u if gi is None else u + gi.astype(u.dtype), updates, g, is_leaf=lambda x: x is None
+        )
         return new, AddOrthoL1State(count=optax.safe_int32_increment(state.count))
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -64,6 +64,7 @@ def _magnitude(A: np.ndarray, eye: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- the tests' front end
 
+
 def to_lmn(phi: Any, axis: int) -> tuple[np.ndarray, bool]:
     """phi as a float64 (l, m, n) array (a 2-D phi: m = 1), and whether it was 2-D."""
     phi = np.asarray(phi, dtype=np.float64)
@@ -89,8 +90,16 @@ def reduce(per: np.ndarray, reduction: str) -> Any:
     return total / len(per) if reduction == "mean" and len(per) else total
 
 
-def check(phi: Any, loss: Any, grad: Any, beta: float = 1.0, axis: int = 1, reduction: str = "sum",
-          dtype: Any = None, grad_base: Any = None) -> float:
+def check(
+    phi: Any,
+    loss: Any,
+    grad: Any,
+    beta: float = 1.0,
+    axis: int = 1,
+    reduction: str = "sum",
+    dtype: Any = None,
+    grad_base: Any = None,
+) -> float:
     """Assert loss/grad (NumPy arrays) match the reference; return the fraction of gradient entries compared.
 
     grad_base: what out held before an accumulate=True call (added to the reference)."""
@@ -145,7 +154,9 @@ def slice_rows(shape: tuple[int, ...], axis: int = 1) -> int:
     return [s for i, s in enumerate(shape) if i != axis % 3][0]
 
 
-def random_phi(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any, l: int | None = None) -> np.ndarray:
+def random_phi(
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: Any, l: int | None = None
+) -> np.ndarray:
     """Random input whose X = G - I has entries of order 1 (never zeros); l sets the scale."""
     l = shape[0] if l is None else l
     x = rng.standard_normal(shape) * (1.3 / np.sqrt(max(l, 1)))
@@ -153,6 +164,7 @@ def random_phi(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any, l: 
 
 
 # ---------------------------------------------------------------- the bench's front end
+
 
 @dataclass
 class CheckResult:
@@ -169,7 +181,9 @@ class Reference:
 
     per: np.ndarray  # per-slice losses (m,), float64
     grad: np.ndarray  # (l, m, n) gradient of the summed loss: float64, float32 for float16/32 inputs
-    closeness: np.ndarray  # (m, n, n) float32: |X| / (|Phi|^T |Phi| + I), how near X = G - I is to a sign flip
+    closeness: (
+        np.ndarray
+    )  # (m, n, n) float32: |X| / (|Phi|^T |Phi| + I), how near X = G - I is to a sign flip
     bound: np.ndarray  # (l, m, 1) = 2|beta| sum_j |Phi[a, i, j]|
 
     @property
@@ -210,7 +224,9 @@ class Reference:
             ambiguous = np.asarray((self.closeness <= tol["sign"]).any(axis=1))  # (m, n): column b of slice i
         got = np.asarray(grad)
         if got.shape != self.grad.shape:
-            return CheckResult(False, loss_err, np.inf, 0.0, f"gradient shape {got.shape} != {self.grad.shape}")
+            return CheckResult(
+                False, loss_err, np.inf, 0.0, f"gradient shape {got.shape} != {self.grad.shape}"
+            )
         l, m, n = got.shape
         grad_err = 0.0
         step = max(1, (16 << 20) // max(1, l * n))  # float64 temporaries of ~128 MiB at most
@@ -221,7 +237,9 @@ class Reference:
             e = np.where(ambiguous[None, s0:s1, :], 0.0, e)  # NaN (a wrong NaN) stays NaN
             if e.size:
                 worst = float(e.max())  # NaN if any compared entry is NaN
-                grad_err = worst if not np.isfinite(worst) or not np.isfinite(grad_err) else max(grad_err, worst)
+                grad_err = (
+                    worst if not np.isfinite(worst) or not np.isfinite(grad_err) else max(grad_err, worst)
+                )
                 if not np.isfinite(grad_err):
                     break
         compared = float(1.0 - ambiguous.mean()) if ambiguous.size else 1.0

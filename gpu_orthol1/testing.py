@@ -35,9 +35,10 @@ def _colmajor(arr, op: Operand, rows: int, cols: int, batch: int, writeable=Fals
     """The batch of rows x cols column-major matrices cuBLAS would see at (op.offset, op.ld, op.stride)."""
     isz = arr.dtype.itemsize
     # as_strided keeps arr's data pointer (its first element); move it by offset elements.
-    start = as_strided(arr, shape=(op.offset + 1,), strides=(isz,), writeable=writeable)[op.offset:]
-    return as_strided(start, shape=(batch, rows, cols), strides=(op.stride * isz, isz, op.ld * isz),
-                      writeable=writeable)
+    start = as_strided(arr, shape=(op.offset + 1,), strides=(isz,), writeable=writeable)[op.offset :]
+    return as_strided(
+        start, shape=(batch, rows, cols), strides=(op.stride * isz, isz, op.ld * isz), writeable=writeable
+    )
 
 
 def _t(x):
@@ -70,8 +71,16 @@ def emulate_pointer_gemm(call: _gemm.BatchedGemm, ptrs: np.ndarray, bufs: dict) 
     t = call.template
     for e in range(call.batch):
         a, b, c = (resolve(int(ptrs[r, e])) for r in range(3))
-        emulate_gemm(replace(t, a=Operand(a.buf, a.offset, t.a.ld, 0), b=Operand(b.buf, b.offset, t.b.ld, 0),
-                             c=Operand(c.buf, c.offset, t.c.ld, 0), batch=1), bufs)
+        emulate_gemm(
+            replace(
+                t,
+                a=Operand(a.buf, a.offset, t.a.ld, 0),
+                b=Operand(b.buf, b.offset, t.b.ld, 0),
+                c=Operand(c.buf, c.offset, t.c.ld, 0),
+                batch=1,
+            ),
+            bufs,
+        )
 
 
 # cuBLAS's values of the enums the GPU device passes (cudaDataType, cublasComputeType_t)
@@ -85,7 +94,11 @@ def _resolver(bufs: dict):
     spans, seen = [], set()
     for key, arr in bufs.items():
         lo = arr.ctypes.data
-        hi = lo + max(0, sum((s - 1) * st for s, st in zip(arr.shape, arr.strides, strict=True) if s)) + arr.itemsize
+        hi = (
+            lo
+            + max(0, sum((s - 1) * st for s, st in zip(arr.shape, arr.strides, strict=True) if s))
+            + arr.itemsize
+        )
         if (lo, hi, arr.itemsize) not in seen:  # "sgn" may be "ws" itself (S written in place)
             seen.add((lo, hi, arr.itemsize))
             spans.append((lo, hi, key, arr.itemsize))
@@ -142,7 +155,9 @@ class EmulatedGpuDevice(CupyDevice):
         from numba import config
 
         if not config.ENABLE_CUDASIM:
-            raise RuntimeError("EmulatedGpuDevice needs NUMBA_ENABLE_CUDASIM=1 set before numba.cuda is imported")
+            raise RuntimeError(
+                "EmulatedGpuDevice needs NUMBA_ENABLE_CUDASIM=1 set before numba.cuda is imported"
+            )
         from .kernels import sign_abs
 
         self._mod = sign_abs
@@ -185,7 +200,7 @@ class EmulatedGpuDevice(CupyDevice):
         """Read the three address arrays back from the workspace buffer the kernel wrote, the way
         cuBLAS reads them (A, B, C, `batch` entries each), and execute them."""
         self.gemm_calls.append(("pointers", call.batch))
-        ptrs = np.asarray(addrs[:3 * call.batch]).reshape(3, call.batch)
+        ptrs = np.asarray(addrs[: 3 * call.batch]).reshape(3, call.batch)
         emulate_pointer_gemm(call, ptrs, bufs)
 
     def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant=DEFAULT, partials=None):
@@ -198,7 +213,8 @@ class EmulatedGpuDevice(CupyDevice):
             return
         tpb, ncol = self._mod.launch(n, normalize, self._max_block)
         self._mod.get_kernel(tpb, l2, offdiag, normalize, ncol)[ws.shape[0], tpb](
-            ws, sgn, n, losses, offset, scale, write_s)
+            ws, sgn, n, losses, offset, scale, write_s
+        )
 
     def loss_total(self, losses, count, scale, out, each):
         tpb = self._max_block
@@ -212,8 +228,12 @@ class EmulatedGpuDevice(CupyDevice):
         specs = [(a.shape, a.strides, a.dtype) for a in (V, Vout if write_grad else V, losses)]
 
         def go(phi_addr, out_addr, losses_addr, alpha, accumulate):
-            v, o, ls = (host_view(addr, *spec) for addr, spec in zip((phi_addr, out_addr, losses_addr), specs, strict=True))
+            v, o, ls = (
+                host_view(addr, *spec)
+                for addr, spec in zip((phi_addr, out_addr, losses_addr), specs, strict=True)
+            )
             self._fused(cfg, v, o, ls, alpha, accumulate, write_grad)
+
         return go
 
     def _fused(self, cfg, V, Vout, losses, alpha, accumulate, write_grad):
@@ -227,7 +247,8 @@ class EmulatedGpuDevice(CupyDevice):
         v = np.ascontiguousarray(V)
         o = np.ascontiguousarray(Vout) if write_grad else v
         fused_small.get_fused_kernel(cfg)[V.shape[0], cfg.threads](
-            v, o, losses, 0, scal(alpha), bool(accumulate), bool(write_grad))
+            v, o, losses, 0, scal(alpha), bool(accumulate), bool(write_grad)
+        )
         if write_grad and o is not Vout:
             Vout[...] = o
 

@@ -105,8 +105,11 @@ VEC_FROM_SIDE = 4
 GRAD_ROWS_AT_FULL_TILE = 4
 
 _ACC = {"float32": float32, "float64": float64}
-_ACC_FOR_INPUT = {np.dtype(np.float16): "float32", np.dtype(np.float32): "float32",
-                  np.dtype(np.float64): "float64"}
+_ACC_FOR_INPUT = {
+    np.dtype(np.float16): "float32",
+    np.dtype(np.float32): "float32",
+    np.dtype(np.float64): "float64",
+}
 
 
 class FusedConfig(NamedTuple):
@@ -164,10 +167,20 @@ def _default_side(n: int, acc: str) -> int:
 def _valid(cfg: FusedConfig) -> bool:
     side = math.isqrt(cfg.threads)
     acc_bytes = 4 if cfg.acc == "float32" else 8
-    return (cfg.nmax % side == 0 and cfg.tile_rows % side == 0 and cfg.tile_rows > 0
-            and cfg.vec in VECS and cfg.vec * acc_bytes <= 16 and (cfg.nmax // side) % cfg.vec == 0
-            and cfg.jrun in VECS and cfg.vec % cfg.jrun == 0 and cfg.srun >= 1 and cfg.maxreg >= 0
-            and (cfg.nmax // side) % cfg.srun == 0 and shared_bytes(cfg) <= SHARED_LIMIT)
+    return (
+        cfg.nmax % side == 0
+        and cfg.tile_rows % side == 0
+        and cfg.tile_rows > 0
+        and cfg.vec in VECS
+        and cfg.vec * acc_bytes <= 16
+        and (cfg.nmax // side) % cfg.vec == 0
+        and cfg.jrun in VECS
+        and cfg.vec % cfg.jrun == 0
+        and cfg.srun >= 1
+        and cfg.maxreg >= 0
+        and (cfg.nmax // side) % cfg.srun == 0
+        and shared_bytes(cfg) <= SHARED_LIMIT
+    )
 
 
 def _widest_vec(nmax: int, side: int, acc: str) -> int:
@@ -201,8 +214,15 @@ def fits(n: int, dtype) -> bool:
     return acc is not None and 1 <= n <= N_MAX[np.dtype(dtype)]
 
 
-def fused_config(l: int, n: int, dtype, threads: int | None = None, vec: int | None = None,
-                 jrun: int | None = None, srun: int | None = None) -> FusedConfig | None:
+def fused_config(
+    l: int,
+    n: int,
+    dtype,
+    threads: int | None = None,
+    vec: int | None = None,
+    jrun: int | None = None,
+    srun: int | None = None,
+) -> FusedConfig | None:
     """The kernel config for (l, n) slices of `dtype`, or None when they do not fit.
 
     threads: force the block size (one of THREADS; tests under the simulator use small grids).
@@ -222,15 +242,19 @@ def fused_config(l: int, n: int, dtype, threads: int | None = None, vec: int | N
     if vec is None:
         vec = _default_vec(nmax, side, acc)
     elif vec not in VECS or (nmax // side) % vec or vec * (4 if acc == "float32" else 8) > 16:
-        raise ValueError(f"vec must be one of {VECS}, divide the micro-tile side {nmax // side} and read "
-                         f"at most 16 bytes, got {vec}")
+        raise ValueError(
+            f"vec must be one of {VECS}, divide the micro-tile side {nmax // side} and read "
+            f"at most 16 bytes, got {vec}"
+        )
     if jrun is None:
         jrun = vec
     elif jrun not in VECS or vec % jrun:
         raise ValueError(f"jrun must be one of {VECS} and divide vec={vec}, got {jrun}")
     if srun is None:
         srun = _widest_vec(nmax, side, acc)
-    elif isinstance(srun, bool) or not isinstance(srun, numbers.Integral) or srun < 1 or (nmax // side) % srun:
+    elif (
+        isinstance(srun, bool) or not isinstance(srun, numbers.Integral) or srun < 1 or (nmax // side) % srun
+    ):
         raise ValueError(f"srun must divide the micro-tile side {nmax // side}, got {srun!r}")
     else:
         srun = int(srun)
@@ -453,11 +477,13 @@ def get_fused_kernel(cfg: FusedConfig):
     if cfg.acc not in _ACC:
         raise ValueError(f"acc must be one of {tuple(_ACC)}, got {cfg.acc!r}")
     if not _valid(cfg):
-        raise ValueError(f"{cfg}: nmax and tile_rows must be multiples of the grid side "
-                         f"{math.isqrt(cfg.threads)}, vec one of {VECS} dividing nmax / side in at most "
-                         f"16 bytes, jrun one of {VECS} dividing vec, srun >= 1 dividing nmax / side, maxreg "
-                         f">= 0, and the block needs {shared_bytes(cfg)} bytes of shared memory "
-                         f"(at most {SHARED_LIMIT})")
+        raise ValueError(
+            f"{cfg}: nmax and tile_rows must be multiples of the grid side "
+            f"{math.isqrt(cfg.threads)}, vec one of {VECS} dividing nmax / side in at most "
+            f"16 bytes, jrun one of {VECS} dividing vec, srun >= 1 dividing nmax / side, maxreg "
+            f">= 0, and the block needs {shared_bytes(cfg)} bytes of shared memory "
+            f"(at most {SHARED_LIMIT})"
+        )
     kern = _kernels.get(cfg)
     if kern is None:
         kern = _kernels[cfg] = _make_kernel(*cfg)

@@ -35,6 +35,7 @@ from numba import cuda, float64  # noqa: E402
 # sized by it. Below a warp is only for the simulator, where every thread is an OS thread.
 BLOCK_SIZES = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
+
 @cuda.jit(device=True)
 def block_sum(buf, x, t, tpb):
     """The block's sum of every thread's x in a fixed tree order (no atomics: the same bits on every

@@ -210,7 +210,9 @@ def _variant_slice(f, n, sc, write_s, l2, offdiag, normalize, r):  # pragma: no 
 
 
 @numba.njit(cache=True, nogil=True)
-def sign_abs_variant(g, s, n, losses, loss_offset, scale, write_s, l2, offdiag, normalize):  # pragma: no cover
+def sign_abs_variant(
+    g, s, n, losses, loss_offset, scale, write_s, l2, offdiag, normalize
+):  # pragma: no cover
     """`sign_abs_sum` for every other member of the family (same arguments, same NaN policy)."""
     sc = s.dtype.type(scale)
     inplace = g.ctypes.data == s.ctypes.data

@@ -74,9 +74,14 @@ def run_case(torch, rank, world, how, split, seed):
     share = sorted(reg._runner.active()) if reg._split is not None else None
     every = sorted(reg.metrics())  # every matrix, under split= too
     _, own = reg.loss(metrics=True)  # this pass's matrices: the rank's share under split=
-    return {"metrics_names": every, "loss_metrics_names": sorted(own),
-            "params": {n: p.detach().reshape(-1).tolist() for n, p in model.named_parameters()},
-            "values": values, "share": share, "names": reg.names}
+    return {
+        "metrics_names": every,
+        "loss_metrics_names": sorted(own),
+        "params": {n: p.detach().reshape(-1).tolist() for n, p in model.named_parameters()},
+        "values": values,
+        "share": share,
+        "names": reg.names,
+    }
 
 
 def bad_inputs(torch, rank, world, seed):
@@ -86,8 +91,10 @@ def bad_inputs(torch, rank, world, seed):
     from gpu_orthol1.torch import OrthoL1
 
     out = {}
-    for what, sched in (("nan", lambda s: float("nan") if s == 1 else 0.1),
-                        ("negative", lambda s: -1.0 if s == 1 else 0.1)):
+    for what, sched in (
+        ("nan", lambda s: float("nan") if s == 1 else 0.1),
+        ("negative", lambda s: -1.0 if s == 1 else 0.1),
+    ):
         model = DDP(_model(torch, seed))
         reg = OrthoL1(model, sched, split="auto")
         reg.add_grad_()
@@ -106,8 +113,9 @@ def main(rank, world, init_file, seed, out_dir):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
     res: dict = {"cases": {}, "failures": {}}
     try:
         for how in ("loss", "add_grad_"):

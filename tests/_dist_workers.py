@@ -79,8 +79,20 @@ def _rows_of(ndim, axis):
 # -- the functional API -------------------------------------------------------------------------
 
 
-def case_functional(ctx, shape, axis, shard_dim, red, want_grad=True, dtype="float64", contiguous=False,
-                    workspace_bytes=None, uneven_chunks=False, column_split="reshard", variant=None):
+def case_functional(
+    ctx,
+    shape,
+    axis,
+    shard_dim,
+    red,
+    want_grad=True,
+    dtype="float64",
+    contiguous=False,
+    workspace_bytes=None,
+    uneven_chunks=False,
+    column_split="reshard",
+    variant=None,
+):
     import torch
 
     import gpu_orthol1 as ol1
@@ -98,11 +110,25 @@ def case_functional(ctx, shape, axis, shard_dim, red, want_grad=True, dtype="flo
     odist.COLUMN_SPLIT = column_split
     try:
         if want_grad:
-            loss, g = odist.loss_and_grad(local, beta, axis=axis, shard_dim=shard_dim, reduction=red,
-                                          workspace_bytes=workspace_bytes, **vkw)
+            loss, g = odist.loss_and_grad(
+                local,
+                beta,
+                axis=axis,
+                shard_dim=shard_dim,
+                reduction=red,
+                workspace_bytes=workspace_bytes,
+                **vkw,
+            )
         else:
-            loss = odist.loss(local, beta, axis=axis, shard_dim=shard_dim, reduction=red,
-                              workspace_bytes=workspace_bytes, **vkw)
+            loss = odist.loss(
+                local,
+                beta,
+                axis=axis,
+                shard_dim=shard_dim,
+                reduction=red,
+                workspace_bytes=workspace_bytes,
+                **vkw,
+            )
             g = None
     finally:
         odist.COLUMN_SPLIT = "reshard"
@@ -127,8 +153,9 @@ def case_functional(ctx, shape, axis, shard_dim, red, want_grad=True, dtype="flo
     tol = {"float64": TOL64, "float32": 1e-5, "float16": 1e-5, "bfloat16": 1e-5}[dtype]
     _close(loss.numpy(), ref_loss, tol, "loss")
     if want_grad:
-        gref = torch.tensor_split(torch.from_numpy(np.ascontiguousarray(ref_grad)), ctx.world,
-                                  dim=shard_dim)[ctx.rank]
+        gref = torch.tensor_split(torch.from_numpy(np.ascontiguousarray(ref_grad)), ctx.world, dim=shard_dim)[
+            ctx.rank
+        ]
         if g.shape != local.shape or g.dtype != local.dtype:
             raise Failure(f"grad is {g.dtype} {tuple(g.shape)}, local {local.dtype} {tuple(local.shape)}")
         gtol = {"float64": TOL64, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}[dtype]
@@ -189,8 +216,9 @@ class CountCollectives:
         def all_to_all_single(out, t, out_splits=None, in_splits=None, *a, **k):
             # what this rank sends to the others (its own block stays)
             own = in_splits[dist.get_rank()] if in_splits else t.numel() // dist.get_world_size()
-            self.calls.append(("all_to_all", t.numel() - own, (t.numel() - own) * t.element_size(),
-                               tuple(t.shape)))
+            self.calls.append(
+                ("all_to_all", t.numel() - own, (t.numel() - own) * t.element_size(), tuple(t.shape))
+            )
             return self._orig[2](out, t, out_splits, in_splits, *a, **k)
 
         dist.all_reduce, dist.all_gather, dist.all_to_all_single = all_reduce, all_gather, all_to_all_single
@@ -213,8 +241,13 @@ def case_counts(ctx, results):
     full = torch.from_numpy(ctx.phi((l, m, n), l))
     out = {}
     a = n // 2 + 1
-    for name, sd, kw in (("l", 0, {}), ("l-chunked", 0, {"workspace_bytes": 2 * n * n * 8}),
-                         ("m", 1, {}), ("n", 2, {}), ("n-gather", 2, {})):
+    for name, sd, kw in (
+        ("l", 0, {}),
+        ("l-chunked", 0, {"workspace_bytes": 2 * n * n * 8}),
+        ("m", 1, {}),
+        ("n", 2, {}),
+        ("n-gather", 2, {}),
+    ):
         local = torch.tensor_split(full, ctx.world, dim=sd)[ctx.rank]
         odist.COLUMN_SPLIT = "gather" if name == "n-gather" else "reshard"
         try:
@@ -233,8 +266,10 @@ def case_counts(ctx, results):
                 raise Failure(f"{name}: expected {chunks} all_reduce(s) of Grams only, got {rest}")
             sent = sum(c[1] for c in rest)
             if sent != m * a * n:
-                raise Failure(f"{name}: Gram all_reduce sent {sent} numbers, expected m*a*n = {m * a * n} "
-                              f"(packed upper triangles; the full Grams are {m * n * n}, phi {l * m * n})")
+                raise Failure(
+                    f"{name}: Gram all_reduce sent {sent} numbers, expected m*a*n = {m * a * n} "
+                    f"(packed upper triangles; the full Grams are {m * n * n}, phi {l * m * n})"
+                )
         elif name == "m":
             if [(c[0], c[1]) for c in rest] != [("all_reduce", 1)]:
                 raise Failure(f"m split: expected one all_reduce of the loss, got {rest}")
@@ -246,8 +281,10 @@ def case_counts(ctx, results):
                 raise Failure(f"n split (reshard): got {rest}")
             rows_me = _splits._split_sizes(l, ctx.world)[ctx.rank]
             if rest[0][1] != m * (l - rows_me) * n_me or rest[3][1] != m * rows_me * (n - n_me):
-                raise Failure(f"n split: sent {rest[0][1]} numbers of phi and {rest[3][1]} of the gradient, "
-                              f"expected {m * (l - rows_me) * n_me} and {m * rows_me * (n - n_me)}")
+                raise Failure(
+                    f"n split: sent {rest[0][1]} numbers of phi and {rest[3][1]} of the gradient, "
+                    f"expected {m * (l - rows_me) * n_me} and {m * rows_me * (n - n_me)}"
+                )
             if rest[2][1] != m * a * n:
                 raise Failure(f"n split: Gram all_reduce of {rest[2][1]} numbers, expected {m * a * n}")
         else:
@@ -320,14 +357,17 @@ def _ref_dtensor(full, beta, axis, red, mode, vkw=None):
         l, n = full.shape
         tr = mode == "rows" or (mode == "auto" and l < n)
         x = full.T if tr else full
-        loss, g = ol1.loss_and_grad(np.ascontiguousarray(x), beta, reduction=red, backend="numpy", **(vkw or {}))
+        loss, g = ol1.loss_and_grad(
+            np.ascontiguousarray(x), beta, reduction=red, backend="numpy", **(vkw or {})
+        )
         return loss, (g.T if tr else g)
     d = [i for i in range(3) if i != axis]
     l, n = full.shape[d[0]], full.shape[d[1]]
     tr = mode == "rows" or (mode == "auto" and l < n)
     x = np.swapaxes(full, d[0], d[1]) if tr else full
-    loss, g = ol1.loss_and_grad(np.ascontiguousarray(x), beta, axis=axis, reduction=red, backend="numpy",
-                                **(vkw or {}))
+    loss, g = ol1.loss_and_grad(
+        np.ascontiguousarray(x), beta, axis=axis, reduction=red, backend="numpy", **(vkw or {})
+    )
     return loss, (np.swapaxes(g, d[0], d[1]) if tr else g)
 
 
@@ -382,9 +422,17 @@ def case_fsdp(ctx, stack_bytes=None, counts=None):
     from gpu_orthol1.distributed import _targets
 
     torch.manual_seed(ctx.seed % (1 << 31))
-    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.Flatten(), nn.Linear(12, 7), nn.Linear(7, 9, bias=False),
-                          *[nn.Linear(9, 9) for _ in range(3)], nn.Linear(9, 20), nn.Linear(20, 9),
-                          nn.Linear(9, 20), nn.Linear(20, 9)).double()
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3),
+        nn.Flatten(),
+        nn.Linear(12, 7),
+        nn.Linear(7, 9, bias=False),
+        *[nn.Linear(9, 9) for _ in range(3)],
+        nn.Linear(9, 20),
+        nn.Linear(20, 9),
+        nn.Linear(9, 20),
+        nn.Linear(20, 9),
+    ).double()
     ref = {name: p.detach().clone().numpy() for name, p in model.named_parameters() if p.dim() >= 2}
     for layer in model:
         if any(True for _ in layer.parameters()):
@@ -393,9 +441,16 @@ def case_fsdp(ctx, stack_bytes=None, counts=None):
     params = [(name, p) for name, p in model.named_parameters() if p.dim() >= 2]
     # mode "auto" (the smaller Gram: rows for the (6, 27) conv, (7, 12) and (9, 20)), one 9x9 in rows, and
     # one 9x9 with its own beta scale (as OrthoL1's Keras preset makes): a batch of its own
-    targets = [(p, "flatten" if p.dim() == 4 else "matrix", 1,
-                p.shape[0] < np.prod(p.shape[1:]) or name == "5.weight", 0.5 if name == "4.weight" else 1.0)
-               for name, p in params]
+    targets = [
+        (
+            p,
+            "flatten" if p.dim() == 4 else "matrix",
+            1,
+            p.shape[0] < np.prod(p.shape[1:]) or name == "5.weight",
+            0.5 if name == "4.weight" else 1.0,
+        )
+        for name, p in params
+    ]
     old = odist.STACK_BYTES
     if stack_bytes is not None:
         odist.STACK_BYTES = stack_bytes
@@ -415,7 +470,9 @@ def case_fsdp(ctx, stack_bytes=None, counts=None):
     from torch.distributed.tensor import DTensor
 
     def full(g, p):
-        return DTensor.from_local(g, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+        return DTensor.from_local(
+            g, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+        ).full_tensor()
 
     gfull = [full(g, p) for (_, p), g in zip(params, grads, strict=True)]
     ofull = [full(o, p) for (_, p), o in zip(params, outs, strict=True)]
@@ -464,7 +521,9 @@ def case_fsdp(ctx, stack_bytes=None, counts=None):
         # column split (the conv, 12x7, one 9x9, 9x20 x2, all in rows) all-to-all, chunk MIN, Grams, all-to-all
         want = 1 + 4 * (1 + 1) + 4 * (1 + 4)
         if len(counts["fsdp"]) != want:
-            raise Failure(f"expected {want} collectives (batched), got {len(counts['fsdp'])}: {counts['fsdp']}")
+            raise Failure(
+                f"expected {want} collectives (batched), got {len(counts['fsdp'])}: {counts['fsdp']}"
+            )
 
 
 def case_fsdp_train_step(ctx):
@@ -480,7 +539,9 @@ def case_fsdp_train_step(ctx):
     from gpu_orthol1.distributed import dtensor_ortho_l1
 
     torch.manual_seed(ctx.seed % (1 << 31))
-    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 3)).double()
+    model = nn.Sequential(
+        nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 3)
+    ).double()
     ref = copy.deepcopy(model)
     x = torch.from_numpy(ctx.rng().standard_normal((4, 6)))
     for i in (0, 2, 4):
@@ -521,8 +582,9 @@ def case_orthol1_helpers(ctx):
     for layer in model:
         fully_shard(layer, mesh=ctx.mesh)
     params = [(name, p) for name, p in model.named_parameters() if p.dim() >= 2]
-    targets = [(p, "flatten" if p.dim() == 3 else "matrix", 1, p.shape[0] < np.prod(p.shape[1:]))
-               for _, p in params]
+    targets = [
+        (p, "flatten" if p.dim() == 3 else "matrix", 1, p.shape[0] < np.prod(p.shape[1:])) for _, p in params
+    ]
     want, wgrads = 0.0, {}
     for (name, _), (_, _, _, tr) in zip(params, targets, strict=True):
         x = ref[name].reshape(ref[name].shape[0], -1)
@@ -592,7 +654,9 @@ def case_orthol1_public(ctx, how):
             opt.step()
         losses.append(float(reg.loss().detach()))
     for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
-        _close(p.full_tensor().detach().numpy(), q.detach().numpy(), 1e-10, f"{how}: weight {name} after 3 steps")
+        _close(
+            p.full_tensor().detach().numpy(), q.detach().numpy(), 1e-10, f"{how}: weight {name} after 3 steps"
+        )
     _close(np.float64(losses[0]), np.float64(losses[1]), 1e-12, f"{how}: loss after 3 steps")
     # ortho_l1 on one sharded weight, through gpu_orthol1.torch
     w = model[2].weight
@@ -611,68 +675,160 @@ def cases(world):
     for axis in (0, 1, 2):
         for sd in (0, 1, 2, -1):
             for red in REDS:
-                out.append(("functional", f"3d axis={axis} shard_dim={sd} {red}",
-                            lambda c, a=axis, s=sd, r=red: case_functional(c, shape3, a, s, r)))
+                out.append(
+                    (
+                        "functional",
+                        f"3d axis={axis} shard_dim={sd} {red}",
+                        lambda c, a=axis, s=sd, r=red: case_functional(c, shape3, a, s, r),
+                    )
+                )
         for sd in (0, 1, 2):
-            out.append(("functional", f"3d loss-only axis={axis} shard_dim={sd}",
-                        lambda c, a=axis, s=sd: case_functional(c, shape3, a, s, "mean", want_grad=False)))
-            out.append(("functional", f"3d contiguous axis={axis} shard_dim={sd}",
-                        lambda c, a=axis, s=sd: case_functional(c, shape3, a, s, "sum", contiguous=True)))
+            out.append(
+                (
+                    "functional",
+                    f"3d loss-only axis={axis} shard_dim={sd}",
+                    lambda c, a=axis, s=sd: case_functional(c, shape3, a, s, "mean", want_grad=False),
+                )
+            )
+            out.append(
+                (
+                    "functional",
+                    f"3d contiguous axis={axis} shard_dim={sd}",
+                    lambda c, a=axis, s=sd: case_functional(c, shape3, a, s, "sum", contiguous=True),
+                )
+            )
     for sd in (0, 1, -2):
         for red in REDS:
-            out.append(("functional", f"2d shard_dim={sd} {red}",
-                        lambda c, s=sd, r=red: case_functional(c, (7, 5), 1, s, r)))
+            out.append(
+                (
+                    "functional",
+                    f"2d shard_dim={sd} {red}",
+                    lambda c, s=sd, r=red: case_functional(c, (7, 5), 1, s, r),
+                )
+            )
     # an empty shard on the last rank(s), and one slice fewer than ranks
     out.append(("functional", "empty shard rows", lambda c: case_functional(c, (2, 3, 4), 1, 0, "sum")))
     out.append(("functional", "empty shard slices", lambda c: case_functional(c, (4, 2, 3), 1, 1, "none")))
     out.append(("functional", "empty shard cols", lambda c: case_functional(c, (4, 3, 2), 1, 2, "mean")))
     # several chunks per call: float64 with a tiny budget, and float16 whose ranks would pick different
     # chunk sizes (its per-slice workspace grows with the local row count): the group takes the least
-    out.append(("functional", "chunked float64", lambda c: case_functional(
-        c, (9, 6, 4), 1, 0, "none", workspace_bytes=2 * 4 * 4 * 8)))
+    out.append(
+        (
+            "functional",
+            "chunked float64",
+            lambda c: case_functional(c, (9, 6, 4), 1, 0, "none", workspace_bytes=2 * 4 * 4 * 8),
+        )
+    )
     # (float16 n=4: 32 bytes per local row + 64 per slice; 1600 bytes hold 2 slices of <= 23 rows, 1 of 24)
-    out.append(("functional", "chunked float16 uneven chunks", lambda c: case_functional(
-        c, (24 * c.world - 1, 6, 4), 1, 0, "sum", dtype="float16", workspace_bytes=1600, uneven_chunks=True)))
+    out.append(
+        (
+            "functional",
+            "chunked float16 uneven chunks",
+            lambda c: case_functional(
+                c,
+                (24 * c.world - 1, 6, 4),
+                1,
+                0,
+                "sum",
+                dtype="float16",
+                workspace_bytes=1600,
+                uneven_chunks=True,
+            ),
+        )
+    )
     # the penalty family (docs/penalties.md): every split computes it from the summed Gram
     for variant in (("l2", True, False), ("l1", False, True), ("l2", False, True)):
         for axis, sd, cs in ((1, 0, "reshard"), (1, 1, "reshard"), (1, 2, "reshard"), (0, 1, "gather")):
-            out.append(("functional", f"penalty {variant} axis={axis} shard_dim={sd} {cs}",
-                        lambda c, a=axis, s=sd, v=variant, k=cs: case_functional(
-                            c, shape3, a, s, "sum", variant=v, column_split=k)))
+            out.append(
+                (
+                    "functional",
+                    f"penalty {variant} axis={axis} shard_dim={sd} {cs}",
+                    lambda c, a=axis, s=sd, v=variant, k=cs: case_functional(
+                        c, shape3, a, s, "sum", variant=v, column_split=k
+                    ),
+                )
+            )
     # column splits the other way too: gathered (COLUMN_SPLIT = "gather")
     for axis, sd, red in ((1, 2, "sum"), (0, 1, "none"), (2, 1, "mean")):
-        out.append(("functional", f"gather-mode axis={axis} shard_dim={sd} {red}",
-                    lambda c, a=axis, s=sd, r=red: case_functional(c, shape3, a, s, r, column_split="gather")))
-    out.append(("functional", "gather-mode 2d", lambda c: case_functional(c, (7, 5), 1, 1, "sum",
-                                                                          column_split="gather")))
+        out.append(
+            (
+                "functional",
+                f"gather-mode axis={axis} shard_dim={sd} {red}",
+                lambda c, a=axis, s=sd, r=red: case_functional(c, shape3, a, s, r, column_split="gather"),
+            )
+        )
+    out.append(
+        (
+            "functional",
+            "gather-mode 2d",
+            lambda c: case_functional(c, (7, 5), 1, 1, "sum", column_split="gather"),
+        )
+    )
     for dt in ("float32", "bfloat16"):
         for sd in (0, 1, 2):
-            out.append(("functional", f"{dt} shard_dim={sd}",
-                        lambda c, s=sd, d=dt: case_functional(c, (9, 5, 6), 1, s, "sum", dtype=d)))
+            out.append(
+                (
+                    "functional",
+                    f"{dt} shard_dim={sd}",
+                    lambda c, s=sd, d=dt: case_functional(c, (9, 5, 6), 1, s, "sum", dtype=d),
+                )
+            )
     for axis, sd in ((1, 0), (1, 1), (1, 2), (0, 2)):
-        out.append(("nan", f"NaN axis={axis} shard_dim={sd}", lambda c, a=axis, s=sd: case_nan(c, (6, 4, 5), a, s)))
+        out.append(
+            ("nan", f"NaN axis={axis} shard_dim={sd}", lambda c, a=axis, s=sd: case_nan(c, (6, 4, 5), a, s))
+        )
     for shape in ((7, 5), (5, 7), (6, 6)):
         for pl in (0, 1, "R"):
             for mode in ("rows", "columns", "auto", None):
-                for red in (("sum", "mean", "none") if mode == "auto" else ("sum",)):
-                    out.append(("dtensor", f"dtensor {shape} {pl} {mode} {red}",
-                                lambda c, sh=shape, p=pl, mo=mode, r=red: case_dtensor(c, sh, p, mo, r)))
+                for red in ("sum", "mean", "none") if mode == "auto" else ("sum",):
+                    out.append(
+                        (
+                            "dtensor",
+                            f"dtensor {shape} {pl} {mode} {red}",
+                            lambda c, sh=shape, p=pl, mo=mode, r=red: case_dtensor(c, sh, p, mo, r),
+                        )
+                    )
     for pl in (0, 1, 2):
         for mode in ("rows", "columns"):
-            out.append(("dtensor", f"dtensor 3d (5, 4, 7) Shard({pl}) {mode} none",
-                        lambda c, p=pl, mo=mode: case_dtensor(c, (5, 4, 7), p, mo, "none")))
+            out.append(
+                (
+                    "dtensor",
+                    f"dtensor 3d (5, 4, 7) Shard({pl}) {mode} none",
+                    lambda c, p=pl, mo=mode: case_dtensor(c, (5, 4, 7), p, mo, "none"),
+                )
+            )
     for pl in (0, 1, "R"):
-        out.append(("dtensor", f"dtensor penalty l2 normalize {pl} rows", lambda c, p=pl: case_dtensor(
-            c, (5, 7), p, "rows", "sum", variant=("l2", False, True))))
+        out.append(
+            (
+                "dtensor",
+                f"dtensor penalty l2 normalize {pl} rows",
+                lambda c, p=pl: case_dtensor(c, (5, 7), p, "rows", "sum", variant=("l2", False, True)),
+            )
+        )
     out.append(("dtensor", "fsdp2 orthol1_dtensor_execute", case_fsdp))
     out.append(("dtensor", "fsdp2 training step: task loss + dtensor_ortho_l1", case_fsdp_train_step))
     out.append(("dtensor", "fsdp2 OrthoL1 helpers: loss, add_grad_, step_", case_orthol1_helpers))
-    out.append(("dtensor", "fsdp2 OrthoL1(model).loss() training steps vs unsharded",
-                lambda c: case_orthol1_public(c, "loss")))
-    out.append(("dtensor", "fsdp2 OrthoL1(model).add_grad_() training steps vs unsharded",
-                lambda c: case_orthol1_public(c, "add_grad")))
-    out.append(("dtensor", "fsdp2 orthol1_dtensor_execute, small batches",
-                lambda c: case_fsdp(c, stack_bytes=9 * 9 * 8)))
+    out.append(
+        (
+            "dtensor",
+            "fsdp2 OrthoL1(model).loss() training steps vs unsharded",
+            lambda c: case_orthol1_public(c, "loss"),
+        )
+    )
+    out.append(
+        (
+            "dtensor",
+            "fsdp2 OrthoL1(model).add_grad_() training steps vs unsharded",
+            lambda c: case_orthol1_public(c, "add_grad"),
+        )
+    )
+    out.append(
+        (
+            "dtensor",
+            "fsdp2 orthol1_dtensor_execute, small batches",
+            lambda c: case_fsdp(c, stack_bytes=9 * 9 * 8),
+        )
+    )
     out.append(("counts", "fsdp2 batched collectives", lambda c: case_fsdp(c, counts={})))
     out.append(("counts", "collective counts", None))
     out.append(("errors", "bad input on every rank", None))
@@ -685,8 +841,9 @@ def main(rank, world, init_file, seed, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=90))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=90)
+    )
     ctx = Ctx(rank, world, seed)
     ctx.mesh = init_device_mesh("cpu", (world,))
     results: dict = {"failures": {}, "ran": {}}

@@ -30,7 +30,7 @@ def make(xp, rng, shape, dtype, layout="C", axis=1):
     if layout == "perm":  # memory (d1, d0, d2) seen as (d0, d1, d2)
         return rand((shape[1], shape[0]) + shape[2:]).swapaxes(0, 1)
     if layout == "rowstrided":  # unit last stride, padded rows: readable in place with a larger ld
-        return rand((2 * shape[0], shape[1] + 1, shape[2] + 3))[::2, 1:, 2:2 + shape[2]]
+        return rand((2 * shape[0], shape[1] + 1, shape[2] + 3))[::2, 1:, 2 : 2 + shape[2]]
     if layout == "every2":  # no unit stride anywhere: staged through chunk copies
         return rand(tuple(2 * s for s in shape))[(slice(None, None, 2),) * nd]
     if layout == "negative":
@@ -46,12 +46,21 @@ def run(kind, phi, beta=1.0, *, want_grad=True, **kw):
         from gpu_orthol1._plan import Plan
         from gpu_orthol1.testing import EmulatedGpuDevice
 
-        args = dict(axis=1, reduction="sum", out=None, accumulate=False, precision="highest",
-                    workspace_bytes=None)
+        args = dict(
+            axis=1, reduction="sum", out=None, accumulate=False, precision="highest", workspace_bytes=None
+        )
         args.update(kw)
-        plan = Plan(phi, beta, axis=args["axis"], reduction=args["reduction"], backend="numpy",
-                    precision=args["precision"], workspace_bytes=args["workspace_bytes"],
-                    want="loss_and_grad" if want_grad else "loss", _device=EmulatedGpuDevice())
+        plan = Plan(
+            phi,
+            beta,
+            axis=args["axis"],
+            reduction=args["reduction"],
+            backend="numpy",
+            precision=args["precision"],
+            workspace_bytes=args["workspace_bytes"],
+            want="loss_and_grad" if want_grad else "loss",
+            _device=EmulatedGpuDevice(),
+        )
         if want_grad:
             _plan.check_out(plan, args["out"], phi, args["accumulate"])
         return _plan.execute(plan, phi, args["out"], args["accumulate"], check_beta(beta), want_grad)

@@ -82,7 +82,9 @@ def test_real_no_gpu_fallback_warns_once(monkeypatch, fresh_probe, rng):
 def test_fallback_warning_points_at_the_callers_line(entry, monkeypatch, fresh_probe, rng):
     """GpuFallbackWarning is attributed to the line that called gpu_orthol1 (this file), not to a line
     inside the package, for each entry point that resolves "auto" (a plan resolves it when made)."""
-    monkeypatch.setattr(_backends, "_probe_gpu", lambda: (False, "cupy is installed but (test) finds no device"))
+    monkeypatch.setattr(
+        _backends, "_probe_gpu", lambda: (False, "cupy is installed but (test) finds no device")
+    )
     monkeypatch.setattr(_backends, "GPU_CROSSOVER_FLOPS", 1.0)
     _cache.clear_cache()  # a cached plan has resolved "auto" already: no warning would come
     phi = random_phi(rng, (6, 3, 4), np.float64)
@@ -104,8 +106,9 @@ def test_missing_cupy_reason_gives_an_install_command_that_works(monkeypatch, fr
     assert not ok and why.startswith("cupy is not installed")
     assert "pip install -e '.[gpu]'" in why and "gpu_orthol1[" not in why
     # the wheels named are the ones pyproject's [gpu] extra installs
-    extra = re.search(r"^gpu = \[(.*)\]$", (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text(),
-                      re.M).group(1)
+    extra = re.search(
+        r"^gpu = \[(.*)\]$", (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text(), re.M
+    ).group(1)
     for req in re.findall(r'"([^"]+)"', extra):
         assert re.sub(r">=.*", "", req) in why
     assert ol1.available_backends().reasons["cupy"] == why

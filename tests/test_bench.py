@@ -53,8 +53,20 @@ def test_reference_shape_slices_run_with_default_arguments(dtype, rng):
 
 def _run(tmp_path, *args):
     csv_p, json_p, png_p = tmp_path / "r.csv", tmp_path / "r.json", tmp_path / "r.png"
-    rc = command.main(["--device", "cpu", "--no-progress", "--csv", str(csv_p), "--json", str(json_p),
-                     "--plot", str(png_p), *args])
+    rc = command.main(
+        [
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--csv",
+            str(csv_p),
+            "--json",
+            str(json_p),
+            "--plot",
+            str(png_p),
+            *args,
+        ]
+    )
     doc = json.loads(json_p.read_text())
     with open(csv_p) as f:
         rows = list(csv.DictReader(f))
@@ -65,8 +77,14 @@ TINY = ["--shapes", "40x6x8,17x3x5", "--sweep-m", "24x4:2,5", "--sweep-n", "30x3
 
 
 def test_bench_command_cpu_smoke(tmp_path, capsys):
-    rc, doc, rows, png = _run(tmp_path, *TINY, "--dtypes", "float32,float64",
-                              "--methods", "gpu_orthol1,numpy-naive,torch-eager,jax-jit")
+    rc, doc, rows, png = _run(
+        tmp_path,
+        *TINY,
+        "--dtypes",
+        "float32,float64",
+        "--methods",
+        "gpu_orthol1,numpy-naive,torch-eager,jax-jit",
+    )
     out = capsys.readouterr().out
     assert rc == 0
     have = {r["method"] for r in rows}
@@ -77,8 +95,12 @@ def test_bench_command_cpu_smoke(tmp_path, capsys):
     # every (shape, dtype) of the reference set and every sweep point, for each method that ran
     cases = {(r["shape"], r["dtype"], r["sweep"]) for r in rows}
     want = {(s, d, "ref") for s in ("40x6x8", "17x3x5") for d in ("float32", "float64")}
-    want |= {("24x2x4", "float32", "m"), ("24x5x4", "float32", "m"), ("30x3x3", "float32", "n"),
-             ("30x3x6", "float32", "n")}
+    want |= {
+        ("24x2x4", "float32", "m"),
+        ("24x5x4", "float32", "m"),
+        ("30x3x3", "float32", "n"),
+        ("30x3x6", "float32", "n"),
+    }
     assert cases == want
     for r in rows:
         assert r["status"] == "ok", r
@@ -97,12 +119,22 @@ def test_bench_command_cpu_smoke(tmp_path, capsys):
     assert "gpu_orthol1[numpy]" in out and "| device | shape" in out
 
 
-
 def test_missing_peers_are_skipped_with_a_note(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
     monkeypatch.setitem(sys.modules, "jax", None)
-    rc, doc, rows, _ = _run(tmp_path, "--shapes", "20x3x4", "--sweep-m", "none", "--sweep-n", "none",
-                            "--dtypes", "float32", "--methods", "gpu_orthol1,torch,jax")
+    rc, doc, rows, _ = _run(
+        tmp_path,
+        "--shapes",
+        "20x3x4",
+        "--sweep-m",
+        "none",
+        "--sweep-n",
+        "none",
+        "--dtypes",
+        "float32",
+        "--methods",
+        "gpu_orthol1,torch,jax",
+    )
     err = capsys.readouterr().err
     assert rc == 0
     assert {r["method"] for r in rows} == {"gpu_orthol1[numpy]", "limit-blas"}
@@ -124,13 +156,23 @@ def test_wrong_method_is_reported_not_timed(tmp_path, monkeypatch):
             p.result = lambda r: (r[0], r[1] * 1.01)  # 1% off: must fail the float32 gradient check
             return p
 
-        wrong = base.Method("wrong-peer", "peer", "cpu", "numpy", "highest", prepare,
-                                      lambda: (True, ""))
+        wrong = base.Method("wrong-peer", "peer", "cpu", "numpy", "highest", prepare, lambda: (True, ""))
         return [*ms, wrong]
 
     monkeypatch.setattr(methods, "all_methods", with_a_wrong_one)
-    rc, _doc, rows, _ = _run(tmp_path, "--shapes", "30x4x6", "--sweep-m", "none", "--sweep-n", "none",
-                             "--dtypes", "float32", "--methods", "gpu_orthol1,wrong")
+    rc, _doc, rows, _ = _run(
+        tmp_path,
+        "--shapes",
+        "30x4x6",
+        "--sweep-m",
+        "none",
+        "--sweep-n",
+        "none",
+        "--dtypes",
+        "float32",
+        "--methods",
+        "gpu_orthol1,wrong",
+    )
     assert rc == 0  # a wrong peer is a finding, not a failure of the command
     w = [r for r in rows if r["method"] == "wrong-peer"]
     assert len(w) == 1 and w[0]["status"] == "wrong" and "gradient" in w[0]["note"]
@@ -141,8 +183,10 @@ def test_crossover_flops_picks_the_start_of_the_gpu_winning_tail():
     def rows(pairs):
         out = []
         for g, (t_np, t_cp) in pairs.items():
-            out += [{"status": "ok", "gflops": g, "backend": "numpy", "p50_ms": t_np},
-                    {"status": "ok", "gflops": g, "backend": "cupy", "p50_ms": t_cp}]
+            out += [
+                {"status": "ok", "gflops": g, "backend": "numpy", "p50_ms": t_np},
+                {"status": "ok", "gflops": g, "backend": "cupy", "p50_ms": t_cp},
+            ]
         return out
 
     # the GPU wins at 0.1 by noise, loses at 1, then wins from 10 on
@@ -152,6 +196,7 @@ def test_crossover_flops_picks_the_start_of_the_gpu_winning_tail():
 
 def _usage_error(capsys, monkeypatch, *argv) -> str:
     """Run `gpu-orthol1 bench ARGV`, which must stop with status 2 before measuring anything."""
+
     def no_run(self):
         raise AssertionError("the bench started measuring before reporting a usage error")
 
@@ -177,8 +222,9 @@ def test_unusable_outputs_are_found_before_the_bench_runs(tmp_path, capsys, monk
         msg = _usage_error(capsys, monkeypatch, "--device", "cpu", opt, str(missing / "r.out"))
         assert opt in msg and "does not exist" in msg
     assert "is a directory" in _usage_error(capsys, monkeypatch, "--device", "cpu", "--json", str(tmp_path))
-    assert "same file" in _usage_error(capsys, monkeypatch, "--device", "cpu", "--csv", str(tmp_path / "r"),
-                                       "--json", str(tmp_path / "r"))
+    assert "same file" in _usage_error(
+        capsys, monkeypatch, "--device", "cpu", "--csv", str(tmp_path / "r"), "--json", str(tmp_path / "r")
+    )
     assert ".xyz" in _usage_error(capsys, monkeypatch, "--device", "cpu", "--plot", str(tmp_path / "r.xyz"))
 
 
@@ -194,8 +240,21 @@ def test_usage_errors_leave_no_traceback(tmp_path):
     """The same through the console entry point, as a user sees it."""
     import subprocess
 
-    r = subprocess.run([sys.executable, "-m", "gpu_orthol1.cli", "bench", "--device", "cpu",
-                        "--csv", str(tmp_path / "missing" / "r.csv")], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpu_orthol1.cli",
+            "bench",
+            "--device",
+            "cpu",
+            "--csv",
+            str(tmp_path / "missing" / "r.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and "does not exist" in r.stderr.strip().splitlines()[-1]
     assert r.stdout == ""
@@ -203,12 +262,40 @@ def test_usage_errors_leave_no_traceback(tmp_path):
 
 # ---------------------------------------------------------------- flags for disturbed measurements
 
-def _row(method, family, p20, p50, p80, *, limit_ms=None, shape="64x8x16", dtype="float32", sweep="ref",
-         precision="highest", load="0.50 0.40 0.30", device="cpu"):
+
+def _row(
+    method,
+    family,
+    p20,
+    p50,
+    p80,
+    *,
+    limit_ms=None,
+    shape="64x8x16",
+    dtype="float32",
+    sweep="ref",
+    precision="highest",
+    load="0.50 0.40 0.30",
+    device="cpu",
+):
     r = {k: "" for k in base.RESULT_FIELDS}
-    r.update(method=method, family=family, device=device, device_name="Test CPU (2 CPUs)", precision=precision,
-             sweep=sweep, shape=shape, dtype=dtype, status="ok", runs=5, p20_ms=p20, p50_ms=p50, p80_ms=p80,
-             loadavg=load, timestamp="2026-01-01T00:00:00+00:00")
+    r.update(
+        method=method,
+        family=family,
+        device=device,
+        device_name="Test CPU (2 CPUs)",
+        precision=precision,
+        sweep=sweep,
+        shape=shape,
+        dtype=dtype,
+        status="ok",
+        runs=5,
+        p20_ms=p20,
+        p50_ms=p50,
+        p80_ms=p80,
+        loadavg=load,
+        timestamp="2026-01-01T00:00:00+00:00",
+    )
     if limit_ms:
         r.update(limit_blas_ms=limit_ms, ratio_blas=p50 / limit_ms, ratio_limit=p50 / limit_ms)
     return r
@@ -216,7 +303,9 @@ def _row(method, family, p20, p50, p80, *, limit_ms=None, shape="64x8x16", dtype
 
 def _case(ours_p50=10.0, limit=(9.8, 10.0, 10.2), peer=(19.0, 20.0, 21.0), **kw):
     lim = _row("limit-blas", "limit", *limit, limit_ms=limit[1], **kw)
-    ours = _row("gpu_orthol1[numpy]", "ours", ours_p50 * 0.99, ours_p50, ours_p50 * 1.01, limit_ms=limit[1], **kw)
+    ours = _row(
+        "gpu_orthol1[numpy]", "ours", ours_p50 * 0.99, ours_p50, ours_p50 * 1.01, limit_ms=limit[1], **kw
+    )
     pr = _row("torch-eager", "peer", *peer, limit_ms=limit[1], **kw)
     ours["ours_speedup"], pr["ours_speedup"] = 1.0, peer[1] / ours_p50
     return [ours, pr, lim]
@@ -231,7 +320,9 @@ def test_clean_rows_are_not_flagged():
     assert "?" not in md and "| 10.00 | 1.00 |" in md
 
 
-@pytest.mark.parametrize("ratio, flagged", [(0.74, True), (0.5, True), (0.39, True), (0.75, False), (1.03, False)])
+@pytest.mark.parametrize(
+    "ratio, flagged", [(0.74, True), (0.5, True), (0.39, True), (0.75, False), (1.03, False)]
+)
 def test_a_method_below_the_floor_flags_the_row(ratio, flagged):
     rows = flags.flag_rows(_case(ours_p50=10.0 * ratio), cpu_count=2)
     ours = rows[0]
@@ -301,25 +392,42 @@ def test_failed_rows_are_not_flagged():
 
 # ---------------------------------------------------------------- the CPU promise: slow points
 
-def _sweep_point(ours_ms, limit_ms=10.0, naive_ms=20.0, *, shape="512x1024x64", sweep="m", device="cpu",
-                 precision="highest"):
+
+def _sweep_point(
+    ours_ms,
+    limit_ms=10.0,
+    naive_ms=20.0,
+    *,
+    shape="512x1024x64",
+    sweep="m",
+    device="cpu",
+    precision="highest",
+):
     """gpu_orthol1, numpy-naive and the limit on one sweep point, as the runner leaves them."""
     kw = dict(shape=shape, sweep=sweep, device=device)
     lim = _row("limit-blas", "limit", limit_ms, limit_ms, limit_ms, limit_ms=limit_ms, **kw)
-    ours = _row("gpu_orthol1[numpy]", "ours", ours_ms, ours_ms, ours_ms, limit_ms=limit_ms, precision=precision,
-                **kw)
+    ours = _row(
+        "gpu_orthol1[numpy]", "ours", ours_ms, ours_ms, ours_ms, limit_ms=limit_ms, precision=precision, **kw
+    )
     naive = _row("numpy-naive", "peer", naive_ms, naive_ms, naive_ms, limit_ms=limit_ms, **kw)
     return [ours, naive, lim]
 
 
-@pytest.mark.parametrize("ours_ms, naive_ms, want", [
-    (10.0, 20.0, []),
-    (11.0, 20.0, []),  # 1.10x the limit exactly keeps the promise
-    (11.2, 20.0, ["1.12x the BLAS limit > 1.1"]),
-    (10.5, 10.0, ["slower than numpy-naive (10.5 > 10 ms)"]),
-    # the issue's (512, 1024, 64) point: 198 ms against a 154 ms limit, naive NumPy 168 ms
-    (198 / 154 * 10, 168 / 154 * 10, ["1.29x the BLAS limit > 1.1", "slower than numpy-naive (12.86 > 10.91 ms)"]),
-])
+@pytest.mark.parametrize(
+    "ours_ms, naive_ms, want",
+    [
+        (10.0, 20.0, []),
+        (11.0, 20.0, []),  # 1.10x the limit exactly keeps the promise
+        (11.2, 20.0, ["1.12x the BLAS limit > 1.1"]),
+        (10.5, 10.0, ["slower than numpy-naive (10.5 > 10 ms)"]),
+        # the issue's (512, 1024, 64) point: 198 ms against a 154 ms limit, naive NumPy 168 ms
+        (
+            198 / 154 * 10,
+            168 / 154 * 10,
+            ["1.29x the BLAS limit > 1.1", "slower than numpy-naive (12.86 > 10.91 ms)"],
+        ),
+    ],
+)
 def test_slow_points_are_marked(ours_ms, naive_ms, want):
     rows = flags.slow_rows(_sweep_point(ours_ms, naive_ms=naive_ms))
     assert flags.split_flags(rows[0]["slow"]) == want
@@ -333,7 +441,10 @@ def test_slow_is_the_cpu_promise_only():
     for kw in ({"device": "gpu"}, {"precision": "tf32"}):
         assert flags.slow_rows(_sweep_point(30.0, naive_ms=5.0, **kw))[0]["slow"] == ""
     # naive NumPy is compared on the same point only, never on another shape or sweep
-    rows = _sweep_point(10.0, naive_ms=20.0) + _sweep_point(10.0, naive_ms=5.0, shape="1024x16x32", sweep="n")[1:]
+    rows = (
+        _sweep_point(10.0, naive_ms=20.0)
+        + _sweep_point(10.0, naive_ms=5.0, shape="1024x16x32", sweep="n")[1:]
+    )
     assert flags.slow_rows(rows)[0]["slow"] == ""
     # without a naive row (--methods left it out) only the limit is checked
     ours, _naive, lim = _sweep_point(10.5, naive_ms=1.0)
@@ -346,8 +457,19 @@ def test_slow_is_the_cpu_promise_only():
 
 def test_slow_points_reach_the_json_and_csv(tmp_path):
     """The field is in every row the command writes (its value depends on the timings: not asserted)."""
-    rc, doc, rows, _ = _run(tmp_path, "--shapes", "20x3x4", "--sweep-m", "16x4:2", "--sweep-n", "16x2:3",
-                            "--dtypes", "float32", "--methods", "gpu_orthol1,numpy-naive")
+    rc, doc, rows, _ = _run(
+        tmp_path,
+        "--shapes",
+        "20x3x4",
+        "--sweep-m",
+        "16x4:2",
+        "--sweep-n",
+        "16x2:3",
+        "--dtypes",
+        "float32",
+        "--methods",
+        "gpu_orthol1,numpy-naive",
+    )
     assert rc == 0
     for r in [*rows, *doc["rows"]]:
         assert "slow" in r
@@ -360,14 +482,22 @@ def test_summarize_marks_flagged_values_and_lists_disturbed_runs(tmp_path):
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location(
-        "summarize", Path(__file__).resolve().parent.parent / "bench" / "summarize.py")
+        "summarize", Path(__file__).resolve().parent.parent / "bench" / "summarize.py"
+    )
     summarize = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(summarize)
 
     def doc(rows, **kw):
-        return {"command": "gpu-orthol1 bench --quick", "devices": {"cpu": "Test CPU (2 CPUs)"},
-                "versions": {"gpu_orthol1": "0"}, "host": "h", "loadavg_end": "0.5 0.5 0.5", "notes": [],
-                "rows": rows, **kw}
+        return {
+            "command": "gpu-orthol1 bench --quick",
+            "devices": {"cpu": "Test CPU (2 CPUs)"},
+            "versions": {"gpu_orthol1": "0"},
+            "host": "h",
+            "loadavg_end": "0.5 0.5 0.5",
+            "notes": [],
+            "rows": rows,
+            **kw,
+        }
 
     clean = _case(shape="64x8x16")
     below = _case(ours_p50=3.9, shape="128x8x16")
@@ -390,15 +520,38 @@ def test_summarize_marks_flagged_values_and_lists_disturbed_runs(tmp_path):
 def test_bench_command_gpu_smoke(tmp_path):
     """The GPU half on tiny shapes (torch.compile left out: its compile time belongs to the bench step)."""
     csv_p = tmp_path / "g.csv"
-    rc = command.main(["--device", "gpu", "--no-progress", "--quick", "--csv", str(csv_p), "--shapes", "40x6x8",
-                     "--dtypes", "float32,float16", "--sweep-m", "24x4:2,5", "--sweep-n", "none",
-                     "--methods", "gpu_orthol1,cupy-naive,torch-eager,jax-jit"])
+    rc = command.main(
+        [
+            "--device",
+            "gpu",
+            "--no-progress",
+            "--quick",
+            "--csv",
+            str(csv_p),
+            "--shapes",
+            "40x6x8",
+            "--dtypes",
+            "float32,float16",
+            "--sweep-m",
+            "24x4:2,5",
+            "--sweep-n",
+            "none",
+            "--methods",
+            "gpu_orthol1,cupy-naive,torch-eager,jax-jit",
+        ]
+    )
     assert rc == 0
     with open(csv_p) as f:
         rows = list(csv.DictReader(f))
     have = {r["method"] for r in rows}
-    assert {"gpu_orthol1[cupy]", "gpu_orthol1[cupy,tf32]", "cupy-naive", "limit-cublas",
-            "auto-crossover[numpy]", "auto-crossover[cupy]"} <= have
+    assert {
+        "gpu_orthol1[cupy]",
+        "gpu_orthol1[cupy,tf32]",
+        "cupy-naive",
+        "limit-cublas",
+        "auto-crossover[numpy]",
+        "auto-crossover[cupy]",
+    } <= have
     for r in rows:
         assert r["status"] == "ok", r
         assert float(r["p50_ms"]) > 0
@@ -415,7 +568,7 @@ PERFORMANCE = "docs/performance.md"
 def _readme_table(starts_with: str, doc: str = PERFORMANCE) -> list[list[str]]:
     """The body rows of the first Markdown table after the paragraph of `doc` that starts with `starts_with`."""
     text = (ROOT / doc).read_text()
-    after = text[text.index(starts_with):]
+    after = text[text.index(starts_with) :]
     rows = []
     for line in after.splitlines():
         if line.startswith("|"):
@@ -429,7 +582,7 @@ def _printed(cell: str, value: float):
     """A README number equals the file's value to the digits printed."""
     num = cell.rstrip("x")
     decimals = len(num.split(".")[1]) if "." in num else 0
-    assert abs(float(num) - value) <= 0.5 * 10 ** -decimals + 1e-12, (cell, value)
+    assert abs(float(num) - value) <= 0.5 * 10**-decimals + 1e-12, (cell, value)
 
 
 def _shape(cell: str) -> str:
@@ -446,8 +599,17 @@ def _check_cells(cells, cols, h, rows):
     for cell, col in zip(cells, cols, strict=True):
         if col.startswith("limit:") or col.startswith("method:"):  # a single row's median
             name = col.split(":", 1)[1]
-            r = next((r for r in rows if r["sweep"] == "ref" and r["shape"] == h["shape"]
-                      and r["dtype"] == h["dtype"] and r["method"] == name), None)
+            r = next(
+                (
+                    r
+                    for r in rows
+                    if r["sweep"] == "ref"
+                    and r["shape"] == h["shape"]
+                    and r["dtype"] == h["dtype"]
+                    and r["method"] == name
+                ),
+                None,
+            )
             flagged, value = (False, "") if r is None else (bool(flags.own_flags(r["flags"])), r["p50_ms"])
         else:
             flagged, value = col in h["flags"], h[col]
@@ -462,8 +624,16 @@ def _check_cells(cells, cols, h, rows):
 
 def test_readme_gpu_table_is_one_unflagged_run():
     rows, hl = _published("bench/results/gpu-h200-fused-quick.json")
-    cols = ["ms", "limit:limit-cublas", "x_limit", "tf32_ms", "limit:limit-cublas-tf32", "torch-eager",
-            "torch-compile", "jax-jit"]
+    cols = [
+        "ms",
+        "limit:limit-cublas",
+        "x_limit",
+        "tf32_ms",
+        "limit:limit-cublas-tf32",
+        "torch-eager",
+        "torch-compile",
+        "jax-jit",
+    ]
     table = _readme_table("**GPU: NVIDIA H200**")
     assert len(table) == 3
     for cells in table:
@@ -486,7 +656,9 @@ def test_readme_gpu_per_call_tables_are_their_file():
         kind = cells[0].split(", ")[1]
         prec, dt = ("tf32", "float32") if kind == "tf32" else ("highest", kind)
         shape = [int(x) for x in _shape(cells[0]).split("x")]
-        r = next(r for r in doc["shapes"] if r["shape"] == shape and r["dtype"] == dt and r["precision"] == prec)
+        r = next(
+            r for r in doc["shapes"] if r["shape"] == shape and r["dtype"] == dt and r["precision"] == prec
+        )
         _printed(cells[1], r["limit_cublas_ms"])
         for col, key in ((2, "gemm"), (3, "fused"), (5, "fused_graph")):
             if cells[col] in ("", "-"):
@@ -522,8 +694,10 @@ def test_readme_cpu_core_table_is_its_file():
     assert len(table) == 3
     for cells in table:
         shape = [int(x) for x in _shape(cells[0]).split("x")]
-        ours, naive = (next(r for r in doc["rows"] if r["shape"] == shape and r["method"] == m)
-                       for m in ("gpu_orthol1", "naive_numpy"))
+        ours, naive = (
+            next(r for r in doc["rows"] if r["shape"] == shape and r["method"] == m)
+            for m in ("gpu_orthol1", "naive_numpy")
+        )
         for r in (ours, naive):  # what flag_rows would say of them: no spread, not below the floor
             assert r["p80_ms"] / r["p20_ms"] <= flags.SPREAD_MAX and r["ratio_to_limit"] >= flags.FLOOR_RATIO
         _printed(cells[1], ours["p50_ms"])
@@ -539,11 +713,16 @@ def test_cpu_intel_core_table_is_its_file():
     assert len(table) == 3
     for cells in table:
         shape = [int(x) for x in _shape(cells[0]).split("x")]
-        ours, naive = (next(r for r in doc["rows"] if r["shape"] == shape and r["method"] == m)
-                       for m in ("gpu_orthol1", "naive_numpy"))
+        ours, naive = (
+            next(r for r in doc["rows"] if r["shape"] == shape and r["method"] == m)
+            for m in ("gpu_orthol1", "naive_numpy")
+        )
         _printed(cells[2], ours["limit_ms"])
-        for cell, r, key in ((cells[1], ours, "p50_ms"), (cells[3], ours, "ratio_to_limit"),
-                             (cells[4], naive, "ratio_to_limit")):
+        for cell, r, key in (
+            (cells[1], ours, "p50_ms"),
+            (cells[3], ours, "ratio_to_limit"),
+            (cells[4], naive, "ratio_to_limit"),
+        ):
             flagged = r["p80_ms"] / r["p20_ms"] > flags.SPREAD_MAX or r["ratio_to_limit"] < flags.FLOOR_RATIO
             if cell == "flagged":
                 assert flagged, (cells[0], key)
@@ -598,8 +777,11 @@ def test_readme_torch_figure_is_its_file():
 
 
 def test_no_published_figure_comes_from_a_disturbed_run():
-    readme = (ROOT / "README.md").read_text() + (ROOT / PERFORMANCE).read_text() + (
-        ROOT / "bench/results/README.md").read_text().split("## Disturbed runs")[0]
+    readme = (
+        (ROOT / "README.md").read_text()
+        + (ROOT / PERFORMANCE).read_text()
+        + (ROOT / "bench/results/README.md").read_text().split("## Disturbed runs")[0]
+    )
     for p in (ROOT / "bench/results/disturbed").glob("*.json"):
         assert not (ROOT / "bench/results" / p.name).exists()
         assert f"results/{p.name}" not in readme and f"`{p.stem}`" not in readme.replace("`cpu-quick`", "")

@@ -20,8 +20,20 @@ from .reference import check, random_phi
 def test_run_on_file_writes_the_gradient(tmp_path, rng, capsys):
     phi = random_phi(rng, (9, 4, 5), np.float64)
     np.save(tmp_path / "phi.npy", phi)
-    rc = cli.main(["run", str(tmp_path / "phi.npy"), "--beta", "0.25", "--backend", "numpy",
-                   "--grad-out", str(tmp_path / "g.npy"), "--repeat", "1"])
+    rc = cli.main(
+        [
+            "run",
+            str(tmp_path / "phi.npy"),
+            "--beta",
+            "0.25",
+            "--backend",
+            "numpy",
+            "--grad-out",
+            str(tmp_path / "g.npy"),
+            "--repeat",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     loss = float(re.search(r"^loss\s+(\S+)", out, re.M).group(1))
@@ -51,14 +63,18 @@ def test_info_lists_both_backends(capsys):
 
 
 def test_info_says_unusable_and_why_when_cupy_is_installed_but_cannot_run(capsys, monkeypatch):
-    why = ("cupy is installed but finds no usable CUDA driver or device: cudaErrorInsufficientDriver: "
-           "CUDA driver version is insufficient\n  for CUDA runtime version")
+    why = (
+        "cupy is installed but finds no usable CUDA driver or device: cudaErrorInsufficientDriver: "
+        "CUDA driver version is insufficient\n  for CUDA runtime version"
+    )
     monkeypatch.setattr(ol1, "available_backends", lambda: BackendList(["numpy"], {"cupy": why}))
     monkeypatch.setattr(cli, "_installed", lambda module: True)
     assert cli.main(["info"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.split()[:1] == ["cupy"])
     assert line.split()[1] == "unusable"
-    assert line.endswith("cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version")
+    assert line.endswith(
+        "cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version"
+    )
     monkeypatch.setattr(cli, "_installed", lambda module: False)
     assert cli.main(["info"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.split()[:1] == ["cupy"])
@@ -70,13 +86,18 @@ def test_run_help_explains_axis_and_beta_with_their_defaults(capsys):
         cli.main(["run", "--help"])
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps at the terminal width
-    text = text[text.rindex("--shape SHAPE"):]  # the option list, after the usage line
-    axis = text[text.index("--axis AXIS"):text.index("--beta BETA")]
-    beta = text[text.index("--beta BETA"):text.index("--dtype")]
-    assert "axis" in axis[len("--axis AXIS"):] and "(default: 1)" in axis
+    text = text[text.rindex("--shape SHAPE") :]  # the option list, after the usage line
+    axis = text[text.index("--axis AXIS") : text.index("--beta BETA")]
+    beta = text[text.index("--beta BETA") : text.index("--dtype")]
+    assert "axis" in axis[len("--axis AXIS") :] and "(default: 1)" in axis
     assert "weight" in beta and "(default: 0.001)" in beta
-    for opt, default in (("--backend", "auto"), ("--precision", "highest"), ("--repeat", "3"), ("--seed", "0")):
-        assert f"(default: {default}" in text[text.index(opt + " "):], opt
+    for opt, default in (
+        ("--backend", "auto"),
+        ("--precision", "highest"),
+        ("--repeat", "3"),
+        ("--seed", "0"),
+    ):
+        assert f"(default: {default}" in text[text.index(opt + " ") :], opt
 
 
 def test_shapes_take_both_separators_in_run_and_bench(capsys):
@@ -105,18 +126,28 @@ def test_bad_input_exits_2_with_message(tmp_path, capsys):
 
 
 def test_console_script_is_installed():
-    r = subprocess.run([sys.executable, "-m", "gpu_orthol1.cli", "run", "--shape", "5,2,3", "--repeat", "0"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "gpu_orthol1.cli", "run", "--shape", "5,2,3", "--repeat", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "loss" in r.stdout
 
 
 # ---------------------------------------------------------------- user mistakes: one line, exit status 2
 
+
 def _cli(*args, cwd=None):
     """`gpu-orthol1 ARGS` as a user runs it: (exit status, stderr, stdout)."""
-    r = subprocess.run([sys.executable, "-m", "gpu_orthol1.cli", *map(str, args)], capture_output=True,
-                       text=True, timeout=120, cwd=cwd)
+    r = subprocess.run(
+        [sys.executable, "-m", "gpu_orthol1.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+    )
     return r.returncode, r.stderr, r.stdout
 
 
@@ -127,7 +158,7 @@ def _one_line_error(*args, cwd=None) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpu-orthol1: error: "), err
     assert out == ""  # nothing was computed or reported as done
-    return lines[0][len("gpu-orthol1: error: "):]
+    return lines[0][len("gpu-orthol1: error: ") :]
 
 
 def _api_message(phi, **kw) -> str:
@@ -143,9 +174,12 @@ def test_axis_out_of_range_is_the_api_message(tmp_path):
     assert want == "axis 5 is out of range for a 3-D phi"
     assert _one_line_error("run", "--axis", "5") == want
     assert _one_line_error("run", "--shape", "3,4,5", "--axis", "-4") == _api_message(
-        np.zeros((2, 3, 4), np.float32), axis=-4)
+        np.zeros((2, 3, 4), np.float32), axis=-4
+    )
     np.save(tmp_path / "phi.npy", np.zeros((4, 3, 2)))
-    assert _one_line_error("run", tmp_path / "phi.npy", "--axis", "3") == "axis 3 is out of range for a 3-D phi"
+    assert (
+        _one_line_error("run", tmp_path / "phi.npy", "--axis", "3") == "axis 3 is out of range for a 3-D phi"
+    )
 
 
 def test_files_that_hold_the_wrong_thing_say_what_they_hold(tmp_path):
@@ -160,7 +194,9 @@ def test_files_that_hold_the_wrong_thing_say_what_they_hold(tmp_path):
     (tmp_path / "cut.npy").write_bytes(good.read_bytes()[:200])
 
     msg = _one_line_error("run", tmp_path / "one.npy")
-    assert "holds a 1-D float64 array of shape (5,)" in msg and "expected a 2-D (l, n) or 3-D (l, m, n)" in msg
+    assert (
+        "holds a 1-D float64 array of shape (5,)" in msg and "expected a 2-D (l, n) or 3-D (l, m, n)" in msg
+    )
     msg = _one_line_error("run", tmp_path / "four.npy")
     assert "holds a 4-D float32 array of shape (2, 2, 2, 2)" in msg and "expected a 2-D" in msg
     msg = _one_line_error("run", tmp_path / "two.npz")
@@ -179,14 +215,17 @@ def test_files_that_hold_the_wrong_thing_say_what_they_hold(tmp_path):
 
 def test_dtype_converts_a_file_it_can(tmp_path):
     np.save(tmp_path / "ints.npy", np.arange(24).reshape(2, 3, 4))
-    rc, err, out = _cli("run", tmp_path / "ints.npy", "--dtype", "float64", "--repeat", "0", "--backend", "numpy")
+    rc, err, out = _cli(
+        "run", tmp_path / "ints.npy", "--dtype", "float64", "--repeat", "0", "--backend", "numpy"
+    )
     assert rc == 0, err
     assert "dtype float64" in out
 
 
 def test_grad_out_names_the_file_it_wrote(tmp_path):
-    rc, err, out = _cli("run", "--shape", "5,2,3", "--repeat", "0", "--backend", "numpy", "--grad-out", "gout",
-                        cwd=tmp_path)
+    rc, err, out = _cli(
+        "run", "--shape", "5,2,3", "--repeat", "0", "--backend", "numpy", "--grad-out", "gout", cwd=tmp_path
+    )
     assert rc == 0, err
     assert "gradient  written to gout.npy" in out
     assert (tmp_path / "gout.npy").exists() and not (tmp_path / "gout").exists()

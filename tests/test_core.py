@@ -67,8 +67,11 @@ def test_matches_reference_all_layouts(kind, dtype, case, rng):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ol1.CopyWarning)
             loss, grad = run(kind, phi, beta, axis=ax)
-        assert type(loss) is type(phi) and loss.shape == () and loss.dtype == (
-            np.float64 if dtype == np.float64 else np.float32)
+        assert (
+            type(loss) is type(phi)
+            and loss.shape == ()
+            and loss.dtype == (np.float64 if dtype == np.float64 else np.float32)
+        )
         assert type(grad) is type(phi) and grad.shape == phi.shape and grad.dtype == phi.dtype
         compared.append(check(before, host(loss), host(grad), beta, ax, "sum", dtype))
         np.testing.assert_array_equal(host(phi), before)  # input untouched
@@ -125,8 +128,12 @@ def test_chunked_equals_unchunked(kind, dtype, rng):
         got = run(kind, phi, 0.9, reduction="none", workspace_bytes=budget)
         # each slice is reduced on its own, so chunking cannot change a per-slice loss
         np.testing.assert_array_equal(host(got[0]), host(ref[0]))
-        np.testing.assert_allclose(host(got[1]).astype(np.float64), host(ref[1]).astype(np.float64),
-                                   rtol=1e-3 if dtype == np.float16 else 1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            host(got[1]).astype(np.float64),
+            host(ref[1]).astype(np.float64),
+            rtol=1e-3 if dtype == np.float16 else 1e-6,
+            atol=1e-6,
+        )
         check(host(phi), host(got[0]), host(got[1]), 0.9, 1, "none", dtype)
 
 
@@ -141,7 +148,9 @@ def test_repeated_calls_bit_identical(kind, rng):
         assert host(a[1]).tobytes() == host(b[1]).tobytes()
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # NumPy's, on NaN input
+@pytest.mark.filterwarnings(
+    "ignore:invalid value encountered in matmul:RuntimeWarning"
+)  # NumPy's, on NaN input
 @pytest.mark.parametrize("kind", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_nonfinite_gives_nan_in_that_slice_only(kind, dtype, rng):
@@ -165,8 +174,10 @@ def test_nonfinite_gives_nan_in_that_slice_only(kind, dtype, rng):
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
-@pytest.mark.parametrize("shape,axis", [((4, 0, 3), 1), ((0, 3, 4), 1), ((4, 3, 0), 1), ((0, 5), None),
-                                        ((5, 0), None), ((3, 4, 0), 0)])
+@pytest.mark.parametrize(
+    "shape,axis",
+    [((4, 0, 3), 1), ((0, 3, 4), 1), ((4, 3, 0), 1), ((0, 5), None), ((5, 0), None), ((3, 4, 0), 0)],
+)
 def test_empty_dims(kind, shape, axis, rng):
     xp = _xp(kind)
     phi = xp.asarray(rng.standard_normal(shape).astype(np.float32))

@@ -45,20 +45,33 @@ def group_run(request, tmp_path_factory):
     print(f"distributed test seed = {seed} (world {world})")
     out = tmp_path_factory.mktemp(f"dist{world}")
     t0 = time.monotonic()
-    ctx = mp.start_processes(_dist_workers.main, args=(world, str(out / "store"), seed, str(out)),
-                             nprocs=world, join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _dist_workers.main,
+        args=(world, str(out / "store"), seed, str(out)),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
+
     def progress():
-        return {r: (out / f"rank{r}.progress").read_text().splitlines()[-1:]
-                for r in range(world) if (out / f"rank{r}.progress").exists()}
+        return {
+            r: (out / f"rank{r}.progress").read_text().splitlines()[-1:]
+            for r in range(world)
+            if (out / f"rank{r}.progress").exists()
+        }
 
     try:
         while not ctx.join(timeout=2):
             if time.monotonic() - t0 > GROUP_TIMEOUT_S:
-                pytest.fail(f"the {world}-rank group did not finish in {GROUP_TIMEOUT_S} s (seed {seed}); "
-                            f"last case per rank: {progress()}")
+                pytest.fail(
+                    f"the {world}-rank group did not finish in {GROUP_TIMEOUT_S} s (seed {seed}); "
+                    f"last case per rank: {progress()}"
+                )
     except ProcessException as e:  # a rank died (crash, signal): say where each rank was
-        pytest.fail(f"the {world}-rank group failed (seed {seed}): {e}; last case per rank: {progress()} "
-                    "(the ranks' stderr is in this test's captured output)")
+        pytest.fail(
+            f"the {world}-rank group failed (seed {seed}): {e}; last case per rank: {progress()} "
+            "(the ranks' stderr is in this test's captured output)"
+        )
     finally:
         _kill(ctx)
     res = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
@@ -81,8 +94,10 @@ def _failures(run, cat):
 
 def _assert_clean(run, cat):
     bad = _failures(run, cat)
-    assert not bad, (f"{len(bad)} {cat} case(s) failed with {run['world']} ranks (seed {run['seed']}):\n"
-                     + "\n".join(f"  {k}: {v}" for k, v in sorted(bad.items())))
+    assert not bad, (
+        f"{len(bad)} {cat} case(s) failed with {run['world']} ranks (seed {run['seed']}):\n"
+        + "\n".join(f"  {k}: {v}" for k, v in sorted(bad.items()))
+    )
 
 
 def test_functional_matches_single_process(group_run):
@@ -107,7 +122,9 @@ def test_row_split_sends_grams_not_phi(group_run):
     l, m, n = 64, 6, 16
     for name in ("l", "l-chunked"):
         gathered = [c for c in counts[name] if c[0] == "all_gather"]
-        assert [c[1] for c in gathered] == [_meta._NFIELDS], f"{name}: only the metadata is gathered: {gathered}"
+        assert [c[1] for c in gathered] == [_meta._NFIELDS], (
+            f"{name}: only the metadata is gathered: {gathered}"
+        )
         reduced = sum(c[1] for c in counts[name] if c[0] == "all_reduce")
         assert reduced == m * (n // 2 + 1) * n < m * n * n < l * m * n
     # the row and slice splits send the same on every rank (a column split's blocks follow the shard sizes)
@@ -121,14 +138,23 @@ def test_bad_input_raises_the_same_error_on_every_rank(group_run):
     _assert_clean(group_run, "errors")
     per_rank = [r["errors"] for r in group_run["ranks"]]
     expect = {
-        "shape": "do not form one tensor", "shard_dim_all": "shard_dim 3 is out of range",
-        "shard_dim_one": "shard_dim 5 is out of range", "axis_one": "axis 7 is out of range",
-        "dtype": "disagree on the shards' dtype", "device": "device other than cpu or cuda",
-        "ndim": "disagree on the number of dims", "not_tensor": "not a torch.Tensor",
-        "reduction": "disagree on reduction", "reduction_bad": "reduction must be one of",
-        "beta": "disagree on beta", "beta_nan": "beta must be a finite", "int_dtype": "dtype is not float16",
-        "workspace": "could not plan", "dtensor": "is a DTensor",
-        "penalty": "disagree on the penalty", "penalty_bad": "penalty must be",
+        "shape": "do not form one tensor",
+        "shard_dim_all": "shard_dim 3 is out of range",
+        "shard_dim_one": "shard_dim 5 is out of range",
+        "axis_one": "axis 7 is out of range",
+        "dtype": "disagree on the shards' dtype",
+        "device": "device other than cpu or cuda",
+        "ndim": "disagree on the number of dims",
+        "not_tensor": "not a torch.Tensor",
+        "reduction": "disagree on reduction",
+        "reduction_bad": "reduction must be one of",
+        "beta": "disagree on beta",
+        "beta_nan": "beta must be a finite",
+        "int_dtype": "dtype is not float16",
+        "workspace": "could not plan",
+        "dtensor": "is a DTensor",
+        "penalty": "disagree on the penalty",
+        "penalty_bad": "penalty must be",
     }
     assert set(per_rank[0]) == set(expect)
     for name, words in expect.items():
@@ -160,7 +186,7 @@ def test_gram_packing_round_trip(n, rng):
 
 def _row(**kw):
     row = [0] * _meta._NFIELDS
-    row[_meta._F_NDIM], row[_meta._F_S0:_meta._F_S0 + 3] = 3, [4, 3, 5]
+    row[_meta._F_NDIM], row[_meta._F_S0 : _meta._F_S0 + 3] = 3, [4, 3, 5]
     row[_meta._F_DTYPE], row[_meta._F_DEVICE] = 2, 0
     for k, v in kw.items():
         row[getattr(_meta, "_F_" + k)] = v
@@ -201,9 +227,26 @@ def test_bench_distributed_smoke(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "bd"
-    proc = subprocess.run([sys.executable, str(root / "bench" / "bench_distributed.py"), "--ranks", "2",
-                           "--layers", "1", "--d-model", "16", "--steps", "1", "--out", str(out)],
-                          cwd=root, capture_output=True, text=True, timeout=GROUP_TIMEOUT_S)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(root / "bench" / "bench_distributed.py"),
+            "--ranks",
+            "2",
+            "--layers",
+            "1",
+            "--d-model",
+            "16",
+            "--steps",
+            "1",
+            "--out",
+            str(out),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=GROUP_TIMEOUT_S,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.with_suffix(".json").read_text())
     (res,) = doc["results"]
@@ -215,9 +258,19 @@ def test_bench_distributed_smoke(tmp_path):
     assert out.with_suffix(".md").read_text().startswith("# gpu_orthol1.distributed")
 
 
-@pytest.mark.parametrize("fn", [odist.loss_and_grad, odist.loss, odist.dtensor_ortho_l1, odist.orthol1_dtensor_execute,
-                                odist.orthol1_dtensor_loss, odist.orthol1_dtensor_add_grad_,
-                                odist.orthol1_dtensor_step_], ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "fn",
+    [
+        odist.loss_and_grad,
+        odist.loss,
+        odist.dtensor_ortho_l1,
+        odist.orthol1_dtensor_execute,
+        odist.orthol1_dtensor_loss,
+        odist.orthol1_dtensor_add_grad_,
+        odist.orthol1_dtensor_step_,
+    ],
+    ids=lambda f: f.__name__,
+)
 def test_public_api_fully_annotated(fn):
     import inspect
 

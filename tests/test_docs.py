@@ -41,7 +41,7 @@ def _blocks(doc: str) -> list[tuple[int, str, str | None]]:
         if lang == "python":
             prev = next((lines[j].strip() for j in range(start - 1, -1, -1) if lines[j].strip()), "")
             skip = _SKIP.match(prev)
-            out.append((start + 1, "\n".join(lines[start + 1:i]), skip.group(1) if skip else None))
+            out.append((start + 1, "\n".join(lines[start + 1 : i]), skip.group(1) if skip else None))
         i += 1
     return out
 
@@ -64,8 +64,9 @@ def test_code_block_runs(doc, line, code, tmp_path):
         pytest.importorskip("torch")
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_ORTHOL1_")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, f"{doc}:{line} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
 
 
@@ -92,9 +93,23 @@ def test_readme_is_short():
 
 
 def test_mkdocs_build_strict(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file",
-                        str(ROOT / "mkdocs.yml"), "--site-dir", str(tmp_path / "site")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--config-file",
+            str(ROOT / "mkdocs.yml"),
+            "--site-dir",
+            str(tmp_path / "site"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     for name in ("loss_and_grad", "OrthoL1", "ortho_l1"):  # the reference really was generated

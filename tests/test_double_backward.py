@@ -23,8 +23,14 @@ from .test_penalties import VARIANTS, _vid, naive_slices  # noqa: E402
 
 REDUCTIONS = ("sum", "mean", "none")
 # (shape, axis, mode): 2-D in every mode, 3-D stacked along each axis
-LAYOUTS = [((3, 4), 1, None), ((3, 4), 1, "rows"), ((4, 3), 1, "auto"), ((2, 3, 4), 0, "rows"),
-           ((3, 2, 4), 1, "columns"), ((4, 3, 2), 2, "auto")]
+LAYOUTS = [
+    ((3, 4), 1, None),
+    ((3, 4), 1, "rows"),
+    ((4, 3), 1, "auto"),
+    ((2, 3, 4), 0, "rows"),
+    ((3, 2, 4), 1, "columns"),
+    ((4, 3, 2), 2, "auto"),
+]
 # some of these layouts are staged through a copy (the core says so); not what is tested here
 pytestmark = pytest.mark.filterwarnings("ignore::gpu_orthol1._driver.CopyWarning")
 
@@ -89,14 +95,16 @@ def test_second_order_matches_naive_autograd(variant, tseed):
 
         def second(loss_fn, w0=w0):
             w = w0.clone().requires_grad_(True)
-            (g,) = torch.autograd.grad(loss_fn(w) + (w ** 3).sum(), w, create_graph=True)
-            (g ** 2).sum().backward()
+            (g,) = torch.autograd.grad(loss_fn(w) + (w**3).sum(), w, create_graph=True)
+            (g**2).sum().backward()
             return g.detach(), w.grad
 
         g_got, got = second(
-            lambda x, axis=axis, mode=mode: ortho_l1(x, beta, axis=axis, mode=mode, **variant))
+            lambda x, axis=axis, mode=mode: ortho_l1(x, beta, axis=axis, mode=mode, **variant)
+        )
         g_want, want = second(
-            lambda x, axis=axis, mode=mode: naive_slices(_slices(x, axis, mode), beta, **variant).sum())
+            lambda x, axis=axis, mode=mode: naive_slices(_slices(x, axis, mode), beta, **variant).sum()
+        )
         torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
@@ -110,12 +118,13 @@ def test_issue_example_exact():
             break
 
     def second(loss_fn, w):
-        (g,) = torch.autograd.grad(loss_fn(w) + (w ** 3).sum(), w, create_graph=True)
-        (g ** 2).sum().backward()
+        (g,) = torch.autograd.grad(loss_fn(w) + (w**3).sum(), w, create_graph=True)
+        (g**2).sum().backward()
         return w.grad
 
-    want = second(lambda x: 0.1 * (x.T @ x - torch.eye(2, dtype=x.dtype)).abs().sum(),
-                  w0.clone().requires_grad_(True))
+    want = second(
+        lambda x: 0.1 * (x.T @ x - torch.eye(2, dtype=x.dtype)).abs().sum(), w0.clone().requires_grad_(True)
+    )
     got = second(lambda x: ortho_l1(x, 0.1), w0.clone().requires_grad_(True))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     p = torch.nn.Parameter(w0.clone())
@@ -154,8 +163,9 @@ def test_presets_gradgradcheck(tseed):
     keras_v = dict(penalty="l1", diagonal=False, normalize=True)
     for mode in ("rows", "columns"):
         w = stable_input(tseed, (4, 3), keras_v, 1, mode)
-        assert torch.autograd.gradgradcheck(lambda x, mode=mode: keras_orthogonal(x, 0.5, mode), (w,),
-                                            eps=1e-6, atol=1e-7)
+        assert torch.autograd.gradgradcheck(
+            lambda x, mode=mode: keras_orthogonal(x, 0.5, mode), (w,), eps=1e-6, atol=1e-7
+        )
     for shape in ((3, 5), (3, 2, 2)):
         w = torch.from_numpy(tseed.standard_normal(shape)).requires_grad_(True)
         assert torch.autograd.gradgradcheck(lambda x: biggan_ortho(x, 0.3), (w,), eps=1e-6, atol=1e-7)
@@ -188,11 +198,13 @@ def test_compiled_double_backward_raises(tseed):
     w = torch.from_numpy(tseed.standard_normal((4, 3))).requires_grad_(True)
     model = torch.nn.Linear(3, 4).double()
     reg = OrthoL1(model, 0.1)
-    for f, x in ((torch.compile(lambda x: ortho_l1(x, 0.1), backend="aot_eager", fullgraph=True), w),
-                 (torch.compile(lambda x: reg.loss(), backend="aot_eager", fullgraph=True), model.weight)):
+    for f, x in (
+        (torch.compile(lambda x: ortho_l1(x, 0.1), backend="aot_eager", fullgraph=True), w),
+        (torch.compile(lambda x: reg.loss(), backend="aot_eager", fullgraph=True), model.weight),
+    ):
         (g,) = torch.autograd.grad(f(x), x, create_graph=True)
         with pytest.raises(RuntimeError, match="double backward"):
-            (g ** 2).sum().backward()
+            (g**2).sum().backward()
 
 
 def test_first_order_unchanged_and_no_graph_kept(tseed):

@@ -114,6 +114,7 @@ def _env(var, value, **kw):
     def build(w, mp):
         mp.setenv(var, value)
         return w.phi, (), kw
+
     return build
 
 
@@ -121,6 +122,7 @@ def _out(make):
     def build(w, mp):
         out = w.watch(make(w))  # first: make may replace w.phi
         return w.phi, (), {"out": out}
+
     return build
 
 
@@ -281,8 +283,12 @@ def test_row(rid, rng, monkeypatch):
         import cupy as xp
     else:
         xp = np
-    exc_type = {"TypeError": TypeError, "ValueError": ValueError, "MemoryError": MemoryError,
-                "BackendUnavailableError": ol1.BackendUnavailableError}[exc_name]
+    exc_type = {
+        "TypeError": TypeError,
+        "ValueError": ValueError,
+        "MemoryError": MemoryError,
+        "BackendUnavailableError": ol1.BackendUnavailableError,
+    }[exc_name]
     for entry in entries:
         w = World(xp, rng)
         with monkeypatch.context() as mp:
@@ -292,7 +298,8 @@ def test_row(rid, rng, monkeypatch):
             with pytest.raises(exc_type) as info:
                 _call(entry, phi, *args, **kw)
         assert type(info.value) is exc_type or exc_type is MemoryError, (
-            f"{entry}: raised {type(info.value).__name__}, the table says {exc_name}")
+            f"{entry}: raised {type(info.value).__name__}, the table says {exc_name}"
+        )
         assert fragment in str(info.value), f"{entry}: message {str(info.value)!r} lacks {fragment!r}"
         w.assert_untouched()
 
@@ -311,21 +318,29 @@ def test_accepted_not_rows(rng):
     ol1.grad(phi, out=out, accumulate=np.bool_(True))
     np.testing.assert_array_equal(out, ol1.grad(phi))
     assert float(ol1.loss(phi, diagonal=np.bool_(False), normalize=np.bool_(True))) == float(
-        ol1.loss(phi, diagonal=False, normalize=True))
+        ol1.loss(phi, diagonal=False, normalize=True)
+    )
     ro = phi.copy()
     ro.flags.writeable = False
     assert float(ol1.loss(ro, 0.5)) == float(ref)
     assert float(ol1.loss(phi.view(np.memmap), 0.5)) == float(ref)
 
 
-@pytest.mark.parametrize("beta", [np.float32(-0.5), np.array(-0.5), -0.5 + 0 * np.ones(()), -1, -(10**400)],
-                         ids=["np-float32", "0d-array", "np-float64", "int", "huge-negative-int"])
+@pytest.mark.parametrize(
+    "beta",
+    [np.float32(-0.5), np.array(-0.5), -0.5 + 0 * np.ones(()), -1, -(10**400)],
+    ids=["np-float32", "0d-array", "np-float64", "int", "huge-negative-int"],
+)
 def test_negative_beta_of_every_accepted_kind_and_in_plans(beta, rng):
     """The beta-negative rows for the other kinds of beta the 'accepted' paragraph lists, and for
     plan() (which checks beta when made)."""
     phi = rng.standard_normal((5, 4, 3)).astype(np.float32)
-    for call in (lambda: ol1.loss(phi, beta), lambda: ol1.grad(phi, beta),
-                 lambda: ol1.loss_and_grad(phi, beta), lambda: ol1.plan(phi, beta)):
+    for call in (
+        lambda: ol1.loss(phi, beta),
+        lambda: ol1.grad(phi, beta),
+        lambda: ol1.loss_and_grad(phi, beta),
+        lambda: ol1.plan(phi, beta),
+    ):
         with pytest.raises(ValueError, match="beta must be"):
             call()
     from fractions import Fraction

@@ -54,11 +54,19 @@ def _launch(cfg, grid, block, phi_v, out_v, losses, loss_offset, alpha, accumula
     from gpu_orthol1 import _ptx
 
     A = _ptx.array_type
-    sig = (A(phi_v.dtype, 3, "A"), A(out_v.dtype, 3, "A"), A(np.float64, 1), types.int64, getattr(types, cfg.acc),
-           types.boolean, types.boolean)
+    sig = (
+        A(phi_v.dtype, 3, "A"),
+        A(out_v.dtype, 3, "A"),
+        A(np.float64, 1),
+        types.int64,
+        getattr(types, cfg.acc),
+        types.boolean,
+        types.boolean,
+    )
     dl = _cupy().asarray(losses)
     _ptx.kernel(kern, sig)(grid, block, phi_v, out_v, dl, loss_offset, alpha, accumulate, write_grad)
     losses[...] = _cupy().asnumpy(dl)
+
 
 # (make(phi_lmn, fill) -> contiguous host buffer, view(buffer) -> its (l, m, n) view).
 # `fill` goes where the buffer has gaps: NaN in phi proves gaps are never read, a
@@ -75,7 +83,9 @@ SENTINEL = 7.0
 
 
 # The same tests run under the simulator here and on a real card from bench/gpu_check.sh.
-@pytest.fixture(params=[pytest.param("sim", marks=pytest.mark.cudasim), pytest.param("gpu", marks=pytest.mark.gpu)])
+@pytest.fixture(
+    params=[pytest.param("sim", marks=pytest.mark.cudasim), pytest.param("gpu", marks=pytest.mark.gpu)]
+)
 def target(request):
     return request.param
 
@@ -95,8 +105,20 @@ def _cfg(target, l, n, dtype, threads=16, rows=None):
     return cfg if rows is None else cfg._replace(tile_rows=rows * fs.grid_side(cfg.threads))
 
 
-def _run(phi, cfg, *, phi_layout="lmn", out_layout="lmn", out_dtype=None, out_init=None, alpha=2.0,
-         accumulate=False, write_grad=True, losses=None, loss_offset=0):
+def _run(
+    phi,
+    cfg,
+    *,
+    phi_layout="lmn",
+    out_layout="lmn",
+    out_dtype=None,
+    out_init=None,
+    alpha=2.0,
+    accumulate=False,
+    write_grad=True,
+    losses=None,
+    loss_offset=0,
+):
     """Launch once; returns (losses, out as an (l, m, n) host array, out's whole host buffer)."""
     l, m, n = phi.shape
     make, view = LAYOUTS[phi_layout]
@@ -105,8 +127,18 @@ def _run(phi, cfg, *, phi_layout="lmn", out_layout="lmn", out_dtype=None, out_in
     init = np.full(phi.shape, SENTINEL, out_dtype or phi.dtype) if out_init is None else out_init
     dout = _to_dev(omake(init, SENTINEL))
     losses = np.full(m, -1.0) if losses is None else losses
-    _launch(cfg, m, cfg.threads, view(dphi).transpose((1, 0, 2)), oview(dout).transpose((1, 0, 2)), losses,
-            loss_offset, alpha, accumulate, write_grad)
+    _launch(
+        cfg,
+        m,
+        cfg.threads,
+        view(dphi).transpose((1, 0, 2)),
+        oview(dout).transpose((1, 0, 2)),
+        losses,
+        loss_offset,
+        alpha,
+        accumulate,
+        write_grad,
+    )
     buf = _to_host(dout)
     return losses, np.asarray(oview(buf)), buf
 
@@ -151,8 +183,10 @@ def test_matches_reference(target, rng, dtype, case):
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-@pytest.mark.parametrize("l, m, n, n_card, threads, rows", [(11, 3, 7, 29, 4, 2), (13, 2, 14, 61, 16, 1),
-                                                           (3, 2, 16, 32, 16, 2), (7, 2, 16, 64, 4, 1)])
+@pytest.mark.parametrize(
+    "l, m, n, n_card, threads, rows",
+    [(11, 3, 7, 29, 4, 2), (13, 2, 14, 61, 16, 1), (3, 2, 16, 32, 16, 2), (7, 2, 16, 64, 4, 1)],
+)
 def test_column_runs(target, rng, dtype, l, m, n, n_card, threads, rows):
     """Every run length a micro-tile of side 4 or 8 takes (1, 2, and 4 for float32 accumulators;
     side 8 also runs the Gram loop two rows per trip, with an odd last row at l = 7),
@@ -173,8 +207,12 @@ def test_column_runs(target, rng, dtype, l, m, n, n_card, threads, rows):
     # micro-tile side, one column) and swizzled
     side = base.nmax // fs.grid_side(base.threads)
     combos = [(v, j, base.srun, False) for v in runs for j in runs if v % j == 0]
-    combos += [(runs[-1], runs[-1], side, False), (runs[-1], runs[-1], 1, True), (1, 1, side, True),
-               (runs[-1], runs[-1], base.srun, True)]
+    combos += [
+        (runs[-1], runs[-1], side, False),
+        (runs[-1], runs[-1], 1, True),
+        (1, 1, side, True),
+        (runs[-1], runs[-1], base.srun, True),
+    ]
     for vec, jrun, srun, swizzle in combos:
         cfg = base._replace(vec=vec, jrun=jrun, srun=srun, swizzle=swizzle)
         losses, grad, buf = _run(phi, cfg, phi_layout="gaps", out_layout="gaps")
@@ -202,8 +240,15 @@ def test_gpu_register_cap(rng):
     check(phi, again[0], again[1], reduction="none")
     assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
     A = _ptx.array_type
-    sig = (A(np.float32, 3, "A"), A(np.float32, 3, "A"), A(np.float64, 1), types.int64, types.float32,
-           types.boolean, types.boolean)
+    sig = (
+        A(np.float32, 3, "A"),
+        A(np.float32, 3, "A"),
+        A(np.float64, 1),
+        types.int64,
+        types.float32,
+        types.boolean,
+        types.boolean,
+    )
     regs = [_ptx.kernel(fs.get_fused_kernel(c), sig)._fn.num_regs for c in (base, capped)]
     assert regs[1] <= 112 < regs[0], regs
 
@@ -226,8 +271,9 @@ def test_accumulate_mean_scale(target, rng, dtype):
     phi = random_phi(rng, (l, m, n), dtype)
     old = rng.standard_normal(phi.shape).astype(dtype)
     cfg = _cfg(target, l, n, dtype, 16, 1)
-    losses, grad, _ = _run(phi, cfg, phi_layout="mln", out_layout="neg", out_init=old,
-                           alpha=2 * beta / m, accumulate=True)
+    losses, grad, _ = _run(
+        phi, cfg, phi_layout="mln", out_layout="neg", out_init=old, alpha=2 * beta / m, accumulate=True
+    )
     check(phi, beta * losses.sum() / m, grad, beta=beta, reduction="mean", grad_base=old)
 
 
@@ -244,12 +290,18 @@ def test_loss_only_leaves_out_alone(target, rng):
     phi = random_phi(rng, (l, m, n), np.float32)
     old = rng.standard_normal(phi.shape).astype(np.float32)
     losses = np.full(m + 3, -1.0)
-    losses, out, _ = _run(phi, _cfg(target, l, n, np.float32, 16, 1), out_init=old, write_grad=False,
-                          losses=losses, loss_offset=2)
+    losses, out, _ = _run(
+        phi,
+        _cfg(target, l, n, np.float32, 16, 1),
+        out_init=old,
+        write_grad=False,
+        losses=losses,
+        loss_offset=2,
+    )
     assert np.array_equal(out, old)
     assert np.all(losses[[0, 1, m + 2]] == -1.0), "wrote outside losses[offset:offset + m]"
     full, grad, _ = _run(phi, _cfg(target, l, n, np.float32, 16, 1))
-    assert np.array_equal(losses[2:2 + m], full), "loss-only and full calls disagree"
+    assert np.array_equal(losses[2 : 2 + m], full), "loss-only and full calls disagree"
     check(phi, full, grad, reduction="none")
 
 
@@ -268,8 +320,9 @@ def test_nan_inf_slices(target, rng, accumulate):
     assert np.isnan(losses[[1, 2]]).all()
     assert np.isnan(grad[:, [1, 2], :]).all()
     good = [0, 3]
-    clean_l, clean_g, _ = _run(np.ascontiguousarray(phi[:, good, :]), cfg, out_init=old[:, good, :].copy(),
-                               accumulate=accumulate)
+    clean_l, clean_g, _ = _run(
+        np.ascontiguousarray(phi[:, good, :]), cfg, out_init=old[:, good, :].copy(), accumulate=accumulate
+    )
     assert np.array_equal(losses[good], clean_l)
     assert np.array_equal(grad[:, good, :], clean_g)
     check(phi, losses, grad, reduction="none", grad_base=old if accumulate else None)
@@ -324,7 +377,9 @@ def test_host_bugs_give_nan_not_corruption(target, rng):
     # a block of another size than the config's (its strides assume config.threads)
     d = _to_dev(old.copy())
     cfg = fs.FusedConfig(nmax=16, tile_rows=2, threads=4, acc="float32")
-    _launch(cfg, 2, 16, _to_dev(phi).transpose((1, 0, 2)), d.transpose((1, 0, 2)), losses, 0, 2.0, False, True)
+    _launch(
+        cfg, 2, 16, _to_dev(phi).transpose((1, 0, 2)), d.transpose((1, 0, 2)), losses, 0, 2.0, False, True
+    )
     assert np.isnan(losses).all()
     assert np.array_equal(_to_host(d), old)
 
@@ -352,7 +407,10 @@ def test_bounds_and_configs():
                 assert cfg.acc == acc and fs.shared_bytes(cfg) <= fs.SHARED_LIMIT
     # a full float32 micro-tile (side 8) takes half the gradient rows: two tiles for 64 rows
     assert fs.fused_config(64, 64, np.float32) == fs.FusedConfig(64, 32, 64, "float32", 4, 4, 4)
-    assert fs.fused_config(64, 57, np.float16).tile_rows == 32 and fs.fused_config(64, 56, np.float32).tile_rows == 64
+    assert (
+        fs.fused_config(64, 57, np.float16).tile_rows == 32
+        and fs.fused_config(64, 56, np.float32).tile_rows == 64
+    )
     assert fs.fused_config(64, 32, np.float64).tile_rows == 32  # float64's full tile (side 4) keeps its rows
     # the longest run of columns one 16-byte load reads that divides the micro-tile side, where the
     # side is above 4; shorter sides keep interleaved columns
@@ -360,9 +418,15 @@ def test_bounds_and_configs():
     assert fs.fused_config(64, 48, np.float32).vec == 2 and fs.fused_config(64, 40, np.float32).vec == 1
     for n, dtype in ((8, np.float32), (16, np.float32), (32, np.float32), (32, np.float64), (64, np.float64)):
         assert fs.fused_config(64, n, dtype).vec == 1, (n, dtype)
-    assert fs.fused_config(64, 16, np.float32, vec=2).vec == 2 and fs.fused_config(64, 64, np.float32, vec=1).vec == 1
+    assert (
+        fs.fused_config(64, 16, np.float32, vec=2).vec == 2
+        and fs.fused_config(64, 64, np.float32, vec=1).vec == 1
+    )
     # the gradient phase's step over S's rows: vec unless forced to a divisor of it
-    assert fs.fused_config(64, 64, np.float32, jrun=2).jrun == 2 and fs.fused_config(64, 16, np.float32).jrun == 1
+    assert (
+        fs.fused_config(64, 64, np.float32, jrun=2).jrun == 2
+        and fs.fused_config(64, 16, np.float32).jrun == 1
+    )
     for vec, bad in ((4, 3), (2, 4), (1, 2)):
         with pytest.raises(ValueError, match="jrun must be one of"):
             fs.fused_config(64, 64, np.float32, vec=vec, jrun=bad)
@@ -370,7 +434,9 @@ def test_bounds_and_configs():
         with pytest.raises(ValueError, match="vec must be one of"):
             fs.fused_config(64, n, dtype, vec=bad)
     # S's runs: the longest one 16-byte load reads that divides the micro-tile side, whatever vec
-    assert fs.fused_config(64, 64, np.float32, vec=1).srun == 4 and fs.fused_config(64, 96, np.float32).srun == 2
+    assert (
+        fs.fused_config(64, 64, np.float32, vec=1).srun == 4 and fs.fused_config(64, 96, np.float32).srun == 2
+    )
     assert fs.fused_config(64, 16, np.float32).srun == 2 and fs.fused_config(64, 64, np.float64).srun == 2
     assert fs.fused_config(64, 20, np.float32).srun == 1  # side 3
     assert fs.fused_config(64, 64, np.float32, srun=8).srun == 8
@@ -457,8 +523,10 @@ def test_gpu_widest_slices_and_resources(rng, dtype):
     losses, grad, _ = _run(phi, cfg, phi_layout="nlm", out_layout="neg")
     check(phi, losses, grad, reduction="none")
     name = np.dtype(dtype).name
-    use = fs.resource_usage(fs.get_fused_kernel(cfg),
-                            f"void({name}[:, :, :], {name}[:, :, :], float64[:], int64, float64, boolean, boolean)")
+    use = fs.resource_usage(
+        fs.get_fused_kernel(cfg),
+        f"void({name}[:, :, :], {name}[:, :, :], float64[:], int64, float64, boolean, boolean)",
+    )
     print(cfg, use)
     assert use is not None
     assert use["shared_mem_per_block"] == fs.shared_bytes(cfg)
@@ -477,6 +545,16 @@ def test_gpu_cupy_views(rng):
     dout = cp.asarray(old[::-1].copy())[::-1]
     losses = np.full(m, -1.0)
     cfg = fs.fused_config(l, n, np.float32)
-    _launch(cfg, m, cfg.threads, cp.asarray(phi).transpose(1, 0, 2), dout.transpose(1, 0, 2), losses, 0, 2.0,
-            True, True)
+    _launch(
+        cfg,
+        m,
+        cfg.threads,
+        cp.asarray(phi).transpose(1, 0, 2),
+        dout.transpose(1, 0, 2),
+        losses,
+        0,
+        2.0,
+        True,
+        True,
+    )
     check(phi, losses, cp.asnumpy(dout), reduction="none", grad_base=old)

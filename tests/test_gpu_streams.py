@@ -180,8 +180,9 @@ def test_tiny_budget_chunks_equal_unchunked(cp, rng, dtype):
         loss, grad = ol1.loss_and_grad(phi, 0.9, reduction="none", workspace_bytes=slices * per)
         _check_against(cp, phi, loss, grad, 0.9)
         # per-slice losses agree to rounding (cuBLAS may pick another kernel for another batch count)
-        np.testing.assert_allclose(cp.asnumpy(loss), cp.asnumpy(ref_loss),
-                                   rtol=1e-5 if dtype != np.float64 else 1e-12)
+        np.testing.assert_allclose(
+            cp.asnumpy(loss), cp.asnumpy(ref_loss), rtol=1e-5 if dtype != np.float64 else 1e-12
+        )
     _check_against(cp, phi, ref_loss, ref_grad, 0.9)
 
 

@@ -20,8 +20,10 @@ import gpu_orthol1 as ol1  # noqa: E402
 from gpu_orthol1 import reference as R  # noqa: E402
 from gpu_orthol1.jax import ortho_l1, ortho_l1_tree, tree_grads  # noqa: E402
 
-VARIANTS = [dict(penalty=p, diagonal=d, normalize=z)
-            for p, d, z in itertools.product(("l1", "l2"), (True, False), (False, True))]
+VARIANTS = [
+    dict(penalty=p, diagonal=d, normalize=z)
+    for p, d, z in itertools.product(("l1", "l2"), (True, False), (False, True))
+]
 
 
 def naive(x, beta, *, axis=1, reduction="sum", mode=None, penalty="l1", diagonal=True, normalize=False):
@@ -47,8 +49,9 @@ def vjp_sum(f, x):
     return val, back(jnp.ones_like(val))[0]
 
 
-@pytest.mark.parametrize("shape,axis", [((37, 5, 11), 1), ((9, 23, 6), 0), ((7, 4, 19), 2), ((29, 13), 1),
-                                        ((13, 29), 1)])
+@pytest.mark.parametrize(
+    "shape,axis", [((37, 5, 11), 1), ((9, 23, 6), 0), ((7, 4, 19), 2), ((29, 13), 1), ((13, 29), 1)]
+)
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 @pytest.mark.filterwarnings("ignore::gpu_orthol1.CopyWarning")  # axis=2: a layout the core copies chunk-wise
 def test_float64_matches_reference(shape, axis, reduction, rng):
@@ -81,7 +84,9 @@ def test_value_and_grad_vmap_checkpoint_and_primal(rng):
     x = jnp.asarray(R.random_phi(rng, (5, 24, 10), np.float64, l=24))
     per = ortho_l1(x, 0.2, axis=0, reduction="none")
     # vmap over the slices: one core call per batch element, the same per-slice losses
-    np.testing.assert_allclose(np.asarray(jax.vmap(lambda w: ortho_l1(w, 0.2))(x)), np.asarray(per), rtol=1e-13)
+    np.testing.assert_allclose(
+        np.asarray(jax.vmap(lambda w: ortho_l1(w, 0.2))(x)), np.asarray(per), rtol=1e-13
+    )
     gv = jax.vmap(jax.grad(lambda w: ortho_l1(w, 0.2)))(x)
     _, g = jax.value_and_grad(lambda x: ortho_l1(x, 0.2, axis=0))(x)
     np.testing.assert_allclose(np.asarray(gv), np.asarray(g), rtol=1e-13)
@@ -98,7 +103,9 @@ def test_traced_beta_is_differentiable(rng):
     f = jax.jit(lambda b, x: ortho_l1(x, b))
     (gb, gx) = jax.grad(f, argnums=(0, 1))(jnp.float64(0.25), x)
     np.testing.assert_allclose(float(gb), float(ortho_l1(x, 1.0)), rtol=1e-13)
-    np.testing.assert_allclose(np.asarray(gx), np.asarray(jax.grad(lambda x: ortho_l1(x, 0.25))(x)), rtol=1e-13)
+    np.testing.assert_allclose(
+        np.asarray(gx), np.asarray(jax.grad(lambda x: ortho_l1(x, 0.25))(x)), rtol=1e-13
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
@@ -143,8 +150,14 @@ def test_errors():
 def _model(rng):
     f = np.float64
     return {
-        "dense1": {"kernel": jnp.asarray(R.random_phi(rng, (12, 8), f)), "bias": jnp.asarray(rng.standard_normal(8))},
-        "dense2": {"kernel": jnp.asarray(R.random_phi(rng, (12, 8), f)), "bias": jnp.asarray(rng.standard_normal(8))},
+        "dense1": {
+            "kernel": jnp.asarray(R.random_phi(rng, (12, 8), f)),
+            "bias": jnp.asarray(rng.standard_normal(8)),
+        },
+        "dense2": {
+            "kernel": jnp.asarray(R.random_phi(rng, (12, 8), f)),
+            "bias": jnp.asarray(rng.standard_normal(8)),
+        },
         "conv": {"kernel": jnp.asarray(R.random_phi(rng, (3, 3, 4, 6), f, l=36))},
         "stack": jnp.asarray(R.random_phi(rng, (10, 3, 5), f)),
         "head": jnp.asarray(R.random_phi(rng, (8, 30), f)),
@@ -157,9 +170,15 @@ def test_tree_is_the_sum_over_matrices(mode, rng):
     kw = dict(penalty="l2", diagonal=False) if mode == "rows" else {}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got, g = jax.jit(jax.value_and_grad(lambda p: ortho_l1_tree(p, 0.3, mode=mode, three_d="stack", **kw)))(params)
-    mats = [params["dense1"]["kernel"], params["dense2"]["kernel"], params["conv"]["kernel"].reshape(36, 6),
-            params["head"]]
+        got, g = jax.jit(
+            jax.value_and_grad(lambda p: ortho_l1_tree(p, 0.3, mode=mode, three_d="stack", **kw))
+        )(params)
+    mats = [
+        params["dense1"]["kernel"],
+        params["dense2"]["kernel"],
+        params["conv"]["kernel"].reshape(36, 6),
+        params["head"],
+    ]
 
     def by_hand(p):
         mats = [p["dense1"]["kernel"], p["dense2"]["kernel"], p["conv"]["kernel"].reshape(36, 6), p["head"]]
@@ -170,7 +189,9 @@ def test_tree_is_the_sum_over_matrices(mode, rng):
     assert len(mats) == 4
     np.testing.assert_allclose(float(got), float(want), rtol=1e-12)
     for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(gw), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-11 * (1 + float(jnp.abs(b).max())))
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), rtol=0, atol=1e-11 * (1 + float(jnp.abs(b).max()))
+        )
     # tree_grads: the same numbers without autodiff, None for the leaves not taken
     tl, tg = tree_grads(params, 0.3, mode=mode, three_d="stack", **kw)
     assert tg["dense1"]["bias"] is None
@@ -186,13 +207,19 @@ def test_tree_mask_layouts_and_three_d(rng):
     np.testing.assert_allclose(float(got), want, rtol=1e-12)
     # Equinox / PyTorch layout (out, in, kh, kw): flattened to (out, -1)
     k = jnp.asarray(R.random_phi(rng, (6, 4, 3, 3), np.float64, l=36))
-    np.testing.assert_allclose(float(ortho_l1_tree({"w": k}, 0.5, out_axis=0, mode="rows")),
-                               float(naive(k.reshape(6, 36), 0.5, mode="rows")), rtol=1e-12)
+    np.testing.assert_allclose(
+        float(ortho_l1_tree({"w": k}, 0.5, out_axis=0, mode="rows")),
+        float(naive(k.reshape(6, 36), 0.5, mode="rows")),
+        rtol=1e-12,
+    )
     # 3-D leaves: a warning names them under "auto"; "flatten" treats them as Conv1D kernels
     with pytest.warns(UserWarning, match="three_d"):
         ortho_l1_tree({"s": params["stack"]}, 0.5)
-    np.testing.assert_allclose(float(ortho_l1_tree({"s": params["stack"]}, 0.5, three_d="flatten", mode="columns")),
-                               float(naive(params["stack"].reshape(30, 5), 0.5)), rtol=1e-12)
+    np.testing.assert_allclose(
+        float(ortho_l1_tree({"s": params["stack"]}, 0.5, three_d="flatten", mode="columns")),
+        float(naive(params["stack"].reshape(30, 5), 0.5)),
+        rtol=1e-12,
+    )
     assert float(ortho_l1_tree({"b": jnp.ones(3)}, 0.5)) == 0.0
 
 

@@ -17,6 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "gpu_orthol1"
 
+
 def _sources() -> dict[str, tuple[Path, bool]]:
     """Module name -> (file, is a package's __init__), for gpu_orthol1/ and kernels/ (which installs
     as gpu_orthol1.kernels)."""
@@ -31,7 +32,8 @@ def _sources() -> dict[str, tuple[Path, bool]]:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(tree: ast.AST):
@@ -130,8 +132,10 @@ def test_cycle_finder_finds_cycles():
 
 def test_no_import_cycles():
     new = [sorted(c) for c in cycles(import_graph())]
-    assert not new, f"import cycles among gpu_orthol1's modules: {new}; import the shared code from a " \
-                    "module below both (see gpu_orthol1/_cliargs.py for an example)"
+    assert not new, (
+        f"import cycles among gpu_orthol1's modules: {new}; import the shared code from a "
+        "module below both (see gpu_orthol1/_cliargs.py for an example)"
+    )
 
 
 def test_layers_contract():
@@ -140,8 +144,9 @@ def test_layers_contract():
     pytest.importorskip("importlinter", reason="import-linter comes with the test extra")
     from importlinter.cli import lint_imports
 
-    assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True) == 0, \
+    assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True) == 0, (
         "the layers contract in pyproject.toml is broken: run `lint-imports` for the offending import chains"
+    )
 
 
 MAX_MODULE_LINES = 500  # outside kernels/ (device code keeps a kernel and its variants together)

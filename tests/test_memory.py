@@ -70,7 +70,8 @@ def test_peak_within_gradient_plus_one_chunk(dtype, layout, mode, budget, rng):
     limit = grad_bytes + (budget or ol1._checks.CPU_DEFAULT_WORKSPACE) + _overhead(SHAPE[1])
     assert peak <= limit, (
         f"peak {peak} bytes > gradient {grad_bytes} + workspace {budget} + overhead "
-        f"{_overhead(SHAPE[1])} (input {phi.nbytes} bytes)")
+        f"{_overhead(SHAPE[1])} (input {phi.nbytes} bytes)"
+    )
     if budget is not None:
         # what a call without chunking would hold: every Gram matrix at once (float32 or float64)
         all_grams = SHAPE[1] * SHAPE[2] ** 2 * (8 if dtype == np.float64 else 4)
@@ -98,7 +99,9 @@ def test_tiny_budget_runs_in_chunks(dtype, layout, rng, monkeypatch):
         for per_chunk in (1, 2, 4):
             grams.clear()
             loss, grad = ol1.loss_and_grad(phi, 0.7, workspace_bytes=per_chunk * per_slice + per_slice - 1)
-            want = [per_chunk] * (shape[1] // per_chunk) + ([shape[1] % per_chunk] if shape[1] % per_chunk else [])
+            want = [per_chunk] * (shape[1] // per_chunk) + (
+                [shape[1] % per_chunk] if shape[1] % per_chunk else []
+            )
             assert grams == want, f"Gram GEMM batches {grams}, expected chunks of {per_chunk}"
             check(phi, loss, grad, 0.7, 1, "sum", dtype)
 
@@ -124,11 +127,16 @@ def test_input_that_cannot_fit_fails_cleanly():
     # a 2 PiB broadcast view: one slice's Gram alone needs 64 GiB (more than this machine has),
     # the gradient 2 PiB
     phi = np.lib.stride_tricks.as_strided(np.ones(1, np.float32), (1 << 16, 1 << 16, 1 << 17), (0, 0, 0))
-    with pytest.raises(MemoryError, match=r"one slice needs \d+ bytes of workspace \(Gram 131072x131072, l=65536\)"):
+    with pytest.raises(
+        MemoryError, match=r"one slice needs \d+ bytes of workspace \(Gram 131072x131072, l=65536\)"
+    ):
         ol1.loss(phi, backend="numpy", workspace_bytes=1 << 30)
     # the default budget admits one slice; allocating it then fails with the sizes named
-    with pytest.raises(MemoryError, match=r"could not allocate the workspace: 1 slice\(s\) of \d+ bytes "
-                                          r"\(Gram 131072x131072, l=65536"):
+    with pytest.raises(
+        MemoryError,
+        match=r"could not allocate the workspace: 1 slice\(s\) of \d+ bytes "
+        r"\(Gram 131072x131072, l=65536",
+    ):
         ol1.loss(phi, backend="numpy")
     with pytest.raises(MemoryError, match=r"Unable to allocate 2\.00 PiB"):
         ol1.grad(phi, backend="numpy")

@@ -14,9 +14,12 @@ from gpu_orthol1.optax import add_ortho_l1  # noqa: E402
 
 
 def _params(rng):
-    return {"w1": jnp.asarray(R.random_phi(rng, (16, 8), np.float64)), "b1": jnp.asarray(rng.standard_normal(8)),
-            "conv": jnp.asarray(R.random_phi(rng, (3, 3, 2, 5), np.float64, l=18)),
-            "w2": jnp.asarray(R.random_phi(rng, (8, 4), np.float64))}
+    return {
+        "w1": jnp.asarray(R.random_phi(rng, (16, 8), np.float64)),
+        "b1": jnp.asarray(rng.standard_normal(8)),
+        "conv": jnp.asarray(R.random_phi(rng, (3, 3, 2, 5), np.float64, l=18)),
+        "w2": jnp.asarray(R.random_phi(rng, (8, 4), np.float64)),
+    }
 
 
 def test_chain_under_jit_adds_the_penalty_gradient(rng):
@@ -27,7 +30,9 @@ def test_chain_under_jit_adds_the_penalty_gradient(rng):
     upd, state = jax.jit(tx.update)(grads, state, params)
     pen = jax.grad(lambda p: ortho_l1_tree(p, 0.3))(params)
     for k in params:
-        np.testing.assert_allclose(np.asarray(upd[k]), -0.1 * np.asarray(grads[k] + pen[k]), rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(
+            np.asarray(upd[k]), -0.1 * np.asarray(grads[k] + pen[k]), rtol=1e-12, atol=1e-15
+        )
     # the bias is untouched (no matrix), exactly
     np.testing.assert_array_equal(np.asarray(upd["b1"]), -0.1 * np.asarray(grads["b1"]))
 

@@ -19,10 +19,19 @@ def test_wheel_has_no_top_level_kernels(tmp_path):
     # from a clean copy: a --no-isolation build in the checkout reuses its build/lib, where a module
     # that the package list no longer names (or never named) survives from an earlier build
     src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", "results"))
-    r = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(src)],
-                       capture_output=True, text=True, timeout=300)
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", "results"
+        ),
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     (wheel,) = [p for p in os.listdir(tmp_path) if p.endswith(".whl")]
     names = zipfile.ZipFile(tmp_path / wheel).namelist()
@@ -40,9 +49,13 @@ def test_wheel_has_no_top_level_kernels(tmp_path):
     assert "gpu_orthol1/py.typed" in names  # PEP 561: the type hints ship
     assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in names)
     from gpu_orthol1 import __version__
+
     assert wheel.startswith(f"gpu_orthol1-{__version__}-")  # the version is written once, in __init__.py
     entry = [n for n in names if n.endswith("entry_points.txt")]
-    assert entry and "gpu-orthol1 = gpu_orthol1.cli:main" in zipfile.ZipFile(tmp_path / wheel).read(entry[0]).decode()
+    assert (
+        entry
+        and "gpu-orthol1 = gpu_orthol1.cli:main" in zipfile.ZipFile(tmp_path / wheel).read(entry[0]).decode()
+    )
 
 
 def test_import_is_light():
@@ -62,8 +75,11 @@ def test_ci_run_keeps_the_checkouts_venv_and_runs_the_readme_command(tmp_path):
     if bash is None:
         pytest.skip("no bash")
     readme = open(os.path.join(ROOT, "README.md")).read()
-    m = re.search(r"^ +python3 -m venv \.venv && \. \.venv/bin/activate && (pip install -e '\.\[test\]'.*)$",
-                  readme, re.M)
+    m = re.search(
+        r"^ +python3 -m venv \.venv && \. \.venv/bin/activate && (pip install -e '\.\[test\]'.*)$",
+        readme,
+        re.M,
+    )
     assert m, "the README's test command moved"
     steps = m.group(1).split(" && ")  # after the activate: what CI must run, exactly
     tree = tmp_path / "checkout"
@@ -77,10 +93,15 @@ def test_ci_run_keeps_the_checkouts_venv_and_runs_the_readme_command(tmp_path):
     (stubs / "python3").write_text(
         '#!/bin/sh\n[ "$1 $2" = "-m venv" ] || exit 1\nmkdir -p "$3/bin"\n'
         'printf \'pip() { echo "pip $*" >> "$LOG"; }\\npython() { echo "python $*" >> "$LOG"; }\\n\' '
-        '> "$3/bin/activate"\necho "venv $3" >> "$LOG"\n')
+        '> "$3/bin/activate"\necho "venv $3" >> "$LOG"\n'
+    )
     (stubs / "python3").chmod(0o755)
-    env = {**os.environ, "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "LOG": str(log),
-           "TMPDIR": str(tmp_path)}
+    env = {
+        **os.environ,
+        "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}",
+        "LOG": str(log),
+        "TMPDIR": str(tmp_path),
+    }
     r = subprocess.run([bash, str(tree / ".ci" / "run")], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tree / ".venv" / "mine").read_text() == "the developer's environment"

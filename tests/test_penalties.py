@@ -25,10 +25,16 @@ from .reference import random_phi
 
 torch = pytest.importorskip("torch")
 
-VARIANTS = [dict(penalty=p, diagonal=d, normalize=z)
-            for p, d, z in itertools.product(("l1", "l2"), (True, False), (False, True))]
+VARIANTS = [
+    dict(penalty=p, diagonal=d, normalize=z)
+    for p, d, z in itertools.product(("l1", "l2"), (True, False), (False, True))
+]
 NON_DEFAULT = [v for v in VARIANTS if _penalty.check(**v) != _penalty.DEFAULT]
-KINDS = ["numpy", pytest.param("emulated", marks=pytest.mark.cudasim), pytest.param("cupy", marks=pytest.mark.gpu)]
+KINDS = [
+    "numpy",
+    pytest.param("emulated", marks=pytest.mark.cudasim),
+    pytest.param("cupy", marks=pytest.mark.gpu),
+]
 DTYPES = (np.float16, np.float32, np.float64)
 # error per precision class, relative to the bounds built in `expected` (see there)
 RTOL = {np.float16: 2e-3, np.float32: 5e-5, np.float64: 1e-12}
@@ -110,9 +116,23 @@ def expected(phi, beta, axis, variant, scale=1.0):
         B = B + eye * (np.abs(F) + K)
     bound = 2 * abs(beta) * scale * np.matmul(A, B)  # (m, l, n)
     with np.errstate(invalid="ignore"):
-        amb = (np.abs(E) <= SIGN_RTOL[np.float64] * maghat) & (E != 0) if penalty == "l1" else np.zeros_like(E, bool)
-    return dict(per=per.detach().numpy(), grad=grad, bound=bound, lmag=abs(beta) * lmag.sum(axis=(1, 2)),
-                E=E, maghat=maghat, penalty=penalty, axis=axis, squeeze=np.ndim(phi) == 2, amb=amb)
+        amb = (
+            (np.abs(E) <= SIGN_RTOL[np.float64] * maghat) & (E != 0)
+            if penalty == "l1"
+            else np.zeros_like(E, bool)
+        )
+    return dict(
+        per=per.detach().numpy(),
+        grad=grad,
+        bound=bound,
+        lmag=abs(beta) * lmag.sum(axis=(1, 2)),
+        E=E,
+        maghat=maghat,
+        penalty=penalty,
+        axis=axis,
+        squeeze=np.ndim(phi) == 2,
+        amb=amb,
+    )
 
 
 def from_slices(a, ref):
@@ -169,9 +189,11 @@ def run(kind, phi, beta, **kw):
 
 @pytest.mark.filterwarnings("ignore::gpu_orthol1.CopyWarning")  # axis=2 of a C-contiguous array is staged
 @pytest.mark.parametrize("variant", VARIANTS, ids=_vid)
-@pytest.mark.parametrize("shape,axis", [((7, 5, 3), 1), ((3, 4, 9), 1), ((11, 6, 5), 0), ((4, 5, 7), 2),
-                                        ((9, 4), None), ((2, 5), None)],
-                         ids=lambda c: str(c))
+@pytest.mark.parametrize(
+    "shape,axis",
+    [((7, 5, 3), 1), ((3, 4, 9), 1), ((11, 6, 5), 0), ((4, 5, 7), 2), ((9, 4), None), ((2, 5), None)],
+    ids=lambda c: str(c),
+)
 def test_float64_matches_autograd(variant, shape, axis, rng):
     """Every combination, l < n and l > n, odd n, every axis, 2-D: tight float64 agreement."""
     ax = 1 if axis is None else axis
@@ -181,8 +203,9 @@ def test_float64_matches_autograd(variant, shape, axis, rng):
     for reduction in ("sum", "mean", "none"):
         loss, grad = ol1.loss_and_grad(phi, beta, axis=ax, reduction=reduction, **variant)
         check(ref, loss, grad, np.float64, reduction)
-    np.testing.assert_array_equal(ol1.loss(phi, beta, axis=ax, **variant), ol1.loss_and_grad(
-        phi, beta, axis=ax, **variant)[0])  # loss-only pass gives the same bits
+    np.testing.assert_array_equal(
+        ol1.loss(phi, beta, axis=ax, **variant), ol1.loss_and_grad(phi, beta, axis=ax, **variant)[0]
+    )  # loss-only pass gives the same bits
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -254,8 +277,11 @@ def test_nonfinite_gives_nan_in_that_slice_only(kind, variant, rng):
     lg, gg = run(kind, good, 0.7, reduction="none", **variant)
     # the other slices: exactly as without the bad ones (cuBLAS may pick another algorithm for
     # another batch count, so on a card: to rounding)
-    same = np.testing.assert_array_equal if kind != "cupy" else lambda a, b: np.testing.assert_allclose(
-        a, b, rtol=1e-12, atol=1e-14)
+    same = (
+        np.testing.assert_array_equal
+        if kind != "cupy"
+        else lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    )
     same(np.delete(loss, bad), lg)
     same(np.delete(grad, bad, axis=1), gg)
     assert np.isnan(run(kind, h, 0.7, **variant)[0])
@@ -327,13 +353,15 @@ def test_cuda_pass_matches_cpu_pass(variant, rng):
 def test_unknown_keyword_values(entry, rng):
     phi = random_phi(rng, (5, 3, 4), np.float32)
     f = getattr(ol1, entry)
-    for kw, msg in ((dict(penalty="l3"), "penalty must be one of ('l1', 'l2'), got 'l3'"),
-                    (dict(penalty=None), "penalty must be one of"),
-                    (dict(penalty="L1"), "penalty must be one of"),
-                    (dict(diagonal=1), "diagonal must be True or False, got 1"),
-                    (dict(diagonal="no"), "diagonal must be True or False"),
-                    (dict(normalize=0), "normalize must be True or False, got 0"),
-                    (dict(normalize=None), "normalize must be True or False")):
+    for kw, msg in (
+        (dict(penalty="l3"), "penalty must be one of ('l1', 'l2'), got 'l3'"),
+        (dict(penalty=None), "penalty must be one of"),
+        (dict(penalty="L1"), "penalty must be one of"),
+        (dict(diagonal=1), "diagonal must be True or False, got 1"),
+        (dict(diagonal="no"), "diagonal must be True or False"),
+        (dict(normalize=0), "normalize must be True or False, got 0"),
+        (dict(normalize=None), "normalize must be True or False"),
+    ):
         with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
             f(phi, **kw)
     # accepted: numpy bools, like accumulate=
@@ -368,8 +396,13 @@ def test_ortho_l1_modes_match_autograd(variant, device, tseed):
     from gpu_orthol1.torch import ortho_l1
 
     beta = float(tseed.uniform(0.2, 2.0))
-    for shape, mode, axis in (((7, 4), "rows", 1), ((7, 4), "columns", 1), ((3, 8), "auto", 1),
-                              ((5, 3, 6), "rows", 1), ((4, 6, 3), None, 0)):
+    for shape, mode, axis in (
+        ((7, 4), "rows", 1),
+        ((7, 4), "columns", 1),
+        ((3, 8), "auto", 1),
+        ((5, 3, 6), "rows", 1),
+        ((4, 6, 3), None, 0),
+    ):
         w = torch.from_numpy(random_phi(tseed, shape, np.float64)).to(device).requires_grad_(True)
         for reduction in ("sum", "none"):
             w.grad = None
@@ -389,14 +422,17 @@ def test_ortho_l1_modes_match_autograd(variant, device, tseed):
 def test_orthol1_variants_loss_add_grad_step(variant, tseed):
     from gpu_orthol1.torch import OrthoL1
 
-    model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Linear(9, 9), torch.nn.Linear(9, 4),
-                                torch.nn.Conv2d(2, 3, 2)).double()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 9), torch.nn.Linear(9, 9), torch.nn.Linear(9, 4), torch.nn.Conv2d(2, 3, 2)
+    ).double()
     beta = 0.3
     reg = OrthoL1(model, beta, "rows", **variant)
     mats = [t.param for t in reg.targets]
 
     def naive():
-        return sum(naive_slices(p.reshape(p.shape[0], -1).T.unsqueeze(0), beta, **variant).sum() for p in mats)
+        return sum(
+            naive_slices(p.reshape(p.shape[0], -1).T.unsqueeze(0), beta, **variant).sum() for p in mats
+        )
 
     model.zero_grad(set_to_none=True)
     loss = reg.loss()
@@ -418,8 +454,11 @@ def test_orthol1_variants_loss_add_grad_step(variant, tseed):
 
 
 @pytest.mark.cudasim
-@pytest.mark.parametrize("variant", [dict(penalty="l2", diagonal=False, normalize=False),
-                                     dict(penalty="l1", diagonal=False, normalize=True)], ids=_vid)
+@pytest.mark.parametrize(
+    "variant",
+    [dict(penalty="l2", diagonal=False, normalize=False), dict(penalty="l1", diagonal=False, normalize=True)],
+    ids=_vid,
+)
 def test_orthol1_variants_emulated_gpu(variant, tseed):
     """OrthoL1's grouped GPU path (pointer arrays, float32 S, alpha in the GEMM) with a variant."""
     from gpu_orthol1.testing import EmulatedGpuDevice
@@ -493,8 +532,14 @@ def test_keras_model_preset_mode_is_keras_layout(mode, dtype, tseed):
     from gpu_orthol1.torch import OrthoL1, keras_orthogonal
 
     nn = torch.nn
-    model = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3), nn.Conv2d(2, 3, (2, 3)), nn.ConvTranspose2d(3, 4, 2),
-                          nn.Conv1d(3, 5, 2), nn.Embedding(6, 4)).to(dtype)
+    model = nn.Sequential(
+        nn.Linear(5, 7),
+        nn.Linear(7, 3),
+        nn.Conv2d(2, 3, (2, 3)),
+        nn.ConvTranspose2d(3, 4, 2),
+        nn.Conv1d(3, 5, 2),
+        nn.Embedding(6, 4),
+    ).to(dtype)
     emb = model[5].weight
     weights = [m.weight for m in model]
     factor = float(tseed.uniform(0.01, 0.5))
@@ -540,9 +585,15 @@ def test_keras_preset_against_keras_itself(tseed, monkeypatch):
     nn = torch.nn
     tm = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 9), nn.Linear(9, 3))
     for mode in ("rows", "columns"):
-        km = keras.Sequential([keras.Input((5,))] + [
-            keras.layers.Dense(t.out_features, kernel_regularizer=keras.regularizers.OrthogonalRegularizer(0.05, mode))
-            for t in tm])
+        km = keras.Sequential(
+            [keras.Input((5,))]
+            + [
+                keras.layers.Dense(
+                    t.out_features, kernel_regularizer=keras.regularizers.OrthogonalRegularizer(0.05, mode)
+                )
+                for t in tm
+            ]
+        )
         for kl, tl in zip(km.layers, tm, strict=True):
             kl.set_weights([tl.weight.detach().numpy().T, tl.bias.detach().numpy()])
         km(np.zeros((1, 5), np.float32))
@@ -566,8 +617,9 @@ def _biggan_ortho_update(model, strength):
 def test_biggan_preset_matches_its_update_rule(dtype, tseed):
     from gpu_orthol1.torch import OrthoL1, biggan_ortho
 
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv1d(8, 4, 2), torch.nn.Linear(6, 5),
-                                torch.nn.Linear(5, 9)).to(dtype)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.Conv1d(8, 4, 2), torch.nn.Linear(6, 5), torch.nn.Linear(5, 9)
+    ).to(dtype)
     tol = dict(rtol=1e-12, atol=1e-15) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-7)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
@@ -602,8 +654,9 @@ def test_bench_penalties_runs(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "p.json"
-    assert mod.main(["--shapes", "9,6,5", "--repeat", "1", "--pause", "0", "--quiet",
-                     "--json", str(out)]) == 0
+    assert (
+        mod.main(["--shapes", "9,6,5", "--repeat", "1", "--pause", "0", "--quiet", "--json", str(out)]) == 0
+    )
     doc = json.loads(out.read_text())
     ours = [r for r in doc["rows"] if r["method"] == "gpu_orthol1"]
     assert len(ours) == 8 and all(r["x_l1"] > 0 for r in ours)
@@ -626,7 +679,7 @@ def _pointnet_tf(transform, reg_weight):
     K = transform.shape[1]
     mat_diff = torch.matmul(transform, transform.transpose(1, 2))
     mat_diff = mat_diff - torch.eye(K, dtype=transform.dtype)
-    return reg_weight * (mat_diff ** 2).sum() / 2
+    return reg_weight * (mat_diff**2).sum() / 2
 
 
 def _value_and_grad(f, x):
@@ -652,15 +705,18 @@ def test_pointnet_recipes_match_upstream(tseed):
     # 1.1 I and 0.9 I: T T^T - I = 0.21 I and -0.19 I, Frobenius norms 0.21 sqrt(3) and 0.19 sqrt(3)
     eye = torch.eye(3, dtype=torch.float64)
     trans = torch.stack([1.1 * eye, 0.9 * eye])
-    np.testing.assert_allclose(_pointnet_fxia22(trans).item(), 0.2 * 3 ** 0.5, rtol=1e-15)
-    np.testing.assert_allclose(fxia22_ours(trans).item(), 0.2 * 3 ** 0.5, rtol=1e-15)
-    np.testing.assert_allclose(_pointnet_tf(trans, 1e-3).item(), 1e-3 * 3 * (0.21 ** 2 + 0.19 ** 2) / 2,
-                               rtol=1e-14)
+    np.testing.assert_allclose(_pointnet_fxia22(trans).item(), 0.2 * 3**0.5, rtol=1e-15)
+    np.testing.assert_allclose(fxia22_ours(trans).item(), 0.2 * 3**0.5, rtol=1e-15)
+    np.testing.assert_allclose(
+        _pointnet_tf(trans, 1e-3).item(), 1e-3 * 3 * (0.21**2 + 0.19**2) / 2, rtol=1e-14
+    )
     base = torch.randn(4, 9, 9, dtype=torch.float64)
-    cases = [torch.randn(2, 3, 3, dtype=torch.float64),  # PointNet's input transform size
-             torch.eye(16, dtype=torch.float64) + 0.1 * torch.randn(5, 16, 16, dtype=torch.float64),
-             torch.randn(3, 7, 7, dtype=torch.float64),
-             base.transpose(1, 2)]  # a non-contiguous batch
+    cases = [
+        torch.randn(2, 3, 3, dtype=torch.float64),  # PointNet's input transform size
+        torch.eye(16, dtype=torch.float64) + 0.1 * torch.randn(5, 16, 16, dtype=torch.float64),
+        torch.randn(3, 7, 7, dtype=torch.float64),
+        base.transpose(1, 2),
+    ]  # a non-contiguous batch
     reg_weight = float(tseed.uniform(1e-4, 1e-2))
     for x in cases:
         v, g = _value_and_grad(lambda t: _pointnet_tf(t, reg_weight), x)
@@ -678,11 +734,20 @@ def test_pointnet_recipes_match_upstream(tseed):
         np.testing.assert_allclose(grad, g.numpy(), rtol=1e-10, atol=1e-14)
     # a slice with x x^T = I exactly (a permutation): torch.norm's gradient there is 0, the square
     # root's 0 * inf = NaN; the documented clamp gives 0 and leaves the other slices' gradient alone
-    x = torch.stack([torch.eye(5, dtype=torch.float64)[[2, 0, 4, 1, 3]], 1.1 + torch.randn(5, 5, dtype=torch.float64)])
+    x = torch.stack(
+        [torch.eye(5, dtype=torch.float64)[[2, 0, 4, 1, 3]], 1.1 + torch.randn(5, 5, dtype=torch.float64)]
+    )
     v, g = _value_and_grad(_pointnet_fxia22, x)
     assert torch.isnan(_value_and_grad(fxia22_ours, x)[1][0]).all()
-    w, h = _value_and_grad(lambda t: ortho_l1(t, 1.0, axis=0, mode="rows", penalty="l2",
-                                              reduction="none").clamp_min(1e-37).sqrt().mean(), x)
+    w, h = _value_and_grad(
+        lambda t: (
+            ortho_l1(t, 1.0, axis=0, mode="rows", penalty="l2", reduction="none")
+            .clamp_min(1e-37)
+            .sqrt()
+            .mean()
+        ),
+        x,
+    )
     torch.testing.assert_close(w, v, rtol=1e-12, atol=1e-18)
     assert (g[0] == 0).all()
     torch.testing.assert_close(h, g, rtol=1e-10, atol=1e-14)

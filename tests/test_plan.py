@@ -71,7 +71,9 @@ def test_plan_mismatch_names_what_differs_and_writes_nothing(rng):
     assert (out == 7.0).all()
 
 
-@pytest.mark.parametrize("bad", [[[1.0, 2.0]], 1.0, np.ma.ones((8, 6, 4), np.float32)], ids=["list", "float", "masked"])
+@pytest.mark.parametrize(
+    "bad", [[[1.0, 2.0]], 1.0, np.ma.ones((8, 6, 4), np.float32)], ids=["list", "float", "masked"]
+)
 def test_plan_and_functional_api_refuse_a_non_array_alike(rng, bad):
     """One rule for a non-array phi: the TypeError of docs/errors.md's phi rows, from a plan call as
     from `loss`, with the same message."""
@@ -87,8 +89,14 @@ def test_plan_and_functional_api_refuse_a_non_array_alike(rng, bad):
     assert (out == 7.0).all()
     with pytest.raises(ValueError, match="out has dtype"):
         p(phi, out=out.astype(np.float64))
-    for bad in (dict(want="both"), dict(reduction="max"), dict(precision="low"), dict(axis=3),
-                dict(backend="tpu"), dict(workspace_bytes=0)):
+    for bad in (
+        dict(want="both"),
+        dict(reduction="max"),
+        dict(precision="low"),
+        dict(axis=3),
+        dict(backend="tpu"),
+        dict(workspace_bytes=0),
+    ):
         with pytest.raises(ValueError):
             ol1.plan(phi, **bad)
     with pytest.raises(TypeError):
@@ -246,8 +254,15 @@ def test_fused_path_through_the_plan_emulated(dtype, layout, mode, rng):
     shape = (11, 3, 5)  # l spans several of the emulator's 4-row tiles
     phi = make(np, rng, shape, dtype, layout, 1)
     dev = EmulatedGpuDevice()
-    p = _plan.Plan(phi, 0.6, backend="numpy", kernel="fused", reduction="mean", _device=dev,
-                   want="loss" if mode == "loss" else "loss_and_grad")
+    p = _plan.Plan(
+        phi,
+        0.6,
+        backend="numpy",
+        kernel="fused",
+        reduction="mean",
+        _device=dev,
+        want="loss" if mode == "loss" else "loss_and_grad",
+    )
     assert p.kernel == "fused"
     if mode == "loss":
         loss = p(phi)
@@ -298,10 +313,20 @@ def test_auto_takes_the_fused_kernel_where_it_measured_faster(rng, monkeypatch):
         phi = make(np, rng, shape, dtype, layout, axis)
         return _plan.Plan(phi, backend="numpy", axis=axis, _device=RuleDevice(), **kw).kernel
 
-    assert pick((64, 8, 32)) == pick((512, 3, 32), np.float16) == pick((64, 3, 96)) == pick((1, 2, 1)) == "fused"
-    assert pick((1024, 2, 16)) == pick((256, 3, 64)) == pick((128, 3, 96)) == pick((64, 3, 32), np.float64) == "fused"
+    assert (
+        pick((64, 8, 32)) == pick((512, 3, 32), np.float16) == pick((64, 3, 96)) == pick((1, 2, 1)) == "fused"
+    )
+    assert (
+        pick((1024, 2, 16))
+        == pick((256, 3, 64))
+        == pick((128, 3, 96))
+        == pick((64, 3, 32), np.float64)
+        == "fused"
+    )
     assert pick((64, 3, 32), layout="F") == "fused"  # any layout BLAS reads in place
-    assert pick((257, 3, 33)) == pick((1025, 3, 8)) == pick((129, 3, 65)) == pick((64, 3, 97)) == "gemm"  # past the wins
+    assert (
+        pick((257, 3, 33)) == pick((1025, 3, 8)) == pick((129, 3, 65)) == pick((64, 3, 97)) == "gemm"
+    )  # past the wins
     assert pick((64, 8, 33), np.float64) == pick((65, 8, 32), np.float64) == "gemm"
     assert pick((64, 8, 32), precision="tf32") == "gemm"  # asks for tensor cores
     assert pick((64, 8, 32), penalty="l2") == pick((64, 8, 32), normalize=True) == "gemm"
@@ -315,8 +340,12 @@ def test_auto_takes_the_fused_kernel_where_it_measured_faster(rng, monkeypatch):
     monkeypatch.setenv("GPU_ORTHOL1_KERNEL", "fused")
     assert pick((257, 3, 33)) == "fused"
     monkeypatch.delenv("GPU_ORTHOL1_KERNEL")
-    assert _plan.Plan(make(np, rng, (64, 8, 32), np.float32, "C", 1), backend="numpy",
-                      _device=EmulatedGpuDevice()).kernel == "gemm"
+    assert (
+        _plan.Plan(
+            make(np, rng, (64, 8, 32), np.float32, "C", 1), backend="numpy", _device=EmulatedGpuDevice()
+        ).kernel
+        == "gemm"
+    )
     assert ol1.plan(make(np, rng, (64, 8, 32), np.float32, "C", 1), backend="numpy").kernel == "gemm"  # CPU
     # and an auto-picked fused plan computes what the reference does
     phi = make(np, rng, (9, 3, 5), np.float32, "F", 1)
@@ -330,8 +359,16 @@ def test_auto_takes_the_fused_kernel_where_it_measured_faster(rng, monkeypatch):
 
 def test_fused_rule_function():
     fw = _device.fused_wins
-    assert fw(64, 32, np.float32, "highest") and fw(512, 1, np.float16, "highest") and fw(64, 96, "float32", "highest")
-    assert fw(1024, 16, np.float32, "highest") and fw(256, 64, np.float32, "highest") and fw(128, 96, np.float16, "highest")
+    assert (
+        fw(64, 32, np.float32, "highest")
+        and fw(512, 1, np.float16, "highest")
+        and fw(64, 96, "float32", "highest")
+    )
+    assert (
+        fw(1024, 16, np.float32, "highest")
+        and fw(256, 64, np.float32, "highest")
+        and fw(128, 96, np.float16, "highest")
+    )
     assert not fw(1025, 16, np.float32, "highest") and not fw(513, 32, np.float32, "highest")
     assert not fw(257, 33, np.float32, "highest") and not fw(129, 65, np.float32, "highest")
     assert not fw(64, 97, np.float32, "highest") and not fw(64, 0, np.float32, "highest")

@@ -107,7 +107,8 @@ def _check(phi, loss, grad, beta, axis, reduction, dtype, grad_base=None):
     assert np.array_equal(np.isnan(got), np.isnan(want)), "NaN losses differ from the reference"
     ok = ~np.isnan(want)
     assert np.all(np.abs(got - want)[ok] <= np.broadcast_to(tol, np.shape(want))[ok] + 1e-30), (
-        f"loss off: got {got}, want {want}, tolerance {tol}")
+        f"loss off: got {got}, want {want}, tolerance {tol}"
+    )
     return check(phi, want, grad, beta, axis, reduction, dtype, grad_base=grad_base)
 
 
@@ -131,7 +132,9 @@ def _kwargs(c, out):
 
 def _check_case(kind, c):
     phi, out = _build(c)
-    event("empty" if phi.size == 0 else f"{phi.ndim}-D, {phi.size} entries" if phi.size < 8 else f"{phi.ndim}-D")
+    event(
+        "empty" if phi.size == 0 else f"{phi.ndim}-D, {phi.size} entries" if phi.size < 8 else f"{phi.ndim}-D"
+    )
     event(f"chunk={c['chunk']}")
     beta = float(c["beta"])
     phi_before = phi.copy()
@@ -156,8 +159,16 @@ def _check_case(kind, c):
     assert grad.shape == phi.shape and grad.dtype == phi.dtype
     if out is not None:
         assert grad is out
-    frac = _check(phi_before, loss, grad, beta, c["axis"], c["reduction"], c["dtype"],
-                  grad_base=base if c["out_mode"] == "accumulate" else None)
+    frac = _check(
+        phi_before,
+        loss,
+        grad,
+        beta,
+        c["axis"],
+        c["reduction"],
+        c["dtype"],
+        grad_base=base if c["out_mode"] == "accumulate" else None,
+    )
     if phi.ndim == 3:
         cols = m * phi.shape[2 if c["axis"] % 3 != 2 else 1]
     else:
@@ -187,9 +198,13 @@ def nonfinite_cases(draw, max_dim):
     c = draw(cases(max_dim))
     c["shape"] = tuple(max(s, 1) for s in c["shape"])  # room for a bad value
     size = int(np.prod(c["shape"]))
-    c["bad"] = draw(st.lists(st.tuples(st.integers(0, size - 1),
-                                       st.sampled_from((np.nan, np.inf, -np.inf))),
-                             min_size=1, max_size=3))
+    c["bad"] = draw(
+        st.lists(
+            st.tuples(st.integers(0, size - 1), st.sampled_from((np.nan, np.inf, -np.inf))),
+            min_size=1,
+            max_size=3,
+        )
+    )
     c["out_mode"] = "new" if c["out_mode"] == "accumulate" else c["out_mode"]
     c["readonly"] = False
     return c

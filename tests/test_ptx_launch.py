@@ -22,11 +22,37 @@ def test_flatten_follows_numbas_array_abi():
 
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
     b = np.zeros((2, 3, 5), np.float64)[:, ::-1, ::2]  # any strides, negative too
-    sig = (_ptx.array_type(np.float32, 2), types.int64, _ptx.array_type(np.float64, 3, "A"), types.float32,
-           types.float64, types.boolean)
+    sig = (
+        _ptx.array_type(np.float32, 2),
+        types.int64,
+        _ptx.array_type(np.float64, 3, "A"),
+        types.float32,
+        types.float64,
+        types.boolean,
+    )
     flat = _ptx.flatten(sig, (a, 7, b, 0.5, 2.0, np.True_))
-    want = [0, 0, 12, 4, a.ctypes.data, 3, 4, 16, 4, 7,
-            0, 0, b.size, 8, b.ctypes.data, *b.shape, *b.strides, 0.5, 2.0, True]
+    want = [
+        0,
+        0,
+        12,
+        4,
+        a.ctypes.data,
+        3,
+        4,
+        16,
+        4,
+        7,
+        0,
+        0,
+        b.size,
+        8,
+        b.ctypes.data,
+        *b.shape,
+        *b.strides,
+        0.5,
+        2.0,
+        True,
+    ]
     assert list(flat) == want
     assert [type(x) for x in flat[-3:]] == [float, float, bool]
     assert b.strides[1] < 0 and flat[10 + 5 + 3 + 1] == b.strides[1]
@@ -34,7 +60,7 @@ def test_flatten_follows_numbas_array_abi():
     fmt = _ptx.param_format(sig)
     assert struct.calcsize(fmt) == 8 * len(want)
     block = struct.pack(fmt, *flat)
-    slots = [block[8 * i:8 * i + 8] for i in range(len(want))]
+    slots = [block[8 * i : 8 * i + 8] for i in range(len(want))]
     assert struct.unpack("<Q", slots[4])[0] == a.ctypes.data
     assert struct.unpack("<q", slots[10 + 5 + 4])[0] == b.strides[1]
     assert struct.unpack("<f", slots[-3][:4])[0] == 0.5 and slots[-3][4:] == bytes(4)
@@ -68,8 +94,19 @@ def test_the_cupy_api_the_launcher_relies_on():
     assert "kernel" in cupy.RawKernel.__dict__ and not hasattr(cupy.RawKernel, "ptr")
     sig = driver.launchKernel.__doc__.split("(", 1)[1].split(")", 1)[0]
     names = [a.split()[-1] for a in sig.split(",")]
-    assert names == ["f", "grid_dim_x", "grid_dim_y", "grid_dim_z", "block_dim_x", "block_dim_y", "block_dim_z",
-                     "shared_mem_bytes", "stream", "kernel_params", "extra"]
+    assert names == [
+        "f",
+        "grid_dim_x",
+        "grid_dim_y",
+        "grid_dim_z",
+        "block_dim_x",
+        "block_dim_y",
+        "block_dim_z",
+        "shared_mem_bytes",
+        "stream",
+        "kernel_params",
+        "extra",
+    ]
 
 
 def test_flatten_refuses_what_it_cannot_pass():
@@ -205,8 +242,8 @@ class _CheckedLaunch:
         for ty in self.argtypes:
             if isinstance(ty, types.Array):
                 meminfo, parent, size, isz, data = vals[:5]
-                shape, strides = tuple(vals[5:5 + ty.ndim]), tuple(vals[5 + ty.ndim:5 + 2 * ty.ndim])
-                del vals[:5 + 2 * ty.ndim]
+                shape, strides = tuple(vals[5 : 5 + ty.ndim]), tuple(vals[5 + ty.ndim : 5 + 2 * ty.ndim])
+                del vals[: 5 + 2 * ty.ndim]
                 dt = np.dtype(str(ty.dtype))
                 assert meminfo == parent == 0 and size == int(np.prod(shape)) and isz == dt.itemsize
                 args.append(host_view(data, shape, strides, dt))
@@ -319,8 +356,13 @@ def test_bound_launch_repacks_only_what_varies():
     import ctypes
     import struct
 
-    sig = (_ptx.array_type(np.float32, 3, "A"), _ptx.array_type(np.float64, 1), types.int64, types.float32,
-           types.boolean)
+    sig = (
+        _ptx.array_type(np.float32, 3, "A"),
+        _ptx.array_type(np.float64, 1),
+        types.int64,
+        types.float32,
+        types.boolean,
+    )
     a = np.zeros((3, 4, 5), np.float32)[:, ::-1]  # negative strides
     ls = np.zeros(3)
     seen = []

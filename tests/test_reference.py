@@ -26,7 +26,9 @@ def index_formula(P, beta):
     return per, Gamma
 
 
-@pytest.mark.parametrize("shape", [(7, 5, 3), (3, 4, 6), (1, 1, 1), (5, 2, 1)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(7, 5, 3), (3, 4, 6), (1, 1, 1), (5, 2, 1)], ids=lambda s: "x".join(map(str, s))
+)
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_reference_is_the_index_formula(shape, axis, rng):
     phi = random_phi(rng, shape, np.float64)
@@ -55,7 +57,9 @@ def test_nonfinite_slice_is_nan_and_alone(rng):
     assert np.isfinite(per[[0, 2]]).all() and np.isfinite(grad[:, [0, 2]]).all()
 
 
-@pytest.mark.parametrize("shape", [(7, 5, 3), (3, 4, 13), (33, 2, 9), (1, 1, 1)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(7, 5, 3), (3, 4, 13), (33, 2, 9), (1, 1, 1)], ids=lambda s: "x".join(map(str, s))
+)
 def test_chunked_build_equals_the_whole_array_reference(shape, rng):
     phi = random_phi(rng, shape, np.float64)
     beta = float(rng.uniform(0.1, 3.0))

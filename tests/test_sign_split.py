@@ -146,7 +146,9 @@ def test_gpu_split_pass_matches_one_block_pass(n, rng):
     per = ol1.loss(phi, 0.3, reduction="none")
     assert np.isnan(cupy.asnumpy(per)[4]) and np.isnan(cupy.asnumpy(grad)[:, 4]).all()
     fin = np.r_[0:4, 5:6]
-    check(cupy.asnumpy(phi)[:, fin], cupy.asnumpy(per)[fin], cupy.asnumpy(grad)[:, fin], 0.3, reduction="none")
+    check(
+        cupy.asnumpy(phi)[:, fin], cupy.asnumpy(per)[fin], cupy.asnumpy(grad)[:, fin], 0.3, reduction="none"
+    )
     G = cupy.matmul(phi.transpose(1, 2, 0), phi.transpose(1, 0, 2)).reshape(6, n * n)
     one = sign_abs.get_kernel(1024)
     g1, l1 = G.copy(), cupy.zeros(6)

@@ -40,7 +40,9 @@ def _pyproject_selects_ruff_rules() -> bool:
         if s.startswith("["):
             section = s
         elif section in ("[tool.ruff.lint]", "[tool.ruff]") and s.split("=")[0].strip() in (
-                "select", "extend-select"):
+            "select",
+            "extend-select",
+        ):
             return True
     return False
 
@@ -56,13 +58,20 @@ def test_ruff_clean():
     assert rc == 0, f"{' '.join(['ruff check', *args, '.'])} found problems:\n{out}"
 
 
+def test_ruff_format_clean():
+    """`ruff format --check`: the tree is as the formatter writes it (the pre-commit hook keeps it so)."""
+    rc, out = _run([_tool("ruff"), "format", "--check", "."])
+    assert rc == 0, f"ruff format --check . would reformat:\n{out}"
+
+
 def test_mypy_clean():
     rc, out = _run([_tool("mypy"), "gpu_orthol1", "kernels"])
     assert rc == 0, f"mypy gpu_orthol1 kernels found problems:\n{out}"
 
 
-@pytest.mark.parametrize("fn", [ol1.loss, ol1.grad, ol1.loss_and_grad, ol1.available_backends],
-                         ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "fn", [ol1.loss, ol1.grad, ol1.loss_and_grad, ol1.available_backends], ids=lambda f: f.__name__
+)
 def test_public_api_fully_annotated(fn):
     sig = inspect.signature(fn)
     missing = [p.name for p in sig.parameters.values() if p.annotation is inspect.Parameter.empty]
@@ -72,8 +81,13 @@ def test_public_api_fully_annotated(fn):
 
 # the core API, and each framework layer whose framework is installed (gpu_orthol1.keras is left to
 # tests/test_keras.py's subprocesses: Keras fixes its backend for the process at import)
-FRAMEWORK_MODULES = ("gpu_orthol1", "gpu_orthol1.torch", "gpu_orthol1.distributed", "gpu_orthol1.jax",
-                     "gpu_orthol1.optax")
+FRAMEWORK_MODULES = (
+    "gpu_orthol1",
+    "gpu_orthol1.torch",
+    "gpu_orthol1.distributed",
+    "gpu_orthol1.jax",
+    "gpu_orthol1.optax",
+)
 
 
 def _framework_callables():

@@ -64,8 +64,9 @@ def test_concurrent_calls_match_serial(rng):
     jobs = _jobs(rng)
     serial = [ol1.loss_and_grad(phi, beta, backend="numpy", **kw) for phi, beta, kw in jobs]
     before = [phi.copy() for phi, _, _ in jobs]
-    got = _hammer(lambda i: ol1.loss_and_grad(jobs[i][0], jobs[i][1], backend="numpy", **jobs[i][2]),
-                  len(jobs))
+    got = _hammer(
+        lambda i: ol1.loss_and_grad(jobs[i][0], jobs[i][1], backend="numpy", **jobs[i][2]), len(jobs)
+    )
     for (phi, beta, kw), (l0, g0), (l1, g1), b in zip(jobs, serial, got, before, strict=True):
         assert l0.tobytes() == l1.tobytes() and g0.tobytes() == g1.tobytes(), "a threaded call differs"
         np.testing.assert_array_equal(phi, b)
@@ -109,7 +110,9 @@ def test_workqueue_layer_does_not_abort():
         """
     )
     env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", (
-        f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-2000:]}")
+        f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-2000:]}"
+    )

@@ -79,8 +79,16 @@ def naive_model_loss(targets, beta, mode="auto"):
 # ortho_l1
 
 
-CASES = [((7, 5), 1), ((3, 9), 1), ((1, 1), 1), ((6, 6), 1), ((5, 4, 3), 1), ((4, 6, 7), 0), ((6, 3, 5), 2),
-         ((3, 5, 4), -1)]
+CASES = [
+    ((7, 5), 1),
+    ((3, 9), 1),
+    ((1, 1), 1),
+    ((6, 6), 1),
+    ((5, 4, 3), 1),
+    ((4, 6, 7), 0),
+    ((6, 3, 5), 2),
+    ((3, 5, 4), -1),
+]
 
 
 @pytest.mark.filterwarnings("ignore::gpu_orthol1.CopyWarning")  # axis=2 slices: the core stages them
@@ -109,8 +117,12 @@ def test_ortho_l1_matches_naive_autograd_float64(device, mode, reduction, case, 
 
 @pytest.mark.filterwarnings("ignore::gpu_orthol1.CopyWarning")
 def test_ortho_l1_gradcheck(tseed):
-    for shape, axis, mode in (((5, 4), 1, "columns"), ((3, 6), 1, "rows"), ((4, 3, 5), 1, "auto"),
-                              ((3, 2, 4), 2, None)):
+    for shape, axis, mode in (
+        ((5, 4), 1, "columns"),
+        ((3, 6), 1, "rows"),
+        ((4, 3, 5), 1, "auto"),
+        ((3, 2, 4), 2, None),
+    ):
         for _ in range(20):  # away from the kink: every |G - I| entry clear of 0 by much more than eps
             w = _t(tseed, shape).requires_grad_(True)
             v, rows = naive_slices(w.detach(), axis if w.dim() == 3 else 1, mode)
@@ -121,8 +133,11 @@ def test_ortho_l1_gradcheck(tseed):
             pytest.fail("no input away from the kink")
         for reduction in ("sum", "none"):
             assert torch.autograd.gradcheck(
-                lambda x, a=axis, r=reduction, md=mode: ortho_l1(x, 0.9, axis=a, reduction=r, mode=md), (w,),
-                eps=1e-6, atol=1e-6)
+                lambda x, a=axis, r=reduction, md=mode: ortho_l1(x, 0.9, axis=a, reduction=r, mode=md),
+                (w,),
+                eps=1e-6,
+                atol=1e-6,
+            )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -229,14 +244,17 @@ class SmallCNN(nn.Module):
 
 def _models():
     return {
-        "linear": lambda: nn.Sequential(nn.Linear(9, 13), nn.ReLU(), nn.Linear(13, 13), nn.Linear(13, 13),
-                                        nn.Linear(13, 5)),
+        "linear": lambda: nn.Sequential(
+            nn.Linear(9, 13), nn.ReLU(), nn.Linear(13, 13), nn.Linear(13, 13), nn.Linear(13, 5)
+        ),
         "conv2d": lambda: nn.Conv2d(3, 5, (3, 2)),
         "cnn": SmallCNN,
         "mha": lambda: nn.MultiheadAttention(12, 3, kdim=7, vdim=5),
         "transformer": lambda: nn.TransformerEncoder(
-            nn.TransformerEncoderLayer(16, 2, dim_feedforward=24, batch_first=True), 2,
-            enable_nested_tensor=False),
+            nn.TransformerEncoderLayer(16, 2, dim_feedforward=24, batch_first=True),
+            2,
+            enable_nested_tensor=False,
+        ),
     }
 
 
@@ -316,8 +334,12 @@ def test_orthol1_low_precision_against_reference(device, dtype, tseed):
     for t in reg.targets:
         p = t.param.detach()
         V = t.view(p).cpu().numpy()  # (m, l, n): slices along axis 0
-        per = np.abs(np.einsum("mli,mlj->mij", V.astype(np.float64), V.astype(np.float64))
-                     - np.eye(V.shape[2])).sum() * 0.6
+        per = (
+            np.abs(
+                np.einsum("mli,mlj->mij", V.astype(np.float64), V.astype(np.float64)) - np.eye(V.shape[2])
+            ).sum()
+            * 0.6
+        )
         total += per
         check(V, np.float64(per), t.view(t.param.grad).cpu().numpy(), 0.6, 0, "sum", np_dt)
     np.testing.assert_allclose(loss.item(), total, rtol=2e-5)
@@ -397,7 +419,9 @@ def test_include_exclude_rules():
     assert OrthoL1(tied).names == ["0.weight"]
     # an iterable of parameters or of (name, parameter) pairs; 3-D parameters are stacks along axis
     stack = nn.Parameter(torch.randn(4, 3, 6))
-    reg = OrthoL1([("a", stack), ("b", nn.Parameter(torch.randn(5)))], axis=0, mode="columns", three_d="stack")
+    reg = OrthoL1(
+        [("a", stack), ("b", nn.Parameter(torch.randn(5)))], axis=0, mode="columns", three_d="stack"
+    )
     assert reg.names == ["a"] and reg.targets[0].view(stack).shape == (4, 3, 6)
     reg = OrthoL1([stack], axis=1, mode="columns", three_d="stack")
     assert reg.names == ["0"] and reg.targets[0].view(stack).shape == (3, 4, 6)
@@ -424,8 +448,9 @@ def test_orthol1_errors_and_bfloat16():
     reg = OrthoL1(m, 0.5)
     loss = reg.loss()
     loss.backward()
-    ref = naive_model_loss([(p.detach().double().requires_grad_(True), False) for p in
-                            (m[0].weight, m[1].weight)], 0.5)
+    ref = naive_model_loss(
+        [(p.detach().double().requires_grad_(True), False) for p in (m[0].weight, m[1].weight)], 0.5
+    )
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=0)
     assert m[0].weight.grad.dtype == torch.bfloat16
 
@@ -437,8 +462,9 @@ def test_gpu_pointer_array_path_emulated(dtype, tseed):
     kernel, then raw addresses resolved back to the buffers), its dtypes (S in phi's dtype, alpha in
     the GEMM) and the CUDA kernels under the simulator; float16 goes one tensor at a time, as on a GPU."""
     np_dt = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}[dtype]
-    model = nn.Sequential(nn.Linear(6, 9), nn.Linear(9, 9), nn.Linear(9, 9), nn.Linear(9, 4),
-                          nn.Conv2d(2, 3, 2)).to(dtype)
+    model = nn.Sequential(
+        nn.Linear(6, 9), nn.Linear(9, 9), nn.Linear(9, 9), nn.Linear(9, 4), nn.Conv2d(2, 3, 2)
+    ).to(dtype)
     calls = []
 
     def factory():
@@ -459,14 +485,25 @@ def test_gpu_pointer_array_path_emulated(dtype, tseed):
             V = t.view(t.param.detach()).numpy().astype(np.float64)
             per = np.abs(np.einsum("mli,mlj->mij", V, V) - np.eye(V.shape[2])).sum() * 0.7
             total += per
-            check(t.view(t.param.detach()).numpy(), np.float64(per), t.view(t.param.grad).numpy(), 0.7, 0,
-                  "sum", np_dt)
+            check(
+                t.view(t.param.detach()).numpy(),
+                np.float64(per),
+                t.view(t.param.grad).numpy(),
+                0.7,
+                0,
+                "sum",
+                np_dt,
+            )
         np.testing.assert_allclose(loss.item(), total, rtol=2e-5)
         before = [t.param.grad.clone() for t in reg.targets]
         reg.add_grad_()
         for t, b in zip(reg.targets, before, strict=True):
-            np.testing.assert_allclose(t.param.grad.double().numpy(), 2 * b.double().numpy(),
-                                       rtol=2e-3 if dtype == torch.float16 else 1e-5, atol=1e-3)
+            np.testing.assert_allclose(
+                t.param.grad.double().numpy(),
+                2 * b.double().numpy(),
+                rtol=2e-3 if dtype == torch.float16 else 1e-5,
+                atol=1e-3,
+            )
     if dtype == torch.float16:  # the GPU's pointer-array GEMM has no float16: one tensor at a time
         assert calls and not any(d.gemm_calls for d in calls)
         return
@@ -475,12 +512,17 @@ def test_gpu_pointer_array_path_emulated(dtype, tseed):
 
 
 def test_pointer_arrays_are_base_plus_offset():
-    bufs = {"x": np.zeros(10, np.float32), "ws": np.zeros(50, np.float32),
-            "out": np.zeros((3, 4), np.float64)}
+    bufs = {
+        "x": np.zeros(10, np.float32),
+        "ws": np.zeros(50, np.float32),
+        "out": np.zeros((3, 4), np.float64),
+    }
     call = _gemm.BatchedGemm(
         _gemm.gram_call(_gemm.Layout("T", 2, 0), 0, 1, 2, 2),
-        (_gemm.Ref("x", 3), _gemm.Ref("x", 5)), (_gemm.Ref("x", 3), _gemm.Ref("x", 5)),
-        (_gemm.Ref("ws", 0), _gemm.Ref("out", 4)))
+        (_gemm.Ref("x", 3), _gemm.Ref("x", 5)),
+        (_gemm.Ref("x", 3), _gemm.Ref("x", 5)),
+        (_gemm.Ref("ws", 0), _gemm.Ref("out", 4)),
+    )
     p = _gemm.pointer_arrays(call, lambda k: bufs[k].ctypes.data, lambda k: bufs[k].itemsize)
     x, ws, out = (bufs[k].ctypes.data for k in ("x", "ws", "out"))
     assert p.dtype == np.uint64 and p.shape == (3, 2)
@@ -513,8 +555,15 @@ def train(beta, steps=300, how="loss", seed=0):
         teacher = torch.randn(32, 8, generator=g) / 32**0.5
         Y = torch.tanh(X @ teacher * 2)
         torch.manual_seed(seed)
-        model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64),
-                              nn.Tanh(), nn.Linear(64, 8))
+        model = nn.Sequential(
+            nn.Linear(32, 64),
+            nn.Tanh(),
+            nn.Linear(64, 64),
+            nn.Tanh(),
+            nn.Linear(64, 64),
+            nn.Tanh(),
+            nn.Linear(64, 8),
+        )
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
         reg = OrthoL1(model, beta) if beta else None
         task0 = nn.functional.mse_loss(model(X), Y).item()
@@ -611,11 +660,13 @@ def test_cupy_device_pointer_call_arguments(tseed):
         def _run(self, scal, handle, ta, tb, m, n, k, alpha_p, A, lda, B, ldb, beta_p, C, ldc, batch):
             alpha = scal.from_address(alpha_p).value
             beta = scal.from_address(beta_p).value
-            ptrs = np.array([(ctypes.c_uint64 * batch).from_address(a)[:] for a in (A, B, C)],
-                            dtype=np.uint64)
+            ptrs = np.array(
+                [(ctypes.c_uint64 * batch).from_address(a)[:] for a in (A, B, C)], dtype=np.uint64
+            )
             op = _gemm.Operand("?", 0, 0, 0)
-            t = _gemm.Gemm(ta, tb, m, n, k, alpha, replace_ld(op, lda), replace_ld(op, ldb), beta,
-                           replace_ld(op, ldc), 1)
+            t = _gemm.Gemm(
+                ta, tb, m, n, k, alpha, replace_ld(op, lda), replace_ld(op, ldb), beta, replace_ld(op, ldc), 1
+            )
             call = _gemm.BatchedGemm(t, (None,) * batch, (None,) * batch, (None,) * batch)
             self.calls.append(batch)
             emulate_pointer_gemm(call, ptrs, dict(views))
@@ -630,7 +681,7 @@ def test_cupy_device_pointer_call_arguments(tseed):
         return _gemm.Operand(op.buf, op.offset, ld, 0)
 
     def fill(addrs, ptrs):  # the kernel's job: the addresses, row by row, into the workspace's buffer
-        addrs[:ptrs.size] = ptrs.ravel()
+        addrs[: ptrs.size] = ptrs.ravel()
 
     cpu = _numpy_dev.NumpyDevice()
     dev = object.__new__(CupyDevice)  # no CuPy here: set what __init__ and bind() would
@@ -653,13 +704,31 @@ def test_cupy_device_pointer_call_arguments(tseed):
                 views[("p", j)], views[("o", j)] = V, Vo
             lay = _gemm.slice_layout(*phis[0].shape, *(s // phis[0].itemsize for s in phis[0].strides))
             batch = _driver.Pointers(phis, gouts, lay, lay, phis[0].shape[0], phis[0].shape[1])
-            sz = _driver.sizes(dev, 3, *phis[0].shape, np.dtype(np_dt), want_grad=True, accumulate=True,
-                               stage_phi=False, stage_out=False, budget=1 << 20, pointers=True)
+            sz = _driver.sizes(
+                dev,
+                3,
+                *phis[0].shape,
+                np.dtype(np_dt),
+                want_grad=True,
+                accumulate=True,
+                stage_phi=False,
+                stage_out=False,
+                budget=1 << 20,
+                pointers=True,
+            )
             wsb = _driver.workspace(np.empty, sz, *phis[0].shape, np.dtype(np_dt))
             assert wsb["addrs"].dtype == np.uint64 and wsb["addrs"].size == 3 * sz.chunk
             with pytest.raises(ValueError, match="pointers=True"):  # a workspace without the address buffer
-                _driver.run(dev, batch, {k: v for k, v in wsb.items() if k != "addrs"}, sz.chunk, np.zeros(3),
-                            alpha=1.0, beta_gemm=1.0, want_grad=True)
+                _driver.run(
+                    dev,
+                    batch,
+                    {k: v for k, v in wsb.items() if k != "addrs"},
+                    sz.chunk,
+                    np.zeros(3),
+                    alpha=1.0,
+                    beta_gemm=1.0,
+                    want_grad=True,
+                )
             views["ws"], views["sgn"] = wsb["ws"], wsb["sgn"]
             losses = np.zeros(3)
             FakeCublas.calls.clear()
@@ -692,7 +761,7 @@ def test_gpu_ortho_l1_zero_copy_on_current_stream(monkeypatch, tseed):
         loss = ortho_l1(w, 0.5, mode="rows")
         loss.backward()
     torch.cuda.synchronize()
-    (phi, stream_ptr), = seen
+    ((phi, stream_ptr),) = seen
     assert isinstance(phi, cupy.ndarray) and phi.data.ptr == w.data_ptr()  # DLPack view, no copy
     assert stream_ptr == s.cuda_stream  # CuPy ran on torch's current stream
     check(w.detach().cpu().numpy().T, loss.item(), w.grad.cpu().numpy().T, 0.5, 1, "sum", np.float32)
@@ -732,7 +801,9 @@ def test_orthol1_skips_weights_switched_off_after_building(tseed):
     loss.backward()
     assert model[0].weight.grad is None
     W = model[1].weight.detach()
-    torch.testing.assert_close(loss, 0.3 * (W.T @ W - torch.eye(5, dtype=W.dtype)).abs().sum(), rtol=1e-13, atol=0)
+    torch.testing.assert_close(
+        loss, 0.3 * (W.T @ W - torch.eye(5, dtype=W.dtype)).abs().sum(), rtol=1e-13, atol=0
+    )
 
 
 def test_orthol1_3d_rule_does_not_depend_on_how_params_are_passed(tseed):
@@ -811,8 +882,9 @@ def test_orthol1_loss_compiles_without_graph_break(tseed):
     out = compiled(x)
     out.backward()
     assert model[2].weight.grad is None and model[0].weight.grad is not None
-    want = naive_model_loss([(t.param.detach(), t.how == "flatten") for t in reg.targets
-                             if t.param.requires_grad], 0.3)
+    want = naive_model_loss(
+        [(t.param.detach(), t.how == "flatten") for t in reg.targets if t.param.requires_grad], 0.3
+    )
     torch.testing.assert_close(out.detach() - model[0](x).sum().detach(), want, rtol=1e-12, atol=0)
     params = [t.param for t in reg.targets if t.param.requires_grad]
     active = [j for j, t in enumerate(reg.targets) if t.param.requires_grad]

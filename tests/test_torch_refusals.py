@@ -24,9 +24,18 @@ from gpu_orthol1.torch import OrthoL1, biggan_ortho, keras_orthogonal, ortho_l1 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("version, ok", [("2.3.1", False), ("2.1.0+cu121", False), ("1.13.1", False),
-                                         ("2.4.0", True), ("2.13.0+cpu", True), ("2.5.0a0+git1234", True),
-                                         ("3.0.0", True)])
+@pytest.mark.parametrize(
+    "version, ok",
+    [
+        ("2.3.1", False),
+        ("2.1.0+cu121", False),
+        ("1.13.1", False),
+        ("2.4.0", True),
+        ("2.13.0+cpu", True),
+        ("2.5.0a0+git1234", True),
+        ("3.0.0", True),
+    ],
+)
 def test_torch_version_check(version, ok):
     if ok:
         otorch._check_torch_version(version)
@@ -38,8 +47,10 @@ def test_torch_version_check(version, ok):
 def test_import_refuses_an_old_torch_by_its_version():
     """End to end: with torch.__version__ reading 2.3.1, importing gpu_orthol1.torch is one ImportError
     naming the version found (not an AttributeError from torch.library at the first decorator)."""
-    code = ("import torch; torch.__version__ = '2.3.1'\n"
-            "try:\n    import gpu_orthol1.torch\nexcept ImportError as e:\n    print('ImportError:', e)\n")
+    code = (
+        "import torch; torch.__version__ = '2.3.1'\n"
+        "try:\n    import gpu_orthol1.torch\nexcept ImportError as e:\n    print('ImportError:', e)\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("ImportError: gpu_orthol1.torch needs torch >= 2.4"), r.stdout
@@ -69,8 +80,12 @@ def test_negative_or_nonfinite_weight_is_refused_everywhere(bad):
     m = _model()
     msg = "must be >= 0" if bad == bad and bad > float("-inf") else "must be a finite real number"
     calls = {
-        "beta": [lambda: ortho_l1(w, bad), lambda: ortho_l1(w, beta=bad, mode="rows", penalty="l2"),
-                 lambda: OrthoL1(m, beta=bad), lambda: OrthoL1(m, bad, mode="columns")],
+        "beta": [
+            lambda: ortho_l1(w, bad),
+            lambda: ortho_l1(w, beta=bad, mode="rows", penalty="l2"),
+            lambda: OrthoL1(m, beta=bad),
+            lambda: OrthoL1(m, bad, mode="columns"),
+        ],
         "factor": [lambda: keras_orthogonal(w, bad), lambda: OrthoL1.keras(m, factor=bad)],
         "strength": [lambda: biggan_ortho(w, bad), lambda: OrthoL1.biggan(m, strength=bad)],
     }
@@ -132,10 +147,15 @@ def test_distributed_functions_refuse_a_negative_beta(one_rank_gloo):
     with pytest.raises(ValueError, match="beta must be >= 0, got -1.0"):
         odist.dtensor_ortho_l1(w, -1.0)
     targets = [(w, "matrix", 1, False)]
-    for call in (lambda: odist.orthol1_dtensor_loss(targets, -1.0), lambda: odist.orthol1_dtensor_execute(targets, -1.0)):
+    for call in (
+        lambda: odist.orthol1_dtensor_loss(targets, -1.0),
+        lambda: odist.orthol1_dtensor_execute(targets, -1.0),
+    ):
         with pytest.raises(ValueError, match="beta must be >= 0, got -1.0"):
             call()
-    np.testing.assert_allclose(float(odist.loss(phi, 0.5, shard_dim=0)), float(odist.loss(phi, 0.5, shard_dim=1)))
+    np.testing.assert_allclose(
+        float(odist.loss(phi, 0.5, shard_dim=0)), float(odist.loss(phi, 0.5, shard_dim=1))
+    )
 
 
 @pytest.mark.parametrize("entry", ["ortho_l1", "OrthoL1.loss"])

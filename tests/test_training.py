@@ -43,8 +43,9 @@ def ref_metrics(V, beta=1.0):
 
 def _close(got, want, rtol, what):
     got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * max(1.0, float(np.abs(want).max(initial=0))),
-                               err_msg=what)
+    np.testing.assert_allclose(
+        got, want, rtol=rtol, atol=rtol * max(1.0, float(np.abs(want).max(initial=0))), err_msg=what
+    )
 
 
 # -- core metrics ----------------------------------------------------------------------------------
@@ -106,8 +107,9 @@ def test_chunk_metrics_both_paths_equal_reference(rng, n):
 
 def _net(seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(7, 11), torch.nn.Tanh(), torch.nn.Linear(11, 5),
-                              torch.nn.Conv2d(5, 3, 2))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(7, 11), torch.nn.Tanh(), torch.nn.Linear(11, 5), torch.nn.Conv2d(5, 3, 2)
+    )
     net.stack = torch.nn.Parameter(torch.empty(3, 6, 4))
     with torch.no_grad():
         for p in net.parameters():
@@ -120,8 +122,12 @@ def _ref_reg_metrics(reg, beta):
     for t in reg.targets:
         V = t.view(t.param.detach()).double().numpy()
         r = ref_metrics(V, beta * t.scale)
-        out[t.name] = {"penalty": r["penalty"].sum(), "max_cos": r["max_cos"].max(),
-                       "fro": math.sqrt((r["fro"] ** 2).mean()), "mean_abs": r["mean_abs"].mean()}
+        out[t.name] = {
+            "penalty": r["penalty"].sum(),
+            "max_cos": r["max_cos"].max(),
+            "fro": math.sqrt((r["fro"] ** 2).mean()),
+            "mean_abs": r["mean_abs"].mean(),
+        }
     return out
 
 
@@ -168,7 +174,7 @@ def test_orthol1_metrics_single_path_bfloat16():
 
 
 def sched(step):
-    return 0.2 * 0.9 ** step
+    return 0.2 * 0.9**step
 
 
 def _hand_penalty(net, mode):
@@ -184,8 +190,11 @@ def _hand_penalty(net, mode):
 
 def _task(net, x):
     h = net[2](net[1](net[0](x)))
-    return (h * h).mean() + net[3](h[:, :, None, None].expand(-1, -1, 2, 2)).sum() * 0.01 \
+    return (
+        (h * h).mean()
+        + net[3](h[:, :, None, None].expand(-1, -1, 2, 2)).sum() * 0.01
         + (net.stack * 0.1).sum()
+    )
 
 
 @pytest.mark.parametrize("how", ["loss", "add_grad_", "step_"])
@@ -287,7 +296,9 @@ def test_bad_schedule_value_raises_before_writing(bad):
     with pytest.raises(ValueError, match="schedule returned .* at step 1"):
         reg.add_grad_()
     assert [p.grad for p in net.parameters() if p.grad is not None] and all(
-        torch.equal(a, p.grad) for a, p in zip(before, (p for p in net.parameters() if p.grad is not None), strict=True))
+        torch.equal(a, p.grad)
+        for a, p in zip(before, (p for p in net.parameters() if p.grad is not None), strict=True)
+    )
     assert reg.step == 1  # not advanced: the call can be retried after fixing the schedule
     with pytest.raises(ValueError, match="schedule"):
         reg.loss()
@@ -337,8 +348,13 @@ def ddp_run(request, tmp_path_factory):
     print(f"ddp test seed = {seed} (world {world})")
     out = tmp_path_factory.mktemp(f"ddp{world}")
     t0 = time.monotonic()
-    ctx = mp.start_processes(_ddp_workers.main, args=(world, str(out / "store"), seed, str(out)),
-                             nprocs=world, join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _ddp_workers.main,
+        args=(world, str(out / "store"), seed, str(out)),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
     try:
         while not ctx.join(timeout=1):
             if time.monotonic() - t0 > 180:

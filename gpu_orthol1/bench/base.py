@@ -22,11 +22,45 @@ PEERS = ("numpy-naive", "torch-eager", "torch-compile", "jax-jit", "cupy-naive")
 # One row per (method, case): the CSV's columns and the JSON rows' keys, in this order. "slow" is
 # set by flags.slow_rows, "flags" by flags.flag_rows.
 RESULT_FIELDS = [
-    "method", "family", "device", "device_name", "backend", "precision", "sweep", "shape", "l", "m", "n",
-    "dtype", "status", "note", "runs", "p20_ms", "p50_ms", "p80_ms", "limit_blas_ms", "limit_mem_ms",
-    "ratio_blas", "ratio_mem", "ratio_limit", "ours_speedup", "peak_mb", "peak_how", "loss_err", "grad_err",
-    "gflops", "v_gpu_orthol1", "v_numpy", "v_cupy", "v_torch", "v_jax", "host", "loadavg", "timestamp",
-    "flags", "slow",
+    "method",
+    "family",
+    "device",
+    "device_name",
+    "backend",
+    "precision",
+    "sweep",
+    "shape",
+    "l",
+    "m",
+    "n",
+    "dtype",
+    "status",
+    "note",
+    "runs",
+    "p20_ms",
+    "p50_ms",
+    "p80_ms",
+    "limit_blas_ms",
+    "limit_mem_ms",
+    "ratio_blas",
+    "ratio_mem",
+    "ratio_limit",
+    "ours_speedup",
+    "peak_mb",
+    "peak_how",
+    "loss_err",
+    "grad_err",
+    "gflops",
+    "v_gpu_orthol1",
+    "v_numpy",
+    "v_cupy",
+    "v_torch",
+    "v_jax",
+    "host",
+    "loadavg",
+    "timestamp",
+    "flags",
+    "slow",
 ]
 
 
@@ -83,6 +117,7 @@ class Method:
 
 # ---------------------------------------------------------------- memory probes (CPU)
 
+
 def _status_kb(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -113,8 +148,9 @@ def _mallopt(mmap_threshold: int) -> bool:
     except OSError:
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and \
-        bool(libc.mallopt(M_TRIM_THRESHOLD, 2 * mmap_threshold))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, 2 * mmap_threshold)
+    )
 
 
 def malloc_steady() -> bool:
@@ -153,6 +189,7 @@ def cpu_peak(fn: Callable[[], Any]) -> tuple[float, str]:
 
 
 # ---------------------------------------------------------------- GPU helpers
+
 
 def cupy_module():
     import cupy

@@ -32,12 +32,18 @@ REF_SHAPES = ((4096, 32, 128), (64, 4096, 64), (512, 64, 512))
 SWEEPS: dict[str, dict[str, tuple]] = {
     "full": {"m": ((512, 64), (8, 32, 128, 512, 2048, 8192)), "n": ((1024, 16), (16, 32, 64, 128, 256, 512))},
     "quick": {"m": ((512, 64), (16, 128, 1024)), "n": ((1024, 16), (32, 128, 512))},
-    "gpu": {"m": ((512, 64), (16, 64, 256, 1024, 4096, 16384)), "n": ((1024, 64), (16, 32, 64, 128, 256, 512))},
+    "gpu": {
+        "m": ((512, 64), (16, 64, 256, 1024, 4096, 16384)),
+        "n": ((1024, 64), (16, 32, 64, 128, 256, 512)),
+    },
     "gpu-quick": {"m": ((512, 64), (16, 256, 4096)), "n": ((1024, 64), (16, 64, 256))},
 }
 # CPU<->GPU crossover for backend="auto" with NumPy inputs: (l, n) fixed, m grows.
-CROSSOVER = {"quick": ((256, 64), (1, 4, 16, 64, 256, 1024, 4096)),
-             "full": ((256, 64), (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384))}
+CROSSOVER = {
+    "quick": ((256, 64), (1, 4, 16, 64, 256, 1024, 4096)),
+    "full": ((256, 64), (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)),
+}
+
 
 def _parse_shapes(s):
     """Reference shapes: 'LxMxN,LxMxN,...', or 'L,M,N;L,M,N' (';' or a space between shapes); 'none'
@@ -46,7 +52,7 @@ def _parse_shapes(s):
         return []
     out = []
     for chunk in re.split(r"[;\s]+", s.strip()):
-        for part in (chunk.split(",") if "x" in chunk.lower() else [chunk]):
+        for part in chunk.split(",") if "x" in chunk.lower() else [chunk]:
             try:
                 dims = dims_of(part)
             except ValueError:
@@ -54,7 +60,8 @@ def _parse_shapes(s):
             if len(dims) != 3 or min(dims) <= 0:
                 raise argparse.ArgumentTypeError(
                     f"shape {part!r} is not LxMxN (or L,M,N) with positive integers; separate shapes "
-                    "with ',' when written LxMxN, with ';' or a space when written L,M,N")
+                    "with ',' when written LxMxN, with ';' or a space when written L,M,N"
+                )
             out.append(dims)
     return out
 
@@ -70,7 +77,9 @@ def _parse_sweep(s):
         if min((a, b) + v) <= 0:
             raise ValueError
     except ValueError:
-        raise argparse.ArgumentTypeError(f"sweep {s!r} is not 'AxB:v1,v2,...' (or 'A,B:v1,v2,...') with positive integers") from None
+        raise argparse.ArgumentTypeError(
+            f"sweep {s!r} is not 'AxB:v1,v2,...' (or 'A,B:v1,v2,...') with positive integers"
+        ) from None
     return ((a, b), v)
 
 
@@ -78,27 +87,63 @@ def parser():
     p = argparse.ArgumentParser(
         prog="gpu-orthol1 bench",
         description="Time gpu_orthol1.loss_and_grad against naive NumPy/CuPy, PyTorch (eager, torch.compile) "
-                    "and JAX on this machine, check every method against a float64 reference first, and "
-                    "report the ratio to the BLAS/cuBLAS (and GPU memory) limit and the peak memory.")
-    p.add_argument("--quick", action="store_true", help="float32 reference shapes on the CPU, short sweeps, "
-                   "5 runs (about 1-2 minutes on 2 cores)")
-    p.add_argument("--device", choices=("cpu", "gpu", "all"), default="all",
-                   help="all (default): the CPU, and the GPU when one is usable")
-    p.add_argument("--shapes", type=_parse_shapes, default=None,
-                   help="reference shapes LxMxN,LxMxN,... or L,M,N;L,M,N (slices along M); 'none' for sweeps only")
-    p.add_argument("--dtypes", default=None, help="comma list of float16,float32,float64 for the reference "
-                   "shapes (default: all three; --quick: float32 on the CPU)")
-    p.add_argument("--sweep-m", type=_parse_sweep, default=None, help="time vs m: 'LxN:m1,m2,...' (or 'L,N:...') or 'none'")
-    p.add_argument("--sweep-n", type=_parse_sweep, default=None, help="time vs n: 'LxM:n1,n2,...' (or 'L,M:...') or 'none'")
+        "and JAX on this machine, check every method against a float64 reference first, and "
+        "report the ratio to the BLAS/cuBLAS (and GPU memory) limit and the peak memory.",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="float32 reference shapes on the CPU, short sweeps, 5 runs (about 1-2 minutes on 2 cores)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "gpu", "all"),
+        default="all",
+        help="all (default): the CPU, and the GPU when one is usable",
+    )
+    p.add_argument(
+        "--shapes",
+        type=_parse_shapes,
+        default=None,
+        help="reference shapes LxMxN,LxMxN,... or L,M,N;L,M,N (slices along M); 'none' for sweeps only",
+    )
+    p.add_argument(
+        "--dtypes",
+        default=None,
+        help="comma list of float16,float32,float64 for the reference "
+        "shapes (default: all three; --quick: float32 on the CPU)",
+    )
+    p.add_argument(
+        "--sweep-m",
+        type=_parse_sweep,
+        default=None,
+        help="time vs m: 'LxN:m1,m2,...' (or 'L,N:...') or 'none'",
+    )
+    p.add_argument(
+        "--sweep-n",
+        type=_parse_sweep,
+        default=None,
+        help="time vs n: 'LxM:n1,n2,...' (or 'L,M:...') or 'none'",
+    )
     p.add_argument("--no-crossover", action="store_true", help="skip the GPU CPU/GPU crossover sizes")
-    p.add_argument("--methods", default=None,
-                   help="comma list of substrings; only methods whose name contains one of them run "
-                        "(limits always run)")
-    p.add_argument("--runs", type=int, default=None, help="timed runs per method (at least 5; default 5 "
-                   "with --quick, else 10)")
-    p.add_argument("--time-limit", type=float, default=None, metavar="S",
-                   help="start no new case after S seconds (the rest is skipped with a note; outputs "
-                        "are still written)")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma list of substrings; only methods whose name contains one of them run (limits always run)",
+    )
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=None,
+        help="timed runs per method (at least 5; default 5 with --quick, else 10)",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        metavar="S",
+        help="start no new case after S seconds (the rest is skipped with a note; outputs are still written)",
+    )
     p.add_argument("--csv", metavar="FILE")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--plot", metavar="FILE.png")
@@ -127,14 +172,18 @@ def check_outputs(a) -> None:
         try:
             from matplotlib.backend_bases import FigureCanvasBase
         except ImportError:
-            raise UsageError("--plot needs matplotlib, which is not installed (pip install matplotlib, "
-                             "or pip install -e '.[bench]' from the repository root); "
-                             "leave --plot out to run without a plot") from None
+            raise UsageError(
+                "--plot needs matplotlib, which is not installed (pip install matplotlib, "
+                "or pip install -e '.[bench]' from the repository root); "
+                "leave --plot out to run without a plot"
+            ) from None
         ext = os.path.splitext(a.plot)[1].lstrip(".").lower()
         kinds = FigureCanvasBase.get_supported_filetypes()
         if ext and ext not in kinds:
-            raise UsageError(f"--plot {a.plot!r}: matplotlib cannot write .{ext} files; use one of "
-                             + ", ".join(f".{k}" for k in sorted(kinds)))
+            raise UsageError(
+                f"--plot {a.plot!r}: matplotlib cannot write .{ext} files; use one of "
+                + ", ".join(f".{k}" for k in sorted(kinds))
+            )
 
 
 def make_config(a) -> BenchConfig:
@@ -177,13 +226,24 @@ def make_config(a) -> BenchConfig:
             raise UsageError(f"--methods {a.methods!r} matches no method; names: {', '.join(names)}")
         methods = [mt for mt in methods if mt.family == "limit" or any(w in mt.name for w in want)]
     crossover = None if a.no_crossover else CROSSOVER["quick" if a.quick else "full"]
-    config = BenchConfig(devices, ref, dtypes, sweeps, crossover, runs, 2,  # 0 extra warm-ups: 2.5x too slow (measured)
-                math.inf if a.quick else 20.0, methods)
+    config = BenchConfig(
+        devices,
+        ref,
+        dtypes,
+        sweeps,
+        crossover,
+        runs,
+        2,  # 0 extra warm-ups: 2.5x too slow (measured)
+        math.inf if a.quick else 20.0,
+        methods,
+    )
     config.notes = notes
     if a.quick and any(mt.name == "torch-compile" for mt in methods):
         config.sweep_skip = config.f32_only = ("torch-compile",)
-        notes.append("--quick runs torch-compile on the float32 reference shapes only (it recompiles for "
-                     "every shape and dtype)")
+        notes.append(
+            "--quick runs torch-compile on the float32 reference shapes only (it recompiles for "
+            "every shape and dtype)"
+        )
     if a.time_limit is not None:
         config.time_limit_s = a.time_limit
     return config
@@ -259,17 +319,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {s}")
     flagged = [r for r in rows if r.get("flags")]
     if flagged:
-        print(f"note: {len(flagged)} of {len(rows)} row(s) flagged as disturbed (flags column; a '?' in the "
-              "headline): re-run those on a quiet machine before quoting them")
+        print(
+            f"note: {len(flagged)} of {len(rows)} row(s) flagged as disturbed (flags column; a '?' in the "
+            "headline): re-run those on a quiet machine before quoting them"
+        )
     slow = [r for r in rows if r.get("slow")]
     if slow:
-        print(f"note: {len(slow)} point(s) where gpu_orthol1 misses its CPU promise (within {SLOW_RATIO:g}x "
-              f"the BLAS limit, not slower than {SLOW_PEER}): " + ", ".join(
-                  f"{r['shape']} {r['dtype']} ({r['sweep']})" for r in slow) + " (slow column, JSON field 'slow')")
+        print(
+            f"note: {len(slow)} point(s) where gpu_orthol1 misses its CPU promise (within {SLOW_RATIO:g}x "
+            f"the BLAS limit, not slower than {SLOW_PEER}): "
+            + ", ".join(f"{r['shape']} {r['dtype']} ({r['sweep']})" for r in slow)
+            + " (slow column, JSON field 'slow')"
+        )
     save()
-    if a.plot and not plot(rows, a.plot, title=f"gpu_orthol1 bench {'--quick ' if a.quick else ''}({bench.host})"):
+    if a.plot and not plot(
+        rows, a.plot, title=f"gpu_orthol1 bench {'--quick ' if a.quick else ''}({bench.host})"
+    ):
         print("note: no sweep results to plot", file=sys.stderr)
     print(f"bench finished in {time.time() - t0:.0f} s (load average now {loadavg()})")
     bad = [r for r in rows if r["family"] == "ours" and r["status"] != "ok"]
     return 2 if bad else 0
-

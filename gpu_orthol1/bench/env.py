@@ -16,9 +16,13 @@ def versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {}
-    for key, dists in (("gpu_orthol1", ("gpu_orthol1",)), ("numpy", ("numpy",)),
-                       ("cupy", ("cupy-cuda13x", "cupy-cuda12x", "cupy-cuda11x", "cupy")),
-                       ("torch", ("torch",)), ("jax", ("jax",))):
+    for key, dists in (
+        ("gpu_orthol1", ("gpu_orthol1",)),
+        ("numpy", ("numpy",)),
+        ("cupy", ("cupy-cuda13x", "cupy-cuda12x", "cupy-cuda11x", "cupy")),
+        ("torch", ("torch",)),
+        ("jax", ("jax",)),
+    ):
         out[key] = ""
         for d in dists:
             try:

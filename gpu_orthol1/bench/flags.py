@@ -60,7 +60,12 @@ def _row_flags(r, cpu_count: int | None) -> list[str]:
         return []
     out = []
     p20, p80 = r.get("p20_ms", ""), r.get("p80_ms", "")
-    if p20 not in ("", None) and p80 not in ("", None) and float(p20) > 0 and float(p80) / float(p20) > SPREAD_MAX:
+    if (
+        p20 not in ("", None)
+        and p80 not in ("", None)
+        and float(p20) > 0
+        and float(p80) / float(p20) > SPREAD_MAX
+    ):
         out.append(f"spread p80/p20 {float(p80) / float(p20):.2f} > {SPREAD_MAX}")
     rb = r.get("ratio_blas", "")
     if r.get("family") in ("ours", "peer") and rb not in ("", None) and float(rb) < FLOOR_RATIO:
@@ -126,15 +131,24 @@ def slow_rows(rows: list[dict]) -> list[dict]:
     naive = {_case_key(r): r for r in rows if r.get("method") == SLOW_PEER and r.get("status") == "ok"}
     for r in rows:
         r["slow"] = ""
-        if not (r.get("family") == "ours" and r.get("device") == "cpu" and r.get("precision") == "highest"
-                and r.get("status") == "ok" and r.get("p50_ms") not in ("", None)):
+        if not (
+            r.get("family") == "ours"
+            and r.get("device") == "cpu"
+            and r.get("precision") == "highest"
+            and r.get("status") == "ok"
+            and r.get("p50_ms") not in ("", None)
+        ):
             continue
         why = []
         rb = r.get("ratio_blas", "")
         if rb not in ("", None) and float(rb) > SLOW_RATIO:
             why.append(f"{float(rb):.2f}x the BLAS limit > {SLOW_RATIO:g}")
         peer = naive.get(_case_key(r))
-        if peer is not None and peer.get("p50_ms") not in ("", None) and float(r["p50_ms"]) > float(peer["p50_ms"]):
+        if (
+            peer is not None
+            and peer.get("p50_ms") not in ("", None)
+            and float(r["p50_ms"]) > float(peer["p50_ms"])
+        ):
             why.append(f"slower than {SLOW_PEER} ({float(r['p50_ms']):.4g} > {float(peer['p50_ms']):.4g} ms)")
         r["slow"] = "; ".join(why)
     return rows

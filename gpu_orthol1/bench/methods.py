@@ -33,6 +33,7 @@ from .base import (
 
 # ---------------------------------------------------------------- gpu_orthol1
 
+
 def _ours(device: str, precision: str) -> Method:
     backend = "numpy" if device == "cpu" else "cupy"
 
@@ -57,11 +58,20 @@ def _ours(device: str, precision: str) -> Method:
 
     name = f"gpu_orthol1[{backend}{',tf32' if precision == 'tf32' else ''}]"
     avail = (lambda: (True, "")) if device == "cpu" else gpu_ok
-    return Method(name, "ours", device, backend, precision, prepare, avail,
-                  ("float32",) if precision == "tf32" else ("float16", "float32", "float64"))
+    return Method(
+        name,
+        "ours",
+        device,
+        backend,
+        precision,
+        prepare,
+        avail,
+        ("float32",) if precision == "tf32" else ("float16", "float32", "float64"),
+    )
 
 
 # ---------------------------------------------------------------- naive NumPy / CuPy
+
 
 def _naive(xp, x, beta):
     """What a user writes: slices first, Gram, |G - I| summed, closed-form gradient 2 beta P sign(G - I)."""
@@ -98,6 +108,7 @@ def _cupy_naive() -> Method:
 
 
 # ---------------------------------------------------------------- PyTorch
+
 
 def _torch_avail(device: str, compiled: bool):
     def avail():
@@ -170,6 +181,7 @@ def _torch(device: str, compiled: bool) -> Method:
         if device == "cpu":
             peak = cpu_peak_of(call)
         else:
+
             def peak():
                 gpu_sync()
                 torch.cuda.reset_peak_memory_stats()
@@ -179,6 +191,7 @@ def _torch(device: str, compiled: bool) -> Method:
                 p = torch.cuda.max_memory_allocated() - b0
                 del r
                 return float(p), "torch-max-allocated"
+
         return Prepared(call, result, sync, peak, keep)
 
     name = "torch-compile" if compiled else "torch-eager"
@@ -186,6 +199,7 @@ def _torch(device: str, compiled: bool) -> Method:
 
 
 # ---------------------------------------------------------------- JAX
+
 
 def _jax_import():
     # JAX takes 75% of the GPU at import unless told not to; the other peers share the card.
@@ -290,6 +304,7 @@ def _ours_jax(device: str) -> Method:
 
 # ---------------------------------------------------------------- the limit: the two GEMMs alone
 
+
 def _limit(device: str, precision: str) -> Method:
     """The core's own Gram and gradient GEMMs (same BLAS / cuBLAS calls, same compute types) over
     contiguous (m, l, n) operands, in one batch each, with no sign pass: the time gpu_orthol1
@@ -341,14 +356,34 @@ def _limit(device: str, precision: str) -> Method:
     lib = "blas" if device == "cpu" else "cublas"
     name = f"limit-{lib}{'-tf32' if precision == 'tf32' else ''}"
     avail = (lambda: (True, "")) if device == "cpu" else gpu_ok
-    return Method(name, "limit", device, lib, precision, prepare, avail,
-                  ("float32",) if precision == "tf32" else ("float16", "float32", "float64"))
+    return Method(
+        name,
+        "limit",
+        device,
+        lib,
+        precision,
+        prepare,
+        avail,
+        ("float32",) if precision == "tf32" else ("float16", "float32", "float64"),
+    )
 
 
 def all_methods() -> list[Method]:
     return [
-        _ours("cpu", "highest"), _numpy_naive(), _torch("cpu", False), _torch("cpu", True), _jax("cpu"), _ours_jax("cpu"),
+        _ours("cpu", "highest"),
+        _numpy_naive(),
+        _torch("cpu", False),
+        _torch("cpu", True),
+        _jax("cpu"),
+        _ours_jax("cpu"),
         _limit("cpu", "highest"),
-        _ours("gpu", "highest"), _ours("gpu", "tf32"), _cupy_naive(), _torch("gpu", False),
-        _torch("gpu", True), _jax("gpu"), _ours_jax("gpu"), _limit("gpu", "highest"), _limit("gpu", "tf32"),
+        _ours("gpu", "highest"),
+        _ours("gpu", "tf32"),
+        _cupy_naive(),
+        _torch("gpu", False),
+        _torch("gpu", True),
+        _jax("gpu"),
+        _ours_jax("gpu"),
+        _limit("gpu", "highest"),
+        _limit("gpu", "tf32"),
     ]

@@ -37,21 +37,46 @@ def table(rows, sweeps=("ref",)) -> str:
     times faster gpu_orthol1 is (its time divided by this method's), peak memory, where gpu_orthol1
     misses its CPU promise ("SLOW: ..."; see flags.slow_rows) and why a row is flagged as disturbed
     (see flags.flag_rows)."""
-    head = ["method", "device", "shape", "dtype", "median ms", "p20-p80 ms", "x limit", "ours faster by",
-            "peak MB", "status", "slow", "flags"]
+    head = [
+        "method",
+        "device",
+        "shape",
+        "dtype",
+        "median ms",
+        "p20-p80 ms",
+        "x limit",
+        "ours faster by",
+        "peak MB",
+        "status",
+        "slow",
+        "flags",
+    ]
     lines = []
     for r in rows:
         if r["sweep"] not in sweeps:
             continue
         spd = r["ours_speedup"]
-        lines.append([
-            r["method"], r["device"], r["shape"], r["dtype"], _fmt(r["p50_ms"], ".3f"),
-            f"{_fmt(r['p20_ms'], '.3f')}-{_fmt(r['p80_ms'], '.3f')}" if r["p50_ms"] != "" else "-",
-            _fmt(r["ratio_limit"], ".2f"), ("-" if r["family"] != "peer" or spd == "" else f"{spd:.2f}x"),
-            _fmt(r["peak_mb"], ".1f"), r["status"] + (f" ({r['note']})" if r["note"] else ""),
-            f"SLOW: {r['slow']}" if r.get("slow") else "", r.get("flags", ""),
-        ])
-    w = [max(len(str(x)) for x in col) for col in zip(head, *lines, strict=True)] if lines else [len(h) for h in head]
+        lines.append(
+            [
+                r["method"],
+                r["device"],
+                r["shape"],
+                r["dtype"],
+                _fmt(r["p50_ms"], ".3f"),
+                f"{_fmt(r['p20_ms'], '.3f')}-{_fmt(r['p80_ms'], '.3f')}" if r["p50_ms"] != "" else "-",
+                _fmt(r["ratio_limit"], ".2f"),
+                ("-" if r["family"] != "peer" or spd == "" else f"{spd:.2f}x"),
+                _fmt(r["peak_mb"], ".1f"),
+                r["status"] + (f" ({r['note']})" if r["note"] else ""),
+                f"SLOW: {r['slow']}" if r.get("slow") else "",
+                r.get("flags", ""),
+            ]
+        )
+    w = (
+        [max(len(str(x)) for x in col) for col in zip(head, *lines, strict=True)]
+        if lines
+        else [len(h) for h in head]
+    )
     out = ["  ".join(h.ljust(k) for h, k in zip(head, w, strict=True)).rstrip()]
     out += ["  ".join(str(c).ljust(k) for c, k in zip(ln, w, strict=True)).rstrip() for ln in lines]
     return "\n".join(out)
@@ -68,7 +93,9 @@ def headline(rows) -> list[dict]:
         if r["sweep"] == "ref":
             groups.setdefault((r["device"], r["device_name"], r["shape"], r["dtype"]), []).append(r)
     for (device, dname, shape, dtype), rs in groups.items():
-        ours = [r for r in rs if r["family"] == "ours" and r["precision"] == "highest" and r["status"] == "ok"]
+        ours = [
+            r for r in rs if r["family"] == "ours" and r["precision"] == "highest" and r["status"] == "ok"
+        ]
         if not ours:
             continue
         o = ours[0]
@@ -78,8 +105,17 @@ def headline(rows) -> list[dict]:
             flags["ms"] = own
         if o.get("flags"):
             flags["x_limit"] = split_flags(o["flags"])
-        h = {"device": device, "device_name": dname, "shape": shape, "dtype": dtype, "method": o["method"],
-             "ms": o["p50_ms"], "x_limit": o["ratio_limit"], "peak_mb": o["peak_mb"], "flags": flags}
+        h = {
+            "device": device,
+            "device_name": dname,
+            "shape": shape,
+            "dtype": dtype,
+            "method": o["method"],
+            "ms": o["p50_ms"],
+            "x_limit": o["ratio_limit"],
+            "peak_mb": o["peak_mb"],
+            "flags": flags,
+        }
         tf = [r for r in rs if r["family"] == "ours" and r["precision"] == "tf32" and r["status"] == "ok"]
         h["tf32_ms"] = tf[0]["p50_ms"] if tf else ""
         if tf and own_flags(tf[0].get("flags", "")):
@@ -117,8 +153,14 @@ def headline_markdown(rows) -> str:
         def mark(key, text, fl=fl):
             return text + "?" if key in fl and text != "-" else text
 
-        cells = [h["device_name"] or h["device"], h["shape"], h["dtype"], mark("ms", _fmt(h["ms"], ".2f")),
-                 mark("x_limit", _fmt(h["x_limit"], ".2f")), _fmt(h["peak_mb"], ".0f")]
+        cells = [
+            h["device_name"] or h["device"],
+            h["shape"],
+            h["dtype"],
+            mark("ms", _fmt(h["ms"], ".2f")),
+            mark("x_limit", _fmt(h["x_limit"], ".2f")),
+            _fmt(h["peak_mb"], ".0f"),
+        ]
         if "tf32 ms" in head:
             cells.append(mark("tf32_ms", _fmt(h["tf32_ms"], ".2f")))
         for p in peers:
@@ -127,8 +169,11 @@ def headline_markdown(rows) -> str:
         why: dict[str, list[str]] = {}  # one entry per distinct reason, naming the values it concerns
         for key, reasons in fl.items():
             for reason in reasons:
-                why.setdefault(reason, []).append(key.replace("_", " ") if key in ("x_limit", "tf32_ms") else
-                                                  ("ms" if key == "ms" else f"vs {key}"))
+                why.setdefault(reason, []).append(
+                    key.replace("_", " ")
+                    if key in ("x_limit", "tf32_ms")
+                    else ("ms" if key == "ms" else f"vs {key}")
+                )
         cells.append("; ".join(f"{', '.join(keys)}: {reason}" for reason, keys in why.items()))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -161,18 +206,25 @@ def plot(rows, path, title=""):
             rs = [r for r in rows if r["device"] == dev and r["sweep"] == sweep and r["status"] == "ok"]
             names = list(dict.fromkeys(r["method"] for r in rs))
             for name in names:
-                pts = sorted((r[sweep], r["p50_ms"], r["p20_ms"], r["p80_ms"]) for r in rs if r["method"] == name)
+                pts = sorted(
+                    (r[sweep], r["p50_ms"], r["p20_ms"], r["p80_ms"]) for r in rs if r["method"] == name
+                )
                 x = [p[0] for p in pts]
                 y = [p[1] for p in pts]
                 fam = next(r["family"] for r in rs if r["method"] == name)
-                style: dict = {"ls": "--", "color": "k", "lw": 1.2} if fam == "limit" else {"marker": "o", "ms": 3}
+                style: dict = (
+                    {"ls": "--", "color": "k", "lw": 1.2} if fam == "limit" else {"marker": "o", "ms": 3}
+                )
                 if fam == "ours":
                     style["lw"] = 2.5
                 ax.plot(x, y, label=name, **style)
                 if fam != "limit":
                     ax.fill_between(x, [p[2] for p in pts], [p[3] for p in pts], alpha=0.15)
-            mem = sorted((r[sweep], r["limit_mem_ms"]) for r in rs
-                         if r["family"] == "ours" and r["limit_mem_ms"] != "" and r["precision"] == "highest")
+            mem = sorted(
+                (r[sweep], r["limit_mem_ms"])
+                for r in rs
+                if r["family"] == "ours" and r["limit_mem_ms"] != "" and r["precision"] == "highest"
+            )
             if mem:
                 ax.plot([p[0] for p in mem], [p[1] for p in mem], ls=":", color="k", label="limit-memory")
             fixed = [r for r in rs][:1]

@@ -67,12 +67,24 @@ from ._targets import (
     orthol1_dtensor_step_,
 )
 
-__all__ = ["loss_and_grad", "loss", "dtensor_ortho_l1", "orthol1_dtensor_execute", "orthol1_dtensor_loss",
-           "orthol1_dtensor_add_grad_", "orthol1_dtensor_step_", "pack_grams", "unpack_grams"]
+__all__ = [
+    "loss_and_grad",
+    "loss",
+    "dtensor_ortho_l1",
+    "orthol1_dtensor_execute",
+    "orthol1_dtensor_loss",
+    "orthol1_dtensor_add_grad_",
+    "orthol1_dtensor_step_",
+    "pack_grams",
+    "unpack_grams",
+]
 
 # settings a user (or a benchmark) assigns on the package, kept in the module that reads them at call time
-_SETTINGS: dict[str, types.ModuleType] = {"COLUMN_SPLIT": _meta, "CPU_DEFAULT_WORKSPACE": _meta,
-                                          "STACK_BYTES": _targets}
+_SETTINGS: dict[str, types.ModuleType] = {
+    "COLUMN_SPLIT": _meta,
+    "CPU_DEFAULT_WORKSPACE": _meta,
+    "STACK_BYTES": _targets,
+}
 
 
 def __getattr__(name: str) -> Any:

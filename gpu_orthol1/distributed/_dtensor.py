@@ -24,14 +24,18 @@ def _dtensor_split(w):
         if isinstance(p, Shard):
             shard.append((mdim, p.dim))
         elif not isinstance(p, Replicate):
-            raise ValueError(f"gpu_orthol1: DTensor placement {p} is not supported (only Shard(d) and "
-                             "Replicate(); redistribute the tensor first, e.g. w.redistribute(placements="
-                             "[Replicate()]))")
+            raise ValueError(
+                f"gpu_orthol1: DTensor placement {p} is not supported (only Shard(d) and "
+                "Replicate(); redistribute the tensor first, e.g. w.redistribute(placements="
+                "[Replicate()]))"
+            )
     if not shard:
         return None, None
     if len(shard) > 1:
-        raise ValueError(f"gpu_orthol1: a DTensor sharded over several mesh dims {w.placements} is not "
-                         "supported; redistribute it so that one mesh dim shards it")
+        raise ValueError(
+            f"gpu_orthol1: a DTensor sharded over several mesh dims {w.placements} is not "
+            "supported; redistribute it so that one mesh dim shards it"
+        )
     mdim, d = shard[0]
     return d, w.device_mesh.get_group(mdim)
 
@@ -53,7 +57,8 @@ def _transpose_for(mode, ndim, shape, axis):
 SECOND_ORDER_REFUSED = (
     "gpu_orthol1: a second derivative (double backward, create_graph=True) of the penalty over DTensor "
     "(sharded) parameters is not supported: the sharded path returns the first-order gradient only. "
-    "Differentiate the penalty of the gathered weight (w.full_tensor()) where second derivatives are needed")
+    "Differentiate the penalty of the gathered weight (w.full_tensor()) where second derivatives are needed"
+)
 
 
 class _SecondOrderRefused(torch.autograd.Function):
@@ -85,8 +90,9 @@ class _DTensorOrthoL1(torch.autograd.Function):
         if shard_dim is None:  # replicated: every rank holds the whole tensor, no collective
             loss_t, g = _local_run(local, beta, axis, reduction, want_grad, transpose, variant)
         else:
-            loss_t, g, own = _run(local, beta, axis, shard_dim, reduction, group, want_grad, transpose,
-                                  variant=variant)
+            loss_t, g, own = _run(
+                local, beta, axis, shard_dim, reduction, group, want_grad, transpose, variant=variant
+            )
         ctx.want, ctx.own = want_grad, own
         if want_grad:
             ctx.save_for_backward(g, w)
@@ -109,8 +115,9 @@ class _DTensorOrthoL1(torch.autograd.Function):
             shape[ctx.axis] = -1
             go = go.reshape(shape)
         gl = g * go.to(g.dtype)
-        gd = DTensor.from_local(gl, ctx.mesh, ctx.placements, run_check=False, shape=ctx.gshape,
-                                stride=ctx.gstride)
+        gd = DTensor.from_local(
+            gl, ctx.mesh, ctx.placements, run_check=False, shape=ctx.gshape, stride=ctx.gstride
+        )
         return _first_order(gd, w), None, None, None, None, None, None
 
 
@@ -120,11 +127,14 @@ def _local_run(t, beta, axis, reduction, want_grad, transpose, variant=_penalty.
     if nd not in (2, 3):
         raise ValueError(f"gpu_orthol1: the DTensor must be 2-D or 3-D, got shape {tuple(t.shape)}")
     if t.dtype not in _DTYPES:
-        raise ValueError(f"gpu_orthol1: the DTensor's dtype {t.dtype} is not float16, bfloat16, float32 or "
-                         "float64")
+        raise ValueError(
+            f"gpu_orthol1: the DTensor's dtype {t.dtype} is not float16, bfloat16, float32 or float64"
+        )
     ax = int(axis) % 3 if nd == 3 else 0
     V = _compute_view(_slice_view(t.detach(), nd, ax, transpose))
-    lt, G = _run_core(V, _core.check_beta(beta), reduction, want_grad, t.device, variant=_penalty.check(*variant))
+    lt, G = _run_core(
+        V, _core.check_beta(beta), reduction, want_grad, t.device, variant=_penalty.check(*variant)
+    )
     lt = lt.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
     if not want_grad:
         return lt, None
@@ -132,9 +142,16 @@ def _local_run(t, beta, axis, reduction, want_grad, transpose, variant=_penalty.
     return lt, grad.to(t.dtype) if grad.dtype != t.dtype else grad
 
 
-def dtensor_ortho_l1(w: Any, beta: float = 1.0, axis: int = 1, reduction: str = "sum",
-                     mode: str | None = None, penalty: str = "l1", diagonal: bool = True,
-                     normalize: bool = False) -> Any:
+def dtensor_ortho_l1(
+    w: Any,
+    beta: float = 1.0,
+    axis: int = 1,
+    reduction: str = "sum",
+    mode: str | None = None,
+    penalty: str = "l1",
+    diagonal: bool = True,
+    normalize: bool = False,
+) -> Any:
     """`gpu_orthol1.torch.ortho_l1` for a DTensor w (Shard(d) on one mesh dim, Replicate on the
     others, or replicated everywhere): a plain tensor loss (0-d, (m,) for "none"; (1,) for a 2-D w),
     the same on every rank, whose backward gives w a DTensor gradient with w's placements.
@@ -173,10 +190,13 @@ def dtensor_ortho_l1(w: Any, beta: float = 1.0, axis: int = 1, reduction: str = 
         raise ValueError(f"dtensor_ortho_l1 takes a DTensor, got {type(w).__name__}")
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if w.dim() == 3 and (isinstance(axis, bool) or not isinstance(axis, numbers.Integral)
-                         or not -3 <= axis < 3):
+    if w.dim() == 3 and (
+        isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or not -3 <= axis < 3
+    ):
         raise ValueError(f"axis must be an integer in [-3, 3) for a 3-D weight, got {axis!r}")
     transpose = _transpose_for(mode, w.dim(), tuple(w.shape), axis if w.dim() == 3 else 0)
     want_grad = torch.is_grad_enabled() and w.requires_grad
     variant = _penalty.check(penalty, diagonal, normalize)
-    return _DTensorOrthoL1.apply(w, _core.check_beta(beta), int(axis), reduction, transpose, want_grad, variant)
+    return _DTensorOrthoL1.apply(
+        w, _core.check_beta(beta), int(axis), reduction, transpose, want_grad, variant
+    )

@@ -39,7 +39,7 @@ def pack_grams(G: torch.Tensor) -> torch.Tensor:
     a, c = _split(n)
     P = G[:, :a, :].clone()
     if c:
-        sub = P[:, 1:c + 1, :c]
+        sub = P[:, 1 : c + 1, :c]
         mask = torch.ones(c, c, dtype=torch.bool, device=G.device).tril_()
         sub.copy_(torch.where(mask, G[:, a:, a:], sub))
     return P
@@ -69,7 +69,7 @@ def unpack_grams(P: torch.Tensor, G: torch.Tensor) -> None:
         B = P[:, :, a:]
         G[:, :a, a:] = B
         G[:, a:, :a] = B.mT
-        Cr = P[:, 1:c + 1, :c]
+        Cr = P[:, 1 : c + 1, :c]
         lower = torch.ones(c, c, dtype=torch.bool, device=G.device).tril_()
         torch.where(lower, Cr, Cr.mT, out=G[:, a:, a:])
 

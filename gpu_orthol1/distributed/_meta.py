@@ -44,12 +44,44 @@ _NOT_INT = -(1 << 62)  # an argument that is not an integer, in the int64 metada
 # the metadata every rank shares before any data moves
 
 # fields of one rank's metadata row (int64)
-(_F_STATUS, _F_NDIM, _F_S0, _F_S1, _F_S2, _F_DTYPE, _F_DEVICE, _F_SHARD, _F_AXIS, _F_RED, _F_WANT, _F_BETA,
- _F_CHUNK, _F_TRANSPOSE, _F_WS, _F_COLSPLIT, _F_VARIANT, _NFIELDS) = range(18)
+(
+    _F_STATUS,
+    _F_NDIM,
+    _F_S0,
+    _F_S1,
+    _F_S2,
+    _F_DTYPE,
+    _F_DEVICE,
+    _F_SHARD,
+    _F_AXIS,
+    _F_RED,
+    _F_WANT,
+    _F_BETA,
+    _F_CHUNK,
+    _F_TRANSPOSE,
+    _F_WS,
+    _F_COLSPLIT,
+    _F_VARIANT,
+    _NFIELDS,
+) = range(18)
 
 # local statuses, in the order they are checked
-(_OK, _E_TYPE, _E_DTENSOR, _E_LAYOUT, _E_DTYPE, _E_DEVICE, _E_NDIM, _E_SHARD, _E_AXIS, _E_RED, _E_BETA,
- _E_WS, _E_PLAN, _E_VARIANT) = range(14)
+(
+    _OK,
+    _E_TYPE,
+    _E_DTENSOR,
+    _E_LAYOUT,
+    _E_DTYPE,
+    _E_DEVICE,
+    _E_NDIM,
+    _E_SHARD,
+    _E_AXIS,
+    _E_RED,
+    _E_BETA,
+    _E_WS,
+    _E_PLAN,
+    _E_VARIANT,
+) = range(14)
 
 _KINDS = ("m", "l", "n")  # which dim of the (m, l, n) slice view the shards split
 
@@ -131,12 +163,23 @@ def _default_workspace(device: torch.device, l: int, n: int) -> int | None:
     return max(CPU_DEFAULT_WORKSPACE, 16 * n * n + 16 * l * n)
 
 
-def _inspect(local: Any, beta: Any, axis: Any, shard_dim: Any, reduction: Any, want_grad: bool, transpose: bool,
-             workspace_bytes: Any, variant: Any) -> _Local:
+def _inspect(
+    local: Any,
+    beta: Any,
+    axis: Any,
+    shard_dim: Any,
+    reduction: Any,
+    want_grad: bool,
+    transpose: bool,
+    workspace_bytes: Any,
+    variant: Any,
+) -> _Local:
     """This rank's metadata row, never raising: an error is a status the whole group will see."""
     row = [0] * _NFIELDS
     row[_F_SHARD], row[_F_AXIS] = _int_field(shard_dim), _int_field(axis)
-    row[_F_RED] = REDUCTIONS.index(reduction) if isinstance(reduction, str) and reduction in REDUCTIONS else -1
+    row[_F_RED] = (
+        REDUCTIONS.index(reduction) if isinstance(reduction, str) and reduction in REDUCTIONS else -1
+    )
     row[_F_WANT], row[_F_TRANSPOSE] = int(bool(want_grad)), int(bool(transpose))
     row[_F_WS] = -1 if workspace_bytes is None else _int_field(workspace_bytes)
     row[_F_COLSPLIT] = COLUMN_SPLITS.index(COLUMN_SPLIT) if COLUMN_SPLIT in COLUMN_SPLITS else -1
@@ -205,8 +248,15 @@ def _inspect(local: Any, beta: Any, axis: Any, shard_dim: Any, reduction: Any, w
                 ws = _default_workspace(local.device, V.shape[1], V.shape[2])
             with _stream_ctx(local.device):
                 a = _to_array(V)
-                out.plan = _core.cached(a, 0, REDUCTIONS[row[_F_RED]], "highest",
-                                        "numpy" if local.device.type == "cpu" else "cupy", ws, *v)
+                out.plan = _core.cached(
+                    a,
+                    0,
+                    REDUCTIONS[row[_F_RED]],
+                    "highest",
+                    "numpy" if local.device.type == "cpu" else "cupy",
+                    ws,
+                    *v,
+                )
                 row[_F_CHUNK] = int(_core.chunk_for(out.plan, bool(want_grad)))
         except Exception as e:  # noqa: BLE001 - reported to every rank through the metadata, not raised here
             return fail(_E_PLAN, f"{type(e).__name__}: {e}")
@@ -225,8 +275,10 @@ def _compute_view(V: torch.Tensor) -> torch.Tensor:
 
 def _group_of(group: Any) -> tuple[Any, int, int]:
     if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("gpu_orthol1.distributed: torch.distributed is not initialized "
-                         "(call torch.distributed.init_process_group first)")
+        raise ValueError(
+            "gpu_orthol1.distributed: torch.distributed is not initialized "
+            "(call torch.distributed.init_process_group first)"
+        )
     g = group if group is not None else dist.group.WORLD
     rank = dist.get_rank(g)
     if rank < 0:
@@ -255,7 +307,7 @@ def _exchange(mine: _Local, group: Any, world: int, device: torch.device) -> lis
 _STATUS_TEXT = {
     _E_TYPE: "its local shard is not a torch.Tensor",
     _E_DTENSOR: "its local shard is a DTensor; pass w.to_local() with shard_dim, or call "
-                "gpu_orthol1.torch.ortho_l1(w) on the DTensor",
+    "gpu_orthol1.torch.ortho_l1(w) on the DTensor",
     _E_LAYOUT: "its local shard is not a dense (strided) tensor",
     _E_DTYPE: "its local shard's dtype is not float16, bfloat16, float32 or float64",
     _E_DEVICE: "its local shard is on a device other than cpu or cuda",
@@ -279,8 +331,10 @@ def _validate(rows: list[list[int]], rank: int, mine: _Local) -> list[int]:
             msg = f"its local shard has {row[_F_NDIM]} dims; expected 2 (one slice) or 3"
         elif st == _E_SHARD:
             sd = row[_F_SHARD]
-            msg = (f"shard_dim {'(not an integer)' if sd == _NOT_INT else sd} is out of range for a "
-                   f"{row[_F_NDIM]}-D tensor")
+            msg = (
+                f"shard_dim {'(not an integer)' if sd == _NOT_INT else sd} is out of range for a "
+                f"{row[_F_NDIM]}-D tensor"
+            )
         elif st == _E_AXIS:
             ax = row[_F_AXIS]
             msg = f"axis {'(not an integer)' if ax == _NOT_INT else ax} is out of range for a 3-D tensor"
@@ -306,15 +360,23 @@ def _validate(rows: list[list[int]], rank: int, mine: _Local) -> list[int]:
     differ(_F_WANT, "whether the gradient is wanted (loss vs loss_and_grad)")
     differ(_F_TRANSPOSE, "mode (which Gram of each slice is penalized)")
     differ(_F_WS, "workspace_bytes", lambda v: "None" if v < 0 else str(v))
-    differ(_F_VARIANT, "the penalty (penalty, diagonal, normalize)", lambda v: repr(
-        (_penalty.PENALTIES[v // 4], bool(v & 2), bool(v & 1))))
-    differ(_F_COLSPLIT, "gpu_orthol1.distributed.COLUMN_SPLIT", lambda v: repr(COLUMN_SPLITS[v]) if v >= 0 else "?")
+    differ(
+        _F_VARIANT,
+        "the penalty (penalty, diagonal, normalize)",
+        lambda v: repr((_penalty.PENALTIES[v // 4], bool(v & 2), bool(v & 1))),
+    )
+    differ(
+        _F_COLSPLIT,
+        "gpu_orthol1.distributed.COLUMN_SPLIT",
+        lambda v: repr(COLUMN_SPLITS[v]) if v >= 0 else "?",
+    )
     nd, sd = rows[0][_F_NDIM], rows[0][_F_SHARD]
-    shapes = [tuple(row[_F_S0:_F_S0 + nd]) for row in rows]
+    shapes = [tuple(row[_F_S0 : _F_S0 + nd]) for row in rows]
     others = [tuple(s for d, s in enumerate(sh) if d != sd) for sh in shapes]
     if any(o != others[0] for o in others):
         listing = ", ".join(f"rank {r} {sh}" for r, sh in enumerate(shapes))
-        raise ValueError(f"{pre}the shards do not form one tensor split along dim {sd}: every dim but "
-                         f"shard_dim must be the same on all ranks, got shapes {listing}")
+        raise ValueError(
+            f"{pre}the shards do not form one tensor split along dim {sd}: every dim but "
+            f"shard_dim must be the same on all ranks, got shapes {listing}"
+        )
     return [sh[sd] for sh in shapes]
-

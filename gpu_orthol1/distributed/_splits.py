@@ -39,19 +39,35 @@ from ._meta import (
 )
 
 
-def _run_core(V: torch.Tensor, beta: float, reduction: str, want_grad: bool, device: torch.device, *,
-              hook: Any = None, chunk: int | None = None, plan: Any = None, ws: int | None = None,
-              variant: Any = _penalty.DEFAULT) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _run_core(
+    V: torch.Tensor,
+    beta: float,
+    reduction: str,
+    want_grad: bool,
+    device: torch.device,
+    *,
+    hook: Any = None,
+    chunk: int | None = None,
+    plan: Any = None,
+    ws: int | None = None,
+    variant: Any = _penalty.DEFAULT,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The core on an (m, l, n) slice view V (readable, float16/32/64): (loss tensor, grad view or None)."""
     G = torch.empty_like(V) if want_grad else None
     if G is not None and not _readable(G):
         G = torch.empty(V.shape, dtype=V.dtype, device=V.device)
     with _stream_ctx(device):
         a = _to_array(V)
-        p = plan if plan is not None else _core.cached(
-            a, 0, reduction, "highest", "numpy" if device.type == "cpu" else "cupy", ws, *variant)
-        loss, _ = _core.execute(p, a, _to_array(G) if G is not None else None, False, beta, want_grad,
-                                gram_hook=hook, chunk=chunk)
+        p = (
+            plan
+            if plan is not None
+            else _core.cached(
+                a, 0, reduction, "highest", "numpy" if device.type == "cpu" else "cupy", ws, *variant
+            )
+        )
+        loss, _ = _core.execute(
+            p, a, _to_array(G) if G is not None else None, False, beta, want_grad, gram_hook=hook, chunk=chunk
+        )
         return _from_array(loss, device), G
 
 
@@ -67,13 +83,15 @@ def _gather_along(x: torch.Tensor, dim: int, sizes: list[int], group: Any, rank:
         buf = x.reshape(-1)
     else:
         buf = x.new_zeros(big * per)
-        buf[:x.numel()] = x.reshape(-1)
+        buf[: x.numel()] = x.reshape(-1)
     out = x.new_empty((len(sizes), big * per))
     dist.all_gather(list(out.unbind(0)), buf, group=group)
     if all(s == big for s in sizes):
         full = out.view((len(sizes) * big,) + rest)
     else:
-        full = torch.cat([p[:s * per].view((s,) + rest) for p, s in zip(out.unbind(0), sizes, strict=True)], 0)
+        full = torch.cat(
+            [p[: s * per].view((s,) + rest) for p, s in zip(out.unbind(0), sizes, strict=True)], 0
+        )
     return full.movedim(0, dim)
 
 
@@ -82,24 +100,35 @@ def _split_sizes(total: int, world: int) -> list[int]:
     return [total // world + (1 if r < total % world else 0) for r in range(world)]
 
 
-def _all_to_all(blocks: list[torch.Tensor], out_sizes: list[int], out_dtype: torch.dtype,
-                group: Any) -> tuple[torch.Tensor, ...]:
+def _all_to_all(
+    blocks: list[torch.Tensor], out_sizes: list[int], out_dtype: torch.dtype, group: Any
+) -> tuple[torch.Tensor, ...]:
     """Send blocks[q] (tensors) to rank q and receive out_sizes[p] numbers from each rank p: one
     all_to_all_single over one packed send buffer (uneven sizes allowed). Returns the pieces by rank."""
     ref = blocks[0]
     send = ref.new_empty(sum(b.numel() for b in blocks), dtype=out_dtype)
     o = 0
     for b in blocks:
-        send[o:o + b.numel()].view(b.shape).copy_(b)
+        send[o : o + b.numel()].view(b.shape).copy_(b)
         o += b.numel()
     recv = ref.new_empty(sum(out_sizes), dtype=out_dtype)
     dist.all_to_all_single(recv, send, list(out_sizes), [b.numel() for b in blocks], group=group)
     return recv.split(list(out_sizes))
 
 
-def _columns_via_rows(V: torch.Tensor, b: float, red: str, want_grad: bool, device: torch.device, sizes: list[int],
-                      g: Any, rank: int, world: int, workspace_bytes: int | None,
-                      variant: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _columns_via_rows(
+    V: torch.Tensor,
+    b: float,
+    red: str,
+    want_grad: bool,
+    device: torch.device,
+    sizes: list[int],
+    g: Any,
+    rank: int,
+    world: int,
+    workspace_bytes: int | None,
+    variant: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A column split computed as a row split. Every rank sends each other rank that rank's rows of its
     columns (all-to-all), so it holds a slab of whole rows (m, l_r, n); the row split's partial Grams are
     summed (packed all-reduce) and each rank forms its slab's gradient rows; a second all-to-all returns
@@ -110,16 +139,18 @@ def _columns_via_rows(V: torch.Tensor, b: float, red: str, want_grad: bool, devi
     r0 = [sum(rows[:q]) for q in range(world)]
     c0 = [sum(sizes[:p]) for p in range(world)]
     L = rows[rank]
-    pieces = _all_to_all([V[:, r0[q]:r0[q] + rows[q], :] for q in range(world)],
-                         [m * L * s for s in sizes], V.dtype, g)
+    pieces = _all_to_all(
+        [V[:, r0[q] : r0[q] + rows[q], :] for q in range(world)], [m * L * s for s in sizes], V.dtype, g
+    )
     Vrow = _compute_view(torch.cat([p.view(m, L, s) for p, s in zip(pieces, sizes, strict=True)], dim=2))
     # the ranks' slabs may differ by a row: agree on the chunk (the least; 0 = a rank could not plan)
     ws = workspace_bytes if workspace_bytes is not None else _default_workspace(device, L, Vrow.shape[2])
     plan, chunk, err = None, 0, None
     try:
         with _stream_ctx(device):
-            plan = _core.cached(_to_array(Vrow), 0, red, "highest", "numpy" if device.type == "cpu" else "cupy",
-                                ws, *variant)
+            plan = _core.cached(
+                _to_array(Vrow), 0, red, "highest", "numpy" if device.type == "cpu" else "cupy", ws, *variant
+            )
             chunk = int(_core.chunk_for(plan, bool(want_grad)))
     except Exception as e:  # noqa: BLE001 - told to every rank by the MIN below
         err = e
@@ -127,20 +158,36 @@ def _columns_via_rows(V: torch.Tensor, b: float, red: str, want_grad: bool, devi
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=g)
     if int(agreed.item()) < 1:
         mine = f" ({type(err).__name__}: {err})" if chunk < 1 else ""
-        raise ValueError(f"gpu_orthol1.distributed: a rank could not plan its row slab of the column split{mine}")
-    lt, Grow = _run_core(Vrow, b, red, want_grad, device, hook=_gram_hook(g, device),
-                         chunk=int(agreed.item()), plan=plan)
+        raise ValueError(
+            f"gpu_orthol1.distributed: a rank could not plan its row slab of the column split{mine}"
+        )
+    lt, Grow = _run_core(
+        Vrow, b, red, want_grad, device, hook=_gram_hook(g, device), chunk=int(agreed.item()), plan=plan
+    )
     if not want_grad:
         return lt, None
     assert Grow is not None
-    back = _all_to_all([Grow[:, :, c0[q]:c0[q] + sizes[q]] for q in range(world)],
-                       [m * rows[p] * n_me for p in range(world)], Grow.dtype, g)
+    back = _all_to_all(
+        [Grow[:, :, c0[q] : c0[q] + sizes[q]] for q in range(world)],
+        [m * rows[p] * n_me for p in range(world)],
+        Grow.dtype,
+        g,
+    )
     return lt, torch.cat([p.view(m, rows[q], n_me) for q, p in enumerate(back)], dim=1)
 
 
-def _run(local: Any, beta: Any, axis: Any, shard_dim: Any, reduction: Any, group: Any, want_grad: bool,
-         transpose: bool = False, workspace_bytes: Any = None,
-         variant: Any = _penalty.DEFAULT) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int] | None]:
+def _run(
+    local: Any,
+    beta: Any,
+    axis: Any,
+    shard_dim: Any,
+    reduction: Any,
+    group: Any,
+    want_grad: bool,
+    transpose: bool = False,
+    workspace_bytes: Any = None,
+    variant: Any = _penalty.DEFAULT,
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int] | None]:
     """loss_and_grad / loss and the DTensor forms: (loss, grad_local or None, (first, count) of the
     global slices this rank holds when the shards split the slice axis, else None)."""
     g, rank, world = _group_of(group)
@@ -157,7 +204,9 @@ def _run(local: Any, beta: Any, axis: Any, shard_dim: Any, reduction: Any, group
     v = mine.variant
     if kind == 1:  # rows of every slice: sum partial Grams, signs and gradient rows locally
         chunk = min(r[_F_CHUNK] for r in rows)
-        lt, G = _run_core(V, b, red, want_grad, device, hook=_gram_hook(g, device), chunk=chunk, plan=mine.plan)
+        lt, G = _run_core(
+            V, b, red, want_grad, device, hook=_gram_hook(g, device), chunk=chunk, plan=mine.plan
+        )
         loss_t = lt
     elif kind == 0:  # whole slices: local slices, then the loss over the group
         V = _compute_view(V)
@@ -195,10 +244,19 @@ def _run(local: Any, beta: Any, axis: Any, shard_dim: Any, reduction: Any, group
     return loss_t, grad, own
 
 
-
-def loss_and_grad(local: Any, beta: float = 1.0, *, axis: int = 1, shard_dim: int, reduction: str = "sum",
-                  group: Any = None, workspace_bytes: int | None = None, penalty: str = "l1",
-                  diagonal: bool = True, normalize: bool = False) -> tuple[Any, Any]:
+def loss_and_grad(
+    local: Any,
+    beta: float = 1.0,
+    *,
+    axis: int = 1,
+    shard_dim: int,
+    reduction: str = "sum",
+    group: Any = None,
+    workspace_bytes: int | None = None,
+    penalty: str = "l1",
+    diagonal: bool = True,
+    normalize: bool = False,
+) -> tuple[Any, Any]:
     """Loss and this rank's gradient shard of a Phi split over the ranks of `group`.
 
     local: this rank's piece (a CPU or CUDA torch tensor) of the global Phi, 3-D with slices along
@@ -241,14 +299,33 @@ def loss_and_grad(local: Any, beta: float = 1.0, *, axis: int = 1, shard_dim: in
         >>> local = torch.randn(64 // dist.get_world_size(), 16)  # this rank's rows of a (64, 16) Phi
         >>> loss, grad_local = loss_and_grad(local, 1e-3, shard_dim=0)
     """
-    loss_t, grad, _ = _run(local, beta, axis, shard_dim, reduction, group, True, workspace_bytes=workspace_bytes,
-                           variant=(penalty, diagonal, normalize))
+    loss_t, grad, _ = _run(
+        local,
+        beta,
+        axis,
+        shard_dim,
+        reduction,
+        group,
+        True,
+        workspace_bytes=workspace_bytes,
+        variant=(penalty, diagonal, normalize),
+    )
     return loss_t, grad
 
 
-def loss(local: Any, beta: float = 1.0, *, axis: int = 1, shard_dim: int, reduction: str = "sum",
-         group: Any = None, workspace_bytes: int | None = None, penalty: str = "l1", diagonal: bool = True,
-         normalize: bool = False) -> Any:
+def loss(
+    local: Any,
+    beta: float = 1.0,
+    *,
+    axis: int = 1,
+    shard_dim: int,
+    reduction: str = "sum",
+    group: Any = None,
+    workspace_bytes: int | None = None,
+    penalty: str = "l1",
+    diagonal: bool = True,
+    normalize: bool = False,
+) -> Any:
     """The global loss only (no gradient GEMM); arguments and collectives as in `loss_and_grad`.
 
     Args:
@@ -272,5 +349,14 @@ def loss(local: Any, beta: float = 1.0, *, axis: int = 1, shard_dim: int, reduct
     Example:
         >>> value = loss(torch.randn(8, 16), 1e-3, shard_dim=0)  # collective: every rank calls it
     """
-    return _run(local, beta, axis, shard_dim, reduction, group, False, workspace_bytes=workspace_bytes,
-                variant=(penalty, diagonal, normalize))[0]
+    return _run(
+        local,
+        beta,
+        axis,
+        shard_dim,
+        reduction,
+        group,
+        False,
+        workspace_bytes=workspace_bytes,
+        variant=(penalty, diagonal, normalize),
+    )[0]

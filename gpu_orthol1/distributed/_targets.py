@@ -56,8 +56,10 @@ def _member(j, w, how, axis, transpose, scale=1.0):
     shape = local.shape
     if how == "flatten":
         if shard_dim is not None and shard_dim > 1:
-            raise ValueError(f"target {j}: a {local.dim()}-D weight flattened to (out, -1) can be sharded on dim 0 "
-                             f"or 1 only (its rows or a block of the flattened columns), got Shard({shard_dim})")
+            raise ValueError(
+                f"target {j}: a {local.dim()}-D weight flattened to (out, -1) can be sharded on dim 0 "
+                f"or 1 only (its rows or a block of the flattened columns), got Shard({shard_dim})"
+            )
         local = local.reshape(shape[0], math.prod(shape[1:]))  # (-1 is ambiguous for an empty shard)
         gshape = (gshape[0], math.prod(gshape[1:]))
     elif how == "matrix" and local.dim() != 2:
@@ -77,8 +79,15 @@ def _member(j, w, how, axis, transpose, scale=1.0):
         return _Member(j, V, 0, grp, back, ("slices", j), scale)
     ranks = tuple(dist.get_process_group_ranks(grp))
     # same key -> same local (l, n) on this rank (DTensor splits a size the same way every time)
-    return _Member(j, V, kind, grp, back,
-                   ("split", ranks, kind, str(local.dtype), local.device.type, scale, gV[1:]), scale)
+    return _Member(
+        j,
+        V,
+        kind,
+        grp,
+        back,
+        ("split", ranks, kind, str(local.dtype), local.device.type, scale, gV[1:]),
+        scale,
+    )
 
 
 def _first_group(targets):
@@ -108,17 +117,28 @@ def _fingerprint(members, group, local_error, device):
     failed = [r for r, p in enumerate(parts) if int(p[0])]
     if failed:
         mine = f" (here: {local_error})" if local_error is not None else ""
-        raise ValueError(f"gpu_orthol1.distributed: rank(s) {failed} could not prepare their shards of the "
-                         f"targets{mine}")
+        raise ValueError(
+            f"gpu_orthol1.distributed: rank(s) {failed} could not prepare their shards of the targets{mine}"
+        )
     if any(not torch.equal(p, parts[0]) for p in parts):
-        raise ValueError("gpu_orthol1.distributed: the ranks passed different targets (number, shapes, "
-                         "placements, modes or order differ); every rank must pass the same list")
+        raise ValueError(
+            "gpu_orthol1.distributed: the ranks passed different targets (number, shapes, "
+            "placements, modes or order differ); every rank must pass the same list"
+        )
 
 
-def orthol1_dtensor_execute(targets: Sequence[tuple], beta: float, *,
-                            want_grad: bool = True, outs: Sequence[Any] | None = None, accumulate: bool = False,
-                            workspace_bytes: int | None = None, penalty: str = "l1", diagonal: bool = True,
-                            normalize: bool = False) -> tuple[Any, list]:
+def orthol1_dtensor_execute(
+    targets: Sequence[tuple],
+    beta: float,
+    *,
+    want_grad: bool = True,
+    outs: Sequence[Any] | None = None,
+    accumulate: bool = False,
+    workspace_bytes: int | None = None,
+    penalty: str = "l1",
+    diagonal: bool = True,
+    normalize: bool = False,
+) -> tuple[Any, list]:
     """Loss and local gradients of many (DTensor) parameters: what OrthoL1 needs after fully_shard.
 
     targets: one (param, how, axis, transpose[, scale]) per parameter, as OrthoL1's targets hold them
@@ -173,7 +193,9 @@ def orthol1_dtensor_execute(targets: Sequence[tuple], beta: float, *,
     members, local_error = [], None
     for j, t in enumerate(targets):
         if not 4 <= len(t) <= 5:
-            raise ValueError(f"target {j}: expected (param, how, axis, transpose[, scale]), got {len(t)} items")
+            raise ValueError(
+                f"target {j}: expected (param, how, axis, transpose[, scale]), got {len(t)} items"
+            )
         w, how, axis, tr = t[:4]
         scale = _core.check_beta(t[4]) if len(t) == 5 else 1.0
         try:
@@ -291,14 +313,22 @@ class _TargetsLoss(torch.autograd.Function):
     def backward(ctx, go):
         if not ctx.want:
             return (None,) * len(ctx.needs_input_grad)
-        out = tuple(_first_order(_wrap_grad(g * go.to(g.dtype), m), p)
-                    for g, m, p in zip(ctx.grads, ctx.metas, ctx.saved_tensors, strict=True))
+        out = tuple(
+            _first_order(_wrap_grad(g * go.to(g.dtype), m), p)
+            for g, m, p in zip(ctx.grads, ctx.metas, ctx.saved_tensors, strict=True)
+        )
         return (None, None, None) + out
 
 
-def orthol1_dtensor_loss(targets: Sequence[tuple], beta: float, *,
-                         workspace_bytes: int | None = None, penalty: str = "l1", diagonal: bool = True,
-                         normalize: bool = False) -> Any:
+def orthol1_dtensor_loss(
+    targets: Sequence[tuple],
+    beta: float,
+    *,
+    workspace_bytes: int | None = None,
+    penalty: str = "l1",
+    diagonal: bool = True,
+    normalize: bool = False,
+) -> Any:
     """OrthoL1.loss() for (DTensor) targets (see `orthol1_dtensor_execute`): the summed loss as a float64
     0-d tensor with autograd; its backward hands each parameter the gradient formed in the forward pass
     (a DTensor with the parameter's placements for a DTensor).
@@ -328,9 +358,15 @@ def orthol1_dtensor_loss(targets: Sequence[tuple], beta: float, *,
 
 
 @torch.no_grad()
-def orthol1_dtensor_add_grad_(targets: Sequence[tuple], beta: float, *,
-                              workspace_bytes: int | None = None, penalty: str = "l1", diagonal: bool = True,
-                              normalize: bool = False) -> Any:
+def orthol1_dtensor_add_grad_(
+    targets: Sequence[tuple],
+    beta: float,
+    *,
+    workspace_bytes: int | None = None,
+    penalty: str = "l1",
+    diagonal: bool = True,
+    normalize: bool = False,
+) -> Any:
     """OrthoL1.add_grad_() for (DTensor) targets: adds the gradient into each parameter's .grad (made as
     zeros with the parameter's placements when None) through its local tensor; returns the loss.
 
@@ -357,20 +393,38 @@ def orthol1_dtensor_add_grad_(targets: Sequence[tuple], beta: float, *,
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         meta, gmeta = _dtensor_meta(p), _dtensor_meta(p.grad)
-        if (meta is None) != (gmeta is None) or (meta is not None and gmeta is not None
-                                                 and (meta[1] != gmeta[1] or meta[2] != gmeta[2])):
-            raise ValueError(f"target {j}: .grad has placements {gmeta and gmeta[1]}, shape "
-                             f"{tuple(p.grad.shape)}; the parameter {meta and meta[1]}, {tuple(p.shape)}")
+        if (meta is None) != (gmeta is None) or (
+            meta is not None and gmeta is not None and (meta[1] != gmeta[1] or meta[2] != gmeta[2])
+        ):
+            raise ValueError(
+                f"target {j}: .grad has placements {gmeta and gmeta[1]}, shape "
+                f"{tuple(p.grad.shape)}; the parameter {meta and meta[1]}, {tuple(p.shape)}"
+            )
         outs.append(p.grad.to_local() if gmeta is not None else p.grad)
-    loss, _ = orthol1_dtensor_execute(targets, beta, outs=outs, accumulate=True, workspace_bytes=workspace_bytes,
-                                      penalty=penalty, diagonal=diagonal, normalize=normalize)
+    loss, _ = orthol1_dtensor_execute(
+        targets,
+        beta,
+        outs=outs,
+        accumulate=True,
+        workspace_bytes=workspace_bytes,
+        penalty=penalty,
+        diagonal=diagonal,
+        normalize=normalize,
+    )
     return loss
 
 
 @torch.no_grad()
-def orthol1_dtensor_step_(targets: Sequence[tuple], beta: float, lr: float, *,
-                          workspace_bytes: int | None = None, penalty: str = "l1", diagonal: bool = True,
-                          normalize: bool = False) -> Any:
+def orthol1_dtensor_step_(
+    targets: Sequence[tuple],
+    beta: float,
+    lr: float,
+    *,
+    workspace_bytes: int | None = None,
+    penalty: str = "l1",
+    diagonal: bool = True,
+    normalize: bool = False,
+) -> Any:
     """OrthoL1.step_(lr) for (DTensor) targets: W <- W - lr * dL/dW on each rank's shard, every gradient
     from the weights before the update; returns the loss before the step.
 
@@ -394,8 +448,14 @@ def orthol1_dtensor_step_(targets: Sequence[tuple], beta: float, lr: float, *,
     """
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(float(lr)):
         raise ValueError(f"lr must be a finite real number, got {lr!r}")
-    loss, grads = orthol1_dtensor_execute(targets, beta, workspace_bytes=workspace_bytes, penalty=penalty,
-                                          diagonal=diagonal, normalize=normalize)
+    loss, grads = orthol1_dtensor_execute(
+        targets,
+        beta,
+        workspace_bytes=workspace_bytes,
+        penalty=penalty,
+        diagonal=diagonal,
+        normalize=normalize,
+    )
     for p, g in zip((t[0] for t in targets), grads, strict=True):
         (p.to_local() if _dtensor_meta(p) is not None else p).sub_(g, alpha=float(lr))
     return loss

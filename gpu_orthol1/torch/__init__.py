@@ -43,8 +43,10 @@ def _check_torch_version(version: str) -> None:
     """ImportError naming `version` (a torch.__version__) when it is older than TORCH_MIN."""
     m = re.match(r"(\d+)\.(\d+)", version)
     if m is not None and (int(m[1]), int(m[2])) < TORCH_MIN:
-        raise ImportError(f"gpu_orthol1.torch needs torch >= {TORCH_MIN[0]}.{TORCH_MIN[1]} (for torch.library."
-                          f"custom_op), found torch {version}; upgrade it: pip install 'torch>=2.4'")
+        raise ImportError(
+            f"gpu_orthol1.torch needs torch >= {TORCH_MIN[0]}.{TORCH_MIN[1]} (for torch.library."
+            f"custom_op), found torch {version}; upgrade it: pip install 'torch>=2.4'"
+        )
 
 
 _check_torch_version(str(torch.__version__))

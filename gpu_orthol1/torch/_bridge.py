@@ -34,8 +34,10 @@ def _check_tensor(t: Any, what: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
     if t.layout != torch.strided:
-        raise TypeError(f"{what} is a {t.layout} tensor; gpu_orthol1 needs a dense (strided) tensor "
-                        "(call .to_dense() first if that is what you mean)")
+        raise TypeError(
+            f"{what} is a {t.layout} tensor; gpu_orthol1 needs a dense (strided) tensor "
+            "(call .to_dense() first if that is what you mean)"
+        )
     if t.is_complex():
         raise TypeError(f"{what} is complex ({t.dtype}); the L1 orthogonality loss here is for real matrices")
     if t.dtype not in _OK_DTYPES:
@@ -104,8 +106,10 @@ def _slices(x: torch.Tensor, how: str, axis: int, transpose: bool) -> torch.Tens
         try:
             v = xp.view(x.shape[0], -1).unsqueeze(0)
         except RuntimeError:
-            raise ValueError(f"a {tuple(x.shape)} parameter with strides {x.stride()} cannot be flattened "
-                             "to (out, -1) without a copy") from None
+            raise ValueError(
+                f"a {tuple(x.shape)} parameter with strides {x.stride()} cannot be flattened "
+                "to (out, -1) without a copy"
+            ) from None
     else:
         v = x if axis == 0 else x.movedim(axis, 0)  # movedim costs a dispatch even as a no-op
     return v.transpose(1, 2) if transpose else v
@@ -117,4 +121,3 @@ def _pick_transpose(mode: str | None, l: int, n: int) -> bool:
     if mode == "rows":
         return True
     return l < n  # "auto": the smaller Gram
-

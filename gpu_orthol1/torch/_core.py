@@ -16,10 +16,21 @@ REDUCTIONS = _checks.REDUCTIONS
 METRIC_KEYS = _metrics.KEYS
 
 
-def cached(phi: Any, axis: int, reduction: str, precision: str, backend: str, workspace_bytes: int | None,
-           penalty: str = "l1", diagonal: bool = True, normalize: bool = False) -> Any:
+def cached(
+    phi: Any,
+    axis: int,
+    reduction: str,
+    precision: str,
+    backend: str,
+    workspace_bytes: int | None,
+    penalty: str = "l1",
+    diagonal: bool = True,
+    normalize: bool = False,
+) -> Any:
     """The functional API's cached plan for phi's layout."""
-    return _cache.cached(phi, axis, reduction, precision, backend, workspace_bytes, penalty, diagonal, normalize)
+    return _cache.cached(
+        phi, axis, reduction, precision, backend, workspace_bytes, penalty, diagonal, normalize
+    )
 
 
 def check_beta(beta: Any, what: str = "beta") -> float:
@@ -38,12 +49,33 @@ def make_device(resolved: str, precision: str) -> Any:
     return _device.make_device(resolved, precision)
 
 
-def execute(plan: Any, phi: Any, out: Any, accumulate: bool, beta: float, want_grad: bool, *,
-            gram_hook: Any = None, chunk: int | None = None, alloc: Any = None, losses: Any = None) -> Any:
+def execute(
+    plan: Any,
+    phi: Any,
+    out: Any,
+    accumulate: bool,
+    beta: float,
+    want_grad: bool,
+    *,
+    gram_hook: Any = None,
+    chunk: int | None = None,
+    alloc: Any = None,
+    losses: Any = None,
+) -> Any:
     """The plan's run on phi with the framework layers' hooks (workspaces from their allocator, the
     per-slice losses into their buffer, a Gram hook for the distributed all-reduce)."""
-    return _plan.execute(plan, phi, out, accumulate, beta, want_grad, gram_hook=gram_hook, chunk=chunk,
-                         alloc=alloc, losses=losses)
+    return _plan.execute(
+        plan,
+        phi,
+        out,
+        accumulate,
+        beta,
+        want_grad,
+        gram_hook=gram_hook,
+        chunk=chunk,
+        alloc=alloc,
+        losses=losses,
+    )
 
 
 def chunk_for(plan: Any, want_grad: bool, accumulate: bool = False) -> int:

@@ -25,8 +25,16 @@ from ._bridge import _TORCH_DTYPE, _on_torch_stream, _slices, _to_array
 # ortho_l1: one tensor, autograd
 
 
-def _run_core(V: torch.Tensor, Vo: torch.Tensor | None, beta: float, reduction: str, want_grad: bool,
-              device: torch.device, accumulate: bool = False, variant: Any = _penalty.DEFAULT) -> torch.Tensor:
+def _run_core(
+    V: torch.Tensor,
+    Vo: torch.Tensor | None,
+    beta: float,
+    reduction: str,
+    want_grad: bool,
+    device: torch.device,
+    accumulate: bool = False,
+    variant: Any = _penalty.DEFAULT,
+) -> torch.Tensor:
     """The core on (m, l, n) slice views of tensors (no copy): the cached plan for their layout.
     CUDA: every allocation (workspaces, the per-slice losses) comes from torch's allocator and the
     loss is reduced by torch, so the call can be captured by torch.cuda.graph. CPU: the plan forms
@@ -47,7 +55,9 @@ def _run_core(V: torch.Tensor, Vo: torch.Tensor | None, beta: float, reduction: 
         import cupy
 
         def alloc(shape, dt):
-            return cupy.from_dlpack(torch.empty(tuple(shape), dtype=_TORCH_DTYPE[np.dtype(dt)], device=device))
+            return cupy.from_dlpack(
+                torch.empty(tuple(shape), dtype=_TORCH_DTYPE[np.dtype(dt)], device=device)
+            )
 
         losses = torch.empty(V.shape[0], dtype=torch.float64, device=device)
         _core.execute(p, a, o, accumulate, beta, want_grad, alloc=alloc, losses=_to_array(losses))
@@ -109,9 +119,18 @@ def _grad_with_graph(loss_fn: Callable[..., torch.Tensor], inputs: tuple, go: to
 # -- ortho_l1: one computation, two entries (the custom op for tracing, an autograd.Function eagerly)
 
 
-def _ortho_l1_impl(weight: torch.Tensor, beta: float, reduction: str, how: str, m_axis: int, transpose: bool,
-                   want_grad: bool, penalty: str = "l1", diagonal: bool = True,
-                   normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _ortho_l1_impl(
+    weight: torch.Tensor,
+    beta: float,
+    reduction: str,
+    how: str,
+    m_axis: int,
+    transpose: bool,
+    want_grad: bool,
+    penalty: str = "l1",
+    diagonal: bool = True,
+    normalize: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, gradient) of one tensor; the gradient is an empty (0,) tensor when not wanted. The
     forward pass forms the gradient (one pass, no recomputation)."""
     w = weight.detach()
@@ -120,8 +139,9 @@ def _ortho_l1_impl(weight: torch.Tensor, beta: float, reduction: str, how: str, 
     grad = torch.empty_like(wc) if want_grad else None
     V = _slices(wc, how, m_axis, transpose)
     Vo = _slices(grad, how, m_axis, transpose) if grad is not None else None
-    loss = _run_core(V, Vo, beta, reduction, want_grad, w.device,
-                     variant=_penalty.Variant(penalty, diagonal, normalize))
+    loss = _run_core(
+        V, Vo, beta, reduction, want_grad, w.device, variant=_penalty.Variant(penalty, diagonal, normalize)
+    )
     if grad is None:
         return loss, w.new_empty((0,))
     return loss, grad.to(torch.bfloat16) if bf16 else grad
@@ -134,7 +154,9 @@ _ortho_l1_op = torch.library.custom_op("gpu_orthol1::ortho_l1", mutates_args=())
 
 
 @_ortho_l1_op.register_fake
-def _(weight, beta, reduction, how, m_axis, transpose, want_grad, penalty="l1", diagonal=True, normalize=False):
+def _(
+    weight, beta, reduction, how, m_axis, transpose, want_grad, penalty="l1", diagonal=True, normalize=False
+):
     ldt = torch.float64 if weight.dtype == torch.float64 else torch.float32
     loss = weight.new_empty(_loss_shape(weight, how, m_axis, reduction), dtype=ldt)
     return loss, (torch.empty_like(weight) if want_grad else weight.new_empty((0,)))
@@ -190,10 +212,14 @@ def _traced(t: torch.Tensor) -> bool:
     """Whether a call on t must go through the custom op: something traces or transforms it
     (torch.compile, a dispatch or torch-function mode, functorch, a tensor subclass) or a CUDA
     graph is being captured. Each test is one attribute or C call."""
-    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()
-            or (type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter)
-            or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
+    return (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._are_functorch_transforms_active()
+        or (type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter)
+        or (t.is_cuda and torch.cuda.is_current_stream_capturing())
+    )
 
 
 def _ortho_l1_call(weight: torch.Tensor, *args: Any) -> torch.Tensor:
@@ -203,9 +229,11 @@ def _ortho_l1_call(weight: torch.Tensor, *args: Any) -> torch.Tensor:
 
 # -- OrthoL1.loss() refusing DTensor parameters under torch.compile
 
-_DTENSOR_COMPILED = ("OrthoL1.loss() under torch.compile takes plain tensors, and some parameters are DTensors "
-                     "(a sharded model, e.g. after fully_shard): call reg.loss() outside the compiled function "
-                     "(the sharded loss runs eagerly)")
+_DTENSOR_COMPILED = (
+    "OrthoL1.loss() under torch.compile takes plain tensors, and some parameters are DTensors "
+    "(a sharded model, e.g. after fully_shard): call reg.loss() outside the compiled function "
+    "(the sharded loss runs eagerly)"
+)
 
 
 # Why an op, not a `raise` in loss(): under fullgraph=True dynamo turns an exception raised in traced
@@ -227,7 +255,6 @@ def _dtensor_class() -> Any:
     Dynamo traces this and the isinstance test on it, unlike `_is_dtensor`'s module-name test."""
     mod = sys.modules.get("torch.distributed.tensor")
     return None if mod is None else getattr(mod, "DTensor", None)
-
 
 
 # -- OrthoL1.loss(): eager
@@ -257,9 +284,11 @@ class _OrthoL1ModelFn(torch.autograd.Function):
         if not ctx.want:
             return (None,) * (2 + ctx.nparams)
         saved = ctx.saved_tensors
-        params, grads = saved[:ctx.nparams], saved[ctx.nparams:]
+        params, grads = saved[: ctx.nparams], saved[ctx.nparams :]
         if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate again
-            return (None, None) + _grad_with_graph(lambda *ps: ctx.reg._runner.loss_expr(ctx.active, ps), params, go)
+            return (None, None) + _grad_with_graph(
+                lambda *ps: ctx.reg._runner.loss_expr(ctx.active, ps), params, go
+            )
         return (None, None) + tuple(g * go.to(g.dtype) for g in grads)
 
 
@@ -287,8 +316,9 @@ def _register(reg: Any) -> int:
 
 
 @torch.library.custom_op("gpu_orthol1::orthol1_loss", mutates_args=())
-def _orthol1_op(params: list[torch.Tensor], key: int, active: list[int],
-                want_grad: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _orthol1_op(
+    params: list[torch.Tensor], key: int, active: list[int], want_grad: bool
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(loss, gradients of `params`) of the OrthoL1 registered as `key`, over its targets `active` (whose
     parameters `params` are); no gradients when not `want_grad`."""
     ref = _registry.get(key)
@@ -297,8 +327,10 @@ def _orthol1_op(params: list[torch.Tensor], key: int, active: list[int],
         raise RuntimeError("gpu_orthol1: this compiled graph refers to an OrthoL1 that no longer exists")
     reg._runner.check_devices()
     if reg._sharded(active):
-        raise ValueError("OrthoL1.loss() over DTensor (sharded) parameters does not run inside torch.compile: "
-                         "call it outside the compiled function")
+        raise ValueError(
+            "OrthoL1.loss() over DTensor (sharded) parameters does not run inside torch.compile: "
+            "call it outside the compiled function"
+        )
     outs: list | None = None
     if want_grad:
         outs = [None] * len(reg.targets)
@@ -306,8 +338,11 @@ def _orthol1_op(params: list[torch.Tensor], key: int, active: list[int],
             outs[j] = torch.empty_like(p)
     # computed from the tensors the graph hands over (a compiled function may have changed the
     # parameters before calling loss()), through the regularizer's grouping
-    loss = reg._runner.result(reg._runner.execute(outs, beta_gemm=0.0, want_grad=want_grad,
-                                                  params=dict(zip(active, params, strict=True))))
+    loss = reg._runner.result(
+        reg._runner.execute(
+            outs, beta_gemm=0.0, want_grad=want_grad, params=dict(zip(active, params, strict=True))
+        )
+    )
     return loss, ([outs[j] for j in active] if outs is not None else [])
 
 
@@ -329,16 +364,23 @@ def _orthol1_setup(ctx, inputs, output):
 
 def _orthol1_backward(ctx, go, _go_grads):
     saved = ctx.saved_tensors
-    params, grads = saved[:ctx.nparams], saved[ctx.nparams:]
+    params, grads = saved[: ctx.nparams], saved[ctx.nparams :]
     if not grads:  # the forward ran without gradients (torch.no_grad)
         return [None] * ctx.nparams, None, None, None
     if torch.is_grad_enabled():  # create_graph=True (eager; compiled graphs refuse a double backward)
         ref = _registry.get(ctx.key)
         reg = ref() if ref is not None else None
         if reg is None:
-            raise RuntimeError("gpu_orthol1: a double backward through OrthoL1.loss() needs the OrthoL1 "
-                               "that made the loss, and it no longer exists")
-        return list(_grad_with_graph(lambda *ps: reg._runner.loss_expr(ctx.active, ps), params, go)), None, None, None
+            raise RuntimeError(
+                "gpu_orthol1: a double backward through OrthoL1.loss() needs the OrthoL1 "
+                "that made the loss, and it no longer exists"
+            )
+        return (
+            list(_grad_with_graph(lambda *ps: reg._runner.loss_expr(ctx.active, ps), params, go)),
+            None,
+            None,
+            None,
+        )
     return [g * go.to(g.dtype) for g in grads], None, None, None
 
 

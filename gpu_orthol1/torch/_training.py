@@ -38,15 +38,20 @@ def check_every(every: Any) -> int:
 def check_value(b: Any, step: int) -> float:
     """A schedule's value at `step` as a float; ValueError naming the step unless finite and >= 0."""
     if isinstance(b, bool) or not isinstance(b, (numbers.Real, np.ndarray, torch.Tensor)):
-        raise ValueError(f"the beta schedule returned {b!r} at step {step}; it must return a finite real number >= 0")
+        raise ValueError(
+            f"the beta schedule returned {b!r} at step {step}; it must return a finite real number >= 0"
+        )
     try:
         v = float(b)
     except (TypeError, ValueError, OverflowError, RuntimeError):
-        raise ValueError(f"the beta schedule returned {b!r} at step {step}; it must return a finite real "
-                         "number >= 0") from None
+        raise ValueError(
+            f"the beta schedule returned {b!r} at step {step}; it must return a finite real number >= 0"
+        ) from None
     if not math.isfinite(v) or v < 0:
-        raise ValueError(f"the beta schedule returned {v!r} at step {step}; it must be finite and >= 0 "
-                         "(nothing was computed or written)")
+        raise ValueError(
+            f"the beta schedule returned {v!r} at step {step}; it must be finite and >= 0 "
+            "(nothing was computed or written)"
+        )
     return v
 
 
@@ -85,7 +90,11 @@ class State:
         return w
 
     def describe(self) -> str:
-        b = repr(self.const) if self.schedule is None else f"schedule {getattr(self.schedule, '__name__', self.schedule)!r}"
+        b = (
+            repr(self.const)
+            if self.schedule is None
+            else f"schedule {getattr(self.schedule, '__name__', self.schedule)!r}"
+        )
         return b + (f", every={self.every}" if self.every != 1 else "")
 
     def state_dict(self) -> dict:
@@ -98,12 +107,16 @@ class State:
 
     def load_state_dict(self, d: dict) -> None:
         if not isinstance(d, dict) or "step" not in d or "every" not in d:
-            raise ValueError("OrthoL1.load_state_dict: expected the dict of OrthoL1.state_dict() "
-                             f"(keys 'step' and 'every'), got {type(d).__name__} with keys {sorted(d) if isinstance(d, dict) else None}")
+            raise ValueError(
+                "OrthoL1.load_state_dict: expected the dict of OrthoL1.state_dict() "
+                f"(keys 'step' and 'every'), got {type(d).__name__} with keys {sorted(d) if isinstance(d, dict) else None}"
+            )
         every = check_every(d["every"])
         if every != self.every:
-            raise ValueError(f"OrthoL1.load_state_dict: the checkpoint was saved with every={every}, this "
-                             f"regularizer has every={self.every}; build it with the same every")
+            raise ValueError(
+                f"OrthoL1.load_state_dict: the checkpoint was saved with every={every}, this "
+                f"regularizer has every={self.every}; build it with the same every"
+            )
         if "schedule" in d and self.schedule is not None and hasattr(self.schedule, "load_state_dict"):
             self.schedule.load_state_dict(d["schedule"])
         if self.schedule is None and "beta" in d:
@@ -149,8 +162,10 @@ def resolve_split(split: Any, module: Any, targets: list) -> Split | None:
         group = None
     else:
         if not ready:
-            raise ValueError("OrthoL1(split=group) needs an initialized process group "
-                             "(torch.distributed.init_process_group) on every rank")
+            raise ValueError(
+                "OrthoL1(split=group) needs an initialized process group "
+                "(torch.distributed.init_process_group) on every rank"
+            )
         group = split
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
@@ -184,7 +199,10 @@ class MetricsRun:
         self.single: dict = {}  # target index -> ({key: (count,) buffer}, loss tensor)
 
     def device(self, device: torch.device, nslices: int, losses: torch.Tensor) -> None:
-        self.dev[device] = (losses, {k: torch.zeros(nslices, dtype=torch.float64, device=device) for k in KEYS[1:]})
+        self.dev[device] = (
+            losses,
+            {k: torch.zeros(nslices, dtype=torch.float64, device=device) for k in KEYS[1:]},
+        )
 
     def hook(self, device: torch.device, off: int, n: int, members: list) -> Callable:
         pos = off
@@ -214,8 +232,9 @@ class MetricsRun:
         if V.device.type == "cuda":
             import cupy
 
-            _core.chunk_metrics(cupy, cupy.asarray(G.reshape(s, n * n)), n,
-                                   *(cupy.asarray(bufs[k]) for k in KEYS[1:]))
+            _core.chunk_metrics(
+                cupy, cupy.asarray(G.reshape(s, n * n)), n, *(cupy.asarray(bufs[k]) for k in KEYS[1:])
+            )
         else:
             _core.chunk_metrics(np, G.reshape(s, n * n).numpy(), n, *(bufs[k].numpy() for k in KEYS[1:]))
         self.single[j] = (bufs, loss.detach())
@@ -241,8 +260,11 @@ class MetricsRun:
 def _combine(b: dict) -> dict:
     if b["max_cos"].numel() == 1:
         return {k: b[k].reshape(()) for k in KEYS[1:]}
-    return {"max_cos": b["max_cos"].max(), "fro": (b["fro"] * b["fro"]).mean().sqrt(),
-            "mean_abs": b["mean_abs"].mean()}
+    return {
+        "max_cos": b["max_cos"].max(),
+        "fro": (b["fro"] * b["fro"]).mean().sqrt(),
+        "mean_abs": b["mean_abs"].mean(),
+    }
 
 
 def flatten(m: dict, prefix: str = "") -> dict:

@@ -19,9 +19,17 @@ from ._ops import _ortho_l1_call
 MODES = ("rows", "columns", "auto")
 
 
-def ortho_l1(weight: torch.Tensor, beta: float = 1.0, *, axis: int = 1, reduction: str = "sum",
-             mode: str | None = None, penalty: str = "l1", diagonal: bool = True,
-             normalize: bool = False) -> torch.Tensor:
+def ortho_l1(
+    weight: torch.Tensor,
+    beta: float = 1.0,
+    *,
+    axis: int = 1,
+    reduction: str = "sum",
+    mode: str | None = None,
+    penalty: str = "l1",
+    diagonal: bool = True,
+    normalize: bool = False,
+) -> torch.Tensor:
     """L1 orthogonality loss of a 2-D weight or of the slices of a 3-D one, as a torch scalar with autograd.
 
     2-D weight W (l, n): mode None or "columns" penalizes sum |W^T W - I| (n x n), "rows" sum |W W^T - I|
@@ -89,14 +97,18 @@ def ortho_l1(weight: torch.Tensor, beta: float = 1.0, *, axis: int = 1, reductio
         how, m_axis = "stack", int(axis) % 3
         l, n = (s for i, s in enumerate(weight.shape) if i != m_axis)
     else:
-        raise ValueError("weight must be 2-D (l, n) or 3-D (slices along axis), got shape "
-                         f"{tuple(weight.shape)}; "
-                         "use OrthoL1 for Conv weights (flattened to (out, -1))")
+        raise ValueError(
+            "weight must be 2-D (l, n) or 3-D (slices along axis), got shape "
+            f"{tuple(weight.shape)}; "
+            "use OrthoL1 for Conv weights (flattened to (out, -1))"
+        )
     if not isinstance(reduction, str) or reduction not in _core.REDUCTIONS:
         raise ValueError(f"reduction must be one of {_core.REDUCTIONS}, got {reduction!r}")
     transpose = _pick_transpose(mode, l, n)
     want_grad = torch.is_grad_enabled() and weight.requires_grad
-    return _ortho_l1_call(weight, _core.check_beta(beta), reduction, how, m_axis, transpose, want_grad, *variant)
+    return _ortho_l1_call(
+        weight, _core.check_beta(beta), reduction, how, m_axis, transpose, want_grad, *variant
+    )
 
 
 def keras_orthogonal(w: torch.Tensor, factor: float = 0.01, mode: str = "rows") -> torch.Tensor:
@@ -165,8 +177,9 @@ def biggan_ortho(w: torch.Tensor, strength: float = 1e-4) -> torch.Tensor:
     """
     _check_tensor(w, "w")
     if w.dim() < 2:
-        raise ValueError(f"biggan_ortho takes a weight of 2 or more dims (viewed as (out, -1)), got shape "
-                         f"{tuple(w.shape)}")
+        raise ValueError(
+            f"biggan_ortho takes a weight of 2 or more dims (viewed as (out, -1)), got shape {tuple(w.shape)}"
+        )
     beta = _core.check_beta(strength, "strength") / 2
     how = "matrix" if w.dim() == 2 else "flatten"
     want_grad = torch.is_grad_enabled() and w.requires_grad

@@ -52,7 +52,11 @@ class _Target:
         hit = self._cached
         if hit is None or hit[0] != key:
             V = self.view(p.detach())
-            hit = self._cached = (key, V, _gemm.slice_layout(V.shape[1], V.shape[2], V.stride(1), V.stride(2)))
+            hit = self._cached = (
+                key,
+                V,
+                _gemm.slice_layout(V.shape[1], V.shape[2], V.stride(1), V.stride(2)),
+            )
         return hit[1], hit[2]
 
     def out_view(self, out, V, lay, p=None):
@@ -79,8 +83,9 @@ def _matches(rule, name, p) -> bool:
 THREE_D = ("auto", "flatten", "stack")
 
 
-def _select(params_or_module: Any, mode: str, axis: int, include: Rule | None, exclude: Rule | None,
-            three_d: str) -> tuple[list[_Target], list[str]]:
+def _select(
+    params_or_module: Any, mode: str, axis: int, include: Rule | None, exclude: Rule | None, three_d: str
+) -> tuple[list[_Target], list[str]]:
     """OrthoL1's targets, and the names of the 3-D parameters whose kind three_d="auto" had to guess."""
     conv = set()
     module_given = isinstance(params_or_module, torch.nn.Module)
@@ -167,7 +172,15 @@ class _Presets:
         if mode not in ("rows", "columns"):
             raise ValueError(f"mode must be 'rows' or 'columns' (Keras's modes), got {mode!r}")
         make: Any = cls  # the subclass: OrthoL1 or a user's subclass of it
-        reg = make(params_or_module, _core.check_beta(factor, "factor"), "rows", penalty="l1", diagonal=False, normalize=True, **kw)
+        reg = make(
+            params_or_module,
+            _core.check_beta(factor, "factor"),
+            "rows",
+            penalty="l1",
+            diagonal=False,
+            normalize=True,
+            **kw,
+        )
         as_stored = set()  # Keras's Embedding table is (input_dim, output_dim), torch's layout
         if isinstance(params_or_module, torch.nn.Module):
             for mod in params_or_module.modules():
@@ -210,7 +223,14 @@ class _Presets:
         """
         kw.setdefault("three_d", "flatten")
         make: Any = cls  # the subclass: OrthoL1 or a user's subclass of it
-        return make(params_or_module, _core.check_beta(strength, "strength") / 2, "rows", penalty="l2", diagonal=False, **kw)
+        return make(
+            params_or_module,
+            _core.check_beta(strength, "strength") / 2,
+            "rows",
+            penalty="l2",
+            diagonal=False,
+            **kw,
+        )
 
 
 class OrthoL1(_Presets, _TrainingLoop):
@@ -271,10 +291,24 @@ class OrthoL1(_Presets, _TrainingLoop):
         >>> reg.loss().backward()   # or: reg.add_grad_() after the task loss's backward
     """
 
-    def __init__(self, params_or_module: Any, beta: float = 1.0, mode: str = "auto", *, axis: int = 1,
-                 include: Rule | None = None, exclude: Rule | None = None, workspace_bytes: int | None = None,
-                 three_d: str = "auto", allow_empty: bool = False, penalty: str = "l1", diagonal: bool = True,
-                 normalize: bool = False, every: int = 1, split: Any = None) -> None:
+    def __init__(
+        self,
+        params_or_module: Any,
+        beta: float = 1.0,
+        mode: str = "auto",
+        *,
+        axis: int = 1,
+        include: Rule | None = None,
+        exclude: Rule | None = None,
+        workspace_bytes: int | None = None,
+        three_d: str = "auto",
+        allow_empty: bool = False,
+        penalty: str = "l1",
+        diagonal: bool = True,
+        normalize: bool = False,
+        every: int = 1,
+        split: Any = None,
+    ) -> None:
         self._train = _training.State(1.0, every)
         self._collect = None
         self._split = None  # set below, once the targets are known
@@ -289,14 +323,18 @@ class OrthoL1(_Presets, _TrainingLoop):
         self._device_factory: Callable | None = None  # tests: a core device for CPU tensors
         self.targets, ambiguous = _select(params_or_module, mode, axis, include, exclude, three_d)
         if not self.targets and not allow_empty:
-            raise ValueError("OrthoL1: no matrices were selected (no parameter of 2 or more dims with "
-                             "requires_grad=True passed include/exclude); pass allow_empty=True if that is fine")
+            raise ValueError(
+                "OrthoL1: no matrices were selected (no parameter of 2 or more dims with "
+                "requires_grad=True passed include/exclude); pass allow_empty=True if that is fine"
+            )
         if ambiguous:
             warnings.warn(
                 f"OrthoL1: 3-D parameters {ambiguous} were passed without their module, so three_d='auto' "
                 f"treats them as stacks of matrices along axis={axis % 3}; if they are Conv1d weights pass "
                 "the module or three_d='flatten' (three_d='stack' silences this warning)",
-                UserWarning, stacklevel=2)
+                UserWarning,
+                stacklevel=2,
+            )
         self.backend_calls = 0  # batched GEMM calls + per-tensor core calls of the last method call
         self._runner = _GroupRunner(self)  # the grouping and the workspace budgets
         self._op_key = _register(self)  # how the torch.compile op finds this regularizer
@@ -308,9 +346,17 @@ class OrthoL1(_Presets, _TrainingLoop):
         return [t.name for t in self.targets]
 
     def __repr__(self) -> str:
-        fam = "" if self.variant.is_default else (f", penalty={self.variant.penalty!r}, diagonal="
-                                                  f"{self.variant.diagonal}, normalize={self.variant.normalize}")
-        return f"OrthoL1({len(self.targets)} matrices, beta={self._train.describe()}, mode={self.mode!r}{fam})"
+        fam = (
+            ""
+            if self.variant.is_default
+            else (
+                f", penalty={self.variant.penalty!r}, diagonal="
+                f"{self.variant.diagonal}, normalize={self.variant.normalize}"
+            )
+        )
+        return (
+            f"OrthoL1({len(self.targets)} matrices, beta={self._train.describe()}, mode={self.mode!r}{fam})"
+        )
 
     def _loss(self) -> torch.Tensor:
         """`loss()`'s pass at the weight `_applied` (the custom op under torch.compile, else eager)."""
@@ -331,8 +377,9 @@ class OrthoL1(_Presets, _TrainingLoop):
         if self._sharded(active):
             from .. import distributed
 
-            return distributed.orthol1_dtensor_loss(self._dtensor_targets(active), self._applied,
-                                                    **self._family_kw()).to(runner.loss_dtype())
+            return distributed.orthol1_dtensor_loss(
+                self._dtensor_targets(active), self._applied, **self._family_kw()
+            ).to(runner.loss_dtype())
         return _OrthoL1ModelFn.apply(self, torch.is_grad_enabled(), *[self.targets[j].param for j in active])
 
     def _sharded(self, active: list[int]) -> bool:
@@ -344,8 +391,12 @@ class OrthoL1(_Presets, _TrainingLoop):
         return [(t.param, t.how, t.axis, t.transpose, t.scale) for t in (self.targets[j] for j in active)]
 
     def _family_kw(self) -> dict[str, Any]:
-        return dict(workspace_bytes=self.workspace_bytes, penalty=self.variant.penalty,
-                    diagonal=self.variant.diagonal, normalize=self.variant.normalize)
+        return dict(
+            workspace_bytes=self.workspace_bytes,
+            penalty=self.variant.penalty,
+            diagonal=self.variant.diagonal,
+            normalize=self.variant.normalize,
+        )
 
     @torch.no_grad()
     def _add_grad_(self) -> torch.Tensor | dict[torch.device, torch.Tensor]:
@@ -354,8 +405,9 @@ class OrthoL1(_Presets, _TrainingLoop):
         if self._sharded(active):
             from .. import distributed
 
-            return distributed.orthol1_dtensor_add_grad_(self._dtensor_targets(active), self._applied,
-                                                         **self._family_kw()).to(self._runner.loss_dtype())
+            return distributed.orthol1_dtensor_add_grad_(
+                self._dtensor_targets(active), self._applied, **self._family_kw()
+            ).to(self._runner.loss_dtype())
         outs, staged = self._runner.grad_outs(active)
         res = self._runner.result(self._runner.execute(outs, beta_gemm=1.0, want_grad=True))
         for g, tmp in staged:
@@ -369,8 +421,9 @@ class OrthoL1(_Presets, _TrainingLoop):
         if self._sharded(active):
             from .. import distributed
 
-            return distributed.orthol1_dtensor_step_(self._dtensor_targets(active), self._applied, lr,
-                                                     **self._family_kw()).to(self._runner.loss_dtype())
+            return distributed.orthol1_dtensor_step_(
+                self._dtensor_targets(active), self._applied, lr, **self._family_kw()
+            ).to(self._runner.loss_dtype())
         for t in self.targets:
             _check_tensor(t.param, f"parameter {t.name!r}")
         tmps = _LazyOuts(self.targets)
@@ -380,4 +433,6 @@ class OrthoL1(_Presets, _TrainingLoop):
                 self.targets[j].param.sub_(tmps[j], alpha=float(lr))
                 tmps[j] = None
 
-        return self._runner.result(self._runner.execute(tmps, beta_gemm=0.0, want_grad=True, after_group=apply))
+        return self._runner.result(
+            self._runner.execute(tmps, beta_gemm=0.0, want_grad=True, after_group=apply)
+        )

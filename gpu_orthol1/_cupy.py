@@ -110,13 +110,12 @@ class _ElementwiseLaunches:
         kern = self._launch.get(key)
         if kern is None:
             sig = (_ptx.array_type(np.float64, 1), self._i64, self._f64, _ptx.array_type(_dtype(out), 1))
-            kern = self._launch[key] = _ptx.kernel(
-                self._mod.get_total_kernel(self._mod.TOTAL_THREADS, each), sig
-            )
+            kern = self._launch[key] = _ptx.kernel(self._mod.get_total_kernel(self._mod.TOTAL_THREADS, each), sig)
         tpb = self._mod.TOTAL_THREADS
         grid = -(-count // tpb) if each else 1
         if grid:
             kern(grid, tpb, losses, count, scale, out)
+
 
 
 class CupyDevice(_ElementwiseLaunches):
@@ -134,11 +133,9 @@ class CupyDevice(_ElementwiseLaunches):
         cb, self._dtype_enum = _cuda_enums()
         self._cb = cb  # CuPy's constants; the calls go through ctypes
         self._cublas = _cublas.library()
-        self._compute = {
-            "f64": cb.CUBLAS_COMPUTE_64F,
-            "f32": cb.CUBLAS_COMPUTE_32F_FAST_TF32 if precision == "tf32" else cb.CUBLAS_COMPUTE_32F,
-            "f16": cb.CUBLAS_COMPUTE_32F,
-        }
+        self._compute = {"f64": cb.CUBLAS_COMPUTE_64F,
+                         "f32": cb.CUBLAS_COMPUTE_32F_FAST_TF32 if precision == "tf32" else cb.CUBLAS_COMPUTE_32F,
+                         "f16": cb.CUBLAS_COMPUTE_32F}
         self._mod = sign_abs
         self._max_block = sign_abs.BLOCK_SIZES[-1]
         self._i64, self._f64, self._bool = _numba_types()
@@ -212,36 +209,14 @@ class CupyDevice(_ElementwiseLaunches):
         scal = np.float64 if C.dtype == _F64 else np.float32
         coef = np.array([call.alpha, call.beta], dtype=scal)
         en = self._dtype_enum
-        args = [
-            0,
-            call.transa,
-            call.transb,
-            call.m,
-            call.n,
-            call.k,
-            coef.ctypes.data,
-            0,
-            en[A.dtype],
-            call.a.ld,
-            call.a.stride,
-            0,
-            en[B.dtype],
-            call.b.ld,
-            call.b.stride,
-            coef.ctypes.data + coef.itemsize,
-            0,
-            en[C.dtype],
-            call.c.ld,
-            call.c.stride,
-            call.batch,
-            self._compute_type(A.dtype, C.dtype),
-            -1,
-        ]
-        slots = [
-            (7, call.a.buf, call.a.offset * A.itemsize),
-            (11, call.b.buf, call.b.offset * B.itemsize),
-            (16, call.c.buf, call.c.offset * C.itemsize),
-        ]
+        args = [0, call.transa, call.transb, call.m, call.n, call.k, coef.ctypes.data,
+                0, en[A.dtype], call.a.ld, call.a.stride,
+                0, en[B.dtype], call.b.ld, call.b.stride,
+                coef.ctypes.data + coef.itemsize,
+                0, en[C.dtype], call.c.ld, call.c.stride,
+                call.batch, self._compute_type(A.dtype, C.dtype), -1]
+        slots = [(7, call.a.buf, call.a.offset * A.itemsize), (11, call.b.buf, call.b.offset * B.itemsize),
+                 (16, call.c.buf, call.c.offset * C.itemsize)]
         return args, slots, coef
 
     def _run_prepared(self, prep, bufs: dict) -> None:
@@ -284,12 +259,8 @@ class CupyDevice(_ElementwiseLaunches):
         if kern is None:
             from numba import types
 
-            sig = (
-                _ptx.array_type(np.uint64, 1),
-                self._i64,
-                self._i64,
-                types.UniTuple(types.uint64, addresses.SLOTS),
-            )
+            sig = (_ptx.array_type(np.uint64, 1), self._i64, self._i64,
+                   types.UniTuple(types.uint64, addresses.SLOTS))
             kern = self._launch["addresses"] = _ptx.kernel(addresses.get_fill_kernel(), sig)
         for first, count, vals in address_batches(ptrs, addresses.SLOTS):
             kern.launch(self._stream_ptr, 1, addresses.SLOTS, addrs, first, count, vals)
@@ -300,31 +271,15 @@ class CupyDevice(_ElementwiseLaunches):
         bs = 8 * call.batch
         t = call.template
         alpha, beta = self._scalars(dt, t.alpha, t.beta)
-        fn(
-            self._handle,
-            t.transa,
-            t.transb,
-            t.m,
-            t.n,
-            t.k,
-            alpha,
-            base,
-            t.a.ld,
-            base + bs,
-            t.b.ld,
-            beta,
-            base + 2 * bs,
-            t.c.ld,
-            call.batch,
-        )
+        fn(self._handle, t.transa, t.transb, t.m, t.n, t.k, alpha, base, t.a.ld,
+           base + bs, t.b.ld, beta, base + 2 * bs, t.c.ld, call.batch)
 
     def gram(self, src, cc, ws):
         if isinstance(src, StridedChunk):
             m_, l, n = src.arr.shape
             key = ("gram", src.lay, src.first, cc, l, n, _dtype(src.arr), _dtype(ws))
-            self._strided_cached(
-                key, lambda: _gemm.gram_call(src.lay, src.first, cc, l, n), {"phi": src.arr, "ws": ws}
-            )
+            self._strided_cached(key, lambda: _gemm.gram_call(src.lay, src.first, cc, l, n),
+                                 {"phi": src.arr, "ws": ws})
         else:
             l, n = src.mats[0].shape
             bufs = {("p", k): a for k, a in enumerate(src.mats)}
@@ -335,42 +290,18 @@ class CupyDevice(_ElementwiseLaunches):
     def grad(self, src, dst, cc, sgn, alpha, beta):
         if isinstance(src, StridedChunk):
             m_, l, n = src.arr.shape
-            key = (
-                "grad",
-                src.lay,
-                src.first,
-                dst.lay,
-                dst.first,
-                cc,
-                l,
-                n,
-                alpha,
-                beta,
-                _dtype(src.arr),
-                _dtype(sgn),
-                _dtype(dst.arr),
-            )
-            self._strided_cached(
-                key,
-                lambda: _gemm.grad_call(src.lay, src.first, dst.lay, dst.first, cc, l, n, alpha, beta),
-                {"phi": src.arr, "sgn": sgn, "out": dst.arr},
-            )
+            key = ("grad", src.lay, src.first, dst.lay, dst.first, cc, l, n, alpha, beta, _dtype(src.arr),
+                   _dtype(sgn), _dtype(dst.arr))
+            self._strided_cached(key, lambda: _gemm.grad_call(src.lay, src.first, dst.lay, dst.first, cc, l, n,
+                                                              alpha, beta),
+                                 {"phi": src.arr, "sgn": sgn, "out": dst.arr})
         else:
             l, n = src.mats[0].shape
             bufs = {("p", k): a for k, a in enumerate(src.mats)}
             bufs.update({("o", k): a for k, a in enumerate(dst.mats)})
             bufs["sgn"] = sgn
-            call = _gemm.grad_batched(
-                src.lay,
-                [_gemm.Ref(("p", k), 0) for k in range(cc)],
-                dst.lay,
-                [_gemm.Ref(("o", k), 0) for k in range(cc)],
-                0,
-                l,
-                n,
-                alpha,
-                beta,
-            )
+            call = _gemm.grad_batched(src.lay, [_gemm.Ref(("p", k), 0) for k in range(cc)], dst.lay,
+                                      [_gemm.Ref(("o", k), 0) for k in range(cc)], 0, l, n, alpha, beta)
             self._pointers(call, bufs, src.addrs)
 
     def fused_launcher(self, cfg, V, Vout, losses, write_grad):
@@ -387,23 +318,14 @@ class CupyDevice(_ElementwiseLaunches):
         kern = self._launch.get(key)
         if kern is None:
             A = _ptx.array_type
-            sig = (
-                A(_dtype(V), 3, "A"),
-                A(_dtype(out), 3, "A"),
-                A(np.float64, 1),
-                self._i64,
-                _ptx_float(cfg.acc),
-                self._bool,
-                self._bool,
-            )
+            sig = (A(_dtype(V), 3, "A"), A(_dtype(out), 3, "A"), A(np.float64, 1), self._i64, _ptx_float(cfg.acc),
+                   self._bool, self._bool)
             kern = self._launch[key] = _ptx.kernel(fused_small.get_fused_kernel(cfg), sig)
-        bound = _ptx.BoundLaunch(
-            kern, m, cfg.threads, (V, out, losses, 0, 0.0, False, bool(write_grad)), variable=(0, 1, 2, 4, 5)
-        )
+        bound = _ptx.BoundLaunch(kern, m, cfg.threads, (V, out, losses, 0, 0.0, False, bool(write_grad)),
+                                 variable=(0, 1, 2, 4, 5))
 
         def go(phi_addr, out_addr, losses_addr, alpha, accumulate):
             bound.launch(self._stream_ptr, phi_addr, out_addr, losses_addr, alpha, accumulate)
-
         return go
 
 
@@ -415,7 +337,7 @@ def address_batches(ptrs: np.ndarray, slots: int):
     """(first, count, `slots` values zero-padded) for each launch that stores `ptrs` (row by row)."""
     flat = ptrs.ravel().tolist()
     for first in range(0, len(flat), slots):
-        vals = flat[first : first + slots]
+        vals = flat[first:first + slots]
         count = len(vals)
         yield first, count, tuple(vals + [0] * (slots - count))
 

@@ -20,19 +20,18 @@ enqueueing, not the GPU work, and workspaces come from CuPy's stream-ordered poo
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from . import _backends, _checks, _cpu_pool, _driver, _penalty
-from ._device import Device, GpuDevice, make_device, pick_kernel
+from ._device import Device, make_device, pick_kernel
+from ._gpu_calls import GpuCalls
 from ._slices import Chunking, Slices
 
 Alloc = Callable[[tuple, Any], Any]
 GramHook = Callable[[Any], object]
-
 
 def _new_grad(xp: Any, host_in: bool, p: Any, out: Any, accumulate: Any, alloc: Alloc | None) -> Any:
     """Where a call's gradient goes: out, or a new array like p (host_in: a NumPy phi the GPU computes)."""
@@ -47,90 +46,6 @@ def _new_grad(xp: Any, host_in: bool, p: Any, out: Any, accumulate: Any, alloc: 
         # per call under cProfile on the H100 machine's host (bench/results/gpu-h100-vec-profile.txt)
         return xp.empty(p.shape, p.dtype)
     return xp.empty_like(p)
-
-
-class StreamLosses:
-    """The per-slice losses of a plan's GPU calls, one array kept per stream (calls on one stream run
-    in order, so they may share it; the plan's lock keeps a call's launches together)."""
-
-    MAX_STREAMS = 8  # a caller cycling through streams: keep the newest
-
-    def __init__(self, xp: Any, m: int):
-        self._xp, self._m = xp, m
-        self._kept: dict[int, tuple[Any, Any]] = {}  # stream address -> (losses, the stream)
-
-    def __len__(self) -> int:
-        return len(self._kept)
-
-    def get(self, stream: Any) -> Any:
-        """The losses array for a call on `stream` (CuPy's current one, as the device bound it), made
-        on the first call there. While the stream captures a graph, a fresh one: a graph replayed on
-        another stream would share the kept one with calls there."""
-        key = stream.ptr
-        # the legacy default stream (0) cannot capture (and asking fails while another stream does)
-        if key and stream.is_capturing():
-            return self._xp.empty(self._m, dtype=np.float64)
-        hit = self._kept.get(key)
-        if hit is None:
-            if len(self._kept) >= self.MAX_STREAMS:
-                self._kept.clear()
-            # kept with its stream: while that lives, no other stream has its address
-            hit = self._kept[key] = (self._xp.empty(self._m, dtype=np.float64), stream)
-        return hit[0]
-
-    def stream_of(self, key: int) -> Any:
-        """The stream kept with the losses of stream address `key`."""
-        return self._kept[key][1]
-
-
-class GpuCalls:
-    """A plan's GPU calls: the lock that keeps one call's launches together, the per-stream losses
-    and the fused kernel's launchers (one per layout of phi, the gradient and the losses: per call
-    only the addresses and scalars are packed)."""
-
-    MAX_LAUNCHERS = 8  # a caller cycling through out= layouts: keep the newest
-
-    def __init__(self, dev: Device, m: int, fused_cfg: Any):
-        self.dev: GpuDevice = dev  # type: ignore[assignment]  # made only for GPU devices' calls
-        self.lock = threading.Lock()
-        self.losses = StreamLosses(dev.xp, m)
-        self.launchers: dict[tuple, Any] = {}  # (phi and gradient layouts, losses strides, want_grad) -> go
-        self._cfg = fused_cfg
-        # a call's arrays are the device's own kind (torch tensors come as CuPy views): their address
-        # without _addr's checks for other kinds
-        self._addr: Callable[[Any], int] = (
-            (lambda a: a.ctypes.data) if dev.xp is np else (lambda a: a.data.ptr)
-        )
-
-    def fused(
-        self,
-        view: Callable[[Any], Any],
-        p: Any,
-        grad: Any,
-        losses: Any,
-        alpha: float,
-        accumulate: bool,
-        want_grad: bool,
-    ) -> None:
-        """Launch the fused kernel; view(a): the plan's slice view of p or grad."""
-        # phi's layout is the plan's, but execute() is also called directly (torch, ranks): key on it too
-        key = (
-            p.strides,
-            grad.dtype if want_grad else None,
-            grad.strides if want_grad else None,
-            losses.strides,
-            want_grad,
-        )
-        go = self.launchers.get(key)
-        if go is None:
-            if len(self.launchers) >= self.MAX_LAUNCHERS:
-                self.launchers.clear()
-            go = self.launchers[key] = self.dev.fused_launcher(
-                self._cfg, view(p), view(grad) if want_grad else None, losses, want_grad
-            )
-        addr = self._addr
-        pa = addr(p)
-        go(pa, addr(grad) if want_grad else pa, addr(losses), alpha, accumulate)
 
 
 class Plan:
@@ -151,23 +66,10 @@ class Plan:
         True
     """
 
-    def __init__(
-        self,
-        phi: Any,
-        beta: Any = 1.0,
-        *,
-        axis: Any = 1,
-        reduction: Any = "sum",
-        want: Any = "loss_and_grad",
-        precision: Any = "highest",
-        backend: Any = "auto",
-        workspace_bytes: Any = None,
-        kernel: Any = "auto",
-        penalty: Any = "l1",
-        diagonal: Any = True,
-        normalize: Any = False,
-        _device: Device | None = None,
-    ) -> None:
+    def __init__(self, phi: Any, beta: Any = 1.0, *, axis: Any = 1, reduction: Any = "sum",
+                 want: Any = "loss_and_grad", precision: Any = "highest", backend: Any = "auto",
+                 workspace_bytes: Any = None, kernel: Any = "auto", penalty: Any = "l1", diagonal: Any = True,
+                 normalize: Any = False, _device: Device | None = None) -> None:
         self._is_cupy = _checks.check_phi(phi)
         axis = _checks.check_axis(axis, phi.ndim)
         self._beta = _checks.check_beta(beta)
@@ -187,22 +89,12 @@ class Plan:
         self._dev: Device = _device if _device is not None else make_device(self._resolved, self._precision)
         self._xp = self._dev.xp
         self._host_in = not self._is_cupy and self._xp is not np  # a NumPy input computed on the GPU
-        self._budget = _checks.workspace_budget(
-            workspace_bytes, "numpy" if self._xp is np else "cupy", self._xp
-        )
+        self._budget = _checks.workspace_budget(workspace_bytes, "numpy" if self._xp is np else "cupy", self._xp)
         cpu = self._xp is np and not getattr(self._dev, "emulates_gpu", False)
         lay_phi = sl.fix_layout(phi, self._host_in, cpu)
         self._kernel, self._fused_cfg = pick_kernel(
-            kernel,
-            self._dev,
-            self._variant,
-            isinstance(self._budget, _driver.DefaultBudget),
-            self._host_in or lay_phi is not None,
-            self._l,
-            self._n,
-            self._dtype,
-            self._precision,
-        )
+            kernel, self._dev, self._variant, isinstance(self._budget, _driver.DefaultBudget),
+            self._host_in or lay_phi is not None, self._l, self._n, self._dtype, self._precision)
         self._ldt = np.float64 if phi.dtype == np.float64 else np.float32
         self._chunks = Chunking(self._dev, sl, self._dtype, self._variant, self._budget)
         self._gpu = GpuCalls(self._dev, self._m, self._fused_cfg)
@@ -225,17 +117,13 @@ class Plan:
     backend = property(lambda self: self._resolved, doc='The resolved backend: "numpy" or "cupy".')
     kernel = property(lambda self: self._kernel, doc='The GPU path: "gemm" or "fused" ("gemm" on a CPU).')
     is_cupy = property(lambda self: self._is_cupy, doc="Whether the plan takes CuPy arrays.")
-    variant = property(
-        lambda self: self._variant, doc="The member of the penalty family (`_penalty.Variant`)."
-    )
+    variant = property(lambda self: self._variant, doc="The member of the penalty family (`_penalty.Variant`).")
 
     def __repr__(self) -> str:
         kind = "cupy" if self._is_cupy else "numpy"
-        return (
-            f"Plan({kind} {self._shape} {self._dtype}, axis={self._axis}, m={self._m} slices of "
-            f"{self._l}x{self._n}, reduction={self._reduction!r}, want={self._want!r}, "
-            f"backend={self._resolved!r})"
-        )
+        return (f"Plan({kind} {self._shape} {self._dtype}, axis={self._axis}, m={self._m} slices of "
+                f"{self._l}x{self._n}, reduction={self._reduction!r}, want={self._want!r}, "
+                f"backend={self._resolved!r})")
 
     # -- checks ------------------------------------------------------------------------------------
 
@@ -244,13 +132,9 @@ class Plan:
 
     def _mismatch(self, phi: Any) -> str | None:
         if type(phi) is not self._array_type:
-            _checks.check_array(
-                phi
-            )  # not an array at all: the TypeError the functional API raises (docs/errors.md)
-            return (
-                f"phi is a {type(phi).__module__}.{type(phi).__name__}, the plan's a "
-                f"{self._array_type.__module__}.{self._array_type.__name__}"
-            )
+            _checks.check_array(phi)  # not an array at all: the TypeError the functional API raises (docs/errors.md)
+            return f"phi is a {type(phi).__module__}.{type(phi).__name__}, the plan's a " \
+                   f"{self._array_type.__module__}.{self._array_type.__name__}"
         if phi.shape != self._shape:
             return f"phi has shape {phi.shape}, the plan's {self._shape}"
         if phi.dtype != self._dtype:
@@ -296,19 +180,9 @@ class Plan:
     def _chunk_for(self, want_grad: bool, accumulate: bool = False) -> int:
         return self._chunks.chunk_for(want_grad, accumulate)
 
-    def _execute(
-        self,
-        phi: Any,
-        out: Any,
-        accumulate: Any,
-        beta: float,
-        want_grad: bool,
-        *,
-        gram_hook: GramHook | None = None,
-        chunk: int | None = None,
-        alloc: Alloc | None = None,
-        losses: Any = None,
-    ) -> tuple[Any, Any]:
+    def _execute(self, phi: Any, out: Any, accumulate: Any, beta: float, want_grad: bool, *,
+                 gram_hook: GramHook | None = None, chunk: int | None = None, alloc: Alloc | None = None,
+                 losses: Any = None) -> tuple[Any, Any]:
         """(loss, grad) for an array that matches the plan, arguments already checked (see `execute`)."""
         xp = self._xp
         p = xp.asarray(phi) if self._host_in else phi
@@ -335,19 +209,13 @@ class Plan:
                 return self._finish(losses, beta, raw, want_grad, grad, out)
         batch = self._slices.batch(p, grad, out, want_grad)
         threads = self._threads if gram_hook is None else 1  # a hook sees the chunks in order
-        sz, threads = self._chunks.sizes_for(
-            want_grad, bool(accumulate), batch.lay_phi is None, want_grad and batch.lay_out is None, threads
-        )
+        sz, threads = self._chunks.sizes_for(want_grad, bool(accumulate), batch.lay_phi is None,
+                                      want_grad and batch.lay_out is None, threads)
         if chunk is not None and chunk < sz.chunk:
             sz = dataclasses.replace(sz, chunk=max(1, int(chunk)))
         alpha = 2.0 * beta / (m if self._reduction == "mean" and m else 1)
-        kw: dict[str, Any] = dict(
-            alpha=alpha,
-            beta_gemm=1.0 if accumulate else 0.0,
-            want_grad=want_grad,
-            gram_hook=gram_hook,
-            variant=self._variant,
-        )
+        kw: dict[str, Any] = dict(alpha=alpha, beta_gemm=1.0 if accumulate else 0.0, want_grad=want_grad, gram_hook=gram_hook,
+                  variant=self._variant)
         if m and n:
             if xp is np:
                 self._cpu.run(batch, sz, losses, kw, threads)
@@ -361,9 +229,7 @@ class Plan:
                     return self._finish(losses, beta, raw, want_grad, grad, out)
         return self._finish(losses, beta, raw, want_grad, grad, out)
 
-    def _finish(
-        self, losses: Any, beta: float, raw: bool, want_grad: bool, grad: Any, out: Any
-    ) -> tuple[Any, Any]:
+    def _finish(self, losses: Any, beta: float, raw: bool, want_grad: bool, grad: Any, out: Any) -> tuple[Any, Any]:
         xp = self._xp
         loss = None if raw else self._reduce(losses, beta)
         if not want_grad:
@@ -442,12 +308,7 @@ class GraphedCall:
         V = plan._view(phi)
         if plan.kernel == "gemm" and plan.m and plan.n and plan.l and _driver.layout_of(V) is None:
             raise ValueError("graph() needs a phi whose layout BLAS reads in place (this one is staged)")
-        if (
-            out is not None
-            and plan.kernel == "gemm"
-            and plan.l
-            and _driver.layout_of(plan._view(out)) is None
-        ):
+        if out is not None and plan.kernel == "gemm" and plan.l and _driver.layout_of(plan._view(out)) is None:
             raise ValueError("graph() needs an out whose layout BLAS reads in place (this one is staged)")
         target = out if out is not None else (cupy.empty_like(phi) if want_grad else None)
         self.grad = target
@@ -498,19 +359,9 @@ class GraphedCall:
 # -- the one internal interface of the framework layers (torch, distributed) --------------------
 
 
-def execute(
-    plan: Plan,
-    phi: Any,
-    out: Any,
-    accumulate: Any,
-    beta: float,
-    want_grad: bool,
-    *,
-    gram_hook: GramHook | None = None,
-    chunk: int | None = None,
-    alloc: Alloc | None = None,
-    losses: Any = None,
-) -> tuple[Any, Any]:
+def execute(plan: Plan, phi: Any, out: Any, accumulate: Any, beta: float, want_grad: bool, *,
+            gram_hook: GramHook | None = None, chunk: int | None = None, alloc: Alloc | None = None,
+            losses: Any = None) -> tuple[Any, Any]:
     """(loss, grad) for an array that matches the plan, arguments already checked.
 
     gram_hook(ws) sees each chunk's Grams (a (count, n*n) array of the plan's array module)
@@ -519,9 +370,8 @@ def execute(
     (when out is None) and the workspaces, and `losses`, an (m,) float64 array, receives the
     unscaled per-slice losses (the returned loss is then None): how the torch integration keeps
     every allocation in torch's allocator, as a CUDA graph capture needs."""
-    return plan._execute(
-        phi, out, accumulate, beta, want_grad, gram_hook=gram_hook, chunk=chunk, alloc=alloc, losses=losses
-    )
+    return plan._execute(phi, out, accumulate, beta, want_grad, gram_hook=gram_hook, chunk=chunk, alloc=alloc,
+                         losses=losses)
 
 
 def chunk_for(plan: Plan, want_grad: bool, accumulate: bool = False) -> int:

@@ -25,8 +25,9 @@ except ImportError as _e:  # optax is an optional extra
         f"then import gpu_orthol1.optax again ({_e})"
     ) from _e
 
-from . import _checks
+from . import _checks, _penalty
 from . import jax as _ojax
+from .jax import _ops as _jops
 
 __all__ = ["add_ortho_l1", "AddOrthoL1State"]
 
@@ -34,7 +35,7 @@ __all__ = ["add_ortho_l1", "AddOrthoL1State"]
 class AddOrthoL1State(NamedTuple):
     """add_ortho_l1's state: the step count that a beta schedule reads (0-d int32).
 
-    Args:
+    Attributes:
         count: the number of updates made so far.
 
     Example:
@@ -102,8 +103,8 @@ def add_ortho_l1(
         normalize=normalize,
         precision=precision,
     )
-    _ojax._check_precision(precision)
-    _ojax._penalty.check(penalty, diagonal, normalize)
+    _jops._check_precision(precision)
+    _penalty.check(penalty, diagonal, normalize)
 
     def init_fn(params):
         del params

@@ -107,7 +107,7 @@ def test_streams_in_threads_do_not_race(cp, rng):
 def test_one_plan_on_streams_and_threads_keeps_each_calls_losses(cp, rng, kernel):
     """One plan shared by calls on four streams back to back (no synchronization in between) and by
     four threads at once on one stream: each call returns its own loss, bit for bit its serial one.
-    A plan keeps its per-slice losses per stream (`_plan.StreamLosses`) and launches the loss
+    A plan keeps its per-slice losses per stream (`_gpu_calls.StreamLosses`) and launches the loss
     reduction under its lock: a race would hand one call another's loss."""
     phis = [make(cp, rng, (64, 300, 32), np.float32, "C", 1) for _ in range(4)]
     p = ol1.plan(phis[0], 0.7, kernel=kernel)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import gpu_orthol1 as ol1
-from gpu_orthol1 import _cache, _cpu_pool, _device, _plan
+from gpu_orthol1 import _cache, _cpu_pool, _device, _gpu_calls, _plan
 
 from .helpers import make
 from .reference import check, random_phi
@@ -165,7 +165,7 @@ def test_one_plan_shared_by_threads(rng):
 
 
 class _Streams:
-    """Stand-in for CuPy as `_plan.StreamLosses` uses it: streams with an address and a capture
+    """Stand-in for CuPy as `_gpu_calls.StreamLosses` uses it: streams with an address and a capture
     state, and `empty`. Asking the default stream (address 0) whether it captures fails,
     as the driver's query may while another stream captures."""
 
@@ -188,7 +188,7 @@ def test_kept_losses_one_array_per_stream_fresh_while_capturing(rng):
     fresh one on each call while the stream captures a graph (kept arrays would then be shared with
     the graph's replays on other streams); at most 8 streams' arrays kept."""
     xp = _Streams()
-    kept = _plan.StreamLosses(xp, 5)
+    kept = _gpu_calls.StreamLosses(xp, 5)
     first = kept.get(xp.current)
     assert first.shape == (5,) and first.dtype == np.float64
     assert kept.get(xp.current) is first

@@ -128,7 +128,8 @@ def test_framework_api_annotated_and_documented(what, fn):
         return
     if inspect.isclass(fn):
         doc = inspect.getdoc(fn) or ""
-        assert "Args:" in doc and "Example:" in doc, f"{what}: the class docstring lacks Args/Example"
+        fields = "Attributes:" if issubclass(fn, tuple) else "Args:"  # a NamedTuple's fields are attributes
+        assert fields in doc and "Example:" in doc, f"{what}: the class docstring lacks {fields}/Example"
         return
     sig = inspect.signature(fn)
     params = [p for p in sig.parameters.values() if p.name not in ("self", "cls")]

@@ -34,11 +34,7 @@ class _GroupRunner:
         """Indices of the targets that take part in this call: requires_grad may have been switched off."""
         split = self.reg._split
         share = None if split is None else split.share  # under split=: this rank's matrices
-        return [
-            j
-            for j, t in enumerate(self.reg.targets)
-            if t.param.requires_grad and (share is None or j in share)
-        ]
+        return [j for j, t in enumerate(self.reg.targets) if t.param.requires_grad and (share is None or j in share)]
 
     def _groups(self, active, outs, params=None):
         """{key: [(target index, V, Vo)]} for the batched path, and the list of per-tensor fallbacks.
@@ -58,12 +54,8 @@ class _GroupRunner:
             # the GPU's pointer-array GEMM takes float32 and float64 (the emulated GPU device of the
             # tests, `_device_factory`, follows the same rule on CPU tensors)
             gpu = p.device.type != "cpu" or self.reg._device_factory is not None
-            ok = (
-                lay is not None
-                and (outs is None or lay_o is not None)
-                and p.dtype != torch.bfloat16
-                and (not gpu or p.dtype in (torch.float32, torch.float64))
-            )
+            ok = (lay is not None and (outs is None or lay_o is not None) and p.dtype != torch.bfloat16
+                  and (not gpu or p.dtype in (torch.float32, torch.float64)))
             if not ok:
                 single.append((j, V, Vo))
                 continue
@@ -86,15 +78,8 @@ class _GroupRunner:
             self._budgets[device] = b
         return b
 
-    def execute(
-        self,
-        outs: Any,
-        *,
-        beta_gemm: float,
-        want_grad: bool,
-        after_group: Callable | None = None,
-        params: dict | None = None,
-    ) -> dict:
+    def execute(self, outs: Any, *, beta_gemm: float, want_grad: bool, after_group: Callable | None = None,
+                params: dict | None = None) -> dict:
         """Run every active target; gradients (dL/dW, plus beta_gemm * out) into outs.
         Returns {device: loss tensor (float64, beta included)}. params: see `_groups`."""
         self.reg.backend_calls = 0
@@ -112,11 +97,7 @@ class _GroupRunner:
         for device, glist in by_dev.items():
             cuda = device.type == "cuda"
             with _on_torch_stream(device) if cuda else nullcontext():
-                dev = (
-                    self.reg._device_factory()
-                    if self.reg._device_factory and not cuda
-                    else _core_device(device)
-                )
+                dev = self.reg._device_factory() if self.reg._device_factory and not cuda else _core_device(device)
                 if cuda:
                     dev.bind()
 
@@ -162,38 +143,17 @@ class _GroupRunner:
                         budget = self._budget(device)
                     batch = _driver.Pointers(phis, gouts if want_grad else None, lay, lay_o, l, n)
                     npdt = np.dtype(_NP_DTYPE[dtype])
-                    sz = _driver.sizes(
-                        dev,
-                        len(phis),
-                        l,
-                        n,
-                        npdt,
-                        want_grad=want_grad,
-                        accumulate=bool(beta_gemm),
-                        stage_phi=False,
-                        stage_out=False,
-                        budget=budget,
-                        variant=self.reg.variant,
-                        pointers=True,
-                    )
+                    sz = _driver.sizes(dev, len(phis), l, n, npdt, want_grad=want_grad, accumulate=bool(beta_gemm),
+                                       stage_phi=False, stage_out=False, budget=budget, variant=self.reg.variant,
+                                       pointers=True)
                     wsb = _driver.workspace(alloc, sz, l, n, npdt)
                     counter = _CallCounter(dev)
-                    _driver.run(
-                        counter,
-                        batch,
-                        wsb,
-                        sz.chunk,
-                        losses_a,
-                        loss_offset=off,
-                        alpha=alpha,
-                        beta_gemm=beta_gemm,
-                        want_grad=want_grad,
-                        variant=self.reg.variant,
-                        gram_hook=None if collect is None else collect.hook(device, off, n, members),
-                    )
+                    _driver.run(counter, batch, wsb, sz.chunk, losses_a, loss_offset=off, alpha=alpha,
+                                beta_gemm=beta_gemm, want_grad=want_grad, variant=self.reg.variant,
+                                gram_hook=None if collect is None else collect.hook(device, off, n, members))
                     self.reg.backend_calls += counter.calls
                     if weights is not None:
-                        weights[off : off + len(phis)] = scale
+                        weights[off:off + len(phis)] = scale
                     off += len(phis)
                     if after_group is not None:
                         after_group([j for j, _, _ in members])
@@ -217,16 +177,8 @@ class _GroupRunner:
         Vc = V.float() if bf16 else V
         tmp = torch.empty_like(Vc) if want_grad and bf16 else None  # written in float32, rounded below
         o = tmp if tmp is not None else Vo
-        loss = _run_core(
-            Vc,
-            o,
-            self.reg._applied * scale,
-            "sum",
-            want_grad,
-            device,
-            accumulate=bool(beta_gemm) and tmp is None,
-            variant=self.reg.variant,
-        )
+        loss = _run_core(Vc, o, self.reg._applied * scale, "sum", want_grad, device,
+                         accumulate=bool(beta_gemm) and tmp is None, variant=self.reg.variant)
         if tmp is not None:
             if beta_gemm:
                 Vo.add_(tmp)
@@ -237,19 +189,15 @@ class _GroupRunner:
     def check_devices(self) -> None:
         devs = {t.param.device for t in self.reg.targets}
         if len(devs) > 1:
-            raise ValueError(
-                "OrthoL1.loss(): the parameters are on several devices "
-                f"{sorted(map(str, devs))}; "
-                "one loss tensor cannot live on all of them (use add_grad_() or step_(), which "
-                "work per device, or one OrthoL1 per device)"
-            )
+            raise ValueError("OrthoL1.loss(): the parameters are on several devices "
+                             f"{sorted(map(str, devs))}; "
+                             "one loss tensor cannot live on all of them (use add_grad_() or step_(), which "
+                             "work per device, or one OrthoL1 per device)")
         for t in self.reg.targets:
             _check_tensor(t.param, f"parameter {t.name!r}")
 
     def loss_dtype(self) -> torch.dtype:
-        return (
-            torch.float64 if all(t.param.dtype == torch.float64 for t in self.reg.targets) else torch.float32
-        )
+        return torch.float64 if all(t.param.dtype == torch.float64 for t in self.reg.targets) else torch.float32
 
     def result(self, totals: dict) -> Any:
         dt = self.loss_dtype()
@@ -284,24 +232,17 @@ class _GroupRunner:
                 p.grad = torch.zeros_like(p)
             g = p.grad
             if g.layout != torch.strided:
-                raise TypeError(
-                    f"parameter {t.name!r} has a {g.layout} .grad (e.g. a sparse Embedding); "
-                    "add_grad_ needs a dense gradient"
-                )
+                raise TypeError(f"parameter {t.name!r} has a {g.layout} .grad (e.g. a sparse Embedding); "
+                                "add_grad_ needs a dense gradient")
             if g.device != p.device or g.dtype != p.dtype or g.shape != p.shape:
-                raise ValueError(
-                    f"parameter {t.name!r}: .grad is {g.dtype} {tuple(g.shape)} on {g.device}, "
-                    f"the parameter {p.dtype} {tuple(p.shape)} on {p.device}"
-                )
+                raise ValueError(f"parameter {t.name!r}: .grad is {g.dtype} {tuple(g.shape)} on {g.device}, "
+                                 f"the parameter {p.dtype} {tuple(p.shape)} on {p.device}")
             if t.how == "flatten" and _flat_order(g) != _flat_order(p):
                 # .grad laid out unlike the weight (a contiguous .grad of a channels_last weight): its
                 # (out, -1) view would order the columns differently, so go through the weight's layout
-                warnings.warn(
-                    f"gpu_orthol1: parameter {t.name!r} has a .grad laid out unlike the parameter "
-                    f"(strides {g.stride()} against {p.stride()}); adding through a temporary",
-                    _driver.CopyWarning,
-                    stacklevel=3,
-                )
+                warnings.warn(f"gpu_orthol1: parameter {t.name!r} has a .grad laid out unlike the parameter "
+                              f"(strides {g.stride()} against {p.stride()}); adding through a temporary",
+                              _driver.CopyWarning, stacklevel=3)
                 staged.append((g, torch.zeros_like(p)))
                 g = staged[-1][1]
             outs[j] = g
@@ -345,3 +286,4 @@ class _CallCounter:
 
     def __getattr__(self, name):
         return getattr(self._dev, name)
+

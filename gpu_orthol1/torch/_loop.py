@@ -139,12 +139,7 @@ class _TrainingLoop:
             >>> penalty, m = reg.loss(metrics=True)
         """
         if torch.compiler.is_compiling():  # one custom op to dynamo: no graph break
-            if (
-                metrics
-                or self._train.schedule is not None
-                or self._train.every != 1
-                or self._split is not None
-            ):
+            if metrics or self._train.schedule is not None or self._train.every != 1 or self._split is not None:
                 return self._loss_eager(metrics)
             return self._loss()
         return self._run(self._loss, metrics, detached=False)
@@ -204,10 +199,8 @@ class _TrainingLoop:
         if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(float(lr)):
             raise ValueError(f"lr must be a finite real number, got {lr!r}")
         if self._split is not None:
-            raise ValueError(
-                "step_() does not take split= (the ranks would update different matrices); "
-                "use add_grad_() before backward() or loss()"
-            )
+            raise ValueError("step_() does not take split= (the ranks would update different matrices); "
+                             "use add_grad_() before backward() or loss()")
         if self._begin(False) is None:
             return self._skipped(False)
         return self._step_(lr)
@@ -244,9 +237,8 @@ class _TrainingLoop:
         saved, self._applied = self._applied, beta
         self._collect = run = _training.MetricsRun()
         try:
-            self._runner.execute(
-                None, beta_gemm=0.0, want_grad=False, params={j: self.targets[j].param for j in active}
-            )
+            self._runner.execute(None, beta_gemm=0.0, want_grad=False,
+                                 params={j: self.targets[j].param for j in active})
             m = run.result(self.targets, beta)
         finally:
             self._collect, self._applied = None, saved

@@ -429,8 +429,13 @@ def test_cpu_pool_runs_blas_single_threaded(rng):
     # while the parts run, the caller's setting back after
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    def blas_threads():
-        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    with _cpu_pool._blas_ctl_lock:  # the libraries the pool's limit controls (found at its first use)
+        ours = {c.filepath for c in _cpu_pool._blas_controller_locked().lib_controllers}
+
+    def blas_threads():  # a BLAS loaded later in this process (another test's import) is not ours
+        return [
+            i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas" and i["filepath"] in ours
+        ]
 
     seen = []
     with threadpool_limits(limits=2, user_api="blas"):
@@ -468,8 +473,13 @@ def test_overlapping_pool_calls_give_blas_its_threads_back():
     # leaving BLAS on one thread for good)
     from threadpoolctl import threadpool_info
 
-    def blas_threads():
-        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    with _cpu_pool._blas_ctl_lock:  # the libraries the pool's limit controls (found at its first use)
+        ours = {c.filepath for c in _cpu_pool._blas_controller_locked().lib_controllers}
+
+    def blas_threads():  # a BLAS loaded later in this process (another test's import) is not ours
+        return [
+            i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas" and i["filepath"] in ours
+        ]
 
     entered = [threading.Event(), threading.Event()]
     release = [threading.Event(), threading.Event()]

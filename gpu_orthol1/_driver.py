@@ -270,40 +270,13 @@ def run(
     if count <= 0 or n == 0:
         return
     blas = wsb.get("blas")
+    args = (dev, batch, wsb, chunk, losses, loss_offset, alpha, beta_gemm, want_grad, gram_hook, first, count)
     if blas is None:
-        _loop(
-            dev,
-            batch,
-            wsb,
-            chunk,
-            losses,
-            loss_offset,
-            alpha,
-            beta_gemm,
-            want_grad,
-            gram_hook,
-            first,
-            count,
-            variant,
-        )
+        _loop(*args, variant)
         return
     dev.set_blas_workspace(blas)
     try:
-        _loop(
-            dev,
-            batch,
-            wsb,
-            chunk,
-            losses,
-            loss_offset,
-            alpha,
-            beta_gemm,
-            want_grad,
-            gram_hook,
-            first,
-            count,
-            variant,
-        )
+        _loop(*args, variant)
     finally:  # the buffer goes back to its allocator: the BLAS must not keep it
         dev.set_blas_workspace(None)
 

@@ -116,7 +116,9 @@ class Bench:
         self.crossover_rows: list[dict] = []
         self.t_start = time.time()
         self.load_start = loadavg()
-        self.checkpoint: Any = None  # called after every case: main() rewrites the CSV/JSON, so a killed run keeps them
+        self.checkpoint: Any = (
+            None  # called after every case: main() rewrites the CSV/JSON, so a killed run keeps them
+        )
 
     def _bar(self, total, desc):
         if not self.progress:
@@ -162,7 +164,7 @@ class Bench:
                 self.d2d_bw = d2d_bandwidth(64 << 20 if self.config.runs <= 5 else 256 << 20)
                 self.note(f"GPU device-to-device copy bandwidth: {self.d2d_bw / 1e9:.0f} GB/s (read + write)")
                 if self.config.crossover:  # first: cheap, and what sets backend="auto"'s threshold
-                    self._crossover(rng, stamp)
+                    run_crossover(self, rng, stamp)
             if device == "cpu":
                 malloc_steady()  # the allocator regime of every CPU timing (see there)
             cache = cache_bytes(device)
@@ -170,8 +172,10 @@ class Bench:
             bar = self._bar(len(cases) * len(usable), f"bench {device}")
             for ci, (shape, dt, sweep) in enumerate(cases):
                 if time.time() - self.t_start > self.config.time_limit_s:
-                    self.note(f"--time-limit {self.config.time_limit_s:g} s reached: {len(cases) - ci} {device} "
-                              "case(s) not run")
+                    self.note(
+                        f"--time-limit {self.config.time_limit_s:g} s reached: {len(cases) - ci} {device} "
+                        "case(s) not run"
+                    )
                     break
                 case = make_case(rng, shape, dt, sweep, cache)
                 ref = None
@@ -179,8 +183,11 @@ class Bench:
                 for mt in usable:
                     if bar is not None:
                         bar.set_postfix_str(f"{mt.name} {case.label} {dt}", refresh=False)
-                    if dt not in mt.dtypes or (sweep != "ref" and mt.name in self.config.sweep_skip) \
-                            or (dt != "float32" and mt.name in self.config.f32_only):
+                    if (
+                        dt not in mt.dtypes
+                        or (sweep != "ref" and mt.name in self.config.sweep_skip)
+                        or (dt != "float32" and mt.name in self.config.f32_only)
+                    ):
                         if bar is not None:
                             bar.update(1)
                         continue
@@ -207,8 +214,9 @@ class Bench:
                                 continue
                         # the correctness call above was the first warm-up; limits get one here
                         warm = max(self.config.warmup, 1 if mt.family == "limit" else 0)
-                        n, p20, p50, p80 = time_runs(prep, self.config.runs, len(case.host),
-                                                     self.config.method_budget_s, warm, t_first)
+                        n, p20, p50, p80 = time_runs(
+                            prep, self.config.runs, len(case.host), self.config.method_budget_s, warm, t_first
+                        )
                         row.update(runs=n, p20_ms=p20, p50_ms=p50, p80_ms=p80, status="ok")
                         if n < 5:
                             row["note"] = f"only {n} run(s): one call takes {p50 / 1e3:.1f} s"
@@ -219,14 +227,18 @@ class Bench:
                         if bar is not None:
                             bar.update(1)
                     case_rows.append(row)
-                self._ratios(case_rows, case, device)
+                set_ratios(case_rows, case, device, self.d2d_bw)
                 self._measure_memory()  # after this case's timings; frees its inputs and state
                 self.rows += case_rows
                 if self.checkpoint is not None:
                     self.checkpoint()
                 if bar is None:  # no progress bar: one line per case, so logs show where time goes
-                    print(f"[{ci + 1}/{len(cases)}] {device} {case.label} {dt} ({sweep}): "
-                          f"{time.time() - self.t_start:.0f} s", file=sys.stderr, flush=True)
+                    print(
+                        f"[{ci + 1}/{len(cases)}] {device} {case.label} {dt} ({sweep}): "
+                        f"{time.time() - self.t_start:.0f} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 del case, ref
             if bar is not None:
                 bar.close()
@@ -257,34 +269,28 @@ class Bench:
 
     def _row(self, mt, case, device, stamp):
         row = {k: "" for k in RESULT_FIELDS}
-        row.update(method=mt.name, family=mt.family, device=device, device_name=self.device_names.get(device, ""),
-                   backend=mt.backend, precision=mt.precision, sweep=case.sweep, shape=case.label,
-                   l=case.l, m=case.m, n=case.n, dtype=case.dtype.name, status="", runs=0,
-                   gflops=4.0 * case.l * case.m * case.n ** 2 / 1e9, host=self.host, loadavg=loadavg(),
-                   timestamp=stamp)
+        row.update(
+            method=mt.name,
+            family=mt.family,
+            device=device,
+            device_name=self.device_names.get(device, ""),
+            backend=mt.backend,
+            precision=mt.precision,
+            sweep=case.sweep,
+            shape=case.label,
+            l=case.l,
+            m=case.m,
+            n=case.n,
+            dtype=case.dtype.name,
+            status="",
+            runs=0,
+            gflops=4.0 * case.l * case.m * case.n**2 / 1e9,
+            host=self.host,
+            loadavg=loadavg(),
+            timestamp=stamp,
+        )
         row.update({f"v_{k}": v for k, v in self.vers.items()})
         return row
-
-    def _ratios(self, rows, case, device):
-        ok = [r for r in rows if r["status"] == "ok"]
-        lim = {r["precision"]: r["p50_ms"] for r in ok if r["family"] == "limit"}
-        mem_ms = ""
-        if device == "gpu" and self.d2d_bw:
-            mem_ms = 2.0 * case.nbytes / self.d2d_bw * 1e3  # read phi + write the gradient
-        ours = [r["p50_ms"] for r in ok if r["family"] == "ours" and r["precision"] == "highest"]
-        for r in ok:
-            lb = lim.get(r["precision"], lim.get("highest"))
-            if lb:
-                r["limit_blas_ms"] = lb
-                r["ratio_blas"] = r["p50_ms"] / lb
-            if mem_ms:
-                r["limit_mem_ms"] = mem_ms
-                r["ratio_mem"] = r["p50_ms"] / mem_ms
-            bound = max([x for x in (lb, mem_ms) if x] or [0.0])
-            if bound:
-                r["ratio_limit"] = r["p50_ms"] / bound
-            if ours:
-                r["ours_speedup"] = r["p50_ms"] / ours[0]
 
     def _measure_memory(self):
         if not self.pending_mem:
@@ -292,7 +298,7 @@ class Bench:
         for row, prep in self.pending_mem:
             try:
                 b, how = prep.peak()
-                row["peak_mb"], row["peak_how"] = b / 2 ** 20, how
+                row["peak_mb"], row["peak_how"] = b / 2**20, how
             except Exception as e:  # noqa: BLE001 - reported in the row
                 row["peak_how"] = f"failed: {_first_line(e)}"
         gpu = any(r["device"] == "gpu" for r, _ in self.pending_mem)
@@ -302,38 +308,82 @@ class Bench:
 
             cupy.get_default_memory_pool().free_all_blocks()
 
-    def _crossover(self, rng, stamp):
-        """backend="numpy" vs backend="cupy" (with host<->device copies) on NumPy inputs of growing size."""
-        import gpu_orthol1 as ol1
 
-        (l, n), ms = self.config.crossover
-        bar = self._bar(len(ms), "crossover")
-        for m in ms:
-            phi = [random_phi(rng, (l, m, n), np.float32) for _ in range(4)]
-            for backend in ("numpy", "cupy"):
-                prep = Prepared(lambda k, b=backend, x=phi: ol1.loss_and_grad(x[k], BETA, backend=b),
-                                lambda r: r, gpu_sync, lambda: (0.0, ""))
-                row = {k: "" for k in RESULT_FIELDS}
-                row.update(method=f"auto-crossover[{backend}]", family="crossover", device="gpu",
-                           device_name=self.device_names.get("gpu", ""), backend=backend, precision="highest",
-                           sweep="crossover", shape=f"{l}x{m}x{n}", l=l, m=m, n=n, dtype="float32",
-                           gflops=4.0 * l * m * n * n / 1e9, host=self.host, loadavg=loadavg(), timestamp=stamp,
-                           note="NumPy input and output: host<->device copies included")
-                row.update({f"v_{k}": v for k, v in self.vers.items()})
-                try:
-                    k, p20, p50, p80 = time_runs(prep, self.config.runs, 4, self.config.method_budget_s, 2)
-                    row.update(runs=k, p20_ms=p20, p50_ms=p50, p80_ms=p80, status="ok")
-                except Exception as e:  # noqa: BLE001 - reported in the row
-                    row.update(status="error", note=_first_line(e))
-                self.rows.append(row)
-                self.crossover_rows.append(row)
-            if bar is not None:
-                bar.update(1)
+def set_ratios(rows: list[dict], case: Case, device: str, d2d_bw: float | None) -> None:
+    """Each ok row's ratios to the case's limits (BLAS/cuBLAS, memory) and to gpu_orthol1's time."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    lim = {r["precision"]: r["p50_ms"] for r in ok if r["family"] == "limit"}
+    mem_ms = ""
+    if device == "gpu" and d2d_bw:
+        mem_ms = 2.0 * case.nbytes / d2d_bw * 1e3  # read phi + write the gradient
+    ours = [r["p50_ms"] for r in ok if r["family"] == "ours" and r["precision"] == "highest"]
+    for r in ok:
+        lb = lim.get(r["precision"], lim.get("highest"))
+        if lb:
+            r["limit_blas_ms"] = lb
+            r["ratio_blas"] = r["p50_ms"] / lb
+        if mem_ms:
+            r["limit_mem_ms"] = mem_ms
+            r["ratio_mem"] = r["p50_ms"] / mem_ms
+        bound = max([x for x in (lb, mem_ms) if x] or [0.0])
+        if bound:
+            r["ratio_limit"] = r["p50_ms"] / bound
+        if ours:
+            r["ours_speedup"] = r["p50_ms"] / ours[0]
+
+
+def run_crossover(bench: Bench, rng: Any, stamp: str) -> None:
+    """backend="numpy" vs backend="cupy" (with host<->device copies) on NumPy inputs of growing size."""
+    import gpu_orthol1 as ol1
+
+    (l, n), ms = bench.config.crossover
+    bar = bench._bar(len(ms), "crossover")
+    for m in ms:
+        phi = [random_phi(rng, (l, m, n), np.float32) for _ in range(4)]
+        for backend in ("numpy", "cupy"):
+            prep = Prepared(
+                lambda k, b=backend, x=phi: ol1.loss_and_grad(x[k], BETA, backend=b),
+                lambda r: r,
+                gpu_sync,
+                lambda: (0.0, ""),
+            )
+            row = {k: "" for k in RESULT_FIELDS}
+            row.update(
+                method=f"auto-crossover[{backend}]",
+                family="crossover",
+                device="gpu",
+                device_name=bench.device_names.get("gpu", ""),
+                backend=backend,
+                precision="highest",
+                sweep="crossover",
+                shape=f"{l}x{m}x{n}",
+                l=l,
+                m=m,
+                n=n,
+                dtype="float32",
+                gflops=4.0 * l * m * n * n / 1e9,
+                host=bench.host,
+                loadavg=loadavg(),
+                timestamp=stamp,
+                note="NumPy input and output: host<->device copies included",
+            )
+            row.update({f"v_{k}": v for k, v in bench.vers.items()})
+            try:
+                k, p20, p50, p80 = time_runs(prep, bench.config.runs, 4, bench.config.method_budget_s, 2)
+                row.update(runs=k, p20_ms=p20, p50_ms=p50, p80_ms=p80, status="ok")
+            except Exception as e:  # noqa: BLE001 - reported in the row
+                row.update(status="error", note=_first_line(e))
+            bench.rows.append(row)
+            bench.crossover_rows.append(row)
         if bar is not None:
-            bar.close()
-        flops = crossover_flops(self.crossover_rows)
-        if flops is not None:
-            self.note(f"measured CPU/GPU crossover for NumPy inputs: GPU faster from {flops:.3g} GEMM flops "
-                      f"(4*l*m*n^2) on; set gpu_orthol1._backends.GPU_CROSSOVER_FLOPS from it")
-        else:
-            self.note("crossover: the GPU never won at the measured sizes (or a side failed)")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    flops = crossover_flops(bench.crossover_rows)
+    if flops is not None:
+        bench.note(
+            f"measured CPU/GPU crossover for NumPy inputs: GPU faster from {flops:.3g} GEMM flops "
+            f"(4*l*m*n^2) on; set gpu_orthol1._backends.GPU_CROSSOVER_FLOPS from it"
+        )
+    else:
+        bench.note("crossover: the GPU never won at the measured sizes (or a side failed)")

@@ -102,24 +102,29 @@ def _one_blas_thread() -> Iterator[None]:
 
 
 def run_split(fn: Callable[[int, int], object], m: int, threads: int) -> None:
-    """fn(first, last) over `threads` contiguous parts of range(m), on the shared pool.
+    """fn(first, last) over `threads` contiguous parts of range(m): the first part on the calling
+    thread, the others on the shared pool.
 
-    While the parts run, BLAS runs one thread per call: each pool thread is already a core's worth
-    of work, and BLAS's own threads on top of it oversubscribe the cores (on (512, 1024, 64) float32,
-    AMD EPYC, 2 CPUs: 213 ms with OpenBLAS's default two threads, 91 ms with one; issue 26). The
-    limit is process-wide while it lasts (threadpoolctl's), shared by overlapping calls from several
-    user threads (`_one_blas_thread`); it costs speed, never correctness, where it does not apply."""
+    The caller works rather than waits: each part handed to a pool thread costs a wake-up of that
+    thread and, when it finishes last, one of the caller (tens of microseconds each on a virtual
+    machine's idle cores), which small calls feel. While the parts run, BLAS runs one thread per
+    call: each part is already a core's worth of work, and BLAS's own threads on top of it
+    oversubscribe the cores (on (512, 1024, 64) float32, AMD EPYC, 2 CPUs: 213 ms with OpenBLAS's
+    default two threads, 91 ms with one; issue 26). The limit is process-wide while it lasts
+    (threadpoolctl's), shared by overlapping calls from several user threads (`_one_blas_thread`);
+    it costs speed, never correctness, where it does not apply."""
     if threads <= 1:
         fn(0, m)
         return
-    parts = np.linspace(0, m, threads + 1).astype(int)
+    bounds = [m * k // threads for k in range(threads + 1)]
     with _one_blas_thread():
         futs = [
-            _thread_pool().submit(fn, int(a), int(b))
-            for a, b in zip(parts[:-1], parts[1:], strict=True)
-            if b > a
+            _thread_pool().submit(fn, a, b) for a, b in zip(bounds[1:-1], bounds[2:], strict=True) if b > a
         ]
-        wait(futs)  # every part done before BLAS gets its threads back, even when one part failed
+        try:
+            fn(bounds[0], bounds[1])
+        finally:
+            wait(futs)  # every part done before BLAS gets its threads back, even when one part failed
     for f in futs:
         f.result()
 

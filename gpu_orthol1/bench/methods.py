@@ -305,10 +305,11 @@ def _ours_jax(device: str) -> Method:
 # ---------------------------------------------------------------- the limit: the two GEMMs alone
 
 
-def _limit(device: str, precision: str) -> Method:
+def _limit(device: str, precision: str, threads: int | None = None) -> Method:
     """The core's own Gram and gradient GEMMs (same BLAS / cuBLAS calls, same compute types) over
     contiguous (m, l, n) operands, in one batch each, with no sign pass: the time gpu_orthol1
-    cannot beat with BLAS doing the arithmetic."""
+    cannot beat with BLAS doing the arithmetic. On the CPU the slices are split over `threads`
+    parts (None: as gpu_orthol1 splits them; 1: one part, BLAS threading each GEMM itself)."""
 
     def prepare(case):
         from .. import _cpu_pool, _driver
@@ -337,7 +338,7 @@ def _limit(device: str, precision: str) -> Method:
             dev.bind()
 
         # on the CPU the slices are split over threads exactly as gpu_orthol1 splits them
-        threads = _cpu_pool.cpu_threads(m, case.l, n) if device == "cpu" else 1
+        parts = (threads or _cpu_pool.cpu_threads(m, case.l, n)) if device == "cpu" else 1
 
         def call(k):
             out = xp.empty_like(A[k])
@@ -347,7 +348,7 @@ def _limit(device: str, precision: str) -> Method:
                 dev.gram(src, b - a, G[a:b])
                 dev.grad(src, _driver.StridedChunk(out, lay, a), b - a, S[a:b], 1.0, 0.0)
 
-            _cpu_pool.run_split(part, m, threads)
+            _cpu_pool.run_split(part, m, parts)
             return out
 
         peak = cpu_peak_of(call) if device == "cpu" else gpu_peak_of(call)

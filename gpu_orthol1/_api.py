@@ -71,7 +71,7 @@ def plan(
 
     Args:
         phi: a NumPy or CuPy array: 3-D with the slices along `axis`, or 2-D (one slice (l, n)).
-            float16, float32 or float64.
+            float16, bfloat16 (`ml_dtypes.bfloat16`, NumPy only), float32 or float64.
         beta: the penalty's weight, a finite real number >= 0.
         axis: the axis that indexes the slices (default 1: phi is (l, m, n)); ignored for 2-D phi.
         want: what a call returns: "loss", "grad" or "loss_and_grad".
@@ -143,7 +143,7 @@ def loss(
 
     Args:
         phi: a NumPy or CuPy array: 3-D with the slices along `axis`, or 2-D (one slice (l, n)).
-            float16, float32 or float64.
+            float16, bfloat16 (`ml_dtypes.bfloat16`, NumPy only), float32 or float64.
         beta: the penalty's weight, a finite real number >= 0.
         axis: the axis that indexes the slices (default 1: phi is (l, m, n)); ignored for 2-D phi.
         reduction: "sum" (the formula), "mean" (sum / m) or "none" (the m per-slice losses).
@@ -208,7 +208,7 @@ def grad(
 
     Args:
         phi: a NumPy or CuPy array: 3-D with the slices along `axis`, or 2-D (one slice (l, n)).
-            float16, float32 or float64.
+            float16, bfloat16 (`ml_dtypes.bfloat16`, NumPy only), float32 or float64.
         beta: the penalty's weight, a finite real number >= 0.
         axis: the axis that indexes the slices (default 1: phi is (l, m, n)); ignored for 2-D phi.
         reduction: "sum" (the formula), "mean" (sum / m) or "none" (the m per-slice losses).
@@ -275,7 +275,7 @@ def loss_and_grad(
 
     Args:
         phi: a NumPy or CuPy array: 3-D with the slices along `axis`, or 2-D (one slice (l, n)).
-            float16, float32 or float64.
+            float16, bfloat16 (`ml_dtypes.bfloat16`, NumPy only), float32 or float64.
         beta: the penalty's weight, a finite real number >= 0.
         axis: the axis that indexes the slices (default 1: phi is (l, m, n)); ignored for 2-D phi.
         reduction: "sum" (the formula), "mean" (sum / m) or "none" (the m per-slice losses).

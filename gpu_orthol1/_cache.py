@@ -28,8 +28,10 @@ def cached(
     penalty: Any = "l1",
     diagonal: Any = True,
     normalize: Any = False,
+    bf16_bits: bool = False,
 ) -> Plan:
-    """The plan for this call from the LRU cache, made on a miss (argument errors are raised then)."""
+    """The plan for this call from the LRU cache, made on a miss (argument errors are raised then).
+    bf16_bits: phi is the int16 carrier of bfloat16 data (the torch bridge's CUDA hand-over)."""
     # checked before the lookup: diagonal=1 would otherwise hash like True and find its plan
     variant = _penalty.check(penalty, diagonal, normalize)
     key: tuple | None
@@ -47,6 +49,7 @@ def cached(
             backend,
             workspace_bytes,
             variant,
+            bf16_bits,
             os.environ.get(_backends.ENV_BACKEND),
             os.environ.get(_checks.ENV_WORKSPACE),
             os.environ.get(_checks.ENV_KERNEL),
@@ -69,6 +72,7 @@ def cached(
         penalty=variant.penalty,
         diagonal=variant.diagonal,
         normalize=variant.normalize,
+        _bf16_bits=bf16_bits,
     )
     if key is not None:
         with _cache_lock:

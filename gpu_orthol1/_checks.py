@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _driver
+from . import _driver, _dtypes
 
 REDUCTIONS = ("sum", "mean", "none")
 PRECISIONS = ("highest", "tf32")
@@ -46,13 +46,21 @@ def check_array(phi: Any, what: str = "phi") -> bool:
 def check_phi(phi: Any) -> bool:
     """check_array, then the dtype and number of dims a plan takes; whether phi is a CuPy array."""
     cupy = check_array(phi)
-    if phi.dtype not in DTYPES:
+    if phi.dtype not in DTYPES and not (not cupy and _dtypes.is_bf16(phi.dtype)):
         raise TypeError(
-            f"phi must be float16, float32 or float64, got {phi.dtype}; convert it first "
+            f"phi must be float16, bfloat16, float32 or float64, got {phi.dtype}; convert it first "
             "(integer, bool and complex inputs have no orthogonality loss here)"
         )
     if phi.ndim not in (2, 3):
         raise ValueError(f"phi must have 2 dims (l, n) or 3 dims, got shape {phi.shape}")
+    return cupy
+
+
+def check_bits(phi: Any) -> bool:
+    """check_phi for the int16 carrier of bfloat16 data (the framework layers' internal hand-over)."""
+    cupy = check_array(phi)
+    if phi.dtype != _dtypes.BITS or phi.ndim not in (2, 3):
+        raise ValueError(f"a bfloat16 carrier must be a 2-D or 3-D int16 array, got {phi.dtype} {phi.shape}")
     return cupy
 
 

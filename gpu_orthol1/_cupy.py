@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _gemm, _ptx
+from . import _dtypes, _gemm, _ptx
 from ._driver import StridedChunk
 from ._penalty import DEFAULT
 
@@ -31,11 +31,9 @@ _PREPARED_MAX = 256  # prepared GEMM argument sets kept per device (one plan: tw
 
 
 def _cuda_enums():
-    from cupy_backends.cuda.api import runtime
     from cupy_backends.cuda.libs import cublas
 
-    dtype_enum = {_F32: runtime.CUDA_R_32F, _F64: runtime.CUDA_R_64F, _F16: runtime.CUDA_R_16F}
-    return cublas, dtype_enum
+    return cublas, dict(_dtypes.CUDA_ENUM)  # by dtype name: bfloat16 (or its int16 carrier) is 14
 
 
 # cuBLAS's recommended workspace: 32 MiB on Hopper and later, 4 MiB before (cuBLAS docs, cublasSetWorkspace)
@@ -61,10 +59,11 @@ class _ElementwiseLaunches:
 
     def _sign_sig(self, ws, sgn):
         A = _ptx.array_type
-        return A(_dtype(ws), 2), A(_dtype(sgn), 2)
+        return A(_dtype(ws), 2), A(_kernel_dtype(sgn), 2)
 
     def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant=DEFAULT, partials=None):
         grid = ws.shape[0]
+        sgn = bits_view(sgn)
         if partials is not None:
             self._sign_abs_split(ws, sgn, n, losses, offset, scale, write_s, variant, partials)
             return
@@ -75,7 +74,8 @@ class _ElementwiseLaunches:
             tpb, ncol = self._mod.launch(n, normalize)
             g, s = self._sign_sig(ws, sgn)
             sig = (g, s, self._i64, _ptx.array_type(np.float64, 1), self._i64, self._f64, self._bool)
-            kern = _ptx.kernel(self._mod.get_kernel(tpb, l2, offdiag, normalize, ncol), sig)
+            bits = _dtype(sgn) == _dtypes.BITS
+            kern = _ptx.kernel(self._mod.get_kernel(tpb, l2, offdiag, normalize, ncol, bits), sig)
             hit = self._launch[key] = (kern, tpb)
         kern, tpb = hit
         # One block per slice (a fixed-order, atomic-free loss): a launch for a few slices has a
@@ -91,7 +91,7 @@ class _ElementwiseLaunches:
         if hit is None:
             l2, offdiag, _ = variant.flags()
             tpb, parts, per = self._mod.split(n, False, self._max_block)
-            kp, kf = self._mod.get_split_kernels(tpb, l2, offdiag)
+            kp, kf = self._mod.get_split_kernels(tpb, l2, offdiag, _dtype(sgn) == _dtypes.BITS)
             g, s = self._sign_sig(ws, sgn)
             f64_2d, f64_1d = _ptx.array_type(np.float64, 2), _ptx.array_type(np.float64, 1)
             i64, f64, b = self._i64, self._f64, self._bool
@@ -153,7 +153,9 @@ class CupyDevice(_ElementwiseLaunches):
 
     @staticmethod
     def sign_dtype(dtype):
-        return dtype  # float16 S lets the gradient GEMM read two float16 operands (tensor cores)
+        # float16 S lets the gradient GEMM read two float16 operands (tensor cores); bfloat16 S the
+        # same (cuBLAS takes A and B of one type): the signs are exact in both
+        return dtype
 
     @staticmethod
     def extra_bytes_per_slice(l, n, dtype, want_grad, accumulate):
@@ -210,10 +212,10 @@ class CupyDevice(_ElementwiseLaunches):
         coef = np.array([call.alpha, call.beta], dtype=scal)
         en = self._dtype_enum
         args = [0, call.transa, call.transb, call.m, call.n, call.k, coef.ctypes.data,
-                0, en[A.dtype], call.a.ld, call.a.stride,
-                0, en[B.dtype], call.b.ld, call.b.stride,
+                0, en[A.dtype.name], call.a.ld, call.a.stride,
+                0, en[B.dtype.name], call.b.ld, call.b.stride,
                 coef.ctypes.data + coef.itemsize,
-                0, en[C.dtype], call.c.ld, call.c.stride,
+                0, en[C.dtype.name], call.c.ld, call.c.stride,
                 call.batch, self._compute_type(A.dtype, C.dtype), -1]
         slots = [(7, call.a.buf, call.a.offset * A.itemsize), (11, call.b.buf, call.b.offset * B.itemsize),
                  (16, call.c.buf, call.c.offset * C.itemsize)]
@@ -239,17 +241,14 @@ class CupyDevice(_ElementwiseLaunches):
         self._run_prepared(prep, bufs)
 
     def _pointers(self, call: _gemm.BatchedGemm, bufs: dict, addrs) -> None:
-        """One cuBLAS ?gemmBatched over separate matrices, its A, B and C address arrays written into
-        `addrs` (a uint64 buffer of the call's workspace) by a kernel, in stream order: no upload,
+        """One cuBLAS pointer-array GEMM over separate matrices, its A, B and C address arrays written
+        into `addrs` (a uint64 buffer of the call's workspace) by a kernel, in stream order: no upload,
         no synchronization, nothing allocated, so `torch.cuda.graph` can capture it (the replay
-        writes the same addresses again). cupy_backends exposes the pointer-array GEMM only as
-        sgemmBatched/dgemmBatched (no gemmBatchedEx): float32 or float64 operands."""
-        dt = _dtype(bufs[call.c[0].buf])
-        if dt not in (_F32, _F64):
-            raise TypeError(f"the pointer-array GEMM takes float32 or float64 operands, not {dt}")
+        writes the same addresses again). float32/float64: ?gemmBatched; float16/bfloat16 operands
+        (the Gram's C in float32): cublasGemmBatchedEx with a float32 compute type."""
         ptrs = _gemm.pointer_arrays(call, lambda k: _addr(bufs[k]), lambda k: _dtype(bufs[k]).itemsize)
         self._fill_addresses(addrs, ptrs)
-        self._pointer_gemm(call, dt, addrs, bufs)
+        self._pointer_gemm(call, addrs, bufs)
 
     def _fill_addresses(self, addrs, ptrs: np.ndarray) -> None:
         """addrs[:ptrs.size] = ptrs (row by row), by `kernels.addresses` launches of SLOTS each."""
@@ -265,14 +264,28 @@ class CupyDevice(_ElementwiseLaunches):
         for first, count, vals in address_batches(ptrs, addresses.SLOTS):
             kern.launch(self._stream_ptr, 1, addresses.SLOTS, addrs, first, count, vals)
 
-    def _pointer_gemm(self, call: _gemm.BatchedGemm, dt, addrs, bufs) -> None:
-        base = _addr(addrs)
-        fn = self._cublas.sgemmBatched if dt == _F32 else self._cublas.dgemmBatched
-        bs = 8 * call.batch
+    def _pointer_args(self, call: _gemm.BatchedGemm, addrs, bufs) -> tuple[str, list]:
+        """(cuBLAS function, its arguments) of a pointer-array GEMM whose address arrays are in
+        `addrs` (A, B, C, `batch` entries each): ?gemmBatched for float32/float64 operands,
+        gemmBatchedEx (16-bit A and B, float32 compute) for float16 and bfloat16."""
         t = call.template
-        alpha, beta = self._scalars(dt, t.alpha, t.beta)
-        fn(self._handle, t.transa, t.transb, t.m, t.n, t.k, alpha, base, t.a.ld,
-           base + bs, t.b.ld, beta, base + 2 * bs, t.c.ld, call.batch)
+        a_dt, c_dt = _dtype(bufs[call.a[0].buf]), _dtype(bufs[call.c[0].buf])
+        base = _addr(addrs)
+        bs = 8 * call.batch
+        alpha, beta = self._scalars(c_dt, t.alpha, t.beta)
+        if a_dt == c_dt and a_dt in (_F32, _F64):
+            name = "sgemmBatched" if a_dt == _F32 else "dgemmBatched"
+            return name, [self._handle, t.transa, t.transb, t.m, t.n, t.k, alpha, base, t.a.ld,
+                          base + bs, t.b.ld, beta, base + 2 * bs, t.c.ld, call.batch]
+        en = self._dtype_enum
+        return "gemmBatchedEx", [self._handle, t.transa, t.transb, t.m, t.n, t.k, alpha,
+                                 base, en[a_dt.name], t.a.ld, base + bs, en[_dtype(bufs[call.b[0].buf]).name], t.b.ld,
+                                 beta, base + 2 * bs, en[c_dt.name], t.c.ld, call.batch,
+                                 self._compute_type(a_dt, c_dt), -1]
+
+    def _pointer_gemm(self, call: _gemm.BatchedGemm, addrs, bufs) -> None:
+        name, args = self._pointer_args(call, addrs, bufs)
+        getattr(self._cublas, name)(*args)
 
     def gram(self, src, cc, ws):
         if isinstance(src, StridedChunk):
@@ -362,11 +375,34 @@ def _addr(x) -> int:
     return int(x.data.ptr)  # CuPy
 
 
-_TORCH_NP: dict[str, np.dtype] = {"torch.float16": _F16, "torch.float32": _F32, "torch.float64": _F64}
+_TORCH_NP: dict[str, np.dtype] = {"torch.float16": _F16, "torch.float32": _F32, "torch.float64": _F64,
+                                   "torch.int16": _dtypes.BITS}
 
 
 def _dtype(x) -> np.dtype:
+    """x's dtype as NumPy's: a torch bfloat16 tensor is bfloat16 (ml_dtypes); CuPy's int16 carrier
+    and a NumPy bfloat16 array keep their own (both read as CUDA_R_16BF)."""
     d = x.dtype
     if isinstance(d, np.dtype):
         return d
+    if _dtypes.is_bf16(d):
+        return _dtypes.bfloat16()
     return _TORCH_NP[str(d)]
+
+
+def _kernel_dtype(x) -> np.dtype:
+    """The dtype a Numba kernel is compiled for: bfloat16 as its int16 carrier."""
+    d = _dtype(x)
+    return _dtypes.BITS if _dtypes.is_bf16(d) else d
+
+
+def bits_view(x):
+    """x itself, or for bfloat16 the int16 view of its memory that the sign kernel writes (Numba has no
+    bfloat16): `.view` of a NumPy array (the emulator) or a torch tensor, the same memory."""
+    if not _dtypes.is_bf16(x.dtype):
+        return x
+    if isinstance(x, np.ndarray):
+        return x.view(_dtypes.BITS)
+    import torch  # only a torch tensor or an ml_dtypes array is bfloat16 here
+
+    return x.view(torch.int16)

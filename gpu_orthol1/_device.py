@@ -190,6 +190,8 @@ def pick_kernel(
         )
     from .kernels import fused_small
 
+    if np.dtype(dtype) not in fused_small.N_MAX:  # bfloat16 (or its int16 carrier): the GEMMs only
+        raise ValueError(f"kernel='fused' takes float16, float32 or float64, not {dtype}; use kernel='gemm'")
     cfg = fused_small.fused_config(l, n, dtype, threads=getattr(dev, "fused_threads", None))
     if cfg is None:
         raise ValueError(

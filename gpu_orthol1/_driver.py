@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _backends, _gemm
+from . import _backends, _dtypes, _gemm
 from ._penalty import DEFAULT, Variant
 
 if TYPE_CHECKING:
@@ -187,6 +187,11 @@ def sizes(
     acc = np.dtype(dev.acc_dtype(dtype))
     sgd = np.dtype(dev.sign_dtype(dtype))
     separate = want_grad and sgd != acc
+    if separate and _dtypes.holds_bf16(sgd) and (variant.penalty == "l2" or variant.normalize):
+        raise ValueError(
+            f"penalty={variant.penalty!r}, normalize={variant.normalize} needs float16, float32 or float64 "
+            "on the GPU (its bfloat16 sign pass writes the L1 signs only); pass float32 parameters"
+        )
     parts = dev.sign_parts(n, variant)
     addrs = 3 if pointers and getattr(dev, "fills_addresses", False) else 0  # uint64 A, B, C per slice
     extra = (

@@ -49,7 +49,8 @@ class NumpyDevice:
 
     @staticmethod
     def prepare(src, cc):
-        """float16 chunks as float32 (NumPy's float16 matmul does not use BLAS), read by both GEMMs."""
+        """float16 and bfloat16 chunks as float32 (NumPy's float16 matmul does not use BLAS; bfloat16
+        has no matmul), read by both GEMMs: one chunk at a time, never the whole input."""
         if isinstance(src, StridedChunk):
             if src.arr.dtype.itemsize != 2:
                 return src
@@ -107,6 +108,9 @@ def _matmul_into(a, s, o, beta):
         return
     prod = np.matmul(a, s)
     if beta == 0.0:
+        o[...] = prod
+    elif o.dtype != prod.dtype:  # a 16-bit gradient: add in float32, round once (bfloat16 += float32
+        prod += o if beta == 1.0 else beta * o.astype(prod.dtype)  # is no NumPy same_kind cast)
         o[...] = prod
     elif beta == 1.0:
         o += prod

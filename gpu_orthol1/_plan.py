@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _backends, _checks, _cpu_pool, _driver, _penalty
+from . import _backends, _checks, _cpu_pool, _driver, _dtypes, _penalty
 from ._device import Device, make_device, pick_kernel
 from ._gpu_calls import GpuCalls
 from ._slices import Chunking, Slices
@@ -46,6 +46,20 @@ def _new_grad(xp: Any, host_in: bool, p: Any, out: Any, accumulate: Any, alloc: 
         # per call under cProfile on the H100 machine's host (bench/results/gpu-h100-vec-profile.txt)
         return xp.empty(p.shape, p.dtype)
     return xp.empty_like(p)
+
+
+def _device_dtype(dtype: Any, host_in: bool, dev: Device, bf16_bits: bool) -> tuple[bool, Any]:
+    """(whether a NumPy bfloat16 phi goes to the GPU as its int16 carrier, the dtype of the device's
+    buffers): CuPy has no bfloat16, so the GPU computes bfloat16 through the carrier (`_dtypes`)."""
+    if bf16_bits and not (dev.xp is not np or getattr(dev, "emulates_gpu", False)):
+        raise ValueError("a bfloat16 carrier (_bf16_bits=True) runs on the GPU device only")
+    up = host_in and _dtypes.is_bf16(dtype)
+    return up, (_dtypes.BITS if up else dtype)
+
+
+def _carrier(a: Any, up: bool) -> Any:
+    """A NumPy bfloat16 array the GPU computes as its int16 carrier (the same memory)."""
+    return a.view(_dtypes.BITS) if up and a is not None else a
 
 
 class Plan:
@@ -69,8 +83,9 @@ class Plan:
     def __init__(self, phi: Any, beta: Any = 1.0, *, axis: Any = 1, reduction: Any = "sum",
                  want: Any = "loss_and_grad", precision: Any = "highest", backend: Any = "auto",
                  workspace_bytes: Any = None, kernel: Any = "auto", penalty: Any = "l1", diagonal: Any = True,
-                 normalize: Any = False, _device: Device | None = None) -> None:
-        self._is_cupy = _checks.check_phi(phi)
+                 normalize: Any = False, _device: Device | None = None, _bf16_bits: bool = False) -> None:
+        # _bf16_bits: phi is the int16 carrier of bfloat16 data (`_dtypes`; the torch bridge's CUDA hand-over)
+        self._is_cupy = _checks.check_bits(phi) if _bf16_bits else _checks.check_phi(phi)
         axis = _checks.check_axis(axis, phi.ndim)
         self._beta = _checks.check_beta(beta)
         self._reduction = _checks.check_choice("reduction", reduction, _checks.REDUCTIONS)
@@ -89,6 +104,7 @@ class Plan:
         self._dev: Device = _device if _device is not None else make_device(self._resolved, self._precision)
         self._xp = self._dev.xp
         self._host_in = not self._is_cupy and self._xp is not np  # a NumPy input computed on the GPU
+        self._bf16_up, self._ddtype = _device_dtype(phi.dtype, self._host_in, self._dev, _bf16_bits)
         self._budget = _checks.workspace_budget(workspace_bytes, "numpy" if self._xp is np else "cupy", self._xp)
         cpu = self._xp is np and not getattr(self._dev, "emulates_gpu", False)
         lay_phi = sl.fix_layout(phi, self._host_in, cpu)
@@ -96,9 +112,9 @@ class Plan:
             kernel, self._dev, self._variant, isinstance(self._budget, _driver.DefaultBudget),
             self._host_in or lay_phi is not None, self._l, self._n, self._dtype, self._precision)
         self._ldt = np.float64 if phi.dtype == np.float64 else np.float32
-        self._chunks = Chunking(self._dev, sl, self._dtype, self._variant, self._budget)
+        self._chunks = Chunking(self._dev, sl, self._ddtype, self._variant, self._budget)
         self._gpu = GpuCalls(self._dev, self._m, self._fused_cfg)
-        self._cpu = _cpu_pool.CpuRunner(self._dev, self._m, self._l, self._n, self._dtype)
+        self._cpu = _cpu_pool.CpuRunner(self._dev, self._m, self._l, self._n, self._ddtype)
         self._threads = _cpu_pool.cpu_threads(self._m, self._l, self._n) if cpu else 1
 
     # -- read-only attributes ----------------------------------------------------------------------
@@ -185,8 +201,8 @@ class Plan:
                  losses: Any = None) -> tuple[Any, Any]:
         """(loss, grad) for an array that matches the plan, arguments already checked (see `execute`)."""
         xp = self._xp
-        p = xp.asarray(phi) if self._host_in else phi
-        grad = _new_grad(xp, self._host_in, p, out, accumulate, alloc) if want_grad else None
+        p = xp.asarray(_carrier(phi, self._bf16_up)) if self._host_in else phi
+        grad = _new_grad(xp, self._host_in, p, _carrier(out, self._bf16_up), accumulate, alloc) if want_grad else None
         m, n = self._m, self._n
         raw = losses is not None
         # a GPU call with something to launch keeps its per-slice losses per stream (`GpuCalls`)
@@ -224,7 +240,7 @@ class Plan:
                     stream = self._gpu.dev.bind()
                     if keep:
                         losses = self._gpu.losses.get(stream)
-                    wsb = _driver.workspace(alloc or self._alloc, sz, self._l, n, self._dtype)
+                    wsb = _driver.workspace(alloc or self._alloc, sz, self._l, n, self._ddtype)
                     _driver.run(self._dev, batch, wsb, sz.chunk, losses, **kw)
                     return self._finish(losses, beta, raw, want_grad, grad, out)
         return self._finish(losses, beta, raw, want_grad, grad, out)
@@ -235,10 +251,11 @@ class Plan:
         if not want_grad:
             return loss, None
         if self._host_in:
+            host = xp.asnumpy(grad).view(self._dtype)  # bfloat16 comes back as its carrier
             if out is not None:
-                out[...] = xp.asnumpy(grad)
+                out[...] = host
                 return loss, out
-            return loss, xp.asnumpy(grad)
+            return loss, host
         return loss, grad
 
     def _alloc(self, shape: tuple, dtype: Any) -> Any:

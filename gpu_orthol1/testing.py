@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from . import _gemm
-from ._cupy import CupyDevice, address_batches
+from . import _dtypes, _gemm
+from ._cupy import CupyDevice, address_batches, bits_view
 from ._gemm import OP_N, Gemm, Operand
 from ._penalty import DEFAULT
 
@@ -45,9 +45,15 @@ def _t(x):
     return x.swapaxes(1, 2)
 
 
+def _values(arr):
+    """The numbers a buffer holds: bfloat16 for the GPU's int16 carrier (what CUDA_R_16BF reads)."""
+    return arr.view(_dtypes.bfloat16()) if arr.dtype == _dtypes.BITS else arr
+
+
 def emulate_gemm(call: Gemm, bufs: dict) -> None:
-    """Execute one strided-batched GEMM like cuBLAS: float32 compute for float16/32, float64 for float64."""
-    A, B, C = bufs[call.a.buf], bufs[call.b.buf], bufs[call.c.buf]
+    """Execute one strided-batched GEMM like cuBLAS: float32 compute for 16-bit and float32 operands,
+    float64 for float64; the product rounded once to C's dtype."""
+    A, B, C = (_values(bufs[r.buf]) for r in (call.a, call.b, call.c))
     ar, ac = (call.m, call.k) if call.transa == OP_N else (call.k, call.m)
     br, bc = (call.k, call.n) if call.transb == OP_N else (call.n, call.k)
     a = _colmajor(A, call.a, ar, ac, call.batch)
@@ -60,7 +66,7 @@ def emulate_gemm(call: Gemm, bufs: dict) -> None:
     if call.alpha != 1.0:
         prod *= call.alpha
     if call.beta != 0.0:
-        prod += call.beta * c
+        prod += call.beta * c.astype(cdt)
     c[...] = prod
 
 
@@ -83,8 +89,9 @@ def emulate_pointer_gemm(call: _gemm.BatchedGemm, ptrs: np.ndarray, bufs: dict) 
         )
 
 
-# cuBLAS's values of the enums the GPU device passes (cudaDataType, cublasComputeType_t)
-CUDA_DTYPE = {np.dtype(np.float32): 0, np.dtype(np.float64): 1, np.dtype(np.float16): 2}
+# cuBLAS's values of the enums the GPU device passes (cudaDataType by dtype name: bfloat16 and its
+# int16 carrier are CUDA_R_16BF; cublasComputeType_t)
+CUDA_DTYPE = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 14, "int16": 14}
 COMPUTE_32F, COMPUTE_64F = 68, 70
 HANDLE = 0x5A5A  # the emulator's stand-in for a cuBLAS handle
 
@@ -117,6 +124,38 @@ def _resolver(bufs: dict):
     return resolve
 
 
+def check_pointer_args(name: str, args: list, call: _gemm.BatchedGemm, addrs, bufs: dict) -> None:
+    """Assert that a pointer-array GEMM's argument list (`CupyDevice._pointer_args`) describes `call`
+    the way cuBLAS reads it: the function for the operand dtypes, the address arrays' places in
+    `addrs`, the dtype enums and compute type (gemmBatchedEx), leading dimensions and coefficients."""
+    import ctypes
+
+    t = call.template
+    dts = [bufs[refs[0].buf].dtype for refs in (call.a, call.b, call.c)]
+    base, bs = addrs.ctypes.data, 8 * call.batch
+    assert args[0] == HANDLE and list(args[1:6]) == [t.transa, t.transb, t.m, t.n, t.k]
+    scal = ctypes.c_double if dts[2] == _F64 else ctypes.c_float
+    if name in ("sgemmBatched", "dgemmBatched"):
+        want = "sgemmBatched" if dts[0] == _F32 else "dgemmBatched"
+        assert name == want and dts[0] == dts[1] == dts[2], f"{name} for operands {dts}"
+        assert list(args[7:11]) == [base, t.a.ld, base + bs, t.b.ld]
+        assert list(args[12:15]) == [base + 2 * bs, t.c.ld, call.batch]
+        alpha, beta = scal.from_address(args[6]).value, scal.from_address(args[11]).value
+    else:
+        assert name == "gemmBatchedEx" and len(args) == 20 and args[19] == -1, name
+        assert dts[0].itemsize == dts[1].itemsize == 2, f"gemmBatchedEx for operands {dts}"
+        for pos, dt in zip((8, 11, 15), dts, strict=True):
+            assert args[pos] == CUDA_DTYPE[dt.name], f"argument {pos} is {args[pos]} for {dt}"
+        assert args[7] == base and args[10] == base + bs and args[14] == base + 2 * bs
+        assert [args[9], args[12], args[16], args[17]] == [t.a.ld, t.b.ld, t.c.ld, call.batch]
+        assert args[18] == (COMPUTE_64F if dts[2] == _F64 else COMPUTE_32F), f"compute type {args[18]}"
+        alpha, beta = scal.from_address(args[6]).value, scal.from_address(args[13]).value
+    assert (alpha, beta) == (
+        np.float32(t.alpha) if scal is ctypes.c_float else t.alpha,
+        np.float32(t.beta) if scal is ctypes.c_float else t.beta,
+    ), (alpha, beta)
+
+
 def gemm_from_args(args, bufs: dict) -> Gemm:
     """The `Gemm` a cublasGemmStridedBatchedEx argument list describes, in cuBLAS's order (handle,
     transa, transb, m, n, k, alpha, A, Atype, lda, strideA, B, Btype, ldb, strideB, beta, C, Ctype,
@@ -129,7 +168,9 @@ def gemm_from_args(args, bufs: dict) -> Gemm:
     for pos in (7, 11, 16):
         ref = resolve(int(args[pos]))
         dt = bufs[ref.buf].dtype
-        assert args[pos + 1] == CUDA_DTYPE[dt], f"operand at argument {pos} is {dt}, its enum {args[pos + 1]}"
+        assert args[pos + 1] == CUDA_DTYPE[dt.name], (
+            f"operand at argument {pos} is {dt}, its enum {args[pos + 1]}"
+        )
         ops.append(Operand(ref.buf, ref.offset, args[pos + 2], args[pos + 3]))
     c_dt = bufs[ops[2].buf].dtype
     want = COMPUTE_64F if c_dt == _F64 else COMPUTE_32F
@@ -168,6 +209,8 @@ class EmulatedGpuDevice(CupyDevice):
         self._dtype_enum = dict(CUDA_DTYPE)
         self._compute = {"f64": COMPUTE_64F, "f32": COMPUTE_32F, "f16": COMPUTE_32F}
         self._prepared: dict = {}
+        self._alpha = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
+        self._beta = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
         self._handle = HANDLE
 
     def set_blas_workspace(self, buf):
@@ -196,23 +239,29 @@ class EmulatedGpuDevice(CupyDevice):
         for first, count, vals in address_batches(ptrs, slots):
             addresses.get_fill_kernel(slots)[1, slots](addrs, first, count, vals)
 
-    def _pointer_gemm(self, call: _gemm.BatchedGemm, dt, addrs, bufs) -> None:
-        """Read the three address arrays back from the workspace buffer the kernel wrote, the way
-        cuBLAS reads them (A, B, C, `batch` entries each), and execute them."""
+    def _pointer_gemm(self, call: _gemm.BatchedGemm, addrs, bufs) -> None:
+        """Check the argument list the GPU device would hand cuBLAS (function, dtype enums, compute
+        type, sizes, coefficients), read the three address arrays back from the workspace buffer the
+        kernel wrote, the way cuBLAS reads them (A, B, C, `batch` entries each), and execute them."""
+        name, args = self._pointer_args(call, addrs, bufs)
+        check_pointer_args(name, args, call, addrs, bufs)
         self.gemm_calls.append(("pointers", call.batch))
         ptrs = np.asarray(addrs[: 3 * call.batch]).reshape(3, call.batch)
         emulate_pointer_gemm(call, ptrs, bufs)
 
     def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant=DEFAULT, partials=None):
         l2, offdiag, normalize = variant.flags()
+        sgn = bits_view(sgn)
+        bits = sgn.dtype == _dtypes.BITS
+        assert not bits or scale == 1.0, "a bfloat16 S holds the signs; alpha goes into the GEMM"
         if partials is not None:
             tpb, parts, per = self._mod.split(n, normalize, self._max_block)
-            kp, kf = self._mod.get_split_kernels(tpb, l2, offdiag)
+            kp, kf = self._mod.get_split_kernels(tpb, l2, offdiag, bits)
             kp[ws.shape[0] * parts, tpb](ws, sgn, n, partials, per, scale, write_s)
             kf[ws.shape[0], tpb](sgn, n, partials, losses, offset, write_s)
             return
         tpb, ncol = self._mod.launch(n, normalize, self._max_block)
-        self._mod.get_kernel(tpb, l2, offdiag, normalize, ncol)[ws.shape[0], tpb](
+        self._mod.get_kernel(tpb, l2, offdiag, normalize, ncol, bits)[ws.shape[0], tpb](
             ws, sgn, n, losses, offset, scale, write_s
         )
 

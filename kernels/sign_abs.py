@@ -35,6 +35,13 @@ from numba import cuda, float64  # noqa: E402
 # sized by it. Below a warp is only for the simulator, where every thread is an OS thread.
 BLOCK_SIZES = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
+# bfloat16 S (`bits` kernels): Numba has no bfloat16 type, so those kernels take S as int16 over the
+# same memory and store the bit patterns of the signs, which bfloat16 holds exactly (the GEMM's
+# alpha carries 2 beta, so the host passes scale = 1 and these kernels do not read it)
+BF16_ONE = 0x3F80
+BF16_MINUS_ONE = 0xBF80 - 0x10000
+BF16_NAN = 0x7FC0
+
 
 @cuda.jit(device=True)
 def block_sum(buf, x, t, tpb):
@@ -52,14 +59,14 @@ def block_sum(buf, x, t, tpb):
 
 
 @cuda.jit(device=True)
-def slice_done(s, b, total, nn, t, tpb, write_s, losses, loss_offset):
+def slice_done(s, b, total, nn, t, tpb, write_s, losses, loss_offset, nanv):
     """The NaN policy and the loss of slice b, once its block has the slice's `total`: a non-finite
     slice gets NaN in every entry of S (when S is written) and as its loss. Inf - Inf never happens
     in these sums of non-negative terms, so any non-finite slice shows as NaN or +Inf here."""
     if not math.isfinite(total):
         k = t if write_s else nn
         while k < nn:
-            s[b, k] = math.nan
+            s[b, k] = nanv
             k += tpb
         total = math.nan
     if t == 0:
@@ -88,7 +95,7 @@ def step(row, col, drow, dcol, n):
 _kernels: dict = {}
 
 
-def _make_span(l2, offdiag):
+def _make_span(l2, offdiag, bits=False):
     """A thread's stride loop over entries of slice b for the elementwise members (L1, L2, free
     diagonal): writes M into s when write_s, returns the sum of the entries' loss terms. One body for
     the one-block and the split pass."""
@@ -109,7 +116,16 @@ def _make_span(l2, offdiag):
                 s[b, k] = 2.0 * scale * x  # NaN stays NaN
         else:
             term += abs(x)
-            if write_s:
+            if write_s and bits:  # bfloat16 bit patterns (scale is 1: see BF16_ONE)
+                if x > 0.0:
+                    s[b, k] = BF16_ONE
+                elif x < 0.0:
+                    s[b, k] = BF16_MINUS_ONE
+                elif x == 0.0:
+                    s[b, k] = 0
+                else:
+                    s[b, k] = BF16_NAN
+            elif write_s:
                 if x > 0.0:
                     s[b, k] = scale
                 elif x < 0.0:
@@ -136,13 +152,14 @@ def _make_span(l2, offdiag):
     return span_sum
 
 
-def _make_kernel(tpb, l2=False, offdiag=False, normalize=False, ncol=1):
+def _make_kernel(tpb, l2=False, offdiag=False, normalize=False, ncol=1, bits=False):
     """The pass for `tpb` threads per block and one member of the penalty family.
 
     l2, offdiag and normalize are compile-time constants (closure variables), so the default L1
     kernel is the same code as before they existed. ncol: how many columns one thread owns in the
     normalized pass (ceil(n / tpb)), the size of its local array."""
-    span_sum = _make_span(l2, offdiag)
+    span_sum = _make_span(l2, offdiag, bits)
+    nanv = BF16_NAN if bits else math.nan
 
     @cuda.jit
     def sign_abs_sum(g, s, n, losses, loss_offset, scale, write_s):
@@ -207,17 +224,29 @@ def _make_kernel(tpb, l2=False, offdiag=False, normalize=False, ncol=1):
             acc = span_sum(g, s, b, t, nn, n, tpb, scale, write_s)
 
         buf = cuda.shared.array(tpb, float64)
-        slice_done(s, b, block_sum(buf, acc, t, tpb), nn, t, tpb, write_s, losses, loss_offset)
+        slice_done(s, b, block_sum(buf, acc, t, tpb), nn, t, tpb, write_s, losses, loss_offset, nanv)
 
     return sign_abs_sum
 
 
-def get_kernel(tpb: int, l2: bool = False, offdiag: bool = False, normalize: bool = False, ncol: int = 1):
+def get_kernel(
+    tpb: int,
+    l2: bool = False,
+    offdiag: bool = False,
+    normalize: bool = False,
+    ncol: int = 1,
+    bits: bool = False,
+):
     """The pass for `tpb` threads per block and one variant (compiled lazily, once per key).
-    ncol matters only with normalize: use `columns_per_thread(n, tpb)`."""
+    ncol matters only with normalize: use `columns_per_thread(n, tpb)`. bits: S is bfloat16, passed
+    as int16 (the L1 signs only: L2 and the normalized Gram write values that need rounding)."""
     if tpb not in BLOCK_SIZES:
         raise ValueError(f"threads per block must be one of {BLOCK_SIZES}, got {tpb}")
-    key = (tpb, bool(l2), bool(offdiag), bool(normalize), int(ncol) if normalize else 1)
+    if bits and (l2 or normalize):
+        raise ValueError(
+            "the bfloat16 sign pass writes the L1 signs only (no penalty='l2' or normalize=True)"
+        )
+    key = (tpb, bool(l2), bool(offdiag), bool(normalize), int(ncol) if normalize else 1, bool(bits))
     kern = _kernels.get(key)
     if kern is None:
         kern = _kernels[key] = _make_kernel(*key)
@@ -277,8 +306,8 @@ def split(n: int, normalize: bool = False, max_block: int = BLOCK_SIZES[-1]) -> 
     return tpb, -(-nn // per), per
 
 
-def _make_part_kernel(tpb, l2, offdiag):
-    span_sum = _make_span(l2, offdiag)
+def _make_part_kernel(tpb, l2, offdiag, bits):
+    span_sum = _make_span(l2, offdiag, bits)
 
     @cuda.jit
     def sign_abs_part(g, s, n, partials, per_part, scale, write_s):
@@ -299,7 +328,9 @@ def _make_part_kernel(tpb, l2, offdiag):
     return sign_abs_part
 
 
-def _make_finish_kernel(tpb):
+def _make_finish_kernel(tpb, bits):
+    nanv = BF16_NAN if bits else math.nan
+
     @cuda.jit
     def sign_abs_finish(s, n, partials, losses, loss_offset, write_s):
         """Slice b's loss: its partials summed in a fixed order (thread t takes parts t, t + tpb, ...,
@@ -312,19 +343,25 @@ def _make_finish_kernel(tpb):
             acc += partials[b, p]
             p += tpb
         buf = cuda.shared.array(tpb, float64)
-        slice_done(s, b, block_sum(buf, acc, t, tpb), n * n, t, tpb, write_s, losses, loss_offset)
+        slice_done(s, b, block_sum(buf, acc, t, tpb), n * n, t, tpb, write_s, losses, loss_offset, nanv)
 
     return sign_abs_finish
 
 
-def get_split_kernels(tpb: int, l2: bool = False, offdiag: bool = False):
-    """(part kernel, finish kernel) of the split pass for `tpb` threads per block (compiled once)."""
+def get_split_kernels(tpb: int, l2: bool = False, offdiag: bool = False, bits: bool = False):
+    """(part kernel, finish kernel) of the split pass for `tpb` threads per block (compiled once);
+    bits: S is bfloat16 passed as int16, as in `get_kernel`."""
     if tpb not in BLOCK_SIZES:
         raise ValueError(f"threads per block must be one of {BLOCK_SIZES}, got {tpb}")
-    key = ("split", tpb, bool(l2), bool(offdiag))
+    if bits and l2:
+        raise ValueError("the bfloat16 sign pass writes the L1 signs only (no penalty='l2')")
+    key = ("split", tpb, bool(l2), bool(offdiag), bool(bits))
     kern = _kernels.get(key)
     if kern is None:
-        kern = _kernels[key] = (_make_part_kernel(tpb, bool(l2), bool(offdiag)), _make_finish_kernel(tpb))
+        kern = _kernels[key] = (
+            _make_part_kernel(tpb, bool(l2), bool(offdiag), bool(bits)),
+            _make_finish_kernel(tpb, bool(bits)),
+        )
     return kern
 
 

@@ -15,9 +15,12 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
+import ml_dtypes  # noqa: E402
+
 import gpu_orthol1 as ol1  # noqa: E402
 from gpu_orthol1 import _driver, _gemm, _numpy_dev, _plan  # noqa: E402
 from gpu_orthol1.torch import OrthoL1, ortho_l1  # noqa: E402
+from gpu_orthol1.torch._bridge import _host_array  # noqa: E402
 
 from .reference import check, random_phi  # noqa: E402
 
@@ -154,7 +157,7 @@ def test_ortho_l1_low_precision_against_reference(device, dtype, tseed):
         check(phi, loss.detach().cpu().numpy(), w.grad.cpu().numpy(), 1.3, axis, "sum", np_dt)
 
 
-def test_ortho_l1_bfloat16_through_float32(tseed):
+def test_ortho_l1_bfloat16(tseed):
     w = _t(tseed, (12, 7), torch.bfloat16).requires_grad_(True)
     loss = ortho_l1(w, 0.8)
     assert loss.dtype == torch.float32
@@ -443,7 +446,7 @@ def test_orthol1_errors_and_bfloat16():
     lin = nn.Linear(4, 4)
     with pytest.raises(ValueError, match="lr"):
         OrthoL1(lin).step_(float("inf"))
-    # bfloat16: through a float32 copy, gradient rounded to bfloat16 (documented)
+    # bfloat16: grouped like float32, the gradient written in bfloat16
     m = nn.Sequential(nn.Linear(6, 9), nn.Linear(9, 9)).to(torch.bfloat16)
     reg = OrthoL1(m, 0.5)
     loss = reg.loss()
@@ -456,12 +459,18 @@ def test_orthol1_errors_and_bfloat16():
 
 
 @pytest.mark.cudasim
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_gpu_pointer_array_path_emulated(dtype, tseed):
     """The GPU's grouped path on the CPU: its pointer arrays (written into the workspace by the address
     kernel, then raw addresses resolved back to the buffers), its dtypes (S in phi's dtype, alpha in
-    the GEMM) and the CUDA kernels under the simulator; float16 goes one tensor at a time, as on a GPU."""
-    np_dt = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}[dtype]
+    the GEMM; gemmBatchedEx with 16-bit operands for float16 and bfloat16, its argument list checked)
+    and the CUDA kernels under the simulator."""
+    np_dt = {
+        torch.float16: np.float16,
+        torch.float32: np.float32,
+        torch.float64: np.float64,
+        torch.bfloat16: ml_dtypes.bfloat16,
+    }[dtype]
     model = nn.Sequential(
         nn.Linear(6, 9), nn.Linear(9, 9), nn.Linear(9, 9), nn.Linear(9, 4), nn.Conv2d(2, 3, 2)
     ).to(dtype)
@@ -482,13 +491,13 @@ def test_gpu_pointer_array_path_emulated(dtype, tseed):
         loss.backward()
         total = 0.0
         for t in reg.targets:
-            V = t.view(t.param.detach()).numpy().astype(np.float64)
+            V = _host_array(t.view(t.param.detach())).astype(np.float64)
             per = np.abs(np.einsum("mli,mlj->mij", V, V) - np.eye(V.shape[2])).sum() * 0.7
             total += per
             check(
-                t.view(t.param.detach()).numpy(),
+                _host_array(t.view(t.param.detach())),
                 np.float64(per),
-                t.view(t.param.grad).numpy(),
+                _host_array(t.view(t.param.grad)),
                 0.7,
                 0,
                 "sum",
@@ -504,9 +513,6 @@ def test_gpu_pointer_array_path_emulated(dtype, tseed):
                 rtol=2e-3 if dtype == torch.float16 else 1e-5,
                 atol=1e-3,
             )
-    if dtype == torch.float16:  # the GPU's pointer-array GEMM has no float16: one tensor at a time
-        assert calls and not any(d.gemm_calls for d in calls)
-        return
     assert calls and all(kind == "pointers" for d in calls for kind, _ in d.gemm_calls)
     assert any(len(d.gemm_calls) == 2 * 2 + 2 * 2 for d in calls)  # 2 groups (9x9 and the rest) x 2 chunks
 
@@ -624,21 +630,22 @@ def test_gpu_side_stream_and_float16(tseed):
         total += per
         check(V, np.float64(per), t.view(g).cpu().numpy(), 0.3, 0, "sum", np.float32)
     np.testing.assert_allclose(loss.item(), total, rtol=2e-5)
-    # float16 on CUDA: through the core one tensor at a time (cupy has no gemmBatchedEx)
-    model.half()
-    model.zero_grad(set_to_none=True)
-    reg = OrthoL1(model, 0.3)
-    loss = reg.loss()
-    loss.backward()
-    assert reg.backend_calls == len(reg.targets)
-    total = 0.0
-    for t in reg.targets:
-        V = t.view(t.param.detach()).cpu().numpy()
-        V64 = V.astype(np.float64)
-        per = np.abs(np.einsum("mli,mlj->mij", V64, V64) - np.eye(V.shape[2])).sum() * 0.3
-        total += per
-        check(V, np.float64(per), t.view(t.param.grad).cpu().numpy(), 0.3, 0, "sum", np.float16)
-    np.testing.assert_allclose(loss.item(), total, rtol=2e-5)
+    # float16 and bfloat16 on CUDA: grouped like float32 (gemmBatchedEx, 16-bit operands)
+    for dt, np_dt in ((torch.float16, np.float16), (torch.bfloat16, ml_dtypes.bfloat16)):
+        model.to(dt)
+        model.zero_grad(set_to_none=True)
+        reg = OrthoL1(model, 0.3)
+        loss = reg.loss()
+        loss.backward()
+        assert reg.backend_calls == 4
+        total = 0.0
+        for t in reg.targets:
+            V = _host_array(t.view(t.param.detach()).cpu())
+            V64 = V.astype(np.float64)
+            per = np.abs(np.einsum("mli,mlj->mij", V64, V64) - np.eye(V.shape[2])).sum() * 0.3
+            total += per
+            check(V, np.float64(per), _host_array(t.view(t.param.grad).cpu()), 0.3, 0, "sum", np_dt)
+        np.testing.assert_allclose(loss.item(), total, rtol=2e-5)
 
 
 def test_cupy_device_pointer_call_arguments(tseed):

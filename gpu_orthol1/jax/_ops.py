@@ -206,9 +206,19 @@ def _pick_transpose(mode, l, n):
     return l < n  # "auto": the smaller Gram
 
 
+def _on_cpu(x) -> bool:
+    """Whether x lives on the CPU (a traced x: whether jit compiles for the CPU by default)."""
+    try:
+        return all(d.platform == "cpu" for d in x.devices())
+    except Exception:  # noqa: BLE001 - a tracer has no devices (or raises asking for them)
+        return jax.default_backend() == "cpu"
+
+
 def _computed(x):
-    """(the array the core computes, whether it was cast): bfloat16 through a float32 copy."""
-    if np.dtype(x.dtype) in _CORE_DTYPES:
+    """(the array the core computes, whether it was cast): bfloat16 as it is on the CPU (the core takes
+    ml_dtypes arrays, which is what XLA's CPU buffers are), through a float32 copy on a GPU (the
+    callback hands CuPy the buffers, and CuPy has no bfloat16)."""
+    if np.dtype(x.dtype) in _CORE_DTYPES or (np.dtype(x.dtype).name == "bfloat16" and _on_cpu(x)):
         return x, False
     return jnp.asarray(x, jnp.float32), True
 
@@ -242,7 +252,7 @@ def ortho_l1(
 
     Args:
         x: a jax.Array (or NumPy array), 2-D (l, n): one matrix; 3-D: slices along `axis`, each (l, n).
-            float16, bfloat16 (computed through a float32 copy), float32, float64.
+            float16, bfloat16 (on a GPU through a float32 copy), float32, float64.
         beta: the weight: a real number (folded into the core call) or a scalar jax.Array / traced
             value (an Optax schedule's; the loss is then scaled in JAX and is differentiable in beta).
         axis: the slice axis of a 3-D x.

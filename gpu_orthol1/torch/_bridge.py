@@ -17,8 +17,12 @@ import torch
 from . import _core
 
 _NP_DTYPE = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
-# what the core may ask torch's allocator for: the operand dtypes, and bytes (the cuBLAS workspace)
-_TORCH_DTYPE = {np.dtype(v): k for k, v in _NP_DTYPE.items()} | {np.dtype(np.uint8): torch.uint8}
+# what the core may ask torch's allocator for: the operand dtypes, bfloat16's int16 carrier, and bytes
+# (the cuBLAS workspace)
+_TORCH_DTYPE = {np.dtype(v): k for k, v in _NP_DTYPE.items()} | {
+    np.dtype(np.uint8): torch.uint8,
+    np.dtype(_core.BF16_BITS): torch.int16,
+}
 _OK_DTYPES = (torch.float16, torch.float32, torch.float64, torch.bfloat16)
 
 
@@ -69,13 +73,26 @@ def _core_device(device: torch.device) -> Any:
     return dev
 
 
+def _np_dtype(dtype: torch.dtype) -> np.dtype:
+    """The NumPy dtype of a torch floating dtype (bfloat16: ml_dtypes')."""
+    return _core.bfloat16() if dtype == torch.bfloat16 else np.dtype(_NP_DTYPE[dtype])
+
+
+def _host_array(t: torch.Tensor) -> np.ndarray:
+    """The NumPy array on a detached CPU tensor's memory (bfloat16: an ml_dtypes view of its bits)."""
+    if t.dtype == torch.bfloat16:  # .numpy() refuses bfloat16
+        return t.view(torch.int16).numpy().view(_core.bfloat16())
+    return t.numpy()
+
+
 def _to_array(t: torch.Tensor) -> Any:
-    """The NumPy (CPU) or CuPy (CUDA) array on t's memory: no copy. t must be detached."""
+    """The NumPy (CPU) or CuPy (CUDA) array on t's memory: no copy. t must be detached. A CUDA bfloat16
+    tensor comes as an int16 CuPy array over its bits (CuPy has no bfloat16: the core's carrier)."""
     if t.device.type == "cpu":
-        return t.numpy()
+        return _host_array(t)
     import cupy
 
-    return cupy.from_dlpack(t)
+    return cupy.from_dlpack(t.view(torch.int16) if t.dtype == torch.bfloat16 else t)
 
 
 def _from_array(a: Any, device: torch.device) -> torch.Tensor:

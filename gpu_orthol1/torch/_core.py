@@ -10,10 +10,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import _cache, _checks, _device, _metrics, _plan
+from .. import _cache, _checks, _device, _dtypes, _metrics, _plan
 
 REDUCTIONS = _checks.REDUCTIONS
 METRIC_KEYS = _metrics.KEYS
+BF16_BITS = (
+    _dtypes.BITS
+)  # how a CUDA bfloat16 tensor reaches the core: an int16 CuPy view (CuPy has no bfloat16)
+
+
+def bfloat16() -> Any:
+    """NumPy's bfloat16 dtype (ml_dtypes), imported on first use."""
+    return _dtypes.bfloat16()
 
 
 def cached(
@@ -26,10 +34,11 @@ def cached(
     penalty: str = "l1",
     diagonal: bool = True,
     normalize: bool = False,
+    bf16_bits: bool = False,
 ) -> Any:
-    """The functional API's cached plan for phi's layout."""
+    """The functional API's cached plan for phi's layout (bf16_bits: phi is bfloat16's int16 carrier)."""
     return _cache.cached(
-        phi, axis, reduction, precision, backend, workspace_bytes, penalty, diagonal, normalize
+        phi, axis, reduction, precision, backend, workspace_bytes, penalty, diagonal, normalize, bf16_bits
     )
 
 

@@ -1,7 +1,7 @@
 """How OrthoL1 runs: its targets grouped by (device, dtype, slice shape, memory layout), one batched
 Gram GEMM, fused sign pass and gradient GEMM per group and workspace chunk (a cuBLAS pointer-array call
-over the separate tensors on CUDA), and the per-tensor fallbacks (float16 on CUDA, bfloat16, layouts
-BLAS cannot read). `_GroupRunner` is owned by one OrthoL1 and reads its targets and settings.
+over the separate tensors on CUDA; float16 and bfloat16 as they are, 16-bit operands and float32 Grams),
+and the per-tensor path for layouts BLAS cannot read. `_GroupRunner` is owned by one OrthoL1 and reads its targets and settings.
 """
 
 from __future__ import annotations
@@ -16,7 +16,15 @@ import torch
 
 from .. import _driver
 from . import _core
-from ._bridge import _NP_DTYPE, _check_tensor, _core_device, _flat_order, _on_torch_stream, _slices
+from ._bridge import (
+    _check_tensor,
+    _core_device,
+    _flat_order,
+    _host_array,
+    _np_dtype,
+    _on_torch_stream,
+    _slices,
+)
 from ._ops import _expr_dtype, _penalty_expr, _run_core
 
 if TYPE_CHECKING:
@@ -51,11 +59,7 @@ class _GroupRunner:
                 Vo, lay_o = None, lay
             else:
                 Vo, lay_o = t.out_view(outs[j], V, lay, p)
-            # the GPU's pointer-array GEMM takes float32 and float64 (the emulated GPU device of the
-            # tests, `_device_factory`, follows the same rule on CPU tensors)
-            gpu = p.device.type != "cpu" or self.reg._device_factory is not None
-            ok = (lay is not None and (outs is None or lay_o is not None) and p.dtype != torch.bfloat16
-                  and (not gpu or p.dtype in (torch.float32, torch.float64)))
+            ok = lay is not None and (outs is None or lay_o is not None)
             if not ok:
                 single.append((j, V, Vo))
                 continue
@@ -111,9 +115,7 @@ class _GroupRunner:
                         return x.unbind(0)
                 else:
                     alloc = np.empty
-
-                    def buf(x):
-                        return x.numpy()
+                    buf = _host_array
 
                     slices = list
 
@@ -142,7 +144,7 @@ class _GroupRunner:
                     if budget is None:
                         budget = self._budget(device)
                     batch = _driver.Pointers(phis, gouts if want_grad else None, lay, lay_o, l, n)
-                    npdt = np.dtype(_NP_DTYPE[dtype])
+                    npdt = _np_dtype(dtype)
                     sz = _driver.sizes(dev, len(phis), l, n, npdt, want_grad=want_grad, accumulate=bool(beta_gemm),
                                        stage_phi=False, stage_out=False, budget=budget, variant=self.reg.variant,
                                        pointers=True)
@@ -171,19 +173,10 @@ class _GroupRunner:
         return totals
 
     def _single(self, V, Vo, device, beta_gemm, want_grad, scale=1.0):
-        """One tensor through the core (float16 on CUDA, bfloat16, layouts BLAS cannot read)."""
+        """One tensor through the core (layouts BLAS cannot read: the core stages them chunk by chunk)."""
         self.reg.backend_calls += 1
-        bf16 = V.dtype == torch.bfloat16
-        Vc = V.float() if bf16 else V
-        tmp = torch.empty_like(Vc) if want_grad and bf16 else None  # written in float32, rounded below
-        o = tmp if tmp is not None else Vo
-        loss = _run_core(Vc, o, self.reg._applied * scale, "sum", want_grad, device,
-                         accumulate=bool(beta_gemm) and tmp is None, variant=self.reg.variant)
-        if tmp is not None:
-            if beta_gemm:
-                Vo.add_(tmp)
-            else:
-                Vo.copy_(tmp)
+        loss = _run_core(V, Vo, self.reg._applied * scale, "sum", want_grad, device,
+                         accumulate=bool(beta_gemm), variant=self.reg.variant)
         return loss.to(torch.float64)
 
     def check_devices(self) -> None:

@@ -43,7 +43,18 @@ def _run_core(
     with _on_torch_stream(device) if cuda else nullcontext():
         a = _to_array(V)
         o = _to_array(Vo) if want_grad and Vo is not None else None
-        p = _core.cached(a, 0, reduction, "highest", "cupy" if cuda else "numpy", None, *variant)
+        p = _core.cached(
+            a,
+            0,
+            reduction,
+            "highest",
+            "cupy" if cuda else "numpy",
+            None,
+            variant.penalty,
+            variant.diagonal,
+            variant.normalize,
+            bf16_bits=cuda and V.dtype == torch.bfloat16,
+        )
         if not cuda:
             if o is not None and o.strides == a.strides:
                 # handed over as the plan's own allocation: given as out=, the plan works out both
@@ -134,17 +145,15 @@ def _ortho_l1_impl(
     """(loss, gradient) of one tensor; the gradient is an empty (0,) tensor when not wanted. The
     forward pass forms the gradient (one pass, no recomputation)."""
     w = weight.detach()
-    bf16 = w.dtype == torch.bfloat16
-    wc = w.float() if bf16 else w  # bfloat16: float32 copy (documented)
-    grad = torch.empty_like(wc) if want_grad else None
-    V = _slices(wc, how, m_axis, transpose)
+    grad = torch.empty_like(w) if want_grad else None
+    V = _slices(w, how, m_axis, transpose)
     Vo = _slices(grad, how, m_axis, transpose) if grad is not None else None
     loss = _run_core(
         V, Vo, beta, reduction, want_grad, w.device, variant=_penalty.Variant(penalty, diagonal, normalize)
     )
     if grad is None:
         return loss, w.new_empty((0,))
-    return loss, grad.to(torch.bfloat16) if bf16 else grad
+    return loss, grad
 
 
 # torch.compile, dispatch modes (fake tensors, functionalization), functorch transforms and CUDA graph

@@ -30,7 +30,8 @@ _lock = threading.Lock()
 
 def _numpy_uses_hugepages() -> bool:
     """NumPy's own switch (NUMPY_MADVISE_HUGEPAGE, off on kernels older than 4.6), read once."""
-    get = getattr(np._core.multiarray, "_get_madvise_hugepage", None)
+    core = getattr(np, "_core", None) or getattr(np, "core", None)  # NumPy 2 names it _core
+    get = getattr(getattr(core, "multiarray", None), "_get_madvise_hugepage", None)
     return bool(get()) if get is not None else True
 
 

@@ -2,17 +2,20 @@
 JAX's jit(value_and_grad) of the naive expression.
 
     python bench/bench_jax.py [--repeat 9] [--shapes 4096,32,128 64,4096,64 512,64,512]
-                              [--json bench/results/cpu-jax.json]
+                              [--device cpu|gpu] [--json bench/results/cpu-jax.json]
 
 For each shape (l, m, n) (m slices of (l, n) along axis 1), float32, beta 1e-3, loss and gradient:
 
-- ol1: `gpu_orthol1.loss_and_grad(phi, beta)` on a NumPy array (the baseline);
+- ol1: `gpu_orthol1.loss_and_grad(phi, beta)` on a NumPy array (the baseline; with --device gpu on
+  a CuPy array, the CuPy path, its stream synchronized after each call);
 - gpu_orthol1.jax: `jax.jit(jax.value_and_grad(lambda x: ortho_l1(x, beta)))` on a jax.Array
   (the core through buffer_callback, plus the custom_vjp's scaling of the saved gradient);
 - jax naive: `jax.jit(jax.value_and_grad(naive))`, the batched expression at Precision.HIGHEST.
 
 Runs are interleaved (each method once per round, after a warm-up round that also compiles), and
-every result is first checked against the float64 reference. Medians and p20/p80 per method; each
+every result is first checked against the float64 reference. --device gpu puts the JAX inputs on
+JAX's first GPU (set XLA_PYTHON_CLIENT_PREALLOCATE=false, or XLA takes 75% of the card before CuPy
+asks); it exits with a message when JAX or CuPy sees no GPU. Medians and p20/p80 per method; each
 ratio is the median of per-round ratios. The JSON records the CPU model, CPU count, versions and
 the load average (a shared machine's figures are disturbed: say so when quoting them).
 """
@@ -47,13 +50,27 @@ def cpu_model() -> str:
     return "unknown"
 
 
-def methods(phi):
+def methods(phi, device="cpu"):
     import jax
     import jax.numpy as jnp
 
     from gpu_orthol1.jax import ortho_l1
 
     x = jnp.asarray(phi)
+    if device == "gpu":
+        import cupy
+
+        x = jax.device_put(x, jax.devices("gpu")[0])
+        cp_phi = cupy.asarray(phi)
+
+        def core():
+            out = ol1.loss_and_grad(cp_phi, BETA, backend="cupy")
+            cupy.cuda.get_current_stream().synchronize()
+            return out
+    else:
+
+        def core():
+            return ol1.loss_and_grad(phi, BETA, backend="numpy")
 
     def naive(x):
         G = jnp.matmul(
@@ -66,7 +83,7 @@ def methods(phi):
     ours = jax.jit(jax.value_and_grad(lambda x: ortho_l1(x, BETA)))
     peer = jax.jit(jax.value_and_grad(naive))
     return {
-        "ol1": lambda: ol1.loss_and_grad(phi, BETA, backend="numpy"),
+        "ol1": core,
         "gpu_orthol1.jax": lambda: jax.block_until_ready(ours(x)),
         "jax naive": lambda: jax.block_until_ready(peer(x)),
     }
@@ -74,22 +91,24 @@ def methods(phi):
 
 def check(phi, fn, name):
     loss, grad = fn()
+    if hasattr(grad, "get"):  # CuPy
+        loss, grad = loss.get(), grad.get()
     R.check(phi, np.asarray(loss), np.asarray(grad), BETA, 1, "sum", dtype=np.float32)
 
 
-def bench_shape(shape, repeat, rng):
+def bench_shape(shape, repeat, rng, device="cpu"):
     phi = R.random_phi(rng, shape, np.float32)
-    ms = methods(phi)
+    ms = methods(phi, device)
     for name, fn in ms.items():  # the warm-up round: compiles, and checks every result
         check(phi, fn, name)
     times = {k: [] for k in ms}
     for _ in range(repeat):
         for name, fn in ms.items():
-            time.sleep(0.05)
+            time.sleep(0.05 if device == "cpu" else 0.002)
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    row = {"shape": list(shape), "dtype": "float32"}
+    row = {"shape": list(shape), "dtype": "float32", "device": device}
     for name, ts in times.items():
         a = np.array(ts) * 1e3
         row[name] = {
@@ -108,14 +127,25 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--shapes", nargs="+", default=[",".join(map(str, s)) for s in SHAPES])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     args = ap.parse_args(argv)
     import jax
+
+    gpu_name = None
+    if args.device == "gpu":
+        try:
+            import cupy
+
+            gpu_name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+            jax.devices("gpu")
+        except Exception as e:  # noqa: BLE001 - any missing piece: say which and stop
+            sys.exit(f"bench_jax --device gpu: no GPU for JAX and CuPy here ({type(e).__name__}: {e})")
 
     rng = np.random.default_rng(0)
     load0 = os.getloadavg()[0]
     rows = []
     for s in args.shapes:
-        row = bench_shape(tuple(int(v) for v in s.split(",")), args.repeat, rng)
+        row = bench_shape(tuple(int(v) for v in s.split(",")), args.repeat, rng, args.device)
         rows.append(row)
         print(
             f"{tuple(row['shape'])}: ol1 {row['ol1']['median_ms']:.2f} ms, gpu_orthol1.jax "
@@ -126,6 +156,7 @@ def main(argv=None):
     doc = {
         "command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
         "cpu_model": cpu_model(),
+        "gpu": gpu_name,
         "cpu_count": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "versions": {

@@ -79,6 +79,10 @@ class OrthoL1Regularizer(keras.regularizers.Regularizer):
         TypeError: a Keras backend other than jax or torch.
 
     Example:
+        >>> import os
+        >>> _ = os.environ.setdefault("KERAS_BACKEND", "jax")  # or "torch": fixed at keras's first import
+        >>> import keras
+        >>> from gpu_orthol1.keras import OrthoL1Regularizer
         >>> layer = keras.layers.Dense(16, kernel_regularizer=OrthoL1Regularizer(1e-3, mode="columns"))
     """
 
@@ -101,6 +105,27 @@ class OrthoL1Regularizer(keras.regularizers.Regularizer):
         self.keras_scale = bool(keras_scale)
 
     def __call__(self, x: Any) -> Any:
+        """The penalty of one kernel.
+
+        Args:
+            x: a kernel of 2 or more dims (a keras.Variable or the backend's tensor).
+
+        Returns:
+            A 0-d tensor of the backend, differentiable by its autodiff.
+
+        Raises:
+            ValueError: a kernel of fewer than 2 dims.
+            TypeError: a Keras backend other than jax or torch.
+
+        Example:
+            >>> import os
+            >>> _ = os.environ.setdefault("KERAS_BACKEND", "jax")
+            >>> import keras
+            >>> from gpu_orthol1.keras import OrthoL1Regularizer
+            >>> reg = OrthoL1Regularizer(1e-3, mode="columns")
+            >>> round(float(reg(2 * keras.ops.eye(8, 4))), 6)  # G = 4 I (4 x 4): sum |G - I| = 12, times beta
+            0.012
+        """
         x = keras.ops.convert_to_tensor(x)  # a keras.Variable -> the backend's array (traced under jit)
         if len(x.shape) < 2:
             raise ValueError(
@@ -125,6 +150,18 @@ class OrthoL1Regularizer(keras.regularizers.Regularizer):
         )
 
     def get_config(self) -> dict:
+        """The constructor's keywords (Keras serialization: `from_config(get_config())` is equal).
+
+        Returns:
+            A dict of the keywords, JSON-serializable.
+
+        Example:
+            >>> import os
+            >>> _ = os.environ.setdefault("KERAS_BACKEND", "jax")
+            >>> from gpu_orthol1.keras import OrthoL1Regularizer
+            >>> OrthoL1Regularizer.from_config(OrthoL1Regularizer(1e-3, mode="rows").get_config()).mode
+            'rows'
+        """
         return {
             "beta": self.beta,
             "mode": self.mode,
@@ -158,7 +195,13 @@ def orthogonal(factor: float = 0.01, mode: str = "rows") -> OrthoL1Regularizer:
         ValueError: a mode other than "rows" / "columns", or a wrong factor.
 
     Example:
+        >>> import os
+        >>> _ = os.environ.setdefault("KERAS_BACKEND", "jax")
+        >>> import keras
+        >>> from gpu_orthol1.keras import orthogonal
         >>> layer = keras.layers.Conv2D(8, 3, kernel_regularizer=orthogonal(0.01, "columns"))
+        >>> float(orthogonal(0.01, "columns")(keras.ops.eye(8, 4)))  # orthonormal columns
+        0.0
     """
     if mode not in ("rows", "columns"):
         raise ValueError(f"mode must be 'rows' or 'columns' (Keras's modes), got {mode!r}")

@@ -40,7 +40,9 @@ class AddOrthoL1State(NamedTuple):
 
     Example:
         >>> import jax.numpy as jnp
-        >>> state = AddOrthoL1State(count=jnp.zeros((), jnp.int32))
+        >>> from gpu_orthol1.optax import AddOrthoL1State
+        >>> int(AddOrthoL1State(count=jnp.zeros((), jnp.int32)).count)
+        0
     """
 
     count: jax.Array  # type: ignore[assignment]  # Optax's name for it (tuple.count is shadowed, as in optax's own states)
@@ -83,9 +85,16 @@ def add_ortho_l1(
         ValueError: a wrong keyword (at construction) or update called without params.
 
     Example:
-        >>> tx = optax.chain(add_ortho_l1(optax.linear_schedule(1e-3, 0.0, 1000)), optax.adam(1e-3))
+        >>> import jax.numpy as jnp
+        >>> import optax
+        >>> from gpu_orthol1.optax import add_ortho_l1
+        >>> params = {"w": 2 * jnp.eye(8, 4), "b": jnp.zeros(4)}
+        >>> grads = {"w": jnp.zeros((8, 4)), "b": jnp.ones(4)}
+        >>> tx = optax.chain(add_ortho_l1(optax.linear_schedule(1e-3, 0.0, 1000)), optax.sgd(1.0))
         >>> state = tx.init(params)
         >>> updates, state = tx.update(grads, state, params)
+        >>> bool(jnp.allclose(updates["w"], -2e-3 * params["w"])), bool(jnp.all(updates["b"] == -1))
+        (True, True)
     """
     schedule = callable(beta)
     if not schedule:

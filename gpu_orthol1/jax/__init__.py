@@ -4,6 +4,7 @@
 
     loss = task_loss + ortho_l1(w, beta=1e-3, mode="columns")          # one array (2-D or 3-D)
     loss = task_loss + ortho_l1_tree(params, 1e-3)                     # every matrix leaf of a pytree
+    loss = ortho_l1_psum(w_local, 1e-3, "d")   # inside shard_map, rows split over mesh axis "d"
 
 The core runs inside XLA through `jax.experimental.buffer_callback`: the callback gets XLA's own
 buffers, so on the CPU the core's NumPy backend reads the input and writes the gradient in place
@@ -29,6 +30,7 @@ layouts (out, in, kh, kw). With mode="columns" the Gram is then out x out: the o
 """
 
 from ._ops import MODES, THREE_D, ortho_l1  # noqa: F401 - MODES, THREE_D: read by gpu_orthol1.optax
+from ._psum import ortho_l1_psum
 from ._tree import ortho_l1_tree, tree_grads
 
-__all__ = ["ortho_l1", "ortho_l1_tree", "tree_grads"]
+__all__ = ["ortho_l1", "ortho_l1_psum", "ortho_l1_tree", "tree_grads"]

@@ -19,6 +19,7 @@ except ImportError as _e:  # jax is an optional extra
     ) from _e
 
 from .. import _cache, _checks, _penalty, _plan
+from . import _hugepages
 
 MODES = ("rows", "columns", "auto")
 THREE_D = ("auto", "flatten", "stack")
@@ -61,7 +62,11 @@ def _run_cpu(outs, ins, leaves, reduction, variant, precision, want_grad):
     for j, (x, (m_axis, transpose, beta)) in enumerate(zip(ins, leaves, strict=True)):
         a = np.asarray(x)
         V = _np_slices(a, m_axis, transpose)
-        Vo = _np_slices(np.asarray(outs[len(ins) + j]), m_axis, transpose) if want_grad else None
+        Vo = None
+        if want_grad:
+            o = np.asarray(outs[len(ins) + j])
+            _hugepages.advise(o)  # before the first write: 4 KiB page faults cost 12-18% (_hugepages)
+            Vo = _np_slices(o, m_axis, transpose)
         p = _cache.cached(V, 0, reduction, precision, "numpy", None, *variant)
         loss, _ = _plan.execute(p, V, Vo, False, beta, want_grad)
         np.asarray(outs[j])[...] = loss
@@ -274,10 +279,12 @@ def ortho_l1(
         ValueError: a wrong rank, axis, mode, reduction, penalty keyword, precision or beta.
 
     Example:
-        >>> import jax, jax.numpy as jnp
+        >>> import jax
         >>> from gpu_orthol1.jax import ortho_l1
         >>> w = jax.random.normal(jax.random.key(0), (64, 16)) / 8
         >>> loss, g = jax.jit(jax.value_and_grad(lambda w: ortho_l1(w, 1e-3)))(w)
+        >>> loss.shape, g.shape
+        ((), (64, 16))
     """
     _check_array(x, "x")
     variant = _penalty.check(penalty, diagonal, normalize)

@@ -148,8 +148,11 @@ def ortho_l1_tree(
         TypeError, ValueError: as for `ortho_l1`; a mask whose structure does not match params.
 
     Example:
-        >>> params = {"dense": {"kernel": jnp.ones((8, 4)) / 3, "bias": jnp.zeros(4)}}
-        >>> loss = ortho_l1_tree(params, 1e-3)
+        >>> import jax.numpy as jnp
+        >>> from gpu_orthol1.jax import ortho_l1_tree
+        >>> params = {"dense": {"kernel": 2 * jnp.eye(8, 4), "bias": jnp.zeros(4)}}  # the bias is left out
+        >>> round(float(ortho_l1_tree(params, 1e-3)), 6)  # G = 4 I (4 x 4): sum |G - I| = 12, times beta
+        0.012
     """
     flat, _treedef, targets = _targets(params, mask, mode, axis, three_d, out_axis, keras_scale)
     if not targets:
@@ -176,9 +179,33 @@ def tree_grads(
 ) -> tuple[jax.Array, Any]:
     """(loss, gradient pytree) of `ortho_l1_tree` from one core call per group, without autodiff.
 
-    Args: as for `ortho_l1_tree`. Returns: the total loss and a pytree like params whose untaken
-    leaves are None. Raises: as `ortho_l1_tree`. Example:
-        >>> loss, g = tree_grads({"k": jnp.ones((8, 4)) / 3}, 1e-3)
+    Args:
+        params: as for `ortho_l1_tree`.
+        beta: as for `ortho_l1_tree`.
+        mask: as for `ortho_l1_tree`.
+        mode: as for `ortho_l1_tree`.
+        axis: as for `ortho_l1_tree`.
+        three_d: as for `ortho_l1_tree`.
+        out_axis: as for `ortho_l1_tree`.
+        penalty: as for `ortho_l1_tree`.
+        diagonal: as for `ortho_l1_tree`.
+        normalize: as for `ortho_l1_tree`.
+        precision: as for `ortho_l1_tree`.
+        keras_scale: as for `ortho_l1_tree`.
+
+    Returns:
+        The total loss and a pytree like params whose untaken leaves are None.
+
+    Raises:
+        TypeError, ValueError: as for `ortho_l1_tree`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from gpu_orthol1.jax import tree_grads
+        >>> params = {"k": 2 * jnp.eye(8, 4), "b": jnp.zeros(4)}
+        >>> loss, g = tree_grads(params, 1e-3)
+        >>> g["b"] is None, bool(jnp.allclose(g["k"], 2e-3 * params["k"]))  # 2 beta k sign(G - I), G = 4 I
+        (True, True)
     """
     flat, treedef, targets = _targets(params, mask, mode, axis, three_d, out_axis, keras_scale)
     variant = _penalty.check(penalty, diagonal, normalize)

@@ -50,6 +50,9 @@ _PROTOTYPES = {
         _I,
     ),
     "cublasSgemmBatched": (_P, _I, _I, _I, _I, _I, _P, _P, _I, _P, _I, _P, _P, _I, _I),
+    # handle, transa, transb, m, n, k, alpha, Aarray, Atype, lda, Barray, Btype, ldb, beta, Carray, Ctype,
+    # ldc, batchCount, computeType, algo: the pointer-array GEMM with a compute type (TF32)
+    "cublasGemmBatchedEx": (_P, _I, _I, _I, _I, _I, _P, _P, _I, _I, _P, _I, _I, _P, _P, _I, _I, _I, _I, _I),
     "cublasDgemmBatched": (_P, _I, _I, _I, _I, _I, _P, _P, _I, _P, _I, _P, _P, _I, _I),
 }
 
@@ -77,7 +80,8 @@ def _library_path() -> str:
 
 class Cublas:
     """setStream, setWorkspace, getPointerMode, setPointerMode, gemmStridedBatchedEx, sgemmBatched,
-    dgemmBatched: cupy_backends' argument order, raising CublasError on a failed status."""
+    dgemmBatched, gemmBatchedEx: cuBLAS's argument order (cupy_backends' where it wraps the call),
+    raising CublasError on a failed status."""
 
     def __init__(self):
         import cupy
@@ -118,6 +122,9 @@ class Cublas:
 
     def dgemmBatched(self, *args):
         self._check(self._cublasDgemmBatched(*args), "cublasDgemmBatched")
+
+    def gemmBatchedEx(self, *args):
+        self._check(self._cublasGemmBatchedEx(*args), "cublasGemmBatchedEx")
 
 
 _lib: Cublas | None = None

@@ -122,6 +122,7 @@ class CupyDevice(_ElementwiseLaunches):
     folds_alpha = False  # alpha goes into the second GEMM: exact, and free
     fills_addresses = True  # pointer-array GEMMs read address arrays from the workspace ("addrs")
     blas_workspace_bytes = 0  # set per card in __init__
+    _tf32 = False  # precision="tf32": float32 GEMMs on TF32 tensor cores (set in __init__)
 
     def __init__(self, precision: str = "highest"):
         import cupy
@@ -133,6 +134,7 @@ class CupyDevice(_ElementwiseLaunches):
         cb, self._dtype_enum = _cuda_enums()
         self._cb = cb  # CuPy's constants; the calls go through ctypes
         self._cublas = _cublas.library()
+        self._tf32 = precision == "tf32"  # float32 GEMMs on TF32 tensor cores
         self._compute = {"f64": cb.CUBLAS_COMPUTE_64F,
                          "f32": cb.CUBLAS_COMPUTE_32F_FAST_TF32 if precision == "tf32" else cb.CUBLAS_COMPUTE_32F,
                          "f16": cb.CUBLAS_COMPUTE_32F}
@@ -267,10 +269,18 @@ class CupyDevice(_ElementwiseLaunches):
 
     def _pointer_gemm(self, call: _gemm.BatchedGemm, dt, addrs, bufs) -> None:
         base = _addr(addrs)
-        fn = self._cublas.sgemmBatched if dt == _F32 else self._cublas.dgemmBatched
         bs = 8 * call.batch
         t = call.template
         alpha, beta = self._scalars(dt, t.alpha, t.beta)
+        if dt == _F32 and self._tf32:
+            # sgemmBatched has no compute type (it follows the handle's math mode: CuPy's shared handle,
+            # not ours to set): the Ex call asks for TF32 on this call alone
+            en = self._dtype_enum[_F32]
+            self._cublas.gemmBatchedEx(self._handle, t.transa, t.transb, t.m, t.n, t.k, alpha, base, en, t.a.ld,
+                                       base + bs, en, t.b.ld, beta, base + 2 * bs, en, t.c.ld, call.batch,
+                                       self._compute["f32"], -1)
+            return
+        fn = self._cublas.sgemmBatched if dt == _F32 else self._cublas.dgemmBatched
         fn(self._handle, t.transa, t.transb, t.m, t.n, t.k, alpha, base, t.a.ld,
            base + bs, t.b.ld, beta, base + 2 * bs, t.c.ld, call.batch)
 

@@ -45,8 +45,23 @@ def _t(x):
     return x.swapaxes(1, 2)
 
 
-def emulate_gemm(call: Gemm, bufs: dict) -> None:
-    """Execute one strided-batched GEMM like cuBLAS: float32 compute for float16/32, float64 for float64."""
+def to_tf32(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to TF32 (8-bit exponent, 10-bit mantissa), kept in float32: round to
+    nearest, ties to even, as an emulation of the tensor cores' input conversion under
+    CUBLAS_COMPUTE_32F_FAST_TF32 (NVIDIA does not specify cuBLAS's rounding; truncating instead
+    doubles the bound). NaN stays NaN; a value past TF32's largest rounds to infinity, as in float32."""
+    x = np.asarray(x, dtype=np.float32)
+    bits = x.view(np.uint32)
+    # add half an ulp of the 10-bit mantissa (minus one, plus the kept last bit: ties to even), then cut
+    r = ((bits + np.uint32(0xFFF) + ((bits >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)).view(
+        np.float32
+    )
+    return np.where(np.isnan(x), x, r)
+
+
+def emulate_gemm(call: Gemm, bufs: dict, tf32: bool = False) -> None:
+    """Execute one strided-batched GEMM like cuBLAS: float32 compute for float16/32, float64 for float64;
+    tf32: the float32 operands rounded to TF32 first (`to_tf32`), the products summed in float32."""
     A, B, C = bufs[call.a.buf], bufs[call.b.buf], bufs[call.c.buf]
     ar, ac = (call.m, call.k) if call.transa == OP_N else (call.k, call.m)
     br, bc = (call.k, call.n) if call.transb == OP_N else (call.n, call.k)
@@ -56,6 +71,8 @@ def emulate_gemm(call: Gemm, bufs: dict) -> None:
     cdt = _F64 if C.dtype == _F64 else _F32
     opa = (a if call.transa == OP_N else _t(a)).astype(cdt)
     opb = (b if call.transb == OP_N else _t(b)).astype(cdt)
+    if tf32:
+        opa, opb = to_tf32(opa), to_tf32(opb)
     prod = np.matmul(opa, opb)
     if call.alpha != 1.0:
         prod *= call.alpha
@@ -64,7 +81,7 @@ def emulate_gemm(call: Gemm, bufs: dict) -> None:
     c[...] = prod
 
 
-def emulate_pointer_gemm(call: _gemm.BatchedGemm, ptrs: np.ndarray, bufs: dict) -> None:
+def emulate_pointer_gemm(call: _gemm.BatchedGemm, ptrs: np.ndarray, bufs: dict, tf32: bool = False) -> None:
     """Execute a pointer-array GEMM as cuBLAS would: resolve each raw address in `ptrs` back to a
     (NumPy) buffer and element offset, then run that entry. A wrong address fails or misreads here."""
     resolve = _resolver(bufs)
@@ -80,12 +97,13 @@ def emulate_pointer_gemm(call: _gemm.BatchedGemm, ptrs: np.ndarray, bufs: dict) 
                 batch=1,
             ),
             bufs,
+            tf32,
         )
 
 
 # cuBLAS's values of the enums the GPU device passes (cudaDataType, cublasComputeType_t)
 CUDA_DTYPE = {np.dtype(np.float32): 0, np.dtype(np.float64): 1, np.dtype(np.float16): 2}
-COMPUTE_32F, COMPUTE_64F = 68, 70
+COMPUTE_32F, COMPUTE_64F, COMPUTE_32F_FAST_TF32 = 68, 70, 77
 HANDLE = 0x5A5A  # the emulator's stand-in for a cuBLAS handle
 
 
@@ -132,17 +150,76 @@ def gemm_from_args(args, bufs: dict) -> Gemm:
         assert args[pos + 1] == CUDA_DTYPE[dt], f"operand at argument {pos} is {dt}, its enum {args[pos + 1]}"
         ops.append(Operand(ref.buf, ref.offset, args[pos + 2], args[pos + 3]))
     c_dt = bufs[ops[2].buf].dtype
-    want = COMPUTE_64F if c_dt == _F64 else COMPUTE_32F
-    assert args[21] == want, f"compute type {args[21]} for a {c_dt} output"
+    want = {COMPUTE_64F} if c_dt == _F64 else {COMPUTE_32F}
+    if bufs[ops[0].buf].dtype == _F32 and c_dt == _F32:
+        want.add(COMPUTE_32F_FAST_TF32)  # TF32 takes float32 operands only
+    assert args[21] in want, f"compute type {args[21]} for a {c_dt} output"
     scal = ctypes.c_double if c_dt == _F64 else ctypes.c_float
     alpha, beta = scal.from_address(args[6]).value, scal.from_address(args[15]).value
     return Gemm(args[1], args[2], args[3], args[4], args[5], alpha, ops[0], ops[1], beta, ops[2], args[20])
 
 
+class EmulatedCublas:
+    """The pointer-array GEMMs of `_cublas.Cublas` (sgemmBatched, dgemmBatched, gemmBatchedEx) over
+    NumPy buffers: each argument list read as cuBLAS reads it (the A, B, C address arrays and the
+    scalars from memory, the addresses resolved to `bufs`, set before each call), then executed.
+    Each call's compute type goes to `record` (sgemmBatched's and dgemmBatched's: the handle's default
+    math mode, plain float32 and float64)."""
+
+    def __init__(self, record: list):
+        self.bufs: dict = {}
+        self.record = record
+
+    def sgemmBatched(self, *args):
+        self._run(args, CUDA_DTYPE[_F32], COMPUTE_32F)
+
+    def dgemmBatched(self, *args):
+        self._run(args, CUDA_DTYPE[_F64], COMPUTE_64F)
+
+    def gemmBatchedEx(self, *args):
+        assert len(args) == 20 and args[19] == -1 and args[8] == args[11] == args[15]
+        rest = args[:8] + args[9:11] + args[12:15] + args[16:18]  # sgemmBatched's order
+        self._run(rest, args[8], args[18])
+
+    def _run(self, args, dtype_enum, compute) -> None:
+        import ctypes
+
+        assert len(args) == 15 and args[0] == HANDLE
+        _h, transa, transb, m, n, k, alpha_p, A, lda, B, ldb, beta_p, C, ldc, batch = args
+        dt = next(d for d, e in CUDA_DTYPE.items() if e == dtype_enum)
+        ptrs = np.array([(ctypes.c_uint64 * batch).from_address(int(a))[:] for a in (A, B, C)], np.uint64)
+        resolve = _resolver(self.bufs)
+        for p in ptrs.ravel():  # every address must lie in a buffer of the GEMM's dtype
+            got = self.bufs[resolve(int(p)).buf].dtype
+            assert got == dt, f"a {got} operand in a GEMM of {dt}"
+        ok = {_F64: {COMPUTE_64F}, _F32: {COMPUTE_32F, COMPUTE_32F_FAST_TF32}}.get(dt, {COMPUTE_32F})
+        assert compute in ok, f"compute type {compute} for {dt} operands"
+        self.record.append(compute)
+        scal = ctypes.c_double if compute == COMPUTE_64F else ctypes.c_float
+        op = Operand("", 0, 0, 0)
+        t = Gemm(
+            transa,
+            transb,
+            m,
+            n,
+            k,
+            scal.from_address(alpha_p).value,
+            replace(op, ld=lda),
+            replace(op, ld=ldb),
+            scal.from_address(beta_p).value,
+            replace(op, ld=ldc),
+            1,
+        )
+        call = _gemm.BatchedGemm(t, (), (), tuple(_gemm.Ref("", 0) for _ in range(batch)))
+        emulate_pointer_gemm(call, ptrs, self.bufs, compute == COMPUTE_32F_FAST_TF32)
+
+
 class EmulatedGpuDevice(CupyDevice):
     """The GPU device's logic on the CPU: its GEMM argument sets, its dtypes, its pointer arrays,
     and the CUDA kernel itself run by numba's simulator (NUMBA_ENABLE_CUDASIM=1 must be set
-    before numba.cuda is first imported)."""
+    before numba.cuda is first imported). precision: "highest" or "tf32" (float32 GEMMs with
+    CUBLAS_COMPUTE_32F_FAST_TF32, their operands rounded to TF32 by `to_tf32`); `compute_types`
+    lists each GEMM's compute type, as passed to cuBLAS."""
 
     xp = np
     emulates_gpu = True  # plans treat it as the GPU backend (kernel choice, no CPU thread split)
@@ -151,7 +228,7 @@ class EmulatedGpuDevice(CupyDevice):
     # tests of the rule set this to True (and the fused kernel is tested with kernel="fused")
     auto_fused = False
 
-    def __init__(self, max_block=8):
+    def __init__(self, max_block=8, precision="highest"):
         from numba import config
 
         if not config.ENABLE_CUDASIM:
@@ -166,7 +243,18 @@ class EmulatedGpuDevice(CupyDevice):
         self.blas_workspace_bytes = 64  # small: the workspace is allocated and handed over all the same
         self.blas_workspaces: list = []  # what set_blas_workspace received, in order (None: released)
         self._dtype_enum = dict(CUDA_DTYPE)
-        self._compute = {"f64": COMPUTE_64F, "f32": COMPUTE_32F, "f16": COMPUTE_32F}
+        self._tf32 = precision == "tf32"
+        self._compute = {
+            "f64": COMPUTE_64F,
+            "f32": COMPUTE_32F_FAST_TF32 if self._tf32 else COMPUTE_32F,
+            "f16": COMPUTE_32F,
+        }
+        self.compute_types: list[int] = []
+        # the pointer-array GEMMs run CupyDevice's own argument lists through an emulated cuBLAS
+        self._blas = EmulatedCublas(self.compute_types)
+        self._cublas = self._blas  # type: ignore[assignment]
+        self._alpha = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
+        self._beta = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
         self._prepared: dict = {}
         self._handle = HANDLE
 
@@ -187,7 +275,8 @@ class EmulatedGpuDevice(CupyDevice):
             args[pos] = bufs[key].ctypes.data + off
         call = gemm_from_args(args, bufs)
         self.gemm_calls.append(("strided", call.batch))
-        emulate_gemm(call, bufs)
+        self.compute_types.append(args[21])
+        emulate_gemm(call, bufs, args[21] == COMPUTE_32F_FAST_TF32)
 
     def _fill_addresses(self, addrs, ptrs: np.ndarray) -> None:
         from .kernels import addresses
@@ -197,11 +286,11 @@ class EmulatedGpuDevice(CupyDevice):
             addresses.get_fill_kernel(slots)[1, slots](addrs, first, count, vals)
 
     def _pointer_gemm(self, call: _gemm.BatchedGemm, dt, addrs, bufs) -> None:
-        """Read the three address arrays back from the workspace buffer the kernel wrote, the way
-        cuBLAS reads them (A, B, C, `batch` entries each), and execute them."""
+        """CupyDevice's call on the emulated cuBLAS: it reads the three address arrays back from the
+        workspace buffer the kernel wrote (A, B, C, `batch` entries each), and executes them."""
         self.gemm_calls.append(("pointers", call.batch))
-        ptrs = np.asarray(addrs[: 3 * call.batch]).reshape(3, call.batch)
-        emulate_pointer_gemm(call, ptrs, bufs)
+        self._blas.bufs = bufs
+        super()._pointer_gemm(call, dt, addrs, bufs)
 
     def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant=DEFAULT, partials=None):
         l2, offdiag, normalize = variant.flags()

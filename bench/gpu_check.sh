@@ -103,6 +103,11 @@ jax_gpu() {
 if [ "$DRY" != 1 ]; then
   step jax_gpu 120 env XLA_PYTHON_CLIENT_PREALLOCATE=false bash -c "OUT='$OUT' PY='$PY'; $(declare -f jax_gpu); jax_gpu"
 fi
+# issue 22: real TF32 against the "tf32" tolerance class (also in gpu_tests; a step of its own so that
+# a short call can take it alone: GPU_CHECK_STEPS="precision_tests bench_torch_precision")
+if [ "$DRY" != 1 ]; then
+  step precision_tests 90 $PY -m pytest -q -m gpu -rfEs --tb=short -p no:cacheprovider tests/test_precision.py
+fi
 # issue 8/9 figures: host vs device time per call and per phase (cupyx.profiler.benchmark), plan and
 # graph replay, fused vs two-GEMM vs limit, JAX and torch, the n sweep vs the roofline, and a
 # torch.profiler kernel table
@@ -122,6 +127,12 @@ if [ "$DRY" != 1 ]; then
 fi
 TDEV=cpu; [ "$DEV" = gpu ] && TDEV=cuda
 step bench_torch 70 $PY bench/bench_torch.py --device $TDEV --quick --threads 1 --json "$OUT/bench_torch_$TDEV.json"
+# issue 22: the loop and OrthoL1 under the same setting (float32 highest, TF32, bfloat16 and float16
+# parameters), eager and replayed from a CUDA graph, each side's GEMM TFLOP/s against the card's peak
+# (the 12-layer d_model 768 transformer on the card; a small one for the CPU dry run)
+TSMALL=""; [ "$TDEV" = cpu ] && TSMALL="--layers 2 --d-model 64"
+step bench_torch_precision 240 $PY bench/bench_torch.py --device $TDEV --quick --threads 1 --precision all $TSMALL \
+  --json "$OUT/bench_torch_precision_$TDEV.json"
 step bench 90 $PY -m gpu_orthol1.cli bench --quick --device $DEV --time-limit 60 --no-progress \
   --csv "$OUT/bench_$DEV.csv" --json "$OUT/bench_$DEV.json" --plot "$OUT/bench_$DEV.png"
 # the fused kernel's own counters, one launch per config (the default at (64, 4096, 64) float32,

@@ -50,7 +50,8 @@ _PROTOTYPES = {
         _I,
     ),
     # handle, transa, transb, m, n, k, alpha, Aarray, Atype, lda, Barray, Btype, ldb, beta, Carray,
-    # Ctype, ldc, batchCount, computeType, algo
+    # Ctype, ldc, batchCount, computeType, algo: the pointer-array GEMM with operand types (16-bit) and a
+    # compute type (TF32)
     "cublasGemmBatchedEx": (_P, _I, _I, _I, _I, _I, _P, _P, _I, _I, _P, _I, _I, _P, _P, _I, _I, _I, _I, _I),
     "cublasSgemmBatched": (_P, _I, _I, _I, _I, _I, _P, _P, _I, _P, _I, _P, _P, _I, _I),
     "cublasDgemmBatched": (_P, _I, _I, _I, _I, _I, _P, _P, _I, _P, _I, _P, _P, _I, _I),

@@ -122,6 +122,7 @@ class CupyDevice(_ElementwiseLaunches):
     folds_alpha = False  # alpha goes into the second GEMM: exact, and free
     fills_addresses = True  # pointer-array GEMMs read address arrays from the workspace ("addrs")
     blas_workspace_bytes = 0  # set per card in __init__
+    _tf32 = False  # precision="tf32": float32 GEMMs on TF32 tensor cores (set in __init__)
 
     def __init__(self, precision: str = "highest"):
         import cupy
@@ -133,6 +134,7 @@ class CupyDevice(_ElementwiseLaunches):
         cb, self._dtype_enum = _cuda_enums()
         self._cb = cb  # CuPy's constants; the calls go through ctypes
         self._cublas = _cublas.library()
+        self._tf32 = precision == "tf32"  # float32 GEMMs on TF32 tensor cores
         self._compute = {"f64": cb.CUBLAS_COMPUTE_64F,
                          "f32": cb.CUBLAS_COMPUTE_32F_FAST_TF32 if precision == "tf32" else cb.CUBLAS_COMPUTE_32F,
                          "f16": cb.CUBLAS_COMPUTE_32F}
@@ -267,13 +269,15 @@ class CupyDevice(_ElementwiseLaunches):
     def _pointer_args(self, call: _gemm.BatchedGemm, addrs, bufs) -> tuple[str, list]:
         """(cuBLAS function, its arguments) of a pointer-array GEMM whose address arrays are in
         `addrs` (A, B, C, `batch` entries each): ?gemmBatched for float32/float64 operands,
-        gemmBatchedEx (16-bit A and B, float32 compute) for float16 and bfloat16."""
+        gemmBatchedEx (16-bit A and B, float32 compute) for float16 and bfloat16, and for float32 under
+        precision="tf32" (sgemmBatched has no compute type: it follows the handle's math mode, CuPy's
+        shared handle's, not ours to set; the Ex call asks for TF32 on this call alone)."""
         t = call.template
         a_dt, c_dt = _dtype(bufs[call.a[0].buf]), _dtype(bufs[call.c[0].buf])
         base = _addr(addrs)
         bs = 8 * call.batch
         alpha, beta = self._scalars(c_dt, t.alpha, t.beta)
-        if a_dt == c_dt and a_dt in (_F32, _F64):
+        if a_dt == c_dt and (a_dt == _F64 or (a_dt == _F32 and not self._tf32)):
             name = "sgemmBatched" if a_dt == _F32 else "dgemmBatched"
             return name, [self._handle, t.transa, t.transb, t.m, t.n, t.k, alpha, base, t.a.ld,
                           base + bs, t.b.ld, beta, base + 2 * bs, t.c.ld, call.batch]

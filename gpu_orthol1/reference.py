@@ -36,13 +36,19 @@ import numpy as np
 # the entry bound at most (measured: 3.6e-3): its allowance is twice that (float16's is four times its
 # 2^-11).
 # "lowp" is for results whose Gram passes through float16 storage (the bench's naive float16
-# expressions) or TF32 inputs (11-bit significand): the rounding of G itself, 2^-11 relative, is the floor.
+# expressions): the rounding of G itself, 2^-11 relative, is the floor.
+# "tf32" is for precision="tf32" (float32 GEMMs on TF32 tensor cores, ours and the bench's peers): each operand rounded to a
+# 10-bit mantissa (u = 2^-11 to nearest, 2^-10 if the hardware truncates) with float32 accumulation, so
+# |dG| <= 2 * 2^-10 * (|Phi|^T |Phi|): loss and sign bound 2.5e-3, and the gradient GEMM's rounded Phi
+# (S = sign is exact in TF32) 2^-10 of the entry bound: 1.5e-3. Bounds for either rounding; the errors
+# measured on the reference shapes (bench/results/cpu-precision-error.json, TF32 emulated) are far below.
 TOL = {
     "float16": {"loss": 2e-5, "grad": 2e-3, "sign": 1e-5},
     "bfloat16": {"loss": 2e-5, "grad": 8e-3, "sign": 1e-5},
     "float32": {"loss": 2e-5, "grad": 2e-5, "sign": 1e-5},
     "float64": {"loss": 1e-12, "grad": 1e-12, "sign": 1e-13},
     "lowp": {"loss": 3e-3, "grad": 4e-3, "sign": 3e-3},
+    "tf32": {"loss": 2.5e-3, "grad": 1.5e-3, "sign": 2.5e-3},
 }
 _DTYPES = (np.float16, np.float32, np.float64)
 LOSS_RTOL = {t: TOL[np.dtype(t).name]["loss"] for t in _DTYPES}
@@ -119,11 +125,14 @@ def check(
     reduction: str = "sum",
     dtype: Any = None,
     grad_base: Any = None,
+    tol_class: str | None = None,
 ) -> float:
     """Assert loss/grad (NumPy arrays) match the reference; return the fraction of gradient entries compared.
 
-    grad_base: what out held before an accumulate=True call (added to the reference)."""
+    grad_base: what out held before an accumulate=True call (added to the reference). tol_class: a key
+    of TOL in place of the dtype's class (e.g. "tf32")."""
     dtype = np.dtype(dtype or phi.dtype).type
+    tol = TOL[tol_class or np.dtype(dtype).name]
     per, gref, X = reference(phi, beta, axis)
     m = per.shape[0]
     scale = 1.0 / m if reduction == "mean" and m else 1.0
@@ -140,11 +149,11 @@ def check(
     assert np.array_equal(np.isnan(got_loss), np.isnan(lref)), "loss NaN pattern differs"
     with np.errstate(invalid="ignore"):
         lerr = np.abs(got_loss - lref)
-        ltol = tolerance(dtype, "loss") * (np.abs(lref) + lmag)
+        ltol = tol["loss"] * (np.abs(lref) + lmag)
         assert np.all((lerr <= ltol) | np.isnan(lref)), f"loss off: {got_loss} vs {lref}"
     # gradient: mask columns (slice i, column b) whose X column holds a sign-ambiguous entry
     with np.errstate(invalid="ignore"):
-        ambiguous = (np.abs(X) <= tolerance(dtype, "sign") * mag).any(axis=1)  # (m, n)
+        ambiguous = (np.abs(X) <= tol["sign"] * mag).any(axis=1)  # (m, n)
     bound = 2 * abs(beta) * scale * absP.sum(axis=2, keepdims=True)  # (l, m, 1)
     got = np.asarray(grad, np.float64)
     got_lmn = got[:, None, :] if squeeze else np.moveaxis(got, axis, 1)
@@ -159,11 +168,11 @@ def check(
     assert np.array_equal(np.isnan(got_lmn) & mask, nan_want & mask), "NaN pattern differs"
     ok = mask & ~nan_want
     err = np.abs(got_lmn - want)[ok]
-    tol = tolerance(dtype, "grad") * bound + _tiny(dtype)
-    tol = np.broadcast_to(tol, want.shape)[ok]
+    gtol = tol["grad"] * bound + _tiny(dtype)
+    gtol = np.broadcast_to(gtol, want.shape)[ok]
     if err.size:
-        worst = np.argmax(err - tol)
-        assert np.all(err <= tol), f"gradient off: {err[worst]} > {tol[worst]}"
+        worst = np.argmax(err - gtol)
+        assert np.all(err <= gtol), f"gradient off: {err[worst]} > {gtol[worst]}"
     return mask.mean() if mask.size else 1.0
 
 

@@ -45,14 +45,29 @@ def _t(x):
     return x.swapaxes(1, 2)
 
 
+def to_tf32(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to TF32 (8-bit exponent, 10-bit mantissa), kept in float32: round to
+    nearest, ties to even, as an emulation of the tensor cores' input conversion under
+    CUBLAS_COMPUTE_32F_FAST_TF32 (NVIDIA does not specify cuBLAS's rounding; truncating instead
+    doubles the bound). NaN stays NaN; a value past TF32's largest rounds to infinity, as in float32."""
+    x = np.asarray(x, dtype=np.float32)
+    bits = x.view(np.uint32)
+    # add half an ulp of the 10-bit mantissa (minus one, plus the kept last bit: ties to even), then cut
+    r = ((bits + np.uint32(0xFFF) + ((bits >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)).view(
+        np.float32
+    )
+    return np.where(np.isnan(x), x, r)
+
+
 def _values(arr):
     """The numbers a buffer holds: bfloat16 for the GPU's int16 carrier (what CUDA_R_16BF reads)."""
     return arr.view(_dtypes.bfloat16()) if arr.dtype == _dtypes.BITS else arr
 
 
-def emulate_gemm(call: Gemm, bufs: dict) -> None:
+def emulate_gemm(call: Gemm, bufs: dict, tf32: bool = False) -> None:
     """Execute one strided-batched GEMM like cuBLAS: float32 compute for 16-bit and float32 operands,
-    float64 for float64; the product rounded once to C's dtype."""
+    float64 for float64; the product rounded once to C's dtype. tf32: the float32 operands rounded to
+    TF32 first (`to_tf32`), the products summed in float32."""
     A, B, C = (_values(bufs[r.buf]) for r in (call.a, call.b, call.c))
     ar, ac = (call.m, call.k) if call.transa == OP_N else (call.k, call.m)
     br, bc = (call.k, call.n) if call.transb == OP_N else (call.n, call.k)
@@ -62,6 +77,8 @@ def emulate_gemm(call: Gemm, bufs: dict) -> None:
     cdt = _F64 if C.dtype == _F64 else _F32
     opa = (a if call.transa == OP_N else _t(a)).astype(cdt)
     opb = (b if call.transb == OP_N else _t(b)).astype(cdt)
+    if tf32:
+        opa, opb = to_tf32(opa), to_tf32(opb)
     prod = np.matmul(opa, opb)
     if call.alpha != 1.0:
         prod *= call.alpha
@@ -70,7 +87,7 @@ def emulate_gemm(call: Gemm, bufs: dict) -> None:
     c[...] = prod
 
 
-def emulate_pointer_gemm(call: _gemm.BatchedGemm, ptrs: np.ndarray, bufs: dict) -> None:
+def emulate_pointer_gemm(call: _gemm.BatchedGemm, ptrs: np.ndarray, bufs: dict, tf32: bool = False) -> None:
     """Execute a pointer-array GEMM as cuBLAS would: resolve each raw address in `ptrs` back to a
     (NumPy) buffer and element offset, then run that entry. A wrong address fails or misreads here."""
     resolve = _resolver(bufs)
@@ -86,13 +103,14 @@ def emulate_pointer_gemm(call: _gemm.BatchedGemm, ptrs: np.ndarray, bufs: dict) 
                 batch=1,
             ),
             bufs,
+            tf32,
         )
 
 
 # cuBLAS's values of the enums the GPU device passes (cudaDataType by dtype name: bfloat16 and its
 # int16 carrier are CUDA_R_16BF; cublasComputeType_t)
 CUDA_DTYPE = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 14, "int16": 14}
-COMPUTE_32F, COMPUTE_64F = 68, 70
+COMPUTE_32F, COMPUTE_64F, COMPUTE_32F_FAST_TF32 = 68, 70, 77
 HANDLE = 0x5A5A  # the emulator's stand-in for a cuBLAS handle
 
 
@@ -143,12 +161,14 @@ def check_pointer_args(name: str, args: list, call: _gemm.BatchedGemm, addrs, bu
         alpha, beta = scal.from_address(args[6]).value, scal.from_address(args[11]).value
     else:
         assert name == "gemmBatchedEx" and len(args) == 20 and args[19] == -1, name
-        assert dts[0].itemsize == dts[1].itemsize == 2, f"gemmBatchedEx for operands {dts}"
+        tf32 = dts[0] == dts[1] == dts[2] == _F32  # float32 operands take the Ex call for TF32 alone
+        assert tf32 or dts[0].itemsize == dts[1].itemsize == 2, f"gemmBatchedEx for operands {dts}"
         for pos, dt in zip((8, 11, 15), dts, strict=True):
             assert args[pos] == CUDA_DTYPE[dt.name], f"argument {pos} is {args[pos]} for {dt}"
         assert args[7] == base and args[10] == base + bs and args[14] == base + 2 * bs
         assert [args[9], args[12], args[16], args[17]] == [t.a.ld, t.b.ld, t.c.ld, call.batch]
-        assert args[18] == (COMPUTE_64F if dts[2] == _F64 else COMPUTE_32F), f"compute type {args[18]}"
+        compute = COMPUTE_32F_FAST_TF32 if tf32 else COMPUTE_32F
+        assert args[18] == compute, f"compute type {args[18]} for operands {dts}"
         alpha, beta = scal.from_address(args[6]).value, scal.from_address(args[13]).value
     assert (alpha, beta) == (
         np.float32(t.alpha) if scal is ctypes.c_float else t.alpha,
@@ -173,8 +193,10 @@ def gemm_from_args(args, bufs: dict) -> Gemm:
         )
         ops.append(Operand(ref.buf, ref.offset, args[pos + 2], args[pos + 3]))
     c_dt = bufs[ops[2].buf].dtype
-    want = COMPUTE_64F if c_dt == _F64 else COMPUTE_32F
-    assert args[21] == want, f"compute type {args[21]} for a {c_dt} output"
+    want = {COMPUTE_64F} if c_dt == _F64 else {COMPUTE_32F}
+    if bufs[ops[0].buf].dtype == _F32 and c_dt == _F32:
+        want.add(COMPUTE_32F_FAST_TF32)  # TF32 takes float32 operands only
+    assert args[21] in want, f"compute type {args[21]} for a {c_dt} output"
     scal = ctypes.c_double if c_dt == _F64 else ctypes.c_float
     alpha, beta = scal.from_address(args[6]).value, scal.from_address(args[15]).value
     return Gemm(args[1], args[2], args[3], args[4], args[5], alpha, ops[0], ops[1], beta, ops[2], args[20])
@@ -183,7 +205,9 @@ def gemm_from_args(args, bufs: dict) -> Gemm:
 class EmulatedGpuDevice(CupyDevice):
     """The GPU device's logic on the CPU: its GEMM argument sets, its dtypes, its pointer arrays,
     and the CUDA kernel itself run by numba's simulator (NUMBA_ENABLE_CUDASIM=1 must be set
-    before numba.cuda is first imported)."""
+    before numba.cuda is first imported). precision: "highest" or "tf32" (float32 GEMMs with
+    CUBLAS_COMPUTE_32F_FAST_TF32, their operands rounded to TF32 by `to_tf32`); `compute_types`
+    lists each GEMM's compute type, as passed to cuBLAS."""
 
     xp = np
     emulates_gpu = True  # plans treat it as the GPU backend (kernel choice, no CPU thread split)
@@ -192,7 +216,7 @@ class EmulatedGpuDevice(CupyDevice):
     # tests of the rule set this to True (and the fused kernel is tested with kernel="fused")
     auto_fused = False
 
-    def __init__(self, max_block=8):
+    def __init__(self, max_block=8, precision="highest"):
         from numba import config
 
         if not config.ENABLE_CUDASIM:
@@ -207,7 +231,13 @@ class EmulatedGpuDevice(CupyDevice):
         self.blas_workspace_bytes = 64  # small: the workspace is allocated and handed over all the same
         self.blas_workspaces: list = []  # what set_blas_workspace received, in order (None: released)
         self._dtype_enum = dict(CUDA_DTYPE)
-        self._compute = {"f64": COMPUTE_64F, "f32": COMPUTE_32F, "f16": COMPUTE_32F}
+        self._tf32 = precision == "tf32"
+        self._compute = {
+            "f64": COMPUTE_64F,
+            "f32": COMPUTE_32F_FAST_TF32 if self._tf32 else COMPUTE_32F,
+            "f16": COMPUTE_32F,
+        }
+        self.compute_types: list[int] = []  # each GEMM's, as handed to cuBLAS
         self._prepared: dict = {}
         self._alpha = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
         self._beta = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
@@ -230,7 +260,8 @@ class EmulatedGpuDevice(CupyDevice):
             args[pos] = bufs[key].ctypes.data + off
         call = gemm_from_args(args, bufs)
         self.gemm_calls.append(("strided", call.batch))
-        emulate_gemm(call, bufs)
+        self.compute_types.append(args[21])
+        emulate_gemm(call, bufs, args[21] == COMPUTE_32F_FAST_TF32)
 
     def _fill_addresses(self, addrs, ptrs: np.ndarray) -> None:
         from .kernels import addresses
@@ -246,8 +277,11 @@ class EmulatedGpuDevice(CupyDevice):
         name, args = self._pointer_args(call, addrs, bufs)
         check_pointer_args(name, args, call, addrs, bufs)
         self.gemm_calls.append(("pointers", call.batch))
+        # ?gemmBatched has no compute type: the handle's default math mode, plain float32 / float64
+        compute = {"sgemmBatched": COMPUTE_32F, "dgemmBatched": COMPUTE_64F}.get(name) or args[18]
+        self.compute_types.append(compute)
         ptrs = np.asarray(addrs[: 3 * call.batch]).reshape(3, call.batch)
-        emulate_pointer_gemm(call, ptrs, bufs)
+        emulate_pointer_gemm(call, ptrs, bufs, compute == COMPUTE_32F_FAST_TF32)
 
     def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant=DEFAULT, partials=None):
         l2, offdiag, normalize = variant.flags()

@@ -476,10 +476,10 @@ def test_gpu_pointer_array_path_emulated(dtype, tseed):
     ).to(dtype)
     calls = []
 
-    def factory():
+    def factory(precision="highest"):
         from gpu_orthol1.testing import EmulatedGpuDevice
 
-        dev = EmulatedGpuDevice()
+        dev = EmulatedGpuDevice(precision=precision)
         calls.append(dev)
         return dev
 

@@ -109,7 +109,7 @@ class Method:
     def tol_class(self, dtype) -> str:
         name = np.dtype(dtype).name
         if self.precision == "tf32" and name == "float32":
-            return "lowp"
+            return "tf32"
         if name == "float16" and self.family != "ours":
             return "lowp"  # the naive float16 expression rounds G itself to float16
         return name

@@ -313,7 +313,7 @@ def set_ratios(rows: list[dict], case: Case, device: str, d2d_bw: float | None) 
     """Each ok row's ratios to the case's limits (BLAS/cuBLAS, memory) and to gpu_orthol1's time."""
     ok = [r for r in rows if r["status"] == "ok"]
     lim = {r["precision"]: r["p50_ms"] for r in ok if r["family"] == "limit"}
-    mem_ms = ""
+    mem_ms: Any = ""  # "" in a row: not measured
     if device == "gpu" and d2d_bw:
         mem_ms = 2.0 * case.nbytes / d2d_bw * 1e3  # read phi + write the gradient
     ours = [r["p50_ms"] for r in ok if r["family"] == "ours" and r["precision"] == "highest"]
@@ -336,13 +336,15 @@ def run_crossover(bench: Bench, rng: Any, stamp: str) -> None:
     """backend="numpy" vs backend="cupy" (with host<->device copies) on NumPy inputs of growing size."""
     import gpu_orthol1 as ol1
 
+    assert bench.config.crossover is not None  # run only when the config asks for it
     (l, n), ms = bench.config.crossover
     bar = bench._bar(len(ms), "crossover")
     for m in ms:
         phi = [random_phi(rng, (l, m, n), np.float32) for _ in range(4)]
         for backend in ("numpy", "cupy"):
+            call: Any = lambda k, b=backend, x=phi: ol1.loss_and_grad(x[k], BETA, backend=b)  # noqa: E731
             prep = Prepared(
-                lambda k, b=backend, x=phi: ol1.loss_and_grad(x[k], BETA, backend=b),
+                call,
                 lambda r: r,
                 gpu_sync,
                 lambda: (0.0, ""),

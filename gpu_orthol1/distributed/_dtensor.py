@@ -11,6 +11,7 @@ import torch
 
 from .. import _penalty
 from ..torch import _core
+from ..torch._bridge import _check_precision, _resolve_precision
 from ._meta import _DTYPES, MODES, REDUCTIONS, _compute_view, _from_slice_view, _slice_view
 from ._splits import _run, _run_core
 
@@ -83,15 +84,24 @@ def _first_order(grad: Any, param: Any) -> Any:
 
 class _DTensorOrthoL1(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w, beta, axis, reduction, transpose, want_grad, variant):
+    def forward(ctx, w, beta, axis, reduction, transpose, want_grad, variant, precision):
         shard_dim, group = _dtensor_split(w)
         local = w.to_local()
         own = None
         if shard_dim is None:  # replicated: every rank holds the whole tensor, no collective
-            loss_t, g = _local_run(local, beta, axis, reduction, want_grad, transpose, variant)
+            loss_t, g = _local_run(local, beta, axis, reduction, want_grad, transpose, variant, precision)
         else:
             loss_t, g, own = _run(
-                local, beta, axis, shard_dim, reduction, group, want_grad, transpose, variant=variant
+                local,
+                beta,
+                axis,
+                shard_dim,
+                reduction,
+                group,
+                want_grad,
+                transpose,
+                variant=variant,
+                precision=precision,
             )
         ctx.want, ctx.own = want_grad, own
         if want_grad:
@@ -106,7 +116,7 @@ class _DTensorOrthoL1(torch.autograd.Function):
         from torch.distributed.tensor import DTensor
 
         if not ctx.want:
-            return (None,) * 7
+            return (None,) * 8
         g, w = ctx.saved_tensors
         if ctx.reduction == "none" and ctx.ndim == 3:
             if ctx.own is not None:  # the shards split the slices: this rank's part of grad_output
@@ -118,10 +128,10 @@ class _DTensorOrthoL1(torch.autograd.Function):
         gd = DTensor.from_local(
             gl, ctx.mesh, ctx.placements, run_check=False, shape=ctx.gshape, stride=ctx.gstride
         )
-        return _first_order(gd, w), None, None, None, None, None, None
+        return _first_order(gd, w), None, None, None, None, None, None, None
 
 
-def _local_run(t, beta, axis, reduction, want_grad, transpose, variant=_penalty.DEFAULT):
+def _local_run(t, beta, axis, reduction, want_grad, transpose, variant=_penalty.DEFAULT, precision=None):
     """One process, whole tensor (a Replicate DTensor's local copy): the core, no collective."""
     nd = t.dim()
     if nd not in (2, 3):
@@ -133,7 +143,13 @@ def _local_run(t, beta, axis, reduction, want_grad, transpose, variant=_penalty.
     ax = int(axis) % 3 if nd == 3 else 0
     V = _compute_view(_slice_view(t.detach(), nd, ax, transpose))
     lt, G = _run_core(
-        V, _core.check_beta(beta), reduction, want_grad, t.device, variant=_penalty.check(*variant)
+        V,
+        _core.check_beta(beta),
+        reduction,
+        want_grad,
+        t.device,
+        variant=_penalty.check(*variant),
+        precision=_resolve_precision(_check_precision(precision)),
     )
     lt = lt.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
     if not want_grad:
@@ -151,6 +167,7 @@ def dtensor_ortho_l1(
     penalty: str = "l1",
     diagonal: bool = True,
     normalize: bool = False,
+    precision: str | None = None,
 ) -> Any:
     """`gpu_orthol1.torch.ortho_l1` for a DTensor w (Shard(d) on one mesh dim, Replicate on the
     others, or replicated everywhere): a plain tensor loss (0-d, (m,) for "none"; (1,) for a 2-D w),
@@ -161,7 +178,7 @@ def dtensor_ortho_l1(
     3-D w: slices along axis, the mode per slice. Collective: every rank of the sharding mesh dim
     calls it. Which split moves what: see the module docstring (Shard of the penalized Gram's row dim
     sums n x n Grams; of its column dim reshards w to that and back). penalty, diagonal, normalize: the
-    member of the penalty family, as in ortho_l1.
+    member of the penalty family, and precision, as in ortho_l1.
 
     Args:
         w: the DTensor (2-D or 3-D, float16, bfloat16, float32 or float64).
@@ -172,6 +189,7 @@ def dtensor_ortho_l1(
         penalty: "l1" or "l2".
         diagonal: False leaves the Gram's diagonal free.
         normalize: True takes the Gram of the unit-normalized rows or columns.
+        precision: None (torch's float32 matmul setting), "highest" or "tf32".
 
     Returns:
         The loss (a plain tensor, the same on every rank) with autograd.
@@ -198,5 +216,5 @@ def dtensor_ortho_l1(
     want_grad = torch.is_grad_enabled() and w.requires_grad
     variant = _penalty.check(penalty, diagonal, normalize)
     return _DTensorOrthoL1.apply(
-        w, _core.check_beta(beta), int(axis), reduction, transpose, want_grad, variant
+        w, _core.check_beta(beta), int(axis), reduction, transpose, want_grad, variant, precision
     )

@@ -1,7 +1,7 @@
 """The metadata every rank shares before any data moves, and the checks on it.
 
 Every rank all-gathers a small int64 row (dims, dtype, device type, shard_dim, axis, reduction, beta,
-chunking, the penalty, COLUMN_SPLIT) and validates the gathered table the same way, so a shard that
+chunking, the penalty, COLUMN_SPLIT, the precision) and validates the gathered table the same way, so a shard that
 does not fit the others, or arguments that differ between ranks, raise the same ValueError on every
 rank instead of leaving the collectives mismatched (a hang). Also here: the (m, l, n) slice views and
 which of their dims the shards split.
@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from .. import _driver, _penalty
 from ..torch import _core
-from ..torch._bridge import _on_torch_stream, _to_array
+from ..torch._bridge import PRECISIONS, _on_torch_stream, _resolve_precision, _to_array
 
 REDUCTIONS = _core.REDUCTIONS
 MODES = ("rows", "columns", "auto")
@@ -62,8 +62,9 @@ _NOT_INT = -(1 << 62)  # an argument that is not an integer, in the int64 metada
     _F_WS,
     _F_COLSPLIT,
     _F_VARIANT,
+    _F_PREC,
     _NFIELDS,
-) = range(18)
+) = range(19)
 
 # local statuses, in the order they are checked
 (
@@ -81,7 +82,8 @@ _NOT_INT = -(1 << 62)  # an argument that is not an integer, in the int64 metada
     _E_WS,
     _E_PLAN,
     _E_VARIANT,
-) = range(14)
+    _E_PREC,
+) = range(15)
 
 _KINDS = ("m", "l", "n")  # which dim of the (m, l, n) slice view the shards split
 
@@ -110,6 +112,7 @@ class _Local:
     kind: int = -1  # 0 m, 1 l, 2 n
     plan: Any = None
     variant: Any = _penalty.DEFAULT
+    precision: str = "highest"  # resolved (None: this rank's torch setting)
 
 
 def _slice_view(t: torch.Tensor, ndim: int, axis: int, transpose: bool) -> torch.Tensor:
@@ -173,6 +176,7 @@ def _inspect(
     transpose: bool,
     workspace_bytes: Any,
     variant: Any,
+    precision: Any = None,
 ) -> _Local:
     """This rank's metadata row, never raising: an error is a status the whole group will see."""
     row = [0] * _NFIELDS
@@ -237,6 +241,10 @@ def _inspect(
         return fail(_E_VARIANT, str(e))
     row[_F_VARIANT] = _penalty.PENALTIES.index(v.penalty) * 4 + 2 * v.diagonal + v.normalize
     out.variant = v
+    if precision is not None and (not isinstance(precision, str) or precision not in PRECISIONS):
+        return fail(_E_PREC, f"got {precision!r}")
+    out.precision = _resolve_precision(precision)
+    row[_F_PREC] = PRECISIONS.index(out.precision)
     out.kind = _kind_of(nd, row[_F_AXIS], row[_F_SHARD], bool(transpose))
     V = _slice_view(local.detach(), nd, row[_F_AXIS], bool(transpose))
     if out.kind == 1:
@@ -252,7 +260,7 @@ def _inspect(
                     a,
                     0,
                     REDUCTIONS[row[_F_RED]],
-                    "highest",
+                    out.precision,
                     "numpy" if local.device.type == "cpu" else "cupy",
                     ws,
                     *v,
@@ -316,6 +324,7 @@ _STATUS_TEXT = {
     _E_RED: f"reduction must be one of {REDUCTIONS}",
     _E_PLAN: "it could not plan its part of the call (its own error says why)",
     _E_VARIANT: "penalty must be 'l1' or 'l2', diagonal and normalize True or False",
+    _E_PREC: "precision must be None, 'highest' or 'tf32'",
 }
 
 
@@ -365,6 +374,7 @@ def _validate(rows: list[list[int]], rank: int, mine: _Local) -> list[int]:
         "the penalty (penalty, diagonal, normalize)",
         lambda v: repr((_penalty.PENALTIES[v // 4], bool(v & 2), bool(v & 1))),
     )
+    differ(_F_PREC, "precision (None follows each rank's torch setting)", lambda v: repr(PRECISIONS[v]))
     differ(
         _F_COLSPLIT,
         "gpu_orthol1.distributed.COLUMN_SPLIT",

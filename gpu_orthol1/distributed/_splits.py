@@ -51,8 +51,10 @@ def _run_core(
     plan: Any = None,
     ws: int | None = None,
     variant: Any = _penalty.DEFAULT,
+    precision: str = "highest",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The core on an (m, l, n) slice view V (readable, float16/32/64): (loss tensor, grad view or None)."""
+    """The core on an (m, l, n) slice view V (readable, float16/32/64): (loss tensor, grad view or None).
+    precision: resolved ("highest" or "tf32")."""
     G = torch.empty_like(V) if want_grad else None
     if G is not None and not _readable(G):
         G = torch.empty(V.shape, dtype=V.dtype, device=V.device)
@@ -62,7 +64,7 @@ def _run_core(
             plan
             if plan is not None
             else _core.cached(
-                a, 0, reduction, "highest", "numpy" if device.type == "cpu" else "cupy", ws, *variant
+                a, 0, reduction, precision, "numpy" if device.type == "cpu" else "cupy", ws, *variant
             )
         )
         loss, _ = _core.execute(
@@ -128,6 +130,7 @@ def _columns_via_rows(
     world: int,
     workspace_bytes: int | None,
     variant: Any,
+    precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A column split computed as a row split. Every rank sends each other rank that rank's rows of its
     columns (all-to-all), so it holds a slab of whole rows (m, l_r, n); the row split's partial Grams are
@@ -149,7 +152,7 @@ def _columns_via_rows(
     try:
         with _stream_ctx(device):
             plan = _core.cached(
-                _to_array(Vrow), 0, red, "highest", "numpy" if device.type == "cpu" else "cupy", ws, *variant
+                _to_array(Vrow), 0, red, precision, "numpy" if device.type == "cpu" else "cupy", ws, *variant
             )
             chunk = int(_core.chunk_for(plan, bool(want_grad)))
     except Exception as e:  # noqa: BLE001 - told to every rank by the MIN below
@@ -187,11 +190,14 @@ def _run(
     transpose: bool = False,
     workspace_bytes: Any = None,
     variant: Any = _penalty.DEFAULT,
+    precision: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int] | None]:
     """loss_and_grad / loss and the DTensor forms: (loss, grad_local or None, (first, count) of the
     global slices this rank holds when the shards split the slice axis, else None)."""
     g, rank, world = _group_of(group)
-    mine = _inspect(local, beta, axis, shard_dim, reduction, want_grad, transpose, workspace_bytes, variant)
+    mine = _inspect(
+        local, beta, axis, shard_dim, reduction, want_grad, transpose, workspace_bytes, variant, precision
+    )
     rows = _exchange(mine, g, world, _meta_device(g, local))
     sizes = _validate(rows, rank, mine)
     row = mine.row
@@ -201,18 +207,20 @@ def _run(
     ldt = torch.float64 if local.dtype == torch.float64 else torch.float32
     V = mine.V
     kind = mine.kind
-    v = mine.variant
+    v, prec = mine.variant, mine.precision
     if kind == 1:  # rows of every slice: sum partial Grams, signs and gradient rows locally
         chunk = min(r[_F_CHUNK] for r in rows)
         lt, G = _run_core(
             V, b, red, want_grad, device, hook=_gram_hook(g, device), chunk=chunk, plan=mine.plan
-        )
+        )  # the plan made by _inspect, at this call's precision
         loss_t = lt
     elif kind == 0:  # whole slices: local slices, then the loss over the group
         V = _compute_view(V)
         m_glob = sum(sizes)
         bl = b / m_glob if red == "mean" and m_glob else b  # "mean" is over the GLOBAL slice count
-        lt, G = _run_core(V, bl, "none" if red == "none" else "sum", want_grad, device, variant=v)
+        lt, G = _run_core(
+            V, bl, "none" if red == "none" else "sum", want_grad, device, variant=v, precision=prec
+        )
         if red == "none":
             loss_t = _gather_along(lt, 0, sizes, g, rank)
         else:
@@ -220,12 +228,14 @@ def _run(
             dist.all_reduce(tot, group=g)
             loss_t = tot.reshape(())
     elif _meta.COLUMN_SPLIT == "reshard" and world > 1:  # columns: move to a row split and back
-        lt, G = _columns_via_rows(V, b, red, want_grad, device, sizes, g, rank, world, workspace_bytes, v)
+        lt, G = _columns_via_rows(
+            V, b, red, want_grad, device, sizes, g, rank, world, workspace_bytes, v, prec
+        )
         loss_t = lt
     else:  # columns of every slice, gathered: the whole tensor on every rank
         full = _gather_along(V, 2, sizes, g, rank)  # dim 2 of the slice view is n
         full = _compute_view(full)
-        lt, Gf = _run_core(full, b, red, want_grad, device, variant=v)
+        lt, Gf = _run_core(full, b, red, want_grad, device, variant=v, precision=prec)
         loss_t = lt
         G = None
         if want_grad:
@@ -256,6 +266,7 @@ def loss_and_grad(
     penalty: str = "l1",
     diagonal: bool = True,
     normalize: bool = False,
+    precision: str | None = None,
 ) -> tuple[Any, Any]:
     """Loss and this rank's gradient shard of a Phi split over the ranks of `group`.
 
@@ -275,6 +286,9 @@ def loss_and_grad(
     default 16 MiB on the CPU (each chunk of slices costs one all-reduce), the core's default on GPU.
     penalty, diagonal, normalize: the member of the penalty family, as in the core API
     (docs/penalties.md): every member is computed from the summed Gram, so every split supports it.
+    precision: float32 GEMMs on CUDA in float32 ("highest") or on TF32 tensor cores ("tf32"); None
+    follows torch.get_float32_matmul_precision() at each call, as `gpu_orthol1.torch.ortho_l1` does.
+    The ranks must agree on the resolved value (checked with the other arguments).
 
     Args:
         local: this rank's shard (a CPU or CUDA torch tensor, 2-D or 3-D).
@@ -287,6 +301,7 @@ def loss_and_grad(
         penalty: "l1" or "l2".
         diagonal: False leaves the Gram's diagonal free.
         normalize: True takes the Gram of the unit-normalized columns.
+        precision: None (torch's float32 matmul setting), "highest" or "tf32".
 
     Returns:
         (loss, grad_local): the global loss, the same on every rank, and this rank's gradient shard.
@@ -309,6 +324,7 @@ def loss_and_grad(
         True,
         workspace_bytes=workspace_bytes,
         variant=(penalty, diagonal, normalize),
+        precision=precision,
     )
     return loss_t, grad
 
@@ -325,6 +341,7 @@ def loss(
     penalty: str = "l1",
     diagonal: bool = True,
     normalize: bool = False,
+    precision: str | None = None,
 ) -> Any:
     """The global loss only (no gradient GEMM); arguments and collectives as in `loss_and_grad`.
 
@@ -339,6 +356,7 @@ def loss(
         penalty: "l1" or "l2".
         diagonal: False leaves the Gram's diagonal free.
         normalize: True takes the Gram of the unit-normalized columns.
+        precision: None (torch's float32 matmul setting), "highest" or "tf32".
 
     Returns:
         The global loss, the same on every rank (0-d; (m,) for reduction="none").
@@ -359,4 +377,5 @@ def loss(
         False,
         workspace_bytes=workspace_bytes,
         variant=(penalty, diagonal, normalize),
+        precision=precision,
     )[0]

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from .. import _penalty
 from ..torch import _core
+from ..torch._bridge import _check_precision, _resolve_precision
 from ._dtensor import _dtensor_split, _first_order
 from ._meta import _DTYPES, _compute_view, _from_slice_view, _kind_of, _meta_device, _slice_view
 from ._splits import _run, _run_core
@@ -138,6 +139,7 @@ def orthol1_dtensor_execute(
     penalty: str = "l1",
     diagonal: bool = True,
     normalize: bool = False,
+    precision: str | None = None,
 ) -> tuple[Any, list]:
     """Loss and local gradients of many (DTensor) parameters: what OrthoL1 needs after fully_shard.
 
@@ -170,6 +172,7 @@ def orthol1_dtensor_execute(
         penalty: "l1" or "l2".
         diagonal: False leaves the Gram's diagonal free.
         normalize: True takes the Gram of the unit-normalized rows or columns.
+        precision: None (torch's float32 matmul setting, read now), "highest" or "tf32".
 
     Returns:
         (loss, grads): the summed float64 loss, the same on every rank, and the local gradients.
@@ -185,6 +188,7 @@ def orthol1_dtensor_execute(
     """
     b = _core.check_beta(beta)
     variant = _penalty.check(penalty, diagonal, normalize)
+    prec = _resolve_precision(_check_precision(precision))
     if outs is not None and len(outs) != len(targets):
         raise ValueError(f"outs has {len(outs)} entries for {len(targets)} targets")
     if accumulate and outs is None:
@@ -217,7 +221,7 @@ def orthol1_dtensor_execute(
     total = torch.zeros((), dtype=torch.float64, device=dev)  # summed where the losses are: no host sync
     for key, ms in batches.items():
         for part in _cut(key, ms):
-            lt, gs = _run_members(part, b, want_grad, workspace_bytes, variant)
+            lt, gs = _run_members(part, b, want_grad, workspace_bytes, variant, prec)
             total = total + lt.to(device=dev, dtype=torch.float64)
             for m, g in zip(part, gs, strict=True):
                 grads[m.j] = g
@@ -251,18 +255,18 @@ def _cut(key, ms):
     return out
 
 
-def _run_members(ms, b, want_grad, workspace_bytes, variant):
+def _run_members(ms, b, want_grad, workspace_bytes, variant, prec):
     """One call for members that share a key: (loss, [local gradient per member])."""
     m0 = ms[0]
     b = b * m0.scale  # one scale per batch: it is part of the batch key
     if m0.kind == -1:
         t = m0.V  # replicated / plain: the core on the whole tensor, no collective
-        lt, G = _run_core(_compute_view(t), b, "sum", want_grad, t.device, variant=variant)
+        lt, G = _run_core(_compute_view(t), b, "sum", want_grad, t.device, variant=variant, precision=prec)
     elif m0.kind == 0:
-        lt, G, _ = _run(m0.V, b, 0, 0, "sum", m0.group, want_grad, False, workspace_bytes, variant)
+        lt, G, _ = _run(m0.V, b, 0, 0, "sum", m0.group, want_grad, False, workspace_bytes, variant, prec)
     else:
         V = m0.V if len(ms) == 1 else torch.cat([m.V for m in ms], 0)  # stacked slices (a copy)
-        lt, G, _ = _run(V, b, 0, m0.kind, "sum", m0.group, want_grad, False, workspace_bytes, variant)
+        lt, G, _ = _run(V, b, 0, m0.kind, "sum", m0.group, want_grad, False, workspace_bytes, variant, prec)
     if not want_grad:
         return lt, [None] * len(ms)
     gs, off = [], 0
@@ -328,6 +332,7 @@ def orthol1_dtensor_loss(
     penalty: str = "l1",
     diagonal: bool = True,
     normalize: bool = False,
+    precision: str | None = None,
 ) -> Any:
     """OrthoL1.loss() for (DTensor) targets (see `orthol1_dtensor_execute`): the summed loss as a float64
     0-d tensor with autograd; its backward hands each parameter the gradient formed in the forward pass
@@ -340,6 +345,7 @@ def orthol1_dtensor_loss(
         penalty: "l1" or "l2".
         diagonal: False leaves the Gram's diagonal free.
         normalize: True takes the Gram of the unit-normalized rows or columns.
+        precision: None (torch's float32 matmul setting), "highest" or "tf32".
 
     Returns:
         The summed loss with autograd.
@@ -354,6 +360,7 @@ def orthol1_dtensor_loss(
     spec = [(t[1], t[2], bool(t[3])) + tuple(t[4:5]) for t in targets]
     params = [t[0] for t in targets]
     kw = dict(workspace_bytes=workspace_bytes, penalty=penalty, diagonal=diagonal, normalize=normalize)
+    kw["precision"] = _resolve_precision(_check_precision(precision))
     return _TargetsLoss.apply(spec, _core.check_beta(beta), kw, *params)
 
 
@@ -366,6 +373,7 @@ def orthol1_dtensor_add_grad_(
     penalty: str = "l1",
     diagonal: bool = True,
     normalize: bool = False,
+    precision: str | None = None,
 ) -> Any:
     """OrthoL1.add_grad_() for (DTensor) targets: adds the gradient into each parameter's .grad (made as
     zeros with the parameter's placements when None) through its local tensor; returns the loss.
@@ -377,6 +385,7 @@ def orthol1_dtensor_add_grad_(
         penalty: "l1" or "l2".
         diagonal: False leaves the Gram's diagonal free.
         normalize: True takes the Gram of the unit-normalized rows or columns.
+        precision: None (torch's float32 matmul setting), "highest" or "tf32".
 
     Returns:
         The summed loss (float64, detached).
@@ -410,6 +419,7 @@ def orthol1_dtensor_add_grad_(
         penalty=penalty,
         diagonal=diagonal,
         normalize=normalize,
+        precision=precision,
     )
     return loss
 
@@ -424,6 +434,7 @@ def orthol1_dtensor_step_(
     penalty: str = "l1",
     diagonal: bool = True,
     normalize: bool = False,
+    precision: str | None = None,
 ) -> Any:
     """OrthoL1.step_(lr) for (DTensor) targets: W <- W - lr * dL/dW on each rank's shard, every gradient
     from the weights before the update; returns the loss before the step.
@@ -436,6 +447,7 @@ def orthol1_dtensor_step_(
         penalty: "l1" or "l2".
         diagonal: False leaves the Gram's diagonal free.
         normalize: True takes the Gram of the unit-normalized rows or columns.
+        precision: None (torch's float32 matmul setting), "highest" or "tf32".
 
     Returns:
         The summed loss before the step (float64, detached).
@@ -455,6 +467,7 @@ def orthol1_dtensor_step_(
         penalty=penalty,
         diagonal=diagonal,
         normalize=normalize,
+        precision=precision,
     )
     for p, g in zip((t[0] for t in targets), grads, strict=True):
         (p.to_local() if _dtensor_meta(p) is not None else p).sub_(g, alpha=float(lr))

@@ -61,15 +61,17 @@ def _on_torch_stream(device: torch.device) -> Iterator[None]:
             yield
 
 
-_devices: dict[torch.device, Any] = {}
+_devices: dict[tuple[torch.device, str], Any] = {}
 
 
-def _core_device(device: torch.device) -> Any:
-    """The core device for tensors on `device`, made once per device (call inside `_on_torch_stream`
-    for CUDA: `bind()` picks up the current stream at each call)."""
-    dev = _devices.get(device)
+def _core_device(device: torch.device, precision: str = "highest") -> Any:
+    """The core device for tensors on `device` and a resolved precision, made once per pair (call inside
+    `_on_torch_stream` for CUDA: `bind()` picks up the current stream at each call)."""
+    dev = _devices.get((device, precision))
     if dev is None:
-        dev = _devices[device] = _core.make_device("numpy" if device.type == "cpu" else "cupy", "highest")
+        dev = _devices[device, precision] = _core.make_device(
+            "numpy" if device.type == "cpu" else "cupy", precision
+        )
     return dev
 
 
@@ -83,6 +85,40 @@ def _host_array(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:  # .numpy() refuses bfloat16
         return t.view(torch.int16).numpy().view(_core.bfloat16())
     return t.numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# precision: the float32 GEMMs' ("highest" or "tf32"), None following torch's own setting
+
+PRECISIONS = (None, "highest", "tf32")
+
+
+def _check_precision(precision: Any) -> str | None:
+    """precision as given (None, "highest" or "tf32"), or a one-line ValueError."""
+    if precision is not None and (not isinstance(precision, str) or precision not in PRECISIONS):
+        raise ValueError(f"precision must be None, 'highest' or 'tf32', got {precision!r}")
+    return precision
+
+
+def _resolve_precision(precision: str | None) -> str:
+    """The precision of this call: a given one, or for None torch's float32 matmul setting as it is
+    now ("highest" -> "highest"; "high", "medium" -> "tf32"), so that a later
+    torch.set_float32_matmul_precision applies to objects made before it."""
+    return _torch_precision() if precision is None else precision
+
+
+# Dynamo cannot trace a torch call that returns a str: under torch.compile this runs once at trace time
+# and its result is a constant of the graph. The graph stays right when the setting changes: dynamo's
+# global-state guard covers torch's TF32 flag for cuBLAS, so a changed setting recompiles (a test checks).
+@torch.compiler.assume_constant_result
+def _torch_precision() -> str:
+    try:
+        p = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        # torch >= 2.9 raises here once its per-backend API (torch.backends.cuda.matmul.fp32_precision)
+        # and the legacy one were both used; cuBLAS matmul's own setting is then the one to follow
+        p = "high" if getattr(torch.backends.cuda.matmul, "fp32_precision", "ieee") == "tf32" else "highest"
+    return "highest" if p == "highest" else "tf32"
 
 
 def _to_array(t: torch.Tensor) -> Any:

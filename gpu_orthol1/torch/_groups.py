@@ -83,10 +83,12 @@ class _GroupRunner:
         return b
 
     def execute(self, outs: Any, *, beta_gemm: float, want_grad: bool, after_group: Callable | None = None,
-                params: dict | None = None) -> dict:
+                params: dict | None = None, precision: str | None = None) -> dict:
         """Run every active target; gradients (dL/dW, plus beta_gemm * out) into outs.
-        Returns {device: loss tensor (float64, beta included)}. params: see `_groups`."""
+        Returns {device: loss tensor (float64, beta included)}. params: see `_groups`. precision:
+        resolved ("highest" or "tf32"); None: the regularizer's, resolved now (torch's setting)."""
         self.reg.backend_calls = 0
+        prec = self.reg._precision_now() if precision is None else precision
         active = self.active() if params is None else list(params)
         groups, single = self._groups(active, outs if want_grad else None, params)
         by_dev: dict = {}
@@ -101,7 +103,8 @@ class _GroupRunner:
         for device, glist in by_dev.items():
             cuda = device.type == "cuda"
             with _on_torch_stream(device) if cuda else nullcontext():
-                dev = self.reg._device_factory() if self.reg._device_factory and not cuda else _core_device(device)
+                factory = self.reg._device_factory
+                dev = factory(precision=prec) if factory and not cuda else _core_device(device, prec)
                 if cuda:
                     dev.bind()
 
@@ -163,7 +166,7 @@ class _GroupRunner:
                 for j, V, Vo in single_by_dev.get(device, []):
                     if want_grad and Vo is None:
                         Vo = self.reg.targets[j].view(outs[j])
-                    one = self._single(V, Vo, device, beta_gemm, want_grad, self.reg.targets[j].scale)
+                    one = self._single(V, Vo, device, beta_gemm, want_grad, self.reg.targets[j].scale, prec)
                     if collect is not None:
                         collect.add_single(j, V, one)
                     total = total + one
@@ -172,11 +175,11 @@ class _GroupRunner:
                 totals[device] = total
         return totals
 
-    def _single(self, V, Vo, device, beta_gemm, want_grad, scale=1.0):
+    def _single(self, V, Vo, device, beta_gemm, want_grad, scale=1.0, precision="highest"):
         """One tensor through the core (layouts BLAS cannot read: the core stages them chunk by chunk)."""
         self.reg.backend_calls += 1
         loss = _run_core(V, Vo, self.reg._applied * scale, "sum", want_grad, device,
-                         accumulate=bool(beta_gemm), variant=self.reg.variant)
+                         accumulate=bool(beta_gemm), variant=self.reg.variant, precision=precision)
         return loss.to(torch.float64)
 
     def check_devices(self) -> None:

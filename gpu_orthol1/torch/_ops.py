@@ -34,11 +34,14 @@ def _run_core(
     device: torch.device,
     accumulate: bool = False,
     variant: Any = _penalty.DEFAULT,
+    precision: str = "highest",
 ) -> torch.Tensor:
     """The core on (m, l, n) slice views of tensors (no copy): the cached plan for their layout.
     CUDA: every allocation (workspaces, the per-slice losses) comes from torch's allocator and the
     loss is reduced by torch, so the call can be captured by torch.cuda.graph. CPU: the plan forms
-    and reduces the losses itself (NumPy), which costs less per call than torch ops on small inputs."""
+    and reduces the losses itself (NumPy), which costs less per call than torch ops on small inputs.
+    precision: resolved ("highest" or "tf32"), part of the cached plan's key (the NumPy backend computes
+    full float32 under either)."""
     cuda = device.type == "cuda"
     with _on_torch_stream(device) if cuda else nullcontext():
         a = _to_array(V)
@@ -47,7 +50,7 @@ def _run_core(
             a,
             0,
             reduction,
-            "highest",
+            precision,
             "cupy" if cuda else "numpy",
             None,
             variant.penalty,
@@ -141,15 +144,24 @@ def _ortho_l1_impl(
     penalty: str = "l1",
     diagonal: bool = True,
     normalize: bool = False,
+    precision: str = "highest",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, gradient) of one tensor; the gradient is an empty (0,) tensor when not wanted. The
-    forward pass forms the gradient (one pass, no recomputation)."""
+    forward pass forms the gradient (one pass, no recomputation). precision: resolved by the caller
+    (an argument, so that a compiled graph records the setting it was traced under)."""
     w = weight.detach()
     grad = torch.empty_like(w) if want_grad else None
     V = _slices(w, how, m_axis, transpose)
     Vo = _slices(grad, how, m_axis, transpose) if grad is not None else None
     loss = _run_core(
-        V, Vo, beta, reduction, want_grad, w.device, variant=_penalty.Variant(penalty, diagonal, normalize)
+        V,
+        Vo,
+        beta,
+        reduction,
+        want_grad,
+        w.device,
+        variant=_penalty.Variant(penalty, diagonal, normalize),
+        precision=precision,
     )
     if grad is None:
         return loss, w.new_empty((0,))
@@ -164,7 +176,17 @@ _ortho_l1_op = torch.library.custom_op("gpu_orthol1::ortho_l1", mutates_args=())
 
 @_ortho_l1_op.register_fake
 def _(
-    weight, beta, reduction, how, m_axis, transpose, want_grad, penalty="l1", diagonal=True, normalize=False
+    weight,
+    beta,
+    reduction,
+    how,
+    m_axis,
+    transpose,
+    want_grad,
+    penalty="l1",
+    diagonal=True,
+    normalize=False,
+    precision="highest",
 ):
     ldt = torch.float64 if weight.dtype == torch.float64 else torch.float32
     loss = weight.new_empty(_loss_shape(weight, how, m_axis, reduction), dtype=ldt)
@@ -181,7 +203,8 @@ def _ortho_l1_setup(ctx, inputs, output):
 
 def _ortho_l1_backward(ctx, go, _go_grad):
     w, g = ctx.saved_tensors
-    beta, reduction, how, m_axis, transpose, _want, *variant = ctx.args
+    beta, reduction, how, m_axis, transpose, _want = ctx.args[:6]
+    variant = ctx.args[6:9]  # after them: the precision, which the torch expression below does not take
     nones = (None,) * len(ctx.args)
     if torch.is_grad_enabled():  # create_graph=True: a gradient autograd can differentiate again
         variant = _penalty.Variant(*variant)
@@ -326,10 +349,10 @@ def _register(reg: Any) -> int:
 
 @torch.library.custom_op("gpu_orthol1::orthol1_loss", mutates_args=())
 def _orthol1_op(
-    params: list[torch.Tensor], key: int, active: list[int], want_grad: bool
+    params: list[torch.Tensor], key: int, active: list[int], want_grad: bool, precision: str = "highest"
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(loss, gradients of `params`) of the OrthoL1 registered as `key`, over its targets `active` (whose
-    parameters `params` are); no gradients when not `want_grad`."""
+    parameters `params` are); no gradients when not `want_grad`. precision: resolved when traced."""
     ref = _registry.get(key)
     reg = ref() if ref is not None else None
     if reg is None:
@@ -349,14 +372,18 @@ def _orthol1_op(
     # parameters before calling loss()), through the regularizer's grouping
     loss = reg._runner.result(
         reg._runner.execute(
-            outs, beta_gemm=0.0, want_grad=want_grad, params=dict(zip(active, params, strict=True))
+            outs,
+            beta_gemm=0.0,
+            want_grad=want_grad,
+            params=dict(zip(active, params, strict=True)),
+            precision=precision,
         )
     )
     return loss, ([outs[j] for j in active] if outs is not None else [])
 
 
 @_orthol1_op.register_fake
-def _(params, key, active, want_grad):
+def _(params, key, active, want_grad, precision="highest"):
     ref = _registry.get(key)
     reg = ref() if ref is not None else None
     # the loss dtype follows every target, active or not (as in eager mode)
@@ -372,10 +399,13 @@ def _orthol1_setup(ctx, inputs, output):
 
 
 def _orthol1_backward(ctx, go, _go_grads):
+    # key, active, want_grad[, precision]: no gradients. Counted from the call, not from setup's inputs
+    # (which hold every default): a traced call leaves out a precision equal to its default
+    nones = (None,) * (len(ctx.needs_input_grad) - 1)
     saved = ctx.saved_tensors
     params, grads = saved[: ctx.nparams], saved[ctx.nparams :]
     if not grads:  # the forward ran without gradients (torch.no_grad)
-        return [None] * ctx.nparams, None, None, None
+        return ([None] * ctx.nparams, *nones)
     if torch.is_grad_enabled():  # create_graph=True (eager; compiled graphs refuse a double backward)
         ref = _registry.get(ctx.key)
         reg = ref() if ref is not None else None
@@ -384,13 +414,9 @@ def _orthol1_backward(ctx, go, _go_grads):
                 "gpu_orthol1: a double backward through OrthoL1.loss() needs the OrthoL1 "
                 "that made the loss, and it no longer exists"
             )
-        return (
-            list(_grad_with_graph(lambda *ps: reg._runner.loss_expr(ctx.active, ps), params, go)),
-            None,
-            None,
-            None,
-        )
-    return [g * go.to(g.dtype) for g in grads], None, None, None
+        grads_gg = _grad_with_graph(lambda *ps: reg._runner.loss_expr(ctx.active, ps), params, go)
+        return (list(grads_gg), *nones)
+    return ([g * go.to(g.dtype) for g in grads], *nones)
 
 
 _orthol1_op.register_autograd(_orthol1_backward, setup_context=_orthol1_setup)

@@ -13,7 +13,7 @@ import torch
 
 from .. import _penalty
 from . import _core
-from ._bridge import _check_tensor, _is_dtensor, _pick_transpose
+from ._bridge import _check_precision, _check_tensor, _is_dtensor, _pick_transpose, _resolve_precision
 from ._ops import _ortho_l1_call
 
 MODES = ("rows", "columns", "auto")
@@ -29,6 +29,7 @@ def ortho_l1(
     penalty: str = "l1",
     diagonal: bool = True,
     normalize: bool = False,
+    precision: str | None = None,
 ) -> torch.Tensor:
     """L1 orthogonality loss of a 2-D weight or of the slices of a 3-D one, as a torch scalar with autograd.
 
@@ -56,6 +57,11 @@ def ortho_l1(
     the unit-normalized rows or columns that `mode` picks) choose the member of the penalty family,
     as in the core API (docs/penalties.md).
 
+    precision (float32 weights on CUDA): "highest" runs the GEMMs in float32, "tf32" on TF32 tensor
+    cores; None (default) follows torch.get_float32_matmul_precision() at each call ("highest" ->
+    "highest", "high" or "medium" -> "tf32"), as torch's own matmuls do. float64 is always computed in
+    full precision; the CPU computes full float32 under either setting (docs/guide.md, precision).
+
     Args:
         weight: a 2-D or 3-D float tensor (CPU or CUDA; float16, bfloat16, float32, float64), or a
             DTensor (sharded or replicated: `gpu_orthol1.distributed.dtensor_ortho_l1`).
@@ -66,6 +72,7 @@ def ortho_l1(
         penalty: "l1" or "l2".
         diagonal: False leaves the Gram's diagonal free.
         normalize: True takes the Gram of the unit-normalized rows or columns.
+        precision: None (torch's float32 matmul setting), "highest" or "tf32".
 
     Returns:
         The loss with autograd: 0-D, or (m,) for reduction="none" ((1,) for a 2-D weight).
@@ -73,7 +80,7 @@ def ortho_l1(
     Raises:
         TypeError: weight is not a dense real float tensor.
         ValueError: weight is not 2-D or 3-D, or an argument is out of range (axis, reduction, mode,
-            beta, penalty family).
+            beta, penalty family, precision).
 
     Example:
         >>> lin = torch.nn.Linear(8, 4)
@@ -83,8 +90,11 @@ def ortho_l1(
     if _is_dtensor(weight):  # sharded (FSDP2, DTensor): partial Grams summed over ranks, no gather
         from .. import distributed
 
-        return distributed.dtensor_ortho_l1(weight, beta, axis, reduction, mode, penalty, diagonal, normalize)
+        return distributed.dtensor_ortho_l1(
+            weight, beta, axis, reduction, mode, penalty, diagonal, normalize, precision
+        )
     _check_tensor(weight, "weight")
+    precision = _resolve_precision(_check_precision(precision))
     variant = _penalty.check(penalty, diagonal, normalize)
     if mode not in (None,) + MODES:
         raise ValueError(f"mode must be None, 'rows', 'columns' or 'auto', got {mode!r}")
@@ -107,11 +117,13 @@ def ortho_l1(
     transpose = _pick_transpose(mode, l, n)
     want_grad = torch.is_grad_enabled() and weight.requires_grad
     return _ortho_l1_call(
-        weight, _core.check_beta(beta), reduction, how, m_axis, transpose, want_grad, *variant
+        weight, _core.check_beta(beta), reduction, how, m_axis, transpose, want_grad, *variant, precision
     )
 
 
-def keras_orthogonal(w: torch.Tensor, factor: float = 0.01, mode: str = "rows") -> torch.Tensor:
+def keras_orthogonal(
+    w: torch.Tensor, factor: float = 0.01, mode: str = "rows", *, precision: str | None = None
+) -> torch.Tensor:
     """Keras 3's `OrthogonalRegularizer(factor, mode)(w)` on the 2-D tensor w as given, with autograd.
 
     Keras normalizes the rows (mode="rows") or columns ("columns") of w to unit L2 norm, forms their
@@ -131,13 +143,15 @@ def keras_orthogonal(w: torch.Tensor, factor: float = 0.01, mode: str = "rows") 
         w: a 2-D float tensor (CPU or CUDA).
         factor: Keras's `factor`, finite and >= 0.
         mode: "rows" (Keras's default) or "columns" of w.
+        precision: None (torch's float32 matmul setting), "highest" or "tf32", as for `ortho_l1`.
 
     Returns:
         A 0-D tensor (float64 for float64 w, float32 otherwise) with autograd.
 
     Raises:
         TypeError: w is not a dense real float tensor.
-        ValueError: w is not 2-D, mode is not "rows" or "columns", or factor is negative or not finite.
+        ValueError: w is not 2-D, mode is not "rows" or "columns", factor is negative or not finite,
+            or precision is not None, "highest" or "tf32".
 
     Example:
         >>> lin = torch.nn.Linear(8, 4)
@@ -151,10 +165,10 @@ def keras_orthogonal(w: torch.Tensor, factor: float = 0.01, mode: str = "rows") 
     factor = _core.check_beta(factor, "factor")
     size = w.shape[0] if mode == "rows" else w.shape[1]
     beta = factor / (size * (size - 1)) if size > 1 else 0.0
-    return ortho_l1(w, beta, mode=mode, penalty="l1", diagonal=False, normalize=True)
+    return ortho_l1(w, beta, mode=mode, penalty="l1", diagonal=False, normalize=True, precision=precision)
 
 
-def biggan_ortho(w: torch.Tensor, strength: float = 1e-4) -> torch.Tensor:
+def biggan_ortho(w: torch.Tensor, strength: float = 1e-4, *, precision: str | None = None) -> torch.Tensor:
     """BigGAN's orthogonal regularization of one weight, with autograd: W = w viewed as (out, -1),
     loss (strength / 2) * sum of squared off-diagonal entries of W W^T. Its gradient is the term
     BigGAN-PyTorch's `utils.ortho(model, strength)` adds to w.grad, 2 * strength * ((W W^T) * (1 - I)) W.
@@ -163,13 +177,15 @@ def biggan_ortho(w: torch.Tensor, strength: float = 1e-4) -> torch.Tensor:
     Args:
         w: a float tensor of 2 or more dims (CPU or CUDA), viewed as (out, -1).
         strength: BigGAN's `strength`, finite and >= 0.
+        precision: None (torch's float32 matmul setting), "highest" or "tf32", as for `ortho_l1`.
 
     Returns:
         A 0-D tensor (float64 for float64 w, float32 otherwise) with autograd.
 
     Raises:
         TypeError: w is not a dense real float tensor.
-        ValueError: w has fewer than 2 dims, or strength is negative or not finite.
+        ValueError: w has fewer than 2 dims, strength is negative or not finite, or precision is not
+            None, "highest" or "tf32".
 
     Example:
         >>> conv = torch.nn.Conv2d(3, 8, 3)
@@ -181,6 +197,7 @@ def biggan_ortho(w: torch.Tensor, strength: float = 1e-4) -> torch.Tensor:
             f"biggan_ortho takes a weight of 2 or more dims (viewed as (out, -1)), got shape {tuple(w.shape)}"
         )
     beta = _core.check_beta(strength, "strength") / 2
+    prec = _resolve_precision(_check_precision(precision))
     how = "matrix" if w.dim() == 2 else "flatten"
     want_grad = torch.is_grad_enabled() and w.requires_grad
-    return _ortho_l1_call(w, beta, "sum", how, 0, True, want_grad, "l2", False, False)
+    return _ortho_l1_call(w, beta, "sum", how, 0, True, want_grad, "l2", False, False, prec)

@@ -18,7 +18,14 @@ import torch
 
 from .. import _gemm, _penalty
 from . import _core, _training
-from ._bridge import _check_tensor, _is_dtensor, _pick_transpose, _slices
+from ._bridge import (
+    _check_precision,
+    _check_tensor,
+    _is_dtensor,
+    _pick_transpose,
+    _resolve_precision,
+    _slices,
+)
 from ._groups import _GroupRunner, _LazyOuts
 from ._loop import _TrainingLoop
 from ._ops import _dtensor_class, _dtensor_compile_refused, _orthol1_op, _OrthoL1ModelFn, _register
@@ -263,6 +270,11 @@ class OrthoL1(_Presets, _TrainingLoop):
     one tensor at a time. The workspace budget (workspace_bytes=, else GPU_ORTHOL1_WORKSPACE_BYTES,
     else a share of the free GPU memory) is fixed at the first call on each device.
 
+    precision: the float32 GEMMs' on CUDA, "highest" or "tf32" (TF32 tensor cores); None (default)
+    follows torch.get_float32_matmul_precision() at each call ("high"/"medium" -> "tf32"), so a
+    later torch.set_float32_matmul_precision applies. float64 is always full precision; the CPU
+    computes full float32 under either (docs/guide.md, precision).
+
     Args:
         params_or_module: an nn.Module, one tensor, or an iterable of parameters or (name, parameter).
         beta: the loss's factor, finite and >= 0, or a schedule: a callable step -> beta (see `step`),
@@ -280,6 +292,7 @@ class OrthoL1(_Presets, _TrainingLoop):
         every: apply the penalty every k-th step only, with k * beta (lazy regularization).
         split: None, "auto" (under DDP: the default process group) or a process group: each rank
             evaluates its flop-balanced share of the matrices (docs/guide.md, training loops).
+        precision: None (torch's float32 matmul setting, read per call), "highest" or "tf32".
 
     Raises:
         TypeError: a selected parameter is not a dense real float tensor, or an entry is not a tensor.
@@ -308,7 +321,9 @@ class OrthoL1(_Presets, _TrainingLoop):
         normalize: bool = False,
         every: int = 1,
         split: Any = None,
+        precision: str | None = None,
     ) -> None:
+        self.precision = _check_precision(precision)
         self._train = _training.State(1.0, every)
         self._collect = None
         self._split = None  # set below, once the targets are known
@@ -369,7 +384,8 @@ class OrthoL1(_Presets, _TrainingLoop):
             dt = _dtensor_class()
             if dt is not None and any(isinstance(p, dt) for p in params):  # before the loss op sees a DTensor
                 return _dtensor_compile_refused(torch.zeros((), dtype=runner.loss_dtype()))
-            return _orthol1_op(params, self._op_key, active, torch.is_grad_enabled())[0]
+            prec = self._precision_now()  # traced: a later torch setting recompiles (dynamo's guard)
+            return _orthol1_op(params, self._op_key, active, torch.is_grad_enabled(), prec)[0]
         runner.check_devices()
         active = runner.active()
         if not active:
@@ -381,6 +397,10 @@ class OrthoL1(_Presets, _TrainingLoop):
                 self._dtensor_targets(active), self._applied, **self._family_kw()
             ).to(runner.loss_dtype())
         return _OrthoL1ModelFn.apply(self, torch.is_grad_enabled(), *[self.targets[j].param for j in active])
+
+    def _precision_now(self) -> str:
+        """This call's precision: `precision`, or for None torch's float32 matmul setting now."""
+        return _resolve_precision(self.precision)
 
     def _sharded(self, active: list[int]) -> bool:
         """Any DTensor parameter (a model after fully_shard): the whole call goes through
@@ -396,6 +416,7 @@ class OrthoL1(_Presets, _TrainingLoop):
             penalty=self.variant.penalty,
             diagonal=self.variant.diagonal,
             normalize=self.variant.normalize,
+            precision=self._precision_now(),
         )
 
     @torch.no_grad()

@@ -49,6 +49,9 @@ _PROTOTYPES = {
         _I,
         _I,
     ),
+    # handle, transa, transb, m, n, k, alpha, Aarray, Atype, lda, Barray, Btype, ldb, beta, Carray,
+    # Ctype, ldc, batchCount, computeType, algo
+    "cublasGemmBatchedEx": (_P, _I, _I, _I, _I, _I, _P, _P, _I, _I, _P, _I, _I, _P, _P, _I, _I, _I, _I, _I),
     "cublasSgemmBatched": (_P, _I, _I, _I, _I, _I, _P, _P, _I, _P, _I, _P, _P, _I, _I),
     "cublasDgemmBatched": (_P, _I, _I, _I, _I, _I, _P, _P, _I, _P, _I, _P, _P, _I, _I),
 }
@@ -76,8 +79,8 @@ def _library_path() -> str:
 
 
 class Cublas:
-    """setStream, setWorkspace, getPointerMode, setPointerMode, gemmStridedBatchedEx, sgemmBatched,
-    dgemmBatched: cupy_backends' argument order, raising CublasError on a failed status."""
+    """setStream, setWorkspace, getPointerMode, setPointerMode, gemmStridedBatchedEx, gemmBatchedEx,
+    sgemmBatched, dgemmBatched: cupy_backends' argument order (cuBLAS's for gemmBatchedEx), raising CublasError on a failed status."""
 
     def __init__(self):
         import cupy
@@ -112,6 +115,9 @@ class Cublas:
 
     def gemmStridedBatchedEx(self, *args):
         self._check(self._cublasGemmStridedBatchedEx(*args), "cublasGemmStridedBatchedEx")
+
+    def gemmBatchedEx(self, *args):
+        self._check(self._cublasGemmBatchedEx(*args), "cublasGemmBatchedEx")
 
     def sgemmBatched(self, *args):
         self._check(self._cublasSgemmBatched(*args), "cublasSgemmBatched")

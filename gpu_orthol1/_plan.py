@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _backends, _checks, _cpu_pool, _driver, _penalty
+from . import _backends, _checks, _cpu_pool, _driver, _penalty, _triangle
 from ._device import Device, make_device, pick_kernel
 from ._gpu_calls import GpuCalls
 from ._slices import Chunking, Slices
@@ -97,6 +97,7 @@ class Plan:
             self._host_in or lay_phi is not None, self._l, self._n, self._dtype, self._precision)
         self._ldt = np.float64 if phi.dtype == np.float64 else np.float32
         self._chunks = Chunking(self._dev, sl, self._dtype, self._variant, self._budget)
+        self._tri = self._chunks.tri = _triangle.pick(self._dev, self._kernel, self._variant, self._n, self._dtype)
         self._gpu = GpuCalls(self._dev, self._m, self._fused_cfg)
         self._cpu = _cpu_pool.CpuRunner(self._dev, self._m, self._l, self._n, self._dtype)
         self._threads = _cpu_pool.cpu_threads(self._m, self._l, self._n) if cpu else 1
@@ -116,6 +117,7 @@ class Plan:
     precision = property(lambda self: self._precision, doc='"highest" or "tf32".')
     backend = property(lambda self: self._resolved, doc='The resolved backend: "numpy" or "cupy".')
     kernel = property(lambda self: self._kernel, doc='The GPU path: "gemm" or "fused" ("gemm" on a CPU).')
+    gram = property(lambda self: "triangle" if self._tri else "full", doc='The Gram GEMM: "full" or "triangle".')
     is_cupy = property(lambda self: self._is_cupy, doc="Whether the plan takes CuPy arrays.")
     variant = property(lambda self: self._variant, doc="The member of the penalty family (`_penalty.Variant`).")
 
@@ -215,7 +217,7 @@ class Plan:
             sz = dataclasses.replace(sz, chunk=max(1, int(chunk)))
         alpha = 2.0 * beta / (m if self._reduction == "mean" and m else 1)
         kw: dict[str, Any] = dict(alpha=alpha, beta_gemm=1.0 if accumulate else 0.0, want_grad=want_grad, gram_hook=gram_hook,
-                  variant=self._variant)
+                  variant=self._variant, tri=0 if gram_hook else self._tri)  # a hook reads whole Grams
         if m and n:
             if xp is np:
                 self._cpu.run(batch, sz, losses, kw, threads)

@@ -89,8 +89,10 @@ COMPUTE_32F, COMPUTE_64F = 68, 70
 HANDLE = 0x5A5A  # the emulator's stand-in for a cuBLAS handle
 
 
-def _resolver(bufs: dict):
-    """address -> Ref(buffer key, element offset) over NumPy buffers; a stray address fails."""
+def _resolver(bufs: dict, inside: bool = False):
+    """address -> Ref(buffer key, element offset) over NumPy buffers; a stray address fails.
+    inside: an address may point into the middle of views of one stack (a column block of separate
+    matrices that overlap in extent); any buffer holding it reads the same memory, take the first."""
     spans, seen = [], set()
     for key, arr in bufs.items():
         lo = arr.ctypes.data
@@ -106,7 +108,7 @@ def _resolver(bufs: dict):
     def resolve(p: int) -> _gemm.Ref:
         hits = [(lo, key, isz) for lo, hi, key, isz in spans if lo <= p < hi]
         if len(hits) > 1:  # the slices of one stack overlap in extent: the matrix that starts here
-            hits = [h for h in hits if h[0] == p]
+            hits = hits[:1] if inside else [h for h in hits if h[0] == p]
         if len(hits) != 1:
             raise AssertionError(f"address {p:#x} lies in {len(hits)} buffers")
         lo, key, isz = hits[0]
@@ -139,6 +141,36 @@ def gemm_from_args(args, bufs: dict) -> Gemm:
     return Gemm(args[1], args[2], args[3], args[4], args[5], alpha, ops[0], ops[1], beta, ops[2], args[20])
 
 
+def emulate_batched_ex(args, bufs: dict) -> None:
+    """Execute a cublasGemmBatchedEx argument list (handle, transa, transb, m, n, k, alpha, Aarray,
+    Atype, lda, Barray, Btype, ldb, beta, Carray, Ctype, ldc, batchCount, computeType, algo) over
+    NumPy buffers: the address arrays read from host memory, each address resolved to a buffer
+    (a stray one fails), the operand types and compute type checked against the buffers."""
+    import ctypes
+
+    assert len(args) == 20 and args[0] == HANDLE and args[19] == -1
+    batch = int(args[17])
+    resolve = _resolver(bufs, inside=True)
+    arrays = [np.ctypeslib.as_array((ctypes.c_uint64 * batch).from_address(args[p])) for p in (7, 10, 14)]
+    types = (args[8], args[11], args[15])
+    c_dt = None
+    for e in range(batch):
+        refs = [resolve(int(arr[e])) for arr in arrays]
+        for ref, ty in zip(refs, types, strict=True):
+            assert ty == CUDA_DTYPE[bufs[ref.buf].dtype], f"operand {ref.buf!r} typed {ty}"
+        c_dt = bufs[refs[2].buf].dtype
+        scal = ctypes.c_double if c_dt == _F64 else ctypes.c_float
+        alpha, beta = scal.from_address(args[6]).value, scal.from_address(args[13]).value
+        ops = [
+            Operand(r.buf, r.offset, ld, 0) for r, ld in zip(refs, (args[9], args[12], args[16]), strict=True)
+        ]
+        emulate_gemm(
+            Gemm(args[1], args[2], args[3], args[4], args[5], alpha, ops[0], ops[1], beta, ops[2], 1), bufs
+        )
+    if c_dt is not None:
+        assert args[18] == (COMPUTE_64F if c_dt == _F64 else COMPUTE_32F), f"compute type {args[18]}"
+
+
 class EmulatedGpuDevice(CupyDevice):
     """The GPU device's logic on the CPU: its GEMM argument sets, its dtypes, its pointer arrays,
     and the CUDA kernel itself run by numba's simulator (NUMBA_ENABLE_CUDASIM=1 must be set
@@ -150,6 +182,9 @@ class EmulatedGpuDevice(CupyDevice):
     # kernel="auto" keeps the two-GEMM path here, so that tests of that path on small shapes run it;
     # tests of the rule set this to True (and the fused kernel is tested with kernel="fused")
     auto_fused = False
+    # the triangle Gram on small test shapes (GPU_ORTHOL1_GRAM=triangle): blocks of 3 columns and up
+    tri_block_min = 3
+    tri_align = 1
 
     def __init__(self, max_block=8):
         from numba import config
@@ -168,6 +203,7 @@ class EmulatedGpuDevice(CupyDevice):
         self._dtype_enum = dict(CUDA_DTYPE)
         self._compute = {"f64": COMPUTE_64F, "f32": COMPUTE_32F, "f16": COMPUTE_32F}
         self._prepared: dict = {}
+        self._tri_prepared: dict = {}
         self._handle = HANDLE
 
     def set_blas_workspace(self, buf):
@@ -203,16 +239,60 @@ class EmulatedGpuDevice(CupyDevice):
         ptrs = np.asarray(addrs[: 3 * call.batch]).reshape(3, call.batch)
         emulate_pointer_gemm(call, ptrs, bufs)
 
-    def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant=DEFAULT, partials=None):
+    def _tri_fill(
+        self,
+        addrs,
+        bases,
+        strided,
+        phi0,
+        phi_step,
+        count,
+        blocks,
+        col_bytes,
+        ws0,
+        ws_step,
+        row_bytes,
+        blk_bytes,
+        total,
+    ):
+        """The address kernel itself, under the simulator, on host addresses (a few blocks)."""
+        from .kernels import addresses
+
+        tpb = 8
+        u = np.uint64
+        # a copy: the simulator copies each argument back after the launch, so an argument that
+        # aliases `addrs` would overwrite what the kernel wrote there
+        addresses.get_triangle_kernel()[-(-total // tpb), tpb](
+            addrs,
+            np.array(bases),
+            bool(strided),
+            u(phi0),
+            u(phi_step),
+            u(count),
+            u(blocks),
+            u(col_bytes),
+            u(ws0),
+            u(ws_step),
+            u(row_bytes),
+            u(blk_bytes),
+        )
+
+    def _tri_gemm(self, args, bufs):
+        """Read a cublasGemmBatchedEx argument list the way cuBLAS would: its three address arrays
+        from the (host) memory they point at, each address resolved to a buffer; then run each entry."""
+        self.gemm_calls.append(("triangle", args[17]))
+        emulate_batched_ex(args, bufs)
+
+    def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant=DEFAULT, partials=None, tri=0):
         l2, offdiag, normalize = variant.flags()
         if partials is not None:
             tpb, parts, per = self._mod.split(n, normalize, self._max_block)
-            kp, kf = self._mod.get_split_kernels(tpb, l2, offdiag)
+            kp, kf = self._mod.get_split_kernels(tpb, l2, offdiag, tri)
             kp[ws.shape[0] * parts, tpb](ws, sgn, n, partials, per, scale, write_s)
             kf[ws.shape[0], tpb](sgn, n, partials, losses, offset, write_s)
             return
         tpb, ncol = self._mod.launch(n, normalize, self._max_block)
-        self._mod.get_kernel(tpb, l2, offdiag, normalize, ncol)[ws.shape[0], tpb](
+        self._mod.get_kernel(tpb, l2, offdiag, normalize, ncol, tri)[ws.shape[0], tpb](
             ws, sgn, n, losses, offset, scale, write_s
         )
 

@@ -88,10 +88,16 @@ def step(row, col, drow, dcol, n):
 _kernels: dict = {}
 
 
-def _make_span(l2, offdiag):
+def _make_span(l2, offdiag, tri=0):
     """A thread's stride loop over entries of slice b for the elementwise members (L1, L2, free
     diagonal): writes M into s when write_s, returns the sum of the entries' loss terms. One body for
-    the one-block and the split pass."""
+    the one-block and the split pass.
+
+    tri > 0 (a compile-time block size, so the block index is a division by a constant): the Gram
+    holds only its blocks (I, J) of tri x tri entries with I <= J (row-major view; the blocked
+    triangle GEMM, `gpu_orthol1._triangle`), the others hold nothing meaningful. Entries of the
+    blocks off the diagonal count twice (G is symmetric) and write M at (j, k) and (k, j); the
+    entries of the other blocks are never read, so S may still be G itself."""
 
     @cuda.jit(device=True)
     def entry(g, s, b, k, diag, scale, write_s):
@@ -128,7 +134,17 @@ def _make_span(l2, offdiag):
         row, col = rowcol(k, n)
         drow, dcol = rowcol(tpb, n)
         while k < end:
-            acc += entry(g, s, b, k, row == col, scale, write_s)
+            if tri == 0:
+                acc += entry(g, s, b, k, row == col, scale, write_s)
+            else:
+                brow = row // tri
+                bcol = col // tri
+                if brow == bcol:
+                    acc += entry(g, s, b, k, row == col, scale, write_s)
+                elif brow < bcol:
+                    acc += 2.0 * entry(g, s, b, k, False, scale, write_s)
+                    if write_s:
+                        s[b, col * n + row] = s[b, k]
             k += tpb
             row, col = step(row, col, drow, dcol, n)
         return acc
@@ -136,13 +152,14 @@ def _make_span(l2, offdiag):
     return span_sum
 
 
-def _make_kernel(tpb, l2=False, offdiag=False, normalize=False, ncol=1):
+def _make_kernel(tpb, l2=False, offdiag=False, normalize=False, ncol=1, tri=0):
     """The pass for `tpb` threads per block and one member of the penalty family.
 
     l2, offdiag and normalize are compile-time constants (closure variables), so the default L1
     kernel is the same code as before they existed. ncol: how many columns one thread owns in the
-    normalized pass (ceil(n / tpb)), the size of its local array."""
-    span_sum = _make_span(l2, offdiag)
+    normalized pass (ceil(n / tpb)), the size of its local array. tri: see `_make_span` (not with
+    normalize, which reads whole columns)."""
+    span_sum = _make_span(l2, offdiag, tri)
 
     @cuda.jit
     def sign_abs_sum(g, s, n, losses, loss_offset, scale, write_s):
@@ -212,12 +229,17 @@ def _make_kernel(tpb, l2=False, offdiag=False, normalize=False, ncol=1):
     return sign_abs_sum
 
 
-def get_kernel(tpb: int, l2: bool = False, offdiag: bool = False, normalize: bool = False, ncol: int = 1):
+def get_kernel(
+    tpb: int, l2: bool = False, offdiag: bool = False, normalize: bool = False, ncol: int = 1, tri: int = 0
+):
     """The pass for `tpb` threads per block and one variant (compiled lazily, once per key).
-    ncol matters only with normalize: use `columns_per_thread(n, tpb)`."""
+    ncol matters only with normalize: use `columns_per_thread(n, tpb)`. tri > 0: the Gram holds
+    only its upper blocks of tri x tri entries (`_make_span`)."""
     if tpb not in BLOCK_SIZES:
         raise ValueError(f"threads per block must be one of {BLOCK_SIZES}, got {tpb}")
-    key = (tpb, bool(l2), bool(offdiag), bool(normalize), int(ncol) if normalize else 1)
+    if tri and normalize:
+        raise ValueError("the normalized pass reads whole columns: it takes no triangle Gram")
+    key = (tpb, bool(l2), bool(offdiag), bool(normalize), int(ncol) if normalize else 1, int(tri))
     kern = _kernels.get(key)
     if kern is None:
         kern = _kernels[key] = _make_kernel(*key)
@@ -277,8 +299,8 @@ def split(n: int, normalize: bool = False, max_block: int = BLOCK_SIZES[-1]) -> 
     return tpb, -(-nn // per), per
 
 
-def _make_part_kernel(tpb, l2, offdiag):
-    span_sum = _make_span(l2, offdiag)
+def _make_part_kernel(tpb, l2, offdiag, tri=0):
+    span_sum = _make_span(l2, offdiag, tri)
 
     @cuda.jit
     def sign_abs_part(g, s, n, partials, per_part, scale, write_s):
@@ -317,14 +339,18 @@ def _make_finish_kernel(tpb):
     return sign_abs_finish
 
 
-def get_split_kernels(tpb: int, l2: bool = False, offdiag: bool = False):
-    """(part kernel, finish kernel) of the split pass for `tpb` threads per block (compiled once)."""
+def get_split_kernels(tpb: int, l2: bool = False, offdiag: bool = False, tri: int = 0):
+    """(part kernel, finish kernel) of the split pass for `tpb` threads per block (compiled once);
+    tri as for `get_kernel` (the finish kernel is the same for both)."""
     if tpb not in BLOCK_SIZES:
         raise ValueError(f"threads per block must be one of {BLOCK_SIZES}, got {tpb}")
-    key = ("split", tpb, bool(l2), bool(offdiag))
+    key = ("split", tpb, bool(l2), bool(offdiag), int(tri))
     kern = _kernels.get(key)
     if kern is None:
-        kern = _kernels[key] = (_make_part_kernel(tpb, bool(l2), bool(offdiag)), _make_finish_kernel(tpb))
+        kern = _kernels[key] = (
+            _make_part_kernel(tpb, bool(l2), bool(offdiag), int(tri)),
+            _make_finish_kernel(tpb),
+        )
     return kern
 
 

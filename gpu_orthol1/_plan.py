@@ -226,7 +226,7 @@ class Plan:
                     stream = self._gpu.dev.bind()
                     if keep:
                         losses = self._gpu.losses.get(stream)
-                    wsb = _driver.workspace(alloc or self._alloc, sz, self._l, n, self._dtype)
+                    wsb = self._gpu.workspace(keep and stream, alloc or self._alloc, sz, self._l, n, self._dtype)
                     _driver.run(self._dev, batch, wsb, sz.chunk, losses, **kw)
                     return self._finish(losses, beta, raw, want_grad, grad, out)
         return self._finish(losses, beta, raw, want_grad, grad, out)

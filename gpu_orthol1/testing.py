@@ -350,3 +350,123 @@ def host_view(addr: int, shape, strides, dtype) -> np.ndarray:
     lo, hi = byte_span(addr, shape, strides, dtype.itemsize)
     buf = (ctypes.c_char * (hi - lo)).from_address(lo)
     return np.ndarray(shape, dtype, buffer=memoryview(buf), offset=addr - lo, strides=strides)
+
+
+# -- the GPU path's host side alone ---------------------------------------------------------------
+
+
+class _NullKernel:
+    """A launch that does nothing (a `_ptx.PtxKernel`'s interface)."""
+
+    def launch(self, *args):
+        pass
+
+    def launch_params(self, *args):
+        pass
+
+    def __call__(self, *args):
+        pass
+
+
+class _NullLaunches(dict):
+    """`_ElementwiseLaunches._launch` whose every lookup finds a kept launcher that does nothing."""
+
+    def get(self, key, default=None):
+        k = _NullKernel()
+        kind = key[0] if isinstance(key, tuple) else key
+        if kind == "sign":
+            return (k, 32)
+        if kind == "split":
+            return (k, k, 256, 1, 1)
+        return k
+
+
+class HostStream:
+    """CuPy's current stream as a plan call sees it (`ptr`, `is_capturing()`)."""
+
+    def __init__(self, ptr: int = 1, capturing: bool = False):
+        self.ptr, self.capturing = ptr, capturing
+
+    def is_capturing(self) -> bool:
+        return self.capturing
+
+
+class HostOnlyGpuDevice(CupyDevice):
+    """`CupyDevice`'s host code over NumPy buffers with nothing executed: the prepared cuBLAS argument
+    lists are filled and handed to a cuBLAS that returns at once, the sign pass's and the loss's
+    launchers are looked up and called and do nothing. A plan made with it takes the GPU backend's
+    call path (`host_only_plan`): for the host time of our own code (bench/host_gemm_cpu.py) and
+    tests of that path's bookkeeping. `stream` is what `bind()` returns."""
+
+    emulates_gpu = True
+    auto_fused = False
+
+    def __init__(self, precision: str = "highest"):
+        import types
+
+        from numba import types as nt
+
+        self.xp = _host_xp()
+        self._cb = types.SimpleNamespace(CUBLAS_POINTER_MODE_HOST=0)
+        self._cublas = _NullCublas()
+        self._dtype_enum = dict(CUDA_DTYPE)
+        self._compute = {
+            "f64": COMPUTE_64F,
+            "f32": 77 if precision == "tf32" else COMPUTE_32F,
+            "f16": COMPUTE_32F,
+        }
+        from .kernels import sign_abs
+
+        self._mod = sign_abs
+        self._max_block = sign_abs.BLOCK_SIZES[-1]
+        self._i64, self._f64, self._bool = nt.int64, nt.float64, nt.boolean
+        self._handle = HANDLE
+        self._stream_ptr = 0
+        self.blas_workspace_bytes = 64
+        self._launch = _NullLaunches()
+        self._prepared: dict = {}
+        self._tri_prepared: dict = {}
+        self._alpha = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
+        self._beta = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
+        self.stream = HostStream()
+
+    def bind(self, cublas=True):
+        self._stream_ptr = self.stream.ptr
+        return self.stream
+
+    def _run_prepared(self, prep, bufs: dict) -> None:
+        template, slots, _coef = prep
+        args = list(template)
+        args[0] = self._handle
+        for pos, key, off in slots:
+            args[pos] = bufs[key].ctypes.data + off
+        self._cublas.gemmStridedBatchedEx(*args)
+
+
+class _NullCublas:
+    def __getattr__(self, name):
+        return lambda *args: 0
+
+
+def _host_xp():
+    """numpy as a plan sees a GPU array module (`xp is not np`), with what a plan reads once of the
+    card's memory for its default workspace budget (8 GiB free)."""
+    import types
+
+    cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(memGetInfo=lambda: (8 << 30, 80 << 30)))
+    pool = types.SimpleNamespace(free_bytes=lambda: 0)
+    return types.SimpleNamespace(
+        empty=np.empty, zeros=np.zeros, asarray=np.asarray, cuda=cuda, get_default_memory_pool=lambda: pool
+    )
+
+
+def host_only_plan(phi: np.ndarray, beta: float = 1.0, **kw):
+    """A plan on a `HostOnlyGpuDevice` that treats the NumPy `phi` as the device's own array (read in
+    place, as a CuPy phi is), not as a host input to upload: the GPU backend's call path."""
+    from ._plan import Plan
+
+    dev = kw.pop("_device", None) or HostOnlyGpuDevice(kw.get("precision", "highest"))
+    p = Plan(phi, beta, backend="numpy", _device=dev, **kw)
+    p._host_in = False
+    p._slices.fix_layout(phi, False, False)
+    return p

@@ -408,7 +408,7 @@ class HostOnlyGpuDevice(CupyDevice):
 
         self.xp = _host_xp()
         self._cb = types.SimpleNamespace(CUBLAS_POINTER_MODE_HOST=0)
-        self._cublas = _NullCublas()
+        self._cublas = _NullCublas()  # type: ignore[assignment]  # no library: calls return at once
         self._dtype_enum = dict(CUDA_DTYPE)
         self._compute = {
             "f64": COMPUTE_64F,

@@ -8,7 +8,8 @@ All in one run on one card, each ratio against a baseline timed in the same run:
 
 1. host: host (CPU) and device time per call, `cupyx.profiler.benchmark`, CuPy (64, 8, 32) float32:
    `ol1.loss_and_grad` (warm plan cache), a reused plan, a replayed CUDA graph (`plan.graph`); and
-   host_breakdown: the host time of each step of a fused plan call at (64, 4096, 64) float32.
+   host_breakdown: the host time of each step of a fused plan call at (64, 4096, 64) float32;
+   host_gemm: the same for a two-GEMM plan call at (4096, 32, 128) float32 / tf32 / float16.
 2. shapes: the reference shapes in float32 / tf32 / float16 through the two-GEMM path and (where
    n fits) the fused kernel, against `limit-cublas` (the raw two-GEMM bound: the bench's own method).
 3. sweep: l*m*n fixed (2^24 elements) over n in {8, 16, 32, 64, 96, 128} and l in {64, 512}: fused vs
@@ -115,6 +116,76 @@ def host_breakdown(quick):
         cupy.cuda.Device().synchronize()
         out[name + "_us"] = float(np.median(times) * 1e6)
     return out
+
+
+def host_gemm(quick):
+    """Host time of a two-GEMM plan call and of each of its steps (issue 22 item 4: 137 us per call on
+    an H100 against 33 us on the fused path), median microseconds by time.perf_counter with no device
+    wait inside, at (4096, 32, 128) float32 / tf32 / float16 and (64, 4096, 64) float32: the figure
+    that says whether a plan call's host time is <= 60 us (the issue's target), and what of it goes
+    where. bench/host_gemm_cpu.py gives the same call's Python alone on a CPU."""
+    rows = []
+    for shape, dt, precision in (
+        ((4096, 32, 128), "float32", "highest"),
+        ((4096, 32, 128), "float32", "tf32"),
+        ((4096, 32, 128), "float16", "highest"),
+        ((64, 4096, 64), "float32", "highest"),
+    ):
+        rows.append(_host_gemm_row(shape, dt, precision, quick))
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def _host_gemm_row(shape, dt, precision, quick):
+    import time
+
+    import cupy
+    import numpy as np
+
+    import gpu_orthol1 as ol1
+    from gpu_orthol1 import _driver
+
+    l, m, n = shape
+    phi = (cupy.random.standard_normal(shape, dtype=cupy.float32) / l**0.5).astype(dt)
+    p = ol1.plan(phi, 1e-3, kernel="gemm", precision=precision)
+    p(phi)
+    sz = p._chunks.sizes_for(True, False, False, False, 1)[0]
+    wsb = _driver.workspace(p._alloc, sz, l, n, phi.dtype)
+    grad = cupy.empty_like(phi)
+    V, Vo = p._view(phi), p._view(grad)
+    src = _driver.StridedChunk(V, _driver.layout_of(V), 0)
+    dst = _driver.StridedChunk(Vo, _driver.layout_of(Vo), 0)
+    losses = cupy.empty(m, cupy.float64)
+    dev = p._gpu.dev
+    part = wsb.get("partials")
+    cc = min(m, sz.chunk)
+    ws, sgn = wsb["ws"][:cc], wsb["sgn"][:cc]
+    part = None if part is None else part[:cc]
+    steps = {
+        "plan_call": lambda: p(phi),
+        "check_call": lambda: p._check_call(phi, None, False),
+        "empty_grad": lambda: cupy.empty(phi.shape, phi.dtype),
+        "bind": lambda: dev.bind(),
+        "workspace_new": lambda: _driver.workspace(p._alloc, sz, l, n, phi.dtype),
+        "set_blas_workspace_x2": lambda: (dev.set_blas_workspace(wsb["blas"]), dev.set_blas_workspace(None)),
+        "gram": lambda: dev.gram(src, cc, wsb["ws"]),
+        "sign": lambda: dev.sign_abs(ws, sgn, n, losses, 0, 1.0, True, partials=part),
+        "grad": lambda: dev.grad(src, dst, cc, wsb["sgn"], 2e-3, 0.0),
+        "reduce": lambda: p._reduce(losses, 1e-3),
+    }
+    k = 100 if quick else 400
+    row = {"shape": shape, "dtype": dt, "precision": precision, "chunks": -(-m // sz.chunk)}
+    for name, fn in steps.items():
+        times = []
+        for i in range(k):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+            if i % 20 == 19:  # keep the launch queue short: host time, not back-pressure
+                cupy.cuda.Device().synchronize()
+        cupy.cuda.Device().synchronize()
+        row[name + "_us"] = float(np.median(times) * 1e6)
+    return row
 
 
 def _synced(fn, n_repeat):
@@ -570,6 +641,7 @@ def sweep_table_and_plot(doc: dict, png: str | None) -> str:
 SECTIONS = {
     "host": "host_costs",
     "host_breakdown": "host_breakdown",
+    "host_gemm": "host_gemm",
     "phases": "phases",
     "shapes": "shapes",
     "sweep": "sweep",

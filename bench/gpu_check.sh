@@ -117,6 +117,13 @@ if [ "$DRY" != 1 ]; then
 else
   step plans 30 $PY bench/bench_gpu_plans.py --dry
 fi
+# issue 22 item 3: full Gram GEMM vs its blocked triangle (GPU_ORTHOL1_GRAM=full|triangle) at
+# n = 256 .. 2048, l = n and 4n, m = 1, 12, 36, highest and tf32: sets _triangle.TRIANGLE_MIN_N
+if [ "$DRY" != 1 ]; then
+  step triangle 150 $PY bench/bench_triangle.py --quick --json "$OUT/gpu_triangle.json"
+else
+  step triangle 30 $PY bench/bench_triangle.py --dry
+fi
 # the kernels under compute-sanitizer (memcheck, racecheck): after the tests and the per-call
 # figures (what a rerun could not replace when device time runs out), before the variants
 step sanitize 80 env OUT="$OUT" PY="$PY" GPU_CHECK_DRY="$DRY" SANITIZE_TIMEOUT=35 bash bench/gpu_sanitize.sh

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _backends, _checks, _penalty
+from . import _backends, _checks, _penalty, _triangle
 from ._plan import Plan
 
 CACHE_SIZE = 32
@@ -53,6 +53,7 @@ def cached(
             os.environ.get(_backends.ENV_BACKEND),
             os.environ.get(_checks.ENV_WORKSPACE),
             os.environ.get(_checks.ENV_KERNEL),
+            os.environ.get(_triangle.ENV_GRAM),
         )
         with _cache_lock:
             p = _cache.get(key)

@@ -20,6 +20,7 @@ import numpy as np
 from . import _dtypes, _gemm, _ptx
 from ._driver import StridedChunk
 from ._penalty import DEFAULT
+from ._triangle import TriangleGram
 
 if TYPE_CHECKING:
     from ._device import GpuDevice
@@ -61,13 +62,14 @@ class _ElementwiseLaunches:
         A = _ptx.array_type
         return A(_dtype(ws), 2), A(_kernel_dtype(sgn), 2)
 
-    def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant=DEFAULT, partials=None):
+    def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant=DEFAULT, partials=None, tri=0):
+        """tri > 0: the Gram holds only its upper blocks of tri x tri entries (`_triangle`)."""
         grid = ws.shape[0]
         sgn = bits_view(sgn)
         if partials is not None:
-            self._sign_abs_split(ws, sgn, n, losses, offset, scale, write_s, variant, partials)
+            self._sign_abs_split(ws, sgn, n, losses, offset, scale, write_s, variant, partials, tri)
             return
-        key = ("sign", n, variant, _dtype(ws), _dtype(sgn))
+        key = ("sign", n, variant, _dtype(ws), _dtype(sgn), tri)
         hit = self._launch.get(key)
         if hit is None:
             l2, offdiag, normalize = variant.flags()
@@ -75,23 +77,23 @@ class _ElementwiseLaunches:
             g, s = self._sign_sig(ws, sgn)
             sig = (g, s, self._i64, _ptx.array_type(np.float64, 1), self._i64, self._f64, self._bool)
             bits = _dtype(sgn) == _dtypes.BITS
-            kern = _ptx.kernel(self._mod.get_kernel(tpb, l2, offdiag, normalize, ncol, bits), sig)
+            kern = _ptx.kernel(self._mod.get_kernel(tpb, l2, offdiag, normalize, ncol, bits, tri), sig)
             hit = self._launch[key] = (kern, tpb)
         kern, tpb = hit
         # One block per slice (a fixed-order, atomic-free loss): a launch for a few slices has a
         # small grid by intent.
         kern.launch(self._stream_ptr, grid, tpb, ws, sgn, n, losses, offset, scale, write_s)
 
-    def _sign_abs_split(self, ws, sgn, n, losses, offset, scale, write_s, variant, partials):
+    def _sign_abs_split(self, ws, sgn, n, losses, offset, scale, write_s, variant, partials, tri=0):
         """Large slices: `parts` blocks per slice write partial sums, then one block per slice sums
         them in a fixed order and applies the NaN policy (kernels/sign_abs.py, `split`)."""
         grid = ws.shape[0]
-        key = ("split", n, variant, _dtype(ws), _dtype(sgn))
+        key = ("split", n, variant, _dtype(ws), _dtype(sgn), tri)
         hit = self._launch.get(key)
         if hit is None:
             l2, offdiag, _ = variant.flags()
             tpb, parts, per = self._mod.split(n, False, self._max_block)
-            kp, kf = self._mod.get_split_kernels(tpb, l2, offdiag, _dtype(sgn) == _dtypes.BITS)
+            kp, kf = self._mod.get_split_kernels(tpb, l2, offdiag, _dtype(sgn) == _dtypes.BITS, tri)
             g, s = self._sign_sig(ws, sgn)
             f64_2d, f64_1d = _ptx.array_type(np.float64, 2), _ptx.array_type(np.float64, 1)
             i64, f64, b = self._i64, self._f64, self._bool
@@ -118,7 +120,7 @@ class _ElementwiseLaunches:
 
 
 
-class CupyDevice(_ElementwiseLaunches):
+class CupyDevice(_ElementwiseLaunches, TriangleGram):
     folds_alpha = False  # alpha goes into the second GEMM: exact, and free
     fills_addresses = True  # pointer-array GEMMs read address arrays from the workspace ("addrs")
     blas_workspace_bytes = 0  # set per card in __init__
@@ -146,12 +148,21 @@ class CupyDevice(_ElementwiseLaunches):
         self.blas_workspace_bytes = BLAS_WORKSPACE_BYTES[int(cupy.cuda.Device().compute_capability) >= 90]
         self._launch: dict = {}  # (kernel, n, variant, dtypes) -> (PtxKernel(s), threads, ...)
         self._prepared: dict = {}  # (which GEMM, layouts, chunk, sizes, coefficients) -> prepared arguments
+        self._tri_prepared: dict = {}  # the triangle Gram's GemmBatchedEx arguments (`_triangle`)
         self._alpha = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
         self._beta = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
 
     @staticmethod
     def acc_dtype(dtype):
         return _F64 if dtype == _F64 else _F32
+
+    @staticmethod
+    def _addr_of(x) -> int:
+        return _addr(x)
+
+    @staticmethod
+    def _dtype_of(x) -> np.dtype:
+        return _dtype(x)
 
     @staticmethod
     def sign_dtype(dtype):

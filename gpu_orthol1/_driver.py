@@ -182,8 +182,10 @@ def sizes(
     budget: int,
     variant: Variant = DEFAULT,
     pointers: bool = False,
+    tri: int = 0,
 ) -> Sizes:
-    """`pointers`: the batch is a `Pointers` one (separate matrices)."""
+    """`pointers`: the batch is a `Pointers` one (separate matrices); `tri`: the block size of a
+    triangle Gram (`_triangle`), 0 for the full GEMM."""
     acc = np.dtype(dev.acc_dtype(dtype))
     sgd = np.dtype(dev.sign_dtype(dtype))
     separate = want_grad and sgd != acc
@@ -194,6 +196,8 @@ def sizes(
         )
     parts = dev.sign_parts(n, variant)
     addrs = 3 if pointers and getattr(dev, "fills_addresses", False) else 0  # uint64 A, B, C per slice
+    if tri:
+        addrs = max(addrs, 3 * ((n // tri) * (n // tri + 1) // 2) + (1 if pointers else 0))
     extra = (
         dev.extra_bytes_per_slice(l, n, dtype, want_grad, accumulate)
         + (8 * parts if parts > 1 else 0)
@@ -263,12 +267,17 @@ def run(
     first: int = 0,
     count: int | None = None,
     variant: Variant = DEFAULT,
+    tri: int = 0,
 ) -> None:
     """Unscaled losses of slices first .. first+count-1 into losses[loss_offset + i] (float64), and
     alpha * Phi S (+ beta_gemm * out) into the gradient when want_grad.
 
     gram_hook(ws), when given, sees each chunk's Grams before the sign pass and may change them in
-    place (the distributed entry points sum partial Grams over ranks there)."""
+    place (the distributed entry points sum partial Grams over ranks there). tri > 0: the Grams'
+    blocked triangle (`_triangle`, block size tri; the workspace sized with sizes(tri=tri)), never
+    with a gram_hook, which would see blocks that were not computed."""
+    if tri and gram_hook is not None:
+        raise ValueError("a triangle Gram takes no gram_hook")
     m, l, n = batch.shape
     if count is None:
         count = m - first
@@ -277,11 +286,11 @@ def run(
     blas = wsb.get("blas")
     args = (dev, batch, wsb, chunk, losses, loss_offset, alpha, beta_gemm, want_grad, gram_hook, first, count)
     if blas is None:
-        _loop(*args, variant)
+        _loop(*args, variant, tri)
         return
     dev.set_blas_workspace(blas)
     try:
-        _loop(*args, variant)
+        _loop(*args, variant, tri)
     finally:  # the buffer goes back to its allocator: the BLAS must not keep it
         dev.set_blas_workspace(None)
 
@@ -313,10 +322,12 @@ def _loop(
     first: int,
     count: int,
     variant: Variant,
+    tri: int = 0,
 ) -> None:
     # batch: a Strided or Pointers one (Any: the loop tells them apart by a flag, not isinstance)
     m, l, n = batch.shape
     ws, sgn, partials, addrs = wsb["ws"], wsb["sgn"], wsb.get("partials"), wsb.get("addrs")
+    tri_kw = {"tri": tri} if tri else {}  # devices without a triangle Gram never see the keyword
     if not isinstance(batch, Strided) and addrs is None and getattr(dev, "fills_addresses", False):
         raise ValueError(
             "a Pointers batch on this device needs its workspace sized with sizes(..., pointers=True)"
@@ -358,7 +369,10 @@ def _loop(
             ws[:cc] = 0
         else:
             src = dev.prepare(src, cc)
-            dev.gram(src, cc, ws)
+            if tri:
+                dev.gram_triangle(src, cc, ws, tri, addrs)  # type: ignore[attr-defined]  # GPU devices
+            else:
+                dev.gram(src, cc, ws)
         ws_c = _head(ws, cc)
         if gram_hook is not None:
             gram_hook(ws_c)
@@ -372,6 +386,7 @@ def _loop(
             want_grad,
             variant,
             None if partials is None else _head(partials, cc),
+            **tri_kw,
         )
         if not want_grad or l == 0:
             continue

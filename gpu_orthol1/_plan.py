@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _backends, _checks, _cpu_pool, _driver, _dtypes, _penalty
+from . import _backends, _checks, _cpu_pool, _driver, _dtypes, _penalty, _triangle
 from ._device import Device, make_device, pick_kernel
 from ._gpu_calls import GpuCalls
 from ._slices import Chunking, Slices
@@ -113,6 +113,7 @@ class Plan:
             self._host_in or lay_phi is not None, self._l, self._n, self._dtype, self._precision)
         self._ldt = np.float64 if phi.dtype == np.float64 else np.float32
         self._chunks = Chunking(self._dev, sl, self._ddtype, self._variant, self._budget)
+        self._tri = self._chunks.tri = _triangle.pick(self._dev, self._kernel, self._variant, self._n, self._ddtype)
         self._gpu = GpuCalls(self._dev, self._m, self._fused_cfg)
         self._cpu = _cpu_pool.CpuRunner(self._dev, self._m, self._l, self._n, self._ddtype)
         self._threads = _cpu_pool.cpu_threads(self._m, self._l, self._n) if cpu else 1
@@ -132,6 +133,7 @@ class Plan:
     precision = property(lambda self: self._precision, doc='"highest" or "tf32".')
     backend = property(lambda self: self._resolved, doc='The resolved backend: "numpy" or "cupy".')
     kernel = property(lambda self: self._kernel, doc='The GPU path: "gemm" or "fused" ("gemm" on a CPU).')
+    gram = property(lambda self: "triangle" if self._tri else "full", doc='The Gram GEMM: "full" or "triangle".')
     is_cupy = property(lambda self: self._is_cupy, doc="Whether the plan takes CuPy arrays.")
     variant = property(lambda self: self._variant, doc="The member of the penalty family (`_penalty.Variant`).")
 
@@ -146,24 +148,9 @@ class Plan:
     def _view(self, a: Any) -> Any:
         return self._slices.view(a)
 
-    def _mismatch(self, phi: Any) -> str | None:
-        if type(phi) is not self._array_type:
-            _checks.check_array(phi)  # not an array at all: the TypeError the functional API raises (docs/errors.md)
-            return f"phi is a {type(phi).__module__}.{type(phi).__name__}, the plan's a " \
-                   f"{self._array_type.__module__}.{self._array_type.__name__}"
-        if phi.shape != self._shape:
-            return f"phi has shape {phi.shape}, the plan's {self._shape}"
-        if phi.dtype != self._dtype:
-            return f"phi has dtype {phi.dtype}, the plan's {self._dtype}"
-        if phi.strides != self._strides:
-            return f"phi has strides {phi.strides}, the plan's {self._strides} (make a plan for this layout)"
-        if self._is_cupy and phi.device.id != self._device_id:
-            return f"phi is on GPU {phi.device.id}, the plan's on GPU {self._device_id}"
-        return None
-
     def _check_call(self, phi: Any, out: Any, accumulate: Any) -> bool:
         """ValueError unless a call with these arrays fits the plan; whether it wants the gradient."""
-        why = self._mismatch(phi)
+        why = _mismatch(self, phi)
         if why is not None:
             raise ValueError(f"this plan does not fit phi: {why}")
         want_grad = self._want != "loss"
@@ -231,7 +218,7 @@ class Plan:
             sz = dataclasses.replace(sz, chunk=max(1, int(chunk)))
         alpha = 2.0 * beta / (m if self._reduction == "mean" and m else 1)
         kw: dict[str, Any] = dict(alpha=alpha, beta_gemm=1.0 if accumulate else 0.0, want_grad=want_grad, gram_hook=gram_hook,
-                  variant=self._variant)
+                  variant=self._variant, tri=0 if gram_hook else self._tri)  # a hook reads whole Grams
         if m and n:
             if xp is np:
                 self._cpu.run(batch, sz, losses, kw, threads)
@@ -240,7 +227,7 @@ class Plan:
                     stream = self._gpu.dev.bind()
                     if keep:
                         losses = self._gpu.losses.get(stream)
-                    wsb = _driver.workspace(alloc or self._alloc, sz, self._l, n, self._ddtype)
+                    wsb = self._gpu.workspace(keep and stream, alloc or self._alloc, sz, self._l, n, self._ddtype)
                     _driver.run(self._dev, batch, wsb, sz.chunk, losses, **kw)
                     return self._finish(losses, beta, raw, want_grad, grad, out)
         return self._finish(losses, beta, raw, want_grad, grad, out)
@@ -371,6 +358,23 @@ class GraphedCall:
         if self.plan.want == "grad":
             return self.grad
         return self.loss, self.grad
+
+
+def _mismatch(plan: Plan, phi: Any) -> str | None:
+    """What differs between phi and the arrays `plan` takes (None: nothing)."""
+    if type(phi) is not plan._array_type:
+        _checks.check_array(phi)  # not an array at all: the TypeError the functional API raises (docs/errors.md)
+        return f"phi is a {type(phi).__module__}.{type(phi).__name__}, the plan's a " \
+               f"{plan._array_type.__module__}.{plan._array_type.__name__}"
+    if phi.shape != plan._shape:
+        return f"phi has shape {phi.shape}, the plan's {plan._shape}"
+    if phi.dtype != plan._dtype:
+        return f"phi has dtype {phi.dtype}, the plan's {plan._dtype}"
+    if phi.strides != plan._strides:
+        return f"phi has strides {phi.strides}, the plan's {plan._strides} (make a plan for this layout)"
+    if plan._is_cupy and phi.device.id != plan._device_id:
+        return f"phi is on GPU {phi.device.id}, the plan's on GPU {plan._device_id}"
+    return None
 
 
 # -- the one internal interface of the framework layers (torch, distributed) --------------------

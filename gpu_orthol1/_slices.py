@@ -72,6 +72,7 @@ class Chunking:
 
     def __init__(self, dev: Device, slices: Slices, dtype: Any, variant: _penalty.Variant, budget: int):
         self._dev, self._s, self._dtype, self._variant, self._budget = dev, slices, dtype, variant, budget
+        self.tri = 0  # the triangle Gram's block size (`_triangle.pick`), set by the plan
         self.sizes: dict[tuple, tuple[_driver.Sizes, int]] = {}
 
     def sizes_for(
@@ -96,6 +97,7 @@ class Chunking:
                     stage_out=stage_out,
                     budget=budget,
                     variant=self._variant,
+                    tri=self.tri,
                 )
 
             if threads > 1:  # the budget bounds the call: each thread's chunk gets its share

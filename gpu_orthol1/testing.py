@@ -13,193 +13,34 @@ path's arithmetic on every run. Slow: for tests on small shapes.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 from . import _dtypes, _gemm
 from ._cupy import CupyDevice, address_batches, bits_view
-from ._gemm import OP_N, Gemm, Operand
+from ._emulated_blas import (  # noqa: F401 - re-exported: the tests reach them as testing.<name>
+    _F32,
+    _F64,
+    COMPUTE_32F,
+    COMPUTE_32F_FAST_TF32,
+    COMPUTE_64F,
+    CUDA_DTYPE,
+    HANDLE,
+    _colmajor,
+    _resolver,
+    _values,
+    check_pointer_args,
+    emulate_batched_ex,
+    emulate_gemm,
+    emulate_pointer_gemm,
+    gemm_from_args,
+    to_tf32,
+)
 from ._penalty import DEFAULT
 
 if TYPE_CHECKING:
     from ._device import GpuDevice
-
-_F32 = np.dtype(np.float32)
-_F64 = np.dtype(np.float64)
-
-
-def _colmajor(arr, op: Operand, rows: int, cols: int, batch: int, writeable=False):
-    """The batch of rows x cols column-major matrices cuBLAS would see at (op.offset, op.ld, op.stride)."""
-    isz = arr.dtype.itemsize
-    # as_strided keeps arr's data pointer (its first element); move it by offset elements.
-    start = as_strided(arr, shape=(op.offset + 1,), strides=(isz,), writeable=writeable)[op.offset :]
-    return as_strided(
-        start, shape=(batch, rows, cols), strides=(op.stride * isz, isz, op.ld * isz), writeable=writeable
-    )
-
-
-def _t(x):
-    return x.swapaxes(1, 2)
-
-
-def to_tf32(x: np.ndarray) -> np.ndarray:
-    """float32 values rounded to TF32 (8-bit exponent, 10-bit mantissa), kept in float32: round to
-    nearest, ties to even, as an emulation of the tensor cores' input conversion under
-    CUBLAS_COMPUTE_32F_FAST_TF32 (NVIDIA does not specify cuBLAS's rounding; truncating instead
-    doubles the bound). NaN stays NaN; a value past TF32's largest rounds to infinity, as in float32."""
-    x = np.asarray(x, dtype=np.float32)
-    bits = x.view(np.uint32)
-    # add half an ulp of the 10-bit mantissa (minus one, plus the kept last bit: ties to even), then cut
-    r = ((bits + np.uint32(0xFFF) + ((bits >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)).view(
-        np.float32
-    )
-    return np.where(np.isnan(x), x, r)
-
-
-def _values(arr):
-    """The numbers a buffer holds: bfloat16 for the GPU's int16 carrier (what CUDA_R_16BF reads)."""
-    return arr.view(_dtypes.bfloat16()) if arr.dtype == _dtypes.BITS else arr
-
-
-def emulate_gemm(call: Gemm, bufs: dict, tf32: bool = False) -> None:
-    """Execute one strided-batched GEMM like cuBLAS: float32 compute for 16-bit and float32 operands,
-    float64 for float64; the product rounded once to C's dtype. tf32: the float32 operands rounded to
-    TF32 first (`to_tf32`), the products summed in float32."""
-    A, B, C = (_values(bufs[r.buf]) for r in (call.a, call.b, call.c))
-    ar, ac = (call.m, call.k) if call.transa == OP_N else (call.k, call.m)
-    br, bc = (call.k, call.n) if call.transb == OP_N else (call.n, call.k)
-    a = _colmajor(A, call.a, ar, ac, call.batch)
-    b = _colmajor(B, call.b, br, bc, call.batch)
-    c = _colmajor(C, call.c, call.m, call.n, call.batch, writeable=True)
-    cdt = _F64 if C.dtype == _F64 else _F32
-    opa = (a if call.transa == OP_N else _t(a)).astype(cdt)
-    opb = (b if call.transb == OP_N else _t(b)).astype(cdt)
-    if tf32:
-        opa, opb = to_tf32(opa), to_tf32(opb)
-    prod = np.matmul(opa, opb)
-    if call.alpha != 1.0:
-        prod *= call.alpha
-    if call.beta != 0.0:
-        prod += call.beta * c.astype(cdt)
-    c[...] = prod
-
-
-def emulate_pointer_gemm(call: _gemm.BatchedGemm, ptrs: np.ndarray, bufs: dict, tf32: bool = False) -> None:
-    """Execute a pointer-array GEMM as cuBLAS would: resolve each raw address in `ptrs` back to a
-    (NumPy) buffer and element offset, then run that entry. A wrong address fails or misreads here."""
-    resolve = _resolver(bufs)
-    t = call.template
-    for e in range(call.batch):
-        a, b, c = (resolve(int(ptrs[r, e])) for r in range(3))
-        emulate_gemm(
-            replace(
-                t,
-                a=Operand(a.buf, a.offset, t.a.ld, 0),
-                b=Operand(b.buf, b.offset, t.b.ld, 0),
-                c=Operand(c.buf, c.offset, t.c.ld, 0),
-                batch=1,
-            ),
-            bufs,
-            tf32,
-        )
-
-
-# cuBLAS's values of the enums the GPU device passes (cudaDataType by dtype name: bfloat16 and its
-# int16 carrier are CUDA_R_16BF; cublasComputeType_t)
-CUDA_DTYPE = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 14, "int16": 14}
-COMPUTE_32F, COMPUTE_64F, COMPUTE_32F_FAST_TF32 = 68, 70, 77
-HANDLE = 0x5A5A  # the emulator's stand-in for a cuBLAS handle
-
-
-def _resolver(bufs: dict):
-    """address -> Ref(buffer key, element offset) over NumPy buffers; a stray address fails."""
-    spans, seen = [], set()
-    for key, arr in bufs.items():
-        lo = arr.ctypes.data
-        hi = (
-            lo
-            + max(0, sum((s - 1) * st for s, st in zip(arr.shape, arr.strides, strict=True) if s))
-            + arr.itemsize
-        )
-        if (lo, hi, arr.itemsize) not in seen:  # "sgn" may be "ws" itself (S written in place)
-            seen.add((lo, hi, arr.itemsize))
-            spans.append((lo, hi, key, arr.itemsize))
-
-    def resolve(p: int) -> _gemm.Ref:
-        hits = [(lo, key, isz) for lo, hi, key, isz in spans if lo <= p < hi]
-        if len(hits) > 1:  # the slices of one stack overlap in extent: the matrix that starts here
-            hits = [h for h in hits if h[0] == p]
-        if len(hits) != 1:
-            raise AssertionError(f"address {p:#x} lies in {len(hits)} buffers")
-        lo, key, isz = hits[0]
-        if (p - lo) % isz:
-            raise AssertionError(f"address {p:#x} is not element-aligned in buffer {key!r}")
-        return _gemm.Ref(key, (p - lo) // isz)
-
-    return resolve
-
-
-def check_pointer_args(name: str, args: list, call: _gemm.BatchedGemm, addrs, bufs: dict) -> None:
-    """Assert that a pointer-array GEMM's argument list (`CupyDevice._pointer_args`) describes `call`
-    the way cuBLAS reads it: the function for the operand dtypes, the address arrays' places in
-    `addrs`, the dtype enums and compute type (gemmBatchedEx), leading dimensions and coefficients."""
-    import ctypes
-
-    t = call.template
-    dts = [bufs[refs[0].buf].dtype for refs in (call.a, call.b, call.c)]
-    base, bs = addrs.ctypes.data, 8 * call.batch
-    assert args[0] == HANDLE and list(args[1:6]) == [t.transa, t.transb, t.m, t.n, t.k]
-    scal = ctypes.c_double if dts[2] == _F64 else ctypes.c_float
-    if name in ("sgemmBatched", "dgemmBatched"):
-        want = "sgemmBatched" if dts[0] == _F32 else "dgemmBatched"
-        assert name == want and dts[0] == dts[1] == dts[2], f"{name} for operands {dts}"
-        assert list(args[7:11]) == [base, t.a.ld, base + bs, t.b.ld]
-        assert list(args[12:15]) == [base + 2 * bs, t.c.ld, call.batch]
-        alpha, beta = scal.from_address(args[6]).value, scal.from_address(args[11]).value
-    else:
-        assert name == "gemmBatchedEx" and len(args) == 20 and args[19] == -1, name
-        tf32 = dts[0] == dts[1] == dts[2] == _F32  # float32 operands take the Ex call for TF32 alone
-        assert tf32 or dts[0].itemsize == dts[1].itemsize == 2, f"gemmBatchedEx for operands {dts}"
-        for pos, dt in zip((8, 11, 15), dts, strict=True):
-            assert args[pos] == CUDA_DTYPE[dt.name], f"argument {pos} is {args[pos]} for {dt}"
-        assert args[7] == base and args[10] == base + bs and args[14] == base + 2 * bs
-        assert [args[9], args[12], args[16], args[17]] == [t.a.ld, t.b.ld, t.c.ld, call.batch]
-        compute = COMPUTE_32F_FAST_TF32 if tf32 else COMPUTE_32F
-        assert args[18] == compute, f"compute type {args[18]} for operands {dts}"
-        alpha, beta = scal.from_address(args[6]).value, scal.from_address(args[13]).value
-    assert (alpha, beta) == (
-        np.float32(t.alpha) if scal is ctypes.c_float else t.alpha,
-        np.float32(t.beta) if scal is ctypes.c_float else t.beta,
-    ), (alpha, beta)
-
-
-def gemm_from_args(args, bufs: dict) -> Gemm:
-    """The `Gemm` a cublasGemmStridedBatchedEx argument list describes, in cuBLAS's order (handle,
-    transa, transb, m, n, k, alpha, A, Atype, lda, strideA, B, Btype, ldb, strideB, beta, C, Ctype,
-    ldc, strideC, batchCount, computeType, algo), checked against the buffers it points into."""
-    import ctypes
-
-    assert len(args) == 23 and args[0] == HANDLE and args[22] == -1
-    resolve = _resolver(bufs)
-    ops = []
-    for pos in (7, 11, 16):
-        ref = resolve(int(args[pos]))
-        dt = bufs[ref.buf].dtype
-        assert args[pos + 1] == CUDA_DTYPE[dt.name], (
-            f"operand at argument {pos} is {dt}, its enum {args[pos + 1]}"
-        )
-        ops.append(Operand(ref.buf, ref.offset, args[pos + 2], args[pos + 3]))
-    c_dt = bufs[ops[2].buf].dtype
-    want = {COMPUTE_64F} if c_dt == _F64 else {COMPUTE_32F}
-    if bufs[ops[0].buf].dtype == _F32 and c_dt == _F32:
-        want.add(COMPUTE_32F_FAST_TF32)  # TF32 takes float32 operands only
-    assert args[21] in want, f"compute type {args[21]} for a {c_dt} output"
-    scal = ctypes.c_double if c_dt == _F64 else ctypes.c_float
-    alpha, beta = scal.from_address(args[6]).value, scal.from_address(args[15]).value
-    return Gemm(args[1], args[2], args[3], args[4], args[5], alpha, ops[0], ops[1], beta, ops[2], args[20])
 
 
 class EmulatedGpuDevice(CupyDevice):
@@ -215,6 +56,9 @@ class EmulatedGpuDevice(CupyDevice):
     # kernel="auto" keeps the two-GEMM path here, so that tests of that path on small shapes run it;
     # tests of the rule set this to True (and the fused kernel is tested with kernel="fused")
     auto_fused = False
+    # the triangle Gram on small test shapes (GPU_ORTHOL1_GRAM=triangle): blocks of 3 columns and up
+    tri_block_min = 3
+    tri_align = 1
 
     def __init__(self, max_block=8, precision="highest"):
         from numba import config
@@ -241,6 +85,7 @@ class EmulatedGpuDevice(CupyDevice):
         self._prepared: dict = {}
         self._alpha = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
         self._beta = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
+        self._tri_prepared: dict = {}
         self._handle = HANDLE
 
     def set_blas_workspace(self, buf):
@@ -283,19 +128,64 @@ class EmulatedGpuDevice(CupyDevice):
         ptrs = np.asarray(addrs[: 3 * call.batch]).reshape(3, call.batch)
         emulate_pointer_gemm(call, ptrs, bufs, compute == COMPUTE_32F_FAST_TF32)
 
-    def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant=DEFAULT, partials=None):
+    def _tri_fill(
+        self,
+        addrs,
+        bases,
+        strided,
+        phi0,
+        phi_step,
+        count,
+        blocks,
+        col_bytes,
+        ws0,
+        ws_step,
+        row_bytes,
+        blk_bytes,
+        total,
+    ):
+        """The address kernel itself, under the simulator, on host addresses (a few blocks)."""
+        from .kernels import addresses
+
+        tpb = 8
+        u = np.uint64
+        # a copy: the simulator copies each argument back after the launch, so an argument that
+        # aliases `addrs` would overwrite what the kernel wrote there
+        addresses.get_triangle_kernel()[-(-total // tpb), tpb](
+            addrs,
+            np.array(bases),
+            bool(strided),
+            u(phi0),
+            u(phi_step),
+            u(count),
+            u(blocks),
+            u(col_bytes),
+            u(ws0),
+            u(ws_step),
+            u(row_bytes),
+            u(blk_bytes),
+        )
+
+    def _tri_gemm(self, args, bufs):
+        """Read a cublasGemmBatchedEx argument list the way cuBLAS would: its three address arrays
+        from the (host) memory they point at, each address resolved to a buffer; then run each entry."""
+        self.gemm_calls.append(("triangle", args[17]))
+        self.compute_types.append(args[18])
+        emulate_batched_ex(args, bufs)
+
+    def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant=DEFAULT, partials=None, tri=0):
         l2, offdiag, normalize = variant.flags()
         sgn = bits_view(sgn)
         bits = sgn.dtype == _dtypes.BITS
         assert not bits or scale == 1.0, "a bfloat16 S holds the signs; alpha goes into the GEMM"
         if partials is not None:
             tpb, parts, per = self._mod.split(n, normalize, self._max_block)
-            kp, kf = self._mod.get_split_kernels(tpb, l2, offdiag, bits)
+            kp, kf = self._mod.get_split_kernels(tpb, l2, offdiag, bits, tri)
             kp[ws.shape[0] * parts, tpb](ws, sgn, n, partials, per, scale, write_s)
             kf[ws.shape[0], tpb](sgn, n, partials, losses, offset, write_s)
             return
         tpb, ncol = self._mod.launch(n, normalize, self._max_block)
-        self._mod.get_kernel(tpb, l2, offdiag, normalize, ncol, bits)[ws.shape[0], tpb](
+        self._mod.get_kernel(tpb, l2, offdiag, normalize, ncol, bits, tri)[ws.shape[0], tpb](
             ws, sgn, n, losses, offset, scale, write_s
         )
 
@@ -353,3 +243,123 @@ def host_view(addr: int, shape, strides, dtype) -> np.ndarray:
     lo, hi = byte_span(addr, shape, strides, dtype.itemsize)
     buf = (ctypes.c_char * (hi - lo)).from_address(lo)
     return np.ndarray(shape, dtype, buffer=memoryview(buf), offset=addr - lo, strides=strides)
+
+
+# -- the GPU path's host side alone ---------------------------------------------------------------
+
+
+class _NullKernel:
+    """A launch that does nothing (a `_ptx.PtxKernel`'s interface)."""
+
+    def launch(self, *args):
+        pass
+
+    def launch_params(self, *args):
+        pass
+
+    def __call__(self, *args):
+        pass
+
+
+class _NullLaunches(dict):
+    """`_ElementwiseLaunches._launch` whose every lookup finds a kept launcher that does nothing."""
+
+    def get(self, key, default=None):
+        k = _NullKernel()
+        kind = key[0] if isinstance(key, tuple) else key
+        if kind == "sign":
+            return (k, 32)
+        if kind == "split":
+            return (k, k, 256, 1, 1)
+        return k
+
+
+class HostStream:
+    """CuPy's current stream as a plan call sees it (`ptr`, `is_capturing()`)."""
+
+    def __init__(self, ptr: int = 1, capturing: bool = False):
+        self.ptr, self.capturing = ptr, capturing
+
+    def is_capturing(self) -> bool:
+        return self.capturing
+
+
+class HostOnlyGpuDevice(CupyDevice):
+    """`CupyDevice`'s host code over NumPy buffers with nothing executed: the prepared cuBLAS argument
+    lists are filled and handed to a cuBLAS that returns at once, the sign pass's and the loss's
+    launchers are looked up and called and do nothing. A plan made with it takes the GPU backend's
+    call path (`host_only_plan`): for the host time of our own code (bench/host_gemm_cpu.py) and
+    tests of that path's bookkeeping. `stream` is what `bind()` returns."""
+
+    emulates_gpu = True
+    auto_fused = False
+
+    def __init__(self, precision: str = "highest"):
+        import types
+
+        from numba import types as nt
+
+        self.xp = _host_xp()
+        self._cb = types.SimpleNamespace(CUBLAS_POINTER_MODE_HOST=0)
+        self._cublas = _NullCublas()  # type: ignore[assignment]  # no library: calls return at once
+        self._dtype_enum = dict(CUDA_DTYPE)
+        self._compute = {
+            "f64": COMPUTE_64F,
+            "f32": 77 if precision == "tf32" else COMPUTE_32F,
+            "f16": COMPUTE_32F,
+        }
+        from .kernels import sign_abs
+
+        self._mod = sign_abs
+        self._max_block = sign_abs.BLOCK_SIZES[-1]
+        self._i64, self._f64, self._bool = nt.int64, nt.float64, nt.boolean
+        self._handle = HANDLE
+        self._stream_ptr = 0
+        self.blas_workspace_bytes = 64
+        self._launch = _NullLaunches()
+        self._prepared: dict = {}
+        self._tri_prepared: dict = {}
+        self._alpha = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
+        self._beta = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
+        self.stream = HostStream()
+
+    def bind(self, cublas=True):
+        self._stream_ptr = self.stream.ptr
+        return self.stream
+
+    def _run_prepared(self, prep, bufs: dict) -> None:
+        template, slots, _coef = prep
+        args = list(template)
+        args[0] = self._handle
+        for pos, key, off in slots:
+            args[pos] = bufs[key].ctypes.data + off
+        self._cublas.gemmStridedBatchedEx(*args)
+
+
+class _NullCublas:
+    def __getattr__(self, name):
+        return lambda *args: 0
+
+
+def _host_xp():
+    """numpy as a plan sees a GPU array module (`xp is not np`), with what a plan reads once of the
+    card's memory for its default workspace budget (8 GiB free)."""
+    import types
+
+    cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(memGetInfo=lambda: (8 << 30, 80 << 30)))
+    pool = types.SimpleNamespace(free_bytes=lambda: 0)
+    return types.SimpleNamespace(
+        empty=np.empty, zeros=np.zeros, asarray=np.asarray, cuda=cuda, get_default_memory_pool=lambda: pool
+    )
+
+
+def host_only_plan(phi: np.ndarray, beta: float = 1.0, **kw):
+    """A plan on a `HostOnlyGpuDevice` that treats the NumPy `phi` as the device's own array (read in
+    place, as a CuPy phi is), not as a host input to upload: the GPU backend's call path."""
+    from ._plan import Plan
+
+    dev = kw.pop("_device", None) or HostOnlyGpuDevice(kw.get("precision", "highest"))
+    p = Plan(phi, beta, backend="numpy", _device=dev, **kw)
+    p._host_in = False
+    p._slices.fix_layout(phi, False, False)
+    return p

@@ -95,10 +95,16 @@ def step(row, col, drow, dcol, n):
 _kernels: dict = {}
 
 
-def _make_span(l2, offdiag, bits=False):
+def _make_span(l2, offdiag, bits=False, tri=0):
     """A thread's stride loop over entries of slice b for the elementwise members (L1, L2, free
     diagonal): writes M into s when write_s, returns the sum of the entries' loss terms. One body for
-    the one-block and the split pass."""
+    the one-block and the split pass.
+
+    tri > 0 (a compile-time block size, so the block index is a division by a constant): the Gram
+    holds only its blocks (I, J) of tri x tri entries with I <= J (row-major view; the blocked
+    triangle GEMM, `gpu_orthol1._triangle`), the others hold nothing meaningful. Entries of the
+    blocks off the diagonal count twice (G is symmetric) and write M at (j, k) and (k, j); the
+    entries of the other blocks are never read, so S may still be G itself."""
 
     @cuda.jit(device=True)
     def entry(g, s, b, k, diag, scale, write_s):
@@ -144,7 +150,17 @@ def _make_span(l2, offdiag, bits=False):
         row, col = rowcol(k, n)
         drow, dcol = rowcol(tpb, n)
         while k < end:
-            acc += entry(g, s, b, k, row == col, scale, write_s)
+            if tri == 0:
+                acc += entry(g, s, b, k, row == col, scale, write_s)
+            else:
+                brow = row // tri
+                bcol = col // tri
+                if brow == bcol:
+                    acc += entry(g, s, b, k, row == col, scale, write_s)
+                elif brow < bcol:
+                    acc += 2.0 * entry(g, s, b, k, False, scale, write_s)
+                    if write_s:
+                        s[b, col * n + row] = s[b, k]
             k += tpb
             row, col = step(row, col, drow, dcol, n)
         return acc
@@ -152,13 +168,14 @@ def _make_span(l2, offdiag, bits=False):
     return span_sum
 
 
-def _make_kernel(tpb, l2=False, offdiag=False, normalize=False, ncol=1, bits=False):
+def _make_kernel(tpb, l2=False, offdiag=False, normalize=False, ncol=1, bits=False, tri=0):
     """The pass for `tpb` threads per block and one member of the penalty family.
 
     l2, offdiag and normalize are compile-time constants (closure variables), so the default L1
     kernel is the same code as before they existed. ncol: how many columns one thread owns in the
-    normalized pass (ceil(n / tpb)), the size of its local array."""
-    span_sum = _make_span(l2, offdiag, bits)
+    normalized pass (ceil(n / tpb)), the size of its local array. bits: S is bfloat16 as int16. tri:
+    see `_make_span` (not with normalize, which reads whole columns)."""
+    span_sum = _make_span(l2, offdiag, bits, tri)
     nanv = BF16_NAN if bits else math.nan
 
     @cuda.jit
@@ -236,17 +253,21 @@ def get_kernel(
     normalize: bool = False,
     ncol: int = 1,
     bits: bool = False,
+    tri: int = 0,
 ):
     """The pass for `tpb` threads per block and one variant (compiled lazily, once per key).
     ncol matters only with normalize: use `columns_per_thread(n, tpb)`. bits: S is bfloat16, passed
-    as int16 (the L1 signs only: L2 and the normalized Gram write values that need rounding)."""
+    as int16 (the L1 signs only: L2 and the normalized Gram write values that need rounding). tri > 0:
+    the Gram holds only its upper blocks of tri x tri entries (`_make_span`)."""
     if tpb not in BLOCK_SIZES:
         raise ValueError(f"threads per block must be one of {BLOCK_SIZES}, got {tpb}")
     if bits and (l2 or normalize):
         raise ValueError(
             "the bfloat16 sign pass writes the L1 signs only (no penalty='l2' or normalize=True)"
         )
-    key = (tpb, bool(l2), bool(offdiag), bool(normalize), int(ncol) if normalize else 1, bool(bits))
+    if tri and normalize:
+        raise ValueError("the normalized pass reads whole columns: it takes no triangle Gram")
+    key = (tpb, bool(l2), bool(offdiag), bool(normalize), int(ncol) if normalize else 1, bool(bits), int(tri))
     kern = _kernels.get(key)
     if kern is None:
         kern = _kernels[key] = _make_kernel(*key)
@@ -306,8 +327,8 @@ def split(n: int, normalize: bool = False, max_block: int = BLOCK_SIZES[-1]) -> 
     return tpb, -(-nn // per), per
 
 
-def _make_part_kernel(tpb, l2, offdiag, bits):
-    span_sum = _make_span(l2, offdiag, bits)
+def _make_part_kernel(tpb, l2, offdiag, bits=False, tri=0):
+    span_sum = _make_span(l2, offdiag, bits, tri)
 
     @cuda.jit
     def sign_abs_part(g, s, n, partials, per_part, scale, write_s):
@@ -348,18 +369,19 @@ def _make_finish_kernel(tpb, bits):
     return sign_abs_finish
 
 
-def get_split_kernels(tpb: int, l2: bool = False, offdiag: bool = False, bits: bool = False):
+def get_split_kernels(tpb: int, l2: bool = False, offdiag: bool = False, bits: bool = False, tri: int = 0):
     """(part kernel, finish kernel) of the split pass for `tpb` threads per block (compiled once);
-    bits: S is bfloat16 passed as int16, as in `get_kernel`."""
+    bits: S is bfloat16 passed as int16, as in `get_kernel`; tri as for `get_kernel` (the finish
+    kernel is the same for both)."""
     if tpb not in BLOCK_SIZES:
         raise ValueError(f"threads per block must be one of {BLOCK_SIZES}, got {tpb}")
     if bits and l2:
         raise ValueError("the bfloat16 sign pass writes the L1 signs only (no penalty='l2')")
-    key = ("split", tpb, bool(l2), bool(offdiag), bool(bits))
+    key = ("split", tpb, bool(l2), bool(offdiag), bool(bits), int(tri))
     kern = _kernels.get(key)
     if kern is None:
         kern = _kernels[key] = (
-            _make_part_kernel(tpb, bool(l2), bool(offdiag), bool(bits)),
+            _make_part_kernel(tpb, bool(l2), bool(offdiag), bool(bits), int(tri)),
             _make_finish_kernel(tpb, bool(bits)),
         )
     return kern

@@ -10,6 +10,7 @@ if not REAL_GPU:
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 os.environ.pop("GPU_ORTHOL1_BACKEND", None)
 os.environ.pop("GPU_ORTHOL1_WORKSPACE_BYTES", None)
+os.environ.pop("GPU_ORTHOL1_GRAM", None)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

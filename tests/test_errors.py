@@ -245,6 +245,7 @@ CASES = {
     "backend-cupy-missing": (ALL, _backend_cupy_missing),
     "env-backend-unknown": (ALL, _env("GPU_ORTHOL1_BACKEND", "gpu")),
     "env-backend-cupy-missing": (ALL, _env_cupy_missing),
+    "env-gram-unknown": (ALL, _env("GPU_ORTHOL1_GRAM", "half")),
     "env-workspace-text": (ALL, _env("GPU_ORTHOL1_WORKSPACE_BYTES", "abc")),
     "env-workspace-zero": (ALL, _env("GPU_ORTHOL1_WORKSPACE_BYTES", "0")),
     "env-workspace-float": (ALL, _env("GPU_ORTHOL1_WORKSPACE_BYTES", "1.5")),

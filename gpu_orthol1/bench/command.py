@@ -307,7 +307,10 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu-orthol1 bench: nothing to run on the requested device", file=sys.stderr)
         return 1
     if config.dtypes == ["float32"] and a.quick and "cpu" in config.devices:
-        print("note: --quick times float32 only on the CPU (float16/float64: pass --dtypes)", file=sys.stderr)
+        print(
+            "note: --quick times float32 only on the CPU (float16/bfloat16/float64: pass --dtypes)",
+            file=sys.stderr,
+        )
     t0 = time.time()
     bench = Bench(config, progress=not a.no_progress)
 

@@ -142,6 +142,16 @@ step bench_torch_precision 240 $PY bench/bench_torch.py --device $TDEV --quick -
   --json "$OUT/bench_torch_precision_$TDEV.json"
 step bench 90 $PY -m gpu_orthol1.cli bench --quick --device $DEV --time-limit 60 --no-progress \
   --csv "$OUT/bench_$DEV.csv" --json "$OUT/bench_$DEV.json" --plot "$OUT/bench_$DEV.png"
+# bfloat16 (issue 22): the quick bench's --time-limit stops before its float16/bfloat16/float64 cases
+# (the H200 run of 2026-11 reached none of them), so bfloat16's reference shapes get a run of their own:
+# gpu_orthol1 (the int16 carrier, as gpu_orthol1.torch hands over CUDA bfloat16 tensors), torch,
+# JAX and limit-cublas-bf16 (CUDA_R_16BF operands, float32 compute). Needs ml_dtypes (JAX installs
+# it); without it the bench refuses --dtypes bfloat16 and the step fails, saying so.
+BF16_SHAPES=4096x32x128,64x4096x64,512x64x512
+[ "$DEV" = cpu ] && BF16_SHAPES=256x16x32,32x64x16  # the dry run: the same step, CPU-sized
+step bench_bf16 60 $PY -m gpu_orthol1.cli bench --quick --device $DEV --dtypes bfloat16 --shapes $BF16_SHAPES \
+  --sweep-m none --sweep-n none --no-crossover --time-limit 40 --no-progress \
+  --csv "$OUT/bench_bf16_$DEV.csv" --json "$OUT/bench_bf16_$DEV.json"
 # the fused kernel's own counters, one launch per config (the default at (64, 4096, 64) float32,
 # that config at 112 registers, the 16 x 16 grid): speed of light, occupancy, launch stats, warp
 # stalls, issue, and the shared-memory table (wavefronts, bank conflicts). Clocks left alone

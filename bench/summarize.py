@@ -40,6 +40,11 @@ GPU (what bench/gpu_check.sh runs; copy its $OUT/bench_gpu.* here, named after t
     python3 -m gpu_orthol1.bench --quick --device gpu --no-progress --time-limit 150 \\
         --csv $OUT/bench_gpu.csv --json $OUT/bench_gpu.json --plot $OUT/bench_gpu.png
 
+and its bfloat16 step (`bench_bf16`; the quick run's time limit ends before its other dtypes):
+
+    python3 -m gpu_orthol1.bench --quick --device gpu --dtypes bfloat16 --sweep-m none --sweep-n none \\
+        --no-crossover --time-limit 40 --no-progress --csv $OUT/bench_bf16_gpu.csv --json $OUT/bench_bf16_gpu.json
+
 `python -m gpu_orthol1.bench` is the same command without the console script.
 """
 

@@ -119,6 +119,122 @@ def test_bench_command_cpu_smoke(tmp_path, capsys):
     assert "gpu_orthol1[numpy]" in out and "| device | shape" in out
 
 
+def test_bench_command_cpu_bfloat16(tmp_path, capsys, monkeypatch):
+    """bfloat16 rows (ml_dtypes inputs): every method that takes it checked against the float64
+    reference with its tolerance class, then timed; a method without bfloat16 skipped with one note;
+    the JSON goes through bench/summarize.py."""
+    pytest.importorskip("ml_dtypes")
+    real = methods.all_methods
+
+    def with_a_float32_only_peer():
+        good = next(m for m in real() if m.name == "numpy-naive")
+        only32 = base.Method(
+            "f32-peer",
+            "peer",
+            "cpu",
+            "numpy",
+            "highest",
+            good.prepare,
+            lambda: (True, ""),
+            ("float32",),
+            {"bfloat16": "it has no bfloat16"},
+        )
+        return [*real(), only32]
+
+    monkeypatch.setattr(methods, "all_methods", with_a_float32_only_peer)
+    rc, doc, rows, _ = _run(
+        tmp_path,
+        "--shapes",
+        "33x5x7",
+        "--sweep-m",
+        "none",
+        "--sweep-n",
+        "none",
+        "--runs",
+        "5",
+        "--dtypes",
+        "bfloat16",
+        "--methods",
+        "gpu_orthol1,numpy-naive,torch-eager,jax-jit,f32-peer",
+    )
+    err = capsys.readouterr().err
+    assert rc == 0
+    by = {r["method"]: r for r in rows}
+    want = {"gpu_orthol1[numpy]", "numpy-naive", "torch-eager", "limit-blas"}
+    if importlib.util.find_spec("jax") is not None:
+        want |= {"jax-jit", "gpu_orthol1.jax"}
+    assert want <= set(by) and "f32-peer" not in by
+    all_ms = {m.name: m for m in real()}
+    for r in rows:
+        assert r["dtype"] == "bfloat16" and r["status"] == "ok", r
+        assert 0 < float(r["p20_ms"]) <= float(r["p50_ms"]) <= float(r["p80_ms"])
+        if r["family"] != "limit":
+            tol = TOL[all_ms[r["method"]].tol_class("bfloat16")]
+            assert float(r["loss_err"]) <= tol["loss"] and float(r["grad_err"]) <= tol["grad"], r
+            assert float(r["ratio_blas"]) > 0  # limit-blas takes bfloat16 on the CPU (the core's chunks)
+    # ours within the bfloat16 class: the loss as float32's, the gradient rounded once
+    assert float(by["gpu_orthol1[numpy]"]["loss_err"]) <= TOL["bfloat16"]["loss"]
+    skipped = [
+        ln for ln in err.splitlines() if "skipped f32-peer on cpu for bfloat16: it has no bfloat16" in ln
+    ]
+    assert len(skipped) == 1 and any("f32-peer" in n for n in doc["notes"])
+    # the report and bench/summarize.py over bfloat16 rows
+    hl = report.headline(doc["rows"])
+    assert [h["dtype"] for h in hl] == ["bfloat16"] and hl[0]["method"] == "gpu_orthol1[numpy]"
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / "cpu-bf16.json").write_text((tmp_path / "r.json").read_text())
+    spec = importlib.util.spec_from_file_location("summarize", ROOT / "bench" / "summarize.py")
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    assert summarize.main([str(res)]) == 0
+    page = (res / "README.md").read_text()
+    assert "| 33x5x7 | bfloat16 |" in page
+
+
+def test_bfloat16_methods_and_tolerance_classes():
+    ms = {m.name: m for m in methods.all_methods()}
+    lim = ms["limit-cublas-bf16"]
+    assert (lim.family, lim.device, lim.precision, lim.dtypes) == ("limit", "gpu", "highest", ("bfloat16",))
+    assert "bfloat16" not in ms["limit-cublas"].dtypes and "bfloat16" in ms["limit-blas"].dtypes
+    for name in ("gpu_orthol1[numpy]", "gpu_orthol1[cupy]", "gpu_orthol1.jax"):
+        assert ms[name].tol_class("bfloat16") == "bfloat16"
+    for name in ("numpy-naive", "torch-eager", "torch-compile", "jax-jit"):
+        assert "bfloat16" in ms[name].dtypes and ms[name].tol_class("bfloat16") == "lowp-bf16"
+        assert ms[name].tol_class("float16") == "lowp"
+    assert "bfloat16" not in ms["cupy-naive"].dtypes and "bfloat16" in ms["cupy-naive"].no_dtype
+    assert "bfloat16" not in ms["gpu_orthol1[cupy,tf32]"].dtypes
+
+
+@pytest.mark.cudasim
+def test_limit_cublas_bf16_argument_sets_emulated(monkeypatch, rng):
+    """limit-cublas-bf16's two GEMMs as the emulator executes the GPU device's argument sets: int16
+    carriers read as CUDA_R_16BF, the Gram in float32, S holding bfloat16 bit patterns of the signs."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from gpu_orthol1 import _cupy
+    from gpu_orthol1.testing import EmulatedGpuDevice
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    devs = []
+    monkeypatch.setattr(_cupy, "CupyDevice", lambda precision: devs.append(EmulatedGpuDevice()) or devs[-1])
+    monkeypatch.setattr(base, "cupy_module", lambda: np)
+    monkeypatch.setattr(methods, "cupy_module", lambda: np)
+    case = runner.make_case(rng, (13, 4, 6), "bfloat16", "ref", cache=0)
+    assert case.dtype == bf16 and case.host[0].dtype == bf16
+    prep = methods._limit("gpu", "highest", bf16=True).prepare(case)
+    out = prep.call(0)
+    A, G, S = prep.keep
+    assert A[0].dtype == np.int16 and G.dtype == np.float32 and S.dtype == np.int16 and out.dtype == np.int16
+    P = case.host[0].astype(np.float64).transpose(1, 0, 2)  # (m, l, n)
+    Sv = S.view(bf16).astype(np.float64).reshape(4, 6, 6)
+    assert set(np.unique(Sv)) <= {-1.0, 0.0, 1.0} and np.abs(Sv).sum() > 0
+    np.testing.assert_allclose(G.reshape(4, 6, 6), P.transpose(0, 2, 1) @ P, rtol=1e-6, atol=1e-6)
+    want = P @ Sv
+    got = out.view(bf16).astype(np.float64)
+    assert np.all(np.abs(got - want) <= 2**-8 * (np.abs(P) @ np.abs(Sv)) + 1e-30)
+    assert [k for k, _ in devs[0].gemm_calls] == ["strided", "strided"]
+
+
 def test_missing_peers_are_skipped_with_a_note(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
     monkeypatch.setitem(sys.modules, "jax", None)
@@ -531,7 +647,7 @@ def test_bench_command_gpu_smoke(tmp_path):
             "--shapes",
             "40x6x8",
             "--dtypes",
-            "float32,float16",
+            "float32,float16,bfloat16",
             "--sweep-m",
             "24x4:2,5",
             "--sweep-n",
@@ -549,9 +665,12 @@ def test_bench_command_gpu_smoke(tmp_path):
         "gpu_orthol1[cupy,tf32]",
         "cupy-naive",
         "limit-cublas",
+        "limit-cublas-bf16",
         "auto-crossover[numpy]",
         "auto-crossover[cupy]",
     } <= have
+    bf = {r["method"] for r in rows if r["dtype"] == "bfloat16"}
+    assert {"gpu_orthol1[cupy]", "limit-cublas-bf16"} <= bf and "cupy-naive" not in bf
     for r in rows:
         assert r["status"] == "ok", r
         assert float(r["p50_ms"]) > 0

@@ -10,18 +10,22 @@ round.
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import gpu_orthol1 as ol1
-from gpu_orthol1 import _backends
+from gpu_orthol1 import _backends, _cache, _dtypes
+from gpu_orthol1 import _plan as plan_module
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
-SENTINEL = 7.25  # what out= holds before the call; it must hold it after
+SENTINEL = 7.25  # what out= holds before the call; it must hold it after (exact in bfloat16 too)
+REAL_GPU = os.environ.get("GPU_ORTHOL1_TEST_GPU") == "1"  # as tests/conftest.py reads it
 
 
 def _doc_rows():
@@ -190,6 +194,32 @@ def _cannot_allocate(w, mp):
     return phi, (), {"backend": "numpy"}  # "auto" would pick the GPU for this many flops
 
 
+def _bf16_gpu_path(**kw):
+    """A bfloat16 NumPy phi and out= computed on the GPU path: on the card (GPU_ORTHOL1_TEST_GPU=1)
+    through backend="cupy", elsewhere through the emulated GPU device (the card's argument sets and
+    kernels under numba's simulator) standing in for the CPU's. Plans are cached apart, so that no
+    emulated plan outlives the row."""
+
+    def build(w, mp):
+        bf16 = _dtypes.bfloat16()
+        w.phi = w.watch(np.asarray(_to_host(w.phi)).astype(bf16))
+        w.out = w.watch(np.full(w.phi.shape, SENTINEL, bf16))
+        mp.setattr(_cache, "_cache", OrderedDict())
+        if REAL_GPU:
+            return w.phi, (), {"backend": "cupy", **kw}
+        from gpu_orthol1.testing import EmulatedGpuDevice
+
+        mp.setattr(plan_module, "make_device", lambda resolved, precision: EmulatedGpuDevice())
+        return w.phi, (), {"backend": "numpy", **kw}
+
+    return build
+
+
+def _bf16_fused(w, mp):
+    mp.setenv("GPU_ORTHOL1_KERNEL", "fused")  # loss and grad take no kernel=: the override forces it
+    return _bf16_gpu_path()(w, mp)
+
+
 CASES = {
     "phi-list": (ALL, _phi(lambda: [[1.0, 2.0]])),
     "phi-scalar": (ALL, _phi(lambda: 1.0)),
@@ -256,10 +286,15 @@ CASES = {
     "workspace-bool": (ALL, _opt(workspace_bytes=True)),
     "workspace-too-small": (ALL, _opt(workspace_bytes=30)),
     "cannot-allocate": ((GRAD, BOTH), _cannot_allocate),
+    "kernel-fused-bf16": (ALL, _bf16_fused),
+    "bf16-gpu-l2-grad": (WITH_OUT, _bf16_gpu_path(penalty="l2")),
+    "bf16-gpu-normalize-grad": (WITH_OUT, _bf16_gpu_path(normalize=True)),
 }
 # Rows whose out= must not be the world's sentinel (they pass their own, or none at all).
 _OWN_OUT = {"cannot-allocate"}
 GPU_ROWS = {rid for rid, (_, _, gpu) in ROWS.items() if gpu}
+# GPU-path rows that need no card: the emulator runs them here (cudasim), the card in its `gpu` run
+EMULATED_ROWS = {"kernel-fused-bf16", "bf16-gpu-l2-grad", "bf16-gpu-normalize-grad"}
 
 
 def test_doc_and_cases_match():
@@ -272,6 +307,14 @@ def test_doc_and_cases_match():
 
 def _params():
     for rid in CASES:
+        if rid in EMULATED_ROWS:
+            yield pytest.param(
+                rid,
+                marks=[pytest.mark.cudasim, pytest.mark.filterwarnings("ignore::gpu_orthol1.CopyWarning")],
+                id=rid,
+            )
+            yield pytest.param(rid, marks=[pytest.mark.gpu], id=f"{rid}-card")
+            continue
         marks = [pytest.mark.gpu] if rid in GPU_ROWS else []
         yield pytest.param(rid, marks=marks, id=rid)
 

@@ -17,7 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from .. import _dtypes
+
 BETA = 0.5
+# the dtypes `--dtypes` takes; bfloat16 is ml_dtypes' (what JAX hands over), made on demand
+DTYPES = ("float16", "bfloat16", "float32", "float64")
 PEERS = ("numpy-naive", "torch-eager", "torch-compile", "jax-jit", "cupy-naive")
 # One row per (method, case): the CSV's columns and the JSON rows' keys, in this order. "slow" is
 # set by flags.slow_rows, "flags" by flags.flag_rows.
@@ -105,14 +109,38 @@ class Method:
     prepare: Callable[[Case], Prepared]
     available: Callable[[], tuple[bool, str]]
     dtypes: tuple = ("float16", "float32", "float64")
+    # why the method has no row for a dtype the run measures (a one-line note, once per run)
+    no_dtype: dict[str, str] = field(default_factory=dict)
 
     def tol_class(self, dtype) -> str:
-        name = np.dtype(dtype).name
+        name = dtype_name(dtype)
         if self.precision == "tf32" and name == "float32":
             return "tf32"
-        if name == "float16" and self.family != "ours":
-            return "lowp"  # the naive float16 expression rounds G itself to float16
+        if name in ("float16", "bfloat16") and self.family != "ours":
+            # the peers' float16 and bfloat16 expressions round G itself to their dtype (torch's and
+            # XLA's bfloat16 matmuls return bfloat16): G's own rounding is then the floor
+            return "lowp" if name == "float16" else "lowp-bf16"
         return name
+
+
+def dtype_name(dtype) -> str:
+    """A dtype's name ("bfloat16" without importing ml_dtypes when given as a name)."""
+    return dtype if isinstance(dtype, str) else np.dtype(dtype).name
+
+
+def bench_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of one of DTYPES (bfloat16: ml_dtypes', imported here)."""
+    return _dtypes.bfloat16() if name == "bfloat16" else np.dtype(name)
+
+
+def bits(a):
+    """A bfloat16 host array as its int16 carrier (how bfloat16 reaches CuPy, which has none), else a."""
+    return a.view(_dtypes.BITS) if _dtypes.is_bf16(a.dtype) else a
+
+
+def from_bits(a, dtype):
+    """A host result back in `dtype`: an int16 carrier of bfloat16 viewed as bfloat16, else a."""
+    return a.view(dtype) if _dtypes.is_bf16(dtype) and a.dtype == _dtypes.BITS else a
 
 
 # ---------------------------------------------------------------- memory probes (CPU)
@@ -232,8 +260,9 @@ def gpu_ok() -> tuple[bool, str]:
 
 
 def device_copies(case: Case):
+    """The case's inputs on the GPU; bfloat16 as int16 carriers (CuPy has no bfloat16)."""
     cp = cupy_module()
-    return [cp.asarray(h) for h in case.host]
+    return [cp.asarray(bits(h)) for h in case.host]
 
 
 def noop():

@@ -13,6 +13,7 @@ paths and --plot are checked before anything runs.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import re
@@ -22,6 +23,7 @@ import time
 from .. import _backends
 from .._cliargs import dims_of, unwritable
 from . import methods as methods_module
+from .base import DTYPES
 from .env import loadavg
 from .flags import SLOW_PEER, SLOW_RATIO, flag_rows, slow_rows
 from .report import headline_markdown, plot, table, write_csv
@@ -110,8 +112,9 @@ def parser():
     p.add_argument(
         "--dtypes",
         default=None,
-        help="comma list of float16,float32,float64 for the reference "
-        "shapes (default: all three; --quick: float32 on the CPU)",
+        help="comma list of float16,bfloat16,float32,float64 for the reference shapes, measured in "
+        "that order after float32 (default: all four, bfloat16 when ml_dtypes is installed; --quick: "
+        "float32 on the CPU)",
     )
     p.add_argument(
         "--sweep-m",
@@ -186,6 +189,10 @@ def check_outputs(a) -> None:
             )
 
 
+def _has_ml_dtypes() -> bool:
+    return importlib.util.find_spec("ml_dtypes") is not None
+
+
 def make_config(a) -> BenchConfig:
     """The run the parsed options ask for; UsageError for a value argparse could not check."""
 
@@ -199,11 +206,20 @@ def make_config(a) -> BenchConfig:
     ref = list(REF_SHAPES) if a.shapes is None else a.shapes
     if a.dtypes:
         dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
-        bad = [d for d in dtypes if d not in ("float16", "float32", "float64")]
+        bad = [d for d in dtypes if d not in DTYPES]
         if bad:
-            raise UsageError(f"unknown dtype(s) {bad}; use float16, float32, float64")
+            raise UsageError(f"unknown dtype(s) {bad}; use {', '.join(DTYPES)}")
+        if "bfloat16" in dtypes and not _has_ml_dtypes():
+            raise UsageError(
+                "--dtypes bfloat16 needs the ml_dtypes package (pip install ml_dtypes; JAX installs it)"
+            )
+    elif a.quick and devices == ["cpu"]:
+        dtypes = ["float32"]
     else:
-        dtypes = ["float32"] if a.quick and devices == ["cpu"] else ["float32", "float16", "float64"]
+        dtypes = ["float32", "float16", "bfloat16", "float64"]
+        if not _has_ml_dtypes():
+            dtypes.remove("bfloat16")
+            notes.append("bfloat16 not measured: the ml_dtypes package is not installed")
     sweeps: dict[str, dict] = {}
     for dev in devices:
         key = ("gpu-quick" if a.quick else "gpu") if dev == "gpu" else ("quick" if a.quick else "full")
@@ -291,7 +307,10 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu-orthol1 bench: nothing to run on the requested device", file=sys.stderr)
         return 1
     if config.dtypes == ["float32"] and a.quick and "cpu" in config.devices:
-        print("note: --quick times float32 only on the CPU (float16/float64: pass --dtypes)", file=sys.stderr)
+        print(
+            "note: --quick times float32 only on the CPU (float16/bfloat16/float64: pass --dtypes)",
+            file=sys.stderr,
+        )
     t0 = time.time()
     bench = Bench(config, progress=not a.no_progress)
 

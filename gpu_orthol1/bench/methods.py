@@ -15,21 +15,26 @@ from typing import Any
 
 import numpy as np
 
+from .. import _dtypes
 from .base import (
     BETA,
     Case,
     Method,
     Prepared,
+    bits,
     cpu_peak,
     cpu_peak_of,
     cupy_module,
     device_copies,
+    from_bits,
     gpu_ok,
     gpu_peak_of,
     gpu_sync,
     noop,
     to_host,
 )
+
+ALL_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 # ---------------------------------------------------------------- gpu_orthol1
 
@@ -50,8 +55,17 @@ def _ours(device: str, precision: str) -> Method:
         def call(k):
             return ol1.loss_and_grad(xs[k], BETA, backend=backend, precision=precision)
 
+        if device != "cpu" and _dtypes.is_bf16(case.dtype):
+            from .. import _cache, _plan
+
+            def call(k):
+                # CuPy has no bfloat16: the int16 carrier through the functional API's plan cache and
+                # loss_and_grad's own steps, the way gpu_orthol1.torch hands over a CUDA bfloat16 tensor
+                p = _cache.cached(xs[k], 1, "sum", precision, backend, None, bf16_bits=True)
+                return _plan.execute(p, xs[k], None, False, BETA, True)
+
         def result(r):
-            return to_host(r[0]), to_host(r[1])
+            return to_host(r[0]), from_bits(to_host(r[1]), case.dtype)
 
         peak = cpu_peak_of(call) if device == "cpu" else gpu_peak_of(call)
         return Prepared(call, result, sync, peak, [xs])
@@ -66,7 +80,7 @@ def _ours(device: str, precision: str) -> Method:
         precision,
         prepare,
         avail,
-        ("float32",) if precision == "tf32" else ("float16", "float32", "float64"),
+        ("float32",) if precision == "tf32" else ALL_DTYPES,
     )
 
 
@@ -91,7 +105,9 @@ def _numpy_naive() -> Method:
 
         return Prepared(call, lambda r: (r[0], r[1]), noop, cpu_peak_of(call), [xs])
 
-    return Method("numpy-naive", "peer", "cpu", "numpy", "highest", prepare, lambda: (True, ""))
+    # bfloat16 runs as written: NumPy finds no bfloat16 matmul and casts each operand to float32 (a
+    # whole copy each; 1.2-1.6x its float32 time, measured), so the gradient comes out float32
+    return Method("numpy-naive", "peer", "cpu", "numpy", "highest", prepare, lambda: (True, ""), ALL_DTYPES)
 
 
 def _cupy_naive() -> Method:
@@ -104,7 +120,16 @@ def _cupy_naive() -> Method:
 
         return Prepared(call, lambda r: (to_host(r[0]), to_host(r[1])), gpu_sync, gpu_peak_of(call), [xs])
 
-    return Method("cupy-naive", "peer", "gpu", "cupy", "highest", prepare, gpu_ok)
+    return Method(
+        "cupy-naive",
+        "peer",
+        "gpu",
+        "cupy",
+        "highest",
+        prepare,
+        gpu_ok,
+        no_dtype={"bfloat16": "CuPy has no bfloat16 dtype"},
+    )
 
 
 # ---------------------------------------------------------------- PyTorch
@@ -158,13 +183,16 @@ def _torch(device: str, compiled: bool) -> Method:
     def prepare(case):
         import torch
 
+        def tensor(t):  # bfloat16 arrives as its int16 carrier (NumPy and CuPy have no bfloat16)
+            return t.view(torch.bfloat16) if _dtypes.is_bf16(case.dtype) else t
+
         if device == "cpu":
-            base = [torch.from_numpy(h) for h in case.host]
+            base = [tensor(torch.from_numpy(bits(h))) for h in case.host]
             sync = noop
             keep: list = [base]
         else:
             cps = device_copies(case)
-            base = [torch.from_dlpack(c) for c in cps]  # same device memory, no copy
+            base = [tensor(torch.from_dlpack(c)) for c in cps]  # same device memory, no copy
             sync = gpu_sync
             keep = [cps, base]
         f = _torch_compiled() if compiled else _torch_loss
@@ -195,7 +223,9 @@ def _torch(device: str, compiled: bool) -> Method:
         return Prepared(call, result, sync, peak, keep)
 
     name = "torch-compile" if compiled else "torch-eager"
-    return Method(name, "peer", device, "torch", "highest", prepare, _torch_avail(device, compiled))
+    return Method(
+        name, "peer", device, "torch", "highest", prepare, _torch_avail(device, compiled), ALL_DTYPES
+    )
 
 
 # ---------------------------------------------------------------- JAX
@@ -273,7 +303,7 @@ def _jax(device: str) -> Method:
         p = Prepared(lambda k: jax.block_until_ready(call(k)), result, sync, peak, [xs])
         return p
 
-    return Method("jax-jit", "peer", device, "jax", "highest", prepare, _jax_avail(device))
+    return Method("jax-jit", "peer", device, "jax", "highest", prepare, _jax_avail(device), ALL_DTYPES)
 
 
 def _ours_jax(device: str) -> Method:
@@ -299,17 +329,22 @@ def _ours_jax(device: str) -> Method:
 
         return Prepared(lambda k: jax.block_until_ready(f(xs[k])), result, noop, peak, [xs])
 
-    return Method("gpu_orthol1.jax", "ours", device, "jax", "highest", prepare, _jax_avail(device))
+    return Method(
+        "gpu_orthol1.jax", "ours", device, "jax", "highest", prepare, _jax_avail(device), ALL_DTYPES
+    )
 
 
 # ---------------------------------------------------------------- the limit: the two GEMMs alone
 
 
-def _limit(device: str, precision: str, threads: int | None = None) -> Method:
+def _limit(device: str, precision: str, threads: int | None = None, bf16: bool = False) -> Method:
     """The core's own Gram and gradient GEMMs (same BLAS / cuBLAS calls, same compute types) over
     contiguous (m, l, n) operands, in one batch each, with no sign pass: the time gpu_orthol1
     cannot beat with BLAS doing the arithmetic. On the CPU the slices are split over `threads`
-    parts (None: as gpu_orthol1 splits them; 1: one part, BLAS threading each GEMM itself)."""
+    parts (None: as gpu_orthol1 splits them; 1: one part, BLAS threading each GEMM itself).
+    bf16 (GPU): the bfloat16 limit, CUDA_R_16BF operands (int16 carriers, as the core's) with a
+    float32 Gram and compute type; on the CPU, limit-blas covers bfloat16 as it does float16 (the
+    core's float32 chunks)."""
 
     def prepare(case):
         from .. import _cpu_pool, _driver
@@ -328,11 +363,17 @@ def _limit(device: str, precision: str, threads: int | None = None) -> Method:
             sync = gpu_sync
         m, n = case.m, case.n
         dt = case.dtype
-        A = [xp.ascontiguousarray(xp.asarray(h).transpose(1, 0, 2)) for h in case.host]
-        acc = dev.acc_dtype(dt)
+        carrier = device != "cpu" and _dtypes.is_bf16(dt)  # CuPy has no bfloat16: its int16 carrier
+        ddt = _dtypes.BITS if carrier else dt
+        A = [
+            xp.ascontiguousarray(xp.asarray(bits(h) if carrier else h).transpose(1, 0, 2)) for h in case.host
+        ]
+        acc = dev.acc_dtype(ddt)
         G = xp.empty((m, n * n), dtype=acc)
         rs = np.random.default_rng(0)
-        S = xp.asarray(np.sign(rs.standard_normal((m, n * n))).astype(dev.sign_dtype(dt)))
+        signs = np.sign(rs.standard_normal((m, n * n)))
+        # a bfloat16 S holds bfloat16 bit patterns of the signs, as the core's sign pass writes them
+        S = xp.asarray(bits(signs.astype(dt)) if carrier else signs.astype(dev.sign_dtype(ddt)))
         lay = _driver.layout_of(A[0])
         if device != "cpu":
             dev.bind()
@@ -355,18 +396,15 @@ def _limit(device: str, precision: str, threads: int | None = None) -> Method:
         return Prepared(call, lambda r: (None, None), sync, peak, [A, G, S])
 
     lib = "blas" if device == "cpu" else "cublas"
-    name = f"limit-{lib}{'-tf32' if precision == 'tf32' else ''}"
+    name = f"limit-{lib}{'-tf32' if precision == 'tf32' else ''}{'-bf16' if bf16 else ''}"
     avail = (lambda: (True, "")) if device == "cpu" else gpu_ok
-    return Method(
-        name,
-        "limit",
-        device,
-        lib,
-        precision,
-        prepare,
-        avail,
-        ("float32",) if precision == "tf32" else ("float16", "float32", "float64"),
-    )
+    if precision == "tf32":
+        dtypes: tuple = ("float32",)
+    elif device == "cpu":
+        dtypes = ALL_DTYPES
+    else:  # bfloat16's limit has a name of its own on the GPU, as tf32's
+        dtypes = ("bfloat16",) if bf16 else ("float16", "float32", "float64")
+    return Method(name, "limit", device, lib, precision, prepare, avail, dtypes)
 
 
 def all_methods() -> list[Method]:
@@ -386,5 +424,6 @@ def all_methods() -> list[Method]:
         _jax("gpu"),
         _ours_jax("gpu"),
         _limit("gpu", "highest"),
+        _limit("gpu", "highest", bf16=True),
         _limit("gpu", "tf32"),
     ]

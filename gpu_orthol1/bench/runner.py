@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..reference import Reference
-from .base import BETA, RESULT_FIELDS, Case, Prepared, d2d_bandwidth, gpu_sync, malloc_steady
+from .base import BETA, RESULT_FIELDS, Case, Prepared, bench_dtype, d2d_bandwidth, gpu_sync, malloc_steady
 from .env import cache_bytes, cpu_name, gpu_name, loadavg, versions
 from .report import crossover_flops
 
@@ -58,6 +58,7 @@ def random_phi(rng, shape, dtype):
 
 
 def make_case(rng, shape, dtype, sweep, cache, max_copies=8):
+    dtype = bench_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
     one = random_phi(rng, shape, dtype)
     # Rotate copies so that each run reads its input from memory, not from the previous run's cache.
     copies = 1 if one.nbytes >= 2 * cache else min(max_copies, math.ceil(2 * cache / max(one.nbytes, 1)))
@@ -169,6 +170,10 @@ class Bench:
                 malloc_steady()  # the allocator regime of every CPU timing (see there)
             cache = cache_bytes(device)
             cases = self.cases_for(device)
+            for mt in usable:  # a dtype the run measures that a method cannot take: one line why
+                for dt in dict.fromkeys(dt for _s, dt, _w in cases):
+                    if dt not in mt.dtypes and dt in mt.no_dtype:
+                        self.note(f"skipped {mt.name} on {device} for {dt}: {mt.no_dtype[dt]}")
             bar = self._bar(len(cases) * len(usable), f"bench {device}")
             for ci, (shape, dt, sweep) in enumerate(cases):
                 if time.time() - self.t_start > self.config.time_limit_s:
@@ -313,7 +318,7 @@ def set_ratios(rows: list[dict], case: Case, device: str, d2d_bw: float | None) 
     """Each ok row's ratios to the case's limits (BLAS/cuBLAS, memory) and to gpu_orthol1's time."""
     ok = [r for r in rows if r["status"] == "ok"]
     lim = {r["precision"]: r["p50_ms"] for r in ok if r["family"] == "limit"}
-    mem_ms: Any = ""  # "" in a row: not measured
+    mem_ms = 0.0  # none on the CPU (falsy, as an absent limit)
     if device == "gpu" and d2d_bw:
         mem_ms = 2.0 * case.nbytes / d2d_bw * 1e3  # read phi + write the gradient
     ours = [r["p50_ms"] for r in ok if r["family"] == "ours" and r["precision"] == "highest"]
@@ -336,13 +341,17 @@ def run_crossover(bench: Bench, rng: Any, stamp: str) -> None:
     """backend="numpy" vs backend="cupy" (with host<->device copies) on NumPy inputs of growing size."""
     import gpu_orthol1 as ol1
 
-    assert bench.config.crossover is not None  # run only when the config asks for it
+    if bench.config.crossover is None:
+        return
     (l, n), ms = bench.config.crossover
     bar = bench._bar(len(ms), "crossover")
     for m in ms:
         phi = [random_phi(rng, (l, m, n), np.float32) for _ in range(4)]
         for backend in ("numpy", "cupy"):
-            call: Any = lambda k, b=backend, x=phi: ol1.loss_and_grad(x[k], BETA, backend=b)  # noqa: E731
+
+            def call(k: int, b: Any = backend, x: list = phi) -> Any:
+                return ol1.loss_and_grad(x[k], BETA, backend=b)
+
             prep = Prepared(
                 call,
                 lambda r: r,

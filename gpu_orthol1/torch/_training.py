@@ -215,12 +215,8 @@ class MetricsRun:
 
             col = _core.metrics_collector(cupy, 0, n, off, {k: cupy.asarray(b) for k, b in bufs.items()})
             return lambda ws: col.hook(cupy.asarray(ws))
-        col = _core.metrics_collector(np, 0, n, off, {k: b.numpy() for k, b in bufs.items()})
-
-        def hook(ws):
-            col.hook(ws.numpy() if isinstance(ws, torch.Tensor) else ws)
-
-        return hook
+        # the collector itself: the CPU device fills it inside its sign pass (the workspaces are NumPy)
+        return _core.metrics_collector(np, 0, n, off, {k: b.numpy() for k, b in bufs.items()})
 
     def add_single(self, j: int, V: torch.Tensor, loss: torch.Tensor) -> None:
         """A matrix the core ran on its own (bfloat16, float16 on CUDA, odd layouts): its Gram again

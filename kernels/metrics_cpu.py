@@ -51,30 +51,39 @@ def gram_metrics(g, n, max_cos, fro, mean_abs):  # pragma: no cover - compiled
 # whole slice, then per row the products |G_ij| inv_j into a scratch row whose maximum is taken on
 # the bits (for floats >= 0 the int64 order is the float order, and an integer max reduction
 # vectorizes where numba's float max does not): 2x faster than a row loop over the upper triangle.
-# A slice holding NaN/Inf gets NaN metrics below, from its loss (the sign pass makes that NaN).
+# The diagonal is set to 0 for both loops and restored after, so that neither sees it: its squares
+# (G_jj - 1)^2 are summed apart, in float64 (subtracting G_jj^2 from the flat sum instead loses
+# ||G - I||_F to cancellation when G is near I). A slice holding NaN/Inf gets NaN metrics from its
+# loss (the sign pass makes that NaN), whatever these loops return for it.
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
-def _slice_metrics(gb, n, inv, t, ti):  # pragma: no cover - compiled
+def _slice_metrics(gb, n, inv, t, ti, dg):  # pragma: no cover - compiled
     """(max over i != j of |G_ij| inv_i inv_j, sum of (G - I)^2) of one slice; t/ti: (n,) scratch
-    float64 and its int64 view."""
+    float64 and its int64 view, dg: (n,) scratch of gb's dtype for the diagonal."""
+    zero = gb.dtype.type(0.0)
+    dq = 0.0
+    for i in range(n):
+        dg[i] = gb[i * (n + 1)]
+        x = np.float64(dg[i]) - 1.0
+        dq += x * x
+        gb[i * (n + 1)] = zero
     q = 0.0
     for k in range(n * n):
         x = np.float64(gb[k])
         q += x * x
     c = 0.0
     for i in range(n):
-        d = np.float64(gb[i * (n + 1)])
-        q += (d - 1.0) * (d - 1.0) - d * d  # the diagonal of G - I, not of G
         row = i * n
         for j in range(n):
             t[j] = abs(np.float64(gb[row + j])) * inv[j]
-        t[i] = 0.0
         ci = 0
         for j in range(n):
             v = ti[j]
             ci = v if v > ci else ci
         ti[0] = ci
         c = max(c, t[0] * inv[i])
-    return c, q
+    for i in range(n):
+        gb[i * (n + 1)] = dg[i]
+    return c, q + dq
 
 
 @numba.njit(cache=True, nogil=True)
@@ -86,12 +95,13 @@ def sign_abs_metrics(
     inv = np.empty(n, dtype=np.float64)
     t = np.empty(n, dtype=np.float64)
     ti = t.view(np.int64)
+    dg = np.empty(n, dtype=g.dtype)
     for b in range(g.shape[0]):
         gb = g[b]
         for i in range(n):
             d = np.float64(gb[i * (n + 1)])
             inv[i] = 1.0 / math.sqrt(d) if d > 0 else 0.0
-        c, q = _slice_metrics(gb, n, inv, t, ti)
+        c, q = _slice_metrics(gb, n, inv, t, ti, dg)
         sign_abs_sum(g[b : b + 1], s[b : b + 1], n, losses, loss_offset + b, scale, write_s)
         loss = losses[loss_offset + b]
         if math.isfinite(loss):

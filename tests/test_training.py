@@ -124,6 +124,11 @@ def test_sign_pass_with_metrics_equals_reference_and_sign_pass(rng, dtype, rtol,
         assert np.array_equal(l1, l2) and np.array_equal(s1, s2), inplace
         for k, o in zip(("max_cos", "fro", "mean_abs"), out, strict=True):
             _close(o, want[k], rtol, f"{k} n={n} {dtype} inplace={inplace}")
+    q, _ = np.linalg.qr(rng.standard_normal((n + 3, n)))  # orthonormal columns: fro ~ 1e-16, not sqrt(eps)
+    gq = (q.T @ q).reshape(1, n * n)
+    out = [np.zeros(1) for _ in range(3)]
+    metrics_cpu.sign_abs_metrics(gq, gq.copy(), n, np.zeros(1), 0, 1.0, False, *out)
+    assert out[1][0] < 1e-12 and out[0][0] < 1e-12 and out[2][0] < 1e-12
     bad = ws.copy()
     bad[3, n * n // 2] = np.nan
     out = [np.zeros(6) for _ in range(3)]

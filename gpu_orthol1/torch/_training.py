@@ -178,10 +178,12 @@ def resolve_split(split: Any, module: Any, targets: list) -> Split | None:
 
 
 def full_value(local: torch.Tensor, sp: Split) -> torch.Tensor:
-    """The full penalty from each rank's (world-scaled) share: one scalar all-reduce, detached."""
-    v = local.detach() / sp.world
+    """The full penalty from each rank's (world-scaled) share: one scalar all-reduce, detached. The
+    shares are unscaled and summed in float64 (a float32 sum of world-scaled shares rounds each
+    term twice), then rounded once to the loss's dtype."""
+    v = local.detach().to(torch.float64) / sp.world
     torch.distributed.all_reduce(v, group=sp.group)
-    return v
+    return v.to(local.dtype)
 
 
 # -- metrics -----------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ launch (`loss_total`).
 
 from __future__ import annotations
 
+import numbers
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -270,9 +271,22 @@ class CupyDevice(_ElementwiseLaunches):
         fn = self._cublas.sgemmBatched if dt == _F32 else self._cublas.dgemmBatched
         bs = 8 * call.batch
         t = call.template
-        alpha, beta = self._scalars(dt, t.alpha, t.beta)
-        fn(self._handle, t.transa, t.transb, t.m, t.n, t.k, alpha, base, t.a.ld,
-           base + bs, t.b.ld, beta, base + 2 * bs, t.c.ld, call.batch)
+        if isinstance(t.alpha, numbers.Real):
+            alpha, beta = self._scalars(dt, t.alpha, t.beta)
+            fn(self._handle, t.transa, t.transb, t.m, t.n, t.k, alpha, base, t.a.ld,
+               base + bs, t.b.ld, beta, base + 2 * bs, t.c.ld, call.batch)
+            return
+        # [alpha, beta] in device memory (OrthoL1's weight): cuBLAS reads them when the GEMM runs, so
+        # a CUDA graph's replay applies the values written there last. Device pointer mode for this
+        # call only: every other call of the handle passes host scalars.
+        a = _addr(t.alpha)
+        cb, h = self._cublas, self._handle
+        cb.setPointerMode(h, self._cb.CUBLAS_POINTER_MODE_DEVICE)
+        try:
+            fn(h, t.transa, t.transb, t.m, t.n, t.k, a, base, t.a.ld,
+               base + bs, t.b.ld, a + dt.itemsize, base + 2 * bs, t.c.ld, call.batch)
+        finally:
+            cb.setPointerMode(h, self._cb.CUBLAS_POINTER_MODE_HOST)
 
     def gram(self, src, cc, ws):
         if isinstance(src, StridedChunk):

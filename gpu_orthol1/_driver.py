@@ -265,7 +265,7 @@ def run(
     losses: Any,
     *,
     loss_offset: int = 0,
-    alpha: float,
+    alpha: Any,
     beta_gemm: float,
     want_grad: bool,
     gram_hook: Callable[[Any], object] | None = None,
@@ -275,6 +275,10 @@ def run(
 ) -> None:
     """Unscaled losses of slices first .. first+count-1 into losses[loss_offset + i] (float64), and
     alpha * Phi S (+ beta_gemm * out) into the gradient when want_grad.
+
+    alpha: a number, or (a GPU device, `Pointers` batches) a 2-entry array in device memory holding
+    [alpha, beta_gemm] in the GEMM's dtype, which the gradient GEMM reads when it runs (cuBLAS's device
+    pointer mode): a CUDA graph of the call then replays with the values written there last.
 
     gram_hook(ws), when given, sees each chunk's Grams before the sign pass and may change them in
     place (the distributed entry points sum partial Grams over ranks there)."""
@@ -315,7 +319,7 @@ def _loop(
     chunk: int,
     losses: Any,
     loss_offset: int,
-    alpha: float,
+    alpha: Any,
     beta_gemm: float,
     want_grad: bool,
     gram_hook: Callable[[Any], object] | None,

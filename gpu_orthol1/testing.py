@@ -13,6 +13,7 @@ path's arithmetic on every run. Slow: for tests on small shapes.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from . import _gemm
-from ._cupy import CupyDevice, address_batches
+from ._cupy import CupyDevice, _addr, address_batches
 from ._gemm import OP_N, Gemm, Operand
 from ._penalty import DEFAULT
 
@@ -169,6 +170,7 @@ class EmulatedGpuDevice(CupyDevice):
         self._compute = {"f64": COMPUTE_64F, "f32": COMPUTE_32F, "f16": COMPUTE_32F}
         self._prepared: dict = {}
         self._handle = HANDLE
+        self.recorded: list | None = None  # a list: GEMMs and sign passes are recorded for `replay`
 
     def set_blas_workspace(self, buf):
         assert buf is None or (buf.dtype == np.uint8 and buf.shape == (self.blas_workspace_bytes,))
@@ -200,10 +202,35 @@ class EmulatedGpuDevice(CupyDevice):
         """Read the three address arrays back from the workspace buffer the kernel wrote, the way
         cuBLAS reads them (A, B, C, `batch` entries each), and execute them."""
         self.gemm_calls.append(("pointers", call.batch))
-        ptrs = np.asarray(addrs[: 3 * call.batch]).reshape(3, call.batch)
+        ptrs = np.asarray(addrs[: 3 * call.batch]).reshape(3, call.batch).copy()
+        run = (self._run_pointer_gemm, (call, dt, ptrs, dict(bufs)))
+        if self.recorded is not None:  # what a CUDA graph would hold: the argument set, addresses included
+            self.recorded.append(run)
+        run[0](*run[1])
+
+    def _run_pointer_gemm(self, call: _gemm.BatchedGemm, dt, ptrs: np.ndarray, bufs: dict) -> None:
+        t = call.template
+        if not isinstance(
+            t.alpha, numbers.Real
+        ):  # device pointer mode: read [alpha, beta] at its address now
+            coef = host_view(_addr(t.alpha), (2,), (dt.itemsize,), dt)
+            call = replace(call, template=replace(t, alpha=float(coef[0]), beta=float(coef[1])))
         emulate_pointer_gemm(call, ptrs, bufs)
 
+    def replay(self) -> None:
+        """Run the pointer-array GEMMs and sign passes recorded since `recorded` was set to a list
+        again, in order, as a CUDA graph's replay runs its captured calls: the same argument sets,
+        coefficients in device memory read anew."""
+        for fn, args in self.recorded or ():
+            fn(*args)
+
     def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant=DEFAULT, partials=None):
+        args = (ws, sgn, n, losses, offset, scale, write_s, variant, partials)
+        if self.recorded is not None:
+            self.recorded.append((self._sign_abs, args))
+        self._sign_abs(*args)
+
+    def _sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant, partials):
         l2, offdiag, normalize = variant.flags()
         if partials is not None:
             tpb, parts, per = self._mod.split(n, normalize, self._max_block)

@@ -280,23 +280,52 @@ def ddp_rank_main(rank, world, store, args, out_path):
     def task(m, x):
         return m(x)
 
-    # correctness: 5 SGD steps, split against unsplit
-    params = {}
+    # correctness: 5 SGD steps of the split and the unsplit run side by side (the same data), their
+    # DDP-averaged gradients compared after each step's backward, the parameters after the 5th step.
+    # Relative measures per tensor: max|a - b| / max|b| (the headline, max over tensors) and
+    # ||a - b||_F / ||b||_F; and the entries that differ by more than 1e-5 max|b| (a float32 Gram entry
+    # within rounding of 0 that takes the other sign moves its gradient entries by ~4 beta |phi|).
+    def rel_max(a, b):
+        return float((a - b).abs().max() / b.abs().max())
+
+    def rel_norm(a, b):
+        return float((a - b).norm() / b.norm())
+
+    runs = {}
     for split in (None, "auto"):
         m = DDP(model())
-        reg = OrthoL1(m, 1e-3, split=split)
-        opt = torch.optim.SGD(m.parameters(), lr=1e-2)
-        gen = torch.Generator().manual_seed(args.seed + 1 + rank)
-        for _ in range(5):
+        runs[split] = (
+            m,
+            OrthoL1(m, 1e-3, split=split),
+            torch.optim.SGD(m.parameters(), lr=1e-2),
+            torch.Generator().manual_seed(args.seed + 1 + rank),
+        )
+    grad_diffs, values = [], {None: [], "auto": []}
+    for _ in range(5):
+        grads = {}
+        for split, (m, reg, opt, gen) in runs.items():
             x = torch.randn(4, 64, generator=gen)
             opt.zero_grad()
-            reg.add_grad_()  # before backward: DDP's all-reduce carries it
+            values[split].append(float(reg.add_grad_()))  # before backward: DDP's all-reduce carries it
             task(m, x).backward()
+            grads[split] = [p.grad.clone() for p in m.parameters()]
             opt.step()
-        params[split] = [p.detach().clone() for p in m.parameters()]
-    rel = max(
-        float((a - b).abs().max() / b.abs().max()) for a, b in zip(params["auto"], params[None], strict=True)
-    )
+        grad_diffs.append(max(rel_max(a, b) for a, b in zip(grads["auto"], grads[None], strict=True)))
+    pa = [p.detach() for p in runs["auto"][0].parameters()]
+    pb = [p.detach() for p in runs[None][0].parameters()]
+    rel = max(rel_max(a, b) for a, b in zip(pa, pb, strict=True))
+    check = {
+        "params_norm_rel_diff": max(rel_norm(a, b) for a, b in zip(pa, pb, strict=True)),
+        "params_entries_over_1e-5": sum(
+            int(((a - b).abs() > 1e-5 * b.abs().max()).sum()) for a, b in zip(pa, pb, strict=True)
+        ),
+        "params_entries": sum(b.numel() for b in pb),
+        "grad_max_rel_diff_per_step": grad_diffs,
+        "loss_max_rel_diff": max(
+            abs(a - b) / abs(b) for a, b in zip(values["auto"], values[None], strict=True)
+        ),
+    }
+    del runs, grads
 
     regs = {}
     for split in (None, "auto"):
@@ -317,7 +346,7 @@ def ddp_rank_main(rank, world, store, args, out_path):
         for k, reg in regs.items():
             times[k].append(once(reg))
     with open(out_path, "w") as f:
-        json.dump({"rank": rank, "params_max_rel_diff": rel, "share": share, "times": times}, f)
+        json.dump({"rank": rank, "params_max_rel_diff": rel, **check, "share": share, "times": times}, f)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -327,6 +356,15 @@ def _ddp_entry(rank, world, store, args, outs):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+CHECK_KEYS = (
+    "params_norm_rel_diff",
+    "params_entries_over_1e-5",
+    "params_entries",
+    "grad_max_rel_diff_per_step",
+    "loss_max_rel_diff",
+)
 
 
 def run_ddp(world, args):
@@ -353,6 +391,7 @@ def run_ddp(world, args):
                 "ratio": s / w,
                 "matrices": len(r["share"]),
                 "params_max_rel_diff": r["params_max_rel_diff"],
+                **{k: r[k] for k in CHECK_KEYS if k in r},
                 "whole_ms_all": [round(1e3 * x, 1) for x in r["times"]["whole"]],
                 "split_ms_all": [round(1e3 * x, 1) for x in r["times"]["split"]],
             }
@@ -379,6 +418,24 @@ def ddp_markdown(doc):
             lines.append(
                 f"| {r['ranks']} | {x['rank']} | {x['matrices']} | {x['whole_ms']:.0f} | {x['split_ms']:.0f} "
                 f"| {x['ratio']:.2f} | {r['target_ratio']:.2f} | {x['params_max_rel_diff']:.1e} |"
+            )
+    checked = [(r["ranks"], x) for r in doc["results"] for x in r["per_rank"] if "params_norm_rel_diff" in x]
+    if checked:
+        lines += [
+            "",
+            "The 5-step comparison per rank, split against unsplit: parameters (max |a - b| / max |b| per "
+            "tensor above; here ||a - b||_F / ||b||_F per tensor, max over tensors, and the entries off by "
+            "more than 1e-5 max |b|), the DDP-averaged gradients per step (max |a - b| / max |b|) and the "
+            "returned loss.",
+            "",
+            "| ranks | rank | params norm rel diff | entries off > 1e-5 | grad rel diff per step | loss rel diff |",
+            "|---|---|---|---|---|---|",
+        ]
+        for world, x in checked:
+            steps = " ".join(f"{g:.0e}" for g in x["grad_max_rel_diff_per_step"])
+            lines.append(
+                f"| {world} | {x['rank']} | {x['params_norm_rel_diff']:.1e} | "
+                f"{x['params_entries_over_1e-5']} of {x['params_entries']} | {steps} | {x['loss_max_rel_diff']:.1e} |"
             )
     if doc.get("note"):
         lines += ["", doc["note"]]

@@ -13,6 +13,7 @@ launch (`loss_total`).
 
 from __future__ import annotations
 
+import numbers
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -287,7 +288,11 @@ class CupyDevice(_ElementwiseLaunches, TriangleGram):
         a_dt, c_dt = _dtype(bufs[call.a[0].buf]), _dtype(bufs[call.c[0].buf])
         base = _addr(addrs)
         bs = 8 * call.batch
-        alpha, beta = self._scalars(c_dt, t.alpha, t.beta)
+        if isinstance(t.alpha, numbers.Real):
+            alpha, beta = self._scalars(c_dt, t.alpha, t.beta)
+        else:  # [alpha, beta] in device memory, in the scalar type of the compute type (`_pointer_gemm`)
+            alpha = _addr(t.alpha)
+            beta = alpha + (8 if c_dt == _F64 else 4)
         if a_dt == c_dt and (a_dt == _F64 or (a_dt == _F32 and not self._tf32)):
             name = "sgemmBatched" if a_dt == _F32 else "dgemmBatched"
             return name, [self._handle, t.transa, t.transb, t.m, t.n, t.k, alpha, base, t.a.ld,
@@ -300,7 +305,18 @@ class CupyDevice(_ElementwiseLaunches, TriangleGram):
 
     def _pointer_gemm(self, call: _gemm.BatchedGemm, addrs, bufs) -> None:
         name, args = self._pointer_args(call, addrs, bufs)
-        getattr(self._cublas, name)(*args)
+        fn = getattr(self._cublas, name)
+        if isinstance(call.template.alpha, numbers.Real):
+            fn(*args)
+            return
+        # [alpha, beta] in device memory (OrthoL1's weight), read when the GEMM runs: a graph's replay
+        # applies the values written last. Device pointer mode for this call only (others pass host ones)
+        cb, h = self._cublas, self._handle
+        cb.setPointerMode(h, self._cb.CUBLAS_POINTER_MODE_DEVICE)
+        try:
+            fn(*args)
+        finally:
+            cb.setPointerMode(h, self._cb.CUBLAS_POINTER_MODE_HOST)
 
     def gram(self, src, cc, ws):
         if isinstance(src, StridedChunk):

@@ -50,6 +50,20 @@ def layout_of(arr: Any) -> _gemm.Layout | None:
     return None if es is None else _gemm.layout(arr.shape, es)
 
 
+class MetricsHook:
+    """A `gram_hook` that records per-slice metrics of the Grams (`_metrics.Collector`). On a device
+    with a ``sign_abs_metrics`` pass (the CPU) and the default penalty, the loop hands it the metrics
+    buffers of the next slices (`take`) and the device computes them inside its sign pass, reading each
+    slice once; elsewhere it is called like any other hook."""
+
+    def __call__(self, ws: Any) -> None:
+        raise NotImplementedError
+
+    def take(self, count: int) -> tuple:
+        """(max_cos, fro, mean_abs) views for the next `count` slices, and advance past them."""
+        raise NotImplementedError
+
+
 class DefaultBudget(int):
     """A workspace budget nobody asked for: it may grow to one slice instead of refusing the call."""
 
@@ -260,7 +274,7 @@ def run(
     losses: Any,
     *,
     loss_offset: int = 0,
-    alpha: float,
+    alpha: Any,
     beta_gemm: float,
     want_grad: bool,
     gram_hook: Callable[[Any], object] | None = None,
@@ -271,6 +285,10 @@ def run(
 ) -> None:
     """Unscaled losses of slices first .. first+count-1 into losses[loss_offset + i] (float64), and
     alpha * Phi S (+ beta_gemm * out) into the gradient when want_grad.
+
+    alpha: a number, or (a GPU device, `Pointers` batches) a 2-entry array in device memory holding
+    [alpha, beta_gemm] in the GEMM's dtype, which the gradient GEMM reads when it runs (cuBLAS's device
+    pointer mode): a CUDA graph of the call then replays with the values written there last.
 
     gram_hook(ws), when given, sees each chunk's Grams before the sign pass and may change them in
     place (the distributed entry points sum partial Grams over ranks there). tri > 0: the Grams'
@@ -315,7 +333,7 @@ def _loop(
     chunk: int,
     losses: Any,
     loss_offset: int,
-    alpha: float,
+    alpha: Any,
     beta_gemm: float,
     want_grad: bool,
     gram_hook: Callable[[Any], object] | None,
@@ -345,6 +363,9 @@ def _loop(
     if stage_out:
         st_out = wsb["out_stage"]
         lay_st_out = _buffer_layout(st_out)
+    fused_metrics = getattr(dev, "sign_abs_metrics", None) if variant.is_default else None
+    if not isinstance(gram_hook, MetricsHook):
+        fused_metrics = None
     src: StridedChunk | PointerChunk
     dst: StridedChunk | PointerChunk
     for s0 in range(first, first + count, chunk):
@@ -374,20 +395,27 @@ def _loop(
             else:
                 dev.gram(src, cc, ws)
         ws_c = _head(ws, cc)
-        if gram_hook is not None:
-            gram_hook(ws_c)
-        dev.sign_abs(
-            ws_c,
-            ws_c if sgn is ws else _head(sgn, cc),
-            n,
-            losses,
-            loss_offset + s0 - first,
-            scale,
-            want_grad,
-            variant,
-            None if partials is None else _head(partials, cc),
-            **tri_kw,
-        )
+        sgn_c = ws_c if sgn is ws else _head(sgn, cc)
+        if fused_metrics is not None:  # the metrics inside the sign pass: one read of each slice
+            assert isinstance(gram_hook, MetricsHook)
+            fused_metrics(
+                ws_c, sgn_c, n, losses, loss_offset + s0 - first, scale, want_grad, *gram_hook.take(cc)
+            )
+        else:
+            if gram_hook is not None:
+                gram_hook(ws_c)
+            dev.sign_abs(
+                ws_c,
+                sgn_c,
+                n,
+                losses,
+                loss_offset + s0 - first,
+                scale,
+                want_grad,
+                variant,
+                None if partials is None else _head(partials, cc),
+                **tri_kw,
+            )
         if not want_grad or l == 0:
             continue
         if stage_out:

@@ -4,6 +4,7 @@ to buffers), with the checks of every argument. Test scaffolding: nothing at run
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import replace
 
 import numpy as np
@@ -145,7 +146,7 @@ def check_pointer_args(name: str, args: list, call: _gemm.BatchedGemm, addrs, bu
         assert name == want and dts[0] == dts[1] == dts[2], f"{name} for operands {dts}"
         assert list(args[7:11]) == [base, t.a.ld, base + bs, t.b.ld]
         assert list(args[12:15]) == [base + 2 * bs, t.c.ld, call.batch]
-        alpha, beta = scal.from_address(args[6]).value, scal.from_address(args[11]).value
+        beta_at = 11
     else:
         assert name == "gemmBatchedEx" and len(args) == 20 and args[19] == -1, name
         tf32 = dts[0] == dts[1] == dts[2] == _F32  # float32 operands take the Ex call for TF32 alone
@@ -156,7 +157,15 @@ def check_pointer_args(name: str, args: list, call: _gemm.BatchedGemm, addrs, bu
         assert [args[9], args[12], args[16], args[17]] == [t.a.ld, t.b.ld, t.c.ld, call.batch]
         compute = COMPUTE_32F_FAST_TF32 if tf32 else COMPUTE_32F
         assert args[18] == compute, f"compute type {args[18]} for operands {dts}"
-        alpha, beta = scal.from_address(args[6]).value, scal.from_address(args[13]).value
+        beta_at = 13
+    if not isinstance(t.alpha, numbers.Real):
+        # [alpha, beta] in device memory (cuBLAS's device pointer mode): that array's two entries, in
+        # the compute type's scalar type
+        coef = np.asarray(t.alpha)
+        assert coef.dtype == (_F64 if scal is ctypes.c_double else _F32) and coef.shape == (2,), coef
+        assert args[6] == coef.ctypes.data and args[beta_at] == args[6] + coef.itemsize
+        return
+    alpha, beta = scal.from_address(args[6]).value, scal.from_address(args[beta_at]).value
     assert (alpha, beta) == (
         np.float32(t.alpha) if scal is ctypes.c_float else t.alpha,
         np.float32(t.beta) if scal is ctypes.c_float else t.beta,

@@ -9,9 +9,10 @@ Per slice with Gram G = Phi^T Phi (n x n) and E = G - I:
 - ``penalty``: the slice's share of the loss, beta times its unscaled loss (which the pass's own
   sign pass computes, so every member of the penalty family reports its own value).
 
-`Collector.hook` is a `gram_hook` for `_driver.run` / `_plan.execute`: it sees each chunk of Grams
-before the sign pass overwrites them, so the metrics cost a few elementwise passes over the Grams
-and no GEMM of their own. Everything stays in the array module `xp` (NumPy or CuPy): no host sync.
+`Collector` is a `gram_hook` for `_driver.run` / `_plan.execute` (a `_driver.MetricsHook`): it sees
+each chunk of Grams before the sign pass overwrites them, so the metrics cost no GEMM of their own.
+On the CPU the device computes them inside its sign pass (`kernels/metrics_cpu.sign_abs_metrics`,
+one read of each slice); on the GPU the hook runs CuPy's elementwise passes over the chunk. Everything stays in the array module `xp` (NumPy or CuPy): no host sync.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+from . import _driver
 
 KEYS = ("penalty", "max_cos", "fro", "mean_abs")
 
@@ -66,9 +69,10 @@ def chunk_metrics_xp(xp: Any, ws: Any, n: int, max_cos: Any, fro: Any, mean_abs:
     max_cos[...] = A.reshape(count, n * n).max(axis=1).astype(np.float64)
 
 
-class Collector:
+class Collector(_driver.MetricsHook):
     """Per-slice metric buffers of `m` slices and the `gram_hook` that fills them, chunk after chunk
-    in order (a hook sees the chunks of a call one after another, from slice `first`)."""
+    in order (a hook sees the chunks of a call one after another, from slice `first`). Pass the
+    collector itself as the hook: the CPU device then fills the buffers inside its sign pass."""
 
     def __init__(self, xp: Any, m: int, n: int, first: int = 0, bufs: dict | None = None):
         self.xp, self.n, self.pos = xp, n, first
@@ -76,12 +80,16 @@ class Collector:
             bufs = {k: xp.zeros(m, dtype=np.float64) for k in KEYS[1:]}
         self.bufs = bufs
 
-    def hook(self, ws: Any) -> None:
-        c = ws.shape[0]
-        s = slice(self.pos, self.pos + c)
+    def take(self, count: int) -> tuple:
+        s = slice(self.pos, self.pos + count)
+        self.pos += count
         b = self.bufs
-        chunk_metrics(self.xp, ws, self.n, b["max_cos"][s], b["fro"][s], b["mean_abs"][s])
-        self.pos += c
+        return b["max_cos"][s], b["fro"][s], b["mean_abs"][s]
+
+    def hook(self, ws: Any) -> None:
+        chunk_metrics(self.xp, ws, self.n, *self.take(ws.shape[0]))
+
+    __call__ = hook
 
 
 def metrics(
@@ -133,7 +141,7 @@ def metrics(
     xp, host_in, squeeze = _plan.io(p)
     col = Collector(xp, p.m, p.n)
     losses = xp.empty(p.m, dtype=np.float64)  # the unscaled per-slice losses, float64 for every dtype
-    _plan.execute(p, phi, None, False, b, False, gram_hook=col.hook, losses=losses)
+    _plan.execute(p, phi, None, False, b, False, gram_hook=col, losses=losses)
     out = {"penalty": losses * b, **col.bufs}
     if host_in:  # a NumPy input computed on the GPU: hand back NumPy arrays, like `loss`
         out = {k: xp.asnumpy(v) for k, v in out.items()}

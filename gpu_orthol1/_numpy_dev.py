@@ -34,6 +34,14 @@ class NumpyDevice:
         self._variant_kernel = sign_abs_cpu.sign_abs_variant
 
     @staticmethod
+    def sign_abs_metrics(ws, sgn, n, losses, offset, scale, write_s, max_cos, fro, mean_abs):
+        """The default pass (`sign_abs`) with the orthogonality metrics of each slice computed in the
+        same loop (`_driver.MetricsHook`); the losses and S are those of `sign_abs`, bit for bit."""
+        from .kernels import metrics_cpu
+
+        metrics_cpu.sign_abs_metrics(ws, sgn, n, losses, offset, scale, write_s, max_cos, fro, mean_abs)
+
+    @staticmethod
     def acc_dtype(dtype):
         return _F64 if dtype == _F64 else _F32
 

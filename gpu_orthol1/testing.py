@@ -13,12 +13,14 @@ path's arithmetic on every run. Slow: for tests on small shapes.
 
 from __future__ import annotations
 
+import numbers
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import _dtypes, _gemm
-from ._cupy import CupyDevice, address_batches, bits_view
+from ._cupy import CupyDevice, _addr, address_batches, bits_view
 from ._emulated_blas import (  # noqa: F401 - re-exported: the tests reach them as testing.<name>
     _F32,
     _F64,
@@ -87,6 +89,7 @@ class EmulatedGpuDevice(CupyDevice):
         self._beta = {np.float32: np.zeros((), np.float32), np.float64: np.zeros((), np.float64)}
         self._tri_prepared: dict = {}
         self._handle = HANDLE
+        self.recorded: list | None = None  # a list: GEMMs and sign passes are recorded for `replay`
 
     def set_blas_workspace(self, buf):
         assert buf is None or (buf.dtype == np.uint8 and buf.shape == (self.blas_workspace_bytes,))
@@ -125,8 +128,28 @@ class EmulatedGpuDevice(CupyDevice):
         # ?gemmBatched has no compute type: the handle's default math mode, plain float32 / float64
         compute = {"sgemmBatched": COMPUTE_32F, "dgemmBatched": COMPUTE_64F}.get(name) or args[18]
         self.compute_types.append(compute)
-        ptrs = np.asarray(addrs[: 3 * call.batch]).reshape(3, call.batch)
-        emulate_pointer_gemm(call, ptrs, bufs, compute == COMPUTE_32F_FAST_TF32)
+        ptrs = np.asarray(addrs[: 3 * call.batch]).reshape(3, call.batch).copy()
+        run = (self._run_pointer_gemm, (call, ptrs, dict(bufs), compute == COMPUTE_32F_FAST_TF32))
+        if self.recorded is not None:  # what a CUDA graph would hold: the argument set, addresses included
+            self.recorded.append(run)
+        run[0](*run[1])
+
+    def _run_pointer_gemm(self, call: _gemm.BatchedGemm, ptrs: np.ndarray, bufs: dict, tf32: bool) -> None:
+        t = call.template
+        if not isinstance(
+            t.alpha, numbers.Real
+        ):  # device pointer mode: read [alpha, beta] at its address now
+            sdt = np.dtype(np.float64 if bufs[call.c[0].buf].dtype == _F64 else np.float32)
+            coef = host_view(_addr(t.alpha), (2,), (sdt.itemsize,), sdt)
+            call = replace(call, template=replace(t, alpha=float(coef[0]), beta=float(coef[1])))
+        emulate_pointer_gemm(call, ptrs, bufs, tf32)
+
+    def replay(self) -> None:
+        """Run the pointer-array GEMMs and sign passes recorded since `recorded` was set to a list
+        again, in order, as a CUDA graph's replay runs its captured calls: the same argument sets,
+        coefficients in device memory read anew."""
+        for fn, args in self.recorded or ():
+            fn(*args)
 
     def _tri_fill(
         self,
@@ -174,6 +197,12 @@ class EmulatedGpuDevice(CupyDevice):
         emulate_batched_ex(args, bufs)
 
     def sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant=DEFAULT, partials=None, tri=0):
+        args = (ws, sgn, n, losses, offset, scale, write_s, variant, partials, tri)
+        if self.recorded is not None:
+            self.recorded.append((self._sign_abs, args))
+        self._sign_abs(*args)
+
+    def _sign_abs(self, ws, sgn, n, losses, offset, scale, write_s, variant, partials, tri):
         l2, offdiag, normalize = variant.flags()
         sgn = bits_view(sgn)
         bits = sgn.dtype == _dtypes.BITS

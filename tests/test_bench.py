@@ -904,3 +904,41 @@ def test_no_published_figure_comes_from_a_disturbed_run():
     for p in (ROOT / "bench/results/disturbed").glob("*.json"):
         assert not (ROOT / "bench/results" / p.name).exists()
         assert f"results/{p.name}" not in readme and f"`{p.stem}`" not in readme.replace("`cpu-quick`", "")
+
+
+def test_training_metrics_table_is_its_file():
+    doc = json.loads((ROOT / "bench/results/cpu-training-metrics.json").read_text())
+    med = doc["median_ms"]
+    table = _readme_table("**OrthoL1 metrics cost: AMD EPYC, 2 CPUs, float32**")
+    keys = {
+        "`loss()` + backward": ("loss+backward", None),
+        "`loss()`": ("loss", None),
+        "`metrics()`": ("metrics", "metrics_over_loss_backward"),
+        "`loss(metrics=True)`": ("loss+metrics", "loss_metrics_over_loss"),
+    }
+    assert [c[0] for c in table] == list(keys)
+    for cells in table:
+        key, ratio = keys[cells[0]]
+        _printed(cells[1], med[key])
+        if ratio is None:
+            assert cells[2] == ""
+        else:
+            _printed(cells[2].split(" of ")[0], doc[ratio])
+    text = (ROOT / PERFORMANCE).read_text()
+    hook, added = round(doc["metrics_hook_ms_in_loss"]), round(med["loss+metrics"] - med["loss"])
+    assert f"took\n{hook} ms of the {added} ms" in text or f"took {hook} ms of the {added} ms" in text
+
+
+def test_ddp_split_table_is_its_file():
+    doc = json.loads((ROOT / "bench/results/cpu-distributed-ddp.json").read_text())
+    table = _readme_table("**OrthoL1(split=) under DDP: AMD EPYC, 2 CPUs, gloo, float32**")
+    want = [(r, x) for r in doc["results"] for x in r["per_rank"]]
+    assert len(table) == len(want)
+    for cells, (r, x) in zip(table, want, strict=True):
+        assert (int(cells[0]), int(cells[1]), int(cells[2])) == (r["ranks"], x["rank"], x["matrices"])
+        for cell, value in zip(
+            cells[3:7], (x["whole_ms"], x["split_ms"], x["ratio"], r["target_ratio"]), strict=True
+        ):
+            _printed(cell, value)
+        mant, exp = cells[7].split("e")
+        _printed(mant, x["params_max_rel_diff"] / 10 ** int(exp))

@@ -102,6 +102,73 @@ def test_chunk_metrics_both_paths_equal_reference(rng, n):
             _close(o, want[k], 1e-12, f"{fn.__name__} {k} n={n}")
 
 
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-12), (np.float32, 2e-5)])
+@pytest.mark.parametrize("n", [1, 2, 7, 16, 33])
+def test_sign_pass_with_metrics_equals_reference_and_sign_pass(rng, dtype, rtol, n):
+    """The CPU's sign pass with the metrics in its loop: the metrics equal the float64 reference, the
+    losses and S equal the plain pass's bit for bit, in place and into a separate S; a slice holding
+    NaN gets NaN metrics."""
+    from gpu_orthol1.kernels import metrics_cpu, sign_abs_cpu
+
+    V = rng.standard_normal((6, 9, n))
+    V[2, :, 0] = 0  # a zero column
+    ws = np.einsum("kli,klj->kij", V, V).reshape(6, n * n).astype(dtype)
+    want = ref_metrics(V.astype(dtype))
+    for inplace in (True, False):
+        g1, g2 = ws.copy(), ws.copy()
+        s1, s2 = (g1, g2) if inplace else (np.zeros_like(ws), np.zeros_like(ws))
+        l1, l2 = np.full(8, -1.0), np.full(8, -1.0)
+        out = [np.full(6, -1.0) for _ in range(3)]
+        sign_abs_cpu.sign_abs_sum(g1, s1, n, l1, 1, 0.3, True)
+        metrics_cpu.sign_abs_metrics(g2, s2, n, l2, 1, 0.3, True, *out)
+        assert np.array_equal(l1, l2) and np.array_equal(s1, s2), inplace
+        for k, o in zip(("max_cos", "fro", "mean_abs"), out, strict=True):
+            _close(o, want[k], rtol, f"{k} n={n} {dtype} inplace={inplace}")
+    q, _ = np.linalg.qr(rng.standard_normal((n + 3, n)))  # orthonormal columns: fro ~ 1e-16, not sqrt(eps)
+    gq = (q.T @ q).reshape(1, n * n)
+    out = [np.zeros(1) for _ in range(3)]
+    metrics_cpu.sign_abs_metrics(gq, gq.copy(), n, np.zeros(1), 0, 1.0, False, *out)
+    assert out[1][0] < 1e-12 and out[0][0] < 1e-12 and out[2][0] < 1e-12
+    bad = ws.copy()
+    bad[3, n * n // 2] = np.nan
+    out = [np.zeros(6) for _ in range(3)]
+    metrics_cpu.sign_abs_metrics(bad, bad, n, np.zeros(6), 0, 1.0, False, *out)
+    assert all(np.isnan(o[3]) for o in out) and all(np.isfinite(o[4]) for o in out)
+
+
+def test_metrics_computed_inside_the_cpu_sign_pass(monkeypatch):
+    """loss(metrics=True), add_grad_(metrics=True), metrics() and ol1.metrics on the CPU take no pass over
+    the Grams of their own (the sign pass computes them): the separate pass is not called, and the
+    loss and gradient are those of a call without metrics, bit for bit."""
+    from gpu_orthol1 import _metrics
+
+    net = _net(3, torch.float32)
+    reg = OrthoL1(net, 0.25)
+    plain = reg.loss()
+    plain.backward()
+    grads = [None if p.grad is None else p.grad.clone() for p in net.parameters()]
+    want = _ref_reg_metrics(reg, 0.25)
+
+    def no_pass(*a):
+        raise AssertionError("a separate metrics pass over the Grams ran")
+
+    monkeypatch.setattr(_metrics, "chunk_metrics", no_pass)
+    for p in net.parameters():
+        p.grad = None
+    loss, m = reg.loss(metrics=True)
+    loss.backward()
+    assert torch.equal(loss, plain)
+    for p, g in zip(net.parameters(), grads, strict=True):
+        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+    _check_reg_metrics(m, want, 2e-5)
+    _check_reg_metrics(reg.metrics(), want, 2e-5)
+    for p in net.parameters():
+        p.grad = None
+    _check_reg_metrics(reg.add_grad_(metrics=True)[1], want, 2e-5)
+    phi = np.random.default_rng(1).standard_normal((5, 7, 4))
+    _close(ol1.metrics(phi)["fro"], ref_metrics(np.moveaxis(phi, 1, 0))["fro"], 1e-12, "core")
+
+
 # -- OrthoL1 metrics ---------------------------------------------------------------------------------
 
 

@@ -174,3 +174,81 @@ def _pick_transpose(mode: str | None, l: int, n: int) -> bool:
     if mode == "rows":
         return True
     return l < n  # "auto": the smaller Gram
+
+
+# ---------------------------------------------------------------------------------------------
+# the weight of a pass in device memory (CUDA graphs)
+
+
+class _DeviceWeights:
+    """OrthoL1's weight (every * beta(step), times the world size under split=) in device memory, for
+    the GPU device: per device a float64 scalar (what the loss total is multiplied by) and, per
+    (dtype, scale, GEMM beta), the 2-entry array [2 * scale * weight, GEMM beta] that the gradient
+    GEMM reads as its coefficients in cuBLAS's device pointer mode. A CUDA graph that captured a pass
+    holds their addresses, not their values, so writing a new weight (`write`, by `OrthoL1.advance`)
+    before a replay changes what the replay applies, without a new capture.
+
+    Outside a capture each pass writes the current weight first (a fill launch per array, no host
+    sync); while the stream captures, nothing is written (a write would be recorded in the graph and
+    replay the capture-time value), and the arrays must exist from an eager pass before."""
+
+    def __init__(self) -> None:
+        self._scalars: dict = {}  # device -> float64 0-d tensor
+        self._coefs: dict = {}  # (device, dtype, scale, gemm beta) -> 2-entry tensor
+        self.value = 0.0  # the weight last written
+        self.fixed: float | None = None  # set when a capture ran per-tensor parameters at this weight
+
+    @staticmethod
+    def capturing(device: torch.device) -> bool:
+        return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+    def _missing(self) -> ValueError:
+        return ValueError(
+            "OrthoL1 under CUDA graph capture: run the same call once eagerly before capturing (the "
+            "device scalars that carry beta into the graph are made there, as torch.cuda.graph's warm-up)"
+        )
+
+    def scalar(self, device: torch.device, weight: float) -> torch.Tensor:
+        """The float64 weight scalar on `device`, holding `weight` unless a capture is running."""
+        t = self._scalars.get(device)
+        if self.capturing(device):
+            if t is None:
+                raise self._missing()
+            return t
+        if t is None:
+            t = self._scalars[device] = torch.zeros((), dtype=torch.float64, device=device)
+        t.fill_(weight)
+        self.value = weight
+        return t
+
+    def coefficients(
+        self, device: torch.device, dtype: torch.dtype, scale: float, gemm_beta: float
+    ) -> torch.Tensor:
+        """[2 * scale * weight, gemm_beta] in `dtype` on `device` (the weight `scalar` wrote last)."""
+        key = (device, dtype, scale, gemm_beta)
+        c = self._coefs.get(key)
+        if self.capturing(device):
+            if c is None:
+                raise self._missing()
+            return c
+        if c is None:
+            c = self._coefs[key] = torch.full((2,), gemm_beta, dtype=dtype, device=device)
+        c[0].fill_(2.0 * scale * self.value)
+        return c
+
+    def write(self, weight: float) -> None:
+        """Put `weight` into every scalar and coefficient array (outside a capture): what the next
+        replay of a captured pass applies. ValueError, writing nothing, when a capture ran parameters
+        of the per-tensor path (layouts BLAS cannot read in place), whose beta the graph holds as a value."""
+        if self.fixed is not None and weight != self.fixed:
+            raise ValueError(
+                f"OrthoL1.advance(): a captured CUDA graph holds weight {self.fixed!r} for parameters whose "
+                f"layout BLAS cannot read in place (the per-tensor path reads beta from the host), so it cannot "
+                f"apply {weight!r}; make those parameters contiguous before capturing, or keep beta constant "
+                "with every=1"
+            )
+        self.value = weight
+        for t in self._scalars.values():
+            t.fill_(weight)
+        for (_, _, scale, _), c in self._coefs.items():
+            c[0].fill_(2.0 * scale * weight)

@@ -19,6 +19,7 @@ from . import _core
 from ._bridge import (
     _check_tensor,
     _core_device,
+    _DeviceWeights,
     _flat_order,
     _host_array,
     _np_dtype,
@@ -37,6 +38,7 @@ class _GroupRunner:
     def __init__(self, reg: OrthoL1):
         self.reg = reg
         self._budgets: dict = {}  # device -> workspace budget, fixed at the first call there
+        self.weights = _DeviceWeights()  # the GPU's weight in device memory (CUDA graph replays read it)
 
     def active(self) -> list[int]:
         """Indices of the targets that take part in this call: requires_grad may have been switched off."""
@@ -100,11 +102,18 @@ class _GroupRunner:
             single_by_dev.setdefault(s[1].device, []).append(s)
         totals = {}
         scaled = any(self.reg.targets[j].scale != 1.0 for j in active)
+        if any(self.weights.capturing(d) for d in single_by_dev):  # their beta is a host value: recorded
+            self.weights.fixed = self.reg._applied
         for device, glist in by_dev.items():
             cuda = device.type == "cuda"
             with _on_torch_stream(device) if cuda else nullcontext():
                 factory = self.reg._device_factory
                 dev = factory(precision=prec) if factory and not cuda else _core_device(device, prec)
+                # the GPU device (or its emulation) reads the weight from device memory, so that a captured
+                # pass replays with the weight written last (a pass without gradient leaves it alone)
+                on_dev = (cuda or getattr(dev, "emulates_gpu", False)) and (
+                    want_grad or self.weights.capturing(device))
+                wdev = self.weights.scalar(device, self.reg._applied) if on_dev else None
                 if cuda:
                     dev.bind()
 
@@ -133,7 +142,12 @@ class _GroupRunner:
                 off = 0
                 for key, members in glist:
                     _, dtype, l, n, lay, lay_o, scale = key
-                    alpha = 2.0 * self.reg._applied * scale
+                    alpha: Any = 2.0 * self.reg._applied * scale
+                    if wdev is not None:  # [alpha, GEMM beta] in device memory
+                        # in the compute type's scalar type: float32 for 16-bit operands (cuBLAS reads
+                        # alpha and beta as the compute type's, CUBLAS_COMPUTE_32F)
+                        cdt = torch.float64 if dtype == torch.float64 else torch.float32
+                        alpha = self.weights.coefficients(device, cdt, scale, beta_gemm)
                     phis: list = []
                     gouts: list = []
                     for j, V, Vo in members:
@@ -162,7 +176,8 @@ class _GroupRunner:
                     off += len(phis)
                     if after_group is not None:
                         after_group([j for j, _, _ in members])
-                total = (losses if weights is None else losses * weights).sum() * self.reg._applied
+                total = (losses if weights is None else losses * weights).sum() * (
+                    self.reg._applied if wdev is None else wdev)
                 for j, V, Vo in single_by_dev.get(device, []):
                     if want_grad and Vo is None:
                         Vo = self.reg.targets[j].view(outs[j])

@@ -24,10 +24,46 @@ if TYPE_CHECKING:
 Loss = torch.Tensor | dict[torch.device, torch.Tensor]
 
 
-class _TrainingLoop:
-    """The step counter, the weight each call applies and the public methods wrapping OrthoL1's passes."""
+class _Checkpoints:
+    """state_dict / load_state_dict of the regularizer's training state (a base of `_TrainingLoop`)."""
 
     _train: _training.State
+    _applied: float
+
+    def state_dict(self) -> dict:
+        """The regularizer's training state: the step (the schedule's position and the lazy counter),
+        every, a float beta (a schedule object's own state_dict() when it has one).
+
+        Returns:
+            A dict of plain Python values, for torch.save next to the model's and optimizer's.
+
+        Example:
+            >>> reg = OrthoL1(torch.nn.Linear(8, 4), beta=lambda s: 1e-3, every=3)
+            >>> ckpt = {"ortho": reg.state_dict()}
+        """
+        return self._train.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`'s state: the run continues as the saved one would have.
+
+        Args:
+            state: a dict from `state_dict()`.
+
+        Raises:
+            ValueError: not such a dict, or saved with another `every`.
+
+        Example:
+            >>> reg = OrthoL1(torch.nn.Linear(8, 4), every=3)
+            >>> reg.load_state_dict({"step": 7, "every": 3, "beta": 1.0})
+        """
+        self._train.load_state_dict(state)
+        if self._train.const is not None:
+            self._applied = self._train.const
+
+
+class _TrainingLoop(_Checkpoints):
+    """The step counter, the weight each call applies and the public methods wrapping OrthoL1's passes."""
+
     _split: _training.Split | None
     _collect: _training.MetricsRun | None  # set by loss/add_grad_(metrics=True) and metrics()
     _applied: float  # the weight of the running call: every * beta(step) (* world size under split=)
@@ -72,6 +108,12 @@ class _TrainingLoop:
             raise ValueError(f"metrics must be True or False, got {metrics!r}")
         if metrics and self._sharded(self._runner.active()):
             raise ValueError("metrics=True is not available over DTensor (sharded) parameters")
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            if metrics:  # its dict would hold the capture's values, not the replay's
+                raise ValueError("metrics=True is not available under CUDA graph capture; call metrics() outside")
+            # no step counted: every replay runs the pass at the weight advance() wrote (0: a skipped step)
+            self._applied, self._collect = self._runner.weights.value, None
+            return self._applied
         w = self._train.begin()
         if w is not None:
             world = self._split.world if self._split is not None else 1
@@ -79,15 +121,10 @@ class _TrainingLoop:
             self._collect = _training.MetricsRun(1.0 / world) if metrics else None
         return w
 
-    def _skipped(self, metrics: bool) -> Any:
-        dev = self.targets[0].param.device if self.targets else None
-        z = torch.zeros((), dtype=self._runner.loss_dtype(), device=dev)
-        return (z, {}) if metrics else z
-
     def _run(self, pass_: Callable[[], Any], metrics: bool, detached: bool) -> Any:
         """One counted call of `pass_` (loss's or add_grad_'s) at this step's weight."""
         if self._begin(metrics) is None:
-            return self._skipped(metrics)
+            return _skipped(self, metrics)
         try:
             out = pass_()
         except BaseException:
@@ -202,8 +239,34 @@ class _TrainingLoop:
             raise ValueError("step_() does not take split= (the ranks would update different matrices); "
                              "use add_grad_() before backward() or loss()")
         if self._begin(False) is None:
-            return self._skipped(False)
+            return _skipped(self, False)
         return self._step_(lr)
+
+    def advance(self) -> float:
+        """Count one step for the replay of a CUDA graph that captured loss(), add_grad_() or step_():
+        write this step's weight (every * beta(step), 0 on a step the lazy rule skips; times the world
+        size under split=) into the device memory the captured pass reads (the gradient GEMM's
+        coefficients and the loss's factor), so that the next replay applies it without a new capture.
+        Call it once before each replay, outside the capture. Under capture, those calls count no step
+        themselves and refuse metrics=True; run each once eagerly before capturing (warm-up).
+
+        Returns:
+            The weight written.
+
+        Raises:
+            ValueError: a bad schedule value, or a new weight for a graph that captured bfloat16/float16
+                parameters (their beta is a host value); nothing is written, the step does not advance.
+
+        Example:
+            >>> reg = OrthoL1(torch.nn.Linear(8, 4), beta=lambda step: 1e-3 * 0.9**step, every=2)
+            >>> w = reg.advance()  # then graph.replay()
+        """
+        s, k = self._train.step, self._train.every
+        w = self._train.beta_at(s) * k if s % k == 0 else 0.0
+        w *= self._split.world if self._split is not None else 1
+        self._runner.weights.write(w)
+        self._train.step = s + 1
+        return w
 
     @torch.no_grad()
     def metrics(self, flat: bool = False, prefix: str = "") -> dict:
@@ -244,32 +307,9 @@ class _TrainingLoop:
             self._collect, self._applied = None, saved
         return _training.flatten(m, prefix) if flat else m
 
-    def state_dict(self) -> dict:
-        """The regularizer's training state: the step (the schedule's position and the lazy counter),
-        every, a float beta (a schedule object's own state_dict() when it has one).
 
-        Returns:
-            A dict of plain Python values, for torch.save next to the model's and optimizer's.
-
-        Example:
-            >>> reg = OrthoL1(torch.nn.Linear(8, 4), beta=lambda s: 1e-3, every=3)
-            >>> ckpt = {"ortho": reg.state_dict()}
-        """
-        return self._train.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore `state_dict()`'s state: the run continues as the saved one would have.
-
-        Args:
-            state: a dict from `state_dict()`.
-
-        Raises:
-            ValueError: not such a dict, or saved with another `every`.
-
-        Example:
-            >>> reg = OrthoL1(torch.nn.Linear(8, 4), every=3)
-            >>> reg.load_state_dict({"step": 7, "every": 3, "beta": 1.0})
-        """
-        self._train.load_state_dict(state)
-        if self._train.const is not None:
-            self._applied = self._train.const
+def _skipped(reg: _TrainingLoop, metrics: bool) -> Any:
+    """What a call returns on a step the lazy rule skips: a zero loss (and {} for the metrics)."""
+    dev = reg.targets[0].param.device if reg.targets else None
+    z = torch.zeros((), dtype=reg._runner.loss_dtype(), device=dev)
+    return (z, {}) if metrics else z

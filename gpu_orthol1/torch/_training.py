@@ -178,10 +178,12 @@ def resolve_split(split: Any, module: Any, targets: list) -> Split | None:
 
 
 def full_value(local: torch.Tensor, sp: Split) -> torch.Tensor:
-    """The full penalty from each rank's (world-scaled) share: one scalar all-reduce, detached."""
-    v = local.detach() / sp.world
+    """The full penalty from each rank's (world-scaled) share: one scalar all-reduce, detached. The
+    shares are unscaled and summed in float64 (a float32 sum of world-scaled shares rounds each
+    term twice), then rounded once to the loss's dtype."""
+    v = local.detach().to(torch.float64) / sp.world
     torch.distributed.all_reduce(v, group=sp.group)
-    return v
+    return v.to(local.dtype)
 
 
 # -- metrics -----------------------------------------------------------------------------------------
@@ -215,12 +217,8 @@ class MetricsRun:
 
             col = _core.metrics_collector(cupy, 0, n, off, {k: cupy.asarray(b) for k, b in bufs.items()})
             return lambda ws: col.hook(cupy.asarray(ws))
-        col = _core.metrics_collector(np, 0, n, off, {k: b.numpy() for k, b in bufs.items()})
-
-        def hook(ws):
-            col.hook(ws.numpy() if isinstance(ws, torch.Tensor) else ws)
-
-        return hook
+        # the collector itself: the CPU device fills it inside its sign pass (the workspaces are NumPy)
+        return _core.metrics_collector(np, 0, n, off, {k: b.numpy() for k, b in bufs.items()})
 
     def add_single(self, j: int, V: torch.Tensor, loss: torch.Tensor) -> None:
         """A matrix the core ran on its own (bfloat16, float16 on CUDA, odd layouts): its Gram again

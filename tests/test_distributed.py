@@ -174,6 +174,7 @@ def test_worker_module_is_importable_by_name():
     assert _dist_workers.run.__module__ == "tests._dist_workers"
 
 
+@pytest.mark.long
 def test_bench_distributed_smoke(tmp_path):
     """bench/bench_distributed.py end to end on a tiny model (2 ranks): both methods ran, agree, and the
     row-split weights sent fewer bytes than gathering them."""

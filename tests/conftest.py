@@ -11,18 +11,8 @@ if not REAL_GPU:
 os.environ.pop("GPU_ORTHOL1_BACKEND", None)
 os.environ.pop("GPU_ORTHOL1_WORKSPACE_BYTES", None)
 
-import sys  # noqa: E402
-
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-if not REAL_GPU:
-    # The simulator runs each CUDA thread as an OS thread, and its block manager polls them in a
-    # loop that holds the GIL for a whole switch interval (5 ms by default) while the threads it
-    # waits for need the GIL for a few bytecodes between syncthreads() calls. With 0.1 ms the
-    # simulated kernels run 3-5x faster (CPU time too: less of it spent polling); nothing
-    # measured here depends on the interval.
-    sys.setswitchinterval(1e-4)
 
 
 def pytest_configure(config):

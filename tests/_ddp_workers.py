@@ -1,6 +1,7 @@
-"""What the spawned ranks of tests/test_training.py's DDP tests run (spawn needs an importable module).
+"""What the spawned ranks of tests/test_training.py's DDP tests run.
 
-One gloo group per world size runs every case in the same order on every rank; each rank writes
+One gloo group per world size (tests/_groups.py: the group of tests/_dist_workers.py's cases, which
+run first) runs every case in the same order on every rank; each rank writes
 out_dir/rank{r}.json: per case the parameters after 5 SGD steps (float64, as lists), the penalty
 values each step returned, this rank's share of the matrices, and the errors of the bad-input case.
 The parent compares: a split run against the unsplit DDP run, for loss() and for add_grad_().
@@ -10,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import traceback
-from datetime import timedelta
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -108,36 +107,41 @@ def bad_inputs(torch, rank, world, seed):
     return out
 
 
-def main(rank, world, init_file, seed, out_dir):
+def run(rank, world, seed, out_dir):
+    """Every DDP case on this rank of the initialized gloo group (tests/_groups.py made it, after
+    tests/_dist_workers.py's cases ran in it): results to out_dir/rank{rank}.json, case names to
+    rank{rank}.progress."""
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
     res: dict = {"cases": {}, "failures": {}}
+    os.makedirs(out_dir, exist_ok=True)
+    prog = open(os.path.join(out_dir, f"rank{rank}.progress"), "w")
+
+    def attempt(name, fn):
+        prog.write(name + "\n")
+        prog.flush()
+        try:
+            return fn()
+        except Exception:  # noqa: BLE001 - reported by the parent
+            res["failures"][name] = traceback.format_exc(limit=8)
+            return None
+
     try:
         for how in ("loss", "add_grad_"):
             for split in (None, "auto"):
                 name = f"{how}-{'split' if split else 'whole'}"
-                try:
-                    res["cases"][name] = run_case(torch, rank, world, how, split, seed)
-                except Exception:  # noqa: BLE001 - reported by the parent
-                    res["failures"][name] = traceback.format_exc(limit=8)
-        try:
-            res["cases"]["late"] = run_case(torch, rank, world, "late", "auto", seed)
-        except Exception:  # noqa: BLE001
-            res["failures"]["late"] = traceback.format_exc(limit=8)
-        try:
-            res["bad"] = bad_inputs(torch, rank, world, seed)
-        except Exception:  # noqa: BLE001
-            res["failures"]["bad"] = traceback.format_exc(limit=8)
+                out = attempt(name, lambda h=how, s=split: run_case(torch, rank, world, h, s, seed))
+                if out is not None:
+                    res["cases"][name] = out
+        out = attempt("late", lambda: run_case(torch, rank, world, "late", "auto", seed))
+        if out is not None:
+            res["cases"]["late"] = out
+        out = attempt("bad", lambda: bad_inputs(torch, rank, world, seed))
+        if out is not None:
+            res["bad"] = out
         dist.barrier()
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(res, f)
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as tests/_dist_workers.py: skip the interpreter's teardown once the results are written
+        prog.close()

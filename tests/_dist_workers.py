@@ -1,5 +1,5 @@
-"""What the spawned ranks of tests/test_distributed.py run (torch.multiprocessing.spawn needs the worker
-in an importable module).
+"""What the spawned ranks of tests/test_distributed.py run (in the group that tests/_groups.py starts
+once per world size for this file and tests/test_training.py's DDP cases).
 
 Spawning a process group costs seconds, so ONE group per world size runs every case in the same
 order on every rank; each rank writes its results to out_dir/rank{r}.json (failures per case, the
@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import traceback
 import warnings
-from datetime import timedelta
 
 import numpy as np
 
@@ -835,19 +833,16 @@ def cases(world):
     return out
 
 
-def main(rank, world, init_file, seed, out_dir):
-    import torch
+def run(rank, world, seed, out_dir):
+    """Every case of cases(world) on this rank of the initialized gloo group (tests/_groups.py made it):
+    failures, error messages and counts go to out_dir/rank{rank}.json, case names to rank{rank}.progress."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=90)
-    )
     ctx = Ctx(rank, world, seed)
     ctx.mesh = init_device_mesh("cpu", (world,))
     results: dict = {"failures": {}, "ran": {}}
-    done = False
+    os.makedirs(out_dir, exist_ok=True)
     prog = open(os.path.join(out_dir, f"rank{rank}.progress"), "w")
     try:
         for i, (cat, name, fn) in enumerate(cases(world)):
@@ -865,17 +860,7 @@ def main(rank, world, init_file, seed, out_dir):
             except Exception:  # noqa: BLE001 - recorded, reported by the parent test
                 results["failures"][name] = traceback.format_exc(limit=6)
         dist.barrier()
-        done = True
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
         prog.close()
-        dist.destroy_process_group()
-    if done:
-        # Leave without the interpreter's teardown: after a run that includes the FSDP2 cases, about one
-        # exit in five aborts in a C++ destructor ("terminate called without an active exception", after
-        # destroy_process_group returned; seen with torch 2.13 CPU + gloo, not reproducible with fewer
-        # cases). Every result is written by now, so the teardown has nothing left to do.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)

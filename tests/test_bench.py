@@ -76,6 +76,7 @@ def _run(tmp_path, *args):
 TINY = ["--shapes", "40x6x8,17x3x5", "--sweep-m", "24x4:2,5", "--sweep-n", "30x3:3,6", "--runs", "5"]
 
 
+@pytest.mark.long
 def test_bench_command_cpu_smoke(tmp_path, capsys):
     rc, doc, rows, png = _run(
         tmp_path,

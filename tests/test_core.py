@@ -29,7 +29,7 @@ SHAPES = [
     ((1, 1, 1), 1),
     ((7, 5, 3), 1),
     ((3, 4, 13), 1),  # wide: l < n
-    ((31, 2, 5), 0),
+    ((13, 2, 5), 0),  # a prime count of wide 2 x 5 slices (was 31: 2.4x the simulated blocks, one chunk too)
     ((6, 11, 7), 0),
     ((5, 9, 6), 2),
     ((13, 3, 2), -1),

@@ -1,15 +1,15 @@
 """gpu_orthol1.distributed on real process groups: gloo on the CPU, 2 and 3 ranks (3 makes uneven and
 empty shards), float64 against the single-process core on the full tensor.
 
-Spawning a group costs seconds, so one group per world size runs every case (tests/_dist_workers.py)
-and the tests below read its per-rank results: one spawn per world size for the whole file. Inputs
-are fresh random numbers each run; the seed is printed (and named in every failure) to replay it.
+Spawning a group costs seconds, so one group per world size runs every case (tests/_dist_workers.py,
+then tests/test_training.py's DDP cases: tests/_groups.py) and the tests below read its per-rank
+results: one spawn per world size for the whole run. Inputs are fresh random numbers each run; the
+seed is printed (and named in every failure) to replay it.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,64 +19,18 @@ torch = pytest.importorskip("torch")  # the optional extra; the GPU machine's to
 if not torch.distributed.is_available():
     pytest.skip("this torch build has no torch.distributed", allow_module_level=True)
 
-import torch.multiprocessing as mp  # noqa: E402
-from torch.multiprocessing.spawn import ProcessException  # noqa: E402
-
 from gpu_orthol1 import distributed as odist  # noqa: E402
 from gpu_orthol1.distributed import _meta  # noqa: E402
 
-from . import _dist_workers  # noqa: E402
+from . import _dist_workers, _groups  # noqa: E402
 
-GROUP_TIMEOUT_S = 240  # a hang fails the tests after this long (each rank's gloo timeout is 90 s)
-
-
-def _kill(ctx):
-    for p in ctx.processes:
-        if p.is_alive():
-            p.kill()
-    for p in ctx.processes:
-        p.join(5)
+GROUP_TIMEOUT_S = 240  # bench_distributed.py's run below (each rank's gloo timeout is 90 s)
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
-def group_run(request, tmp_path_factory):
-    world = request.param
-    seed = int(np.random.SeedSequence().entropy) % (1 << 63)
-    print(f"distributed test seed = {seed} (world {world})")
-    out = tmp_path_factory.mktemp(f"dist{world}")
-    t0 = time.monotonic()
-    ctx = mp.start_processes(
-        _dist_workers.main,
-        args=(world, str(out / "store"), seed, str(out)),
-        nprocs=world,
-        join=False,
-        start_method="spawn",
-    )
-
-    def progress():
-        return {
-            r: (out / f"rank{r}.progress").read_text().splitlines()[-1:]
-            for r in range(world)
-            if (out / f"rank{r}.progress").exists()
-        }
-
-    try:
-        while not ctx.join(timeout=2):
-            if time.monotonic() - t0 > GROUP_TIMEOUT_S:
-                pytest.fail(
-                    f"the {world}-rank group did not finish in {GROUP_TIMEOUT_S} s (seed {seed}); "
-                    f"last case per rank: {progress()}"
-                )
-    except ProcessException as e:  # a rank died (crash, signal): say where each rank was
-        pytest.fail(
-            f"the {world}-rank group failed (seed {seed}): {e}; last case per rank: {progress()} "
-            "(the ranks' stderr is in this test's captured output)"
-        )
-    finally:
-        _kill(ctx)
-    res = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
-    print(f"{world} ranks: {time.monotonic() - t0:.1f} s")
-    return {"world": world, "seed": seed, "ranks": res}
+@pytest.fixture
+def group_run(gloo_group):
+    """This file's results from the run-wide gloo group of each world size (conftest.py's gloo_group)."""
+    return {"world": gloo_group["world"], "seed": gloo_group["seed"], "ranks": gloo_group["dist"]}
 
 
 def _failures(run, cat):
@@ -215,10 +169,12 @@ def test_needs_an_initialized_process_group():
 
 def test_worker_module_is_importable_by_name():
     # torch.multiprocessing.spawn pickles the worker by module path
-    assert Path(_dist_workers.__file__).name == "_dist_workers.py"
-    assert _dist_workers.main.__module__ == "tests._dist_workers"
+    assert Path(_groups.__file__).name == "_groups.py"
+    assert _groups.main.__module__ == "tests._groups"
+    assert _dist_workers.run.__module__ == "tests._dist_workers"
 
 
+@pytest.mark.long
 def test_bench_distributed_smoke(tmp_path):
     """bench/bench_distributed.py end to end on a tiny model (2 ranks): both methods ran, agree, and the
     row-split weights sent fewer bytes than gathering them."""

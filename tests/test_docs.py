@@ -58,6 +58,7 @@ def test_every_doc_has_runnable_code_where_the_readme_promises_it():
     assert sum(doc == "README.md" for doc, _, _ in _RUN) >= 2  # the NumPy and PyTorch quickstarts
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("doc,line,code", _RUN, ids=[f"{d}:{ln}" for d, ln, _ in _RUN])
 def test_code_block_runs(doc, line, code, tmp_path):
     if "torch" in code:
@@ -92,6 +93,7 @@ def test_readme_is_short():
     assert n <= README_MAX_LINES, f"README.md has {n} lines; the reference material belongs in docs/"
 
 
+@pytest.mark.long
 def test_mkdocs_build_strict(tmp_path):
     r = subprocess.run(
         [

@@ -180,6 +180,7 @@ def test_presets_gradgradcheck(tseed):
         assert torch.autograd.gradgradcheck(lambda *_, reg=reg: reg.loss(), params, eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_create_graph_gradient_equals_first_order(dtype, tseed):
     """The gradient formed by the double-backward path equals the forward pass's (16/32-bit weights
@@ -193,6 +194,7 @@ def test_create_graph_gradient_equals_first_order(dtype, tseed):
         torch.testing.assert_close(g2.detach(), g1, rtol=tol, atol=tol * float(g1.abs().max()))
 
 
+@pytest.mark.long
 def test_compiled_double_backward_raises(tseed):
     """torch.compile (aot_eager) refuses a double backward with its own error: no wrong number."""
     w = torch.from_numpy(tseed.standard_normal((4, 3))).requires_grad_(True)

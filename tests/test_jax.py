@@ -180,6 +180,7 @@ def _model(rng):
     }
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("mode", ["auto", "rows"])
 def test_tree_is_the_sum_over_matrices(mode, rng):
     params = _model(rng)
@@ -270,6 +271,7 @@ _SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.long
 def test_sharded_arrays_in_a_subprocess(rng):
     env = dict(os.environ, SEED=str(int(rng.integers(1 << 30))), JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True, text=True, env=env, timeout=180)

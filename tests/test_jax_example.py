@@ -10,6 +10,7 @@ pytest.importorskip("optax")
 pytest.importorskip("equinox")
 
 
+@pytest.mark.long
 def test_example_becomes_more_orthogonal():
     path = pathlib.Path(__file__).parent.parent / "examples" / "jax_mlp.py"
     spec = importlib.util.spec_from_file_location("jax_mlp", path)

@@ -64,6 +64,7 @@ def test_ruff_format_clean():
     assert rc == 0, f"ruff format --check . would reformat:\n{out}"
 
 
+@pytest.mark.long
 def test_mypy_clean():
     rc, out = _run([_tool("mypy"), "gpu_orthol1", "kernels"])
     assert rc == 0, f"mypy gpu_orthol1 kernels found problems:\n{out}"

@@ -832,6 +832,7 @@ def test_orthol1_one_dtype_rule(dtype, tseed):
     assert reg.loss().dtype == reg.add_grad_().dtype == reg.step_(0.01).dtype == dtype
 
 
+@pytest.mark.long
 def test_ortho_l1_compiles_without_graph_break(tseed):
     w = _t(tseed, (9, 6), torch.float64).requires_grad_(True)
 
@@ -854,6 +855,7 @@ def test_ortho_l1_compiles_without_graph_break(tseed):
     torch.library.opcheck(torch.ops.gpu_orthol1.ortho_l1.default, (w, 0.4, "sum", "matrix", 0, True, True))
 
 
+@pytest.mark.long
 def test_orthol1_loss_compiles_without_graph_break(tseed):
     """OrthoL1.loss() inside torch.compile(fullgraph=True): one custom op, the same loss and gradients
     as eager (float64: to the last bits the same computation gives), no gradient under no_grad, a

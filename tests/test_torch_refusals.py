@@ -44,6 +44,7 @@ def test_torch_version_check(version, ok):
             otorch._check_torch_version(version)
 
 
+@pytest.mark.long
 def test_import_refuses_an_old_torch_by_its_version():
     """End to end: with torch.__version__ reading 2.3.1, importing gpu_orthol1.torch is one ImportError
     naming the version found (not an AttributeError from torch.library at the first decorator)."""

@@ -5,9 +5,7 @@ ranks), and the errors for bad inputs. References are float64 and written here f
 from __future__ import annotations
 
 import io
-import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -402,36 +400,11 @@ def test_bad_beta_split_and_state():
 # -- the DDP split (gloo, spawned ranks) -------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
-def ddp_run(request, tmp_path_factory):
-    if not torch.distributed.is_available():
-        pytest.skip("this torch build has no torch.distributed")
-    import torch.multiprocessing as mp
-
-    from . import _ddp_workers
-
-    world = request.param
-    seed = int(np.random.SeedSequence().entropy) % (1 << 31)
-    print(f"ddp test seed = {seed} (world {world})")
-    out = tmp_path_factory.mktemp(f"ddp{world}")
-    t0 = time.monotonic()
-    ctx = mp.start_processes(
-        _ddp_workers.main,
-        args=(world, str(out / "store"), seed, str(out)),
-        nprocs=world,
-        join=False,
-        start_method="spawn",
-    )
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() - t0 > 180:
-                pytest.fail(f"the {world}-rank DDP group did not finish (seed {seed})")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    print(f"{world} ranks: {time.monotonic() - t0:.1f} s")
-    return world, seed, [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+@pytest.fixture
+def ddp_run(gloo_group):
+    """(world, seed, per-rank results) of tests/_ddp_workers.py's cases, run in the run-wide gloo group of
+    each world size (conftest.py's gloo_group, after tests/test_distributed.py's cases)."""
+    return gloo_group["world"], gloo_group["seed"], gloo_group["ddp"]
 
 
 @pytest.mark.parametrize("how", ["loss", "add_grad_"])

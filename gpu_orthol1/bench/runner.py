@@ -10,6 +10,7 @@ installed are skipped with a one-line note.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -300,12 +301,20 @@ class Bench:
     def _measure_memory(self):
         if not self.pending_mem:
             return
-        for row, prep in self.pending_mem:
-            try:
-                b, how = prep.peak()
-                row["peak_mb"], row["peak_how"] = b / 2**20, how
-            except Exception as e:  # noqa: BLE001 - reported in the row
-                row["peak_how"] = f"failed: {_first_line(e)}"
+        # Each CPU probe runs gc.collect() (base.cpu_peak); with torch and JAX loaded, a full collection
+        # walks millions of long-lived objects (0.3-0.6 s each, two per probe). One full collection here,
+        # then those objects are frozen out of the probes' collections, which still see every new one.
+        gc.collect()
+        gc.freeze()
+        try:
+            for row, prep in self.pending_mem:
+                try:
+                    b, how = prep.peak()
+                    row["peak_mb"], row["peak_how"] = b / 2**20, how
+                except Exception as e:  # noqa: BLE001 - reported in the row
+                    row["peak_how"] = f"failed: {_first_line(e)}"
+        finally:
+            gc.unfreeze()
         gpu = any(r["device"] == "gpu" for r, _ in self.pending_mem)
         self.pending_mem = []
         if gpu:

@@ -5,7 +5,7 @@ handle to CuPy's current stream (once per call, not per GEMM) and selects host p
 the scalars; `set_blas_workspace` then gives cuBLAS a workspace of the call's own, so that a
 CUDA graph capture of the call never makes cuBLAS allocate. cuBLAS is called through ctypes
 (`_cublas`: CuPy's wrappers refuse calls during a capture) with argument lists prepared once per
-GEMM shape (only the three addresses are filled per call), and the kernels are launched from PTX
+GEMM shape (only the three addresses are filled per call; `_cupy_gemm`), and the kernels are launched from PTX
 compiled once per signature with a parameter block packed in one step (`_ptx`: Numba's dispatcher
 cost about 0.2 ms per launch), both on CuPy's current stream. The loss is reduced by one kernel
 launch (`loss_total`).
@@ -13,23 +13,18 @@ launch (`loss_total`).
 
 from __future__ import annotations
 
-import numbers
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import _dtypes, _gemm, _ptx
+from ._cupy_gemm import _F32, _F64, _addr, _dtype, _GemmCalls
 from ._driver import StridedChunk
 from ._penalty import DEFAULT
 from ._triangle import TriangleGram
 
 if TYPE_CHECKING:
     from ._device import GpuDevice
-
-_F32 = np.dtype(np.float32)
-_F64 = np.dtype(np.float64)
-_F16 = np.dtype(np.float16)
-_PREPARED_MAX = 256  # prepared GEMM argument sets kept per device (one plan: two per chunk position)
 
 
 def _cuda_enums():
@@ -113,15 +108,16 @@ class _ElementwiseLaunches:
         kern = self._launch.get(key)
         if kern is None:
             sig = (_ptx.array_type(np.float64, 1), self._i64, self._f64, _ptx.array_type(_dtype(out), 1))
-            kern = self._launch[key] = _ptx.kernel(self._mod.get_total_kernel(self._mod.TOTAL_THREADS, each), sig)
+            kern = self._launch[key] = _ptx.kernel(
+                self._mod.get_total_kernel(self._mod.TOTAL_THREADS, each), sig
+            )
         tpb = self._mod.TOTAL_THREADS
         grid = -(-count // tpb) if each else 1
         if grid:
             kern(grid, tpb, losses, count, scale, out)
 
 
-
-class CupyDevice(_ElementwiseLaunches, TriangleGram):
+class CupyDevice(_ElementwiseLaunches, _GemmCalls, TriangleGram):
     folds_alpha = False  # alpha goes into the second GEMM: exact, and free
     fills_addresses = True  # pointer-array GEMMs read address arrays from the workspace ("addrs")
     blas_workspace_bytes = 0  # set per card in __init__
@@ -138,9 +134,11 @@ class CupyDevice(_ElementwiseLaunches, TriangleGram):
         self._cb = cb  # CuPy's constants; the calls go through ctypes
         self._cublas = _cublas.library()
         self._tf32 = precision == "tf32"  # float32 GEMMs on TF32 tensor cores
-        self._compute = {"f64": cb.CUBLAS_COMPUTE_64F,
-                         "f32": cb.CUBLAS_COMPUTE_32F_FAST_TF32 if precision == "tf32" else cb.CUBLAS_COMPUTE_32F,
-                         "f16": cb.CUBLAS_COMPUTE_32F}
+        self._compute = {
+            "f64": cb.CUBLAS_COMPUTE_64F,
+            "f32": cb.CUBLAS_COMPUTE_32F_FAST_TF32 if precision == "tf32" else cb.CUBLAS_COMPUTE_32F,
+            "f16": cb.CUBLAS_COMPUTE_32F,
+        }
         self._mod = sign_abs
         self._max_block = sign_abs.BLOCK_SIZES[-1]
         self._i64, self._f64, self._bool = _numba_types()
@@ -204,126 +202,13 @@ class CupyDevice(_ElementwiseLaunches, TriangleGram):
     def prepare(src, cc):
         return src
 
-    def _scalars(self, C_dtype, alpha, beta):
-        scal = np.float64 if C_dtype == _F64 else np.float32
-        a, b = self._alpha[scal], self._beta[scal]
-        a[()] = alpha
-        b[()] = beta
-        return a.ctypes.data, b.ctypes.data
-
-    def _compute_type(self, A_dtype, C_dtype):
-        if C_dtype == _F64:
-            return self._compute["f64"]
-        return self._compute["f32"] if A_dtype == _F32 else self._compute["f16"]
-
-    def _prepare(self, call: _gemm.Gemm, bufs: dict):
-        """The argument list of one gemmStridedBatchedEx with the handle and the three operand
-        addresses left to fill: (args, [(position, buffer key, byte offset)], coefficients). The
-        coefficients live in host memory of their own, read by cuBLAS at each call (or recorded
-        once by a graph capture), so a prepared call never changes under another."""
-        A, B, C = bufs[call.a.buf], bufs[call.b.buf], bufs[call.c.buf]
-        scal = np.float64 if C.dtype == _F64 else np.float32
-        coef = np.array([call.alpha, call.beta], dtype=scal)
-        en = self._dtype_enum
-        args = [0, call.transa, call.transb, call.m, call.n, call.k, coef.ctypes.data,
-                0, en[A.dtype.name], call.a.ld, call.a.stride,
-                0, en[B.dtype.name], call.b.ld, call.b.stride,
-                coef.ctypes.data + coef.itemsize,
-                0, en[C.dtype.name], call.c.ld, call.c.stride,
-                call.batch, self._compute_type(A.dtype, C.dtype), -1]
-        slots = [(7, call.a.buf, call.a.offset * A.itemsize), (11, call.b.buf, call.b.offset * B.itemsize),
-                 (16, call.c.buf, call.c.offset * C.itemsize)]
-        return args, slots, coef
-
-    def _run_prepared(self, prep, bufs: dict) -> None:
-        template, slots, _coef = prep
-        args = list(template)
-        args[0] = self._handle
-        for pos, key, off in slots:
-            args[pos] = bufs[key].data.ptr + off
-        self._cublas.gemmStridedBatchedEx(*args)
-
-    def _strided_cached(self, key, make_call, bufs: dict) -> None:
-        """A strided GEMM whose arguments (all but the addresses) are prepared once per `key`: a plan
-        calls the same few GEMMs again and again, and building their argument sets cost more host
-        time than handing them to cuBLAS (bench/results/gpu-h100-profile.txt)."""
-        prep = self._prepared.get(key)
-        if prep is None:
-            if len(self._prepared) >= _PREPARED_MAX:
-                self._prepared.clear()
-            prep = self._prepared[key] = self._prepare(make_call(), bufs)
-        self._run_prepared(prep, bufs)
-
-    def _pointers(self, call: _gemm.BatchedGemm, bufs: dict, addrs) -> None:
-        """One cuBLAS pointer-array GEMM over separate matrices, its A, B and C address arrays written
-        into `addrs` (a uint64 buffer of the call's workspace) by a kernel, in stream order: no upload,
-        no synchronization, nothing allocated, so `torch.cuda.graph` can capture it (the replay
-        writes the same addresses again). float32/float64: ?gemmBatched; float16/bfloat16 operands
-        (the Gram's C in float32): cublasGemmBatchedEx with a float32 compute type."""
-        ptrs = _gemm.pointer_arrays(call, lambda k: _addr(bufs[k]), lambda k: _dtype(bufs[k]).itemsize)
-        self._fill_addresses(addrs, ptrs)
-        self._pointer_gemm(call, addrs, bufs)
-
-    def _fill_addresses(self, addrs, ptrs: np.ndarray) -> None:
-        """addrs[:ptrs.size] = ptrs (row by row), by `kernels.addresses` launches of SLOTS each."""
-        from .kernels import addresses
-
-        kern = self._launch.get("addresses")
-        if kern is None:
-            from numba import types
-
-            sig = (_ptx.array_type(np.uint64, 1), self._i64, self._i64,
-                   types.UniTuple(types.uint64, addresses.SLOTS))
-            kern = self._launch["addresses"] = _ptx.kernel(addresses.get_fill_kernel(), sig)
-        for first, count, vals in address_batches(ptrs, addresses.SLOTS):
-            kern.launch(self._stream_ptr, 1, addresses.SLOTS, addrs, first, count, vals)
-
-    def _pointer_args(self, call: _gemm.BatchedGemm, addrs, bufs) -> tuple[str, list]:
-        """(cuBLAS function, its arguments) of a pointer-array GEMM whose address arrays are in
-        `addrs` (A, B, C, `batch` entries each): ?gemmBatched for float32/float64 operands,
-        gemmBatchedEx (16-bit A and B, float32 compute) for float16 and bfloat16, and for float32 under
-        precision="tf32" (sgemmBatched has no compute type: it follows the handle's math mode, CuPy's
-        shared handle's, not ours to set; the Ex call asks for TF32 on this call alone)."""
-        t = call.template
-        a_dt, c_dt = _dtype(bufs[call.a[0].buf]), _dtype(bufs[call.c[0].buf])
-        base = _addr(addrs)
-        bs = 8 * call.batch
-        if isinstance(t.alpha, numbers.Real):
-            alpha, beta = self._scalars(c_dt, t.alpha, t.beta)
-        else:  # [alpha, beta] in device memory, in the scalar type of the compute type (`_pointer_gemm`)
-            alpha = _addr(t.alpha)
-            beta = alpha + (8 if c_dt == _F64 else 4)
-        if a_dt == c_dt and (a_dt == _F64 or (a_dt == _F32 and not self._tf32)):
-            name = "sgemmBatched" if a_dt == _F32 else "dgemmBatched"
-            return name, [self._handle, t.transa, t.transb, t.m, t.n, t.k, alpha, base, t.a.ld,
-                          base + bs, t.b.ld, beta, base + 2 * bs, t.c.ld, call.batch]
-        en = self._dtype_enum
-        return "gemmBatchedEx", [self._handle, t.transa, t.transb, t.m, t.n, t.k, alpha,
-                                 base, en[a_dt.name], t.a.ld, base + bs, en[_dtype(bufs[call.b[0].buf]).name], t.b.ld,
-                                 beta, base + 2 * bs, en[c_dt.name], t.c.ld, call.batch,
-                                 self._compute_type(a_dt, c_dt), -1]
-
-    def _pointer_gemm(self, call: _gemm.BatchedGemm, addrs, bufs) -> None:
-        name, args = self._pointer_args(call, addrs, bufs)
-        fn = getattr(self._cublas, name)
-        if isinstance(call.template.alpha, numbers.Real):
-            fn(*args)
-            return
-        # [alpha, beta] in device memory (OrthoL1's weight), read when the GEMM runs: a graph's replay
-        # applies the values written last. Device pointer mode for this call only (others pass host ones)
-        cb, h = self._cublas, self._handle
-        cb.setPointerMode(h, self._cb.CUBLAS_POINTER_MODE_DEVICE)
-        try:
-            fn(*args)
-        finally:
-            cb.setPointerMode(h, self._cb.CUBLAS_POINTER_MODE_HOST)
-
     def gram(self, src, cc, ws):
         if isinstance(src, StridedChunk):
             m_, l, n = src.arr.shape
             key = ("gram", src.lay, src.first, cc, l, n, _dtype(src.arr), _dtype(ws))
-            self._strided_cached(key, lambda: _gemm.gram_call(src.lay, src.first, cc, l, n),
-                                 {"phi": src.arr, "ws": ws})
+            self._strided_cached(
+                key, lambda: _gemm.gram_call(src.lay, src.first, cc, l, n), {"phi": src.arr, "ws": ws}
+            )
         else:
             l, n = src.mats[0].shape
             bufs = {("p", k): a for k, a in enumerate(src.mats)}
@@ -334,18 +219,42 @@ class CupyDevice(_ElementwiseLaunches, TriangleGram):
     def grad(self, src, dst, cc, sgn, alpha, beta):
         if isinstance(src, StridedChunk):
             m_, l, n = src.arr.shape
-            key = ("grad", src.lay, src.first, dst.lay, dst.first, cc, l, n, alpha, beta, _dtype(src.arr),
-                   _dtype(sgn), _dtype(dst.arr))
-            self._strided_cached(key, lambda: _gemm.grad_call(src.lay, src.first, dst.lay, dst.first, cc, l, n,
-                                                              alpha, beta),
-                                 {"phi": src.arr, "sgn": sgn, "out": dst.arr})
+            key = (
+                "grad",
+                src.lay,
+                src.first,
+                dst.lay,
+                dst.first,
+                cc,
+                l,
+                n,
+                alpha,
+                beta,
+                _dtype(src.arr),
+                _dtype(sgn),
+                _dtype(dst.arr),
+            )
+            self._strided_cached(
+                key,
+                lambda: _gemm.grad_call(src.lay, src.first, dst.lay, dst.first, cc, l, n, alpha, beta),
+                {"phi": src.arr, "sgn": sgn, "out": dst.arr},
+            )
         else:
             l, n = src.mats[0].shape
             bufs = {("p", k): a for k, a in enumerate(src.mats)}
             bufs.update({("o", k): a for k, a in enumerate(dst.mats)})
             bufs["sgn"] = sgn
-            call = _gemm.grad_batched(src.lay, [_gemm.Ref(("p", k), 0) for k in range(cc)], dst.lay,
-                                      [_gemm.Ref(("o", k), 0) for k in range(cc)], 0, l, n, alpha, beta)
+            call = _gemm.grad_batched(
+                src.lay,
+                [_gemm.Ref(("p", k), 0) for k in range(cc)],
+                dst.lay,
+                [_gemm.Ref(("o", k), 0) for k in range(cc)],
+                0,
+                l,
+                n,
+                alpha,
+                beta,
+            )
             self._pointers(call, bufs, src.addrs)
 
     def fused_launcher(self, cfg, V, Vout, losses, write_grad):
@@ -362,28 +271,28 @@ class CupyDevice(_ElementwiseLaunches, TriangleGram):
         kern = self._launch.get(key)
         if kern is None:
             A = _ptx.array_type
-            sig = (A(_dtype(V), 3, "A"), A(_dtype(out), 3, "A"), A(np.float64, 1), self._i64, _ptx_float(cfg.acc),
-                   self._bool, self._bool)
+            sig = (
+                A(_dtype(V), 3, "A"),
+                A(_dtype(out), 3, "A"),
+                A(np.float64, 1),
+                self._i64,
+                _ptx_float(cfg.acc),
+                self._bool,
+                self._bool,
+            )
             kern = self._launch[key] = _ptx.kernel(fused_small.get_fused_kernel(cfg), sig)
-        bound = _ptx.BoundLaunch(kern, m, cfg.threads, (V, out, losses, 0, 0.0, False, bool(write_grad)),
-                                 variable=(0, 1, 2, 4, 5))
+        bound = _ptx.BoundLaunch(
+            kern, m, cfg.threads, (V, out, losses, 0, 0.0, False, bool(write_grad)), variable=(0, 1, 2, 4, 5)
+        )
 
         def go(phi_addr, out_addr, losses_addr, alpha, accumulate):
             bound.launch(self._stream_ptr, phi_addr, out_addr, losses_addr, alpha, accumulate)
+
         return go
 
 
 if TYPE_CHECKING:
     _check: GpuDevice = CupyDevice()  # mypy checks the device interface here
-
-
-def address_batches(ptrs: np.ndarray, slots: int):
-    """(first, count, `slots` values zero-padded) for each launch that stores `ptrs` (row by row)."""
-    flat = ptrs.ravel().tolist()
-    for first in range(0, len(flat), slots):
-        vals = flat[first:first + slots]
-        count = len(vals)
-        yield first, count, tuple(vals + [0] * (slots - count))
 
 
 def _numba_types():
@@ -396,29 +305,6 @@ def _ptx_float(name):
     from numba import types
 
     return getattr(types, name)
-
-
-def _addr(x) -> int:
-    if hasattr(x, "data_ptr"):  # torch tensor
-        return int(x.data_ptr())
-    if isinstance(x, np.ndarray):  # host memory (pinned, or a test's stand-in for the GPU)
-        return int(x.ctypes.data)
-    return int(x.data.ptr)  # CuPy
-
-
-_TORCH_NP: dict[str, np.dtype] = {"torch.float16": _F16, "torch.float32": _F32, "torch.float64": _F64,
-                                   "torch.int16": _dtypes.BITS}
-
-
-def _dtype(x) -> np.dtype:
-    """x's dtype as NumPy's: a torch bfloat16 tensor is bfloat16 (ml_dtypes); CuPy's int16 carrier
-    and a NumPy bfloat16 array keep their own (both read as CUDA_R_16BF)."""
-    d = x.dtype
-    if isinstance(d, np.dtype):
-        return d
-    if _dtypes.is_bf16(d):
-        return _dtypes.bfloat16()
-    return _TORCH_NP[str(d)]
 
 
 def _kernel_dtype(x) -> np.dtype:

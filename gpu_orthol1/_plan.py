@@ -3,8 +3,8 @@
 A `Plan` holds the backend and its device object (cuBLAS handle, kernel launch
 configurations), the slice view (which axis indexes the slices), the layouts BLAS reads,
 the chunk size and workspace sizes for each kind of call, and the CPU's small workspace.
-A call checks that its array matches, binds the addresses and runs the one chunk loop
-(`_driver.run`). The functional API (`loss`, `grad`, `loss_and_grad`) keeps a small LRU
+A call checks that its array matches, then `_plan_run` binds the addresses and runs the one chunk
+loop (`_driver.run`) or the fused kernel. The functional API (`loss`, `grad`, `loss_and_grad`) keeps a small LRU
 cache of plans (`_cache`).
 
 The framework layers (torch, distributed) reach a plan's internals only through this module's
@@ -19,33 +19,15 @@ enqueueing, not the GPU work, and workspaces come from CuPy's stream-ordered poo
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from . import _backends, _checks, _cpu_pool, _driver, _dtypes, _penalty, _triangle
+from . import _backends, _checks, _cpu_pool, _driver, _dtypes, _penalty, _plan_run, _triangle
 from ._device import Device, make_device, pick_kernel
 from ._gpu_calls import GpuCalls
+from ._plan_run import Alloc, GramHook
 from ._slices import Chunking, Slices
-
-Alloc = Callable[[tuple, Any], Any]
-GramHook = Callable[[Any], object]
-
-def _new_grad(xp: Any, host_in: bool, p: Any, out: Any, accumulate: Any, alloc: Alloc | None) -> Any:
-    """Where a call's gradient goes: out, or a new array like p (host_in: a NumPy phi the GPU computes)."""
-    if out is not None and not host_in:
-        return out
-    if out is not None and accumulate:
-        return xp.asarray(out)
-    if alloc is not None:
-        return alloc(p.shape, p.dtype)
-    if p.flags.c_contiguous:
-        # the common case without empty_like: CuPy's works out the layout in Python, about 7 us
-        # per call under cProfile on the H100 machine's host (bench/results/gpu-h100-vec-profile.txt)
-        return xp.empty(p.shape, p.dtype)
-    return xp.empty_like(p)
 
 
 def _device_dtype(dtype: Any, host_in: bool, dev: Device, bf16_bits: bool) -> tuple[bool, Any]:
@@ -55,11 +37,6 @@ def _device_dtype(dtype: Any, host_in: bool, dev: Device, bf16_bits: bool) -> tu
         raise ValueError("a bfloat16 carrier (_bf16_bits=True) runs on the GPU device only")
     up = host_in and _dtypes.is_bf16(dtype)
     return up, (_dtypes.BITS if up else dtype)
-
-
-def _carrier(a: Any, up: bool) -> Any:
-    """A NumPy bfloat16 array the GPU computes as its int16 carrier (the same memory)."""
-    return a.view(_dtypes.BITS) if up and a is not None else a
 
 
 class Plan:
@@ -80,10 +57,24 @@ class Plan:
         True
     """
 
-    def __init__(self, phi: Any, beta: Any = 1.0, *, axis: Any = 1, reduction: Any = "sum",
-                 want: Any = "loss_and_grad", precision: Any = "highest", backend: Any = "auto",
-                 workspace_bytes: Any = None, kernel: Any = "auto", penalty: Any = "l1", diagonal: Any = True,
-                 normalize: Any = False, _device: Device | None = None, _bf16_bits: bool = False) -> None:
+    def __init__(
+        self,
+        phi: Any,
+        beta: Any = 1.0,
+        *,
+        axis: Any = 1,
+        reduction: Any = "sum",
+        want: Any = "loss_and_grad",
+        precision: Any = "highest",
+        backend: Any = "auto",
+        workspace_bytes: Any = None,
+        kernel: Any = "auto",
+        penalty: Any = "l1",
+        diagonal: Any = True,
+        normalize: Any = False,
+        _device: Device | None = None,
+        _bf16_bits: bool = False,
+    ) -> None:
         # _bf16_bits: phi is the int16 carrier of bfloat16 data (`_dtypes`; the torch bridge's CUDA hand-over)
         self._is_cupy = _checks.check_bits(phi) if _bf16_bits else _checks.check_phi(phi)
         axis = _checks.check_axis(axis, phi.ndim)
@@ -105,15 +96,27 @@ class Plan:
         self._xp = self._dev.xp
         self._host_in = not self._is_cupy and self._xp is not np  # a NumPy input computed on the GPU
         self._bf16_up, self._ddtype = _device_dtype(phi.dtype, self._host_in, self._dev, _bf16_bits)
-        self._budget = _checks.workspace_budget(workspace_bytes, "numpy" if self._xp is np else "cupy", self._xp)
+        self._budget = _checks.workspace_budget(
+            workspace_bytes, "numpy" if self._xp is np else "cupy", self._xp
+        )
         cpu = self._xp is np and not getattr(self._dev, "emulates_gpu", False)
         lay_phi = sl.fix_layout(phi, self._host_in, cpu)
         self._kernel, self._fused_cfg = pick_kernel(
-            kernel, self._dev, self._variant, isinstance(self._budget, _driver.DefaultBudget),
-            self._host_in or lay_phi is not None, self._l, self._n, self._dtype, self._precision)
+            kernel,
+            self._dev,
+            self._variant,
+            isinstance(self._budget, _driver.DefaultBudget),
+            self._host_in or lay_phi is not None,
+            self._l,
+            self._n,
+            self._dtype,
+            self._precision,
+        )
         self._ldt = np.float64 if phi.dtype == np.float64 else np.float32
         self._chunks = Chunking(self._dev, sl, self._ddtype, self._variant, self._budget)
-        self._tri = self._chunks.tri = _triangle.pick(self._dev, self._kernel, self._variant, self._n, self._ddtype)
+        self._tri = self._chunks.tri = _triangle.pick(
+            self._dev, self._kernel, self._variant, self._n, self._ddtype
+        )
         self._gpu = GpuCalls(self._dev, self._m, self._fused_cfg)
         self._cpu = _cpu_pool.CpuRunner(self._dev, self._m, self._l, self._n, self._ddtype)
         self._threads = _cpu_pool.cpu_threads(self._m, self._l, self._n) if cpu else 1
@@ -133,15 +136,21 @@ class Plan:
     precision = property(lambda self: self._precision, doc='"highest" or "tf32".')
     backend = property(lambda self: self._resolved, doc='The resolved backend: "numpy" or "cupy".')
     kernel = property(lambda self: self._kernel, doc='The GPU path: "gemm" or "fused" ("gemm" on a CPU).')
-    gram = property(lambda self: "triangle" if self._tri else "full", doc='The Gram GEMM: "full" or "triangle".')
+    gram = property(
+        lambda self: "triangle" if self._tri else "full", doc='The Gram GEMM: "full" or "triangle".'
+    )
     is_cupy = property(lambda self: self._is_cupy, doc="Whether the plan takes CuPy arrays.")
-    variant = property(lambda self: self._variant, doc="The member of the penalty family (`_penalty.Variant`).")
+    variant = property(
+        lambda self: self._variant, doc="The member of the penalty family (`_penalty.Variant`)."
+    )
 
     def __repr__(self) -> str:
         kind = "cupy" if self._is_cupy else "numpy"
-        return (f"Plan({kind} {self._shape} {self._dtype}, axis={self._axis}, m={self._m} slices of "
-                f"{self._l}x{self._n}, reduction={self._reduction!r}, want={self._want!r}, "
-                f"backend={self._resolved!r})")
+        return (
+            f"Plan({kind} {self._shape} {self._dtype}, axis={self._axis}, m={self._m} slices of "
+            f"{self._l}x{self._n}, reduction={self._reduction!r}, want={self._want!r}, "
+            f"backend={self._resolved!r})"
+        )
 
     # -- checks ------------------------------------------------------------------------------------
 
@@ -183,94 +192,41 @@ class Plan:
     def _chunk_for(self, want_grad: bool, accumulate: bool = False) -> int:
         return self._chunks.chunk_for(want_grad, accumulate)
 
-    def _execute(self, phi: Any, out: Any, accumulate: Any, beta: float, want_grad: bool, *,
-                 gram_hook: GramHook | None = None, chunk: int | None = None, alloc: Alloc | None = None,
-                 losses: Any = None) -> tuple[Any, Any]:
+    def _execute(
+        self,
+        phi: Any,
+        out: Any,
+        accumulate: Any,
+        beta: float,
+        want_grad: bool,
+        *,
+        gram_hook: GramHook | None = None,
+        chunk: int | None = None,
+        alloc: Alloc | None = None,
+        losses: Any = None,
+    ) -> tuple[Any, Any]:
         """(loss, grad) for an array that matches the plan, arguments already checked (see `execute`)."""
-        xp = self._xp
-        p = xp.asarray(_carrier(phi, self._bf16_up)) if self._host_in else phi
-        grad = _new_grad(xp, self._host_in, p, _carrier(out, self._bf16_up), accumulate, alloc) if want_grad else None
-        m, n = self._m, self._n
-        raw = losses is not None
-        # a GPU call with something to launch keeps its per-slice losses per stream (`GpuCalls`)
-        # and then launches its loss reduction under the plan's lock, so that no other thread's call
-        # of this plan writes them in between on the same stream
-        keep = bool(not raw and m and n and alloc is None and xp is not np)
-        if not raw and not keep:
-            losses = xp.zeros(m, dtype=np.float64) if n == 0 else xp.empty(m, dtype=np.float64)
-        elif n == 0:
-            losses[...] = 0
-        if self._kernel == "fused" and gram_hook is None:
-            if not (m and n):
-                return self._finish(losses, beta, raw, want_grad, grad, out)
-            alpha = 2.0 * beta / (m if self._reduction == "mean" else 1)
-            with self._gpu.lock:
-                stream = self._gpu.dev.bind(cublas=False)
-                if keep:
-                    losses = self._gpu.losses.get(stream)
-                self._gpu.fused(self._view, p, grad, losses, alpha, bool(accumulate), want_grad)
-                return self._finish(losses, beta, raw, want_grad, grad, out)
-        batch = self._slices.batch(p, grad, out, want_grad)
-        threads = self._threads if gram_hook is None else 1  # a hook sees the chunks in order
-        sz, threads = self._chunks.sizes_for(want_grad, bool(accumulate), batch.lay_phi is None,
-                                      want_grad and batch.lay_out is None, threads)
-        if chunk is not None and chunk < sz.chunk:
-            sz = dataclasses.replace(sz, chunk=max(1, int(chunk)))
-        alpha = 2.0 * beta / (m if self._reduction == "mean" and m else 1)
-        kw: dict[str, Any] = dict(alpha=alpha, beta_gemm=1.0 if accumulate else 0.0, want_grad=want_grad, gram_hook=gram_hook,
-                  variant=self._variant, tri=0 if gram_hook else self._tri)  # a hook reads whole Grams
-        if m and n:
-            if xp is np:
-                self._cpu.run(batch, sz, losses, kw, threads)
-            else:
-                with self._gpu.lock:
-                    stream = self._gpu.dev.bind()
-                    if keep:
-                        losses = self._gpu.losses.get(stream)
-                    wsb = self._gpu.workspace(keep and stream, alloc or self._alloc, sz, self._l, n, self._ddtype)
-                    _driver.run(self._dev, batch, wsb, sz.chunk, losses, **kw)
-                    return self._finish(losses, beta, raw, want_grad, grad, out)
-        return self._finish(losses, beta, raw, want_grad, grad, out)
-
-    def _finish(self, losses: Any, beta: float, raw: bool, want_grad: bool, grad: Any, out: Any) -> tuple[Any, Any]:
-        xp = self._xp
-        loss = None if raw else self._reduce(losses, beta)
-        if not want_grad:
-            return loss, None
-        if self._host_in:
-            host = xp.asnumpy(grad).view(self._dtype)  # bfloat16 comes back as its carrier
-            if out is not None:
-                out[...] = host
-                return loss, out
-            return loss, host
-        return loss, grad
+        return _plan_run.run(
+            self,
+            phi,
+            out,
+            accumulate,
+            beta,
+            want_grad,
+            gram_hook=gram_hook,
+            chunk=chunk,
+            alloc=alloc,
+            losses=losses,
+        )
 
     def _alloc(self, shape: tuple, dtype: Any) -> Any:
         return self._xp.empty(shape, dtype=dtype)
 
     def _reduce(self, losses: Any, beta: float) -> Any:
-        xp = self._xp
-        if hasattr(self._dev, "loss_total"):  # the GPU device (or its emulator): one launch
-            each = self._reduction == "none"
-            buf = xp.empty(self._m if each else 1, dtype=self._ldt)
-            self._reduce_into(losses, beta, buf)
-            loss = buf if each else buf.reshape(())
-        elif self._reduction == "none":
-            loss = (losses * beta).astype(self._ldt)
-        else:
-            total = losses.sum() * beta
-            if self._reduction == "mean" and self._m:
-                total = total / self._m
-            loss = total.astype(self._ldt)
-        if self._host_in:
-            return xp.asnumpy(loss)
-        if xp is np:
-            return np.asarray(loss)
-        return loss
+        return _plan_run.reduce(self, losses, beta)
 
     def _reduce_into(self, losses: Any, beta: float, buf: Any) -> None:
-        scale = beta / (self._m if self._reduction == "mean" and self._m else 1)
-        self._gpu.dev.loss_total(losses, self._m, scale, buf, self._reduction == "none")
+        _plan_run.reduce_into(self, losses, beta, buf)
 
     def graph(self, phi: Any, out: Any = None, accumulate: bool = False) -> GraphedCall:
         """Capture one call for these arrays into a CUDA graph.
@@ -312,7 +268,12 @@ class GraphedCall:
         V = plan._view(phi)
         if plan.kernel == "gemm" and plan.m and plan.n and plan.l and _driver.layout_of(V) is None:
             raise ValueError("graph() needs a phi whose layout BLAS reads in place (this one is staged)")
-        if out is not None and plan.kernel == "gemm" and plan.l and _driver.layout_of(plan._view(out)) is None:
+        if (
+            out is not None
+            and plan.kernel == "gemm"
+            and plan.l
+            and _driver.layout_of(plan._view(out)) is None
+        ):
             raise ValueError("graph() needs an out whose layout BLAS reads in place (this one is staged)")
         target = out if out is not None else (cupy.empty_like(phi) if want_grad else None)
         self.grad = target
@@ -363,9 +324,13 @@ class GraphedCall:
 def _mismatch(plan: Plan, phi: Any) -> str | None:
     """What differs between phi and the arrays `plan` takes (None: nothing)."""
     if type(phi) is not plan._array_type:
-        _checks.check_array(phi)  # not an array at all: the TypeError the functional API raises (docs/errors.md)
-        return f"phi is a {type(phi).__module__}.{type(phi).__name__}, the plan's a " \
-               f"{plan._array_type.__module__}.{plan._array_type.__name__}"
+        _checks.check_array(
+            phi
+        )  # not an array at all: the TypeError the functional API raises (docs/errors.md)
+        return (
+            f"phi is a {type(phi).__module__}.{type(phi).__name__}, the plan's a "
+            f"{plan._array_type.__module__}.{plan._array_type.__name__}"
+        )
     if phi.shape != plan._shape:
         return f"phi has shape {phi.shape}, the plan's {plan._shape}"
     if phi.dtype != plan._dtype:
@@ -380,9 +345,19 @@ def _mismatch(plan: Plan, phi: Any) -> str | None:
 # -- the one internal interface of the framework layers (torch, distributed) --------------------
 
 
-def execute(plan: Plan, phi: Any, out: Any, accumulate: Any, beta: float, want_grad: bool, *,
-            gram_hook: GramHook | None = None, chunk: int | None = None, alloc: Alloc | None = None,
-            losses: Any = None) -> tuple[Any, Any]:
+def execute(
+    plan: Plan,
+    phi: Any,
+    out: Any,
+    accumulate: Any,
+    beta: float,
+    want_grad: bool,
+    *,
+    gram_hook: GramHook | None = None,
+    chunk: int | None = None,
+    alloc: Alloc | None = None,
+    losses: Any = None,
+) -> tuple[Any, Any]:
     """(loss, grad) for an array that matches the plan, arguments already checked.
 
     gram_hook(ws) sees each chunk's Grams (a (count, n*n) array of the plan's array module)
@@ -391,8 +366,9 @@ def execute(plan: Plan, phi: Any, out: Any, accumulate: Any, beta: float, want_g
     (when out is None) and the workspaces, and `losses`, an (m,) float64 array, receives the
     unscaled per-slice losses (the returned loss is then None): how the torch integration keeps
     every allocation in torch's allocator, as a CUDA graph capture needs."""
-    return plan._execute(phi, out, accumulate, beta, want_grad, gram_hook=gram_hook, chunk=chunk, alloc=alloc,
-                         losses=losses)
+    return plan._execute(
+        phi, out, accumulate, beta, want_grad, gram_hook=gram_hook, chunk=chunk, alloc=alloc, losses=losses
+    )
 
 
 def chunk_for(plan: Plan, want_grad: bool, accumulate: bool = False) -> int:

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import _dtypes, _gemm
-from ._cupy import CupyDevice, _addr, address_batches, bits_view
+from ._cupy import CupyDevice, bits_view
+from ._cupy_gemm import _addr, address_batches
 from ._emulated_blas import (  # noqa: F401 - re-exported: the tests reach them as testing.<name>
     _F32,
     _F64,

@@ -61,21 +61,15 @@ class _Checkpoints:
             self._applied = self._train.const
 
 
-class _TrainingLoop(_Checkpoints):
-    """The step counter, the weight each call applies and the public methods wrapping OrthoL1's passes."""
+class _Schedule(_Checkpoints):
+    """The step counter and the weight each call applies: beta, step, every, and advance() for CUDA
+    graph replays (a base of `_TrainingLoop`)."""
 
     _split: _training.Split | None
-    _collect: _training.MetricsRun | None  # set by loss/add_grad_(metrics=True) and metrics()
     _applied: float  # the weight of the running call: every * beta(step) (* world size under split=)
 
-    if TYPE_CHECKING:  # OrthoL1 provides these
-        targets: list[_Target]
+    if TYPE_CHECKING:  # OrthoL1 provides it
         _runner: _GroupRunner
-
-        def _sharded(self, active: list[int]) -> bool: ...
-        def _loss(self) -> torch.Tensor: ...
-        def _add_grad_(self) -> Loss: ...
-        def _step_(self, lr: float) -> Loss: ...
 
     @property
     def beta(self) -> float:
@@ -102,6 +96,46 @@ class _TrainingLoop(_Checkpoints):
         """The penalty applies on steps with step % every == 0, with every * beta."""
         return self._train.every
 
+    def advance(self) -> float:
+        """Count one step for the replay of a CUDA graph that captured loss(), add_grad_() or step_():
+        write this step's weight (every * beta(step), 0 on a step the lazy rule skips; times the world
+        size under split=) into the device memory the captured pass reads (the gradient GEMM's
+        coefficients and the loss's factor), so that the next replay applies it without a new capture.
+        Call it once before each replay, outside the capture. Under capture, those calls count no step
+        themselves and refuse metrics=True; run each once eagerly before capturing (warm-up).
+
+        Returns:
+            The weight written.
+
+        Raises:
+            ValueError: a bad schedule value, or a new weight for a graph that captured bfloat16/float16
+                parameters (their beta is a host value); nothing is written, the step does not advance.
+
+        Example:
+            >>> reg = OrthoL1(torch.nn.Linear(8, 4), beta=lambda step: 1e-3 * 0.9**step, every=2)
+            >>> w = reg.advance()  # then graph.replay()
+        """
+        s, k = self._train.step, self._train.every
+        w = self._train.beta_at(s) * k if s % k == 0 else 0.0
+        w *= self._split.world if self._split is not None else 1
+        self._runner.weights.write(w)
+        self._train.step = s + 1
+        return w
+
+
+class _TrainingLoop(_Schedule):
+    """The public methods wrapping OrthoL1's passes: each counts a step and applies its weight."""
+
+    _collect: _training.MetricsRun | None  # set by loss/add_grad_(metrics=True) and metrics()
+
+    if TYPE_CHECKING:  # OrthoL1 provides these
+        targets: list[_Target]
+
+        def _sharded(self, active: list[int]) -> bool: ...
+        def _loss(self) -> torch.Tensor: ...
+        def _add_grad_(self) -> Loss: ...
+        def _step_(self, lr: float) -> Loss: ...
+
     def _begin(self, metrics: Any) -> float | None:
         """The weight of this call (None: a step the lazy rule skips), checked before anything runs."""
         if not isinstance(metrics, (bool, np.bool_)):
@@ -110,7 +144,9 @@ class _TrainingLoop(_Checkpoints):
             raise ValueError("metrics=True is not available over DTensor (sharded) parameters")
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             if metrics:  # its dict would hold the capture's values, not the replay's
-                raise ValueError("metrics=True is not available under CUDA graph capture; call metrics() outside")
+                raise ValueError(
+                    "metrics=True is not available under CUDA graph capture; call metrics() outside"
+                )
             # no step counted: every replay runs the pass at the weight advance() wrote (0: a skipped step)
             self._applied, self._collect = self._runner.weights.value, None
             return self._applied
@@ -176,7 +212,12 @@ class _TrainingLoop(_Checkpoints):
             >>> penalty, m = reg.loss(metrics=True)
         """
         if torch.compiler.is_compiling():  # one custom op to dynamo: no graph break
-            if metrics or self._train.schedule is not None or self._train.every != 1 or self._split is not None:
+            if (
+                metrics
+                or self._train.schedule is not None
+                or self._train.every != 1
+                or self._split is not None
+            ):
                 return self._loss_eager(metrics)
             return self._loss()
         return self._run(self._loss, metrics, detached=False)
@@ -236,37 +277,13 @@ class _TrainingLoop(_Checkpoints):
         if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(float(lr)):
             raise ValueError(f"lr must be a finite real number, got {lr!r}")
         if self._split is not None:
-            raise ValueError("step_() does not take split= (the ranks would update different matrices); "
-                             "use add_grad_() before backward() or loss()")
+            raise ValueError(
+                "step_() does not take split= (the ranks would update different matrices); "
+                "use add_grad_() before backward() or loss()"
+            )
         if self._begin(False) is None:
             return _skipped(self, False)
         return self._step_(lr)
-
-    def advance(self) -> float:
-        """Count one step for the replay of a CUDA graph that captured loss(), add_grad_() or step_():
-        write this step's weight (every * beta(step), 0 on a step the lazy rule skips; times the world
-        size under split=) into the device memory the captured pass reads (the gradient GEMM's
-        coefficients and the loss's factor), so that the next replay applies it without a new capture.
-        Call it once before each replay, outside the capture. Under capture, those calls count no step
-        themselves and refuse metrics=True; run each once eagerly before capturing (warm-up).
-
-        Returns:
-            The weight written.
-
-        Raises:
-            ValueError: a bad schedule value, or a new weight for a graph that captured bfloat16/float16
-                parameters (their beta is a host value); nothing is written, the step does not advance.
-
-        Example:
-            >>> reg = OrthoL1(torch.nn.Linear(8, 4), beta=lambda step: 1e-3 * 0.9**step, every=2)
-            >>> w = reg.advance()  # then graph.replay()
-        """
-        s, k = self._train.step, self._train.every
-        w = self._train.beta_at(s) * k if s % k == 0 else 0.0
-        w *= self._split.world if self._split is not None else 1
-        self._runner.weights.write(w)
-        self._train.step = s + 1
-        return w
 
     @torch.no_grad()
     def metrics(self, flat: bool = False, prefix: str = "") -> dict:
@@ -300,8 +317,9 @@ class _TrainingLoop(_Checkpoints):
         saved, self._applied = self._applied, beta
         self._collect = run = _training.MetricsRun()
         try:
-            self._runner.execute(None, beta_gemm=0.0, want_grad=False,
-                                 params={j: self.targets[j].param for j in active})
+            self._runner.execute(
+                None, beta_gemm=0.0, want_grad=False, params={j: self.targets[j].param for j in active}
+            )
             m = run.result(self.targets, beta)
         finally:
             self._collect, self._applied = None, saved

@@ -6,11 +6,13 @@ Times, interleaved round by round on the same inputs, for each (l, m, n) shape (
 - ``ours``: ``gpu_orthol1.loss_and_grad(x, beta, backend="numpy")``;
 - ``naive``: what users write, the bench's ``numpy-naive`` (matmul on the transposed views);
 - ``limit``: the bench's ``limit-blas``, the core's Gram and gradient GEMMs alone over contiguous
-  operands, the faster of two threadings timed apart: ``limit_split`` (the slices split over threads
-  as gpu_orthol1 splits them, BLAS on one thread each) and ``limit_blas_threads`` (one part, BLAS
+  operands, the faster of two threadings timed apart: ``limit_split`` (the slices split over one part
+  per core on the pool, BLAS on one thread each) and ``limit_blas_threads`` (one part, BLAS
   threading each GEMM itself), so that the floor does not depend on gpu_orthol1's choice.
 
-Writes a JSON file with the medians, the ratios ours/limit and ours/naive, the CPU, NumPy's BLAS
+Each timed call follows an untimed call of the same method (on the other input copy), so that BLAS
+threads left spinning by the method timed before it (OpenBLAS's idle threads spin for about 2^28
+cycles) do not share the cores with it. Writes a JSON file with the medians, the ratios ours/limit and ours/naive, the CPU, NumPy's BLAS
 (threadpoolctl's threadpool_info), the load average before and after, and the date. A shared machine
 disturbs the figures: compare ratios from one run, not times across runs.
 
@@ -72,7 +74,7 @@ def blas_info() -> list[dict]:
 def time_shape(shape, dtype, runs, rng) -> dict:
     xs = [runner.random_phi(rng, shape, dtype) for _ in range(2)]
     case = base.Case(*shape, np.dtype(dtype), "ref", xs)
-    split = methods._limit("cpu", "highest").prepare(case)
+    split = methods._limit("cpu", "highest", threads=os.cpu_count() or 1).prepare(case)
     blas_threads = methods._limit("cpu", "highest", threads=1).prepare(case)
     fns = {
         "ours": lambda k: ol1.loss_and_grad(xs[k], base.BETA, backend="numpy"),
@@ -86,6 +88,10 @@ def time_shape(shape, dtype, runs, rng) -> dict:
     for r in range(runs):
         order = list(fns) if r % 2 == 0 else list(fns)[::-1]  # no method always runs right after another
         for k in order:
+            # BLAS's threads spin for a while after a threaded call (OpenBLAS: about 2^28 cycles), so
+            # a call right after another method's shares the cores with them: an untimed call of the
+            # same method first, as a call in a training loop follows its own previous call
+            fns[k](1 - r % 2)
             t0 = time.perf_counter()
             out = fns[k](r % 2)
             ts[k].append(time.perf_counter() - t0)

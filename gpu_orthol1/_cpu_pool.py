@@ -22,6 +22,15 @@ CPU_KEEP_WORKSPACE = 1 << 20  # a plan keeps a workspace this small between call
 # (1024, 16, 128) 103 vs 500 ms, (512, 64, 512) 2.0 vs 8.1 s, (1024, 16, 32) 10.8 vs 140 ms.
 CPU_PARALLEL_MIN_FLOPS = 1 << 24  # below this a call is too short to pay for handing work to threads
 CPU_PARALLEL_MAX_IMBALANCE = 1.25  # the largest part at most this many times the mean one (else BLAS threads)
+# Between small slices and large calls BLAS's own threads win: measured on the Intel Xeon (2 CPUs,
+# quiet; bench/results/cpu-threads.json, bench/bench_cpu_threads.py), OpenBLAS threading each GEMM
+# took 0.96 ms against 1.15 on the pool at (1024, 16, 32), 11.2 against 15.2 at (512, 128, 64), 6.2
+# against 9.9 at (1024, 16, 128), 8.2 against 14.0 at (2048, 4, 256); the pool won where a slice's
+# GEMMs are too small for BLAS to split (0.73 against 0.99 ms at (64, 64, 64)) and on large calls
+# (96 against 160 ms at (512, 1024, 64), 58 against 66 at (4096, 32, 128), 59 against 76 at
+# (1024, 16, 512)).
+CPU_POOL_MAX_SLICE_FLOPS = 3e6  # a slice's two GEMMs (4 l n^2 flops) below this: the pool
+CPU_POOL_MIN_CALL_FLOPS = 4e9  # a call at least this large: the pool
 
 # The CPU's BLAS writes each slice's gradient rows where they lie in the output. When the rows are
 # short and far apart (the slices of a C-contiguous (l, m, n) array: rows m*n elements apart), those
@@ -54,10 +63,13 @@ def cpu_threads(m: int, l: int, n: int) -> int:
     """Threads that share the slices of a CPU call (the bench's BLAS limit splits its GEMMs alike)."""
     cores = os.cpu_count() or 1
     threads = min(cores, m)
-    if threads <= 1 or 4.0 * l * n * n * m < CPU_PARALLEL_MIN_FLOPS:
+    per_slice = 4.0 * l * n * n
+    if threads <= 1 or per_slice * m < CPU_PARALLEL_MIN_FLOPS:
         return 1
     if -(-m // threads) * threads > CPU_PARALLEL_MAX_IMBALANCE * m:  # a few large slices: BLAS splits each
         return 1
+    if per_slice >= CPU_POOL_MAX_SLICE_FLOPS and per_slice * m < CPU_POOL_MIN_CALL_FLOPS:
+        return 1  # mid-sized calls of BLAS-sized slices: BLAS's threads (see above)
     return threads
 
 

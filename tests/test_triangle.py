@@ -305,3 +305,47 @@ def test_gpu_auto_rule(rng, monkeypatch):
     small = cupy.asarray(random_phi(rng, (64, 2, 256), np.float32, 64))
     assert ol1.plan(big).gram == "triangle"
     assert ol1.plan(small).gram == "full"
+
+
+@cudasim
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+def test_orthol1_groups_take_the_triangle(dtype, monkeypatch):
+    """OrthoL1's grouped pointer-array path (a model's matrices: the case the triangle is for) forms
+    the triangle too, per group, with the workspace of NaN: loss and gradients against the float64
+    reference; and a metrics pass (which reads whole Grams) keeps the full GEMM."""
+    torch = pytest.importorskip("torch")
+    from gpu_orthol1.testing import EmulatedGpuDevice
+    from gpu_orthol1.torch import OrthoL1
+
+    monkeypatch.setenv(_triangle.ENV_GRAM, "triangle")
+    workspace = _driver.workspace
+    monkeypatch.setattr(_driver, "workspace", lambda alloc, *a: workspace(_nan_alloc, *a))
+    tdt = getattr(torch, dtype)
+    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    model = torch.nn.Sequential(torch.nn.Linear(9, 9), torch.nn.Linear(9, 9), torch.nn.Linear(9, 6)).to(tdt)
+    devs: list = []
+
+    def factory(precision="highest"):
+        devs.append(EmulatedGpuDevice(precision=precision))
+        return devs[-1]
+
+    reg = OrthoL1(model, 0.3, "columns")
+    reg._device_factory = factory
+    loss = reg.loss()
+    loss.backward()
+    assert any(kind == "triangle" for d in devs for kind, _ in d.gemm_calls)
+    want = 0.0
+    for lin in model:
+        w = lin.weight.detach().double()
+        e = w.T @ w - torch.eye(w.shape[1], dtype=torch.float64)
+        want += 0.3 * float(e.abs().sum())
+        g = 2 * 0.3 * w @ torch.sign(e)
+        tol = {"float32": 1e-5, "float64": 1e-12, "bfloat16": 1e-2}[dtype]
+        torch.testing.assert_close(lin.weight.grad.double(), g, rtol=tol, atol=tol * float(g.abs().max()))
+    assert (
+        abs(float(loss.detach()) - want)
+        <= {"float32": 1e-5, "float64": 1e-12, "bfloat16": 1e-4}[dtype] * want
+    )
+    devs.clear()
+    reg.loss(metrics=True)
+    assert devs and not any(kind == "triangle" for d in devs for kind, _ in d.gemm_calls)

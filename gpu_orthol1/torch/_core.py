@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import _cache, _checks, _device, _dtypes, _metrics, _plan
+from .. import _cache, _checks, _device, _dtypes, _metrics, _plan, _triangle
 
 REDUCTIONS = _checks.REDUCTIONS
 METRIC_KEYS = _metrics.KEYS
@@ -85,6 +85,12 @@ def execute(
         alloc=alloc,
         losses=losses,
     )
+
+
+def triangle_block(dev: Any, variant: Any, n: int, dtype: Any) -> int:
+    """The block size of the Grams' blocked triangle for a two-GEMM run on `dev` (the rule a plan
+    follows, `_triangle.pick`: large n on a GPU device, GPU_ORTHOL1_GRAM), 0 for the full GEMM."""
+    return int(_triangle.pick(dev, "gemm", variant, n, dtype))
 
 
 def chunk_for(plan: Any, want_grad: bool, accumulate: bool = False) -> int:

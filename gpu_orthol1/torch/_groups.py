@@ -311,6 +311,10 @@ class _DeviceRun:
             self.budget = self.runner._budget(device)
         batch = _driver.Pointers(phis, gouts if call.want_grad else None, lay, lay_o, l, n)
         npdt = _np_dtype(dtype)
+        hook = None if self.collect is None else self.collect.hook(device, self.off, n, members)
+        # the Grams' blocked triangle where the plan would take it (large n on the GPU), never under a
+        # metrics hook, which reads whole Grams
+        tri = _core.triangle_block(self.dev, reg.variant, n, npdt) if hook is None else 0
         sz = _driver.sizes(
             self.dev,
             len(phis),
@@ -324,10 +328,10 @@ class _DeviceRun:
             budget=self.budget,
             variant=reg.variant,
             pointers=True,
+            tri=tri,
         )
         wsb = _driver.workspace(self.alloc, sz, l, n, npdt)
         counter = _CallCounter(self.dev)
-        hook = None if self.collect is None else self.collect.hook(device, self.off, n, members)
         _driver.run(
             counter,
             batch,
@@ -340,6 +344,7 @@ class _DeviceRun:
             want_grad=call.want_grad,
             variant=reg.variant,
             gram_hook=hook,
+            tri=tri,
         )
         reg.backend_calls += counter.calls
         if self.scales is not None:
@@ -402,6 +407,10 @@ class _CallCounter:
     def grad(self, *a):
         self.calls += 1
         self._dev.grad(*a)
+
+    def gram_triangle(self, *a):
+        self.calls += 1
+        self._dev.gram_triangle(*a)
 
     def __getattr__(self, name):
         return getattr(self._dev, name)

@@ -9,7 +9,6 @@ saved gradient by grad_output. The ops trace under torch.compile (register_fake 
 from __future__ import annotations
 
 import itertools
-import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -284,8 +283,10 @@ def _(like):
 
 def _dtensor_class() -> Any:
     """torch's DTensor class when torch.distributed.tensor is loaded (else no parameter can be one).
-    Dynamo traces this and the isinstance test on it, unlike `_is_dtensor`'s module-name test."""
-    mod = sys.modules.get("torch.distributed.tensor")
+    Dynamo traces this and the isinstance test on it, unlike `_is_dtensor`'s module-name test. (An
+    attribute of the loaded package, not a sys.modules lookup: dynamo iterates sys.modules for that,
+    which fails when another thread imports a module meanwhile.)"""
+    mod = getattr(getattr(torch, "distributed", None), "tensor", None)
     return None if mod is None else getattr(mod, "DTensor", None)
 
 

@@ -30,6 +30,7 @@ from ._driver import StridedChunk
 
 ENV_GRAM = "GPU_ORTHOL1_GRAM"
 GRAMS = ("auto", "full", "triangle")
+TRI_PREPARED_MAX = 256  # prepared triangle argument lists kept per device (keyed by chunk and shape)
 
 # kernel="auto"'s threshold: the triangle for n >= TRIANGLE_MIN_N. NOT MEASURED: to be measured on a
 # card (bench/bench_triangle.py, full vs triangle at n = 256 .. 2048, l = n and 4n, m = 1, 12, 36);
@@ -161,6 +162,8 @@ class TriangleGram:
                 -1,
                 coef,
             ]
+            if len(self._tri_prepared) >= TRI_PREPARED_MAX:  # a bound, as for the strided GEMMs' sets
+                self._tri_prepared.clear()
             self._tri_prepared[key] = args
         call = list(args[:-1])
         base = this._addr_of(addrs)

@@ -107,8 +107,10 @@ class _GroupRunner:
         active = self.active() if params is None else list(params)
         groups, single = self._groups(active, outs if want_grad else None, params)
         by_dev, single_by_dev = _by_device(groups, single)
-        if any(self.weights.capturing(d) for d in single_by_dev):  # their beta is a host value: recorded
-            self.weights.fixed = self.reg._applied
+        if any(self.weights.capturing(d) for d in by_dev.keys() | single_by_dev.keys()):
+            # a new capture: it holds a host beta only if per-tensor parameters take part (the last
+            # capture is the graph advance() feeds; an earlier one's refusal does not outlive it)
+            self.weights.fixed = self.reg._applied if single_by_dev else None
         scaled = any(self.reg.targets[j].scale != 1.0 for j in active)
         call = _Call(outs, beta_gemm, want_grad, after_group, prec, scaled)
         totals = {}

@@ -108,8 +108,9 @@ class _Schedule(_Checkpoints):
             The weight written.
 
         Raises:
-            ValueError: a bad schedule value, or a new weight for a graph that captured bfloat16/float16
-                parameters (their beta is a host value); nothing is written, the step does not advance.
+            ValueError: a bad schedule value, or a new weight for a graph whose capture ran parameters of
+                the per-tensor path (layouts BLAS cannot read in place: their beta is a host value);
+                nothing is written, the step does not advance.
 
         Example:
             >>> reg = OrthoL1(torch.nn.Linear(8, 4), beta=lambda step: 1e-3 * 0.9**step, every=2)

@@ -20,7 +20,12 @@ CPU_KEEP_WORKSPACE = 1 << 20  # a plan keeps a workspace this small between call
 # threads pay a synchronization per GEMM that the slices' independence makes needless. Measured on
 # the AMD EPYC (2 CPUs, loaded by other jobs), float32, against OpenBLAS threading each slice GEMM:
 # (1024, 16, 128) 103 vs 500 ms, (512, 64, 512) 2.0 vs 8.1 s, (1024, 16, 32) 10.8 vs 140 ms.
-CPU_PARALLEL_MIN_FLOPS = 1 << 24  # below this a call is too short to pay for handing work to threads
+# Below CPU_PARALLEL_MIN_FLOPS a call is too short to pay for handing work to threads. Measured on the
+# AMD EPYC (2 CPUs, quiet; bench_cpu_threads.py): at 34 Mflop ((64, 32, 64): PointNet's 32 feature
+# transforms of 64 x 64) the pool took 1.09 ms against 0.91 for BLAS's own threads, at 67 Mflop
+# ((64, 64, 64)) 1.41 against 1.67 (bench/results/cpu-threads-epyc.json); on the Intel Xeon the pool
+# won at 67 Mflop too.
+CPU_PARALLEL_MIN_FLOPS = 5e7
 CPU_PARALLEL_MAX_IMBALANCE = 1.25  # the largest part at most this many times the mean one (else BLAS threads)
 # Between small slices and large calls BLAS's own threads win: measured on the Intel Xeon (2 CPUs,
 # quiet; bench/results/cpu-threads.json, bench/bench_cpu_threads.py), OpenBLAS threading each GEMM
@@ -160,7 +165,7 @@ class CpuRunner:
         nbytes = sz.chunk * sz.per_slice
         if nbytes <= CPU_KEEP_WORKSPACE and self._lock.acquire(blocking=False):
             try:
-                if self._kept is None or self._kept.get("_sizes") != sz:
+                if self._kept is None or (self._kept["_sizes"] is not sz and self._kept["_sizes"] != sz):
                     self._kept = _driver.workspace(np.empty, sz, self._l, self._n, self._dtype)
                     self._kept["_sizes"] = sz
                 _driver.run(

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -104,9 +104,10 @@ def plan_chunks(
 # -- the two forms of a batch ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class StridedChunk:
-    """Slices first .. first+count-1 of `arr`, an (m', l, n) view BLAS reads with layout `lay`."""
+class StridedChunk(NamedTuple):
+    """Slices first .. first+count-1 of `arr`, an (m', l, n) view BLAS reads with layout `lay`.
+    (A NamedTuple: a frozen dataclass's __init__ costs a microsecond or two per chunk, which small
+    CPU calls feel.)"""
 
     arr: Any
     lay: _gemm.Layout

@@ -118,6 +118,7 @@ class Plan:
             self._dev, self._kernel, self._variant, self._n, self._ddtype
         )
         self._gpu = GpuCalls(self._dev, self._m, self._fused_cfg)
+        self._launch_reduce = hasattr(self._dev, "loss_total")  # the GPU device (or its emulator)
         self._cpu = _cpu_pool.CpuRunner(self._dev, self._m, self._l, self._n, self._ddtype)
         self._threads = _cpu_pool.cpu_threads(self._m, self._l, self._n) if cpu else 1
 

@@ -113,7 +113,7 @@ def _finish(
 def reduce(plan: Plan, losses: Any, beta: float) -> Any:
     """The call's loss (per the plan's reduction, in its loss dtype) from the unscaled per-slice losses."""
     xp = plan._xp
-    if hasattr(plan._dev, "loss_total"):  # the GPU device (or its emulator): one launch
+    if plan._launch_reduce:  # the GPU device (or its emulator): one launch
         each = plan._reduction == "none"
         buf = xp.empty(plan._m if each else 1, dtype=plan._ldt)
         reduce_into(plan, losses, beta, buf)

@@ -209,7 +209,7 @@ def test_kept_losses_one_array_per_stream_fresh_while_capturing(rng):
 
 
 def test_cpu_thread_split_equals_one_thread(rng, monkeypatch):
-    phi = random_phi(rng, (64, 600, 16), np.float32)  # many small slices: the thread split applies
+    phi = random_phi(rng, (64, 1200, 16), np.float32)  # many small slices: the thread split applies
     p = ol1.plan(phi, 0.2)
     if (__import__("os").cpu_count() or 1) > 1:
         assert p._threads > 1

@@ -168,6 +168,18 @@ def _slices(x: torch.Tensor, how: str, axis: int, transpose: bool) -> torch.Tens
     return v.transpose(1, 2) if transpose else v
 
 
+def _host_slices(a: np.ndarray, how: str, axis: int, transpose: bool) -> np.ndarray:
+    """`_slices` on the NumPy array over a CPU tensor's memory ("matrix" or "stack"): the same (m, l, n)
+    view, made by NumPy (a view costs far less there than a torch op's dispatch on small inputs)."""
+    if how == "matrix":
+        v = a[None]
+    elif axis == 0:
+        v = a
+    else:
+        v = a.transpose((axis,) + tuple(d for d in range(3) if d != axis))
+    return v.transpose(0, 2, 1) if transpose else v
+
+
 def _pick_transpose(mode: str | None, l: int, n: int) -> bool:
     if mode in (None, "columns"):
         return False

@@ -18,7 +18,7 @@ import torch
 
 from .. import _penalty
 from . import _core
-from ._bridge import _TORCH_DTYPE, _on_torch_stream, _slices, _to_array
+from ._bridge import _TORCH_DTYPE, _host_array, _host_slices, _on_torch_stream, _slices, _to_array
 
 # ---------------------------------------------------------------------------------------------
 # ortho_l1: one tensor, autograd
@@ -37,12 +37,14 @@ def _run_core(
 ) -> torch.Tensor:
     """The core on (m, l, n) slice views of tensors (no copy): the cached plan for their layout.
     CUDA: every allocation (workspaces, the per-slice losses) comes from torch's allocator and the
-    loss is reduced by torch, so the call can be captured by torch.cuda.graph. CPU: the plan forms
-    and reduces the losses itself (NumPy), which costs less per call than torch ops on small inputs.
+    loss is reduced by torch, so the call can be captured by torch.cuda.graph. CPU: `_run_host` on the
+    NumPy arrays over the same memory.
     precision: resolved ("highest" or "tf32"), part of the cached plan's key (the NumPy backend computes
     full float32 under either)."""
-    cuda = device.type == "cuda"
-    with _on_torch_stream(device) if cuda else nullcontext():
+    if device.type != "cuda":
+        o = _to_array(Vo) if want_grad and Vo is not None else None
+        return _run_host(_to_array(V), o, beta, reduction, want_grad, accumulate, variant, precision)
+    with _on_torch_stream(device):
         a = _to_array(V)
         o = _to_array(Vo) if want_grad and Vo is not None else None
         p = _core.cached(
@@ -50,21 +52,13 @@ def _run_core(
             0,
             reduction,
             precision,
-            "cupy" if cuda else "numpy",
+            "cupy",
             None,
             variant.penalty,
             variant.diagonal,
             variant.normalize,
-            bf16_bits=cuda and V.dtype == torch.bfloat16,
+            bf16_bits=V.dtype == torch.bfloat16,
         )
-        if not cuda:
-            if o is not None and o.strides == a.strides:
-                # handed over as the plan's own allocation: given as out=, the plan works out both
-                # layouts again on every call; its own allocation with phi's strides reuses its plan's
-                loss, _ = _core.execute(p, a, None, accumulate, beta, want_grad, alloc=lambda _shape, _dt: o)
-            else:
-                loss, _ = _core.execute(p, a, o, accumulate, beta, want_grad)
-            return torch.from_numpy(np.asarray(loss))
         import cupy
 
         def alloc(shape, dt):
@@ -81,6 +75,30 @@ def _run_core(
     if reduction == "mean" and V.shape[0]:
         total = total / V.shape[0]
     return total.to(ldt)
+
+
+def _run_host(
+    a: np.ndarray,
+    o: np.ndarray | None,
+    beta: float,
+    reduction: str,
+    want_grad: bool,
+    accumulate: bool = False,
+    variant: Any = _penalty.DEFAULT,
+    precision: str = "highest",
+) -> torch.Tensor:
+    """The NumPy backend on (m, l, n) arrays over CPU tensors' memory (o: the gradient's, or None): the
+    plan forms and reduces the losses itself, which costs less per call than torch ops on small inputs."""
+    p = _core.cached(
+        a, 0, reduction, precision, "numpy", None, variant.penalty, variant.diagonal, variant.normalize
+    )
+    if o is not None and o.strides == a.strides:
+        # handed over as the plan's own allocation: given as out=, the plan works out both layouts
+        # again on every call; its own allocation with phi's strides reuses its plan's
+        loss, _ = _core.execute(p, a, None, accumulate, beta, want_grad, alloc=lambda _shape, _dt: o)
+    else:
+        loss, _ = _core.execute(p, a, o, accumulate, beta, want_grad)
+    return torch.from_numpy(np.asarray(loss))
 
 
 def _loss_shape(weight: torch.Tensor, how: str, m_axis: int, reduction: str) -> tuple[int, ...]:
@@ -150,6 +168,12 @@ def _ortho_l1_impl(
     (an argument, so that a compiled graph records the setting it was traced under)."""
     w = weight.detach()
     grad = torch.empty_like(w) if want_grad else None
+    variant = _penalty.Variant(penalty, diagonal, normalize)
+    if w.device.type == "cpu" and how != "flatten":  # NumPy views: no torch dispatch per view
+        a = _host_slices(_host_array(w), how, m_axis, transpose)
+        o = _host_slices(_host_array(grad), how, m_axis, transpose) if grad is not None else None
+        loss = _run_host(a, o, beta, reduction, want_grad, False, variant, precision)
+        return loss, (w.new_empty((0,)) if grad is None else grad)
     V = _slices(w, how, m_axis, transpose)
     Vo = _slices(grad, how, m_axis, transpose) if grad is not None else None
     loss = _run_core(
@@ -159,7 +183,7 @@ def _ortho_l1_impl(
         reduction,
         want_grad,
         w.device,
-        variant=_penalty.Variant(penalty, diagonal, normalize),
+        variant=variant,
         precision=precision,
     )
     if grad is None:
@@ -200,13 +224,13 @@ def _ortho_l1_setup(ctx, inputs, output):
     ctx.ndim = inputs[0].dim()
 
 
-def _ortho_l1_backward(ctx, go, _go_grad):
-    w, g = ctx.saved_tensors
+def _weight_grad(ctx, w: torch.Tensor, g: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
+    """The weight's gradient from the saved weight w and the forward's gradient g (ctx.args: the
+    call's arguments after the weight, ctx.ndim: the weight's dims)."""
     beta, reduction, how, m_axis, transpose, _want = ctx.args[:6]
-    variant = ctx.args[6:9]  # after them: the precision, which the torch expression below does not take
-    nones = (None,) * len(ctx.args)
     if torch.is_grad_enabled():  # create_graph=True: a gradient autograd can differentiate again
-        variant = _penalty.Variant(*variant)
+        # after the variant: the precision, which the torch expression below does not take
+        variant = _penalty.Variant(*ctx.args[6:9])
 
         def loss_fn(x):
             per = _penalty_expr(_slices(_expr_dtype(x), how, m_axis, transpose), variant) * beta
@@ -214,29 +238,43 @@ def _ortho_l1_backward(ctx, go, _go_grad):
                 return per
             return per.sum() / (per.shape[0] if reduction == "mean" and per.shape[0] else 1)
 
-        return _grad_with_graph(loss_fn, (w,), go) + nones
+        return _grad_with_graph(loss_fn, (w,), go)[0]
     if reduction == "none" and ctx.ndim == 3:
         shape = [1, 1, 1]
         shape[m_axis] = -1
         go = go.reshape(shape)
     # the gradient of the same forward pass, scaled by grad_output (out of place: backward may run twice)
-    return (g * go.to(g.dtype),) + nones
+    return g * go.to(g.dtype)
+
+
+def _ortho_l1_backward(ctx, go, _go_grad):
+    w, g = ctx.saved_tensors
+    return (_weight_grad(ctx, w, g, go),) + (None,) * len(ctx.args)
 
 
 _ortho_l1_op.register_autograd(_ortho_l1_backward, setup_context=_ortho_l1_setup)
 
 
 class _OrthoL1Fn(torch.autograd.Function):
-    """`_ortho_l1_op` for eager calls: the same function, setup and backward. (A forward with ctx: with
-    a separate setup_context, apply() binds the arguments through inspect.signature, ~40 us a call.)"""
+    """`_ortho_l1_op` for eager calls: the same function and backward, with less per call on small
+    inputs: the arguments after the weight come as one tuple (apply() handles each argument it is
+    given in Python and C++), and the loss is the only output (the gradient is saved, not returned).
+    (A forward with ctx: with a separate setup_context, apply() binds the arguments through
+    inspect.signature, ~40 us a call.)"""
 
     @staticmethod
-    def forward(ctx, *args):
-        out = _ortho_l1_impl(*args)
-        _ortho_l1_setup(ctx, args, out)
-        return out
+    def forward(ctx, weight, args):
+        loss, g = _ortho_l1_impl(weight, *args)
+        # the weight is kept for a double backward only (no copy: it is the input itself)
+        ctx.save_for_backward(weight, g)
+        ctx.args = args
+        ctx.ndim = weight.dim()
+        return loss
 
-    backward = staticmethod(_ortho_l1_backward)
+    @staticmethod
+    def backward(ctx, go):
+        w, g = ctx.saved_tensors
+        return _weight_grad(ctx, w, g, go), None
 
 
 def _traced(t: torch.Tensor) -> bool:
@@ -254,8 +292,9 @@ def _traced(t: torch.Tensor) -> bool:
 
 
 def _ortho_l1_call(weight: torch.Tensor, *args: Any) -> torch.Tensor:
-    fn = _ortho_l1_op if _traced(weight) else _OrthoL1Fn.apply
-    return fn(weight, *args)[0]
+    if _traced(weight):
+        return _ortho_l1_op(weight, *args)[0]
+    return _OrthoL1Fn.apply(weight, args)
 
 
 # -- OrthoL1.loss() refusing DTensor parameters under torch.compile

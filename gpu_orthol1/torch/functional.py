@@ -8,6 +8,7 @@ importing this package never runs that package's __init__ half-way.
 from __future__ import annotations
 
 import numbers
+from typing import Any
 
 import torch
 
@@ -94,18 +95,77 @@ def ortho_l1(
             weight, beta, axis, reduction, mode, penalty, diagonal, normalize, precision
         )
     _check_tensor(weight, "weight")
-    precision = _resolve_precision(_check_precision(precision))
+    dim = weight.dim()
+    key = (
+        dim,
+        axis,
+        type(axis),
+        reduction,
+        mode,
+        penalty,
+        diagonal,
+        type(diagonal),
+        normalize,
+        type(normalize),
+    )
+    key += (precision,)
+    try:
+        # (torch.compile traces the checks themselves: a graph need not guard on the memo)
+        spec = None if torch.compiler.is_compiling() else _SPECS.get(key)
+    except TypeError:  # an unhashable argument: the checks below name it
+        key, spec = None, None
+    if spec is None:
+        spec = _check_args(weight, axis, reduction, mode, penalty, diagonal, normalize, precision)
+        if key is not None and not torch.compiler.is_compiling():
+            if len(_SPECS) >= _SPECS_MAX:
+                _SPECS.clear()
+            _SPECS[key] = spec
+    how, m_axis, variant = spec
+    if dim == 2:
+        l, n = weight.shape
+    else:
+        l, n = (s for i, s in enumerate(weight.shape) if i != m_axis)
+    want_grad = torch.is_grad_enabled() and weight.requires_grad
+    return _ortho_l1_call(
+        weight,
+        _core.check_beta(beta),
+        reduction,
+        how,
+        m_axis,
+        _pick_transpose(mode, l, n),
+        want_grad,
+        *variant,
+        _resolve_precision(precision),
+    )
+
+
+# The checked keyword arguments of recent `ortho_l1` calls (with the weight's dims), and what they
+# decide: a repeated call skips the checks (a few microseconds that PointNet-sized inputs feel).
+_SPECS: dict[tuple, tuple] = {}
+_SPECS_MAX = 256
+
+
+def _check_args(
+    weight: torch.Tensor,
+    axis: Any,
+    reduction: Any,
+    mode: Any,
+    penalty: Any,
+    diagonal: Any,
+    normalize: Any,
+    precision: Any,
+) -> tuple[str, int, Any]:
+    """(how, slice axis, penalty variant) of an `ortho_l1` call, or the errors table's error."""
+    _check_precision(precision)
     variant = _penalty.check(penalty, diagonal, normalize)
     if mode not in (None,) + MODES:
         raise ValueError(f"mode must be None, 'rows', 'columns' or 'auto', got {mode!r}")
     if weight.dim() == 2:
         how, m_axis = "matrix", 0
-        l, n = weight.shape
     elif weight.dim() == 3:
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or not -3 <= axis < 3:
             raise ValueError(f"axis must be an integer in [-3, 3) for a 3-D weight, got {axis!r}")
         how, m_axis = "stack", int(axis) % 3
-        l, n = (s for i, s in enumerate(weight.shape) if i != m_axis)
     else:
         raise ValueError(
             "weight must be 2-D (l, n) or 3-D (slices along axis), got shape "
@@ -114,11 +174,7 @@ def ortho_l1(
         )
     if not isinstance(reduction, str) or reduction not in _core.REDUCTIONS:
         raise ValueError(f"reduction must be one of {_core.REDUCTIONS}, got {reduction!r}")
-    transpose = _pick_transpose(mode, l, n)
-    want_grad = torch.is_grad_enabled() and weight.requires_grad
-    return _ortho_l1_call(
-        weight, _core.check_beta(beta), reduction, how, m_axis, transpose, want_grad, *variant, precision
-    )
+    return how, m_axis, tuple(variant)
 
 
 def keras_orthogonal(

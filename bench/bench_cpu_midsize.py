@@ -8,11 +8,16 @@ Times, interleaved round by round on the same inputs, for each (l, m, n) shape (
 - ``limit``: the bench's ``limit-blas``, the core's Gram and gradient GEMMs alone over contiguous
   operands, the faster of two threadings timed apart: ``limit_split`` (the slices split over one part
   per core on the pool, BLAS on one thread each) and ``limit_blas_threads`` (one part, BLAS
-  threading each GEMM itself), so that the floor does not depend on gpu_orthol1's choice.
+  threading each GEMM itself), so that the floor does not depend on gpu_orthol1's choice;
+- ``layout_limit``: the same GEMMs on the slices where they lie (`in_layout_limit`), the faster of
+  ``layout_split`` and ``layout_blas_threads``: for slices along axis 1 the contiguous ``limit``
+  leaves out reading and writing rows m*n elements apart, which no implementation can skip (at
+  (512, 1024, 64) float32 a gather of the input into slice order alone takes about a quarter of
+  ``limit``).
 
 Each timed call follows an untimed call of the same method (on the other input copy), so that BLAS
 threads left spinning by the method timed before it (OpenBLAS's idle threads spin for about 2^28
-cycles) do not share the cores with it. Writes a JSON file with the medians, the ratios ours/limit and ours/naive, the CPU, NumPy's BLAS
+cycles) do not share the cores with it. Writes a JSON file with the medians, the ratios ours/limit, ours/naive and ours/layout_limit, the CPU, NumPy's BLAS
 (threadpoolctl's threadpool_info), the load average before and after, and the date. A shared machine
 disturbs the figures: compare ratios from one run, not times across runs.
 
@@ -71,6 +76,39 @@ def blas_info() -> list[dict]:
     return threadpool_info()
 
 
+def in_layout_limit(xs, parts):
+    """The same two GEMMs per slice as ``limit`` (the core's NumPy device calls, `parts` parts on the
+    pool), on the slices where they lie in the input and the gradient written where it lies in its
+    own array, no sign pass: the floor for the layout given, which for slices along axis 1 includes
+    reading and writing rows that lie m*n elements apart. None when BLAS cannot read the layout."""
+    from gpu_orthol1 import _driver
+    from gpu_orthol1._numpy_dev import NumpyDevice
+
+    dev = NumpyDevice()
+    V = [x.transpose(1, 0, 2) for x in xs]
+    lay = _driver.layout_of(V[0])
+    if lay is None:
+        return None
+    m, _l, n = V[0].shape
+    G = np.empty((m, n * n), dtype=xs[0].dtype)
+    S = np.sign(np.random.default_rng(0).standard_normal((m, n * n))).astype(xs[0].dtype)
+
+    def call(k):
+        out = np.empty_like(xs[k])
+        Vo = out.transpose(1, 0, 2)
+        lay_o = _driver.layout_of(Vo)
+
+        def part(a, b):
+            src = _driver.StridedChunk(V[k], lay, a)
+            dev.gram(src, b - a, G[a:b])
+            dev.grad(src, _driver.StridedChunk(Vo, lay_o, a), b - a, S[a:b], 1.0, 0.0)
+
+        _cpu_pool.run_split(part, m, parts)
+        return out
+
+    return call
+
+
 def time_shape(shape, dtype, runs, rng) -> dict:
     xs = [runner.random_phi(rng, shape, dtype) for _ in range(2)]
     case = base.Case(*shape, np.dtype(dtype), "ref", xs)
@@ -82,6 +120,10 @@ def time_shape(shape, dtype, runs, rng) -> dict:
         "limit_split": split.call,
         "limit_blas_threads": blas_threads.call,
     }
+    layout_split = in_layout_limit(xs, os.cpu_count() or 1)
+    if layout_split is not None:
+        fns["layout_split"] = layout_split
+        fns["layout_blas_threads"] = in_layout_limit(xs, 1)
     for f in fns.values():  # warm-up: plans, workspaces, numba's compiled pass
         f(0)
     ts: dict[str, list[float]] = {k: [] for k in fns}
@@ -98,6 +140,8 @@ def time_shape(shape, dtype, runs, rng) -> dict:
             del out
     med = {k: float(np.median(v)) * 1e3 for k, v in ts.items()}
     med["limit"] = min(med["limit_split"], med["limit_blas_threads"])
+    if "layout_split" in med:
+        med["layout_limit"] = min(med["layout_split"], med["layout_blas_threads"])
     return {
         "shape": list(shape),
         "dtype": np.dtype(dtype).name,
@@ -107,6 +151,7 @@ def time_shape(shape, dtype, runs, rng) -> dict:
         "ms_all": {k: [round(t * 1e3, 3) for t in v] for k, v in ts.items()},
         "ours_over_limit": med["ours"] / med["limit"],
         "ours_over_naive": med["ours"] / med["naive"],
+        "ours_over_layout_limit": med["ours"] / med["layout_limit"] if "layout_limit" in med else None,
     }
 
 
@@ -143,7 +188,8 @@ def main(argv=None) -> int:
         print(
             f"{'x'.join(map(str, shape)):>14} {a.dtype}: ours {ms['ours']:9.2f} ms  naive {ms['naive']:9.2f}  "
             f"limit {ms['limit']:9.2f}  ours/limit {res['ours_over_limit']:.2f}  "
-            f"ours/naive {res['ours_over_naive']:.2f}",
+            f"ours/naive {res['ours_over_naive']:.2f}  "
+            f"ours/layout-limit {res['ours_over_layout_limit'] or float('nan'):.2f}",
             flush=True,
         )
     doc["loadavg_end"] = os.getloadavg()

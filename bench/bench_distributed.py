@@ -291,16 +291,23 @@ def ddp_rank_main(rank, world, store, args, out_path):
     def rel_norm(a, b):
         return float((a - b).norm() / b.norm())
 
+    # A third run, the float32 penalty's own sensitivity: the unsplit run again from parameters one ulp
+    # away (each entry moved to the next float toward +inf). Its distance from the unsplit run after
+    # the same 5 steps is what rounding alone does to this run, whatever order the sums take.
     runs = {}
-    for split in (None, "auto"):
+    for split in (None, "auto", "ulp"):
         m = DDP(model())
+        if split == "ulp":
+            with torch.no_grad():
+                for prm in m.parameters():
+                    prm.copy_(torch.nextafter(prm, torch.full_like(prm, float("inf"))))
         runs[split] = (
             m,
-            OrthoL1(m, 1e-3, split=split),
+            OrthoL1(m, 1e-3, split="auto" if split == "auto" else None),
             torch.optim.SGD(m.parameters(), lr=1e-2),
             torch.Generator().manual_seed(args.seed + 1 + rank),
         )
-    grad_diffs, values = [], {None: [], "auto": []}
+    grad_diffs, values = [], {None: [], "auto": [], "ulp": []}
     for _ in range(5):
         grads = {}
         for split, (m, reg, opt, gen) in runs.items():
@@ -314,7 +321,10 @@ def ddp_rank_main(rank, world, store, args, out_path):
     pa = [p.detach() for p in runs["auto"][0].parameters()]
     pb = [p.detach() for p in runs[None][0].parameters()]
     rel = max(rel_max(a, b) for a, b in zip(pa, pb, strict=True))
+    pu = [p.detach() for p in runs["ulp"][0].parameters()]
     check = {
+        "one_ulp_params_max_rel_diff": max(rel_max(a, b) for a, b in zip(pu, pb, strict=True)),
+        "one_ulp_params_norm_rel_diff": max(rel_norm(a, b) for a, b in zip(pu, pb, strict=True)),
         "params_norm_rel_diff": max(rel_norm(a, b) for a, b in zip(pa, pb, strict=True)),
         "params_entries_over_1e-5": sum(
             int(((a - b).abs() > 1e-5 * b.abs().max()).sum()) for a, b in zip(pa, pb, strict=True)
@@ -359,6 +369,8 @@ def _ddp_entry(rank, world, store, args, outs):
 
 
 CHECK_KEYS = (
+    "one_ulp_params_max_rel_diff",
+    "one_ulp_params_norm_rel_diff",
     "params_norm_rel_diff",
     "params_entries_over_1e-5",
     "params_entries",
@@ -428,15 +440,28 @@ def ddp_markdown(doc):
             "more than 1e-5 max |b|), the DDP-averaged gradients per step (max |a - b| / max |b|) and the "
             "returned loss.",
             "",
-            "| ranks | rank | params norm rel diff | entries off > 1e-5 | grad rel diff per step | loss rel diff |",
-            "|---|---|---|---|---|---|",
+            "| ranks | rank | params norm rel diff | entries off > 1e-5 | grad rel diff per step | loss rel diff "
+            "| unsplit from params 1 ulp away: max rel diff, norm rel diff |",
+            "|---|---|---|---|---|---|---|",
         ]
         for world, x in checked:
             steps = " ".join(f"{g:.0e}" for g in x["grad_max_rel_diff_per_step"])
+            ulp = (
+                f"{x['one_ulp_params_max_rel_diff']:.1e}, {x['one_ulp_params_norm_rel_diff']:.1e}"
+                if "one_ulp_params_max_rel_diff" in x
+                else "-"
+            )
             lines.append(
                 f"| {world} | {x['rank']} | {x['params_norm_rel_diff']:.1e} | "
-                f"{x['params_entries_over_1e-5']} of {x['params_entries']} | {steps} | {x['loss_max_rel_diff']:.1e} |"
+                f"{x['params_entries_over_1e-5']} of {x['params_entries']} | {steps} | {x['loss_max_rel_diff']:.1e} "
+                f"| {ulp} |"
             )
+        lines += [
+            "",
+            "The last column is the unsplit run against itself started from parameters one ulp away (each "
+            "entry the next float32 toward +inf): how far rounding alone moves this float32 run in 5 steps. "
+            "A Gram entry within rounding of 0 takes either sign, each a valid subgradient of |x|.",
+        ]
     if doc.get("note"):
         lines += ["", doc["note"]]
     return "\n".join(lines) + "\n"

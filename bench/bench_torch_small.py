@@ -1,6 +1,6 @@
 """Small inputs through the torch API: ortho_l1 against the expression it replaces, and against the core.
 
-    python bench/bench_torch_small.py [--rounds 20] [--calls 20] [--out FILE.json]
+    python bench/bench_torch_small.py [--rounds 20] [--calls 20] [--floors] [--out FILE.json]
 
 PointNet-sized batches, float32 on the CPU, x of shape (m, d, d) requiring grad:
 
@@ -16,6 +16,7 @@ Rounds interleave the methods (one batch of --calls calls of each per round, eac
 whole, per-call time = batch time / calls) and a figure is the median over --rounds rounds, so that
 drift on a shared machine hits every method alike. Ratios: ortho_l1 / upstream (target <= 1.0) and
 fwd / plan (target <= 1.3). Values are checked against the float64 formula before timing.
+--floors adds a table of what bounds fwd / plan from below (`floor_methods`).
 """
 
 from __future__ import annotations
@@ -80,8 +81,64 @@ def methods(shape, rng):
     return {"upstream": run_upstream, "ortho_l1": run_ortho, "fwd": run_fwd, "plan": run_plan}
 
 
-def measure(shape, rounds, calls, rng):
-    fns = methods(shape, rng)
+def floor_methods(shape, rng):
+    """What bounds fwd / plan from below, as calls timed like the others (--floors):
+
+    - plan:         the plan call, as in the main table;
+    - plan+op:      the plan call, then one trivial torch op (a 0-d new_empty): the cost of going from
+                    NumPy's code to torch's and back, which every ortho_l1 call pays at least once;
+    - apply:        a trivial autograd.Function's apply (forward returns a 0-d tensor): torch's own cost
+                    of a node with autograd, the least an eager ortho_l1 can pay;
+    - plan-in-apply: the plan call inside that Function's forward, the loss handed back through
+                    torch.from_numpy: the floor of ortho_l1's forward on this design;
+    - fwd:          ortho_l1's forward, as in the main table."""
+    import torch
+
+    import gpu_orthol1 as ol1
+    from gpu_orthol1.torch import ortho_l1
+
+    x = torch.from_numpy((rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)).requires_grad_(
+        True
+    )
+    xt = x.detach().numpy().transpose(0, 2, 1)
+    p = ol1.plan(xt, BETA, axis=0)
+    y = torch.zeros(3)
+
+    class Trivial(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w):
+            return w.new_empty(())
+
+        @staticmethod
+        def backward(ctx, go):
+            return None
+
+    class PlanInApply(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w):
+            loss, _ = p(xt)
+            return torch.from_numpy(np.asarray(loss))
+
+        @staticmethod
+        def backward(ctx, go):
+            return None
+
+    return {
+        "plan": lambda: p(xt),
+        "plan+op": lambda: (p(xt), y.new_empty(())),
+        "apply": lambda: Trivial.apply(x),
+        "plan-in-apply": lambda: PlanInApply.apply(x),
+        "fwd": lambda: ortho_l1(x, BETA, axis=0, mode="rows"),
+    }
+
+
+def measure_floors(shape, rounds, calls, rng):
+    fns = floor_methods(shape, rng)
+    per = _interleaved(fns, rounds, calls)
+    return {"shape": list(shape), "median_us": {k: statistics.median(v) * 1e6 for k, v in per.items()}}
+
+
+def _interleaved(fns, rounds, calls):
     for fn in fns.values():  # warm-up: plan caches, allocator, first-call dispatch setup
         for _ in range(3):
             fn()
@@ -92,6 +149,11 @@ def measure(shape, rounds, calls, rng):
             for _ in range(calls):
                 fn()
             per[name].append((time.perf_counter() - t0) / calls)
+    return per
+
+
+def measure(shape, rounds, calls, rng):
+    per = _interleaved(methods(shape, rng), rounds, calls)
     med = {k: statistics.median(v) for k, v in per.items()}
     # ratios per round, then the median: drift between rounds cancels
     r_up = statistics.median(a / b for a, b in zip(per["ortho_l1"], per["upstream"], strict=True))
@@ -109,6 +171,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--calls", type=int, default=20, help="calls per timed batch")
     ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument(
+        "--floors", action="store_true", help="also time what bounds fwd / plan from below (floor_methods)"
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -118,6 +183,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     load0 = loadavg()
     rows = [measure(s, args.rounds, args.calls, rng) for s in SHAPES]
+    floors = [measure_floors(s, args.rounds, args.calls, rng) for s in SHAPES] if args.floors else []
     load1 = loadavg()
     if args.out:
         res = {
@@ -135,6 +201,7 @@ def main(argv=None):
             "beta": BETA,
             "dtype": "float32",
             "rows": rows,
+            "floors": floors,
         }
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
@@ -147,6 +214,12 @@ def main(argv=None):
         print(
             f"{'x'.join(map(str, r['shape'])):>12} {m['upstream']:12.1f} {m['ortho_l1']:12.1f} "
             f"{r['ortho_l1_over_upstream']:7.2f} {m['fwd']:9.1f} {m['plan']:9.1f} {r['fwd_over_plan']:9.2f}"
+        )
+    for r in floors:
+        m = r["median_us"]
+        print(
+            f"{'x'.join(map(str, r['shape'])):>12} floors (us): "
+            + "  ".join(f"{k} {v:.1f}" for k, v in m.items())
         )
     print(
         f"targets: ortho_l1/upstream <= 1.0, fwd/plan <= 1.3; load average {load0} -> {load1} "

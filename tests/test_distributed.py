@@ -214,6 +214,34 @@ def test_bench_distributed_smoke(tmp_path):
     assert out.with_suffix(".md").read_text().startswith("# gpu_orthol1.distributed")
 
 
+@pytest.mark.long
+def test_bench_distributed_ddp_smoke(tmp_path):
+    """bench/bench_distributed.py --ddp end to end on a tiny model (2 ranks, float64): the split run equals
+    the unsplit one to rounding, and the one-ulp run (the float32 sensitivity column) ran and moved."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "ddp"
+    args = ["--ddp", "--ranks", "2", "--layers", "1", "--d-model", "64", "--steps", "1"]
+    proc = subprocess.run(
+        [sys.executable, str(root / "bench" / "bench_distributed.py"), *args, "--ddp-dtype", "float64"]
+        + ["--out", str(out)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=GROUP_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.with_suffix(".json").read_text())
+    (res,) = doc["results"]
+    for r in res["per_rank"]:
+        assert r["params_max_rel_diff"] < 1e-12, r
+        # one ulp of float64 parameters, 5 steps later: moved, and by about rounding
+        assert 0 < r["one_ulp_params_max_rel_diff"] < 1e-10, r
+    assert "1 ulp away" in out.with_suffix(".md").read_text()
+
+
 @pytest.mark.parametrize(
     "fn",
     [

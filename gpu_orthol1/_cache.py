@@ -14,6 +14,26 @@ from . import _backends, _checks, _penalty, _triangle
 from ._plan import Plan
 
 CACHE_SIZE = 32
+_ENV_NAMES = (_backends.ENV_BACKEND, _checks.ENV_WORKSPACE, _checks.ENV_KERNEL, _triangle.ENV_GRAM)
+
+
+def _environ_reader() -> Any:
+    """A function returning the raw values of the settings a plan reads from the environment (the
+    cache key's part for them; None for an unset one). CPython keeps os.environ's values in the dict
+    os.environ._data under os.environ.encodekey(name), and os.environ's own methods update it with
+    the process environment; its get() reads it through two Python calls and, for an unset name, a
+    KeyError: about 7 us for the four names, which small calls feel (PointNet-sized torch inputs).
+    Where that layout is absent, os.environ.get."""
+    data = getattr(os.environ, "_data", None)
+    encode = getattr(os.environ, "encodekey", None)
+    if isinstance(data, dict) and callable(encode):
+        get = data.get
+        k0, k1, k2, k3 = (encode(n) for n in _ENV_NAMES)
+        return lambda: (get(k0), get(k1), get(k2), get(k3))
+    return lambda: tuple(os.environ.get(n) for n in _ENV_NAMES)
+
+
+_env_key = _environ_reader()
 _cache: OrderedDict[tuple, Plan] = OrderedDict()
 _cache_lock = threading.Lock()
 
@@ -50,10 +70,7 @@ def cached(
             workspace_bytes,
             variant,
             bf16_bits,
-            os.environ.get(_backends.ENV_BACKEND),
-            os.environ.get(_checks.ENV_WORKSPACE),
-            os.environ.get(_checks.ENV_KERNEL),
-            os.environ.get(_triangle.ENV_GRAM),
+            _env_key(),
         )
         with _cache_lock:
             p = _cache.get(key)

@@ -125,9 +125,32 @@ def test_functional_api_reuses_plans(rng, monkeypatch):
     monkeypatch.setenv("GPU_ORTHOL1_WORKSPACE_BYTES", str(1 << 16))  # the environment is part of the key
     ol1.loss_and_grad(phi)
     assert len(made) == 4
+    monkeypatch.setenv("GPU_ORTHOL1_GRAM", "full")
+    ol1.loss_and_grad(phi)
+    assert len(made) == 5
+    monkeypatch.delenv("GPU_ORTHOL1_WORKSPACE_BYTES")
+    monkeypatch.delenv("GPU_ORTHOL1_GRAM")
+    L, G = ol1.loss_and_grad(phi)  # the first key again: its plan, still cached
+    assert len(made) == 5
+    check(phi, L, G, 1.0, 1, "sum", np.float32)
     for i in range(_cache.CACHE_SIZE + 4):  # bounded
         ol1.loss(random_phi(rng, (3, 2, i + 1), np.float32))
     assert len(_cache._cache) <= _cache.CACHE_SIZE
+
+
+def test_cache_key_reads_the_environment_as_os_environ_does(monkeypatch):
+    names = _cache._ENV_NAMES
+    for n in names:
+        monkeypatch.delenv(n, raising=False)
+    assert _cache._env_key() == (None,) * len(names)
+    for i, n in enumerate(names):
+        monkeypatch.setenv(n, f"v{i}")
+    seen = _cache._env_key()
+    assert len(set(seen)) == len(names) and None not in seen
+    monkeypatch.setenv(names[1], "other")
+    assert _cache._env_key()[1] != seen[1] and _cache._env_key()[0] == seen[0]
+    monkeypatch.delenv(names[2])
+    assert _cache._env_key()[2] is None
 
 
 def test_unhashable_arguments_give_the_usual_errors(rng):

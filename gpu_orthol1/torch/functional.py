@@ -120,11 +120,8 @@ def ortho_l1(
             if len(_SPECS) >= _SPECS_MAX:
                 _SPECS.clear()
             _SPECS[key] = spec
-    how, m_axis, variant = spec
-    if dim == 2:
-        l, n = weight.shape
-    else:
-        l, n = (s for i, s in enumerate(weight.shape) if i != m_axis)
+    how, m_axis, variant, li, ni = spec
+    shape = weight.shape
     want_grad = torch.is_grad_enabled() and weight.requires_grad
     return _ortho_l1_call(
         weight,
@@ -132,7 +129,7 @@ def ortho_l1(
         reduction,
         how,
         m_axis,
-        _pick_transpose(mode, l, n),
+        _pick_transpose(mode, shape[li], shape[ni]),
         want_grad,
         *variant,
         _resolve_precision(precision),
@@ -154,8 +151,9 @@ def _check_args(
     diagonal: Any,
     normalize: Any,
     precision: Any,
-) -> tuple[str, int, Any]:
-    """(how, slice axis, penalty variant) of an `ortho_l1` call, or the errors table's error."""
+) -> tuple[str, int, Any, int, int]:
+    """(how, slice axis, penalty variant, the dims of l and n in the weight's shape) of an `ortho_l1`
+    call, or the errors table's error."""
     _check_precision(precision)
     variant = _penalty.check(penalty, diagonal, normalize)
     if mode not in (None,) + MODES:
@@ -174,7 +172,8 @@ def _check_args(
         )
     if not isinstance(reduction, str) or reduction not in _core.REDUCTIONS:
         raise ValueError(f"reduction must be one of {_core.REDUCTIONS}, got {reduction!r}")
-    return how, m_axis, tuple(variant)
+    li, ni = (d for d in range(weight.dim()) if d != m_axis or how == "matrix")
+    return how, m_axis, tuple(variant), li, ni
 
 
 def keras_orthogonal(

@@ -61,13 +61,15 @@ def plan(
     workspace sizes, launch configurations. A plan called with an array that does not match raises
     ValueError naming what differs, before anything is written.
 
-    kernel: the GPU path. "gemm" (two cuBLAS GEMMs around the elementwise pass), "fused" (one
+    kernel: the path. On the GPU "gemm" (two cuBLAS GEMMs around the elementwise pass), "fused" (one
     launch per call for slices up to n=96 in float16/float32, 64 in float64: the Gram never leaves
     the chip), "auto" ("fused" by a rule set from H100 measurements: precision "highest";
     float16/float32 with n <= 16 up to l = 1024, n <= 32 up to l = 512, n <= 64 up to l = 256,
     n <= 96 up to l = 128; float64 with n <= 32 up to l = 64; for the default penalty, no workspace
     cap and a layout BLAS reads in place; "gemm" elsewhere; the environment variable
-    GPU_ORTHOL1_KERNEL=fused|gemm overrides it). The CPU backend has one path.
+    GPU_ORTHOL1_KERNEL=fused|gemm overrides it). On the CPU backend "fused" is one compiled loop
+    per call (float32 and float64, the default penalty), which "auto" takes for calls of at most
+    250 kflop with n <= 16, where the GEMM path's per-call overhead outweighs the arithmetic.
 
     Args:
         phi: a NumPy or CuPy array: 3-D with the slices along `axis`, or 2-D (one slice (l, n)).
@@ -84,7 +86,7 @@ def plan(
         penalty: "l1" (sum |G - I|) or "l2" (sum (G - I)^2).
         diagonal: False leaves the Gram's diagonal free (only off-diagonal entries count).
         normalize: True uses the Gram of each slice's unit-normalized columns.
-        kernel: the GPU path: "auto", "gemm" or "fused" (above).
+        kernel: the path: "auto", "gemm" or "fused" (above).
 
     Returns:
         A `Plan`; call it as ``p(phi2, out=None, accumulate=False)``.

@@ -64,10 +64,12 @@ def cached(
             phi.dtype,
             phi.device.id if tp is not np.ndarray else None,
             axis,
+            type(axis),  # 1.0 and True hash like 1: a cached plan must not let them past the checks
             reduction,
             precision,
             backend,
             workspace_bytes,
+            type(workspace_bytes),
             variant,
             bf16_bits,
             _env_key(),

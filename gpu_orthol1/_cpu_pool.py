@@ -155,6 +155,26 @@ class CpuRunner:
         self._lock = threading.Lock()
         self._kept: dict | None = None
 
+    def fused(
+        self,
+        view: Callable[[Any], Any],
+        p: Any,
+        grad: Any,
+        losses: Any,
+        alpha: float,
+        accumulate: bool,
+        want_grad: bool,
+    ) -> None:
+        """The call's losses (and gradient) in the fused loop (kernels/fused_small_cpu.py), on the
+        slices where they lie; view(a): the plan's (m, l, n) slice view of p or grad."""
+        from .kernels.fused_small_cpu import fused_l1
+
+        V = view(p)
+        # without a gradient the loop writes nothing, but numba types `out` as written to: never
+        # hand it phi, which may be read-only
+        out = view(grad) if want_grad else np.empty((0, 0, 0), V.dtype)
+        fused_l1(V, out, losses, 0, alpha, accumulate, want_grad)
+
     def run(self, batch: _driver.Strided, sz: _driver.Sizes, losses: Any, kw: dict, threads: int) -> None:
         """The call's losses (and gradient, per `kw`) over `threads` parts of the slices."""
         run_split(lambda a, b: self._run_part(batch, sz, losses, kw, a, b), self._m, threads)

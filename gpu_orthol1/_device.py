@@ -145,6 +145,25 @@ def fused_wins(l: int, n: int, dtype: Any, precision: str) -> bool:
     return any(1 <= n <= n_top and l <= l_top for n_top, l_top in rule)
 
 
+# The CPU's fused loop (kernels/fused_small_cpu.py) against the two-GEMM path, measured on the AMD
+# EPYC (2 CPUs, float32, plan calls): (32, 3, 3) 7 us against 42, (32, 8, 8) 17 against 48,
+# (1024, 3, 3) 130 against 311, (32, 16, 16) 63 against 69 (524 kflop: about even), (128, 16, 16)
+# 367 against 142, (1000, 8, 8) 967 against 474. Its scalar loops lose to BLAS once a call has real
+# arithmetic; below a few hundred kflop the GEMM path's per-call overhead is what costs.
+CPU_FUSED_MAX_N = 16
+CPU_FUSED_MAX_FLOPS = 2.5e5  # 4 l m n^2
+CPU_FUSED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def cpu_fused_wins(m: int, l: int, n: int, dtype: Any) -> bool:
+    """Whether kernel="auto" picks the CPU's fused loop for m slices (l, n) of `dtype`."""
+    return (
+        np.dtype(dtype) in CPU_FUSED_DTYPES
+        and 1 <= n <= CPU_FUSED_MAX_N
+        and 4.0 * l * m * n * n <= CPU_FUSED_MAX_FLOPS
+    )
+
+
 def pick_kernel(
     kernel: Any,
     dev: Device,
@@ -155,15 +174,17 @@ def pick_kernel(
     n: int,
     dtype: np.dtype,
     precision: str,
+    m: int = 0,
 ) -> tuple[str, Any]:
-    """("gemm", None) or ("fused", its config): the GPU path, decided once.
+    """("gemm", None) or ("fused", its config; None on the CPU): the path, decided once.
 
-    "auto" takes the fused kernel on a GPU where `fused_wins` says so, for the default penalty,
-    when no workspace cap is set (workspace_bytes= or GPU_ORTHOL1_WORKSPACE_BYTES: a setting of
-    the chunked GEMM path, whose errors and chunking a caller then expects) and when BLAS reads
-    phi in place (`in_place`: a layout the GEMM path would copy keeps that path and its CopyWarning,
-    and `graph()` its refusal). Those conditions keep every behaviour the GEMM path documents
-    unchanged. GPU_ORTHOL1_KERNEL=fused|gemm or kernel= forces one path on the GPU backend."""
+    "auto" takes the fused kernel on a GPU where `fused_wins` says so, on the CPU where
+    `cpu_fused_wins` does (m slices), for the default penalty, when no workspace cap is set
+    (workspace_bytes= or GPU_ORTHOL1_WORKSPACE_BYTES: a setting of the chunked GEMM path, whose
+    errors and chunking a caller then expects) and when BLAS reads phi in place (`in_place`: a
+    layout the GEMM path would copy keeps that path and its CopyWarning, and `graph()` its refusal).
+    Those conditions keep every behaviour the GEMM path documents unchanged.
+    GPU_ORTHOL1_KERNEL=fused|gemm or kernel= forces one path."""
     kernel = _checks.check_choice("kernel", kernel, _checks.KERNELS)
     gpu = dev.xp is not np or getattr(dev, "emulates_gpu", False)
     if kernel == "auto":
@@ -172,22 +193,25 @@ def pick_kernel(
             raise ValueError(
                 f"environment variable {_checks.ENV_KERNEL}={env!r} is not one of {_checks.KERNELS}"
             )
-        if not gpu:
-            return "gemm", None
         if not env:
             rule = getattr(dev, "auto_fused", True) and variant.is_default and default_budget and in_place
-            if not (rule and fused_wins(l, n, dtype, precision)):
+            wins = fused_wins(l, n, dtype, precision) if gpu else cpu_fused_wins(m, l, n, dtype)
+            if not (rule and wins):
                 return "gemm", None
         kernel = env or "fused"
     if kernel != "fused":
         return "gemm", None
-    if not gpu:
-        raise ValueError("kernel='fused' runs on the GPU backend only; the CPU backend has one path")
     if not variant.is_default:
         raise ValueError(
             f"kernel='fused' computes the default penalty (l1, diagonal=True, normalize=False) "
             f"only, not {variant}; use kernel='gemm'"
         )
+    if not gpu:
+        if np.dtype(dtype) not in CPU_FUSED_DTYPES:
+            raise ValueError(
+                f"kernel='fused' on the CPU takes float32 or float64, not {dtype}; use kernel='gemm'"
+            )
+        return "fused", None
     from .kernels import fused_small
 
     if np.dtype(dtype) not in fused_small.N_MAX:  # bfloat16 (or its int16 carrier): the GEMMs only

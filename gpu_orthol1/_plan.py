@@ -99,7 +99,7 @@ class Plan:
         self._budget = _checks.workspace_budget(
             workspace_bytes, "numpy" if self._xp is np else "cupy", self._xp
         )
-        cpu = self._xp is np and not getattr(self._dev, "emulates_gpu", False)
+        cpu = self._on_cpu = self._xp is np and not getattr(self._dev, "emulates_gpu", False)
         lay_phi = sl.fix_layout(phi, self._host_in, cpu)
         self._kernel, self._fused_cfg = pick_kernel(
             kernel,
@@ -111,6 +111,7 @@ class Plan:
             self._n,
             self._dtype,
             self._precision,
+            self._m,
         )
         self._ldt = np.float64 if phi.dtype == np.float64 else np.float32
         self._chunks = Chunking(self._dev, sl, self._ddtype, self._variant, self._budget)
@@ -136,7 +137,7 @@ class Plan:
     want = property(lambda self: self._want, doc='What a call returns: "loss", "grad" or "loss_and_grad".')
     precision = property(lambda self: self._precision, doc='"highest" or "tf32".')
     backend = property(lambda self: self._resolved, doc='The resolved backend: "numpy" or "cupy".')
-    kernel = property(lambda self: self._kernel, doc='The GPU path: "gemm" or "fused" ("gemm" on a CPU).')
+    kernel = property(lambda self: self._kernel, doc='The path: "gemm" (two GEMMs) or "fused" (one kernel).')
     gram = property(
         lambda self: "triangle" if self._tri else "full", doc='The Gram GEMM: "full" or "triangle".'
     )

@@ -58,6 +58,9 @@ def run(
         if not (m and n):
             return _finish(plan, losses, beta, raw, want_grad, grad, out)
         alpha = 2.0 * beta / (m if plan._reduction == "mean" else 1)
+        if plan._on_cpu:
+            plan._cpu.fused(plan._view, p, grad, losses, alpha, bool(accumulate), want_grad)
+            return _finish(plan, losses, beta, raw, want_grad, grad, out)
         with plan._gpu.lock:
             stream = plan._gpu.dev.bind(cublas=False)
             if keep:

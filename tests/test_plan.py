@@ -153,6 +153,18 @@ def test_cache_key_reads_the_environment_as_os_environ_does(monkeypatch):
     assert _cache._env_key()[2] is None
 
 
+def test_a_cached_plan_does_not_let_equal_hashing_arguments_past_the_checks(rng):
+    phi = random_phi(rng, (5, 3, 2), np.float32)
+    ol1.loss(phi, axis=1)
+    with pytest.raises(ValueError, match="axis must be an integer"):
+        ol1.loss(phi, axis=1.0)
+    with pytest.raises(ValueError, match="axis must be an integer"):
+        ol1.loss(phi, axis=True)
+    ol1.loss(phi, workspace_bytes=1 << 12)
+    with pytest.raises(ValueError, match="workspace_bytes"):
+        ol1.loss(phi, workspace_bytes=float(1 << 12))
+
+
 def test_unhashable_arguments_give_the_usual_errors(rng):
     phi = random_phi(rng, (5, 3, 2), np.float32)
     with pytest.raises(ValueError, match="reduction must be one of"):
@@ -310,11 +322,21 @@ def test_kernel_choice_errors(rng, monkeypatch):
     phi = random_phi(rng, (5, 3, 4), np.float32)
     with pytest.raises(ValueError, match="kernel must be one of"):
         ol1.plan(phi, kernel="fast")
-    with pytest.raises(ValueError, match="GPU backend only"):
-        ol1.plan(phi, backend="numpy", kernel="fused")
+    with pytest.raises(ValueError, match="kernel='fused' on the CPU takes float32 or float64"):
+        ol1.plan(phi.astype(np.float16), backend="numpy", kernel="fused")
+    with pytest.raises(ValueError, match="default penalty"):
+        ol1.plan(phi, backend="numpy", kernel="fused", penalty="l2")
 
-    assert ol1.plan(phi).kernel == "gemm"
-    monkeypatch.setenv("GPU_ORTHOL1_KERNEL", "fused")  # the GPU path's switch; the CPU has one path
+    assert ol1.plan(phi).kernel == "fused"  # 4 l m n^2 = 960 flops: the CPU's fused loop
+    assert ol1.plan(phi, kernel="gemm").kernel == "gemm"
+    assert ol1.plan(phi, penalty="l2").kernel == "gemm"  # the loop computes the default penalty only
+    assert ol1.plan(phi, workspace_bytes=1 << 20).kernel == "gemm"  # a cap: the chunked path it sets
+    assert ol1.plan(phi.astype(np.float16)).kernel == "gemm"
+    big = random_phi(rng, (64, 32, 16), np.float32)  # 2.1 Mflop: BLAS's GEMMs win
+    assert ol1.plan(big).kernel == "gemm"
+    monkeypatch.setenv("GPU_ORTHOL1_KERNEL", "fused")
+    assert ol1.plan(big, backend="numpy").kernel == "fused"
+    monkeypatch.setenv("GPU_ORTHOL1_KERNEL", "gemm")
     assert ol1.plan(phi, backend="numpy").kernel == "gemm"
     monkeypatch.setenv("GPU_ORTHOL1_KERNEL", "bogus")
     with pytest.raises(ValueError, match="GPU_ORTHOL1_KERNEL"):

@@ -96,27 +96,17 @@ def ortho_l1(
         )
     _check_tensor(weight, "weight")
     dim = weight.dim()
-    key = (
-        dim,
-        axis,
-        type(axis),
-        reduction,
-        mode,
-        penalty,
-        diagonal,
-        type(diagonal),
-        normalize,
-        type(normalize),
-    )
-    key += (precision,)
+    head = (dim, axis, type(axis), reduction, mode, penalty, diagonal, type(diagonal))
+    key = (*head, normalize, type(normalize), precision)
+    memo = True
     try:
         # (torch.compile traces the checks themselves: a graph need not guard on the memo)
         spec = None if torch.compiler.is_compiling() else _SPECS.get(key)
     except TypeError:  # an unhashable argument: the checks below name it
-        key, spec = None, None
+        memo, spec = False, None
     if spec is None:
         spec = _check_args(weight, axis, reduction, mode, penalty, diagonal, normalize, precision)
-        if key is not None and not torch.compiler.is_compiling():
+        if memo and not torch.compiler.is_compiling():
             if len(_SPECS) >= _SPECS_MAX:
                 _SPECS.clear()
             _SPECS[key] = spec
@@ -161,7 +151,7 @@ def _check_args(
     if weight.dim() == 2:
         how, m_axis = "matrix", 0
     elif weight.dim() == 3:
-        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or not -3 <= axis < 3:
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or not -3 <= int(axis) < 3:
             raise ValueError(f"axis must be an integer in [-3, 3) for a 3-D weight, got {axis!r}")
         how, m_axis = "stack", int(axis) % 3
     else:

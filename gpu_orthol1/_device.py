@@ -145,11 +145,12 @@ def fused_wins(l: int, n: int, dtype: Any, precision: str) -> bool:
     return any(1 <= n <= n_top and l <= l_top for n_top, l_top in rule)
 
 
-# The CPU's fused loop (kernels/fused_small_cpu.py) against the two-GEMM path, measured on the AMD
-# EPYC (2 CPUs, float32, plan calls): (32, 3, 3) 7 us against 42, (32, 8, 8) 17 against 48,
-# (1024, 3, 3) 130 against 311, (32, 16, 16) 63 against 69 (524 kflop: about even), (128, 16, 16)
-# 367 against 142, (1000, 8, 8) 967 against 474. Its scalar loops lose to BLAS once a call has real
-# arithmetic; below a few hundred kflop the GEMM path's per-call overhead is what costs.
+# The CPU's fused loop (kernels/fused_small_cpu.py) against the two-GEMM path, plan calls, float32,
+# measured on the AMD EPYC (2 CPUs, quiet; bench/bench_cpu_fused.py, bench/results/cpu-fused.json):
+# 32 slices of 3 x 3 15 us against 44, 1024 of them 153 against 354, 32 of 8 x 8 30 against 50;
+# at 524 kflop the GEMM path won by 1.3-1.8x ((16, 32, 16), (8, 64, 16), (64, 32, 8)), at 2 Mflop
+# by 1.9-2.7x. The loop's scalar arithmetic loses to BLAS once a call has real work; below a few
+# hundred kflop the GEMM path's per-call overhead is what costs.
 CPU_FUSED_MAX_N = 16
 CPU_FUSED_MAX_FLOPS = 2.5e5  # 4 l m n^2
 CPU_FUSED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))

@@ -459,8 +459,9 @@ def ddp_markdown(doc):
         lines += [
             "",
             "The last column is the unsplit run against itself started from parameters one ulp away (each "
-            "entry the next float32 toward +inf): how far rounding alone moves this float32 run in 5 steps. "
-            "A Gram entry within rounding of 0 takes either sign, each a valid subgradient of |x|.",
+            f"entry the next {a.get('ddp_dtype', 'float32')} toward +inf): how far rounding alone moves this "
+            "run in 5 steps. A Gram entry within rounding of 0 takes either sign, each a valid subgradient "
+            "of |x|.",
         ]
     if doc.get("note"):
         lines += ["", doc["note"]]

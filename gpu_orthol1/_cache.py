@@ -17,23 +17,24 @@ CACHE_SIZE = 32
 _ENV_NAMES = (_backends.ENV_BACKEND, _checks.ENV_WORKSPACE, _checks.ENV_KERNEL, _triangle.ENV_GRAM)
 
 
-def _environ_reader() -> Any:
-    """A function returning the raw values of the settings a plan reads from the environment (the
-    cache key's part for them; None for an unset one). CPython keeps os.environ's values in the dict
-    os.environ._data under os.environ.encodekey(name), and os.environ's own methods update it with
-    the process environment; its get() reads it through two Python calls and, for an unset name, a
-    KeyError: about 7 us for the four names, which small calls feel (PointNet-sized torch inputs).
-    Where that layout is absent, os.environ.get."""
-    data = getattr(os.environ, "_data", None)
-    encode = getattr(os.environ, "encodekey", None)
-    if isinstance(data, dict) and callable(encode):
-        get = data.get
-        k0, k1, k2, k3 = (encode(n) for n in _ENV_NAMES)
-        return lambda: (get(k0), get(k1), get(k2), get(k3))
-    return lambda: tuple(os.environ.get(n) for n in _ENV_NAMES)
+_ENVIRON = os.environ  # the mapping `_env_key`'s encoded names belong to
+_ENV_CODED = tuple(os.environ.encodekey(n) for n in _ENV_NAMES) if hasattr(os.environ, "encodekey") else None
 
 
-_env_key = _environ_reader()
+def _env_key() -> tuple:
+    """The raw values of the settings a plan reads from the environment (the cache key's part for
+    them; None for an unset one). CPython keeps os.environ's values in the dict os.environ._data
+    under os.environ.encodekey(name), and os.environ's own methods keep it in step with the process
+    environment; its get() reads it through two Python calls and, for an unset name, a KeyError:
+    about 7 us for the four names, which small calls feel (PointNet-sized torch inputs). Anything
+    else bound to os.environ (a test's replacement mapping) is read through its own get()."""
+    env = os.environ
+    data = getattr(env, "_data", None)
+    if env is _ENVIRON and type(data) is dict and _ENV_CODED is not None:
+        return tuple(map(data.get, _ENV_CODED))
+    return tuple(env.get(n) for n in _ENV_NAMES)
+
+
 _cache: OrderedDict[tuple, Plan] = OrderedDict()
 _cache_lock = threading.Lock()
 

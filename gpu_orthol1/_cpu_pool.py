@@ -46,6 +46,7 @@ CPU_STAGE_ROW_STRIDE = 1 << 16  # bytes between a slice's rows, at least
 CPU_STAGE_ROW_BYTES = 512  # bytes of one slice row, at most
 
 _pool: ThreadPoolExecutor | None = None
+_fused_l1: Any = None
 _pool_lock = threading.Lock()
 
 
@@ -167,13 +168,16 @@ class CpuRunner:
     ) -> None:
         """The call's losses (and gradient) in the fused loop (kernels/fused_small_cpu.py), on the
         slices where they lie; view(a): the plan's (m, l, n) slice view of p or grad."""
-        from .kernels.fused_small_cpu import fused_l1
+        global _fused_l1
+        if _fused_l1 is None:  # numba's compiled loop, imported with the first fused call
+            from .kernels.fused_small_cpu import fused_l1
 
+            _fused_l1 = fused_l1
         V = view(p)
         # without a gradient the loop writes nothing, but numba types `out` as written to: never
         # hand it phi, which may be read-only
         out = view(grad) if want_grad else np.empty((0, 0, 0), V.dtype)
-        fused_l1(V, out, losses, 0, alpha, accumulate, want_grad)
+        _fused_l1(V, out, losses, 0, alpha, accumulate, want_grad)
 
     def run(self, batch: _driver.Strided, sz: _driver.Sizes, losses: Any, kw: dict, threads: int) -> None:
         """The call's losses (and gradient, per `kw`) over `threads` parts of the slices."""

@@ -1,7 +1,7 @@
 """The device interface: what `_driver.run` and a `Plan` may ask of a device, as a Protocol that
 `_numpy_dev.NumpyDevice`, `_cupy.CupyDevice` and `testing.EmulatedGpuDevice` satisfy (mypy checks
-each against it in its own module), and `make_device`, which picks one for a resolved backend, and `pick_kernel`, which picks a GPU
-plan's path (the fused kernel or two GEMMs).
+each against it in its own module), and `make_device`, which picks one for a resolved backend, and
+`pick_kernel`, which picks a plan's path (the fused kernel, or the CPU's fused loop, or two GEMMs).
 
 Optional flags read with getattr (absent means False / None): ``fills_addresses`` (pointer-array
 GEMMs read their address arrays from the workspace), ``emulates_gpu`` (a CPU device that plans
@@ -175,7 +175,7 @@ def pick_kernel(
     n: int,
     dtype: np.dtype,
     precision: str,
-    m: int = 0,
+    m: int,
 ) -> tuple[str, Any]:
     """("gemm", None) or ("fused", its config; None on the CPU): the path, decided once.
 
@@ -184,8 +184,10 @@ def pick_kernel(
     (workspace_bytes= or GPU_ORTHOL1_WORKSPACE_BYTES: a setting of the chunked GEMM path, whose
     errors and chunking a caller then expects) and when BLAS reads phi in place (`in_place`: a
     layout the GEMM path would copy keeps that path and its CopyWarning, and `graph()` its refusal).
-    Those conditions keep every behaviour the GEMM path documents unchanged.
-    GPU_ORTHOL1_KERNEL=fused|gemm or kernel= forces one path."""
+    Those conditions keep every behaviour the GEMM path documents unchanged. kernel= forces one
+    path; GPU_ORTHOL1_KERNEL=fused|gemm forces one on the GPU backend (the CPU validates it and
+    otherwise ignores it, as it always has: a setting made for a card must not send CPU plans of
+    other dtypes or penalties into errors, nor large ones into the scalar loop)."""
     kernel = _checks.check_choice("kernel", kernel, _checks.KERNELS)
     gpu = dev.xp is not np or getattr(dev, "emulates_gpu", False)
     if kernel == "auto":
@@ -194,6 +196,8 @@ def pick_kernel(
             raise ValueError(
                 f"environment variable {_checks.ENV_KERNEL}={env!r} is not one of {_checks.KERNELS}"
             )
+        if not gpu:
+            env = ""
         if not env:
             rule = getattr(dev, "auto_fused", True) and variant.is_default and default_budget and in_place
             wins = fused_wins(l, n, dtype, precision) if gpu else cpu_fused_wins(m, l, n, dtype)
@@ -210,7 +214,8 @@ def pick_kernel(
     if not gpu:
         if np.dtype(dtype) not in CPU_FUSED_DTYPES:
             raise ValueError(
-                f"kernel='fused' on the CPU takes float32 or float64, not {dtype}; use kernel='gemm'"
+                f"kernel='fused' on the CPU takes float32 or float64, not {np.dtype(dtype).name}; "
+                "use kernel='gemm'"
             )
         return "fused", None
     from .kernels import fused_small

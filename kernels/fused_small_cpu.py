@@ -1,9 +1,14 @@
 """CPU twin of ``fused_small.py``: loss and gradient of small slices in one compiled loop.
 
-For each slice Phi_i (l x n) of the (m, l, n) view: G = Phi_i^T Phi_i (float64 accumulation; one
-triangle, mirrored), the loss sum |G - I| in float64 and S = sign(G - I) (sign(0) = 0), then
-alpha * Phi_i S written (or added) where the gradient's slice lies. Same NaN policy as
+For each slice Phi_i (l x n) of the (m, l, n) view: G = Phi_i^T Phi_i, accumulated in float64 and
+rounded once to phi's dtype (the Gram the GEMM path holds, in its precision: an entry past float32's
+range is Inf here too), the loss sum |G - I| in float64 and S = sign(G - I) (sign(0) = 0), then
+alpha * Phi_i S (float64 sums) written (or added) where the gradient's slice lies. Same NaN policy as
 ``sign_abs_cpu.py``: a slice whose sum is not finite gets a NaN loss and an all-NaN gradient.
+
+Not bit-identical to the GEMM path: BLAS accumulates a float32 Gram in float32, this loop in float64,
+so an entry within float32 rounding of 0 may take the other sign here (the more accurate one: the
+float64 reference's, which the tests compare both against).
 
 What it replaces on small slices is not arithmetic but overhead: the GEMM path makes two NumPy
 matmul calls, a sign-pass call and a chunk loop per call, tens of microseconds on PointNet's
@@ -25,10 +30,11 @@ import numpy as np
 @numba.njit(cache=True, nogil=True)
 def fused_l1(V, out, losses, loss_offset, alpha, accumulate, want_grad):  # pragma: no cover - compiled
     # Row-outer loops (a row of Phi_i at a time: rank-1 updates of G, then each gradient row from
-    # it), so that the innermost loop runs along rows, where LLVM vectorizes; G is float64 and
-    # symmetric by construction (both triangles get the same products in the same order).
+    # it), so that the innermost loop runs along rows, where LLVM vectorizes. Both triangles of G
+    # get the same products in the same order, so G, and S, come out exactly symmetric.
     m, l, n = V.shape
     G = np.empty((n, n), dtype=np.float64)
+    Gr = np.empty((n, n), dtype=V.dtype)  # G rounded to phi's dtype, as the GEMM path holds it
     S = np.empty((n, n), dtype=np.float64)
     row = np.empty(n, dtype=np.float64)
     acc = np.empty(n, dtype=np.float64)
@@ -41,10 +47,12 @@ def fused_l1(V, out, losses, loss_offset, alpha, accumulate, want_grad):  # prag
                 x = row[j]
                 for k in range(n):
                     G[j, k] += x * row[k]
+        Gr[:, :] = G
         total = 0.0
         for j in range(n):
             for k in range(n):
-                d = G[j, k] - 1.0 if j == k else G[j, k]
+                g = np.float64(Gr[j, k])
+                d = g - 1.0 if j == k else g
                 total += abs(d)
                 S[j, k] = 1.0 if d > 0 else (-1.0 if d < 0 else 0.0)
         if not math.isfinite(total):  # NaN/Inf anywhere in the slice: NaN loss, all-NaN gradient

@@ -220,14 +220,6 @@ def _bf16_fused(w, mp):
     return _bf16_gpu_path()(w, mp)
 
 
-def _cpu_fused_float16(w, mp):
-    mp.setenv("GPU_ORTHOL1_KERNEL", "fused")  # loss and grad take no kernel=: the override forces it
-    w.phi = w.watch(np.asarray(_to_host(w.phi)).astype(np.float16))
-    w.out = w.watch(np.full(w.phi.shape, SENTINEL, np.float16))
-    mp.setattr(_cache, "_cache", OrderedDict())
-    return w.phi, (), {"backend": "numpy"}
-
-
 CASES = {
     "phi-list": (ALL, _phi(lambda: [[1.0, 2.0]])),
     "phi-scalar": (ALL, _phi(lambda: 1.0)),
@@ -295,7 +287,6 @@ CASES = {
     "workspace-too-small": (ALL, _opt(workspace_bytes=30)),
     "cannot-allocate": ((GRAD, BOTH), _cannot_allocate),
     "kernel-fused-bf16": (ALL, _bf16_fused),
-    "kernel-fused-cpu-float16": (ALL, _cpu_fused_float16),
     "bf16-gpu-l2-grad": (WITH_OUT, _bf16_gpu_path(penalty="l2")),
     "bf16-gpu-normalize-grad": (WITH_OUT, _bf16_gpu_path(normalize=True)),
 }

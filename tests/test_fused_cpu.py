@@ -116,3 +116,15 @@ def test_bench_cpu_fused_runs(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [r["auto_takes_fused"] for r in rows] == [True, False]
     assert all(r["us"]["fused"] > 0 and r["us"]["gemm"] > 0 for r in rows)
+
+
+def test_fused_loop_float32_gram_overflow_is_nan():
+    """A float32 Gram entry past float32's range is Inf on the GEMM path; the loop rounds its float64
+    Gram to float32 too, so the slice's loss and gradient are NaN on both (docs/guide.md)."""
+    phi = np.ones((2, 3, 2), np.float32)
+    phi[:, 1] = 1e20  # slice 1: G entries 2e40
+    for kernel in ("fused", "gemm"):
+        with np.errstate(over="ignore"):
+            per, grad = ol1.plan(phi, 1.0, reduction="none", kernel=kernel)(phi)
+        assert np.isnan(per[1]) and np.isfinite(per[[0, 2]]).all(), kernel
+        assert np.isnan(grad[:, 1]).all() and np.isfinite(grad[:, [0, 2]]).all(), kernel

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import gpu_orthol1 as ol1
-from gpu_orthol1 import _cache, _cpu_pool, _device, _gpu_calls, _plan
+from gpu_orthol1 import _cache, _cpu_pool, _device, _dtypes, _gpu_calls, _plan
 
 from .helpers import make
 from .reference import check, random_phi
@@ -151,6 +151,9 @@ def test_cache_key_reads_the_environment_as_os_environ_does(monkeypatch):
     assert _cache._env_key()[1] != seen[1] and _cache._env_key()[0] == seen[0]
     monkeypatch.delenv(names[2])
     assert _cache._env_key()[2] is None
+    # a mapping put in os.environ's place (mock.patch.object(os, "environ", ...)) is read as it is
+    monkeypatch.setattr(os, "environ", {names[3]: "full"})
+    assert _cache._env_key() == (None, None, None, "full")
 
 
 def test_a_cached_plan_does_not_let_equal_hashing_arguments_past_the_checks(rng):
@@ -322,8 +325,10 @@ def test_kernel_choice_errors(rng, monkeypatch):
     phi = random_phi(rng, (5, 3, 4), np.float32)
     with pytest.raises(ValueError, match="kernel must be one of"):
         ol1.plan(phi, kernel="fast")
-    with pytest.raises(ValueError, match="kernel='fused' on the CPU takes float32 or float64"):
+    with pytest.raises(ValueError, match="kernel='fused' on the CPU takes float32 or float64, not float16"):
         ol1.plan(phi.astype(np.float16), backend="numpy", kernel="fused")
+    with pytest.raises(ValueError, match="kernel='fused' on the CPU takes float32 or float64, not bfloat16"):
+        ol1.plan(phi.astype(_dtypes.bfloat16()), backend="numpy", kernel="fused")
     with pytest.raises(ValueError, match="default penalty"):
         ol1.plan(phi, backend="numpy", kernel="fused", penalty="l2")
 
@@ -334,10 +339,15 @@ def test_kernel_choice_errors(rng, monkeypatch):
     assert ol1.plan(phi.astype(np.float16)).kernel == "gemm"
     big = random_phi(rng, (64, 32, 16), np.float32)  # 2.1 Mflop: BLAS's GEMMs win
     assert ol1.plan(big).kernel == "gemm"
+    # the GPU path's switch: validated, and otherwise left to GPU plans (a setting made for a card
+    # must not send CPU plans of float16 or other penalties into errors, nor large ones into the loop)
     monkeypatch.setenv("GPU_ORTHOL1_KERNEL", "fused")
-    assert ol1.plan(big, backend="numpy").kernel == "fused"
+    assert ol1.plan(big, backend="numpy").kernel == "gemm"
+    assert ol1.plan(phi.astype(np.float16), backend="numpy").kernel == "gemm"
+    assert ol1.plan(phi, backend="numpy", penalty="l2").kernel == "gemm"
     monkeypatch.setenv("GPU_ORTHOL1_KERNEL", "gemm")
-    assert ol1.plan(phi, backend="numpy").kernel == "gemm"
+    assert ol1.plan(phi, backend="numpy").kernel == "fused"
+    assert ol1.plan(big, backend="numpy", kernel="fused").kernel == "fused"  # kernel= forces it
     monkeypatch.setenv("GPU_ORTHOL1_KERNEL", "bogus")
     with pytest.raises(ValueError, match="GPU_ORTHOL1_KERNEL"):
         ol1.plan(phi, backend="numpy")

@@ -973,3 +973,50 @@ def test_orthol1_views_follow_the_parameters_memory(tseed):
     naive_model_loss([(conv, True), (lin, False)], 0.3).backward()
     torch.testing.assert_close(got[0], conv.grad)
     torch.testing.assert_close(got[1], lin.grad)
+
+
+@pytest.mark.parametrize("shape", [(5, 4), (3, 5, 4), (6, 2, 3)])
+def test_host_slices_are_the_torch_slices(shape):
+    """`_host_slices` (NumPy views, the eager CPU path) gives the same (m, l, n) view as `_slices`."""
+    from gpu_orthol1.torch._bridge import _host_slices, _slices
+
+    src = torch.randn(*shape[::-1], dtype=torch.float64).permute(*range(len(shape) - 1, -1, -1))  # strided
+    a = src.numpy()
+    hows = [("matrix", 0)] if len(shape) == 2 else [("stack", ax) for ax in range(3)]
+    for how, ax in hows:
+        for tr in (False, True):
+            want = _slices(src, how, ax, tr).numpy()
+            got = _host_slices(a, how, ax, tr)
+            assert got.shape == want.shape
+            # the same memory layout (a size-1 dim's stride is never used)
+            assert [st for st, d in zip(got.strides, got.shape, strict=True) if d > 1] == [
+                st for st, d in zip(want.strides, want.shape, strict=True) if d > 1
+            ]
+            np.testing.assert_array_equal(got, want)
+
+
+def test_ortho_l1_keyword_memo_keeps_every_check():
+    """ortho_l1 remembers the keyword sets it has checked; a bad value still raises after a good one
+    that hashes alike, and "auto" still picks the smaller Gram per shape."""
+    from gpu_orthol1.torch import functional
+
+    w = torch.randn(3, 4, 5, dtype=torch.float64)
+    ortho_l1(w, 0.1, axis=1, mode="rows", diagonal=True)
+    with pytest.raises(ValueError, match="axis must be an integer"):
+        ortho_l1(w, 0.1, axis=True, mode="rows", diagonal=True)
+    with pytest.raises(ValueError, match="axis must be an integer"):
+        ortho_l1(w, 0.1, axis=1.0, mode="rows", diagonal=True)
+    with pytest.raises(ValueError, match="diagonal"):
+        ortho_l1(w, 0.1, axis=1, mode="rows", diagonal=1)
+    with pytest.raises(ValueError, match="mode must be"):
+        ortho_l1(w, 0.1, axis=1, mode=["rows"])  # unhashable: checked, not remembered
+    for shape in ((4, 7), (7, 4)):  # one keyword set, two shapes: "auto" takes each one's smaller Gram
+        x = torch.randn(*shape, dtype=torch.float64)
+        small = x @ x.T if shape[0] < shape[1] else x.T @ x
+        want = 0.2 * (small - torch.eye(min(shape), dtype=torch.float64)).abs().sum()
+        torch.testing.assert_close(ortho_l1(x, 0.2, mode="auto"), want)
+    functional._SPECS.clear()
+    for ax in range(3):
+        for mode in (None, "rows", "columns", "auto"):
+            ortho_l1(w, 0.1, axis=ax, mode=mode)
+    assert 0 < len(functional._SPECS) <= functional._SPECS_MAX

@@ -147,9 +147,9 @@ def fused_wins(l: int, n: int, dtype: Any, precision: str) -> bool:
 
 # The CPU's fused loop (kernels/fused_small_cpu.py) against the two-GEMM path, plan calls, float32,
 # measured on the AMD EPYC (2 CPUs, quiet; bench/bench_cpu_fused.py, bench/results/cpu-fused.json):
-# 32 slices of 3 x 3 15 us against 44, 1024 of them 153 against 354, 32 of 8 x 8 30 against 50;
-# at 524 kflop the GEMM path won by 1.3-1.8x ((16, 32, 16), (8, 64, 16), (64, 32, 8)), at 2 Mflop
-# by 1.9-2.7x. The loop's scalar arithmetic loses to BLAS once a call has real work; below a few
+# 32 slices of 3 x 3 13 us against 52, 1024 of them 179 against 430, 32 of 8 x 8 33 against 59;
+# at 524 kflop the GEMM path won by 1.3-1.9x ((16, 32, 16), (8, 64, 16), (64, 32, 8)), at 2 Mflop
+# by 1.6-2.6x. The loop's scalar arithmetic loses to BLAS once a call has real work; below a few
 # hundred kflop the GEMM path's per-call overhead is what costs.
 CPU_FUSED_MAX_N = 16
 CPU_FUSED_MAX_FLOPS = 2.5e5  # 4 l m n^2

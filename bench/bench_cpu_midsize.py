@@ -17,7 +17,10 @@ Times, interleaved round by round on the same inputs, for each (l, m, n) shape (
 
 Each timed call follows an untimed call of the same method (on the other input copy), so that BLAS
 threads left spinning by the method timed before it (OpenBLAS's idle threads spin for about 2^28
-cycles) do not share the cores with it. Writes a JSON file with the medians, the ratios ours/limit, ours/naive and ours/layout_limit, the CPU, NumPy's BLAS
+cycles) do not share the cores with it. Writes a JSON file with the medians, the ratios ours/limit, ours/naive and ours/layout_limit (of the
+medians, and ``paired``: the median of each round's ratio against the methods timed in the same
+round, which this VM's drift between rounds moves less; ``above_1_10`` flags a paired ours/limit
+above the CPU promise's 1.10), the CPU, NumPy's BLAS
 (threadpoolctl's threadpool_info), the load average before and after, and the date. A shared machine
 disturbs the figures: compare ratios from one run, not times across runs.
 
@@ -39,6 +42,7 @@ import numpy as np
 import gpu_orthol1 as ol1
 from gpu_orthol1 import _cpu_pool
 from gpu_orthol1.bench import base, command, methods, runner
+from gpu_orthol1.bench.flags import SLOW_RATIO
 
 # the three points issue 26 names, then the bench's --quick sweeps and reference shapes
 ISSUE_SHAPES = ((512, 1024, 64), (1024, 16, 32), (512, 128, 64))
@@ -139,6 +143,19 @@ def time_shape(shape, dtype, runs, rng) -> dict:
             ts[k].append(time.perf_counter() - t0)
             del out
     med = {k: float(np.median(v)) * 1e3 for k, v in ts.items()}
+    # this VM's speed drifts by tens of percent between rounds, so besides the ratio of the medians
+    # each round's ratio is taken against the methods timed in the same round, and the median of
+    # those kept (`paired`): the estimator docs/performance.md's core figures use
+    t = {k: np.asarray(v) for k, v in ts.items()}
+    lim_r = np.minimum(t["limit_split"], t["limit_blas_threads"])
+    paired = {
+        "ours_over_limit": float(np.median(t["ours"] / lim_r)),
+        "ours_over_naive": float(np.median(t["ours"] / t["naive"])),
+    }
+    if "layout_split" in t:
+        paired["ours_over_layout_limit"] = float(
+            np.median(t["ours"] / np.minimum(t["layout_split"], t["layout_blas_threads"]))
+        )
     med["limit"] = min(med["limit_split"], med["limit_blas_threads"])
     if "layout_split" in med:
         med["layout_limit"] = min(med["layout_split"], med["layout_blas_threads"])
@@ -152,6 +169,8 @@ def time_shape(shape, dtype, runs, rng) -> dict:
         "ours_over_limit": med["ours"] / med["limit"],
         "ours_over_naive": med["ours"] / med["naive"],
         "ours_over_layout_limit": med["ours"] / med["layout_limit"] if "layout_limit" in med else None,
+        "paired": paired,
+        "above_1_10": paired["ours_over_limit"] > SLOW_RATIO,
     }
 
 
@@ -189,7 +208,9 @@ def main(argv=None) -> int:
             f"{'x'.join(map(str, shape)):>14} {a.dtype}: ours {ms['ours']:9.2f} ms  naive {ms['naive']:9.2f}  "
             f"limit {ms['limit']:9.2f}  ours/limit {res['ours_over_limit']:.2f}  "
             f"ours/naive {res['ours_over_naive']:.2f}  "
-            f"ours/layout-limit {res['ours_over_layout_limit'] or float('nan'):.2f}",
+            f"ours/layout-limit {res['ours_over_layout_limit'] or float('nan'):.2f}  "
+            f"paired ours/limit {res['paired']['ours_over_limit']:.2f}"
+            f"{'  ABOVE ' + format(SLOW_RATIO, 'g') if res['above_1_10'] else ''}",
             flush=True,
         )
     doc["loadavg_end"] = os.getloadavg()

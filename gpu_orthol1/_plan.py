@@ -114,7 +114,14 @@ class Plan:
             self._m,
         )
         self._ldt = np.float64 if phi.dtype == np.float64 else np.float32
-        self._chunks = Chunking(self._dev, sl, self._ddtype, self._variant, self._budget)
+        self._chunks = Chunking(
+            self._dev,
+            sl,
+            self._ddtype,
+            self._variant,
+            self._budget,
+            _cpu_pool.CPU_CHUNK_PHI_BYTES if cpu else 0,
+        )
         self._tri = self._chunks.tri = _triangle.pick(
             self._dev, self._kernel, self._variant, self._n, self._ddtype
         )

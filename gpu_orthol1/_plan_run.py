@@ -70,7 +70,12 @@ def run(
     batch = plan._slices.batch(p, grad, out, want_grad)
     threads = plan._threads if gram_hook is None else 1  # a hook sees the chunks in order
     sz, threads = plan._chunks.sizes_for(
-        want_grad, bool(accumulate), batch.lay_phi is None, want_grad and batch.lay_out is None, threads
+        want_grad,
+        bool(accumulate),
+        batch.lay_phi is None,
+        want_grad and batch.lay_out is None,
+        threads,
+        gram_hook is not None,
     )
     if chunk is not None and chunk < sz.chunk:
         sz = dataclasses.replace(sz, chunk=max(1, int(chunk)))

@@ -3,6 +3,7 @@ chunking of each kind of call under the workspace budget (`Chunking`)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from . import _cpu_pool, _driver, _gemm, _penalty
@@ -70,16 +71,35 @@ class Slices:
 class Chunking:
     """Slices per chunk and workspace sizes of each kind of call, decided on its first call."""
 
-    def __init__(self, dev: Device, slices: Slices, dtype: Any, variant: _penalty.Variant, budget: int):
+    def __init__(
+        self,
+        dev: Device,
+        slices: Slices,
+        dtype: Any,
+        variant: _penalty.Variant,
+        budget: int,
+        phi_chunk_bytes: int = 0,
+    ):
+        """phi_chunk_bytes > 0 (the CPU, `_cpu_pool.CPU_CHUNK_PHI_BYTES`): calls without a Gram hook
+        take at most as many slices per chunk as fit this many bytes of phi (one slice at least)."""
         self._dev, self._s, self._dtype, self._variant, self._budget = dev, slices, dtype, variant, budget
+        self._phi_chunk_bytes = phi_chunk_bytes
         self.tri = 0  # the triangle Gram's block size (`_triangle.pick`), set by the plan
         self.sizes: dict[tuple, tuple[_driver.Sizes, int]] = {}
 
     def sizes_for(
-        self, want_grad: bool, accumulate: bool, stage_phi: bool, stage_out: bool, threads: int
+        self,
+        want_grad: bool,
+        accumulate: bool,
+        stage_phi: bool,
+        stage_out: bool,
+        threads: int,
+        hooked: bool = True,
     ) -> tuple[_driver.Sizes, int]:
-        """(sizes, threads): the chunking of a call, and how many threads share the slices."""
-        key = (want_grad, accumulate, stage_phi, stage_out, threads)
+        """(sizes, threads): the chunking of a call, and how many threads share the slices.
+        hooked: the call has a Gram hook, whose chunks keep the budget's size (the distributed
+        entry points agree on them across ranks through `chunk_for`)."""
+        key = (want_grad, accumulate, stage_phi, stage_out, threads, hooked)
         hit = self.sizes.get(key)
         if hit is None:
             s = self._s
@@ -107,6 +127,11 @@ class Chunking:
                     pass
             if hit is None:
                 hit = (sizes(self._budget), 1)
+            if self._phi_chunk_bytes and not hooked:
+                sz = hit[0]
+                cap = max(1, self._phi_chunk_bytes // max(1, s.l * s.n * sz.acc_dtype.itemsize))
+                if cap < sz.chunk:
+                    hit = (dataclasses.replace(sz, chunk=cap), hit[1])
             self.sizes[key] = hit
         return hit
 

@@ -140,3 +140,76 @@ def test_input_that_cannot_fit_fails_cleanly():
         ol1.loss(phi, backend="numpy")
     with pytest.raises(MemoryError, match=r"Unable to allocate 2\.00 PiB"):
         ol1.grad(phi, backend="numpy")
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("layout", ["C", "F", "every2"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_phi_chunk_cap_bounds_chunks(dtype, layout, threads, rng, monkeypatch):
+    """A CPU call takes at most CPU_CHUNK_PHI_BYTES of phi per chunk (computed in its GEMM dtype,
+    float32 for float16), on one thread or split over two, with the losses and gradient unchanged;
+    a call with a Gram hook (the metrics) and `chunk_for` (what the distributed ranks agree on)
+    keep the budget's chunks."""
+    from gpu_orthol1 import _cpu_pool, _plan
+
+    shape = (9, 11, 5)  # l, m, n
+    per_slice = 9 * 5 * max(np.dtype(dtype).itemsize, 4)
+    monkeypatch.setattr(_cpu_pool, "CPU_CHUNK_PHI_BYTES", 3 * per_slice + per_slice - 1)  # 3 slices
+    if threads == 2:
+        monkeypatch.setattr(_cpu_pool, "CPU_PARALLEL_MIN_FLOPS", 0)
+    phi = make(np, rng, shape, dtype, layout, 1)
+    grams = []
+    real = _numpy_dev.NumpyDevice.gram
+
+    def spy(src, cc, ws):
+        grams.append(cc)
+        return real(src, cc, ws)
+
+    monkeypatch.setattr(_numpy_dev.NumpyDevice, "gram", staticmethod(spy))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ol1.CopyWarning)
+        p = ol1.plan(phi, 0.7, backend="numpy", kernel="gemm")  # not the fused loop of small calls
+        assert p._threads == min(threads, os.cpu_count() or 1)
+        loss, grad = p(phi)
+        # each part cuts its own range into chunks of 3: 11 slices on one part, 5 + 6 on two
+        want = [3, 3, 3, 2] if p._threads == 1 else [2, 3, 3, 3]
+        assert sorted(grams) == sorted(want), f"Gram GEMM batches {grams}, expected {want}"
+        check(phi, loss, grad, 0.7, 1, "sum", dtype)
+        assert _plan.chunk_for(p, True) == shape[1]  # the budget holds every slice's Gram
+        grams.clear()
+        ol1.metrics(phi, backend="numpy")
+        assert grams == [shape[1]]
+
+
+def test_bench_cpu_chunk_cap_and_midsize_run(tmp_path):
+    """bench/bench_cpu_chunk_cap.py (its capped/uncapped results check included) and
+    bench_cpu_midsize.py's paired ratios, end to end on shapes whose chunks the cap changes."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    shapes = "256x40x64,64x5x32"  # 64 KiB of phi a slice: 16 slices a chunk against all 40
+    for script, extra in (
+        ("bench_cpu_chunk_cap.py", ["--rounds", "2"]),
+        ("bench_cpu_midsize.py", ["--runs", "2"]),
+    ):
+        out = tmp_path / f"{script}.json"
+        proc = subprocess.run(
+            [sys.executable, str(root / "bench" / script), "--shapes", shapes, "--out", str(out), *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = json.loads(out.read_text())["results"]
+        assert [r["shape"] for r in rows] == [[256, 40, 64], [64, 5, 32]]
+        if script == "bench_cpu_chunk_cap.py":
+            assert rows[0]["chunk"] == {"capped": 16, "uncapped": 40}
+            assert rows[1]["chunk"]["capped"] == rows[1]["chunk"]["uncapped"] == 5
+            assert all(r["paired"] > 0 and r["paired_p25_p75"][0] <= r["paired_p25_p75"][1] for r in rows)
+        else:
+            for r in rows:
+                assert r["paired"]["ours_over_limit"] > 0 and r["paired"]["ours_over_naive"] > 0
+                assert r["above_1_10"] == (r["paired"]["ours_over_limit"] > 1.10)

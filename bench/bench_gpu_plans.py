@@ -149,7 +149,7 @@ def _host_gemm_row(shape, dt, precision, quick):
     phi = (cupy.random.standard_normal(shape, dtype=cupy.float32) / l**0.5).astype(dt)
     p = ol1.plan(phi, 1e-3, kernel="gemm", precision=precision)
     p(phi)
-    sz = p._chunks.sizes_for(True, False, False, False, 1)[0]
+    sz = p._chunks.sizes_for(True, False, False, False, 1, hooked=False)[0]
     wsb = _driver.workspace(p._alloc, sz, l, n, phi.dtype)
     grad = cupy.empty_like(phi)
     V, Vo = p._view(phi), p._view(grad)
@@ -497,7 +497,7 @@ def _phase_row(cupy, ol1, _driver, shape, dt, quick):
     l, m, n = shape
     phi = (cupy.random.standard_normal(shape, dtype=cupy.float32) / l**0.5).astype(dt)
     p = ol1.plan(phi, 1e-3, kernel="gemm")
-    sz = p._chunks.sizes_for(True, False, False, False, 1)[0]
+    sz = p._chunks.sizes_for(True, False, False, False, 1, hooked=False)[0]
     if sz.chunk < m:
         return {"shape": shape, "dtype": dt, "skipped": f"{m} slices need {sz.chunk}-slice chunks"}
     wsb = _driver.workspace(p._alloc, sz, l, n, phi.dtype)

@@ -44,10 +44,11 @@ CPU_POOL_MIN_CALL_FLOPS = 4e9  # a call at least this large: the pool
 # buffer, with the bench's BLAS limit at 38.6 ms (the phase alone: 22 ms against 13 + 3 ms of copy).
 # A chunk's slices of phi at most this many bytes (a core's L2 on the 2-CPU AMD EPYC), so that the
 # gradient GEMM reads phi from cache where the Gram GEMM left it: the workspace budget alone bounds
-# only the Grams (16 KB a slice at n = 64), which let a chunk span 32 MB of phi at (512, 128, 64)
+# only the Grams (16 KB a slice at n = 64), which let a chunk span all 16 MiB of phi at (512, 128, 64)
 # float32. Measured on the AMD EPYC (2 CPUs, quiet; bench/bench_cpu_chunk_cap.py,
-# bench/results/cpu-chunk-cap.json), capped / uncapped, paired over 21 rounds: 0.92 at (512, 128, 64),
-# 0.97-0.99 at five other sweep points, 1.00-1.04 (within the run's quartiles) at the other three.
+# bench/results/cpu-chunk-cap.json), capped against uncapped with its workspace kept alike, paired
+# over 21 rounds: 0.91 at (512, 128, 64), 0.96 at (1024, 16, 128), 0.98-0.99 at three more sweep
+# points, 1.00-1.02 at the other four.
 CPU_CHUNK_PHI_BYTES = 1 << 20
 CPU_STAGE_ROW_STRIDE = 1 << 16  # bytes between a slice's rows, at least
 CPU_STAGE_ROW_BYTES = 512  # bytes of one slice row, at most

@@ -75,7 +75,7 @@ def run(
         batch.lay_phi is None,
         want_grad and batch.lay_out is None,
         threads,
-        gram_hook is not None,
+        hooked=gram_hook is not None,
     )
     if chunk is not None and chunk < sz.chunk:
         sz = dataclasses.replace(sz, chunk=max(1, int(chunk)))

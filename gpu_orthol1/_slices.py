@@ -94,7 +94,8 @@ class Chunking:
         stage_phi: bool,
         stage_out: bool,
         threads: int,
-        hooked: bool = True,
+        *,
+        hooked: bool,
     ) -> tuple[_driver.Sizes, int]:
         """(sizes, threads): the chunking of a call, and how many threads share the slices.
         hooked: the call has a Gram hook, whose chunks keep the budget's size (the distributed
@@ -137,4 +138,4 @@ class Chunking:
 
     def chunk_for(self, want_grad: bool, accumulate: bool = False) -> int:
         """Slices per chunk of a call (readable layouts, no thread split)."""
-        return self.sizes_for(want_grad, bool(accumulate), False, False, 1)[0].chunk
+        return self.sizes_for(want_grad, bool(accumulate), False, False, 1, hooked=True)[0].chunk

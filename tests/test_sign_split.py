@@ -108,7 +108,7 @@ def test_emulated_plan_splits_chunk_invariant(dtype, rng):
     res, budget = [], None
     for chunk in (7, 2):
         p = Plan(phi, 0.4, backend="numpy", workspace_bytes=budget, _device=EmulatedGpuDevice())
-        sz = p._chunks.sizes_for(True, False, False, False, 1)[0]
+        sz = p._chunks.sizes_for(True, False, False, False, 1, hooked=False)[0]
         assert sz.parts == 3 and sz.chunk == chunk
         budget = 2 * sz.per_slice
         res.append(p(phi))

@@ -101,8 +101,8 @@ def test_zero_weight_is_accepted():
     w = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     ortho_l1(w, 0.0).backward()
     assert not w.grad.any()
-    assert float(OrthoL1(_model(), beta=0.0).loss()) == 0.0
-    assert float(keras_orthogonal(w, 0.0)) == 0.0 and float(biggan_ortho(w, 0)) == 0.0
+    assert OrthoL1(_model(), beta=0.0).loss().item() == 0.0
+    assert keras_orthogonal(w, 0.0).item() == 0.0 and biggan_ortho(w, 0).item() == 0.0
 
 
 @pytest.fixture

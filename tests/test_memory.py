@@ -219,3 +219,27 @@ def test_bench_cpu_chunk_cap_and_midsize_run(tmp_path):
             for r in rows:
                 assert r["paired"]["ours_over_limit"] > 0 and r["paired"]["ours_over_naive"] > 0
                 assert r["above_1_10"] == (r["paired"]["ours_over_limit"] > 1.10)
+
+
+def test_bench_cpu_threads_spin_runs(tmp_path):
+    """bench/bench_cpu_threads_spin.py end to end: one process per method, each preceding call."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "spin.json"
+    proc = subprocess.run(
+        [sys.executable, str(root / "bench" / "bench_cpu_threads_spin.py"), "--shapes", "64x5x32"]
+        + ["--pairs", "1", "--calls", "2", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["before"] for r in rows] == ["none", "small", "numpy"]
+    for r in rows:
+        assert len(r["bt_ms"]) == len(r["split_ms"]) == 1 and min(r["bt_ms"] + r["split_ms"]) > 0
+        assert r["split_over_bt"] == r["split_ms"][0] / r["bt_ms"][0]

@@ -42,11 +42,6 @@ CPU_PARALLEL_MAX_IMBALANCE = 1.25  # the largest part at most this many times th
 CPU_POOL_MAX_SLICE_FLOPS = 3e6  # a slice's two GEMMs (4 l n^2 flops) below this: the pool
 CPU_POOL_MIN_CALL_FLOPS = 4e9  # a call at least this large: the pool
 
-# The CPU's BLAS writes each slice's gradient rows where they lie in the output. When the rows are
-# short and far apart (the slices of a C-contiguous (l, m, n) array: rows m*n elements apart), those
-# scattered writes cost more than writing a chunk buffer and copying it out: on (64, 4096, 64)
-# float32 (Intel Xeon, 2 CPUs, quiet) the call took 44.6 ms in place against 39.4 ms through the
-# buffer, with the bench's BLAS limit at 38.6 ms (the phase alone: 22 ms against 13 + 3 ms of copy).
 # A chunk's slices of phi at most this many bytes (a core's L2 on the 2-CPU AMD EPYC), so that the
 # gradient GEMM reads phi from cache where the Gram GEMM left it: the workspace budget alone bounds
 # only the Grams (16 KB a slice at n = 64), which let a chunk span all 16 MiB of phi at (512, 128, 64)
@@ -55,6 +50,12 @@ CPU_POOL_MIN_CALL_FLOPS = 4e9  # a call at least this large: the pool
 # over 21 rounds: 0.91 at (512, 128, 64), 0.96 at (1024, 16, 128), 0.98-0.99 at three more sweep
 # points, 1.00-1.02 at the other four.
 CPU_CHUNK_PHI_BYTES = 1 << 20
+
+# The CPU's BLAS writes each slice's gradient rows where they lie in the output. When the rows are
+# short and far apart (the slices of a C-contiguous (l, m, n) array: rows m*n elements apart), those
+# scattered writes cost more than writing a chunk buffer and copying it out: on (64, 4096, 64)
+# float32 (Intel Xeon, 2 CPUs, quiet) the call took 44.6 ms in place against 39.4 ms through the
+# buffer, with the bench's BLAS limit at 38.6 ms (the phase alone: 22 ms against 13 + 3 ms of copy).
 CPU_STAGE_ROW_STRIDE = 1 << 16  # bytes between a slice's rows, at least
 CPU_STAGE_ROW_BYTES = 512  # bytes of one slice row, at most
 

@@ -16,11 +16,13 @@ Times, interleaved round by round on the same inputs, for each (l, m, n) shape (
   ``limit``).
 
 Each timed call follows an untimed call of the same method (on the other input copy), so that BLAS
-threads left spinning by the method timed before it (OpenBLAS's idle threads spin for about 2^28
-cycles) do not share the cores with it. Writes a JSON file with the medians, the ratios ours/limit, ours/naive and ours/layout_limit (of the
-medians, and ``paired``: the median of each round's ratio against the methods timed in the same
-round, which this VM's drift between rounds moves less; ``above_1_10`` flags a paired ours/limit
-above the CPU promise's 1.10), the CPU, NumPy's BLAS
+threads left spinning by the method timed before it (OpenBLAS's idle worker spins for about 2^28
+cycles, 0.1 s on the AMD EPYC) are done by then for calls of 0.1 s or more; shorter calls still
+share a core with that worker for a while, which slows the slice pool most (bench_cpu_threads_spin.py
+measures it apart). Writes a JSON file with the medians, the ratios ours/limit, ours/naive and
+ours/layout_limit (of the medians, and ``paired``: the median of each round's ratio against the
+methods timed in the same round, which this VM's drift between rounds moves less; ``above_1_10``
+flags a paired ours/limit above the CPU promise's 1.10), the CPU, NumPy's BLAS
 (threadpoolctl's threadpool_info), the load average before and after, and the date. A shared machine
 disturbs the figures: compare ratios from one run, not times across runs.
 

@@ -219,8 +219,7 @@ def rank_main(rank, world, store, args, out_path):
                 per_kind[m][k].append(step(methods[m], (k,)))
     with open(out_path, "w") as f:
         json.dump({"rank": rank, "check": check, "steps": rows, "per_kind": per_kind}, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    dist.barrier()  # every rank's results written; _spawn_entry leaves without destroying the group
 
 
 def run_world(world, args):
@@ -240,8 +239,11 @@ def run_world(world, args):
 
 def _spawn_entry(rank, world, store, args, outs):
     rank_main(rank, world, store, argparse.Namespace(**args), outs[rank])
-    # the results are written: skip the interpreter's teardown, where torch 2.13 + gloo occasionally
-    # aborts in a C++ destructor after destroy_process_group (seen in tests/_dist_workers.py)
+    # the results are written: skip destroy_process_group and the interpreter's teardown. The first
+    # hung a rank once after the barrier (a CI run of the --ddp smoke test, 2026-12-07: both ranks'
+    # results written, one process left sleeping; pytorch/pytorch#75097 reports the same hang with a
+    # barrier before it), and torch 2.13 + gloo occasionally aborts in a C++ destructor in the second
+    # (seen in tests/_dist_workers.py)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -357,12 +359,12 @@ def ddp_rank_main(rank, world, store, args, out_path):
             times[k].append(once(reg))
     with open(out_path, "w") as f:
         json.dump({"rank": rank, "params_max_rel_diff": rel, **check, "share": share, "times": times}, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    dist.barrier()  # every rank's results written; _ddp_entry leaves without destroying the group
 
 
 def _ddp_entry(rank, world, store, args, outs):
     ddp_rank_main(rank, world, store, argparse.Namespace(**args), outs[rank])
+    # as _spawn_entry: no destroy_process_group, no teardown
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -6,7 +6,8 @@ OpenBLAS's idle worker spins for about 2^28 cycles (0.1 s here) after a threaded
 slice pool then shares with it. In one process, timing the pool right after a method that threads
 BLAS (as interleaved benches do) therefore measures it against a spinning worker. Here each
 measurement is a fresh process that times one plan's calls (--calls, after 5 untimed ones) with
-`_threads` forced to 1 (BLAS's threads) or 2 (the pool, BLAS on one thread), processes alternating
+`_threads` forced to 1 (BLAS's threads) or 2 (the pool's two parts, BLAS on one thread: the 2-CPU
+machines this compares on), processes alternating
 (--pairs pairs, the order flipped every pair), each call preceded by:
 
 - ``none``: nothing (a loop of gpu_orthol1 calls on this shape alone);
@@ -34,7 +35,7 @@ SHAPES = "512x128x64,1024x16x128,1024x16x32,512x16x64"
 BEFORE = ("none", "small", "numpy")
 
 
-def child(shape, threads, calls, before) -> float:
+def child(shape, threads, calls, before) -> tuple[float, bool]:
     import gpu_orthol1 as ol1
     from gpu_orthol1.bench import runner
 
@@ -51,18 +52,31 @@ def child(shape, threads, calls, before) -> float:
             ps(xs)
         elif before == "numpy":
             a @ a
+        elif before != "none":
+            raise ValueError(f"unknown --before {before!r}")
         t0 = time.perf_counter()
         p(x)
         return time.perf_counter() - t0
 
     for _ in range(5):
         one()
-    return float(np.median([one() for _ in range(calls)])) * 1e3
+    ms = float(np.median([one() for _ in range(calls)])) * 1e3
+    from gpu_orthol1 import _cpu_pool
+
+    return ms, _cpu_pool._pool is not None  # whether the slice pool ran (it starts on first use)
 
 
 def run_child(shape, threads, calls, before) -> float:
     cmd = [sys.executable, __file__, "--child", "x".join(map(str, shape)), str(threads), str(calls), before]
-    return float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip())
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    ms, pool = proc.stdout.split()[-2:]
+    if (pool == "True") != (threads > 1):
+        raise SystemExit(
+            f"{cmd}: the slice pool {'ran' if pool == 'True' else 'did not run'} with {threads} thread(s)"
+        )
+    return float(ms)
 
 
 def main(argv=None) -> int:
@@ -76,8 +90,12 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.child:
         s, t, c, b = a.child
-        print(child(tuple(int(v) for v in s.split("x")), int(t), int(c), b))
+        ms, pool = child(tuple(int(v) for v in s.split("x")), int(t), int(c), b)
+        print(ms, pool)
         return 0
+    unknown = set(a.before.split(",")) - set(BEFORE)
+    if unknown or a.pairs < 1:
+        p.error(f"--before takes {', '.join(BEFORE)} (got {', '.join(sorted(unknown))}); --pairs at least 1")
     from gpu_orthol1.bench.env import cpu_name
 
     doc = {
@@ -96,7 +114,7 @@ def main(argv=None) -> int:
             for i in range(a.pairs):
                 for threads in (1, 2) if i % 2 == 0 else (2, 1):
                     (bt if threads == 1 else split).append(run_child(shape, threads, a.calls, before))
-            ratio = [b / t for t, b in zip(bt, split, strict=True)]
+            ratio = [sp / t for t, sp in zip(bt, split, strict=True)]
             row = {
                 "shape": list(shape),
                 "before": before,

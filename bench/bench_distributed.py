@@ -241,9 +241,9 @@ def _spawn_entry(rank, world, store, args, outs):
     rank_main(rank, world, store, argparse.Namespace(**args), outs[rank])
     # the results are written: skip destroy_process_group and the interpreter's teardown. The first
     # hung a rank once after the barrier (a CI run of the --ddp smoke test, 2026-12-07: both ranks'
-    # results written, one process left sleeping; pytorch/pytorch#75097 reports the same hang with a
-    # barrier before it), and torch 2.13 + gloo occasionally aborts in a C++ destructor in the second
-    # (seen in tests/_dist_workers.py)
+    # results written, one process left sleeping; pytorch/pytorch#75097 reports a similar hang, with
+    # NCCL, a barrier before it), and torch 2.13 + gloo occasionally aborts in a C++ destructor in the
+    # second (seen by tests/_groups.py)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -37,7 +37,8 @@ CPU_PARALLEL_MAX_IMBALANCE = 1.25  # the largest part at most this many times th
 # Those per-shape comparisons ran the two in one process, the pool after BLAS-threaded methods, whose
 # idle OpenBLAS worker spins for about 0.1 s on a core the pool then shares. One method per process
 # (bench/bench_cpu_threads_spin.py, AMD EPYC, 2 CPUs, bench/results/cpu-threads-spin.json), the pool
-# took 0.83-0.96x BLAS's threads' time at four of these shapes, but 1.48-1.68x when each call
+# took 0.83-0.96x BLAS's threads' time at four mid-sized shapes (three of these and (512, 16, 64)),
+# but 1.48-1.68x when each call
 # followed a threaded NumPy matmul of the user's: BLAS's threads are the choice that holds up in both.
 CPU_POOL_MAX_SLICE_FLOPS = 3e6  # a slice's two GEMMs (4 l n^2 flops) below this: the pool
 CPU_POOL_MIN_CALL_FLOPS = 4e9  # a call at least this large: the pool

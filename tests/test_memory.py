@@ -232,7 +232,7 @@ def test_bench_cpu_threads_spin_runs(tmp_path):
     out = tmp_path / "spin.json"
     proc = subprocess.run(
         [sys.executable, str(root / "bench" / "bench_cpu_threads_spin.py"), "--shapes", "64x5x32"]
-        + ["--pairs", "1", "--calls", "2", "--out", str(out)],
+        + ["--pairs", "2", "--calls", "2", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -240,6 +240,14 @@ def test_bench_cpu_threads_spin_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
     assert [r["before"] for r in rows] == ["none", "small", "numpy"]
-    for r in rows:
-        assert len(r["bt_ms"]) == len(r["split_ms"]) == 1 and min(r["bt_ms"] + r["split_ms"]) > 0
-        assert r["split_over_bt"] == r["split_ms"][0] / r["bt_ms"][0]
+    for r in rows:  # (the script itself checks that the pool ran exactly in the split processes)
+        assert len(r["bt_ms"]) == len(r["split_ms"]) == 2 and min(r["bt_ms"] + r["split_ms"]) > 0
+        ratios = sorted(s / b for b, s in zip(r["bt_ms"], r["split_ms"], strict=True))
+        assert r["split_over_bt"] == pytest.approx(sum(ratios) / 2)
+    bad = subprocess.run(
+        [sys.executable, str(root / "bench" / "bench_cpu_threads_spin.py"), "--before", "smal"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "--before takes none, small, numpy (got smal)" in bad.stderr

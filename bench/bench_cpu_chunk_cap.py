@@ -19,17 +19,14 @@ after, and the date.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
-from datetime import datetime, timezone
 
 import numpy as np
 
 import gpu_orthol1 as ol1
 from gpu_orthol1 import _cpu_pool
 from gpu_orthol1.bench import command, runner
-from gpu_orthol1.bench.env import cpu_name
+from gpu_orthol1.bench.env import run_record, write_record
 
 SHAPES = (
     "512x128x64,4096x32x128,512x1024x64,1024x16x32,64x4096x64,512x64x512,1024x16x128,1024x16x512,512x16x64"
@@ -98,16 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="JSON file to write")
     a = p.parse_args(argv)
     rng = np.random.default_rng(a.seed)
-    doc = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "numpy": np.__version__,
-        "cap_bytes": _cpu_pool.CPU_CHUNK_PHI_BYTES,
-        "rounds": a.rounds,
-        "loadavg_start": os.getloadavg(),
-        "results": [],
-    }
+    doc = run_record(cap_bytes=_cpu_pool.CPU_CHUNK_PHI_BYTES, rounds=a.rounds)
     for shape in a.shapes:
         res = time_shape(tuple(shape), a.rounds, rng)
         doc["results"].append(res)
@@ -120,9 +108,7 @@ def main(argv=None) -> int:
             f"workspace kept {res['paired_kept']:.3f} [{k1:.3f}, {k3:.3f}]",
             flush=True,
         )
-    doc["loadavg_end"] = os.getloadavg()
-    with open(a.out, "w") as f:
-        json.dump(doc, f, indent=1)
+    write_record(doc, a.out)
     return 0
 
 

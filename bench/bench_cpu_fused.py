@@ -13,17 +13,14 @@ the CPU, the load average before and after, and the date.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
-from datetime import datetime, timezone
 
 import numpy as np
 
 import gpu_orthol1 as ol1
 from gpu_orthol1 import _device
-from gpu_orthol1.bench.env import cpu_name
+from gpu_orthol1.bench.env import run_record, write_record
 
 SHAPES = "3x32x3,8x32x8,3x256x3,3x1024x3,16x32x16,8x64x16,64x32x8,16x128x16,8x1000x8,32x32x32"
 
@@ -70,15 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     rng = np.random.default_rng(0)
-    doc = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "numpy": np.__version__,
-        "loadavg_start": os.getloadavg(),
-        "rounds": a.rounds,
-        "results": [],
-    }
+    doc = run_record(rounds=a.rounds)
     for shape in _shapes(a.shapes):
         r = time_shape(shape, np.dtype(a.dtype).type, a.rounds, rng)
         doc["results"].append(r)
@@ -88,9 +77,7 @@ def main(argv=None) -> int:
             f"auto: {'fused' if r['auto_takes_fused'] else 'gemm'}",
             flush=True,
         )
-    doc["loadavg_end"] = os.getloadavg()
-    with open(a.out, "w") as f:
-        json.dump(doc, f, indent=1)
+    write_record(doc, a.out)
     return 0
 
 

@@ -33,17 +33,15 @@ disturbs the figures: compare ratios from one run, not times across runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
-from datetime import datetime, timezone
 
 import numpy as np
 
 import gpu_orthol1 as ol1
 from gpu_orthol1 import _cpu_pool
 from gpu_orthol1.bench import base, command, methods, runner
+from gpu_orthol1.bench.env import run_record, write_record
 from gpu_orthol1.bench.flags import SLOW_RATIO
 
 # the three points issue 26 names, then the bench's --quick sweeps and reference shapes
@@ -61,17 +59,6 @@ def default_shapes(full: bool) -> list[tuple[int, int, int]]:
         + list(command.REF_SHAPES)
     )
     return list(dict.fromkeys(shapes))
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def blas_info() -> list[dict]:
@@ -192,16 +179,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     shapes = a.shapes if a.shapes else default_shapes(a.full)
     rng = np.random.default_rng(a.seed)
-    doc = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "numpy": np.__version__,
-        "blas": blas_info(),
-        "gpu_orthol1_file": ol1.__file__,
-        "loadavg_start": os.getloadavg(),
-        "results": [],
-    }
+    doc = run_record(blas=blas_info(), gpu_orthol1_file=ol1.__file__)
     for shape in shapes:
         res = time_shape(shape, a.dtype, a.runs, rng)
         doc["results"].append(res)
@@ -215,9 +193,7 @@ def main(argv=None) -> int:
             f"{'  ABOVE ' + format(SLOW_RATIO, 'g') if res['above_1_10'] else ''}",
             flush=True,
         )
-    doc["loadavg_end"] = os.getloadavg()
-    with open(a.out, "w") as f:
-        json.dump(doc, f, indent=1)
+    write_record(doc, a.out)
     return 0
 
 

@@ -17,17 +17,14 @@ set the rule (the pool and BLAS's threads both suffer from other jobs, different
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 import warnings
-from datetime import datetime, timezone
 
 import numpy as np
 
 import gpu_orthol1 as ol1
 from gpu_orthol1 import _cpu_pool
-from gpu_orthol1.bench.env import cpu_name
+from gpu_orthol1.bench.env import run_record, write_record
 
 SHAPES = "64x32x64,64x64x64,128x32x64,256x32x64,512x32x64,1024x16x32,1024x64x32,512x16x64,512x128x64,512x256x64,512x512x64,1024x16x128,512x1024x64,4096x32x128,64x4096x64,1024x16x512,512x64x512,256x8x256,2048x4x256"
 
@@ -67,14 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     rng = np.random.default_rng(0)
-    doc: dict = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "numpy": np.__version__,
-        "loadavg_start": os.getloadavg(),
-        "results": [],
-    }
+    doc = run_record()
     for s in a.shapes.split(","):
         l, m, n = (int(v) for v in s.split("x"))
         res = time_shape(l, m, n, rng)
@@ -86,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             + f"  best {min(ms, key=ms.__getitem__)}  rule {res['rule']}",
             flush=True,
         )
-    doc["loadavg_end"] = os.getloadavg()
-    with open(a.out, "w") as f:
-        json.dump(doc, f, indent=1)
+    write_record(doc, a.out)
     return 0
 
 

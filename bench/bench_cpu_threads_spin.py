@@ -21,13 +21,10 @@ CPU, the load average before and after, and the date. Internal: ``--child`` runs
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 
 import numpy as np
 
@@ -96,17 +93,9 @@ def main(argv=None) -> int:
     unknown = set(a.before.split(",")) - set(BEFORE)
     if unknown or a.pairs < 1:
         p.error(f"--before takes {', '.join(BEFORE)} (got {', '.join(sorted(unknown))}); --pairs at least 1")
-    from gpu_orthol1.bench.env import cpu_name
+    from gpu_orthol1.bench.env import run_record, write_record
 
-    doc = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "pairs": a.pairs,
-        "calls": a.calls,
-        "loadavg_start": os.getloadavg(),
-        "results": [],
-    }
+    doc = run_record(pairs=a.pairs, calls=a.calls)
     for before in a.before.split(","):
         for s in a.shapes.split(","):
             shape = tuple(int(v) for v in s.split("x"))
@@ -130,10 +119,8 @@ def main(argv=None) -> int:
                 f"[{min(ratio):.3f}, {max(ratio):.3f}]",
                 flush=True,
             )
-    doc["loadavg_end"] = os.getloadavg()
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(doc, f, indent=1)
+        write_record(doc, a.out)
     return 0
 
 

@@ -87,3 +87,64 @@ def loadavg() -> str:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return ""
+
+
+def run_record(**fields: object) -> dict:
+    """The opening of a bench script's JSON results file, before its first measurement.
+
+    Args:
+        **fields: the script's own entries (its arguments, constants it measures), after the common ones.
+
+    Returns:
+        {"date" (UTC, ISO 8601), "cpu" (`cpu_name()`), "cpu_count", "numpy" (its version),
+        "loadavg_start" (1, 5, 15 min), **fields, "results": []}; `write_record` adds the load
+        average at the end.
+
+    Raises:
+        Nothing of its own.
+
+    Example:
+        >>> doc = run_record(rounds=21)
+        >>> [k for k in doc if k not in ("date", "cpu", "cpu_count", "numpy", "loadavg_start")]
+        ['rounds', 'results']
+    """
+    from datetime import datetime, timezone
+
+    import numpy as np
+
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "numpy": np.__version__,
+        "loadavg_start": os.getloadavg(),
+        **fields,
+        "results": [],
+    }
+
+
+def write_record(doc: dict, path: str) -> None:
+    """Add the load average at the end of the run to `doc` (a `run_record`) and write it to `path` as JSON.
+
+    Args:
+        doc: the run's record, its "results" filled.
+        path: the JSON file to write (replaced if it exists).
+
+    Returns:
+        None.
+
+    Raises:
+        OSError: `path` cannot be written.
+
+    Example:
+        >>> import json, os, tempfile
+        >>> p = os.path.join(tempfile.mkdtemp(), "r.json")
+        >>> write_record(run_record(), p)
+        >>> sorted(json.load(open(p)))[:3]
+        ['cpu', 'cpu_count', 'date']
+    """
+    import json
+
+    doc["loadavg_end"] = os.getloadavg()
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)

@@ -116,6 +116,7 @@ def test_bench_command_cpu_smoke(tmp_path, capsys):
     ours = [r for r in rows if r["method"] == "gpu_orthol1[numpy]"]
     assert ours and all(float(r["ours_speedup"]) == 1.0 for r in ours)
     assert doc["rows"] and doc["versions"]["gpu_orthol1"] and "cpu" in doc["devices"]
+    assert set(doc["cpu_detail"]) == {"family", "model", "stepping", "isa", "l2_bytes", "blas"}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "gpu_orthol1[numpy]" in out and "| device | shape" in out
 
@@ -943,3 +944,42 @@ def test_ddp_split_table_is_its_file():
             _printed(cell, value)
         mant, exp = cells[7].split("e")
         _printed(mant, x["params_max_rel_diff"] / 10 ** int(exp))
+
+
+def test_cpu_detail_reads_the_first_cpu_and_its_l2(tmp_path):
+    """cpu_detail: family, model and stepping of cpu0's block (not a later CPU's), the ISA subset that
+    picks BLAS's kernels, the level-2 cache's size whatever its index; None where a file is missing."""
+    from gpu_orthol1.bench.env import cpu_detail
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+        "model name\t: AMD EPYC\nstepping\t: 1\nflags\t\t: fpu sse2 avx2 fma avx512f avx512dq\n\n"
+        "processor\t: 1\ncpu family\t: 23\nmodel\t\t: 49\nstepping\t: 0\nflags\t\t: avx2\n"
+    )
+    cache = tmp_path / "cache"
+    for idx, level, size in (("index0", 1, "32K"), ("index3", 2, "1024K"), ("index2", 3, "32768K")):
+        (cache / idx).mkdir(parents=True)
+        (cache / idx / "level").write_text(f"{level}\n")
+        (cache / idx / "size").write_text(f"{size}\n")
+    d = cpu_detail(str(info), str(cache))
+    assert (d["family"], d["model"], d["stepping"]) == (25, 17, 1)
+    assert d["isa"] == ["avx2", "fma", "avx512f"]
+    assert d["l2_bytes"] == 1 << 20
+    assert isinstance(d["blas"], list)
+    none = cpu_detail(str(tmp_path / "missing"), str(tmp_path / "missing"))
+    assert (none["family"], none["model"], none["stepping"], none["isa"], none["l2_bytes"]) == (
+        None,
+        None,
+        None,
+        [],
+        None,
+    )
+
+
+def test_bench_records_name_the_cpu_in_detail():
+    """The bench scripts' records (run_record) carry cpu_detail (`gpu-orthol1 bench`'s JSON: in
+    test_bench_command_cpu_smoke)."""
+    from gpu_orthol1.bench.env import cpu_detail, run_record
+
+    assert run_record()["cpu_detail"] == cpu_detail()

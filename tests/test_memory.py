@@ -251,3 +251,69 @@ def test_bench_cpu_threads_spin_runs(tmp_path):
         timeout=60,
     )
     assert bad.returncode == 2 and "--before takes none, small, numpy (got smal)" in bad.stderr
+
+
+def _layout_floor_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "bench_cpu_layout_floor.py"
+    spec = importlib.util.spec_from_file_location("bench_cpu_layout_floor", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5])
+def test_layout_floor_methods_compute_phi_s(chunk, rng):
+    """bench_cpu_layout_floor's GEMM methods each write Phi_i S_i where phi's slices lie (axis 1),
+    on chunks that do and do not divide m: the float64 product, not each other, is the reference."""
+    from threadpoolctl import ThreadpoolController
+
+    lf = _layout_floor_module()
+    x = rng.standard_normal((37, 5, 6)).astype(np.float32)
+    fns, S = lf.methods(x, chunk, ThreadpoolController().select(user_api="blas"))
+    want = np.einsum("lmk,mkn->lmn", x.astype(np.float64), S.astype(np.float64))
+    assert set(np.unique(S)) <= {-1.0, 1.0}
+    for k in ("limit", "limit_1t", "layout", "stage_in", "stage_out"):
+        got = fns[k]()
+        assert got.shape == x.shape, k
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+def test_bench_cpu_layout_floor_runs(tmp_path):
+    """bench/bench_cpu_layout_floor.py end to end: the plan's chunk, every method's paired ratio, the
+    CPU's details in the record; --rounds 0 refused."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    script = str(root / "bench" / "bench_cpu_layout_floor.py")
+    out = tmp_path / "floor.json"
+    proc = subprocess.run(
+        [sys.executable, script, "--shapes", "256x40x64,64x5x32", "--rounds", "2", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert set(doc["cpu_detail"]) == {"family", "model", "stepping", "isa", "l2_bytes", "blas"}
+    rows = doc["results"]
+    assert [r["shape"] for r in rows] == [[256, 40, 64], [64, 5, 32]]
+    assert [r["chunk"] for r in rows] == [16, 5]  # 64 KiB of phi a slice: 16 a chunk under the 1 MiB cap
+    names = {"limit_1t", "gram", "gram_1t", "layout", "stage_in", "stage_out", "ours"}
+    for r in rows:
+        assert set(r["paired"]) == names and min(r["paired"].values()) > 0
+        assert set(r["ms"]) == names | {"limit"} and min(r["ms"].values()) > 0
+        assert r["gram_threads"] > 0
+    bad = subprocess.run(
+        [sys.executable, script, "--rounds", "0", "--out", str(tmp_path / "x.json")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "--rounds must be at least 1" in bad.stderr

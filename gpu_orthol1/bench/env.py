@@ -47,6 +47,78 @@ def cpu_name() -> str:
     return f"{name} ({os.cpu_count()} CPUs)"
 
 
+# the instruction sets that pick a BLAS's kernels (OpenBLAS: Haswell's for AVX2, SkylakeX's for
+# AVX-512), in the order /proc/cpuinfo's flags would name them
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+
+
+def cpu_detail(cpuinfo: str = "/proc/cpuinfo", cache: str = "/sys/devices/system/cpu/cpu0/cache") -> dict:
+    """What tells apart two CPUs that `cpu_name()` spells alike ("AMD EPYC" names several
+    generations on the cloud VMs this project measures on): the CPU family, model and stepping, the
+    instruction sets that pick BLAS's kernels, the L2 per core, and BLAS's own kernel choice.
+
+    Args:
+        cpuinfo: the file to read the first CPU's block of (Linux's /proc/cpuinfo format).
+        cache: cpu0's cache folder (Linux's sysfs layout: index*/level, index*/size).
+
+    Returns:
+        {"family", "model", "stepping" (ints, None where /proc/cpuinfo has none), "isa" (the
+        subset of avx2, fma, avx512f, avx512_bf16, amx_tile the CPU has), "l2_bytes" (cpu0's L2,
+        None if unknown), "blas" ([{"internal_api", "version", "architecture"}] per BLAS library
+        threadpoolctl finds; [] without it)}.
+
+    Raises:
+        Nothing of its own: facts it cannot read are None or empty.
+
+    Example:
+        >>> sorted(cpu_detail())
+        ['blas', 'family', 'isa', 'l2_bytes', 'model', 'stepping']
+    """
+    info: dict = {"family": None, "model": None, "stepping": None, "isa": [], "l2_bytes": None, "blas": []}
+    keys = {"cpu family": "family", "model": "model", "stepping": "stepping"}
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if not line.strip():
+                    break  # cpu0's block only
+                k, _, v = line.partition(":")
+                k, v = k.strip(), v.strip()
+                if k in keys and v.isdigit():
+                    info[keys[k]] = int(v)
+                elif k == "flags":
+                    have = set(v.split())
+                    info["isa"] = [f for f in _ISA_FLAGS if f in have]
+    except OSError:
+        pass
+    base = cache
+    try:
+        for idx in sorted(os.listdir(base)):
+            try:
+                with open(f"{base}/{idx}/level") as f:
+                    if f.read().strip() != "2":
+                        continue
+                with open(f"{base}/{idx}/size") as f:
+                    s = f.read().strip()
+                info["l2_bytes"] = int(s.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(
+                    s[-1], 1
+                )
+                break
+            except (OSError, ValueError, IndexError):
+                continue
+    except OSError:
+        pass
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return info
+    info["blas"] = [
+        {k: lib.get(k) for k in ("internal_api", "version", "architecture")}
+        for lib in threadpool_info()
+        if lib.get("user_api") == "blas"
+    ]
+    return info
+
+
 def gpu_name(with_device: bool = False) -> str:
     """The current CUDA device's name (e.g. "NVIDIA H200"), with " (device N)" when `with_device`.
 
@@ -96,16 +168,16 @@ def run_record(**fields: object) -> dict:
         **fields: the script's own entries (its arguments, constants it measures), after the common ones.
 
     Returns:
-        {"date" (UTC, ISO 8601), "cpu" (`cpu_name()`), "cpu_count", "numpy" (its version),
-        "loadavg_start" (1, 5, 15 min), **fields, "results": []}; `write_record` adds the load
-        average at the end.
+        {"date" (UTC, ISO 8601), "cpu" (`cpu_name()`), "cpu_detail" (`cpu_detail()`), "cpu_count",
+        "numpy" (its version), "loadavg_start" (1, 5, 15 min), **fields, "results": []};
+        `write_record` adds the load average at the end.
 
     Raises:
         Nothing of its own.
 
     Example:
         >>> doc = run_record(rounds=21)
-        >>> [k for k in doc if k not in ("date", "cpu", "cpu_count", "numpy", "loadavg_start")]
+        >>> [k for k in doc if k not in ("date", "cpu", "cpu_detail", "cpu_count", "numpy", "loadavg_start")]
         ['rounds', 'results']
     """
     from datetime import datetime, timezone
@@ -115,6 +187,7 @@ def run_record(**fields: object) -> dict:
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_name(),
+        "cpu_detail": cpu_detail(),
         "cpu_count": os.cpu_count(),
         "numpy": np.__version__,
         "loadavg_start": os.getloadavg(),
@@ -140,8 +213,8 @@ def write_record(doc: dict, path: str) -> None:
         >>> import json, os, tempfile
         >>> p = os.path.join(tempfile.mkdtemp(), "r.json")
         >>> write_record(run_record(), p)
-        >>> sorted(json.load(open(p)))[:3]
-        ['cpu', 'cpu_count', 'date']
+        >>> sorted(json.load(open(p)))[:4]
+        ['cpu', 'cpu_count', 'cpu_detail', 'date']
     """
     import json
 

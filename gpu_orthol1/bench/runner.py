@@ -25,7 +25,7 @@ import numpy as np
 
 from ..reference import Reference
 from .base import BETA, RESULT_FIELDS, Case, Prepared, bench_dtype, d2d_bandwidth, gpu_sync, malloc_steady
-from .env import cache_bytes, cpu_name, gpu_name, loadavg, versions
+from .env import cache_bytes, cpu_detail, cpu_name, gpu_name, loadavg, versions
 from .report import crossover_flops
 
 
@@ -259,6 +259,7 @@ class Bench:
         doc = {
             "command": "gpu-orthol1 bench " + " ".join(argv),
             "devices": self.device_names,
+            "cpu_detail": cpu_detail(),
             "versions": self.vers,
             "host": self.host,
             "python": sys.version.split()[0],

@@ -983,3 +983,38 @@ def test_bench_records_name_the_cpu_in_detail():
     from gpu_orthol1.bench.env import cpu_detail, run_record
 
     assert run_record()["cpu_detail"] == cpu_detail()
+
+
+def test_cpu_sweep_second_host_table_is_its_file():
+    doc = json.loads((ROOT / "bench/results/cpu-midsize-epyc-zen4.json").read_text())
+    table = _readme_table("**CPU sweep points on a second AMD EPYC host, float32**")
+    assert doc["cpu_detail"]["family"] == 25 and doc["cpu_detail"]["model"] == 17
+    assert len(table) == len(doc["results"])
+    for cells, r in zip(table, doc["results"], strict=True):
+        assert [int(v) for v in cells[0].split(" x ")] == r["shape"]
+        ms, paired = r["ms"], r["paired"]
+        values = (
+            ms["ours"],
+            ms["limit"],
+            paired["ours_over_limit"],
+            ms["layout_limit"] / ms["limit"],
+            paired["ours_over_layout_limit"],
+            paired["ours_over_naive"],
+        )
+        for cell, value in zip(cells[1:], values, strict=True):
+            _printed(cell, value)
+    text = (ROOT / PERFORMANCE).read_text()
+    above = sum(r["above_1_10"] for r in doc["results"])
+    assert f"{['No', 'One', 'Two', 'Three', 'Four', 'Five', 'Six'][above]} of the nine points miss" in text
+
+
+def test_cpu_layout_floor_table_is_its_file():
+    doc = json.loads((ROOT / "bench/results/cpu-layout-floor.json").read_text())
+    table = _readme_table("**What bounds the mid-sized points**")
+    assert len(table) == len(doc["results"])
+    for cells, r in zip(table, doc["results"], strict=True):
+        assert [int(v) for v in cells[0].split(" x ")] == r["shape"] and r["threads"] == 1
+        p = r["paired"]
+        values = (r["ms"]["limit"], p["layout"], p["stage_in"], p["stage_out"], p["ours"], r["gram_threads"])
+        for cell, value in zip(cells[1:], values, strict=True):
+            _printed(cell, value)

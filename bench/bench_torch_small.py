@@ -178,7 +178,7 @@ def main(argv=None):
 
     import torch
 
-    from gpu_orthol1.bench.env import cpu_name, loadavg
+    from gpu_orthol1.bench.env import cpu_detail, cpu_name, loadavg
 
     rng = np.random.default_rng(0)
     load0 = loadavg()
@@ -188,6 +188,7 @@ def main(argv=None):
     if args.out:
         res = {
             "cpu": cpu_name(),
+            "cpu_detail": cpu_detail(),
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
             "numpy": np.__version__,

@@ -65,6 +65,9 @@ def test_fused_loop_2d_and_empty(rng):
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
+# the GEMM path's reference: NumPy flags inf * 0 in matmul on some CPUs' BLAS kernels (OpenBLAS's
+# SkylakeX ones here), not on others (docs/reliability.md)
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
 def test_fused_loop_non_finite_slice(rng, bad):
     phi = random_phi(rng, (5, 3, 4), np.float32)
     phi[2, 1, 0] = bad  # slice 1 only

@@ -1,17 +1,22 @@
-"""CPU: what bounds a call on slices along axis 1 (issue 26's two points above 1.10x): the layout, the
-Gram's BLAS routine, and the two ways around the layout.
+"""CPU: what bounds a call on slices along axis 1 at the sweep points that run on BLAS's own threads
+(issue 26's points above 1.10x): the layout, the chunks, the Gram's BLAS routine, and the two ways
+around the layout.
 
     python bench/bench_cpu_layout_floor.py --out bench/results/cpu-layout-floor.json [--shapes 1024x16x32,...]
 
 For each (l, m, n) shape (phi C-contiguous (l, m, n), slices along axis 1, float32), interleaved round
-by round, each timed call after an untimed one of the same method:
+by round, each timed call after an untimed one of the same method, all on BLAS's own threads unless
+named _1t:
 
-- ``limit``: the Gram and gradient GEMMs over contiguous (m, l, n) operands (``limit-blas``,
-  BLAS's own threads), no sign pass; ``limit_1t``: the same on one BLAS thread;
-- ``gram``, ``gram_1t``: the contiguous Gram GEMMs alone, BLAS's threads and one thread (NumPy's
-  matmul of a matrix with its own transpose calls BLAS's syrk: whether that routine threads here);
-- ``layout``: the same GEMMs on the slices where they lie, the gradient written where it lies, in
-  the chunks a plan takes (the floor for this layout with BLAS doing the arithmetic);
+- ``limit``: the Gram and the gradient GEMMs as one batched NumPy matmul each over contiguous
+  (m, l, n) operands, no sign pass (the GEMMs of the sweep's ``limit-blas`` on BLAS's threads, without
+  its pool); ``limit_1t``: the same on one BLAS thread;
+- ``gram``, ``gram_1t``: the contiguous Gram GEMMs alone (NumPy's matmul of a matrix with its own
+  transpose calls BLAS's syrk: whether that routine threads here);
+- ``layout_whole``: the same two matmuls on the slices where they lie, the gradient written where it
+  lies (the sweep's in-layout limit on BLAS's threads);
+- ``layout``: the same in the chunks the plan takes (the floor of the plan's arrangement with BLAS
+  doing the arithmetic);
 - ``stage_in``: each chunk of phi copied into slice order first, both GEMMs on the copy, the
   gradient written where it lies;
 - ``stage_out``: both GEMMs read phi where it lies, the gradient into a slice-order buffer, then
@@ -19,9 +24,12 @@ by round, each timed call after an untimed one of the same method:
 - ``ours``: ``gpu_orthol1.plan(phi, ...)``'s call (loss and gradient, sign pass included).
 
 "paired" is the median over the rounds of each round's ratio against ``limit`` (this VM drifts by
-tens of percent between rounds); ``gram_threads`` is the paired gram/gram_1t ratio. Every method's
-gradient is checked against the plan's (with the plan's S) before timing. The JSON records the CPU,
-BLAS, the load average before and after, and the date.
+tens of percent between rounds); ``ours_over_layout`` and ``gram_threads`` are paired alike (ours /
+layout, gram / gram_1t). Before timing, every method's gradient is checked against the float64
+product Phi_i S_i (S: fixed random signs), the Grams against the float64 Phi_i^T Phi_i, and the plan's
+loss and gradient against the float64 reference (`gpu_orthol1.reference.check`). Shapes whose plan
+splits the slices over the CPU pool are refused: the methods here run one part on BLAS's threads.
+The JSON records the CPU (`cpu_detail`), the load average before and after, the seed and the date.
 """
 
 from __future__ import annotations
@@ -35,14 +43,34 @@ from threadpoolctl import ThreadpoolController
 import gpu_orthol1 as ol1
 from gpu_orthol1.bench import command, runner
 from gpu_orthol1.bench.env import run_record, write_record
+from gpu_orthol1.reference import check
 
-SHAPES = "1024x16x32,512x16x64,512x128x64"
+SHAPES = "1024x16x32,512x16x64,512x128x64,1024x16x128"  # the sweep points on BLAS's own threads
 
 
 def methods(x: np.ndarray, chunk: int, blas: ThreadpoolController) -> tuple[dict, np.ndarray]:
-    """The timed methods on phi `x` (l, m, n) and their signs S; each GEMM method returns the
-    gradient Phi_i S_i it wrote. `blas`: the BLAS libraries' controller, found once (finding them
-    walks the process's shared objects, about a millisecond: never inside a timed call)."""
+    """The timed GEMM methods on phi `x` and the signs S they multiply by.
+
+    Args:
+        x: phi, (l, m, n), its slices along axis 1.
+        chunk: the slices per chunk of the chunked methods (the plan's).
+        blas: the BLAS libraries' controller, found once (finding them walks the process's shared
+            objects, about a millisecond: never inside a timed call).
+
+    Returns:
+        ({name: method}, S (m, n, n) of +-1): each method returns what it computed: the gradient
+        Phi_i S_i with x's shape, or for gram / gram_1t the Grams (m, n, n).
+
+    Raises:
+        Nothing of its own.
+
+    Example:
+        >>> from threadpoolctl import ThreadpoolController
+        >>> x = np.ones((8, 3, 4), np.float32)
+        >>> fns, S = methods(x, 2, ThreadpoolController().select(user_api="blas"))
+        >>> fns["layout"]().shape, fns["gram"]().shape
+        ((8, 3, 4), (3, 4, 4))
+    """
     l, m, n = x.shape
     V = x.transpose(1, 0, 2)  # (m, l, n) slice views where they lie
     C = np.ascontiguousarray(V)
@@ -62,11 +90,17 @@ def methods(x: np.ndarray, chunk: int, blas: ThreadpoolController) -> tuple[dict
             return limit()
 
     def gram():
-        np.matmul(C.transpose(0, 2, 1), C, out=G)
+        return np.matmul(C.transpose(0, 2, 1), C, out=G)
 
     def gram_1t():
         with blas.limit(limits=1):
-            gram()
+            return gram()
+
+    def layout_whole():
+        out = np.empty_like(x)
+        np.matmul(V.transpose(0, 2, 1), V, out=G)
+        np.matmul(V, S, out=out.transpose(1, 0, 2))
+        return out
 
     def layout():
         out = np.empty_like(x)
@@ -104,27 +138,50 @@ def methods(x: np.ndarray, chunk: int, blas: ThreadpoolController) -> tuple[dict
         "limit_1t": limit_1t,
         "gram": gram,
         "gram_1t": gram_1t,
+        "layout_whole": layout_whole,
         "layout": layout,
         "stage_in": stage_in,
         "stage_out": stage_out,
     }, S
 
 
-def time_shape(shape, rounds, rng) -> dict:
+GEMMS = ("limit", "limit_1t", "layout_whole", "layout", "stage_in", "stage_out")
+
+
+def time_shape(shape: tuple[int, int, int], rounds: int, rng: np.random.Generator) -> dict:
+    """One shape's record: the plan's chunk and threads, each method's median ms and paired ratios.
+
+    Raises:
+        SystemExit: a method computes something else than it should, or the plan splits the
+            slices over the CPU pool (this bench covers the points on BLAS's own threads).
+    """
+    beta = 1e-3
     xs = [runner.random_phi(rng, shape, np.float32) for _ in range(2)]
-    p = ol1.plan(xs[0], 1e-3, backend="numpy", kernel="gemm")
-    p(xs[0])
-    # the chunk the plan's hook-free call took (staging included), which the layout methods copy
-    chunk = next(sz.chunk for key, (sz, _t) in p._chunks.sizes.items() if not key[-1])
+    p = ol1.plan(xs[0], beta, backend="numpy", kernel="gemm")
+    if p._threads != 1:
+        raise SystemExit(
+            f"{'x'.join(map(str, shape))}: the plan splits its slices over {p._threads} pool threads; "
+            "this bench covers the points that run on BLAS's own threads"
+        )
+    loss, grad = p(xs[0])
+    check(xs[0], loss, grad, beta)
+    # the chunk the plan's call took: the sizes it cached for its hook-free call (the last key)
+    taken = [sz.chunk for key, (sz, _t) in p._chunks.sizes.items() if not key[-1]]
+    if len(taken) != 1:
+        raise SystemExit(f"{shape}: expected one cached chunk size for the plan's call, found {taken}")
+    chunk = taken[0]
     blas = ThreadpoolController().select(user_api="blas")
     per_x = [methods(x, chunk, blas) for x in xs]
-    # correctness first: every method's gradient is Phi_i S_i, checked against the float64 product
-    for fns, S in per_x[:1]:
-        want = np.einsum("lmk,mkn->lmn", xs[0].astype(np.float64), S.astype(np.float64))
-        for k in ("limit", "limit_1t", "layout", "stage_in", "stage_out"):
-            got = fns[k]()
-            if not np.allclose(got, want, rtol=1e-4, atol=1e-5):
-                raise SystemExit(f"{shape}: {k} does not compute Phi S")
+    fns0, S = per_x[0]
+    x64 = xs[0].astype(np.float64).transpose(1, 0, 2)
+    want_g = np.matmul(x64.transpose(0, 2, 1), x64)
+    want = np.matmul(x64, S.astype(np.float64)).transpose(1, 0, 2)
+    for k in ("gram", "gram_1t"):
+        if not np.allclose(fns0[k](), want_g, rtol=1e-4, atol=1e-5):
+            raise SystemExit(f"{shape}: {k} does not compute Phi^T Phi")
+    for k in GEMMS:
+        if not np.allclose(fns0[k](), want, rtol=1e-4, atol=1e-5):
+            raise SystemExit(f"{shape}: {k} does not compute Phi S")
     fns_by_x = [dict(f, ours=(lambda x=x: p(x))) for (f, _S), x in zip(per_x, xs, strict=True)]
     names = list(fns_by_x[0])
     for _ in range(3):  # untimed rounds first: the first calls of a run read slower here
@@ -145,6 +202,7 @@ def time_shape(shape, rounds, rng) -> dict:
         "threads": p._threads,
         "ms": {k: float(np.median(v)) * 1e3 for k, v in t.items()},
         "paired": {k: float(np.median(t[k] / t["limit"])) for k in names if k != "limit"},
+        "ours_over_layout": float(np.median(t["ours"] / t["layout"])),
         "gram_threads": float(np.median(t["gram"] / t["gram_1t"])),
     }
 
@@ -158,10 +216,10 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.rounds < 1:
         ap.error("--rounds must be at least 1")
-    from threadpoolctl import threadpool_info
-
+    if not a.shapes:
+        ap.error("--shapes names no shape")
     rng = np.random.default_rng(a.seed)
-    doc = run_record(rounds=a.rounds, blas=threadpool_info())
+    doc = run_record(rounds=a.rounds, seed=a.seed)
     for shape in a.shapes:
         res = time_shape(tuple(shape), a.rounds, rng)
         doc["results"].append(res)
@@ -169,7 +227,8 @@ def main(argv=None) -> int:
         print(
             f"{'x'.join(map(str, shape)):>12}: limit {res['ms']['limit']:.3f} ms; x limit (paired): "
             + ", ".join(f"{k} {v:.2f}" for k, v in pr.items())
-            + f"; syrk BLAS threads / one thread {res['gram_threads']:.2f}",
+            + f"; ours / layout {res['ours_over_layout']:.2f}; syrk BLAS threads / one thread "
+            + f"{res['gram_threads']:.2f}",
             flush=True,
         )
     write_record(doc, a.out)

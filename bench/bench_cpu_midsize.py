@@ -142,9 +142,9 @@ def time_shape(shape, dtype, runs, rng) -> dict:
         "ours_over_naive": float(np.median(t["ours"] / t["naive"])),
     }
     if "layout_split" in t:
-        paired["ours_over_layout_limit"] = float(
-            np.median(t["ours"] / np.minimum(t["layout_split"], t["layout_blas_threads"]))
-        )
+        lay_r = np.minimum(t["layout_split"], t["layout_blas_threads"])
+        paired["ours_over_layout_limit"] = float(np.median(t["ours"] / lay_r))
+        paired["layout_limit_over_limit"] = float(np.median(lay_r / lim_r))  # what the layout costs BLAS
     med["limit"] = min(med["limit_split"], med["limit_blas_threads"])
     if "layout_split" in med:
         med["layout_limit"] = min(med["layout_split"], med["layout_blas_threads"])
@@ -154,7 +154,7 @@ def time_shape(shape, dtype, runs, rng) -> dict:
         "runs": runs,
         "slice_threads": _cpu_pool.cpu_threads(shape[1], shape[0], shape[2]),
         "ms": med,
-        "ms_all": {k: [round(t * 1e3, 3) for t in v] for k, v in ts.items()},
+        "ms_all": {k: [round(t * 1e3, 4) for t in v] for k, v in ts.items()},
         "ours_over_limit": med["ours"] / med["limit"],
         "ours_over_naive": med["ours"] / med["naive"],
         "ours_over_layout_limit": med["ours"] / med["layout_limit"] if "layout_limit" in med else None,

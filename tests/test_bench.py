@@ -948,7 +948,8 @@ def test_ddp_split_table_is_its_file():
 
 def test_cpu_detail_reads_the_first_cpu_and_its_l2(tmp_path):
     """cpu_detail: family, model and stepping of cpu0's block (not a later CPU's), the ISA subset that
-    picks BLAS's kernels, the level-2 cache's size whatever its index; None where a file is missing."""
+    picks BLAS's kernels, the level-2 cache's size whatever its index; None where a file is missing
+    or a value is not a number."""
     from gpu_orthol1.bench.env import cpu_detail
 
     info = tmp_path / "cpuinfo"
@@ -958,15 +959,21 @@ def test_cpu_detail_reads_the_first_cpu_and_its_l2(tmp_path):
         "processor\t: 1\ncpu family\t: 23\nmodel\t\t: 49\nstepping\t: 0\nflags\t\t: avx2\n"
     )
     cache = tmp_path / "cache"
-    for idx, level, size in (("index0", 1, "32K"), ("index3", 2, "1024K"), ("index2", 3, "32768K")):
+    for idx, level, size in (("index0", 1, "32K"), ("index3", 2, "2M"), ("index2", 3, "32768K")):
         (cache / idx).mkdir(parents=True)
         (cache / idx / "level").write_text(f"{level}\n")
         (cache / idx / "size").write_text(f"{size}\n")
+    (cache / "index1").mkdir()  # no level file: skipped
     d = cpu_detail(str(info), str(cache))
     assert (d["family"], d["model"], d["stepping"]) == (25, 17, 1)
     assert d["isa"] == ["avx2", "fma", "avx512f"]
-    assert d["l2_bytes"] == 1 << 20
-    assert isinstance(d["blas"], list)
+    assert d["l2_bytes"] == 2 << 20
+    # the BLAS libraries threadpoolctl finds in this process (NumPy's, at least)
+    assert d["blas"] and all(set(b) == {"internal_api", "version", "architecture"} for b in d["blas"])
+    odd = tmp_path / "odd"
+    odd.write_text("processor\t: 0\ncpu family\t: ?\nmodel\t\t: 17\n")
+    d = cpu_detail(str(odd), str(tmp_path / "missing"))
+    assert (d["family"], d["model"], d["stepping"], d["isa"], d["l2_bytes"]) == (None, 17, None, [], None)
     none = cpu_detail(str(tmp_path / "missing"), str(tmp_path / "missing"))
     assert (none["family"], none["model"], none["stepping"], none["isa"], none["l2_bytes"]) == (
         None,
@@ -978,43 +985,87 @@ def test_cpu_detail_reads_the_first_cpu_and_its_l2(tmp_path):
 
 
 def test_bench_records_name_the_cpu_in_detail():
-    """The bench scripts' records (run_record) carry cpu_detail (`gpu-orthol1 bench`'s JSON: in
-    test_bench_command_cpu_smoke)."""
-    from gpu_orthol1.bench.env import cpu_detail, run_record
+    """run_record (the bench scripts' records) places cpu_detail's facts beside the CPU's name, before
+    the script's own fields (`gpu-orthol1 bench`'s JSON: in test_bench_command_cpu_smoke)."""
+    from gpu_orthol1.bench.env import run_record
 
-    assert run_record()["cpu_detail"] == cpu_detail()
+    doc = run_record(rounds=3)
+    keys = list(doc)
+    assert keys.index("cpu") < keys.index("cpu_detail") < keys.index("rounds")
+    assert set(doc["cpu_detail"]) == {"family", "model", "stepping", "isa", "l2_bytes", "blas"}
+
+
+def _range(values, fmt="{:.2f}") -> str:
+    """How the docs print the span of some figures: "lo-hi" at the printed digits."""
+    return f"{fmt.format(min(values))}-{fmt.format(max(values))}"
 
 
 def test_cpu_sweep_second_host_table_is_its_file():
     doc = json.loads((ROOT / "bench/results/cpu-midsize-epyc-zen4.json").read_text())
     table = _readme_table("**CPU sweep points on a second AMD EPYC host, float32**")
     assert doc["cpu_detail"]["family"] == 25 and doc["cpu_detail"]["model"] == 17
+    assert doc["cpu_detail"]["blas"][0]["architecture"] == "SkylakeX"
     assert len(table) == len(doc["results"])
+    layout_cost = []
     for cells, r in zip(table, doc["results"], strict=True):
         assert [int(v) for v in cells[0].split(" x ")] == r["shape"]
         ms, paired = r["ms"], r["paired"]
+        a = {k: np.asarray(v) for k, v in r["ms_all"].items()}
+        lay = float(
+            np.median(
+                np.minimum(a["layout_split"], a["layout_blas_threads"])
+                / np.minimum(a["limit_split"], a["limit_blas_threads"])
+            )
+        )
+        layout_cost.append((r["above_1_10"], lay))
         values = (
             ms["ours"],
             ms["limit"],
             paired["ours_over_limit"],
-            ms["layout_limit"] / ms["limit"],
+            lay,
             paired["ours_over_layout_limit"],
             paired["ours_over_naive"],
         )
         for cell, value in zip(cells[1:], values, strict=True):
             _printed(cell, value)
-    text = (ROOT / PERFORMANCE).read_text()
-    above = sum(r["above_1_10"] for r in doc["results"])
-    assert f"{['No', 'One', 'Two', 'Three', 'Four', 'Five', 'Six'][above]} of the nine points miss" in text
+    text = " ".join((ROOT / PERFORMANCE).read_text().split())
+    assert f"cpu-midsize-epyc-zen4.json`, {doc['date'][:16].replace('T', ' ')} UTC" in text
+    words = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    assert f"Here {words[sum(r['above_1_10'] for r in doc['results'])]} of the nine points miss" in text
+    bound = [v for above, v in layout_cost if above and v >= 1.10]
+    assert f"At {words[len(bound)]} of the five, the in-layout GEMMs alone take {_range(bound)}x" in text
+    assert max(r["paired"]["ours_over_naive"] for r in doc["results"]) < 1.0
+    within = [r["paired"]["ours_over_layout_limit"] for r in doc["results"]]
+    assert f"within {_range(within)}x of the in-layout limit" in text
 
 
 def test_cpu_layout_floor_table_is_its_file():
     doc = json.loads((ROOT / "bench/results/cpu-layout-floor.json").read_text())
     table = _readme_table("**What bounds the mid-sized points**")
-    assert len(table) == len(doc["results"])
-    for cells, r in zip(table, doc["results"], strict=True):
+    rows = doc["results"]
+    assert len(table) == len(rows)
+    for cells, r in zip(table, rows, strict=True):
         assert [int(v) for v in cells[0].split(" x ")] == r["shape"] and r["threads"] == 1
         p = r["paired"]
-        values = (r["ms"]["limit"], p["layout"], p["stage_in"], p["stage_out"], p["ours"], r["gram_threads"])
+        values = (
+            r["ms"]["limit"],
+            p["layout_whole"],
+            p["layout"],
+            p["stage_in"],
+            p["stage_out"],
+            p["ours"],
+            r["ours_over_layout"],
+            r["gram_threads"],
+        )
         for cell, value in zip(cells[1:], values, strict=True):
             _printed(cell, value)
+    text = " ".join((ROOT / PERFORMANCE).read_text().split())
+    assert f"cpu-layout-floor.json`, the same host, {doc['date'][:16].replace('T', ' ')} UTC" in text
+    whole, chunks = [r["paired"]["layout_whole"] for r in rows], [r["paired"]["layout"] for r in rows]
+    assert f"take {_range(whole)}x the contiguous ones in one matmul each, and {_range(chunks)}x" in text
+    staged = [r["paired"][k] for r in rows for k in ("stage_in", "stage_out")]
+    assert f"takes {_range(staged)}x the limit" in text
+    assert all(min(r["paired"]["stage_in"], r["paired"]["stage_out"]) >= r["paired"]["layout"] for r in rows)
+    assert f"takes {_range([r['gram_threads'] for r in rows])}x its time on one thread" in text
+    assert f"the Gram, {_range([r['paired']['gram'] for r in rows])} of the limit's time" in text
+    assert f"takes {_range([r['ours_over_layout'] for r in rows])}x the chunked in-layout GEMMs" in text

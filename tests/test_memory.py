@@ -219,6 +219,11 @@ def test_bench_cpu_chunk_cap_and_midsize_run(tmp_path):
             for r in rows:
                 assert r["paired"]["ours_over_limit"] > 0 and r["paired"]["ours_over_naive"] > 0
                 assert r["above_1_10"] == (r["paired"]["ours_over_limit"] > 1.10)
+                # the in-layout limit over the contiguous one, each round's own (the slice-order layout)
+                a = {k: np.asarray(v) for k, v in r["ms_all"].items()}
+                lay = np.minimum(a["layout_split"], a["layout_blas_threads"])
+                lim = np.minimum(a["limit_split"], a["limit_blas_threads"])
+                assert r["paired"]["layout_limit_over_limit"] == pytest.approx(np.median(lay / lim), rel=0.02)
 
 
 def test_bench_cpu_threads_spin_runs(tmp_path):
@@ -267,24 +272,39 @@ def _layout_floor_module():
 
 @pytest.mark.parametrize("chunk", [1, 3, 5])
 def test_layout_floor_methods_compute_phi_s(chunk, rng):
-    """bench_cpu_layout_floor's GEMM methods each write Phi_i S_i where phi's slices lie (axis 1),
-    on chunks that do and do not divide m: the float64 product, not each other, is the reference."""
+    """bench_cpu_layout_floor's GEMM methods each write Phi_i S_i where phi's slices lie (axis 1), and
+    its Gram methods Phi_i^T Phi_i, on chunks that do and do not divide m: the float64 products, not
+    each other, are the reference."""
     from threadpoolctl import ThreadpoolController
 
     lf = _layout_floor_module()
     x = rng.standard_normal((37, 5, 6)).astype(np.float32)
     fns, S = lf.methods(x, chunk, ThreadpoolController().select(user_api="blas"))
-    want = np.einsum("lmk,mkn->lmn", x.astype(np.float64), S.astype(np.float64))
+    x64 = x.astype(np.float64)
+    want = np.einsum("lmk,mkn->lmn", x64, S.astype(np.float64))
     assert set(np.unique(S)) <= {-1.0, 1.0}
-    for k in ("limit", "limit_1t", "layout", "stage_in", "stage_out"):
+    assert set(fns) == {*lf.GEMMS, "gram", "gram_1t"}
+    for k in lf.GEMMS:
         got = fns[k]()
         assert got.shape == x.shape, k
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=k)
+    want_g = np.einsum("lmj,lmk->mjk", x64, x64)
+    for k in ("gram", "gram_1t"):
+        np.testing.assert_allclose(fns[k](), want_g, rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+def test_layout_floor_refuses_a_pool_point(monkeypatch, rng):
+    """A shape whose plan splits the slices over the pool is refused (the methods run on BLAS's
+    threads, one part): (64, 64, 64) float32 takes the pool on two CPUs."""
+    lf = _layout_floor_module()
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with pytest.raises(SystemExit, match="splits its slices over 2 pool threads"):
+        lf.time_shape((64, 64, 64), 1, rng)
 
 
 def test_bench_cpu_layout_floor_runs(tmp_path):
     """bench/bench_cpu_layout_floor.py end to end: the plan's chunk, every method's paired ratio, the
-    CPU's details in the record; --rounds 0 refused."""
+    CPU's details and the seed in the record; --rounds 0 and an empty --shapes refused."""
     import json
     import subprocess
     import sys
@@ -305,15 +325,22 @@ def test_bench_cpu_layout_floor_runs(tmp_path):
     rows = doc["results"]
     assert [r["shape"] for r in rows] == [[256, 40, 64], [64, 5, 32]]
     assert [r["chunk"] for r in rows] == [16, 5]  # 64 KiB of phi a slice: 16 a chunk under the 1 MiB cap
-    names = {"limit_1t", "gram", "gram_1t", "layout", "stage_in", "stage_out", "ours"}
+    names = {"limit_1t", "gram", "gram_1t", "layout_whole", "layout", "stage_in", "stage_out", "ours"}
     for r in rows:
+        assert r["threads"] == 1
         assert set(r["paired"]) == names and min(r["paired"].values()) > 0
         assert set(r["ms"]) == names | {"limit"} and min(r["ms"].values()) > 0
-        assert r["gram_threads"] > 0
-    bad = subprocess.run(
-        [sys.executable, script, "--rounds", "0", "--out", str(tmp_path / "x.json")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert bad.returncode == 2 and "--rounds must be at least 1" in bad.stderr
+        assert r["gram_threads"] > 0 and r["ours_over_layout"] > 0
+    assert doc["seed"] == 0 and doc["rounds"] == 2
+    for args, msg in (
+        (["--rounds", "0"], "--rounds must be at least 1"),
+        (["--shapes", "none"], "names no shape"),
+    ):
+        bad = subprocess.run(
+            [sys.executable, script, *args, "--out", str(tmp_path / "x.json")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert bad.returncode == 2 and msg in bad.stderr, bad.stderr
+        assert not (tmp_path / "x.json").exists()

@@ -55,7 +55,7 @@ _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
 def cpu_detail(cpuinfo: str = "/proc/cpuinfo", cache: str = "/sys/devices/system/cpu/cpu0/cache") -> dict:
     """What tells apart two CPUs that `cpu_name()` spells alike ("AMD EPYC" names several
     generations on the cloud VMs this project measures on): the CPU family, model and stepping, the
-    instruction sets that pick BLAS's kernels, the L2 per core, and BLAS's own kernel choice.
+    instruction sets that pick BLAS's kernels, cpu0's L2 cache, and BLAS's own kernel choice.
 
     Args:
         cpuinfo: the file to read the first CPU's block of (Linux's /proc/cpuinfo format).
@@ -77,7 +77,7 @@ def cpu_detail(cpuinfo: str = "/proc/cpuinfo", cache: str = "/sys/devices/system
     info: dict = {"family": None, "model": None, "stepping": None, "isa": [], "l2_bytes": None, "blas": []}
     keys = {"cpu family": "family", "model": "model", "stepping": "stepping"}
     try:
-        with open(cpuinfo) as f:
+        with open(cpuinfo, errors="replace") as f:
             for line in f:
                 if not line.strip():
                     break  # cpu0's block only
@@ -107,10 +107,8 @@ def cpu_detail(cpuinfo: str = "/proc/cpuinfo", cache: str = "/sys/devices/system
                 continue
     except OSError:
         pass
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return info
+    from threadpoolctl import threadpool_info  # a dependency of gpu_orthol1
+
     info["blas"] = [
         {k: lib.get(k) for k in ("internal_api", "version", "architecture")}
         for lib in threadpool_info()

@@ -47,11 +47,7 @@ def time_shape(shape, rounds, rng) -> dict:
     (la, ga), (lb, gb) = plans["capped"](xs[0]), plans["uncapped"](xs[0])
     if not (np.isclose(la, lb, rtol=1e-5) and np.allclose(ga, gb, rtol=1e-4, atol=1e-7)):
         raise SystemExit(f"{shape}: the capped and uncapped plans disagree")
-    # the chunks the calls took (the sizes each plan cached for its hook-free call, staging included)
-    chunks = {
-        k: next(sz.chunk for key, (sz, _t) in p._chunks.sizes.items() if not key[-1])
-        for k, p in plans.items()
-    }
+    chunks = {k: runner.call_chunk(p) for k, p in plans.items()}  # the chunks the calls took
     keep = _cpu_pool.CPU_KEEP_WORKSPACE
 
     def kept_uncapped(x):

@@ -165,11 +165,7 @@ def time_shape(shape: tuple[int, int, int], rounds: int, rng: np.random.Generato
         )
     loss, grad = p(xs[0])
     check(xs[0], loss, grad, beta)
-    # the chunk the plan's call took: the sizes it cached for its hook-free call (the last key)
-    taken = [sz.chunk for key, (sz, _t) in p._chunks.sizes.items() if not key[-1]]
-    if len(taken) != 1:
-        raise SystemExit(f"{shape}: expected one cached chunk size for the plan's call, found {taken}")
-    chunk = taken[0]
+    chunk = runner.call_chunk(p)
     blas = ThreadpoolController().select(user_api="blas")
     per_x = [methods(x, chunk, blas) for x in xs]
     fns0, S = per_x[0]

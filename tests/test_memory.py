@@ -344,3 +344,16 @@ def test_bench_cpu_layout_floor_runs(tmp_path):
         )
         assert bad.returncode == 2 and msg in bad.stderr, bad.stderr
         assert not (tmp_path / "x.json").exists()
+
+
+def test_call_chunk_reads_the_chunk_a_call_took(rng):
+    """gpu_orthol1.bench.runner.call_chunk: the chunk of a plan's hook-free calls under the 1 MiB cap
+    (64 KiB of phi a slice: 16 of 40 slices), and a clear error before any call."""
+    from gpu_orthol1.bench.runner import call_chunk
+
+    x = rng.standard_normal((256, 40, 64)).astype(np.float32)
+    p = ol1.plan(x, 1e-3, backend="numpy", kernel="gemm")
+    with pytest.raises(ValueError, match="expected one chunk size"):
+        call_chunk(p)
+    p(x)
+    assert call_chunk(p) == 16

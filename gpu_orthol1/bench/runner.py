@@ -58,6 +58,33 @@ def random_phi(rng, shape, dtype):
     return x.astype(dtype, copy=False)
 
 
+def call_chunk(plan: Any) -> int:
+    """The slices per chunk a CPU plan's calls without a Gram hook took: the sizes the plan cached for
+    them (staging included), read after at least one such call.
+
+    Args:
+        plan: a `gpu_orthol1.plan(...)` on the NumPy backend, called at least once.
+
+    Returns:
+        The chunk, in slices.
+
+    Raises:
+        ValueError: the plan has cached no such sizes, or several (calls of different kinds).
+
+    Example:
+        >>> import gpu_orthol1 as ol1
+        >>> phi = np.ones((16, 4, 8), np.float32)
+        >>> p = ol1.plan(phi, backend="numpy", kernel="gemm")
+        >>> _ = p(phi)
+        >>> call_chunk(p)
+        4
+    """
+    taken = {sz.chunk for key, (sz, _t) in plan._chunks.sizes.items() if not key[-1]}  # key[-1]: hooked
+    if len(taken) != 1:
+        raise ValueError(f"expected one chunk size cached for the plan's calls, found {sorted(taken)}")
+    return taken.pop()
+
+
 def make_case(rng, shape, dtype, sweep, cache, max_copies=8):
     dtype = bench_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
     one = random_phi(rng, shape, dtype)

@@ -21,13 +21,16 @@ named _1t:
   gradient written where it lies;
 - ``stage_out``: both GEMMs read phi where it lies, the gradient into a slice-order buffer, then
   copied out;
-- ``ours``: ``gpu_orthol1.plan(phi, ...)``'s call (loss and gradient, sign pass included).
+- ``ours``: ``gpu_orthol1.plan(phi, ...)``'s call (loss and gradient, sign pass included);
+  ``ours_axis0``: the same slices batch-first, a plan with ``axis=0`` on the contiguous (m, l, n)
+  copy (what a user who controls the layout can pass).
 
 "paired" is the median over the rounds of each round's ratio against ``limit`` (this VM drifts by
-tens of percent between rounds); ``ours_over_layout`` and ``gram_threads`` are paired alike (ours /
-layout, gram / gram_1t). Before timing, every method's gradient is checked against the float64
-product Phi_i S_i (S: fixed random signs), the Grams against the float64 Phi_i^T Phi_i, and the plan's
-loss and gradient against the float64 reference (`gpu_orthol1.reference.check`). Shapes whose plan
+tens of percent between rounds); ``ours_over_layout``, ``ours_over_axis0`` and ``gram_threads`` are
+paired alike (ours / layout, ours / ours_axis0, gram / gram_1t). Before timing, every method's
+gradient is checked against the float64 product Phi_i S_i (S: fixed random signs), the Grams against
+the float64 Phi_i^T Phi_i, the plan's loss and gradient against the float64 reference
+(`gpu_orthol1.reference.check`), and the batch-first plan's against the plan's. Shapes whose plan
 splits the slices over the CPU pool are refused: the methods here run one part on BLAS's threads.
 The JSON records the CPU (`cpu_detail`), the load average before and after, the seed and the date.
 """
@@ -178,7 +181,18 @@ def time_shape(shape: tuple[int, int, int], rounds: int, rng: np.random.Generato
     for k in GEMMS:
         if not np.allclose(fns0[k](), want, rtol=1e-4, atol=1e-5):
             raise SystemExit(f"{shape}: {k} does not compute Phi S")
-    fns_by_x = [dict(f, ours=(lambda x=x: p(x))) for (f, _S), x in zip(per_x, xs, strict=True)]
+    cs = [np.ascontiguousarray(x.transpose(1, 0, 2)) for x in xs]  # the same slices, batch-first
+    p0 = ol1.plan(cs[0], beta, axis=0, backend="numpy", kernel="gemm")
+    loss0, grad0 = p0(cs[0])
+    if p0._threads != 1 or not (
+        np.isclose(loss0, loss, rtol=1e-5)
+        and np.allclose(grad0, grad.transpose(1, 0, 2), rtol=1e-4, atol=1e-7)
+    ):
+        raise SystemExit(f"{shape}: the batch-first plan disagrees with the axis-1 one or splits its slices")
+    fns_by_x = [
+        dict(f, ours=(lambda x=x: p(x)), ours_axis0=(lambda c=c: p0(c)))
+        for (f, _S), x, c in zip(per_x, xs, cs, strict=True)
+    ]
     names = list(fns_by_x[0])
     for _ in range(3):  # untimed rounds first: the first calls of a run read slower here
         for k in names:
@@ -199,6 +213,7 @@ def time_shape(shape: tuple[int, int, int], rounds: int, rng: np.random.Generato
         "ms": {k: float(np.median(v)) * 1e3 for k, v in t.items()},
         "paired": {k: float(np.median(t[k] / t["limit"])) for k in names if k != "limit"},
         "ours_over_layout": float(np.median(t["ours"] / t["layout"])),
+        "ours_over_axis0": float(np.median(t["ours"] / t["ours_axis0"])),
         "gram_threads": float(np.median(t["gram"] / t["gram_1t"])),
     }
 

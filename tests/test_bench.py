@@ -1055,17 +1055,30 @@ def test_cpu_layout_floor_table_is_its_file():
             p["stage_out"],
             p["ours"],
             r["ours_over_layout"],
+            p["ours_axis0"],
             r["gram_threads"],
         )
         for cell, value in zip(cells[1:], values, strict=True):
             _printed(cell, value)
     text = " ".join((ROOT / PERFORMANCE).read_text().split())
     assert f"cpu-layout-floor.json`, the same host, {doc['date'][:16].replace('T', ' ')} UTC" in text
+    assert f"load average {doc['loadavg_start'][0]:.2f} at the start" in text
+    sweep = json.loads((ROOT / "bench/results/cpu-midsize-epyc-zen4.json").read_text())["results"]
+    in_sweep = next(r["ms"]["limit"] for r in sweep if r["shape"] == [1024, 16, 32])
+    here = next(r["ms"]["limit"] for r in rows if r["shape"] == [1024, 16, 32])
+    assert f"{in_sweep:.2f} ms in the sweep run and {here:.3f} ms in this one" in text
     whole, chunks = [r["paired"]["layout_whole"] for r in rows], [r["paired"]["layout"] for r in rows]
     assert f"take {_range(whole)}x the contiguous ones in one matmul each, and {_range(chunks)}x" in text
+    axis0, ours = [r["paired"]["ours_axis0"] for r in rows], [r["paired"]["ours"] for r in rows]
+    assert f"gpu_orthol1 takes {_range(axis0)}x the limit, against {_range(ours)}x on the (l, m, n)" in text
+    guide = " ".join((ROOT / "docs/guide.md").read_text().split())  # the layout advice quotes the same run
+    assert (
+        f"took {_range(ours)}x the contiguous BLAS limit on the (l, m, n) layout and {_range(axis0)}x"
+        in guide
+    )
     staged = [r["paired"][k] for r in rows for k in ("stage_in", "stage_out")]
     assert f"takes {_range(staged)}x the limit" in text
-    assert all(min(r["paired"]["stage_in"], r["paired"]["stage_out"]) >= r["paired"]["layout"] for r in rows)
+    assert all(min(r["paired"]["stage_in"], r["paired"]["stage_out"]) > r["paired"]["layout"] for r in rows)
     assert f"takes {_range([r['gram_threads'] for r in rows])}x its time on one thread" in text
     assert f"the Gram, {_range([r['paired']['gram'] for r in rows])} of the limit's time" in text
     assert f"takes {_range([r['ours_over_layout'] for r in rows])}x the chunked in-layout GEMMs" in text

@@ -23,15 +23,18 @@ named _1t:
   copied out;
 - ``ours``: ``gpu_orthol1.plan(phi, ...)``'s call (loss and gradient, sign pass included);
   ``ours_axis0``: the same slices batch-first, a plan with ``axis=0`` on the contiguous (m, l, n)
-  copy (what a user who controls the layout can pass).
+  copy (what a user who controls the layout can pass); ``copy_axis0``: that copy made inside the
+  timed call (``np.ascontiguousarray`` of phi's (m, l, n) view), then the batch-first plan's call
+  (the gradient returned as the (l, m, n) view of its result, no copy back).
 
 "paired" is the median over the rounds of each round's ratio against ``limit`` (this VM drifts by
-tens of percent between rounds); ``ours_over_layout``, ``ours_over_axis0`` and ``gram_threads`` are
-paired alike (ours / layout, ours / ours_axis0, gram / gram_1t). Before timing, every method's
-gradient is checked against the float64 product Phi_i S_i (S: fixed random signs), the Grams against
-the float64 Phi_i^T Phi_i, the plan's loss and gradient against the float64 reference
-(`gpu_orthol1.reference.check`), and the batch-first plan's against the plan's. Shapes whose plan
-splits the slices over the CPU pool are refused: the methods here run one part on BLAS's threads.
+tens of percent between rounds); ``ours_over_layout``, ``ours_over_axis0``, ``copy_axis0_over_ours``
+and ``gram_threads`` are paired alike (ours / layout, ours / ours_axis0, copy_axis0 / ours,
+gram / gram_1t). Before timing, every method's gradient is checked against the float64 product
+Phi_i S_i (S: fixed random signs), the Grams against the float64 Phi_i^T Phi_i, the plan's loss and
+gradient against the float64 reference (`gpu_orthol1.reference.check`), and the batch-first plan's
+(with and without the copy) against the plan's. Shapes whose plan splits the slices over the CPU
+pool are refused: the methods here run one part on BLAS's threads.
 The JSON records the CPU (`cpu_detail`), the load average before and after, the seed and the date.
 """
 
@@ -148,6 +151,13 @@ def methods(x: np.ndarray, chunk: int, blas: ThreadpoolController) -> tuple[dict
     }, S
 
 
+def copy_then_call(p0, x: np.ndarray) -> tuple:
+    """The batch-first plan `p0` on a slice-order copy of phi `x` (l, m, n) made in the call: the loss,
+    and the gradient as the (l, m, n) view of the plan's (m, l, n) result (no copy back)."""
+    loss, grad = p0(np.ascontiguousarray(x.transpose(1, 0, 2)))
+    return loss, grad.transpose(1, 0, 2)
+
+
 GEMMS = ("limit", "limit_1t", "layout_whole", "layout", "stage_in", "stage_out")
 
 
@@ -189,8 +199,16 @@ def time_shape(shape: tuple[int, int, int], rounds: int, rng: np.random.Generato
         and np.allclose(grad0, grad.transpose(1, 0, 2), rtol=1e-4, atol=1e-7)
     ):
         raise SystemExit(f"{shape}: the batch-first plan disagrees with the axis-1 one or splits its slices")
+    loss_c, grad_c = copy_then_call(p0, xs[0])  # the same plan on the same values: bit for bit
+    if not (loss_c == loss0 and np.array_equal(grad_c, grad0.transpose(1, 0, 2))):
+        raise SystemExit(f"{shape}: the copy-then-call method disagrees with the batch-first plan")
     fns_by_x = [
-        dict(f, ours=(lambda x=x: p(x)), ours_axis0=(lambda c=c: p0(c)))
+        dict(
+            f,
+            ours=(lambda x=x: p(x)),
+            ours_axis0=(lambda c=c: p0(c)),
+            copy_axis0=(lambda x=x: copy_then_call(p0, x)),
+        )
         for (f, _S), x, c in zip(per_x, xs, cs, strict=True)
     ]
     names = list(fns_by_x[0])
@@ -214,6 +232,7 @@ def time_shape(shape: tuple[int, int, int], rounds: int, rng: np.random.Generato
         "paired": {k: float(np.median(t[k] / t["limit"])) for k in names if k != "limit"},
         "ours_over_layout": float(np.median(t["ours"] / t["layout"])),
         "ours_over_axis0": float(np.median(t["ours"] / t["ours_axis0"])),
+        "copy_axis0_over_ours": float(np.median(t["copy_axis0"] / t["ours"])),
         "gram_threads": float(np.median(t["gram"] / t["gram_1t"])),
     }
 

@@ -326,12 +326,13 @@ def test_bench_cpu_layout_floor_runs(tmp_path):
     assert [r["shape"] for r in rows] == [[256, 40, 64], [64, 5, 32]]
     assert [r["chunk"] for r in rows] == [16, 5]  # 64 KiB of phi a slice: 16 a chunk under the 1 MiB cap
     names = {"limit_1t", "gram", "gram_1t", "layout_whole", "layout", "stage_in", "stage_out", "ours"}
-    names.add("ours_axis0")
+    names |= {"ours_axis0", "copy_axis0"}
     for r in rows:
         assert r["threads"] == 1
         assert set(r["paired"]) == names and min(r["paired"].values()) > 0
         assert set(r["ms"]) == names | {"limit"} and min(r["ms"].values()) > 0
         assert r["gram_threads"] > 0 and r["ours_over_layout"] > 0 and r["ours_over_axis0"] > 0
+        assert r["copy_axis0_over_ours"] > 0
     assert doc["seed"] == 0 and doc["rounds"] == 2
     for args, msg in (
         (["--rounds", "0"], "--rounds must be at least 1"),

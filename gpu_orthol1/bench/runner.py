@@ -69,7 +69,8 @@ def call_chunk(plan: Any) -> int:
         The chunk, in slices.
 
     Raises:
-        ValueError: the plan has cached no such sizes, or several (calls of different kinds).
+        ValueError: the plan has cached no sizes for such calls yet, or different chunks for
+            them (calls with and without a gradient, say, that chunk differently).
 
     Example:
         >>> import gpu_orthol1 as ol1

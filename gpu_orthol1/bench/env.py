@@ -65,7 +65,7 @@ def cpu_detail(cpuinfo: str = "/proc/cpuinfo", cache: str = "/sys/devices/system
         {"family", "model", "stepping" (ints, None where /proc/cpuinfo has none), "isa" (the
         subset of avx2, fma, avx512f, avx512_bf16, amx_tile the CPU has), "l2_bytes" (cpu0's L2,
         None if unknown), "blas" ([{"internal_api", "version", "architecture"}] per BLAS library
-        threadpoolctl finds; [] without it)}.
+        threadpoolctl finds; [] where it finds none)}.
 
     Raises:
         Nothing of its own: facts it cannot read are None or empty.
@@ -87,23 +87,20 @@ def cpu_detail(cpuinfo: str = "/proc/cpuinfo", cache: str = "/sys/devices/system
                     info[keys[k]] = int(v)
                 elif k == "flags":
                     have = set(v.split())
-                    info["isa"] = [f for f in _ISA_FLAGS if f in have]
+                    info["isa"] = [flag for flag in _ISA_FLAGS if flag in have]
     except OSError:
         pass
-    base = cache
     try:
-        for idx in sorted(os.listdir(base)):
+        for idx in sorted(os.listdir(cache)):
             try:
-                with open(f"{base}/{idx}/level") as f:
+                with open(f"{cache}/{idx}/level") as f:
                     if f.read().strip() != "2":
                         continue
-                with open(f"{base}/{idx}/size") as f:
+                with open(f"{cache}/{idx}/size") as f:
                     s = f.read().strip()
-                info["l2_bytes"] = int(s.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(
-                    s[-1], 1
-                )
+                info["l2_bytes"] = _size_bytes(s)
                 break
-            except (OSError, ValueError, IndexError):
+            except (OSError, ValueError):
                 continue
     except OSError:
         pass
@@ -129,6 +126,11 @@ def gpu_name(with_device: bool = False) -> str:
     return f"{name} (device {dev.id})" if with_device else name
 
 
+def _size_bytes(s: str) -> int:
+    """A sysfs cache size ("32K", "1024K", "2M", "512") in bytes; ValueError if it is not one."""
+    return int(s.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1:], 1)
+
+
 def cache_bytes(device: str) -> int:
     """The last-level cache in bytes ("gpu": the L2 of the current device; "cpu": the largest of cpu0)."""
     if device == "gpu":
@@ -142,8 +144,7 @@ def cache_bytes(device: str) -> int:
             try:
                 with open(f"{base}/{idx}/size") as f:
                     s = f.read().strip()
-                mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1], 1)
-                best = max(best, int(s.rstrip("KMG")) * mult)
+                best = max(best, _size_bytes(s))
             except (OSError, ValueError):
                 continue
     except OSError:
